@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The README's test command (`make test`) runs this: module and notebooks in sync, notebooks clean,
+# the notebooks' inline tests (nbdev-test), then pytest (whose summary line CI reads).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+snapshot() { find "$@" -type f \( -name '*.py' -o -name '*.ipynb' \) -print0 | sort -z | xargs -0 sha1sum; }
+
+before=$(snapshot rapo_nb)
+"$BIN/nbdev-export"
+after=$(snapshot rapo_nb)
+if [ "$before" != "$after" ]; then
+  echo "FAIL: nbdev-export changed rapo_nb/: the notebooks and the module disagree. Commit the export." >&2
+  diff <(echo "$before") <(echo "$after") >&2 || true
+  exit 1
+fi
+echo "ok: rapo_nb/ is in sync with nbs/"
+
+before=$(snapshot nbs)
+"$BIN/nbdev-clean"
+after=$(snapshot nbs)
+if [ "$before" != "$after" ]; then
+  echo "FAIL: nbdev-clean changed notebooks under nbs/: run nbdev-clean and commit." >&2
+  diff <(echo "$before") <(echo "$after") >&2 || true
+  exit 1
+fi
+echo "ok: notebooks are clean"
+
+"$BIN/rapo-readme" --check
+
+"$BIN/nbdev-test" --n-workers 2 --timing
+"$BIN/python" -m pytest tests/ -ra -q -p no:cacheprovider "$@"

@@ -1,0 +1,72 @@
+"""Config validation: the paper's constants, profiles, and clear errors for bad input."""
+import dataclasses, json
+import pytest
+from hypothesis import given, strategies as st
+from rapo_nb.config import load_config, validate, GROUPS, PROFILES, constants_table, get_device, seed_everything, Config
+
+
+def test_paper_constants_are_defaults():
+    c = load_config("full")
+    assert (c.state.prompt_dim, c.state.context_dim, c.state.n_tasks, c.state.n_modalities) == (512, 768, 10, 5)
+    assert c.routing.load_weights == (0.4, 0.3, 0.3) and (c.routing.c_max, c.routing.q_max, c.routing.r_max) == (10, 50, 0.8)
+    assert c.synthetic.fsm_probs == (0.10, 0.20, 0.40, 0.20, 0.10)
+    assert c.training.buffer_size == 10_000 and c.training.batch_size == 32 and c.training.lr == 1e-4
+    assert c.evaluation.bootstrap_resamples == 10_000 and c.evaluation.n_comparisons == 4
+
+
+def test_profiles_change_sizes_not_constants():
+    q, f = load_config("quick"), load_config("full")
+    assert q.synthetic.n_conversations < f.synthetic.n_conversations
+    for key in PROFILES["quick"]:
+        g, k = key.split(".")
+        assert k in {x.name for x in dataclasses.fields(getattr(q, g))}
+    assert q.routing == f.routing and q.consensus == f.consensus and q.state == f.state
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(consensus__alpha=-0.1), "consensus.alpha"),
+    (dict(routing__c_max=0), "routing.c_max"),
+    (dict(routing__load_weights=(0.4, 0.4, 0.4)), "routing.load_weights"),
+    (dict(synthetic__task_type_probs=(0.5, 0.5, 0.5)), "synthetic.task_type_probs"),
+    (dict(state__prompt_dim=-3), "state.prompt_dim"),
+    (dict(state__context_dim="768"), "state.context_dim"),
+    (dict(training__lr=float("nan")), "training.lr"),
+    (dict(state__fp16_capability=1), "state.fp16_capability"),
+    (dict(runtime__store="postgres"), "runtime.store"),
+    (dict(seed=-1), "seed"),
+    (dict(nonsense=3), "nonsense"),
+    (dict(state__nonsense=3), "state.nonsense"),
+])
+def test_bad_values_name_the_field(kw, field):
+    with pytest.raises(ValueError) as e: load_config("quick", **kw)
+    assert str(e.value).startswith(field), str(e.value)
+
+
+def test_bad_profile_lists_valid_ones():
+    with pytest.raises(ValueError, match="quick"): load_config("medium")
+
+
+@given(st.floats(min_value=0.0, max_value=10.0, allow_nan=False))
+def test_alpha_in_range_accepted(a):
+    assert load_config(consensus__alpha=a).consensus.alpha == a
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1, allow_nan=False), min_size=3, max_size=3))
+def test_load_weights_must_sum_to_one(w):
+    if abs(sum(w) - 1) <= 1e-6: assert load_config(routing__load_weights=tuple(w)).routing.load_weights == tuple(w)
+    else:
+        with pytest.raises(ValueError, match="routing.load_weights"): load_config(routing__load_weights=tuple(w))
+
+
+def test_every_field_documented_with_section():
+    t = constants_table()
+    assert (t.section.str.len() > 0).all() and (t.description.str.len() > 0).all()
+    json.dumps(load_config().to_dict())
+
+
+def test_seed_and_device(monkeypatch):
+    assert (seed_everything(3).random(4) == seed_everything(3).random(4)).all()
+    monkeypatch.setenv("RAPO_DEVICE", "cpu"); assert get_device("auto").type == "cpu"
+    import torch
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"): get_device("cuda")
