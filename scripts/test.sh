@@ -28,5 +28,8 @@ echo "ok: notebooks are clean"
 
 "$BIN/rapo-readme" --check
 
-"$BIN/nbdev-test" --n-workers 2 --timing
+# notebooks write figures/results to a scratch folder during tests, never over the committed figures/
+scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
+export MPLBACKEND=Agg
+RAPO_FIGURES_DIR="$scratch/figures" RAPO_RESULTS_DIR="$scratch/results" "$BIN/nbdev-test" --n-workers 2 --timing
 "$BIN/python" -m pytest tests/ -ra -q -p no:cacheprovider "$@"
