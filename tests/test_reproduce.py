@@ -64,3 +64,15 @@ def test_full_quick_pipeline(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     n = len(numbered_notebooks(ROOT / "nbs"))
     assert r.stdout.count(" ok (") == n
+
+
+def test_keep_outputs_copies_outputs_not_code(tmp_path, monkeypatch):
+    root = _fake_project(tmp_path, ["print('hello from the run', seed)"])
+    src = root / "nbs" / "00_broken.ipynb"
+    code_before = [c.source for c in nbformat.read(src, as_version=4).cells]
+    monkeypatch.setenv("RAPO_ROOT", str(root))
+    assert main(["--out", str(tmp_path / "runs"), "--seed", "7", "--keep-outputs"]) == 0
+    nb = nbformat.read(src, as_version=4)
+    assert [c.source for c in nb.cells] == code_before, "keep-outputs must not change the code"
+    texts = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "hello from the run 7" in texts
