@@ -1,0 +1,126 @@
+"""rapo_nb.stats checked against scipy and by hand: Welch t/p, Bonferroni, Cohen's d, bootstrap CIs, Table 3, bands."""
+import math
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+from rapo_nb.config import load_config
+from rapo_nb.stats import (welch_test, bonferroni, cohens_d, binary_d_bound, bootstrap_ci, bootstrap_coverage,
+                           compare_systems, table3, transition_groups, gains_by_transitions, per_seed_table, SYSTEMS)
+
+
+@pytest.mark.parametrize("n1,n2,s2", [(30, 30, 1.0), (30, 30, 3.0), (12, 80, 0.5), (200, 50, 2.0)])
+def test_welch_matches_scipy(n1, n2, s2):
+    rng = np.random.default_rng(n1 * 7 + n2)
+    x, y = rng.normal(0.3, 1.0, n1), rng.normal(0.0, s2, n2)
+    w = welch_test(x, y)
+    ref = scipy.stats.ttest_ind(x, y, equal_var=False)
+    assert w["t"] == pytest.approx(ref.statistic, rel=1e-10)
+    assert w["p"] == pytest.approx(ref.pvalue, rel=1e-8)
+    vx, vy = x.var(ddof=1) / n1, y.var(ddof=1) / n2   # Welch–Satterthwaite by hand
+    assert w["dof"] == pytest.approx((vx + vy) ** 2 / (vx ** 2 / (n1 - 1) + vy ** 2 / (n2 - 1)), rel=1e-10)
+
+
+def test_welch_is_used_even_for_equal_sizes():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0, 1, 40), rng.normal(0, 4, 40)
+    w = welch_test(x, y)
+    student = scipy.stats.ttest_ind(x, y, equal_var=True)
+    assert w["dof"] < 78 - 5          # Student would give n1 + n2 − 2 = 78
+    assert w["p"] != pytest.approx(student.pvalue, rel=1e-6)
+
+
+def test_welch_one_sided_and_degenerate():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(1, 1, 50), rng.normal(0, 1, 50)
+    ref = scipy.stats.ttest_ind(x, y, equal_var=False, alternative="greater")
+    assert welch_test(x, y, "greater")["p"] == pytest.approx(ref.pvalue, rel=1e-8)
+    assert welch_test([2, 2, 2], [2, 2, 2]) == dict(t=0.0, dof=4.0, p=1.0)
+    assert welch_test([3, 3, 3], [2, 2, 2])["t"] == math.inf
+    with pytest.raises(ValueError, match="y: need at least 2"): welch_test([1, 2], [1])
+    with pytest.raises(ValueError, match="alternative"): welch_test([1, 2], [1, 3], "bigger")
+
+
+def test_bonferroni_from_config():
+    ev = load_config("full").evaluation
+    bf = bonferroni([0.0124, 0.0126, 1e-5, 0.5], alpha=ev.alpha, n_comparisons=ev.n_comparisons)
+    assert bf["alpha_per_test"] == pytest.approx(0.0125)
+    assert bf["reject"].tolist() == [True, False, True, False]
+    np.testing.assert_allclose(bf["p_adjusted"], [0.0496, 0.0504, 4e-5, 1.0])
+    # fewer p-values than comparisons: still divided by the configured number
+    assert bonferroni([0.02], alpha=0.05, n_comparisons=4)["reject"].tolist() == [False]
+    with pytest.raises(ValueError, match="pvalues"): bonferroni([])
+    with pytest.raises(ValueError, match="alpha"): bonferroni([0.1], alpha=1.5)
+
+
+def test_cohens_d_by_hand():
+    x, y = np.array([2.0, 4.0, 6.0]), np.array([1.0, 2.0, 3.0, 4.0])
+    sp = math.sqrt((2 * 4.0 + 3 * (5 / 3)) / 5)   # var(x)=4, var(y)=5/3, pooled over n1+n2−2=5
+    assert cohens_d(x, y) == pytest.approx((4.0 - 2.5) / sp, rel=1e-12)
+    assert cohens_d(y, x) == pytest.approx(-cohens_d(x, y))
+    assert cohens_d([1, 1], [1, 1]) == 0.0
+    assert binary_d_bound(0.87, 0.70) == pytest.approx(0.17 / math.sqrt((0.87 * 0.13 + 0.7 * 0.3) / 2))
+    with pytest.raises(ValueError, match="p1"): binary_d_bound(1.2, 0.5)
+
+
+def test_bootstrap_matches_scipy_and_is_reproducible():
+    rng = np.random.default_rng(2)
+    x = rng.lognormal(0, 1, 80)
+    ci = bootstrap_ci(x, n_resamples=5000, seed=0)
+    ref = scipy.stats.bootstrap((x,), np.mean, n_resamples=5000, method="percentile", random_state=0).confidence_interval
+    width = ref.high - ref.low
+    assert abs(ci["low"] - ref.low) < 0.1 * width and abs(ci["high"] - ref.high) < 0.1 * width
+    assert ci == bootstrap_ci(x, n_resamples=5000, seed=0, max_block=1000)   # chunking does not change the draw
+    y = rng.normal(0, 1, 50)
+    d = bootstrap_ci(x, y, n_resamples=2000, seed=1)
+    assert d["estimate"] == pytest.approx(x.mean() - y.mean())
+    assert d["low"] < d["estimate"] < d["high"]
+
+
+def test_bootstrap_coverage_on_known_distribution():
+    cov = bootstrap_coverage(300, 50, 1000, seed=5)          # exponential(1): true mean 1
+    assert 0.88 <= cov <= 0.99
+    cov80 = bootstrap_coverage(300, 50, 1000, seed=5, confidence=0.8)
+    assert 0.70 <= cov80 <= 0.88 and cov80 < cov
+
+
+def _toy(rates, n=300, seeds=(0, 1)):
+    return pd.concat([pd.DataFrame(dict(system=s, seed=sd, conv_id=np.arange(n),
+                                        n_handoffs=np.random.default_rng(99 + sd).integers(0, 20, n),
+                                        task_success=(np.random.default_rng(10 * sd + k).random(n) < p).astype(float)))
+                      for sd in seeds for k, (s, p) in enumerate(zip(SYSTEMS, rates))], ignore_index=True)
+
+
+def test_table3_against_scipy_and_paper_columns():
+    cfg = load_config("quick")
+    df = _toy((0.5, 0.6, 0.7, 0.8, 0.9))
+    t = table3(df, cfg, n_resamples=500)
+    assert t.comparison.tolist() == [f"rapo vs {b}" for b in SYSTEMS[:4]]
+    for _, row in t.iterrows():
+        base = row.comparison.split()[-1]
+        x, y = df.task_success[df.system == "rapo"], df.task_success[df.system == base]
+        assert row.p == pytest.approx(scipy.stats.ttest_ind(x, y, equal_var=False).pvalue, rel=1e-8)
+        assert row.mean_diff == pytest.approx(x.mean() - y.mean())
+        assert row.p_bonferroni == pytest.approx(min(1.0, 4 * row.p))
+    assert list(t["paper mean diff"]) == [0.17, 0.11, 0.08, 0.06]
+    assert bool(t.significant.iloc[0]) and t.mean_diff.iloc[0] > t.mean_diff.iloc[3]
+    with pytest.raises(ValueError, match="context_score"): compare_systems(df, "context_score", cfg)
+
+
+def test_per_seed_table_counts_seeds():
+    cfg = load_config("quick")
+    df = _toy((0.5, 0.55, 0.6, 0.88, 0.9), seeds=(0, 1, 2))
+    per = per_seed_table(df, cfg, n_resamples=200).set_index("comparison")
+    assert per.n_seeds.tolist() == [3, 3, 3, 3]
+    assert bool(per.loc["rapo vs sequential", "holds_every_seed"])
+    assert not bool(per.loc["rapo vs yao_sim", "holds_every_seed"])   # 0.90 vs 0.88 is not significant at n=300
+
+
+def test_transition_bands_by_hand():
+    hm = pd.DataFrame(dict(system=["rapo"] * 6 + ["sequential"] * 6, n_handoffs=[0, 3, 5, 8, 16, 30] * 2,
+                           task_success=[1, 1, 1, 1, 0, 0] + [1, 1, 0, 0, 1, 1]))
+    g = gains_by_transitions(hm, kind="paper", baselines=("sequential",), n_resamples=100)
+    assert [str(v) for v in g.group] == ["0-4", "5-8", ">15"]     # 9-15 empty: not reported
+    np.testing.assert_allclose(g.mean_diff, [0.0, 1.0, -1.0])
+    q = transition_groups(pd.Series(np.arange(100)))
+    assert q.value_counts().tolist() == [25, 25, 25, 25]
