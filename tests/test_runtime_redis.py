@@ -1,0 +1,91 @@
+"""Runtime against a real redis-server: the Redis state store, the agent worker streams, dead-agent re-claim."""
+import json, os, signal, subprocess, sys, threading, time
+import numpy as np
+import pytest
+import redis
+from rapo_nb.runtime import (RedisStateStore, MemoryStateStore, StoreUnavailable, VersionConflict, connect_redis, AgentWorker,
+                             RedisDispatcher, agent_stream, results_stream, rejected_stream, GROUP, parse_task)
+
+pytestmark = pytest.mark.redis
+
+
+def test_redis_store_roundtrip_versions_and_cas(redis_url):
+    s = RedisStateStore(redis_url)
+    assert s.get("bank") == (0, {})
+    P = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+    M = np.full((5, 3, 2), 0.5, np.float16)
+    assert s.put("bank", {"P": P, "M": M}) == 1
+    ver, arrays = s.get("bank")
+    assert ver == 1 and arrays["P"].dtype == np.float32 and arrays["M"].dtype == np.float16
+    np.testing.assert_array_equal(arrays["P"], P); np.testing.assert_array_equal(arrays["M"], M)
+    with pytest.raises(VersionConflict, match="expected version 0, found 1"): s.put("bank", {"P": P}, expected_version=0)
+    assert s.put("bank", {"P": P * 2}, expected_version=1) == 2
+    assert set(s.get("bank")[1]) == {"P"}            # a write replaces the whole bundle
+    raw = s.client.hget(f"{s.prefix}:bank", "a:P")    # stored as binary with a header, not pickled
+    assert raw.startswith(b"RAPOARR1")
+
+
+def test_redis_update_is_atomic_under_concurrent_writers(redis_url):
+    stores = [RedisStateStore(redis_url) for _ in range(4)]
+    def bump(a): return {"n": a.get("n", np.zeros(1, np.int64)) + 1}
+    ts = [threading.Thread(target=lambda s=s: [s.update("counter", bump) for _ in range(40)]) for s in stores]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    ver, arrays = stores[0].get("counter")
+    assert int(arrays["n"][0]) == 160 and ver == 160      # no lost update even though writers conflicted
+
+
+def test_unreachable_redis_names_host_and_port_quickly():
+    import socket
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0)); port = sk.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{port}"): RedisStateStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
+    assert time.monotonic() - t0 < 3.0
+
+
+def _payload(i=0):
+    return {"history": ["hello"], "context": "user: hello", "turn": dict(index=i, fsm_state="greeting", speaker="user", text="hi there",
+                                                                         specialist="general", task=1, modality=2)}
+
+
+def _echo(task):
+    return dict(text=f"agent {task['agent']} answers {task['payload']['turn']['text']}", outcome="ok", success=True, latency_s=0.01)
+
+
+def test_worker_answers_acks_and_rejects_malformed(redis_url):
+    client = connect_redis(redis_url)
+    d = RedisDispatcher(client, n_agents=2)
+    w = AgentWorker(connect_redis(redis_url), 1, _echo, block_ms=20)
+    d.submit(1, "c0:0:0", "c0", 0, _payload())
+    client.xadd(agent_stream("rapo:v1", 1), {"task_id": "bad", "conv_id": "c1", "turn": "zero", "agent": "1", "payload": "{}"})
+    d.submit(1, "c2:0:0", "c2", 0, _payload())
+    handled = 0
+    for _ in range(20):
+        handled += w.step()
+        if handled >= 3: break
+    assert (w.processed, w.rejected) == (2, 1)
+    got = d.poll(block_ms=100)
+    assert sorted(r["task_id"] for r in got) == ["c0:0:0", "c2:0:0"] and all(r["agent"] == 1 for r in got)
+    assert d.pending(1) == 0                                  # everything acknowledged
+    rej = client.xrange(rejected_stream("rapo:v1"))
+    assert len(rej) == 1 and b"turn" in rej[0][1][b"reason"]
+    # a worker sending a malformed answer: the dispatcher rejects and logs it, the valid answer still comes through
+    client.xadd(results_stream("rapo:v1"), {"task_id": "c3:0:0", "conv_id": "c3", "turn": "0", "agent": "1", "text": "x",
+                                           "outcome": "exploded", "success": "1", "latency_s": "0.1"})
+    d.submit(1, "c4:0:0", "c4", 0, _payload()); w.step()
+    got = d.poll(block_ms=100)
+    assert [r["task_id"] for r in got] == ["c4:0:0"] and d.rejected == 1
+
+
+def test_dead_agent_pending_entries_are_reclaimed(redis_url):
+    client = connect_redis(redis_url)
+    d = RedisDispatcher(client, n_agents=3)
+    for i in range(3): d.submit(0, f"c{i}:0:0", f"c{i}", 0, _payload(i))
+    # a consumer reads two entries and dies without acknowledging them (never refreshes a heartbeat)
+    client.xreadgroup(GROUP, "doomed", {agent_stream("rapo:v1", 0): ">"}, count=2)
+    assert d.pending(0) == 2
+    assert not d.alive()[0]
+    tasks = d.reclaim(0)
+    assert sorted(t["task_id"] for t in tasks) == ["c0:0:0", "c1:0:0", "c2:0:0"]   # 2 pending + 1 never read
+    assert d.pending(0) == 0 and d.reclaim(0) == []                               # taken exactly once
