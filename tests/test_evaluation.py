@@ -1,0 +1,159 @@
+"""rapo_nb.evaluation: each metric on hand-made DataFrames, ROUGE-L against rouge-score itself."""
+import numpy as np
+import pandas as pd
+import pytest
+from rouge_score import rouge_scorer
+from rapo_nb.config import load_config
+from rapo_nb.state import HashedTextEncoder
+from rapo_nb.evaluation import (TURN_COLUMNS, CONV_COLUMNS, check_frames, lcs_length, rouge_l_pair, rouge_l_f,
+                                handoff_metrics, conversation_metrics, toy_frames, summarise, sliding_windows, table1,
+                                error_shares, context_by_turn, breakpoint_fit, SYSTEMS)
+
+CFG = load_config("quick")
+
+
+def _lcs_dp(a, b):
+    t = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            t[i + 1][j + 1] = t[i][j] + 1 if x == y else max(t[i][j + 1], t[i + 1][j])
+    return t[-1][-1]
+
+
+def test_lcs_matches_dynamic_programming():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = list(rng.integers(0, 6, rng.integers(0, 120)).astype(str))
+        b = list(rng.integers(0, 6, rng.integers(0, 120)).astype(str))
+        assert lcs_length(a, b) == _lcs_dp(a, b)
+
+
+def test_rouge_l_equals_rouge_score():
+    sc = rouge_scorer.RougeScorer(["rougeL"])
+    rng = np.random.default_rng(1)
+    words = ["Alpha", "beta", "gamma-2", "delta,", "the", "of", "relates", "to", "X9", "!"]
+    pairs = [(" ".join(rng.choice(words, rng.integers(0, 70))), " ".join(rng.choice(words, rng.integers(0, 70)))) for _ in range(200)]
+    pairs += [("", ""), ("only punctuation !!", "?? ,,"), ("Same Text", "same text")]
+    a, b = zip(*pairs)
+    ref = [sc.score(x, y)["rougeL"].fmeasure for x, y in pairs]
+    np.testing.assert_allclose(rouge_l_f(a, b), ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rouge_l_f(a, b, method="rouge_score"), ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rouge_l_f(a, b, n_jobs=2, min_pairs_per_job=50), ref, rtol=0, atol=1e-12)   # process pool
+    assert rouge_l_pair("Same Text", "same text") == 1.0
+
+
+def test_rouge_l_by_hand():
+    # tokens a b c d / a c d: LCS 3, P = 3/3, R = 3/4 → F = 6/7
+    assert rouge_l_pair("a b c d", "a c d") == pytest.approx(6 / 7)
+    assert rouge_l_pair("a b", "c d") == 0.0
+    with pytest.raises(ValueError, match="method"): rouge_l_f(["a"], ["a"], method="bleu")
+
+
+def test_handoff_metrics_hand_made():
+    turns, convs = toy_frames()
+    h = handoff_metrics(turns, CFG)
+    assert len(h) == 2 and h.turn.tolist() == [2, 2]
+    enc = HashedTextEncoder.from_config(CFG)
+    for i, row in h.iterrows():
+        src = turns[(turns.conv_id == row.conv_id) & (turns.turn == 2)].iloc[0]
+        v = enc.encode([src.prev_response, src.response])
+        assert row.cosine == pytest.approx(float(v[0] @ v[1]), abs=1e-5)
+        assert row.context_score == pytest.approx(rouge_l_pair(src.prev_response, src.response))
+    assert h.handoff_ok.tolist() == [True, False] and h.context_break.tolist() == [False, True]
+
+
+def test_handoff_needs_both_cosine_and_no_clarification():
+    turns, convs = toy_frames()
+    t2 = turns.copy()
+    t2.loc[(t2.conv_id == 0) & (t2.turn == 2), "clarification"] = True     # same text, but asked to clarify
+    h = handoff_metrics(t2, CFG)
+    assert h.handoff_ok.tolist() == [False, False]
+    assert h.context_break.tolist() == [False, True]                          # clarification alone is no break
+    # thresholds come from config: a stricter threshold fails the good handoff too
+    strict = load_config("quick", evaluation__handoff_cosine=0.9999)
+    assert not handoff_metrics(turns, strict).handoff_ok.any()
+
+
+def test_task_success_is_rule_and_no_break():
+    turns, convs = toy_frames()
+    c2 = convs.copy(); c2.loc[0, "rule_success"] = False; c2.loc[0, "failure_type"] = "agent_selection"
+    m = conversation_metrics(turns, c2, CFG)
+    assert m.task_success.tolist() == [False, False]
+    assert m.error_type.tolist() == ["agent_selection", "context_loss"]
+    # a conversation with no handoff has no context score and cannot break context
+    t3 = turns.copy(); t3["handoff"] = False
+    m3 = conversation_metrics(t3, convs, CFG)
+    assert m3.context_score.isna().all() and not m3.context_break.any() and m3.task_success.all()
+
+
+def test_history_reference_changes_cosine():
+    turns, convs = toy_frames()
+    a = handoff_metrics(turns, CFG, reference="prev_response")
+    b = handoff_metrics(turns, CFG, reference="history")
+    assert not np.allclose(a.cosine, b.cosine)
+    np.testing.assert_allclose(a.context_score, b.context_score)   # ROUGE-L always uses the §5.2 pair
+    with pytest.raises(ValueError, match="reference"): handoff_metrics(turns, CFG, reference="last")
+
+
+def test_missing_columns_named():
+    turns, convs = toy_frames()
+    with pytest.raises(ValueError, match="clarification"): check_frames(turns.drop(columns="clarification"), convs)
+    with pytest.raises(ValueError, match="rule_success"): check_frames(turns, convs.drop(columns="rule_success"))
+    with pytest.raises(ValueError, match="turns"): check_frames([], convs)
+
+
+def _fake_conv(system, n, success, rt, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(dict(system=system, seed=seed, conv_id=np.arange(n), n_handoffs=rng.integers(0, 12, n),
+                             response_time_ms=rt + rng.normal(0, 1, n), context_score=0.5,
+                             task_success=rng.random(n) < success, handoffs_scored=2, handoffs_ok=1,
+                             overhead_ms=1.0, service_ms=9.0))
+
+
+def test_summary_p95_pooled_handoffs_and_windows():
+    df = pd.DataFrame(dict(system="x", seed=0, conv_id=range(100), response_time_ms=np.arange(1, 101, dtype=float),
+                           context_score=[np.nan] * 50 + [0.4] * 50, task_success=[True] * 30 + [False] * 70,
+                           handoffs_scored=[0] * 50 + [4] * 50, handoffs_ok=[0] * 50 + [1] * 50,
+                           overhead_ms=1.0, service_ms=3.0))
+    s = summarise(df).iloc[0]
+    assert s.response_time_ms == pytest.approx(50.5)
+    assert s.response_time_p95_ms == pytest.approx(np.percentile(np.arange(1, 101), 95))
+    assert s.context_score == pytest.approx(0.4)            # conversations without handoff excluded
+    assert s.handoff_success == pytest.approx(0.25)          # pooled over handoffs
+    assert s.task_success == pytest.approx(0.3) and s.overhead_share == pytest.approx(0.25)
+    w = sliding_windows(df, 10)
+    assert len(w) == 91 and w.task_success.iloc[0] == 1.0 and w.task_success.iloc[-1] == 0.0
+    assert w.task_success.iloc[25] == pytest.approx(0.5)     # conversations 25..34: 5 successes
+    with pytest.raises(ValueError, match="window"): sliding_windows(df, 0)
+
+
+def test_table1_mean_sd_over_seeds_and_paper_columns():
+    df = pd.concat([_fake_conv(s, 150, 0.5 + 0.1 * k, 200 - 10 * k, seed=sd)
+                    for sd in (0, 1) for k, s in enumerate(SYSTEMS)], ignore_index=True)
+    t = table1(df, CFG).set_index("system")
+    per = df.groupby(["system", "seed"]).task_success.mean()
+    assert t.loc["rapo", "task_success"] == pytest.approx(per["rapo"].mean())
+    assert t.loc["rapo", "task_success sd"] == pytest.approx(per["rapo"].std(ddof=1))
+    assert t.loc["rapo", "paper task_success"] == 0.87 and t.loc["sequential", "paper response_time_ms"] == 245
+    assert (t.seeds == 2).all()
+    with pytest.raises(ValueError, match="system 'rapo'"): table1(df[df.system != "rapo"], CFG)
+
+
+def test_error_shares_and_context_by_turn():
+    df = pd.DataFrame(dict(system="s", conv_id=range(5), task_success=[True, False, False, False, False],
+                           error_type=[None, "context_loss", "context_loss", "resource", "unattributed"]))
+    e = error_shares(df).set_index("error_type")
+    assert e.loc["context_loss", "share"] == pytest.approx(0.5) and e.loc["ambiguous_query", "count"] == 0
+    assert e.loc["unattributed", "count"] == 1
+    turns, _ = toy_frames()
+    c = context_by_turn(turns, max_turn=1)
+    assert c.k.tolist() == [1, 1]
+    assert c.rouge_l.iloc[0] == pytest.approx(rouge_l_pair(turns.response[0], turns.response[1]))
+
+
+def test_breakpoint_fit_recovers_knee():
+    x = np.repeat(np.arange(0, 16), 3).astype(float)
+    y = np.where(x <= 10, 0.8, 0.8 - 0.05 * (x - 10)) + np.random.default_rng(0).normal(0, 0.005, x.size)
+    bp = breakpoint_fit(x, y)
+    assert bp["breakpoint"] == 10 and bp["slope_before"] == pytest.approx(0, abs=0.005)
+    assert bp["slope_after"] == pytest.approx(-0.05, abs=0.01) and bp["sse"] < bp["sse_one_line"]
