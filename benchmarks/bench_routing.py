@@ -1,0 +1,81 @@
+"""Routing benchmark: amortised µs per decision for a batch, and µs for a single decision, for every routing policy.
+
+Run as a script for the issue's size (1,000 agents, batch of 10,000):
+    .venv/bin/python benchmarks/bench_routing.py [--agents 1000] [--batch 10000] [--threads 1]
+The notebook `nbs/04_routing.ipynb` imports `run` and calls it at a small size under the quick profile.
+Numbers depend on the machine and on what else runs on it; the lead re-runs this on a quiet machine.
+"""
+from __future__ import annotations
+import argparse, time
+import pandas as pd
+import torch
+
+from rapo_nb.config import load_config
+from rapo_nb.routing import ROUTERS, AgentLoad, make_router, simulated_load
+from rapo_nb.state import StateBank
+
+TARGET_BATCH_US = 5.0    # issue #4: batch of 10,000 decisions over 1,000 agents, amortised
+TARGET_SINGLE_US = 50.0  # issue #4: one decision
+
+
+def _setup(n_agents: int, device: str, seed: int):
+    "A bank with random capabilities and a random (unsaturated) load, so no policy hits an all-saturated corner."
+    cfg = load_config("quick", seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed)
+    bank = StateBank.create(n_agents, cfg, device=device, seed=seed)
+    bank.M = torch.rand(bank.M.shape, generator=g).to(bank.M.dtype).to(device)
+    bank.capability_score = torch.rand(n_agents, generator=g).to(device)
+    load = simulated_load(torch.randint(0, 6, (n_agents,), generator=g), cfg)
+    load = AgentLoad(*(t.to(device) for t in (load.active, load.pending, load.utilisation, load.alive)))
+    return cfg, bank, load, g
+
+
+def run(n_agents: int = 1000, batch: int = 10_000, single_repeats: int = 500, batch_repeats: int = 5,
+        device: str = "cpu", seed: int = 0, policies=ROUTERS) -> pd.DataFrame:
+    "One row per policy: amortised µs/decision over a batch and µs for a single decision (best of the repeats' medians)."
+    for name, v in (("n_agents", n_agents), ("batch", batch), ("single_repeats", single_repeats), ("batch_repeats", batch_repeats)):
+        if not isinstance(v, int) or v < 1: raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+    cfg, bank, load, g = _setup(n_agents, device, seed)
+    m, l = bank.M.shape[1:]
+    task = torch.randint(m, (batch,), generator=g).to(device)
+    modality = torch.randint(l, (batch,), generator=g).to(device)
+    rows = []
+    for name in policies:
+        router = make_router(name, cfg, seed)
+        router.select(task[:64], modality[:64], bank, load, allow_unassigned=True)   # warm-up
+        batch_times = []
+        for _ in range(batch_repeats):
+            t0 = time.perf_counter(); router.select(task, modality, bank, load, allow_unassigned=True)
+            batch_times.append(time.perf_counter() - t0)
+        one_t, one_m = task[:1], modality[:1]
+        for _ in range(min(20, single_repeats)): router.select(one_t, one_m, bank, load)
+        single = []
+        for i in range(single_repeats):
+            t0 = time.perf_counter(); router.select(task[i % batch:i % batch + 1], modality[i % batch:i % batch + 1], bank, load)
+            single.append(time.perf_counter() - t0)
+        rows.append(dict(policy=name, n_agents=n_agents, batch=batch,
+                         batch_us_per_decision=min(batch_times) / batch * 1e6,
+                         single_us=float(pd.Series(single).median() * 1e6),
+                         threads=torch.get_num_threads(), device=str(device)))
+    df = pd.DataFrame(rows)
+    df["batch_target_us"], df["single_target_us"] = TARGET_BATCH_US, TARGET_SINGLE_US
+    return df
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--agents", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=10_000)
+    ap.add_argument("--single-repeats", type=int, default=500)
+    ap.add_argument("--batch-repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    if a.threads: torch.set_num_threads(a.threads)
+    df = run(a.agents, a.batch, a.single_repeats, a.batch_repeats, a.device)
+    print(df.to_markdown(index=False, floatfmt=".2f"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
