@@ -1,0 +1,199 @@
+"""Tests of rapo_nb.consensus: topologies, eq. 5 weights, the eq. 4 step with its constraints, the engine's safeguards.
+Property tests (hypothesis) run over random graphs, sizes and seeds."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from rapo_nb.config import load_config
+from rapo_nb.consensus import (TOPOLOGIES, ConsensusEngine, QuadraticObjective, adaptive_weights, clip_rows, consensus_objective,
+                               consensus_residual, consensus_step, csr_from_edges, make_topology, neighbour_pull,
+                               segment_sum, tick_benchmark)
+from rapo_nb.state import StateBank
+
+CFG = load_config("quick", device="cpu")
+kinds = st.sampled_from(TOPOLOGIES)
+sizes = st.integers(2, 60)
+seeds = st.integers(0, 10_000)
+degrees = st.integers(1, 10)
+
+
+def n_components(t) -> int:
+    A = csr_matrix((np.ones(t.n_edges), t.indices.numpy(), t.indptr.numpy()), shape=(t.n, t.n))
+    return connected_components(A, directed=False)[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=kinds, n=sizes, degree=degrees, seed=seeds)
+def test_topology_is_valid_csr_symmetric_connected(kind, n, degree, seed):
+    t = make_topology(kind, n, degree=degree, seed=seed)
+    A = t.to_dense()
+    assert torch.equal(A, A.T) and float(A.diagonal().sum()) == 0
+    assert t.indptr[0] == 0 and t.indptr[-1] == t.n_edges and bool((t.edge_keys().diff() > 0).all())
+    assert n_components(t) == 1
+    i = seed % n
+    assert t.neighbors(i).tolist() == torch.nonzero(A[i]).flatten().tolist()
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(5, 80), half=st.integers(1, 2))
+def test_ring_degree_exact(n, half):
+    t = make_topology("ring", n, degree=2 * half)
+    assert (t.degree() == 2 * half).all()
+
+
+def test_bad_topology_input():
+    with pytest.raises(ValueError, match="kind"): make_topology("mesh", 5)
+    with pytest.raises(ValueError, match="degree"): make_topology("ring", 5, degree=0)
+    with pytest.raises(ValueError, match="rewire_p"): make_topology("small_world", 5, rewire_p=2.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=kinds, n=sizes, seed=seeds)
+def test_adaptive_weights_rows_sum_to_one(kind, n, seed):
+    t = make_topology(kind, n, degree=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    E = torch.rand(t.n_edges, generator=g) * (torch.rand(t.n_edges, generator=g) > 0.3)
+    w = adaptive_weights(t, E)
+    assert (w >= 0).all()
+    torch.testing.assert_close(segment_sum(w, t), torch.ones(n), atol=1e-5, rtol=0)
+    nz = segment_sum(E, t)[t.rows] > 0
+    torch.testing.assert_close(w[nz], (E / segment_sum(E, t)[t.rows])[nz])
+
+
+@settings(max_examples=50, deadline=None)
+@given(kind=kinds, n=sizes, seed=seeds, alpha=st.floats(0.0, 1.0), p=st.integers(1, 8))
+def test_step_matches_dense_formula_and_is_convex(kind, n, seed, alpha, p):
+    t = make_topology(kind, n, degree=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    w = adaptive_weights(t, torch.rand(t.n_edges, generator=g) + 0.1)
+    P = torch.randn(n, p, generator=g, dtype=torch.float64)
+    P1 = consensus_step(P, t, w.double(), alpha, trust_region=None)
+    W = t.to_dense(w.double())
+    torch.testing.assert_close(P1, P + alpha * (W @ P - P))
+    # α ≤ 1 with row-stochastic W: each new row is a convex combination, so the range per coordinate cannot grow
+    assert (P1.max(0).values <= P.max(0).values + 1e-9).all() and (P1.min(0).values >= P.min(0).values - 1e-9).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=kinds, n=st.integers(2, 40), seed=seeds, alpha=st.floats(0.01, 1.0))
+def test_uniform_weights_preserve_degree_weighted_mean(kind, n, seed, alpha):
+    t = make_topology(kind, n, degree=4, seed=seed)
+    w = adaptive_weights(t, torch.ones(t.n_edges)).double()
+    P = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pi = t.degree().double() / t.degree().sum()
+    P1 = consensus_step(P, t, w, alpha, trust_region=None)
+    torch.testing.assert_close(pi @ P1, pi @ P)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(3, 40), seed=seeds, radius=st.floats(0.001, 0.5), scope=st.sampled_from(["global", "agent"]))
+def test_trust_region_and_clip_hold(n, seed, radius, scope):
+    t = make_topology("random", n, degree=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    w = adaptive_weights(t, torch.ones(t.n_edges))
+    P = torch.randn(n, 6, generator=g); G = 50 * torch.randn(n, 6, generator=g)
+    P1 = consensus_step(P, t, w, 3.0, grad_q=G, beta=2.0, trust_region=radius, grad_clip=5.0, trust_scope=scope)
+    d = P1 - P
+    if scope == "global": assert float(d.norm()) <= radius * float(P.norm()) * (1 + 1e-4)
+    else: assert (d.norm(dim=1) <= radius * P.norm(dim=1) * (1 + 1e-4) + 1e-7).all()
+    assert (clip_rows(G, 5.0).norm(dim=1) <= 5.0 + 1e-4).all()
+
+
+def test_step_rejects_bad_input():
+    t = make_topology("ring", 6, degree=2); w = adaptive_weights(t, torch.ones(t.n_edges)); P = torch.zeros(6, 3)
+    with pytest.raises(ValueError, match="P"): consensus_step(torch.zeros(5, 3), t, w, 0.1)
+    with pytest.raises(ValueError, match="weights"): consensus_step(P, t, w[:3], 0.1)
+    with pytest.raises(ValueError, match="alpha"): consensus_step(P, t, w, float("nan"))
+    with pytest.raises(ValueError, match="grad_q"): consensus_step(P, t, w, 0.1, grad_q=torch.zeros(6, 2), beta=1.0)
+    with pytest.raises(ValueError, match="effectiveness"): adaptive_weights(t, -torch.ones(t.n_edges))
+
+
+def test_eq4_step_lowers_eq3_objective():
+    t = make_topology("ring", 40, degree=4)
+    w = adaptive_weights(t, torch.ones(t.n_edges))
+    g = torch.Generator().manual_seed(1)
+    obj = QuadraticObjective(torch.randn(40, 8, generator=g)); P = torch.randn(40, 8, generator=g)
+    P1 = consensus_step(P, t, w, 0.05, grad_q=obj.grad(P), beta=0.05, trust_region=None)
+    J = lambda X: float(consensus_objective(X, P, t, w, obj, 1.0, 0.1))
+    assert J(P1) < J(P)
+
+
+def _engine(n=60, **over):
+    cfg = load_config("quick", device="cpu", **over)
+    t = make_topology("small_world", n, degree=6, seed=0)
+    return cfg, t, StateBank.create(n, cfg, device="cpu"), ConsensusEngine(cfg, t, "cpu")
+
+
+def test_engine_progress_no_rollback_and_stable_tracks():
+    cfg, t, bank, eng = _engine()
+    out = [eng.step(bank) for _ in range(30)]
+    res = [o["residual"] for o in out]
+    assert all(b < a for a, b in zip(res, res[1:])) and eng.rollbacks == 0
+    assert torch.equal(eng.stable, bank.P)
+
+
+def test_engine_rolls_back_after_ten_nonconverging_iterations():
+    cfg, t, bank, eng = _engine(consensus__beta_q=1.0)
+    for _ in range(5): eng.step(bank, grad_q=torch.zeros_like(bank.P))
+    stable = eng.stable.clone()
+    w = eng.weights(bank.alive)
+    flags = [eng.step(bank, grad_q=-10 * neighbour_pull(bank.P, t, w))["rolled_back"] for _ in range(cfg.consensus.rollback_after)]
+    assert flags == [False] * (cfg.consensus.rollback_after - 1) + [True]
+    assert eng.rollbacks == 1 and torch.equal(bank.P, stable)
+
+
+def test_engine_literal_rule_rolls_back_from_fresh_start():
+    cfg, t, bank, _ = _engine()
+    eng = ConsensusEngine(cfg, t, "cpu", rollback_rule="settle")
+    for _ in range(cfg.consensus.rollback_after): eng.step(bank)
+    assert eng.rollbacks == 1
+
+
+def test_engine_refuses_nan_and_gates():
+    cfg, t, bank, eng = _engine(consensus__beta_q=1.0)
+    eng.step(bank)
+    before = bank.P.clone()
+    G = torch.zeros_like(bank.P); G[0, 0] = float("inf")
+    r = eng.step(bank, grad_q=G)
+    assert r["rejected"] and eng.rejected == 1 and torch.equal(bank.P, before)
+    eng.set_resource(0.99)
+    assert eng.step(bank)["gate"] == "resource" and torch.equal(bank.P, before)
+    eng.set_resource(0.1)
+    eng.record_outcomes([0] * 50)
+    stable = eng.stable
+    r = eng.step(bank)
+    assert r["gate"] == "effectiveness" and eng.stable is stable
+
+
+def test_engine_dead_agents_frozen_and_exchanges():
+    cfg, t, bank, eng = _engine()
+    bank.remove_agents(torch.tensor([2, 3]))
+    frozen = bank.P[[2, 3]].clone()
+    for _ in range(3): eng.step(bank)
+    assert torch.equal(bank.P[[2, 3]], frozen)
+    nb = t.neighbors(0)
+    assert eng.record_exchanges(torch.tensor([0, 0]), nb[:2], torch.tensor([0.0, 1.0])) == 0
+    w = eng.weights(); row = w[int(t.indptr[0]):int(t.indptr[1])]
+    assert row[0] < row[1] and abs(float(row.sum()) - 1) < 1e-5
+
+
+def test_engine_detects_in_place_edit_of_stable():
+    cfg, t, bank, eng = _engine(consensus__beta_q=1.0)
+    eng.step(bank)
+    bank.P.add_(1.0)                               # forbidden in-place edit of the tensor kept as stable
+    w = eng.weights(bank.alive)
+    with pytest.raises(RuntimeError, match="stable"):
+        for _ in range(cfg.consensus.rollback_after): eng.step(bank, grad_q=-10 * neighbour_pull(bank.P, t, w))
+
+
+def test_csr_from_edges_dedups():
+    t = csr_from_edges(np.array([0, 0, 1, 2, 2]), np.array([1, 1, 0, 2, 0]), 3)
+    assert t.n_edges == 4 and t.neighbors(0).tolist() == [1, 2]
+
+
+def test_tick_benchmark_runs_tiny():
+    df = tick_benchmark((50,), degree=4, repeats=2, device="cpu", profile="quick", threads=1)
+    assert list(df.n_agents) == [50] and (df.tick_ms > 0).all() and df.bytes_per_agent_total.iloc[0] > df.bytes_per_agent_state.iloc[0]
