@@ -1,0 +1,263 @@
+"""Tests of rapo_nb.training: replay buffer, training step, CPU determinism, checkpoints (round trip, wrong config, corrupt file)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from rapo_nb.config import load_config
+from rapo_nb.state import StateBank
+from rapo_nb.training import (CheckpointError, torch_threads, PHASES, ReplayBuffer, TransitionModel, arrival_rank, collect_transitions,
+                              feature_layout, heldout_mask, load_checkpoint, model_from_config, read_checkpoint,
+                              save_checkpoint, train_phases, train_step, train_transition_model, transition_errors,
+                              transition_features)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    "Tiny tensors: one torch thread (two threads contend badly on a shared 2-core machine)."
+    with torch_threads(1): yield
+
+
+def tiny_cfg(**kw):
+    "Quick profile shrunk to a few conversations and steps, on CPU."
+    base = dict(synthetic__n_conversations=10, training__steps_per_phase=(6, 4, 6), device="cpu")
+    return load_config("quick", **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return collect_transitions(tiny_cfg(), seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data):
+    return train_transition_model(tiny_cfg(), 0, "cpu", data=tiny_data)
+
+
+# --- replay buffer -----------------------------------------------------------------------------------
+
+def test_buffer_ring_keeps_most_recent_in_order():
+    buf = ReplayBuffer(4, 2, 1)
+    ptr = buf.x.data_ptr()
+    for start in range(0, 10, 3):
+        v = torch.arange(start, min(start + 3, 10)).float()
+        buf.add(torch.stack([v, v], 1), v[:, None])
+    assert len(buf) == 4 and buf.n_added == 10
+    assert buf.contents()[1][:, 0].tolist() == [6.0, 7.0, 8.0, 9.0]
+    assert buf.x.data_ptr() == ptr, "the buffer must be preallocated and written in place"
+
+
+def test_buffer_batch_larger_than_capacity_and_partial_fill():
+    buf = ReplayBuffer(5, 1, 1)
+    buf.add(torch.zeros(2, 1), torch.zeros(2, 1))
+    assert len(buf) == 2 and buf.contents()[0].shape == (2, 1)
+    buf.add(torch.arange(12.)[:, None], torch.arange(12.)[:, None])
+    assert buf.contents()[1][:, 0].tolist() == [7.0, 8.0, 9.0, 10.0, 11.0]
+    buf.add(torch.tensor([[12.]]), torch.tensor([[12.]]))
+    assert buf.contents()[1][:, 0].tolist() == [8.0, 9.0, 10.0, 11.0, 12.0]
+
+
+def test_buffer_sampling_seeded_and_in_range():
+    buf = ReplayBuffer(100, 3, 2)
+    buf.add(torch.rand(30, 3), torch.arange(60.).reshape(30, 2))
+    a = buf.sample(32, torch.Generator().manual_seed(5)); b = buf.sample(32, torch.Generator().manual_seed(5))
+    c = buf.sample(32, torch.Generator().manual_seed(6))
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+    assert a[0].shape == (32, 3) and a[1].shape == (32, 2)
+    assert (a[1][:, 0] < 60).all() and set((a[1][:, 0] / 2).long().tolist()) <= set(range(30))
+
+
+def test_buffer_bad_input_names_field():
+    buf = ReplayBuffer(10, 3, 2)
+    with pytest.raises(ValueError, match="empty"): buf.sample(4, torch.Generator())
+    with pytest.raises(ValueError, match="x:"): buf.add(torch.zeros(2, 4), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="y:"): buf.add(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="finite"): buf.add(torch.full((1, 3), float("nan")), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="capacity"): ReplayBuffer(0, 3, 2)
+    buf.add(torch.zeros(1, 3), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="batch_size"): buf.sample(0, torch.Generator())
+
+
+# --- model and features ------------------------------------------------------------------------------
+
+def test_model_architecture_follows_config():
+    cfg = tiny_cfg()
+    m = model_from_config(cfg, 0, "cpu")
+    lin = [mod for mod in m.mlp if isinstance(mod, torch.nn.Linear)]
+    assert [l.in_features for l in lin] + [lin[-1].out_features] == [m.input_dim, 256, 128, cfg.state.n_tasks * cfg.state.n_modalities + 2]
+    assert sum(isinstance(mod, torch.nn.ReLU) for mod in m.mlp) == 2
+    small = model_from_config(tiny_cfg(training__hidden=(32, 16)), 0, "cpu")
+    assert [l.out_features for l in small.mlp if isinstance(l, torch.nn.Linear)][:2] == [32, 16]
+    with pytest.raises(ValueError, match="n_tasks"): TransitionModel(0, 5, 8)
+
+
+def test_features_and_predict_reward_shapes_and_errors():
+    cfg = tiny_cfg()
+    bank = StateBank.create(5, cfg, device="cpu", seed=0)
+    bank.update_capability(torch.tensor([3]), torch.tensor([4]), torch.tensor([2]), torch.tensor([1.0]))
+    ids = torch.tensor([[0, 3], [3, 1], [4, 4]]); task = torch.tensor([4, 0, 9]); mod = torch.tensor([2, 1, 0])
+    x = transition_features(bank, ids, task, mod)
+    lay = feature_layout(cfg.state.n_tasks, cfg.state.n_modalities, cfg.state.prompt_dim)
+    assert x.shape == (3, 2, lay["total"].stop)
+    assert torch.equal(x[1, 0, lay["M_agent"]], bank.M[3].reshape(-1).float())
+    assert torch.equal(x[2, 1, lay["prompt"]], bank.P[4].float())
+    m = model_from_config(cfg, 0, "cpu")
+    r = m.predict_reward(bank, ids, task, mod)
+    assert r.shape == (3, 2) and torch.isfinite(r).all()
+    # same (agent, request) gives the same prediction wherever it sits in the batch
+    assert torch.allclose(r[2, 0], r[2, 1])
+    with pytest.raises(ValueError, match="task"): m.predict_reward(bank, ids, torch.tensor([4, 0, 10]), mod)
+    with pytest.raises(ValueError, match="modality"): m.predict_reward(bank, ids, task, mod[:2])
+    with pytest.raises(ValueError, match="agent_ids"): m.predict_reward(bank, ids + 5, task, mod)
+    with pytest.raises(ValueError, match="agent_ids"): m.predict_reward(bank, ids[:, 0], task, mod)
+
+
+# --- a training step ----------------------------------------------------------------------------------
+
+def test_train_step_lowers_loss_touches_only_its_params_and_clips():
+    cfg = tiny_cfg()
+    m = model_from_config(cfg, 0, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, m.feature_dim, generator=g), torch.randn(32, m.output_dim, generator=g)
+    params = m.groups()["mlp"]
+    frozen = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("mlp.")}
+    opt = torch.optim.Adam(params, lr=1e-3)
+    first = train_step(m, opt, x, y, params, cfg.training.grad_clip)
+    for _ in range(15): last = train_step(m, opt, x, y, params, cfg.training.grad_clip)
+    assert last["loss"] < first["loss"]
+    for k, v in frozen.items(): assert torch.equal(m.state_dict()[k], v), k
+    sgd = torch.optim.SGD(params, lr=1.0)
+    big = train_step(m, sgd, x, y * 1e4, params, cfg.training.grad_clip)
+    assert big["grad_norm"] > cfg.training.grad_clip
+    after = torch.cat([p.grad.reshape(-1) for p in params]).norm()
+    assert abs(float(after) - cfg.training.grad_clip) < 1e-3
+
+
+def test_phases_train_their_groups_and_budget_stops():
+    cfg = tiny_cfg()
+    m = model_from_config(cfg, 0, "cpu")
+    g = torch.Generator().manual_seed(1)
+    buf = ReplayBuffer(cfg.training.buffer_size, m.feature_dim, m.output_dim)
+    buf.add(torch.rand(200, m.feature_dim, generator=g), torch.rand(200, m.output_dim, generator=g))
+    start = {k: v.clone() for k, v in m.state_dict().items()}
+    hist = train_phases(m, buf, cfg, 0)
+    assert list(hist.phase.unique()) == ["start", *PHASES]
+    assert int(hist.step.max()) == sum(cfg.training.steps_per_phase)
+    alpha = hist.set_index("step").consensus_alpha
+    p1_end = cfg.training.steps_per_phase[0]
+    assert alpha.loc[1] == alpha.loc[p1_end], "phase 1 must not move the consensus weights"
+    assert alpha.loc[p1_end + cfg.training.steps_per_phase[1]] != alpha.loc[p1_end], "phase 2 must move them"
+    assert not torch.equal(start["mlp.0.weight"], m.state_dict()["mlp.0.weight"])
+    stop = train_phases(model_from_config(cfg, 0, "cpu"), buf, tiny_cfg(training__time_budget_s=0.0), 0)
+    assert stop.attrs["stopped_by_budget"] and int(stop.step.max()) == 0
+    with pytest.raises(ValueError, match="empty"): train_phases(m, ReplayBuffer(4, m.feature_dim, m.output_dim), cfg, 0)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+def test_transitions_targets_are_consistent(tiny_data):
+    cfg = tiny_cfg()
+    d = tiny_data
+    m, l = cfg.state.n_tasks, cfg.state.n_modalities
+    lay = feature_layout(m, l, cfg.state.prompt_dim)
+    assert d.x.shape[0] == d.y.shape[0] > 0 and d.y.shape[1] == m * l + 2
+    task = d.x[:, lay["task"]].argmax(1); mod = d.x[:, lay["modality"]].argmax(1)
+    dM = d.y[:, : m * l]
+    cell = task * l + mod
+    others = dM.clone(); others[torch.arange(len(cell)), cell] = 0
+    assert others.abs().max() == 0, "only the requested capability cell may change"
+    # the MC mean next state is an EMA step toward the mean outcome in [0, 1]: ΔM ∈ [−η·M, η·(1 − M)]
+    M_cell = d.x[:, lay["M_agent"]][torch.arange(len(cell)), cell]
+    eta = cfg.state.capability_eta
+    assert (dM[torch.arange(len(cell)), cell] >= -eta * M_cell - 1e-6).all() and (dM[torch.arange(len(cell)), cell] <= eta * (1 - M_cell) + 1e-6).all()
+    R = d.y[:, -1]
+    assert (R >= -cfg.training.coherence_lambda - 1e-6).all() and (R <= 1 + 1e-6).all()
+    assert d.reward_std.max() > 0, "10 Monte Carlo trajectories should not all agree"
+    # held-out split is by conversation
+    ho_convs, tr_convs = set(d.conversation[d.heldout].tolist()), set(d.conversation[~d.heldout].tolist())
+    assert ho_convs and tr_convs and not (ho_convs & tr_convs)
+
+
+def test_heldout_mask_and_arrival_rank():
+    mask = heldout_mask(10, 0)
+    assert mask.sum() == 2 and np.array_equal(mask, heldout_mask(10, 0))
+    assert heldout_mask(2, 0).sum() == 1
+    with pytest.raises(ValueError, match="fraction"): heldout_mask(10, 0, 1.0)
+    assert arrival_rank(np.array([2, 2, 0, 2, 0])).tolist() == [0, 1, 0, 2, 1]
+
+
+# --- determinism ----------------------------------------------------------------------------------------
+
+def test_cpu_determinism_two_short_trainings(tiny_data, trained):
+    cfg = tiny_cfg()
+    again = collect_transitions(cfg, seed=0, device="cpu")
+    assert torch.equal(again.x, tiny_data.x) and torch.equal(again.y, tiny_data.y)
+    m1, h1 = trained
+    m2, h2 = train_transition_model(cfg, 0, "cpu", data=again)
+    for k, v in m1.state_dict().items(): assert torch.equal(m2.state_dict()[k], v), k
+    assert h1.loss.dropna().tolist() == h2.loss.dropna().tolist()
+    other = collect_transitions(cfg, seed=1, device="cpu")
+    assert other.x.shape != tiny_data.x.shape or not torch.equal(other.y, tiny_data.y)
+    m3, _ = train_transition_model(cfg, 1, "cpu", data=other)
+    assert not torch.equal(m3.state_dict()["mlp.0.weight"], m1.state_dict()["mlp.0.weight"])
+
+
+def test_trained_model_beats_untrained_on_heldout(tiny_data, trained):
+    (_, _), (xh, yh) = tiny_data.split()
+    m, hist = trained
+    assert hist.attrs["n_heldout"] == len(yh) > 0
+    e_trained = transition_errors(m, xh, yh); e_untrained = transition_errors(model_from_config(tiny_cfg(), 0, "cpu"), xh, yh)
+    assert e_trained["reward_mse"] < e_untrained["reward_mse"]
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip(tmp_path, tiny_data, trained):
+    cfg = tiny_cfg()
+    m, _ = trained
+    p = save_checkpoint(m, tmp_path / "ck" / "tm.pt", cfg, seed=0, extra=dict(note="x"))
+    back = load_checkpoint(p, cfg, device="cpu")
+    for k, v in m.state_dict().items(): assert torch.equal(back.state_dict()[k], v), k
+    assert torch.equal(back.predict(tiny_data.x[:20])["reward"], m.predict(tiny_data.x[:20])["reward"])
+    meta = back.checkpoint_meta
+    assert meta["seed"] == 0 and meta["extra"] == {"note": "x"}
+    assert meta["config"]["synthetic"]["n_conversations"] == 10 and meta["config"]["training"]["lr"] == cfg.training.lr
+    assert len(meta["sha256"]) == 64
+    assert not list((tmp_path / "ck").glob(".*.tmp")), "atomic write leaves no temporary file"
+    # an untrained model round-trips too (the evaluation's ablation)
+    u = model_from_config(cfg, 3, "cpu"); q = save_checkpoint(u, tmp_path / "u.pt", cfg, seed=3)
+    assert load_checkpoint(q, cfg).checkpoint_meta["seed"] == 3
+
+
+@pytest.mark.parametrize("override, field", [(dict(state__n_tasks=7), "state.n_tasks"), (dict(state__n_modalities=4), "state.n_modalities"),
+                                             (dict(state__prompt_dim=64), "state.prompt_dim"), (dict(training__hidden=(64, 32)), "training.hidden")])
+def test_checkpoint_from_other_config_refused_naming_field(tmp_path, override, field):
+    cfg = tiny_cfg()
+    p = save_checkpoint(model_from_config(cfg, 0, "cpu"), tmp_path / "tm.pt", cfg, seed=0)
+    with pytest.raises(CheckpointError, match=field.replace(".", r"\.")): load_checkpoint(p, tiny_cfg(**override))
+
+
+def test_checkpoint_with_wrong_tensor_shape_refused(tmp_path):
+    cfg = tiny_cfg()
+    m = model_from_config(cfg, 0, "cpu")
+    p = save_checkpoint(m, tmp_path / "tm.pt", cfg, seed=0)
+    # a checkpoint claiming the config's shape but holding a model of another shape
+    other = model_from_config(tiny_cfg(training__hidden=(64, 128)), 0, "cpu")
+    q = save_checkpoint(other, tmp_path / "liar.pt", cfg, seed=0)
+    with pytest.raises(CheckpointError, match=r"mlp\.0\.weight"): load_checkpoint(q, cfg)
+    assert load_checkpoint(p, cfg) is not None
+
+
+def test_corrupt_checkpoint_refused(tmp_path):
+    cfg = tiny_cfg()
+    p = save_checkpoint(model_from_config(cfg, 0, "cpu"), tmp_path / "tm.pt", cfg, seed=0)
+    raw = bytearray(p.read_bytes())
+    flipped = bytearray(raw); flipped[len(raw) // 2] ^= 0x01
+    (tmp_path / "flip.pt").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="checksum"): load_checkpoint(tmp_path / "flip.pt", cfg)
+    (tmp_path / "trunc.pt").write_bytes(bytes(raw[: len(raw) - 50]))
+    with pytest.raises(CheckpointError, match="checksum"): load_checkpoint(tmp_path / "trunc.pt", cfg)
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="header"): read_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError): load_checkpoint(tmp_path / "missing.pt", cfg)
