@@ -176,3 +176,18 @@ def test_unreachable_redis_names_host_and_port(tmp_path):
     out = subprocess.run([sys.executable, "-m", "uvicorn", "rapo_nb.service:app", "--host", "127.0.0.1", "--port", str(free_port())],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and f"127.0.0.1:{port}" in out.stdout + out.stderr
+
+
+@pytest.mark.redis
+def test_redis_lost_after_startup_gives_503_naming_it(tmp_path):
+    from conftest import start_redis
+    rproc, url = start_redis(tmp_path)
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    try:
+        with TestClient(create_app(url)) as c:
+            assert c.get("/health").status_code == 200
+            rproc.kill(); rproc.wait(timeout=10)
+            for resp in (c.get("/goal/" + "b" * 32), c.post("/goal", json=dict(goal=DEVOPS))):
+                assert resp.status_code == 503 and f"127.0.0.1:{port}" in resp.json()["detail"], resp.text
+    finally:
+        if rproc.poll() is None: rproc.kill(); rproc.wait(timeout=10)
