@@ -120,22 +120,19 @@ def test_handoff_spread(bench):
 
 
 def test_same_seed_same_bytes_and_prefix_stable(bench):
-    again = S.generate_conversations(1000, 0, CFG)
-    assert S.jsonl_sha256(again) == S.jsonl_sha256(bench)
+    again = S.generate_conversations(300, 0, CFG)
+    assert S.jsonl_sha256(again) == S.jsonl_sha256(bench[:300])
     assert S.jsonl_sha256(S.generate_conversations(50, 0, CFG)) == S.jsonl_sha256(bench[:50])
     assert S.jsonl_sha256(S.generate_conversations(50, 1, CFG)) != S.jsonl_sha256(bench[:50])
 
 
 def test_same_seed_across_processes(tmp_path):
-    "Different interpreter processes with different hash seeds write byte-identical JSONL."
+    "A fresh interpreter with another hash seed writes byte-identical JSONL (nothing depends on Python's salted hash)."
     code = ("import sys; from rapo_nb.config import load_config; from rapo_nb.synthetic import generate_conversations, save_jsonl;"
             "save_jsonl(generate_conversations(60, 7, load_config('full')), sys.argv[1])")
-    digests = []
-    for k, hs in enumerate(("1", "12345")):
-        out = tmp_path / f"c{k}.jsonl"
-        subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": hs})
-        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
-    assert digests[0] == digests[1] == S.jsonl_sha256(S.generate_conversations(60, 7, CFG))
+    out = tmp_path / "c.jsonl"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == S.jsonl_sha256(S.generate_conversations(60, 7, CFG))
 
 
 def test_jsonl_round_trip(tmp_path, bench):
