@@ -124,3 +124,8 @@ def test_transition_bands_by_hand():
     np.testing.assert_allclose(g.mean_diff, [0.0, 1.0, -1.0])
     q = transition_groups(pd.Series(np.arange(100)))
     assert q.value_counts().tolist() == [25, 25, 25, 25]
+    counts = pd.Series([0] * 50 + [1] * 20 + [2] * 20 + list(range(3, 13)))
+    g = transition_groups(counts)
+    assert g.groupby(counts).nunique().max() == 1          # tied counts never split across groups
+    assert g[counts == 0].iloc[0].endswith("(0-0)")
+    with pytest.raises(ValueError, match="kind"): transition_groups(counts, "decile")
