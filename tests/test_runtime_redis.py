@@ -89,3 +89,73 @@ def test_dead_agent_pending_entries_are_reclaimed(redis_url):
     tasks = d.reclaim(0)
     assert sorted(t["task_id"] for t in tasks) == ["c0:0:0", "c1:0:0", "c2:0:0"]   # 2 pending + 1 never read
     assert d.pending(0) == 0 and d.reclaim(0) == []                               # taken exactly once
+
+
+AGENT = [sys.executable, "-c", "import sys; from rapo_nb.runtime import agent_main; sys.exit(agent_main(sys.argv[1:]))"]
+
+
+def _wait(cond, timeout=30.0, what=""):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout: raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_9_agent_worker_work_is_reclaimed_and_replaced_by_capability_similarity(redis_url, tmp_path):
+    import torch
+    from rapo_nb.config import load_config
+    from rapo_nb.state import StateBank
+    from rapo_nb.routing import AgentLoad
+    from rapo_nb.synthetic import generate_conversations
+    from rapo_nb.runtime import recover_dead_agents
+    cfg, n = load_config("quick"), 4
+    procs = {}
+    for a in (0, 2):     # workers for agents 0 and 2 only (1 and 3 have none: dead from the start); agent 0 is slow (sleeps 5000 × its simulated latency) so its entries are in flight when it dies
+        procs[a] = subprocess.Popen(AGENT + ["--redis-url", redis_url, "--agent", str(a), "--n-agents", str(n), "--heartbeat-ms", "100",
+                                             "--block-ms", "20", "--sleep-scale", "5000" if a == 0 else "0"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        client = connect_redis(redis_url)
+        d = RedisDispatcher(client, n)
+        _wait(lambda: d.alive()[[0, 2]].all(), what="workers to start")
+        turns = generate_conversations(1, 0, cfg)[0].turns[:3]
+        ids = []
+        for i, t in enumerate(turns):
+            p = {"history": [], "context": "", "turn": dict(index=t.index, fsm_state=t.fsm_state, speaker=t.speaker, text=t.text,
+                                                           specialist=t.specialist, task=t.task, modality=t.modality)}
+            ids.append(f"k:{i}"); d.submit(0, f"k:{i}", "k", i, p)
+        _wait(lambda: d.pending(0) >= 1, what="agent 0 to read an entry")          # in flight (the rest may still be unread)
+        os.kill(procs[0].pid, signal.SIGKILL); procs[0].wait(timeout=10)
+        _wait(lambda: not d.alive()[0], what="agent 0's heartbeat to expire")
+        assert d.pending(0) >= 1                                   # in flight, unacknowledged
+        bank = StateBank.create(n, cfg, device="cpu", seed=0)
+        g = torch.Generator().manual_seed(0)                        # give the agents distinct capability profiles
+        bank.M = torch.rand(bank.M.shape, generator=g)
+        bank.M[2] = bank.M[0] * 0.9 + 0.05                          # agent 2 is the most similar to agent 0
+        z = torch.zeros(n)
+        load = AgentLoad(active=z.clone(), pending=z.clone(), utilisation=z.clone(), alive=torch.ones(n, dtype=torch.bool))
+        load.active[2] = 9.0                                        # ... and the most loaded: similarity, not load, decides
+        moved = recover_dead_agents(d, bank, load)
+        assert sorted(m["task_id"] for m in moved) == ids and {m["replacement"] for m in moved} == {2}
+        assert d.pending(0) == 0 and not bool(bank.alive[0])
+        got = []
+        _wait(lambda: got.extend(d.poll(block_ms=50)) or len(got) >= 3, what="answers from the replacement")
+        time.sleep(0.2); got += d.poll(block_ms=50)
+        assert sorted(r["task_id"] for r in got) == ids                # each exactly once
+        assert {r["agent"] for r in got} == {2}
+    finally:
+        for p in procs.values():
+            if p.poll() is None: p.terminate()
+        for p in procs.values():
+            try: p.wait(timeout=20)
+            except subprocess.TimeoutExpired: p.kill(); p.wait(timeout=10)
+
+
+def test_rapo_agent_reports_unreachable_redis(tmp_path):
+    import socket
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0)); port = sk.getsockname()[1]
+    r = subprocess.run(AGENT + ["--redis-url", f"redis://127.0.0.1:{port}/0", "--agent", "0", "--timeout-s", "0.5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"127.0.0.1:{port}" in r.stderr

@@ -1,0 +1,177 @@
+"""Runtime: run_conversations contract, systems, ablations, checkpoints, metrics scrape, orchestrator crash + resume."""
+import os, signal, subprocess, sys, time, urllib.request
+from pathlib import Path
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from rapo_nb.config import load_config
+from rapo_nb.synthetic import generate_conversations
+from rapo_nb.runtime import (run_conversations, Orchestrator, RuntimeMetrics, SYSTEMS, TURN_COLUMNS, CONV_COLUMNS, FAILURE_TYPES,
+                             classify_failure, save_checkpoint, load_latest_checkpoint, checkpoint_paths, read_checkpoint,
+                             CorruptCheckpoint, MemoryStateStore, drop_facts, reception_probability)
+
+CFG = load_config("quick")
+CONVS = generate_conversations(24, 3, CFG)
+PY = [sys.executable, "-c", "import sys; from rapo_nb.runtime import orchestrator_main; sys.exit(orchestrator_main(sys.argv[1:]))"]
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return {s: run_conversations(CONVS, s, CFG, seed=1) for s in SYSTEMS}
+
+
+def test_contract_columns_and_invariants(frames):
+    for s, (turns, convs) in frames.items():
+        assert list(turns.columns) == TURN_COLUMNS and list(convs.columns) == CONV_COLUMNS
+        assert (turns.system == s).all() and (convs.system == s).all()
+        assert list(convs.conv_id) == [c.id for c in CONVS]                       # every conversation once, input order
+        assert len(turns) == sum(len(c.turns) for c in CONVS) and not turns.duplicated(["conv_id", "turn"]).any()
+        assert convs.rule_success.dtype == bool and turns.handoff.dtype == bool and turns.clarification.dtype == bool
+        assert (convs.failure_type.isna() == convs.rule_success).all()
+        assert set(convs.failure_type.dropna()) <= set(FAILURE_TYPES)
+        rt = turns.groupby("conv_id")[["service_ms", "overhead_ms"]].sum().sum(axis=1)
+        np.testing.assert_allclose(convs.set_index("conv_id").response_time_ms, rt.loc[convs.conv_id].values)
+        h = turns[turns.handoff]
+        assert (h.prev_agent >= 0).all() and (h.agent != h.prev_agent).all()
+        assert (turns[~turns.handoff].prev_response == "").all()
+        assert (turns.service_ms > 0).all() and (turns.overhead_ms >= 0).all() and turns.overhead_ms.sum() > 0
+        assert (convs.n_handoffs == turns.groupby("conv_id").handoff.sum().loc[convs.conv_id].values).all()
+
+
+def test_only_rapo_runs_consensus(frames):
+    for s, (_, convs) in frames.items():
+        rounds = convs.attrs["run"]["consensus_rounds"]
+        assert (rounds > 0) == (s == "rapo"), (s, rounds)
+    assert run_conversations(CONVS[:4], "rapo", CFG, ablation={"no_consensus": True})[1].attrs["run"]["consensus_rounds"] == 0
+
+
+def test_sequential_hands_over_last_turn_only(frames):
+    turns, _ = frames["sequential"]
+    h = turns[turns.handoff & (turns.turn >= 3)]
+    assert len(h)
+    for _, row in h.iterrows():
+        conv = next(c for c in CONVS if c.id == row.conv_id)
+        earlier_user = conv.turns[row.turn - 2].text     # two turns back: not in a last-turn-only context
+        assert earlier_user not in row.context_given
+
+
+def test_deterministic_given_seed():
+    a = run_conversations(CONVS[:8], "rapo", CFG, seed=5)
+    b = run_conversations(CONVS[:8], "rapo", CFG, seed=5)
+    cols = [c for c in TURN_COLUMNS if c != "overhead_ms"]
+    pd.testing.assert_frame_equal(a[0][cols], b[0][cols])
+    c = run_conversations(CONVS[:8], "rapo", CFG, seed=6)
+    assert not a[0][cols].equals(c[0][cols])
+
+
+def test_bad_input_names_the_field():
+    with pytest.raises(ValueError, match="system"): run_conversations(CONVS[:2], "magic", CFG)
+    with pytest.raises(ValueError, match="ablation"): run_conversations(CONVS[:2], "rapo", CFG, ablation={"no_brain": True})
+    with pytest.raises(ValueError, match="ablation.no_consensus"): run_conversations(CONVS[:2], "rapo", CFG, ablation={"no_consensus": 1})
+    with pytest.raises(ValueError, match="conversations"): run_conversations([], "rapo", CFG)
+    with pytest.raises(ValueError, match="n_agents"): run_conversations(CONVS[:2], "rapo", CFG, n_agents=1)
+    with pytest.raises(ValueError, match="seed"): run_conversations(CONVS[:2], "rapo", CFG, seed=-1)
+
+
+def test_failure_rules_order():
+    assert classify_failure(True, True, True, True) == "resource"
+    assert classify_failure(False, True, True, True) == "context_loss"
+    assert classify_failure(False, False, True, True) == "agent_selection"
+    assert classify_failure(False, False, False, True) == "topic_shift"
+    assert classify_failure(False, False, False, False) == "ambiguous_query"
+
+
+def test_reception_depends_on_prompt_alignment():
+    P = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert reception_probability(P, 0, 1) == pytest.approx(1.0)
+    assert reception_probability(P, 0, 2) == pytest.approx(reception_probability(P, 0, 3))
+    assert reception_probability(P, 0, 2) < 1.0
+    ctx, lost = drop_facts("Fact: A funds B . Fact: C hosts D .", ["A funds B", "C hosts D"], np.array([True, False]))
+    assert lost == ["C hosts D"] and "A funds B" in ctx and "C hosts D" not in ctx
+
+
+def test_transition_model_reranks_candidates():
+    class PreferHighId:
+        def predict_reward(self, bank, agent_ids, task, modality): return agent_ids.float()
+    orch = Orchestrator(CFG, "rapo", 0, n_agents=8, transition_model=PreferHighId())
+    load = orch.load()
+    task, mod = torch.tensor([0, 3]), torch.tensor([1, 2])
+    from rapo_nb.routing import load_factor
+    score = orch.bank.M.float()[:, task, mod].T * (1 - load_factor(load.active, load.pending, load.utilisation, CFG.routing))[None]
+    expected = score.topk(3, dim=1).indices.max(1).values
+    assert torch.equal(orch._rerank(task, mod, load, None), expected)
+    turns, convs = run_conversations(CONVS[:4], "rapo", CFG, transition_model=PreferHighId())
+    assert len(convs) == 4
+
+
+def test_metrics_are_scraped_after_a_run():
+    m = RuntimeMetrics(); port = m.serve(0)
+    try:
+        turns, _ = run_conversations(CONVS[:10], "rapo", CFG, metrics=m)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally: m.stop()
+    def value(name):
+        line = next(l for l in text.splitlines() if l.startswith(name + " "))
+        return float(line.split()[1])
+    assert value("rapo_handoffs_total") == turns.handoff.sum() > 0
+    assert value("rapo_consensus_rounds_total") > 0
+    assert value("rapo_response_time_ms_count") == len(turns)
+    assert "rapo_rollbacks_total" in text and 'rapo_queue_length{queue="routing"}' in text
+
+
+def test_store_receives_the_bank_every_tick():
+    store = MemoryStateStore()
+    orch = Orchestrator(CFG, "rapo", 0, store=store)
+    orch.run(CONVS[:3])
+    ver, arrays = store.get("bank")
+    assert ver == orch.ticks > 0 and arrays["P"].shape == tuple(orch.bank.P.shape)
+    np.testing.assert_array_equal(arrays["P"], orch.bank.P.numpy())
+
+
+def test_orchestrator_checkpoint_resume_in_process(tmp_path):
+    cfg = load_config("quick", overrides={"runtime.checkpoint_every": 20})
+    orch = Orchestrator(cfg, "rapo", 0, checkpoint_dir=tmp_path)
+    orch.run(CONVS)
+    assert 1 <= len(checkpoint_paths(tmp_path)) <= cfg.runtime.checkpoints_kept
+    it, payload = load_latest_checkpoint(tmp_path)
+    fresh = Orchestrator(cfg, "rapo", 0, checkpoint_dir=tmp_path)
+    assert fresh.resume() == it and fresh.done_ids == set(payload["done_ids"])
+    with pytest.raises(ValueError, match="checkpoint: system"):
+        Orchestrator(cfg, "sequential", 0, checkpoint_dir=tmp_path).resume()
+
+
+@pytest.mark.slow
+def test_kill_9_orchestrator_and_resume(tmp_path):
+    "kill -9 mid-run; the restarted process resumes from the last checkpoint; every conversation exactly once."
+    n = 60
+    args = ["--out", str(tmp_path), "--n-conversations", str(n), "--checkpoint-every", "15", "--pace-s", "0.01", "--seed", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(PY + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    ck = tmp_path / "checkpoints"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(checkpoint_paths(ck)) < 2 and p.poll() is None: time.sleep(0.05)
+    assert p.poll() is None, "orchestrator finished before it could be killed: " + p.stderr.read()[-2000:]
+    os.kill(p.pid, signal.SIGKILL); p.wait(timeout=10)
+    assert p.returncode == -signal.SIGKILL and not (tmp_path / "conversations.csv").exists()
+    it, payload = load_latest_checkpoint(ck)
+    done_before = set(payload["done_ids"])
+    assert 0 < len(done_before) < n
+    r = subprocess.run(PY + args[:-4] + ["--pace-s", "0", "--seed", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed_from={it} done={len(done_before)}" in r.stdout
+    convs = pd.read_csv(tmp_path / "conversations.csv"); turns = pd.read_csv(tmp_path / "turns.csv")
+    ids = [c.id for c in generate_conversations(n, 2, load_config("quick", seed=2))]
+    assert sorted(convs.conv_id) == sorted(ids) and not convs.conv_id.duplicated().any()     # none lost, none twice
+    assert not turns.duplicated(["conv_id", "turn"]).any()
+    before = pd.DataFrame(payload["conv_records"]).set_index("conv_id")
+    after = convs.set_index("conv_id").loc[before.index]
+    assert (after.rule_success.values == before.rule_success.values).all()                  # checkpointed results kept as they were
+
+
+def test_corrupt_checkpoint_refused_previous_kept(tmp_path):
+    for it in (10, 20): save_checkpoint(tmp_path, it, {"it": it})
+    newest = checkpoint_paths(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[:-3])
+    with pytest.raises(CorruptCheckpoint, match="truncated"): read_checkpoint(newest)
+    assert load_latest_checkpoint(tmp_path) == (10, {"it": 10})
