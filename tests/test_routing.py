@@ -1,0 +1,378 @@
+"""rapo_nb.routing: eq. 6, the six policies behind one Router protocol, the bounded-wait queue, failure replacement,
+two-level scheduling, and every documented error."""
+import copy
+from dataclasses import replace
+from pathlib import Path
+import importlib.util
+
+import pytest
+import torch
+
+from rapo_nb.config import load_config
+from rapo_nb.routing import (NO_AGENT, ROUTERS, AgentLoad, BoundedWaitQueue, LeastLoadedRouter, NoAgentAvailable, RandomRouter,
+                             RapoRouter, RoundRobinRouter, Router, SequentialRouter, SimilarityRouter, TwoLevelScheduler,
+                             best_agent_probability, capability_matrix, fail_over, hidden_skill, load_coefficients, load_factor,
+                             make_router, pools_by_strength, replacement_for, route_with_wait, simulate_routing, simulated_load)
+from rapo_nb.state import StateBank
+
+CFG = load_config("quick", device="cpu")
+M_, L_ = CFG.state.n_tasks, CFG.state.n_modalities
+
+
+_TEMPLATES: dict = {}
+
+
+def make_bank(n: int, seed: int = 0, random_caps: bool = True) -> StateBank:
+    "A real StateBank of n agents on CPU (a copy of a cached one: create runs a PCA), with random capabilities unless asked otherwise."
+    if n not in _TEMPLATES: _TEMPLATES[n] = StateBank.create(n, CFG, device="cpu", seed=0)
+    bank = copy.deepcopy(_TEMPLATES[n])
+    if random_caps:
+        g = torch.Generator().manual_seed(seed)
+        bank.M = torch.rand(bank.M.shape, generator=g)
+        bank.capability_score = torch.rand(n, generator=g)
+    return bank
+
+
+def loads(active, alive=None) -> AgentLoad:
+    "An AgentLoad with the given active counts, no pending requests, no utilisation."
+    a = torch.as_tensor(active, dtype=torch.float32)
+    al = torch.ones(a.numel(), dtype=torch.bool) if alive is None else torch.as_tensor(alive)
+    return AgentLoad(a, torch.zeros_like(a), torch.zeros_like(a), al)
+
+
+def one_by_one(router, task, modality, bank, load):
+    "Reference: decide requests in arrival order, each adding one active conversation to its agent."
+    out, cur = [], load
+    for t, m in zip(task.tolist(), modality.tolist()):
+        a = int(router.select(torch.tensor([t]), torch.tensor([m]), bank, cur, allow_unassigned=True))
+        out.append(a); cur = cur.assign(torch.tensor([a]))
+    return torch.tensor(out)
+
+
+# ---------------------------------------------------------------- eq. 6
+def test_load_factor_matches_equation_6():
+    rc = CFG.routing
+    act, pend, util = torch.tensor([0., 3., 10.]), torch.tensor([0., 7., 50.]), torch.tensor([0., 0.2, 0.8])
+    want = rc.load_weights[0] * act / rc.c_max + rc.load_weights[1] * pend / rc.q_max + rc.load_weights[2] * util / rc.r_max
+    torch.testing.assert_close(load_factor(act, pend, util, CFG), want)
+    torch.testing.assert_close(load_factor(act, pend, util, rc), want)   # RoutingConfig accepted too
+    assert float(load_factor([10.], [50.], [0.8], CFG)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("field,value", [("load_weights", (0.5, 0.3, 0.3)), ("load_weights", (1.2, -0.1, -0.1)),
+                                         ("c_max", 0.0), ("q_max", -5.0), ("r_max", 0.0)])
+def test_load_factor_rejects_bad_config(field, value):
+    bad = replace(CFG.routing, **{field: value})
+    with pytest.raises(ValueError, match=field):
+        load_factor([1.], [1.], [0.1], bad)
+    with pytest.raises(ValueError, match=field):
+        RapoRouter(bad)
+
+
+@pytest.mark.parametrize("args,field", [(([1., 2.], [1.], [0.]), "pending"), (([1.], [1.], [0., 0.]), "utilisation"),
+                                        (([-1.], [0.], [0.]), "active"), (([[1.]], [0.], [0.]), "active"),
+                                        (([1.], [float("nan")], [0.]), "pending")])
+def test_load_factor_rejects_bad_indicators(args, field):
+    with pytest.raises(ValueError, match=field):
+        load_factor(*args, CFG)
+
+
+def test_load_factor_rejects_unknown_cfg():
+    with pytest.raises(ValueError, match="cfg"):
+        load_factor([1.], [1.], [1.], {"c_max": 10})
+
+
+def test_agent_load_validation_and_assign():
+    with pytest.raises(ValueError, match="alive"):
+        AgentLoad(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="utilisation"):
+        AgentLoad(torch.zeros(3), torch.zeros(3), -torch.ones(3), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="n"):
+        AgentLoad.idle(-1)
+    ld = AgentLoad.idle(3).assign(torch.tensor([2, 2, NO_AGENT, 0]))
+    assert ld.active.tolist() == [1., 0., 2.]
+    with pytest.raises(ValueError, match="agents"):
+        AgentLoad.idle(3).assign(torch.tensor([3]))
+
+
+# ---------------------------------------------------------------- request checks (shared by all policies)
+@pytest.mark.parametrize("name", ROUTERS)
+@pytest.mark.parametrize("task,modality,field", [([M_], [0], "task"), ([-1], [0], "task"), ([0], [L_], "modality"),
+                                                 ([0, 1], [0], "modality"), ([[0]], [[0]], "task"), ([0.5], [0], "task")])
+def test_every_policy_rejects_bad_requests(name, task, modality, field):
+    bank = make_bank(5)
+    with pytest.raises(ValueError, match=field):
+        make_router(name, CFG, 0).select(torch.tensor(task), torch.tensor(modality), bank, AgentLoad.idle(5))
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_every_policy_rejects_mismatched_load(name):
+    with pytest.raises(ValueError, match="load"):
+        make_router(name, CFG, 0).select(torch.tensor([0]), torch.tensor([0]), make_bank(5), AgentLoad.idle(4))
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_every_policy_skips_dead_agents_and_raises_when_none_left(name):
+    bank = make_bank(6)
+    alive = torch.tensor([False, True, False, True, False, False])
+    task, mod = torch.randint(0, M_, (50,)), torch.randint(0, L_, (50,))
+    router = make_router(name, CFG, 0)
+    assert isinstance(router, Router) and router.name == name
+    picks = router.select(task, mod, bank, loads(torch.zeros(6), alive))
+    assert set(picks.tolist()) <= {1, 3}
+    with pytest.raises(NoAgentAvailable):
+        router.select(task, mod, bank, loads(torch.zeros(6), torch.zeros(6, dtype=torch.bool)))
+    assert router.select(task, mod, bank, loads(torch.zeros(6), torch.zeros(6, dtype=torch.bool)), allow_unassigned=True).eq(NO_AGENT).all()
+
+
+def test_make_router_unknown_name():
+    with pytest.raises(ValueError, match="name"):
+        make_router("fastest", CFG)
+
+
+# ---------------------------------------------------------------- RAPO
+def test_rapo_picks_argmax_capability_times_headroom():
+    bank = make_bank(50, seed=3)
+    ld = simulated_load(torch.randint(0, 12, (50,), generator=torch.Generator().manual_seed(1)), CFG)
+    task, mod = torch.randint(0, M_, (1,)), torch.randint(0, L_, (1,))
+    r = RapoRouter(CFG)
+    L = ld.factor(CFG)
+    want = torch.where(L < 1, capability_matrix(bank, task, mod)[0] * (1 - L), torch.tensor(float("-inf"))).argmax()
+    assert int(r.select(task, mod, bank, ld)) == int(want)
+    assert r.scores(task, mod, bank, ld).argmax() == want
+
+
+def test_rapo_ties_go_to_lowest_id_and_saturated_agents_are_skipped():
+    bank = make_bank(5, random_caps=False)                 # M = 0.5, score 0.5 for all: every score ties
+    r = RapoRouter(CFG)
+    assert r.select(torch.tensor([0]), torch.tensor([0]), bank, AgentLoad.idle(5)).tolist() == [0]
+    sat = loads([25., 0., 0., 0., 0.])                       # L_0 = 0.4·25/10 = 1 → saturated
+    assert r.select(torch.tensor([0]), torch.tensor([0]), bank, sat).tolist() == [1]
+    with pytest.raises(NoAgentAvailable, match="rapo"):
+        r.select(torch.tensor([0]), torch.tensor([0]), bank, loads([30.] * 5))
+
+
+def test_rapo_capability_mix_and_load_switches():
+    bank = make_bank(3, random_caps=False)
+    bank.M[2, 1, 1] = 1.0; bank.capability_score = torch.tensor([0.9, 0.5, 0.1])
+    t, m = torch.tensor([1]), torch.tensor([1])
+    assert RapoRouter(CFG, capability_mix=1.0).select(t, m, bank, AgentLoad.idle(3)).tolist() == [2]
+    assert RapoRouter(CFG, capability_mix=0.0).select(t, m, bank, AgentLoad.idle(3)).tolist() == [0]
+    busy = loads([20., 0., 0.])
+    assert RapoRouter(CFG, capability_mix=0.0).select(t, m, bank, busy).tolist() == [1]                  # 0.9·0.2 < 0.5
+    assert RapoRouter(CFG, capability_mix=0.0, use_load=False).select(t, m, bank, busy).tolist() == [0]
+    with pytest.raises(ValueError, match="capability_mix"):
+        RapoRouter(CFG, capability_mix=2.0)
+
+
+def test_rapo_batch_equals_one_by_one_for_one_key():
+    bank = make_bank(200, seed=5)
+    ld = simulated_load(torch.randint(0, 6, (200,), generator=torch.Generator().manual_seed(2)), CFG)
+    r = RapoRouter(CFG)
+    task, mod = torch.full((300,), 4), torch.full((300,), 2)
+    assert torch.equal(r.select(task, mod, bank, ld), one_by_one(r, task, mod, bank, ld))
+
+
+def test_rapo_batch_spreads_load_like_one_by_one():
+    bank = make_bank(5, random_caps=False)                  # equal capabilities: the batch must spread, not pile up
+    r = RapoRouter(CFG)
+    task, mod = torch.arange(10) % M_, torch.arange(10) % L_
+    picks = r.select(task, mod, bank, AgentLoad.idle(5))
+    assert torch.bincount(picks, minlength=5).tolist() == [2] * 5
+    assert torch.bincount(one_by_one(r, task, mod, bank, AgentLoad.idle(5)), minlength=5).tolist() == [2] * 5
+    snap = RapoRouter(CFG, load_feedback=False).select(task, mod, bank, AgentLoad.idle(5))
+    assert snap.eq(0).all()                                  # without feedback everything sees the same snapshot
+
+
+def test_rapo_batch_stops_at_saturation():
+    bank = make_bank(2, random_caps=False)
+    r = RapoRouter(CFG)
+    n = 2 * 25 + 5                                           # 25 conversations saturate an idle agent (0.04 each)
+    out = r.select(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), bank, AgentLoad.idle(2), allow_unassigned=True)
+    assert (out == NO_AGENT).sum() == 5 and torch.bincount(out[out >= 0]).tolist() == [25, 25]
+
+
+# ---------------------------------------------------------------- baselines
+def test_sequential_fixed_table_with_fall_through():
+    bank = make_bank(4)
+    r = SequentialRouter(CFG)
+    t, m = torch.tensor([0, 0, 1, 3]), torch.tensor([0, 1, 2, 3])   # slots 0, 1, 7 % 4 = 3, 18 % 4 = 2
+    assert r.select(t, m, bank, AgentLoad.idle(4)).tolist() == [0, 1, 3, 2]
+    assert r.select(t, m, bank, loads(torch.zeros(4), torch.tensor([True, True, True, False]))).tolist() == [0, 1, 0, 2]
+    assert r.select(t, m, bank, loads([100.] * 4)).tolist() == [0, 1, 3, 2]      # blind to load
+
+
+def test_round_robin_cursor_persists_and_skips_dead():
+    bank = make_bank(4)
+    r = RoundRobinRouter(CFG)
+    ld = loads(torch.zeros(4), torch.tensor([True, False, True, True]))
+    z = torch.zeros(5, dtype=torch.long)
+    assert r.select(z, z, bank, ld).tolist() == [0, 2, 3, 0, 2]
+    assert r.select(z[:2], z[:2], bank, ld).tolist() == [3, 0]
+
+
+def test_least_loaded_is_exact_one_by_one_jsq():
+    bank = make_bank(30, seed=1)
+    ld = simulated_load(torch.randint(0, 9, (30,), generator=torch.Generator().manual_seed(4)), CFG)
+    r = LeastLoadedRouter(CFG)
+    task, mod = torch.randint(0, M_, (120,)), torch.randint(0, L_, (120,))
+    assert torch.equal(r.select(task, mod, bank, ld), one_by_one(r, task, mod, bank, ld))
+    assert r.select(task[:1], mod[:1], bank, ld).tolist() == [int(ld.factor(CFG).argmin())]
+
+
+def test_similarity_with_and_without_query_vector():
+    bank = make_bank(6, random_caps=False)
+    r = SimilarityRouter(CFG)
+    q = bank.P[[4, 1]].clone()
+    assert r.select(torch.tensor([0, 0]), torch.tensor([0, 0]), bank, AgentLoad.idle(6), query_vec=q).tolist() == [4, 1]
+    bank.M[3, 2, 2] = 1.0
+    assert r.select(torch.tensor([2]), torch.tensor([2]), bank, AgentLoad.idle(6)).tolist() == [3]
+    with pytest.raises(ValueError, match="query_vec"):
+        r.select(torch.tensor([0]), torch.tensor([0]), bank, AgentLoad.idle(6), query_vec=torch.zeros(1, 7))
+
+
+def test_random_is_seeded_and_uniform_over_alive():
+    bank = make_bank(4)
+    ld = loads(torch.zeros(4), torch.tensor([True, True, False, True]))
+    z = torch.zeros(3000, dtype=torch.long)
+    a, b = RandomRouter(7).select(z, z, bank, ld), RandomRouter(7).select(z, z, bank, ld)
+    assert torch.equal(a, b) and not torch.equal(a, RandomRouter(8).select(z, z, bank, ld))
+    counts = torch.bincount(a, minlength=4)
+    assert counts[2] == 0 and counts[[0, 1, 3]].min() > 900
+
+
+# ---------------------------------------------------------------- bounded wait
+def test_bounded_wait_queue_serves_late_and_raises_after_the_wait():
+    bank = make_bank(3, random_caps=False)
+    r = RapoRouter(CFG)
+    full, idle = loads([30.] * 3), AgentLoad.idle(3)
+    q = BoundedWaitQueue(1.0)
+    ids = q.push(torch.tensor([0, 1]), torch.tensor([0, 0]), now=0.0)
+    assert q.dispatch(r, bank, full, now=0.5)[0].numel() == 0 and len(q) == 2
+    got_ids, agents = q.dispatch(r, bank, idle, now=0.9)
+    assert got_ids.tolist() == ids.tolist() and len(q) == 0 and agents.tolist() == [0, 1]
+    q.push(torch.tensor([2]), torch.tensor([1]), now=1.0)
+    with pytest.raises(NoAgentAvailable, match="max_wait_s") as e:
+        q.dispatch(r, bank, full, now=2.5)
+    assert e.value.request_ids.tolist() == [2] and e.value.waited_s == pytest.approx(1.5) and len(q) == 0
+
+
+def test_route_with_wait_times_out_with_a_clear_error():
+    bank = make_bank(3, random_caps=False)
+    t = {"now": 0.0}
+    clock, sleep = (lambda: t["now"]), (lambda s: t.__setitem__("now", t["now"] + s))
+    full = loads([30.] * 3)
+    with pytest.raises(NoAgentAvailable):
+        route_with_wait(RapoRouter(CFG), torch.tensor([0]), torch.tensor([0]), bank, lambda: full, 0.5, 0.1, clock, sleep)
+    t["now"] = 0.0
+    freed = lambda: AgentLoad.idle(3) if t["now"] > 0.25 else full
+    assert route_with_wait(RapoRouter(CFG), torch.tensor([0]), torch.tensor([0]), bank, freed, 0.5, 0.1, clock, sleep).tolist() == [0]
+    with pytest.raises(ValueError, match="max_wait_s"):
+        BoundedWaitQueue(float("nan"))
+    with pytest.raises(ValueError, match="poll_s"):
+        route_with_wait(RapoRouter(CFG), torch.tensor([0]), torch.tensor([0]), bank, lambda: full, 0.5, 0.0, clock, sleep)
+
+
+# ---------------------------------------------------------------- failure replacement
+def test_replacement_by_capability_cosine_not_load():
+    bank = make_bank(4, random_caps=False)
+    prof = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.2, 0.8]])
+    bank.M = prof.repeat_interleave(25, dim=1).reshape(4, M_, L_).contiguous()
+    ld = loads([0., 0., 9., 0.])                             # the most similar agent (2) is the busiest
+    assert replacement_for(0, bank, ld) == 2
+    assert replacement_for(1, bank, ld) == 3
+    with pytest.raises(ValueError, match="failed"):
+        replacement_for(4, bank, ld)
+    with pytest.raises(ValueError, match="failed"):
+        replacement_for(True, bank, ld)
+
+
+def test_fail_over_hands_over_history_and_last_stable_state():
+    bank = make_bank(4, random_caps=False)
+    bank.M[0, 0, 0] = bank.M[3, 0, 0] = 1.0
+    ld = AgentLoad.idle(4)
+    stable = bank.snapshot()
+    bank.C = bank.C + 5.0                                     # live state drifts after the stable snapshot
+    h = fail_over(0, bank, ld, stable, ["u: a", "a0: b"])
+    assert h.replacement == 3 and h.history == ["u: a", "a0: b"]
+    assert torch.equal(bank.C[3], stable["C"][0]) and torch.equal(h.state["M"], stable["M"][0])
+    assert not bool(bank.alive[0]) and not bool(ld.alive[0])
+    with pytest.raises(ValueError, match="adopt"):
+        fail_over(1, bank, ld, stable, [], adopt=("Q",))
+    with pytest.raises(ValueError, match="stable"):
+        fail_over(1, bank, ld, [1, 2], [])
+
+
+def test_replacement_raises_when_nobody_is_left():
+    bank = make_bank(2)
+    bank.remove_agents(torch.tensor([1]))
+    with pytest.raises(NoAgentAvailable, match="failed"):
+        replacement_for(0, bank, AgentLoad.idle(2))
+
+
+# ---------------------------------------------------------------- two-level scheduling
+def test_two_level_routes_inside_pools_and_overflows():
+    bank = make_bank(6, random_caps=False)
+    bank.capability_score = torch.tensor([0.9, 0.2, 0.5, 0.95, 0.3, 0.6])
+    pools = pools_by_strength(bank, CFG.routing.n_pools)
+    assert pools.tolist() == [2, 0, 1, 2, 0, 1]
+    s = TwoLevelScheduler(CFG, pools)
+    z = torch.zeros(3, dtype=torch.long)
+    assert s.select(z, z, bank, AgentLoad.idle(6), complexity=torch.tensor([0.0, 0.5, 1.0])).tolist() == [4, 5, 3]
+    blocked = loads([0., 0., 0., 30., 0., 0.], torch.tensor([False] + [True] * 5))
+    assert s.select(z[:1], z[:1], bank, blocked, complexity=torch.tensor([0.9])).tolist() == [5]
+    with pytest.raises(NoAgentAvailable):
+        TwoLevelScheduler(CFG, pools, overflow=False).select(z[:1], z[:1], bank, blocked, complexity=torch.tensor([0.9]))
+
+
+@pytest.mark.parametrize("kw,field", [(dict(boundaries=(0.7, 0.2)), "boundaries"), (dict(boundaries=(0.5,)), "boundaries"),
+                                      (dict(pool_of_agent=torch.tensor([0, 3])), "pool_of_agent"),
+                                      (dict(pool_of_agent=torch.zeros(2, 2)), "pool_of_agent")])
+def test_two_level_rejects_bad_setup(kw, field):
+    args = dict(pool_of_agent=torch.tensor([0, 1, 2]), **kw) if "pool_of_agent" not in kw else kw
+    with pytest.raises(ValueError, match=field):
+        TwoLevelScheduler(CFG, **args)
+
+
+def test_two_level_rejects_bad_complexity():
+    bank = make_bank(3)
+    s = TwoLevelScheduler(CFG, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="complexity"):
+        s.select(torch.tensor([0]), torch.tensor([0]), bank, AgentLoad.idle(3))
+    with pytest.raises(ValueError, match="complexity"):
+        s.select(torch.tensor([0]), torch.tensor([0]), bank, AgentLoad.idle(3), complexity=torch.tensor([-0.1]))
+    with pytest.raises(ValueError, match="complexity"):
+        s.select(torch.tensor([0, 1]), torch.tensor([0, 0]), bank, AgentLoad.idle(3), complexity=torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="n_pools"):
+        pools_by_strength(bank, 0)
+
+
+# ---------------------------------------------------------------- learning from outcomes (simulated)
+def test_rapo_learns_specialists_from_outcomes_and_beats_random():
+    skill = hidden_skill(12, M_, L_, seed=3)
+    res = {}
+    for name in ("rapo", "random"):
+        bank = make_bank(12, random_caps=False)
+        d = simulate_routing(make_router(name, CFG, 0), bank, skill, 60, 20, CFG, seed=1)
+        res[name] = (d.success.iloc[30:].mean(), bank)
+    assert res["rapo"][0] > res["random"][0] + 0.15
+    assert best_agent_probability(res["rapo"][1], skill, tol=0.15) > 0.5
+
+
+def test_simulation_helpers_reject_bad_input():
+    with pytest.raises(ValueError, match="n_agents"):
+        hidden_skill(0, M_, L_)
+    with pytest.raises(ValueError, match="skill"):
+        simulate_routing(RapoRouter(CFG), make_bank(3), hidden_skill(4, M_, L_), 1, 1, CFG)
+
+
+# ---------------------------------------------------------------- benchmark runs at tiny size
+def test_benchmark_function_runs_and_reports_every_policy():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_routing.py"
+    spec = importlib.util.spec_from_file_location("bench_routing", path)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    df = mod.run(n_agents=20, batch=50, single_repeats=3, batch_repeats=1)
+    assert sorted(df.policy) == sorted(ROUTERS)
+    assert (df.batch_us_per_decision > 0).all() and (df.single_us > 0).all()
+    with pytest.raises(ValueError, match="batch"):
+        mod.run(n_agents=20, batch=0)
