@@ -261,3 +261,16 @@ def test_corrupt_checkpoint_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
     with pytest.raises(CheckpointError, match="header"): read_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError): load_checkpoint(tmp_path / "missing.pt", cfg)
+
+
+def test_transitions_identical_in_a_fresh_process_with_other_hash_seed(tiny_data):
+    "Cross-process determinism: Python's string-hash randomisation must not leak into the data."
+    import hashlib, os, subprocess, sys
+    code = ("import hashlib, torch; from rapo_nb.config import load_config; from rapo_nb.training import collect_transitions; "
+            "d = collect_transitions(load_config('quick', synthetic__n_conversations=10, training__steps_per_phase=(6, 4, 6), device='cpu'), 0, 'cpu'); "
+            "print(hashlib.sha256(d.x.numpy().tobytes() + d.y.numpy().tobytes()).hexdigest())")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    here = hashlib.sha256(tiny_data.x.numpy().tobytes() + tiny_data.y.numpy().tobytes()).hexdigest()
+    assert out.stdout.strip().splitlines()[-1] == here
