@@ -274,3 +274,12 @@ def test_transitions_identical_in_a_fresh_process_with_other_hash_seed(tiny_data
     assert out.returncode == 0, out.stderr[-2000:]
     here = hashlib.sha256(tiny_data.x.numpy().tobytes() + tiny_data.y.numpy().tobytes()).hexdigest()
     assert out.stdout.strip().splitlines()[-1] == here
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the GPU path of training is not exercised")
+def test_same_code_on_gpu(tmp_path):
+    cfg = tiny_cfg(device="cuda")
+    model, hist = train_transition_model(cfg, 0)
+    assert next(model.parameters()).device.type == "cuda" and hist.attrs["device"].startswith("cuda")
+    p = save_checkpoint(model, tmp_path / "gpu.pt", cfg, seed=0)
+    assert next(load_checkpoint(p, tiny_cfg()).parameters()).device.type == "cpu"
