@@ -376,3 +376,13 @@ def test_benchmark_function_runs_and_reports_every_policy():
     assert (df.batch_us_per_decision > 0).all() and (df.single_us > 0).all()
     with pytest.raises(ValueError, match="batch"):
         mod.run(n_agents=20, batch=0)
+
+
+def test_rapo_multi_key_batch_respects_saturation_and_spreads():
+    bank = make_bank(3, random_caps=False)
+    task, mod = torch.arange(100) % M_, torch.arange(100) % L_     # 10 distinct keys, all agents equal
+    out = RapoRouter(CFG).select(task, mod, bank, AgentLoad.idle(3), allow_unassigned=True)
+    assert (out == NO_AGENT).sum() == 100 - 3 * 25                   # 25 conversations saturate an idle agent
+    assert torch.bincount(out[out >= 0], minlength=3).tolist() == [25, 25, 25]
+    served = out[:75]
+    assert (served >= 0).all()                                       # the earliest requests are served first
