@@ -157,3 +157,20 @@ def test_breakpoint_fit_recovers_knee():
     bp = breakpoint_fit(x, y)
     assert bp["breakpoint"] == 10 and bp["slope_before"] == pytest.approx(0, abs=0.005)
     assert bp["slope_after"] == pytest.approx(-0.05, abs=0.01) and bp["sse"] < bp["sse_one_line"]
+
+
+def test_evaluate_benchmark_end_to_end():
+    """Tiny real run through rapo_nb.runtime: contract columns, metric identities, determinism."""
+    from rapo_nb.evaluation import evaluate_benchmark
+    cfg = load_config("quick")
+    one, turns = evaluate_benchmark(cfg, systems=("sequential", "rapo"), seeds=(0,), n_conversations=6, return_turns=True)
+    assert len(one) == 12 and set(one.system) == {"sequential", "rapo"}
+    check_frames(turns, one)
+    assert (one.task_success == (one.rule_success & ~one.context_break)).all()
+    assert np.allclose(one.response_time_ms, one.service_ms + one.overhead_ms)
+    assert (one.handoffs_scored == one.n_handoffs).all()
+    assert len(one.attrs["runs"]) == 2
+    two = evaluate_benchmark(cfg, systems=("sequential", "rapo"), seeds=(0,), n_conversations=6)
+    cols = ["system", "conv_id", "n_handoffs", "rule_success", "task_success", "context_score", "handoff_success"]
+    pd.testing.assert_frame_equal(one[cols].reset_index(drop=True), two[cols].reset_index(drop=True))
+    with pytest.raises(ValueError, match="systems"): evaluate_benchmark(cfg, systems=("gpt",), seeds=(0,), n_conversations=2)
