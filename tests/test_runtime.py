@@ -144,8 +144,8 @@ def test_orchestrator_checkpoint_resume_in_process(tmp_path):
 @pytest.mark.slow
 def test_kill_9_orchestrator_and_resume(tmp_path):
     "kill -9 mid-run; the restarted process resumes from the last checkpoint; every conversation exactly once."
-    n = 60
-    args = ["--out", str(tmp_path), "--n-conversations", str(n), "--checkpoint-every", "15", "--pace-s", "0.01", "--seed", "2"]
+    n = 40
+    args = ["--out", str(tmp_path), "--n-conversations", str(n), "--checkpoint-every", "10", "--pace-s", "0.02", "--seed", "2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen(PY + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     ck = tmp_path / "checkpoints"
@@ -175,3 +175,29 @@ def test_corrupt_checkpoint_refused_previous_kept(tmp_path):
     newest.write_bytes(newest.read_bytes()[:-3])
     with pytest.raises(CorruptCheckpoint, match="truncated"): read_checkpoint(newest)
     assert load_latest_checkpoint(tmp_path) == (10, {"it": 10})
+
+
+def test_live_asyncio_orchestrator_runs_the_same_tick_order():
+    import asyncio
+    from rapo_nb.agents import SimulatedAgentPool
+    from rapo_nb.runtime import LiveOrchestrator
+    pool = SimulatedAgentPool(CFG.evaluation.n_agents, CFG, 0)
+    live = LiveOrchestrator(CFG, "rapo", 0)
+    turns, convs = asyncio.run(live.arun(CONVS[:4], [pool.agent(i) for i in range(pool.n)]))
+    assert list(turns.columns) == TURN_COLUMNS and len(convs) == 4 and live.ticks >= 1 and live.consensus_rounds == live.ticks
+    with pytest.raises(ValueError, match="agents"): asyncio.run(LiveOrchestrator(CFG, "rapo", 0).arun(CONVS[:1], [object()]))
+
+
+def test_injected_crashes_are_replaced():
+    orch = Orchestrator(CFG, "rapo", 0, failure_rate=0.1)
+    turns, convs = orch.run(CONVS)
+    assert orch.replacements > 0
+    assert (convs.failure_type == "resource").any()
+
+
+def test_benchmark_function_at_tiny_size():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_runtime", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_runtime.py")
+    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+    row = bench.bench_orchestrator(CONVS[:6], "sequential", CFG)
+    assert row["turns"] == sum(len(c.turns) for c in CONVS[:6]) and row["turns_per_s"] > 0 and row["coordination_us_per_turn"] > 0
