@@ -11,9 +11,19 @@ from rapo_nb.config import load_config
 from rapo_nb.consensus import (TOPOLOGIES, ConsensusEngine, QuadraticObjective, adaptive_weights, clip_rows, consensus_objective,
                                consensus_residual, consensus_step, csr_from_edges, make_topology, neighbour_pull,
                                segment_sum, tick_benchmark)
+from rapo_nb.convergence import (dense_spectrum, geometric_prediction, iterations_to_eps, lipschitz_estimate, simulate_consensus,
+                                  stationary_distribution)
 from rapo_nb.state import StateBank
 
 CFG = load_config("quick", device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    "Small tensors: one torch thread avoids OpenMP oversubscription on a shared 2-core machine; restored afterwards."
+    old = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 kinds = st.sampled_from(TOPOLOGIES)
 sizes = st.integers(2, 60)
 seeds = st.integers(0, 10_000)
@@ -180,13 +190,68 @@ def test_engine_dead_agents_frozen_and_exchanges():
     assert row[0] < row[1] and abs(float(row.sum()) - 1) < 1e-5
 
 
-def test_engine_detects_in_place_edit_of_stable():
+def test_engine_adopts_in_place_edit_as_stable():
     cfg, t, bank, eng = _engine(consensus__beta_q=1.0)
     eng.step(bank)
-    bank.P.add_(1.0)                               # forbidden in-place edit of the tensor kept as stable
+    bank.P[0] = bank.P[1]                           # e.g. a failure-recovery path copying a state in place
+    edited = bank.P.clone()
     w = eng.weights(bank.alive)
+    for _ in range(cfg.consensus.rollback_after): eng.step(bank, grad_q=-10 * neighbour_pull(bank.P, t, w))
+    assert eng.stable_edits == 1 and eng.rollbacks == 1 and torch.equal(bank.P, edited)
+    eng.stable.add_(1.0)                            # editing the saved stable tensor itself is refused at rollback
     with pytest.raises(RuntimeError, match="stable"):
         for _ in range(cfg.consensus.rollback_after): eng.step(bank, grad_q=-10 * neighbour_pull(bank.P, t, w))
+
+
+# ---- the convergence statements of §3.5 that should hold (rapo_nb.convergence) ----
+
+@settings(max_examples=40, deadline=None)
+@given(kind=kinds, n=st.integers(3, 40), seed=seeds, alpha=st.floats(0.01, 1.0), uniform=st.booleans())
+def test_pi_weighted_lyapunov_never_rises(kind, n, seed, alpha, uniform):
+    t = make_topology(kind, n, degree=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    E = torch.ones(t.n_edges, dtype=torch.float64) if uniform else torch.rand(t.n_edges, generator=g, dtype=torch.float64) ** 3 + 0.01
+    w = adaptive_weights(t, E)
+    sim = simulate_consensus(t, w, torch.randn(n, 2, generator=g, dtype=torch.float64), [alpha], 40)
+    V = sim["V_pi"][:, 0]
+    assert (np.diff(V) <= 1e-12 * V[0]).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(kind=kinds, n=st.integers(3, 30), seed=seeds)
+def test_limit_is_pi_weighted_mean_and_paper_step_converges(kind, n, seed):
+    t = make_topology(kind, n, degree=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    w = adaptive_weights(t, torch.rand(t.n_edges, generator=g, dtype=torch.float64) + 0.1)
+    L = lipschitz_estimate(t, w, iters=3000, tol=1e-9)
+    dense_L = np.linalg.norm(np.eye(n) - t.to_dense(w).numpy(), 2)
+    assert L <= dense_L * (1 + 1e-9) and L >= dense_L * (1 - 1e-3)
+    P0 = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    sim = simulate_consensus(t, w, P0, [0.99 / (2 * L)], 400)
+    assert sim["V_euclid"][-1, 0] < sim["V_euclid"][0, 0]
+    pi = stationary_distribution(t, w)
+    M = 0.5 * (torch.eye(n, dtype=torch.float64) + t.to_dense(w))
+    X = torch.linalg.matrix_power(M, 4096) @ P0
+    torch.testing.assert_close(X, (pi @ P0).expand(n, 2), atol=1e-6, rtol=0)
+
+
+def test_paper_bound_is_conservative_against_exact_boundary():
+    t = make_topology("star", 20)
+    w = adaptive_weights(t, torch.ones(t.n_edges, dtype=torch.float64))
+    mu = dense_spectrum(t, w)
+    L = lipschitz_estimate(t, w, iters=3000, tol=1e-9)
+    assert abs(mu[-1] - 2.0) < 1e-9 and 2 / mu[-1] > 4 / (2 * L)
+    alphas = [0.9 * 2 / mu[-1], 1.1 * 2 / mu[-1]]
+    sim = simulate_consensus(t, w, torch.randn(20, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64), alphas, 300)
+    assert sim["V_euclid"][-1, 0] < 1e-6 * sim["V_euclid"][0, 0] and sim["V_euclid"][-1, 1] > sim["V_euclid"][0, 1]
+
+
+def test_iterations_to_eps_helpers():
+    V = np.array([1.0, 0.5, 0.2, 0.05])
+    assert iterations_to_eps(V, 0.3) == 2 and iterations_to_eps(V, 0.01) == -1
+    mu = np.array([0.0, 0.1, 1.0])
+    assert abs(geometric_prediction(mu, 0.5, 1e-4) - np.log(1e-4) / (2 * np.log(0.95))) < 1e-9
+    assert geometric_prediction(mu, 3.0, 1e-4) == np.inf
 
 
 def test_csr_from_edges_dedups():
