@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     n = a.conversations or LANGGRAPH_CONVERSATIONS[a.profile]
     if n < 1: print("bench_langgraph: --conversations: expected ≥ 1", file=sys.stderr); return 2
     if not langgraph_available(): print("langgraph not installed (pip install rapo_nb[bench]): measuring rapo_nb alone")
-    df = handoff_overhead_table(generate_conversations(n, a.seed, cfg), cfg, a.seed, a.repeats or cfg.scaling.repeats)
+    df = handoff_overhead_table(generate_conversations(n, a.seed, cfg), cfg, a.seed, a.repeats or cfg.scaling.repeats,
+                                with_runtime=True)
     print(df.to_markdown(index=False, floatfmt=".4g"))
     return 0
 

@@ -129,8 +129,10 @@ def test_communication_table_bytes(cfg):
 
 
 def test_dominance_point():
-    df = pd.DataFrame(dict(agents=[10, 100, 1000], consensus_share=[0.2, 0.7, 0.4]))
-    assert sc.dominance_point(df) == 100 and sc.dominance_point(df, 0.75) != sc.dominance_point(df, 0.75)  # NaN
+    df = pd.DataFrame(dict(agents=[10, 100, 1000], consensus_share=[0.2, 0.7, 0.8]))
+    assert sc.dominance_point(df) == 100 and sc.dominance_point(df, 0.75) == 1000
+    blip = pd.DataFrame(dict(agents=[10, 100, 1000], consensus_share=[0.9, 0.3, 0.6]))  # small-n blip, then dominance
+    assert sc.dominance_point(blip) == 1000 and math.isnan(sc.dominance_point(blip, 0.95))
     with pytest.raises(ValueError, match="threshold"): sc.dominance_point(df, 1.5)
 
 
