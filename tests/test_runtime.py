@@ -56,6 +56,14 @@ def test_sequential_hands_over_last_turn_only(frames):
         assert earlier_user not in row.context_given
 
 
+def test_consensus_engine_is_fed_outcomes_and_handoff_effectiveness():
+    orch = Orchestrator(CFG, "rapo", 0)
+    turns, convs = orch.run(CONVS)
+    assert len(orch.engine.outcomes) == len(CONVS)
+    assert orch.engine.effectiveness_rate() == pytest.approx(convs.rule_success.mean())
+    assert float(orch.engine.effectiveness.min()) < 1.0        # some handoff edge saw a failed first answer
+
+
 def test_deterministic_given_seed():
     a = run_conversations(CONVS[:8], "rapo", CFG, seed=5)
     b = run_conversations(CONVS[:8], "rapo", CFG, seed=5)
