@@ -301,3 +301,30 @@ def test_llm_async_paths(server, convs):
     server.mode, server.delay = "slow", 1.0
     r = asyncio.run(_agent(server, timeout=0.2, retries=0).arespond([], "", _turn(convs)))
     assert r.outcome == "timeout"
+
+
+def test_lost_context_lowers_rouge_and_cosine(pool, convs):
+    "§5.2/§4.3: deleting facts from the handed context lowers ROUGE-L and cosine between consecutive responses."
+    from rouge_score import rouge_scorer
+    from rapo_nb.state import default_encoder, cosine_rows
+    sc, enc = rouge_scorer.RougeScorer(["rougeL"]), default_encoder()
+    def scores(**kw):
+        h = A.run_policy(convs[:60], pool, "full", 0, **kw)
+        h = h[h.turn >= 0]
+        rouge = np.mean([sc.score(p, q)["rougeL"].fmeasure for p, q in zip(h.prev_response, h.response)])
+        cos = cosine_rows(enc.encode(list(h.prev_response)), enc.encode(list(h.response)))
+        return rouge, cos.mean(), (cos > CFG.evaluation.handoff_cosine).mean()
+    kept, lost = scores(), scores(drop=0.5)
+    assert kept[0] > lost[0] + 0.05 and kept[1] > lost[1] + 0.05 and kept[2] > lost[2] + 0.1
+
+
+def test_failed_answer_keeps_thread_but_not_focus(pool, convs):
+    c = next(c for c in convs if len(c.facts) >= 2)
+    hist = [t.text for t in c.turns[:4]]
+    t = c.turns[4] if c.turns[4].fsm_state != "conclusion" else c.turns[1]
+    u = __import__("rapo_nb.synthetic", fromlist=["Uniforms"]).Uniforms(np.random.default_rng(0))
+    bad = A.compose_response(t, A.full_history(hist), u, ok=False)
+    focus = A.turn_focus(t)
+    assert focus and not any(e in bad.split() for e in focus)
+    good = A.compose_response(t, A.full_history(hist), u, ok=True)
+    assert all(e in good for e in focus)

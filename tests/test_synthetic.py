@@ -213,3 +213,9 @@ def test_benchmark_runs_tiny():
     import bench_synthetic
     df = bench_synthetic.run(sizes=(20,), repeats=1)
     assert list(df["conversations"]) == [20] and (df["seconds"] > 0).all()
+
+
+def test_greeting_announces_topic(bench):
+    "The greeting names the seed query's focus entities (the topic agents carry through the conversation)."
+    for c in bench[:100]:
+        assert f"Topic: {' and '.join(c.expected['turn_focus'][1])} ." in c.turns[0].text
