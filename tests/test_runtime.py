@@ -1,5 +1,5 @@
 """Runtime: run_conversations contract, systems, ablations, checkpoints, metrics scrape, orchestrator crash + resume."""
-import os, signal, subprocess, sys, time, urllib.request
+import json, os, signal, subprocess, sys, time, urllib.request
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -175,6 +175,9 @@ def test_kill_9_orchestrator_and_resume(tmp_path):
     before = pd.DataFrame(payload["conv_records"]).set_index("conv_id")
     after = convs.set_index("conv_id").loc[before.index]
     assert (after.rule_success.values == before.rule_success.values).all()                  # checkpointed results kept as they were
+    failures = [json.loads(l) for l in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["conv_id"] for f in failures) == sorted(convs.conv_id[~convs.rule_success])    # §4.4 failure log
+    assert all(f["trajectory"] and {"agent", "capability", "capability_score"} <= set(f["trajectory"][0]) for f in failures)
 
 
 def test_corrupt_checkpoint_refused_previous_kept(tmp_path):
