@@ -19,14 +19,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from rapo_nb.config import load_config
     from rapo_nb.synthetic import generate_conversations
-    from rapo_nb.scaling import handoff_overhead_table, langgraph_available, LANGGRAPH_CONVERSATIONS
+    from rapo_nb.scaling import handoff_overhead_table, langgraph_available, table_floatfmt, LANGGRAPH_CONVERSATIONS
     cfg = load_config(a.profile, seed=a.seed, device="cpu")
     n = a.conversations or LANGGRAPH_CONVERSATIONS[a.profile]
     if n < 1: print("bench_langgraph: --conversations: expected ≥ 1", file=sys.stderr); return 2
     if not langgraph_available(): print("langgraph not installed (pip install rapo_nb[bench]): measuring rapo_nb alone")
     df = handoff_overhead_table(generate_conversations(n, a.seed, cfg), cfg, a.seed, a.repeats or cfg.scaling.repeats,
                                 with_runtime=True)
-    print(df.to_markdown(index=False, floatfmt=".4g"))
+    print(df.to_markdown(index=False, floatfmt=table_floatfmt(df)))
     return 0
 
 

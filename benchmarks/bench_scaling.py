@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from rapo_nb.scaling import scaling_tables
+    from rapo_nb.scaling import scaling_tables, table_floatfmt
     try:
         sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
     except ValueError:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"bench_scaling: {e}", file=sys.stderr); return 2
     for name, df in tables.items():
-        print(f"\n## {name}\n"); print(df.to_markdown(index=False, floatfmt=".4g"))
+        print(f"\n## {name}\n"); print(df.to_markdown(index=False, floatfmt=table_floatfmt(df)))
     return 0
 
 

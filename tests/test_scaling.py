@@ -142,7 +142,7 @@ def test_goal_verdicts_measured_and_projected():
     sw = _sweep([1000, 100_000]); sw["rss_delta_mb"] = [150.0, 9000.0]; sw["tick_ms"] = [1.0, 80.0]
     g = sc.goal_verdicts(sw, dict(a_gb=0.0, b_gb_per_agent=3e-5)).set_index("goal")
     assert not g.loc["1,000 agents: extra RSS", "met"] and g.loc["tick, 100,000 agents", "met"]
-    assert g.loc["1,000,000 agents in one process", "how"].startswith("projected")
+    assert g.loc["1,000,000 agents in one process", "how"].startswith("projected: RSS fit")
     assert g.loc["1,000,000 agents in one process", "ours"] == pytest.approx(30.0 + 0.3)
     assert not g.loc["1,000,000 agents in one process", "met"]
     sw2 = _sweep([1000, 1_000_000]); sw2["peak_rss_mb"] = [500.0, 20_000.0]
@@ -195,3 +195,15 @@ def test_handoff_table_with_or_without_langgraph(cfg):
 def test_langgraph_drives_every_turn():
     r = sc.run_langgraph(_fake_conversations(k=2, turns=5), repeats=1)
     assert r["framework"] == "langgraph" and r["turns"] == 10 and r["seconds"] > 0
+
+
+def test_handoff_table_without_langgraph_shows_rapo_alone(cfg, monkeypatch):
+    monkeypatch.setattr(sc, "langgraph_available", lambda: False)
+    df = sc.handoff_overhead_table(_fake_conversations(k=2), cfg, repeats=1)
+    assert list(df.framework) == ["rapo_nb"]
+
+
+def test_table_floatfmt_counts_whole():
+    df = pd.DataFrame(dict(agents=[10.0], tick_ms=[1.23456]))
+    assert sc.table_floatfmt(df) == (",.0f", ".4g")
+    assert "1.235" in df.to_markdown(index=False, floatfmt=sc.table_floatfmt(df))
