@@ -56,7 +56,7 @@ def test_ring_degree_exact(n, half):
 
 def test_bad_topology_input():
     with pytest.raises(ValueError, match="kind"): make_topology("mesh", 5)
-    with pytest.raises(ValueError, match="degree"): make_topology("ring", 5, degree=0)
+    with pytest.raises(ValueError, match="degree"): make_topology("ring", 5, degree=-1)
     with pytest.raises(ValueError, match="rewire_p"): make_topology("small_world", 5, rewire_p=2.0)
 
 
@@ -262,3 +262,13 @@ def test_csr_from_edges_dedups():
 def test_tick_benchmark_runs_tiny():
     df = tick_benchmark((50,), degree=4, repeats=2, device="cpu", profile="quick", threads=1)
     assert list(df.n_agents) == [50] and (df.tick_ms > 0).all() and df.bytes_per_agent_total.iloc[0] > df.bytes_per_agent_state.iloc[0]
+
+
+def test_tiny_pools_work():
+    for n in (1, 2):
+        for kind in TOPOLOGIES:
+            t = make_topology(kind, n, degree=max(0, min(8, n - 1)))
+            bank = StateBank.create(n, CFG, device="cpu"); eng = ConsensusEngine(CFG, t, "cpu")
+            out = [eng.step(bank) for _ in range(3)]
+            assert torch.isfinite(bank.P).all() and eng.rollbacks == 0
+            if n == 1: assert t.n_edges == 0 and out[-1]["converged"]
