@@ -161,3 +161,29 @@ def test_rapo_agent_reports_unreachable_redis(capsys):
     t0 = time.monotonic()
     assert agent_main(["--redis-url", f"redis://127.0.0.1:{port}/0", "--agent", "0", "--timeout-s", "0.5"]) == 2
     assert f"127.0.0.1:{port}" in capsys.readouterr().err and time.monotonic() - t0 < 5
+
+
+def test_unroutable_redis_gives_up_after_the_bounded_timeout():
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"10\.255\.255\.1:6390"): connect_redis("redis://10.255.255.1:6390/0", timeout_s=0.3)
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_malformed_entry_is_logged(redis_url, caplog):
+    client = connect_redis(redis_url)
+    w = AgentWorker(connect_redis(redis_url), 0, _echo, block_ms=20)
+    client.xadd(agent_stream("rapo:v1", 0), {"task_id": "t", "conv_id": "c", "turn": "0", "agent": "0", "payload": "[1, 2]"})
+    with caplog.at_level("WARNING", logger="rapo_nb.runtime"): w.step()
+    assert w.rejected == 1 and any("payload" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
+
+
+def test_run_conversations_with_the_redis_store_from_config(redis_url):
+    from rapo_nb.config import load_config
+    from rapo_nb.synthetic import generate_conversations
+    from rapo_nb.runtime import run_conversations, make_store
+    cfg = load_config("quick", overrides={"runtime.store": "redis", "runtime.redis_url": redis_url})
+    store = make_store(cfg)
+    assert isinstance(store, RedisStateStore)
+    turns, convs = run_conversations(generate_conversations(4, 0, cfg), "rapo", cfg, store=store)
+    ver, arrays = store.get("bank")
+    assert ver == convs.attrs["run"]["ticks"] > 0 and set(arrays) >= {"P", "C", "M", "alive"}
