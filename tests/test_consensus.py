@@ -155,6 +155,18 @@ def test_engine_rolls_back_after_ten_nonconverging_iterations():
     assert eng.rollbacks == 1 and torch.equal(bank.P, stable)
 
 
+def test_engine_with_quadratic_objective_reaches_fixed_point():
+    cfg, t, bank, _ = _engine(consensus__beta_q=0.1)
+    g = torch.Generator().manual_seed(3)
+    Y = bank.P + 0.05 * torch.randn(bank.P.shape, generator=g)
+    eng = ConsensusEngine(cfg, t, "cpu", objective=QuadraticObjective(Y))
+    out = [eng.step(bank) for _ in range(300)]
+    I = torch.eye(t.n, dtype=torch.float64)
+    P_star = torch.linalg.solve(cfg.consensus.alpha * (I - t.to_dense(eng.weights(bank.alive)).double()) + 0.1 * I, 0.1 * Y.double())
+    assert eng.rollbacks == 0 and out[-1]["converged"]
+    assert float((bank.P.double() - P_star).norm() / P_star.norm()) < 1e-4
+
+
 def test_engine_literal_rule_rolls_back_from_fresh_start():
     cfg, t, bank, _ = _engine()
     eng = ConsensusEngine(cfg, t, "cpu", rollback_rule="settle")
@@ -192,15 +204,16 @@ def test_engine_dead_agents_frozen_and_exchanges():
 
 def test_engine_adopts_in_place_edit_as_stable():
     cfg, t, bank, eng = _engine(consensus__beta_q=1.0)
-    eng.step(bank)
+    for _ in range(3): eng.step(bank)
+    assert eng.stable is bank.P                     # the last converging iteration's P is kept by reference
     bank.P[0] = bank.P[1]                           # e.g. a failure-recovery path copying a state in place
     edited = bank.P.clone()
     w = eng.weights(bank.alive)
-    for _ in range(cfg.consensus.rollback_after): eng.step(bank, grad_q=-10 * neighbour_pull(bank.P, t, w))
+    for _ in range(cfg.consensus.rollback_after): eng.step(bank, grad_q=-2 * neighbour_pull(bank.P, t, w))
     assert eng.stable_edits == 1 and eng.rollbacks == 1 and torch.equal(bank.P, edited)
     eng.stable.add_(1.0)                            # editing the saved stable tensor itself is refused at rollback
     with pytest.raises(RuntimeError, match="stable"):
-        for _ in range(cfg.consensus.rollback_after): eng.step(bank, grad_q=-10 * neighbour_pull(bank.P, t, w))
+        for _ in range(2 * cfg.consensus.rollback_after): eng.step(bank, grad_q=-2 * neighbour_pull(bank.P, t, w))
 
 
 # ---- the convergence statements of §3.5 that should hold (rapo_nb.convergence) ----
