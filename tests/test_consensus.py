@@ -285,3 +285,19 @@ def test_tiny_pools_work():
             out = [eng.step(bank) for _ in range(3)]
             assert torch.isfinite(bank.P).all() and eng.rollbacks == 0
             if n == 1: assert t.n_edges == 0 and out[-1]["converged"]
+
+
+def test_reuse_buffers_gives_identical_trajectory():
+    cfg = load_config("quick", device="cpu", consensus__beta_q=1.0)
+    t = make_topology("small_world", 50, degree=6, seed=2)
+    runs = []
+    for reuse in (False, True):
+        bank = StateBank.create(50, cfg, device="cpu", seed=1); eng = ConsensusEngine(cfg, t, "cpu", reuse_buffers=reuse)
+        traj = []
+        for k in range(40):
+            G = -2 * neighbour_pull(bank.P, t, eng.weights(bank.alive)) if 10 <= k < 22 else None
+            out = eng.step(bank, grad_q=G); traj.append((bank.P.clone(), out["rolled_back"]))
+        runs.append((traj, eng.rollbacks))
+    assert runs[0][1] == runs[1][1] >= 1
+    for (Pa, ra), (Pb, rb) in zip(runs[0][0], runs[1][0]):
+        assert ra == rb and torch.allclose(Pa, Pb, atol=1e-6, rtol=0)
