@@ -207,3 +207,11 @@ def test_table_floatfmt_counts_whole():
     df = pd.DataFrame(dict(agents=[10.0], tick_ms=[1.23456]))
     assert sc.table_floatfmt(df) == (",.0f", ".4g")
     assert "1.235" in df.to_markdown(index=False, floatfmt=sc.table_floatfmt(df))
+
+
+def test_scheduler_timing_tiny(cfg):
+    df = sc.scheduler_timing([60], cfg, repeats=1, batch=32)
+    assert len(df) == 2 and (df.ms_per_batch > 0).all() and (df.batch == 32).all()
+    assert sc.scheduler_timing([20], cfg, repeats=1, batch=32).batch.iloc[0] == 20  # at most one request per agent
+    flat, two = df.reads_per_decision
+    assert two < flat == 60
