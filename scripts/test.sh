@@ -31,5 +31,6 @@ echo "ok: notebooks are clean"
 # notebooks write figures/results to a scratch folder during tests, never over the committed figures/
 scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
 export MPLBACKEND=Agg
-RAPO_FIGURES_DIR="$scratch/figures" RAPO_RESULTS_DIR="$scratch/results" "$BIN/nbdev-test" --n-workers 2 --timing
+# two nbdev-test workers on two cores: one torch/BLAS thread each, or small tensor ops slow down 10x
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 RAPO_FIGURES_DIR="$scratch/figures" RAPO_RESULTS_DIR="$scratch/results" "$BIN/nbdev-test" --n-workers 2 --timing
 "$BIN/python" -m pytest tests/ -ra -q -p no:cacheprovider "$@"
