@@ -92,7 +92,8 @@ def rouge_l_f(targets: Sequence[str], predictions: Sequence[str], method: str = 
     else:
         chunks = [uniq[i::jobs] for i in range(jobs)]
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:   # never fork a torch process
-            parts = list(pool.map(_score_pairs, [(method, c) for c in chunks]))
+            import rapo_nb.evaluation as _module   # workers import the exported function: a notebook's own cannot be pickled by reference
+            parts = list(pool.map(_module._score_pairs, [(method, c) for c in chunks]))
         scores = [0.0] * len(uniq)
         for i, part in enumerate(parts): scores[i::jobs] = part
     table = dict(zip(uniq, scores))
@@ -285,7 +286,8 @@ def evaluate_benchmark(cfg: Config, systems: Sequence[str] = SYSTEMS, seeds: Seq
     if n_workers == 1: results = map(_run_job, jobs)
     else:   # spawn: never fork a process that holds torch's thread pools
         pool = ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=mp.get_context("spawn"))
-        results = pool.map(_run_job, jobs)
+        import rapo_nb.evaluation as _module   # workers import the exported function: a notebook's own cannot be pickled by reference
+        results = pool.map(_module._run_job, jobs)
     if progress:
         from tqdm import tqdm
         results = tqdm(results, total=len(jobs), desc=f"{variant}: systems x seeds", leave=False)

@@ -47,8 +47,8 @@ def write_manifest(manifest: dict, profile: str) -> Path:
     "Write the run manifest as figures/run_<profile>.json and .md."
     d = figures_dir(); p = d / f"run_{profile}.json"
     tmp = p.with_suffix(".json.tmp"); tmp.write_text(json.dumps(manifest, indent=2)); os.replace(tmp, p)
-    rows = ["| notebook | status | seconds |", "|---|---|---:|"]
-    rows += [f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} |" for r in manifest["notebooks"]]
+    rows = ["| notebook | status | seconds | run started |", "|---|---|---:|---|"]
+    rows += [f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {r.get('run', '')} |" for r in manifest["notebooks"]]
     env = "\n".join(f"- {k}: {v}" for k, v in manifest["environment"].items())
     (d / f"run_{profile}.md").write_text(f"# Run `{profile}` (seed {manifest['seed']})\n\n" + "\n".join(rows) +
                                          f"\n\nTotal: {manifest['total_seconds']:.1f} s\n\n## Environment\n{env}\n")
@@ -85,15 +85,21 @@ def reproduce(profile: str = "quick", seed: int = 0, device: str = "auto", out: 
     manifest = dict(profile=profile, seed=seed, device=device, started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     environment=environment_info(device), notebooks=[], total_seconds=0.0)
     params = dict(profile=profile, seed=seed, device=device)
+    previous = figures_dir() / f"run_{profile}.json"
+    if only and previous.exists():   # a partial run keeps the other notebooks' entries of the last run, marked with their start
+        names = {nb.name for nb in notebooks}
+        kept = [r for r in json.loads(previous.read_text()).get("notebooks", []) if r["notebook"] not in names]
+        manifest["notebooks"] = sorted(kept, key=lambda r: r["notebook"])
     for i, nb in enumerate(notebooks, 1):
         if verbose: print(f"[{i}/{len(notebooks)}] {nb.name} ...", end=" ", flush=True)
         try: secs = run_notebook(nb, out / nb.name, params, timeout)
         except NotebookFailed:
-            manifest["notebooks"].append(dict(notebook=nb.name, status="failed", seconds=0.0)); write_manifest(manifest, profile)
+            manifest["notebooks"].append(dict(notebook=nb.name, status="failed", seconds=0.0, run=manifest["started"])); write_manifest(manifest, profile)
             if verbose: print("FAILED", flush=True)
             raise
         if keep: keep_outputs(out / nb.name, nb)
-        manifest["notebooks"].append(dict(notebook=nb.name, status="ok", seconds=round(secs, 2)))
+        manifest["notebooks"].append(dict(notebook=nb.name, status="ok", seconds=round(secs, 2), run=manifest["started"]))
+        manifest["notebooks"].sort(key=lambda r: r["notebook"])
         manifest["total_seconds"] = round(sum(r["seconds"] for r in manifest["notebooks"]), 2)
         write_manifest(manifest, profile)
         if verbose: print(f"ok ({secs:.1f} s)", flush=True)
