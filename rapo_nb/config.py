@@ -63,6 +63,8 @@ class ConsensusConfig:
     topology: str = cf("small_world", "§3.3 (N_i unspecified; our reading)", doc="communication graph", choices=("complete", "ring", "small_world", "star", "random"))
     degree: int = cf(8, "§3.3 (our reading)", 1, 10**6, "neighbours per agent for sparse topologies")
     rewire_p: float = cf(0.1, "ours", 0.0, 1.0, "small-world rewiring probability")
+    rollback_rule: str = cf("progress", "§3.5 ('converge within 10 iterations'; our reading)", doc="progress: an iteration converges when its update shrank; settle: the literal reading", choices=("progress", "settle"))
+    trust_scope: str = cf("global", "§3.3 (‖c − c_t‖ ≤ 0.1‖c_t‖; our reading)", doc="trust region over the whole bank or per agent", choices=("global", "agent"))
 
 # %% ../nbs/00_config.ipynb #eb0d095e
 @dataclass
@@ -74,6 +76,8 @@ class RoutingConfig:
     r_max: float = cf(0.8, "§3.4 eq. 6", 1e-9, 1.0, "R_max: CPU + memory utilisation ceiling")
     n_pools: int = cf(3, "§4.5 (pool count unspecified; our reading)", 1, 10**6, "agent pools of the global scheduler")
     max_wait_s: float = cf(5.0, "ours", 0.0, 1e6, "bounded wait before NoAgentAvailable")
+    capability_mix: float = cf(0.8, "§3.4 (C_a unspecified per task; our reading)", 0.0, 1.0, "C_a(τ, μ) = mix·M[a, τ, μ] + (1 − mix)·capability score")
+    load_feedback: bool = cf(True, "§3.4 (our reading)", doc="decisions of one batch see the load added by earlier ones")
 
 # %% ../nbs/00_config.ipynb #8c2f55af
 @dataclass

@@ -225,8 +225,10 @@ def consensus_objective(P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, w
 # %% ../nbs/02_consensus.ipynb #c555662e
 class ConsensusEngine:
     "Runs eq. 4 steps on a StateBank with the §3.3 gates, §3.5 clipping and rollback, and counters."
-    def __init__(self, cfg: Config, topo: Topology, device=None, objective: Objective | None = None, rollback_rule: str = "progress",
-                 trust_scope: str = "global", reuse_buffers: bool = False):
+    def __init__(self, cfg: Config, topo: Topology, device=None, objective: Objective | None = None, rollback_rule: str | None = None,
+                 trust_scope: str | None = None, reuse_buffers: bool = False):
+        rollback_rule = cfg.consensus.rollback_rule if rollback_rule is None else rollback_rule
+        trust_scope = cfg.consensus.trust_scope if trust_scope is None else trust_scope
         self.reuse_buffers = reuse_buffers
         self._spare: torch.Tensor | None = None      # a P-sized buffer the next step may write into (reuse_buffers)
         self._pull_buf: torch.Tensor | None = None   # the neighbour-pull buffer (reuse_buffers)

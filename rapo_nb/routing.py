@@ -23,8 +23,8 @@ __all__ = ['NO_AGENT', 'CAPABILITY_MIX', 'LOAD_FEEDBACK', 'ROUTERS', 'load_coeff
 
 # %% ../nbs/04_routing.ipynb #db15668f
 NO_AGENT = -1  # sentinel in `select(..., allow_unassigned=True)`: no eligible agent for this request right now
-CAPABILITY_MIX = 0.8  # §3.4 (our reading): weight of M[a, τ, μ] against the agent-wide capability score
-LOAD_FEEDBACK = True  # §3.4 (our reading): decisions of one batch see the load added by earlier ones
+CAPABILITY_MIX = RoutingConfig().capability_mix  # §3.4 (our reading), config field routing.capability_mix: weight of M[a, τ, μ] against the agent-wide score
+LOAD_FEEDBACK = RoutingConfig().load_feedback    # §3.4 (our reading), config field routing.load_feedback: a batch sees the load of its earlier decisions
 
 def _routing_cfg(cfg) -> RoutingConfig:
     "Accept a `Config` or a `RoutingConfig`; anything else is an error naming `cfg`."
@@ -224,8 +224,10 @@ def greedy_rounds(key_scores: torch.Tensor, inv: torch.Tensor, L0: torch.Tensor,
 class RapoRouter:
     "§3.4: A_opt = argmax_a C_a(t)·(1 − L_a(t)) over alive, unsaturated agents, C_a read from M[a, τ, μ] and the capability score."
     name = "rapo"
-    def __init__(self, cfg, capability_mix: float = CAPABILITY_MIX, use_load: bool = True, load_feedback: bool = LOAD_FEEDBACK):
+    def __init__(self, cfg, capability_mix: float | None = None, use_load: bool = True, load_feedback: bool | None = None):
         self.coeffs = load_coefficients(cfg)
+        capability_mix = cfg.routing.capability_mix if capability_mix is None else capability_mix
+        load_feedback = cfg.routing.load_feedback if load_feedback is None else load_feedback
         if not (isinstance(capability_mix, (int, float)) and 0.0 <= capability_mix <= 1.0):
             raise ValueError(f"capability_mix: expected a number in [0, 1], got {capability_mix!r}")
         self.mix, self.use_load, self.load_feedback = float(capability_mix), bool(use_load), bool(load_feedback)
@@ -296,8 +298,8 @@ class RoundRobinRouter:
 class LeastLoadedRouter:
     "Baseline P4 + load balancing (join the least-loaded queue): argmin_a L_a over alive, unsaturated agents; ties → lowest id."
     name = "least_loaded"
-    def __init__(self, cfg, load_feedback: bool = LOAD_FEEDBACK):
-        self.coeffs = load_coefficients(cfg); self.load_feedback = bool(load_feedback)
+    def __init__(self, cfg, load_feedback: bool | None = None):
+        self.coeffs = load_coefficients(cfg); self.load_feedback = bool(cfg.routing.load_feedback if load_feedback is None else load_feedback)
     def select(self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False) -> torch.Tensor:
         task, modality = _check_request(task, modality, bank); _check_bank_load(bank, load)
         ka, kq, kr = self.coeffs
