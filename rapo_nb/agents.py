@@ -325,11 +325,15 @@ class OpenAIChatAgent:
                 try: resp = client.post(self.url, json=payload, headers=self._headers())
                 except httpx.HTTPError as e: exc = e
                 if exc is None and 200 <= resp.status_code < 300: return self._parse(resp, attempt)
-                err = self._classify(exc, resp, attempt)
-                if not self._retryable(err) or attempt > self.retries:
-                    if attempt > 1: err.args = (f"{err.args[0]} (after {attempt} attempts)",)
-                    raise err
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(self._backoff_or_raise(exc, resp, attempt))
+
+    def _backoff_or_raise(self, exc, resp, attempt: int) -> float:
+        "After a failed attempt: raise the classified error if it is final, else return the backoff (s) before the next try."
+        err = self._classify(exc, resp, attempt)
+        if not self._retryable(err) or attempt > self.retries:
+            if attempt > 1: err.args = (f"{err.args[0]} (after {attempt} attempts)",)
+            raise err
+        return self.backoff_s * 2 ** (attempt - 1)
 
     async def acomplete(self, messages: list[dict]) -> str:
         "Async `complete` (httpx.AsyncClient), same errors and retries."
@@ -340,11 +344,7 @@ class OpenAIChatAgent:
                 try: resp = await client.post(self.url, json=payload, headers=self._headers())
                 except httpx.HTTPError as e: exc = e
                 if exc is None and 200 <= resp.status_code < 300: return self._parse(resp, attempt)
-                err = self._classify(exc, resp, attempt)
-                if not self._retryable(err) or attempt > self.retries:
-                    if attempt > 1: err.args = (f"{err.args[0]} (after {attempt} attempts)",)
-                    raise err
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(self._backoff_or_raise(exc, resp, attempt))
 
     def _to_response(self, text: str | None, err: LLMError | None, t0: float, turn: Turn) -> AgentResponse:
         lat = time.perf_counter() - t0

@@ -48,3 +48,12 @@ def redis_url(tmp_path):
     proc, url = start_redis(tmp_path)
     yield url
     proc.kill(); proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    "Small tensors: one torch thread avoids OpenMP oversubscription on a shared 2-core machine; restored afterwards."
+    import torch
+    old = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -18,12 +18,7 @@ from rapo_nb.state import StateBank
 CFG = load_config("quick", device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    "Small tensors: one torch thread avoids OpenMP oversubscription on a shared 2-core machine; restored afterwards."
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 kinds = st.sampled_from(TOPOLOGIES)
 sizes = st.integers(2, 60)
 seeds = st.integers(0, 10_000)

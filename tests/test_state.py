@@ -12,12 +12,7 @@ from rapo_nb.state import (HashedTextEncoder, NonFiniteUpdate, SlidingWindowCont
 CFG = load_config("quick", device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    "Small tensors: one torch thread avoids OpenMP oversubscription on a shared 2-core machine; restored afterwards."
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_encoder_shapes_and_norms():
