@@ -65,6 +65,9 @@ class ConsensusConfig:
     rewire_p: float = cf(0.1, "ours", 0.0, 1.0, "small-world rewiring probability")
     rollback_rule: str = cf("progress", "§3.5 ('converge within 10 iterations'; our reading)", doc="progress: an iteration converges when its update shrank; settle: the literal reading", choices=("progress", "settle"))
     trust_scope: str = cf("global", "§3.3 (‖c − c_t‖ ≤ 0.1‖c_t‖; our reading)", doc="trust region over the whole bank or per agent", choices=("global", "agent"))
+    entropy_weight: float = cf(0.1, "§3.3 V_i (λ_i unspecified; our reading)", 0.0, 1e6, "λ_i: weight of the entropy regulariser H(p_i(c)) in V_i")
+    entropy_actions: int = cf(16, "§3.3 V_i (p_i unspecified; our reading)", 2, 1 << 16, "actions of the policy p_i(c) = softmax(P_i·A / T) whose entropy V_i rewards")
+    entropy_temperature: float = cf(1.0, "§3.3 V_i (our reading)", 1e-6, 1e6, "T: softmax temperature of p_i(c)")
 
 # %% ../nbs/00_config.ipynb #eb0d095e
 @dataclass
