@@ -16,10 +16,8 @@ from .synthetic import (Turn, RESPONSE_GRAMMAR, TASK_SPECIALIST, derive, depth_b
                                entities_in, turn_passes, check_expected, Uniforms)
 
 # %% auto #0
-__all__ = ['OUTCOMES', 'SUMMARY_MAX_WORDS', 'CONTEXT_POLICIES', 'SKILL_LEVELS', 'SKILL_NOISE', 'LATENCY_BASE_S',
-           'LATENCY_PER_TOKEN_S', 'LATENCY_PER_CONTEXT_TOKEN_S', 'LATENCY_SIGMA', 'TIMEOUT_S', 'FAILURE_KINDS',
-           'FACTS_PER_RESPONSE', 'SYSTEM_PROMPT', 'AgentResponse', 'Agent', 'full_history', 'last_k', 'summary',
-           'handover', 'make_true_skill', 'service_time', 'turn_focus', 'thread_facts', 'thread_topic',
+__all__ = ['OUTCOMES', 'CONTEXT_POLICIES', 'FAILURE_KINDS', 'SYSTEM_PROMPT', 'AgentResponse', 'Agent', 'full_history', 'last_k',
+           'summary', 'handover', 'make_true_skill', 'service_time', 'turn_focus', 'thread_facts', 'thread_topic',
            'compose_response', 'SimulatedAgentPool', 'SimulatedAgent', 'drop_facts_from', 'run_policy', 'LLMError',
            'LLMTimeout', 'LLMConnectionError', 'LLMBadResponse', 'LLMHTTPError', 'OpenAIChatAgent']
 
@@ -47,8 +45,6 @@ class Agent(Protocol):
     async def arespond(self, history: list[str], context: str, turn: Turn) -> AgentResponse: ...
 
 # %% ../nbs/06_agents.ipynb #11e3c89d
-SUMMARY_MAX_WORDS = 80  # ours: default length of the summary policy (paper gives none)
-
 def full_history(history: Sequence[str]) -> str:
     "Context policy: the whole history, one utterance per line."
     return "\n".join(history)
@@ -58,8 +54,9 @@ def last_k(history: Sequence[str], k: int) -> str:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0: raise ValueError(f"k: expected an integer ≥ 0, got {k!r}")
     return "\n".join(list(history)[len(history) - k:]) if k else ""
 
-def summary(history: Sequence[str], max_words: int = SUMMARY_MAX_WORDS) -> str:
-    "Context policy: facts stated so far, then the most recent utterances, within `max_words` words."
+def summary(history: Sequence[str], max_words: int | None = None) -> str:
+    "Context policy: facts stated so far, then the most recent utterances, within `max_words` words (default: the config's)."
+    if max_words is None: max_words = load_config().runtime.summary_max_words
     if isinstance(max_words, bool) or not isinstance(max_words, (int, np.integer)) or max_words < 1:
         raise ValueError(f"max_words: expected an integer ≥ 1, got {max_words!r}")
     facts = extract_facts("\n".join(history))
@@ -73,43 +70,35 @@ def summary(history: Sequence[str], max_words: int = SUMMARY_MAX_WORDS) -> str:
 
 CONTEXT_POLICIES = {"full": full_history, "last_k": last_k, "summary": summary}
 
-def handover(policy: str, history: Sequence[str], k: int = 8, max_words: int = SUMMARY_MAX_WORDS) -> str:
-    "Apply the named context policy ('full', 'last_k', 'summary')."
+def handover(policy: str, history: Sequence[str], k: int | None = None, max_words: int | None = None) -> str:
+    "Apply the named context policy ('full', 'last_k', 'summary'); k defaults to cfg.state.context_window."
+    if k is None and policy == "last_k": k = load_config().state.context_window
     if policy == "full": return full_history(history)
     if policy == "last_k": return last_k(history, k)
     if policy == "summary": return summary(history, max_words)
     raise ValueError(f"policy: {policy!r} is not one of {list(CONTEXT_POLICIES)}")
 
 # %% ../nbs/06_agents.ipynb #f0a112f9
-# rows: agent specialty, cols: specialist that owns the task; both in SPECIALISTS order (grammar, knowledge, reasoning, general)
-SKILL_LEVELS = np.array([[0.92, 0.50, 0.50, 0.70],
-                         [0.50, 0.92, 0.50, 0.70],
-                         [0.50, 0.50, 0.92, 0.70],
-                         [0.60, 0.60, 0.60, 0.85]])  # ours: simulated skills (paper gives none)
-SKILL_NOISE = 0.04  # ours: sd of per-agent modality and per-(agent, task) skill offsets
-
-def make_true_skill(specialty: np.ndarray, n_tasks: int, n_modalities: int, rng: np.random.Generator) -> np.ndarray:
-    "Hidden skill [N, m, l] in [0, 1] from specialties, SKILL_LEVELS and Gaussian offsets."
+def make_true_skill(specialty: np.ndarray, n_tasks: int, n_modalities: int, rng: np.random.Generator,
+                    cfg: Config | None = None) -> np.ndarray:
+    "Hidden skill [N, m, l] in [0, 1] from specialties, cfg.simulation.skill_levels and Gaussian offsets."
+    sim = (cfg or load_config()).simulation
+    levels = np.asarray(sim.skill_levels)   # rows: agent specialty, cols: specialist owning the task (SPECIALISTS order)
     owner = np.array([SPECIALISTS.index(TASK_SPECIALIST[t % len(TASK_SPECIALIST)]) for t in range(n_tasks)])
-    base = SKILL_LEVELS[np.asarray(specialty)][:, owner]                       # [N, m]
+    base = levels[np.asarray(specialty)][:, owner]                              # [N, m]
     n = len(specialty)
-    skill = base[:, :, None] + rng.normal(0, SKILL_NOISE, (n, 1, n_modalities)) + rng.normal(0, SKILL_NOISE, (n, n_tasks, 1))
-    return np.clip(skill, 0.02, 0.99)
+    skill = base[:, :, None] + rng.normal(0, sim.skill_noise, (n, 1, n_modalities)) + rng.normal(0, sim.skill_noise, (n, n_tasks, 1))
+    return np.clip(skill, *sim.skill_range)
 
 # %% ../nbs/06_agents.ipynb #b6e3c087
-LATENCY_BASE_S = 0.004          # ours: fixed cost per simulated call (s)
-LATENCY_PER_TOKEN_S = 0.0003    # ours: per generated token (s)
-LATENCY_PER_CONTEXT_TOKEN_S = 0.00001  # ours: per context token read (s)
-LATENCY_SIGMA = 0.25            # ours: lognormal noise of service time
-TIMEOUT_S = 1.0                 # ours: simulated time an agent burns before a timeout is declared
 FAILURE_KINDS = ("error", "timeout", "crash")
 
-def service_time(n_out: np.ndarray, n_ctx: np.ndarray, speed: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    "Simulated service time (s) from output and context token counts, agent speed and a lognormal noise draw."
-    return (LATENCY_BASE_S + LATENCY_PER_TOKEN_S * np.asarray(n_out) + LATENCY_PER_CONTEXT_TOKEN_S * np.asarray(n_ctx)) * speed * noise
+def service_time(n_out: np.ndarray, n_ctx: np.ndarray, speed: np.ndarray, noise: np.ndarray, cfg: Config | None = None) -> np.ndarray:
+    "Simulated service time (s) from output and context token counts, agent speed and a lognormal noise draw (cfg.simulation's model)."
+    sim = (cfg or load_config()).simulation
+    return (sim.latency_base_s + sim.latency_per_token_s * np.asarray(n_out) + sim.latency_per_context_token_s * np.asarray(n_ctx)) * speed * noise
 
 # %% ../nbs/06_agents.ipynb #f7ba7694
-FACTS_PER_RESPONSE = 8  # ours: most recent facts restated in an ordinary (non-conclusion) response (sets how similar consecutive responses are)
 _RESP_BOUNDS = depth_bounds(RESPONSE_GRAMMAR)
 _FOCUS_RE = re.compile(r"Focus: ([^.]*)\.")
 
@@ -119,11 +108,12 @@ def turn_focus(turn: Turn) -> list[str]:
     if m: return entities_in(m.group(1))
     return [] if turn.fsm_state in ("greeting", "conclusion") else entities_in(turn.text)
 
-def thread_facts(turn: Turn, context: str, focus: list[str]) -> list[str]:
-    "Facts a response restates: all for the conclusion, else the FACTS_PER_RESPONSE most recent plus those about the focus."
+def thread_facts(turn: Turn, context: str, focus: list[str], cfg: Config | None = None) -> list[str]:
+    "Facts a response restates: all for the conclusion, else the cfg.simulation.facts_per_response most recent plus those about the focus."
     facts = extract_facts(context + "\n" + turn.text)
     if turn.fsm_state == "conclusion": return facts
-    recent = set(facts[-FACTS_PER_RESPONSE:])
+    k = (cfg or load_config()).simulation.facts_per_response
+    recent = set(facts[-k:]) if k else set()
     return [f for f in facts if f in recent or any(f.startswith(e + " ") or f.endswith(" " + e) for e in focus)]
 
 _TOPIC_RE = re.compile(r"Topic: ([^.]*)\.")
@@ -133,11 +123,12 @@ def thread_topic(turn: Turn, context: str) -> list[str]:
     m = _TOPIC_RE.search(context) or _FOCUS_RE.search(context) or _TOPIC_RE.search(turn.text) or _FOCUS_RE.search(turn.text)
     return entities_in(m.group(1)) if m else []
 
-def compose_response(turn: Turn, context: str, u: Uniforms, ok: bool) -> str:
+def compose_response(turn: Turn, context: str, u: Uniforms, ok: bool, cfg: Config | None = None) -> str:
     "Response text from the response grammar: focus entities, topic and facts found in `context` (and the turn) fill the slots."
+    cfg = cfg or load_config()
     focus = turn_focus(turn)
     topic = thread_topic(turn, context)
-    thread = thread_facts(turn, context, focus)
+    thread = thread_facts(turn, context, focus, cfg)
     if not ok:  # the agent keeps the thread but cannot answer: it restates what does not touch the focus, and asks
         fs = set(focus)
         topic = [e for e in topic if e not in fs]
@@ -148,15 +139,16 @@ def compose_response(turn: Turn, context: str, u: Uniforms, ok: bool) -> str:
         fb = RESPONSE_GRAMMAR["FALLBACK"]; return fb[u.pick(len(fb))][0].replace("{FACTS}", facts)
     branch = RESPONSE_GRAMMAR["RESP"][turn.modality % len(RESPONSE_GRAMMAR["RESP"])][0]
     toks: list[str] = []
-    derive(RESPONSE_GRAMMAR, branch, 2, u, _RESP_BOUNDS, toks)
+    derive(RESPONSE_GRAMMAR, branch, 2, u, _RESP_BOUNDS, toks, cfg.synthetic.side_slack)
     return " ".join(toks).replace("{FOCUS}", " and ".join(focus) or "your request").replace("{FACTS}", facts)
 
 class SimulatedAgentPool:
     "N simulated agents (specialties, hidden true skill, speeds) answering turns; every response is labelled simulated."
     simulated = True
     def __init__(self, n_agents: int, cfg: Config | None = None, seed: int = 0, failure_rate: float = 0.0,
-                 failure_mix: Sequence[float] = (1 / 3, 1 / 3, 1 / 3), timeout_s: float = TIMEOUT_S):
+                 failure_mix: Sequence[float] = (1 / 3, 1 / 3, 1 / 3), timeout_s: float | None = None):
         cfg = cfg or load_config("full")
+        if timeout_s is None: timeout_s = cfg.simulation.timeout_s
         if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
             raise ValueError(f"n_agents: expected an integer ≥ 1, got {n_agents!r}")
         if not 0.0 <= failure_rate <= 1.0: raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate!r}")
@@ -168,8 +160,8 @@ class SimulatedAgentPool:
         self.n, self.cfg, self.seed = int(n_agents), cfg, seed
         self.failure_rate, self.failure_mix, self.timeout_s = float(failure_rate), mix, float(timeout_s)
         self.specialty = rng.permutation(np.arange(self.n) % len(SPECIALISTS))
-        self.true_skill = make_true_skill(self.specialty, cfg.state.n_tasks, cfg.state.n_modalities, rng)
-        self.speed = rng.uniform(0.8, 1.25, self.n)
+        self.true_skill = make_true_skill(self.specialty, cfg.state.n_tasks, cfg.state.n_modalities, rng, cfg)
+        self.speed = rng.uniform(*cfg.simulation.speed_range, self.n)
 
     def specialty_name(self, agent: int) -> str: return SPECIALISTS[int(self.specialty[agent])]
 
@@ -184,14 +176,14 @@ class SimulatedAgentPool:
         if not 0 <= turn.task < self.true_skill.shape[1]: raise ValueError(f"turn.task: {turn.task} not in [0, {self.true_skill.shape[1]})")
         if not 0 <= turn.modality < self.true_skill.shape[2]: raise ValueError(f"turn.modality: {turn.modality} not in [0, {self.true_skill.shape[2]})")
         draws = rng.random(3)  # failure?, failure kind, success?
-        noise = float(rng.lognormal(0.0, LATENCY_SIGMA))
+        noise = float(rng.lognormal(0.0, self.cfg.simulation.latency_sigma))
         if draws[0] < self.failure_rate:
             kind = FAILURE_KINDS[int(np.searchsorted(np.cumsum(self.failure_mix), draws[1], side="right").clip(0, 2))]
-            lat = self.timeout_s if kind == "timeout" else float(service_time(0, 0, self.speed[agent], noise))
+            lat = self.timeout_s if kind == "timeout" else float(service_time(0, 0, self.speed[agent], noise, self.cfg))
             return AgentResponse("", lat, kind, False, True, error=f"simulated {kind} (injected, rate {self.failure_rate})")
         ok = bool(draws[2] < self.true_skill[agent, turn.task, turn.modality])
-        text = compose_response(turn, context, Uniforms(rng, 16), ok)
-        lat = float(service_time(len(text.split()), len(context.split()), self.speed[agent], noise))
+        text = compose_response(turn, context, Uniforms(rng, 16), ok, self.cfg)
+        lat = float(service_time(len(text.split()), len(context.split()), self.speed[agent], noise, self.cfg))
         return AgentResponse(text, lat, "ok", ok, True)
 
     def agent(self, i: int, seed: int | None = None) -> "SimulatedAgent":
@@ -219,9 +211,10 @@ def drop_facts_from(context: str, p: float, rng: np.random.Generator) -> str:
     return context
 
 def run_policy(conversations: list, pool: SimulatedAgentPool, policy: str, seed: int = 0, k: int = 2,
-               max_words: int = SUMMARY_MAX_WORDS, drop: float = 0.0) -> "pd.DataFrame":
+               max_words: int | None = None, drop: float = 0.0) -> "pd.DataFrame":
     "Oracle-routed simulated run under one context policy (facts dropped with prob. `drop`): one row per handoff."
     import pandas as pd
+    if max_words is None: max_words = pool.cfg.runtime.summary_max_words
     rows = []
     for c in conversations:
         rng = np.random.default_rng([seed, int(c.id.rsplit("c", 1)[-1])])

@@ -15,10 +15,11 @@ import torch
 
 # %% auto #0
 __all__ = ['FSM_STATES', 'TASK_TYPES', 'SPECIALISTS', 'GROUPS', 'PROFILES', 'PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_MEMORY_LAW_GB',
-           'PAPER_TABLE3', 'PAPER_CLAIMS', 'SEED003_CLAIMS', 'cf', 'StateConfig', 'ConsensusConfig', 'RoutingConfig',
-           'RuntimeConfig', 'TrainingConfig', 'SyntheticConfig', 'EvaluationConfig', 'ScalingConfig', 'WorkflowConfig',
-           'Config', 'validate', 'load_config', 'constants_table', 'seed_everything', 'get_device', 'project_root',
-           'figures_dir', 'results_dir', 'save_table', 'save_figure']
+           'PAPER_TABLE3', 'PAPER_TABLE3_CI', 'PAPER_TABLE3_P', 'PAPER_CLAIMS', 'SEED003_CLAIMS', 'cf', 'StateConfig',
+           'ConsensusConfig', 'RoutingConfig', 'RuntimeConfig', 'TrainingConfig', 'SyntheticConfig', 'EvaluationConfig',
+           'ScalingConfig', 'WorkflowConfig', 'SimulationConfig', 'Config', 'validate', 'load_config',
+           'constants_table', 'seed_everything', 'get_device', 'project_root', 'figures_dir', 'results_dir',
+           'save_table', 'save_figure']
 
 # %% ../nbs/00_config.ipynb #8edb064f
 def cf(default: Any, section: str, lo: float | None = None, hi: float | None = None, doc: str = "", **kw) -> Any:
@@ -67,7 +68,7 @@ class ConsensusConfig:
     trust_scope: str = cf("global", "§3.3 (‖c − c_t‖ ≤ 0.1‖c_t‖; our reading)", doc="trust region over the whole bank or per agent", choices=("global", "agent"))
     entropy_weight: float = cf(0.1, "§3.3 V_i (λ_i unspecified; our reading)", 0.0, 1e6, "λ_i: weight of the entropy regulariser H(p_i(c)) in V_i")
     entropy_actions: int = cf(16, "§3.3 V_i (p_i unspecified; our reading)", 2, 1 << 16, "actions of the policy p_i(c) = softmax(P_i·A / T) whose entropy V_i rewards")
-    entropy_temperature: float = cf(1.0, "§3.3 V_i (our reading)", 1e-6, 1e6, "T: softmax temperature of p_i(c)")
+    entropy_temperature: float = cf(0.05, "§3.3 V_i (our reading)", 1e-6, 1e6, "T: softmax temperature of p_i(c) (logits P_i·a_k with unit-norm a_k; prompt rows have norm ~0.35)")
 
 # %% ../nbs/00_config.ipynb #eb0d095e
 @dataclass
@@ -93,11 +94,13 @@ class RuntimeConfig:
     redis_url: str = cf("redis://127.0.0.1:6379/0", "§4.1", doc="Redis URL when store='redis'")
     redis_timeout_s: float = cf(2.0, "ours", 0.0, 600.0, "connect timeout before a clear error")
     metrics_port: int = cf(0, "§4.3", 0, 65535, "Prometheus HTTP port (0: metrics not served)")
+    summary_max_words: int = cf(80, "ours (no summariser specified)", 1, 10**6, "words of the extractive summary context policy handed over at a handoff")
+    rerank_k: int = cf(3, "ours (§4.2 model in routing; our reading)", 1, 10**6, "candidates re-ranked by a transition model when one is given")
 
 # %% ../nbs/00_config.ipynb #bf734293
 @dataclass
 class TrainingConfig:
-    "The learned state-transition model (§4.2)."
+    "The learned state-transition model (§4.2) and the training of the context module C_i (§3.2)."
     hidden: tuple = cf((256, 128), "§4.2", 1, 1 << 20, "hidden layer widths of the transition MLP")
     buffer_size: int = cf(10_000, "§4.2", 1, 10**9, "replay buffer capacity")
     batch_size: int = cf(32, "§4.2", 1, 10**6, "mini-batch size")
@@ -105,8 +108,19 @@ class TrainingConfig:
     grad_clip: float = cf(5.0, "§4.2", 0.0, 1e6, "gradient-norm clip")
     mc_trajectories: int = cf(10, "§4.2", 1, 10**6, "Monte Carlo trajectories for P(s'|s,a)")
     coherence_lambda: float = cf(0.5, "§4.2 (λ unspecified; our reading)", 0.0, 1e6, "λ in R = r_task + λ·r_coherence")
-    steps_per_phase: tuple = cf((300, 300, 300), "§4.2 (scaled by profile)", 0, 10**9, "steps of the three training phases")
+    steps_per_phase: tuple = cf((2000, 2000, 2000), "§4.2 (scaled by profile; 72 h in the paper)", 0, 10**9, "steps of the three training phases (08_training: 300 per phase left the model near the trivial predictor)")
     time_budget_s: float = cf(60.0, "ours", 0.0, 1e7, "wall-time ceiling for one training run")
+    prompt_embed_dim: int = cf(16, "ours (§4.6 'prompt embedding training' gives no size)", 1, 65536, "width of the transition model's learned projection of P_a")
+    heldout_fraction: float = cf(0.2, "ours (§5.1 gives no split)", 0.0, 0.99, "share of conversations held out to evaluate the learned models")
+    eval_every: int = cf(20, "ours", 1, 10**9, "training steps between two held-out evaluations")
+    train_threads: int = cf(1, "ours", 0, 1024, "torch intra-op threads while collecting/training on CPU (0: leave torch's setting)")
+    context_steps: int = cf(1000, "ours (§3.2 'learned projection'; no training given)", 0, 10**9, "InfoNCE steps of the sliding-window context module")
+    context_batch_size: int = cf(32, "ours", 2, 10**6, "conversations per InfoNCE batch (one window/next-turn pair each; the others are negatives)")
+    context_lr: float = cf(1e-3, "ours", 1e-12, 1.0, "Adam learning rate of the context module")
+    context_temperature: float = cf(0.1, "ours", 1e-4, 100.0, "τ: InfoNCE softmax temperature")
+    context_horizon: int = cf(1, "ours", 1, 1000, "the target is the turn this many turns after the window (1: the next turn)")
+    context_eval_candidates: int = cf(32, "ours", 2, 10**6, "candidates per held-out retrieval query (the true turn + turns of other conversations)")
+    context_eval_rounds: int = cf(20, "ours", 1, 10**6, "rounds of held-out retrieval (one query per held-out conversation per round)")
 
 # %% ../nbs/00_config.ipynb #84565f3b
 FSM_STATES = ("greeting", "query_formulation", "information_exchange", "clarification", "conclusion")
@@ -129,6 +143,11 @@ class SyntheticConfig:
     entity_trigger: int = cf(20, "§5.1", 0, 10**6, "entities > this → knowledge specialist")
     inference_trigger: int = cf(4, "§5.1", 0, 1000, "inference length > this → reasoning specialist")
     task_type_probs: tuple = cf((0.40, 0.35, 0.25), "§5.1", 0.0, 1.0, "task-type probabilities, in TASK_TYPES order; sum to 1")
+    length_dispersion: float = cf(2.0, "ours (§5.1 gives no length distribution)", 1e-6, 1e6, "negative-binomial shape of the middle-turn count")
+    turn_pass_fraction: float = cf(0.8, "ours (§5.2 gives no rule)", 0.0, 1.0, "share of checked turns whose response must mention the focus")
+    side_slack: int = cf(2, "ours (readable sentences)", 0, 1000, "side branches of a derivation get at most this many levels above their minimum depth")
+    share_tolerance_se: float = cf(4.0, "ours (verdict tolerance)", 0.0, 100.0, "a realised share matches §5.1 within this many standard errors")
+    fsm_share_slack: float = cf(0.02, "ours (verdict tolerance)", 0.0, 1.0, "added to the FSM-share tolerance (turns of a conversation are not independent)")
 
 # %% ../nbs/00_config.ipynb #86dab72c
 @dataclass
@@ -142,6 +161,10 @@ class EvaluationConfig:
     bootstrap_resamples: int = cf(10_000, "§5.5", 1, 10**8, "bootstrap resamples for CIs")
     seeds: tuple = cf((0, 1, 2, 3, 4), "ours", 0, 2**31 - 1, "seeds of repeated runs")
     n_agents: int = cf(12, "§5.1 (agent count unspecified; our reading)", 1, 10**7, "agents in the evaluation pool")
+    share_tolerance: float = cf(0.05, "ours (verdict tolerance)", 0.0, 1.0, "a measured share (coordination overhead) is reproduced within ± this of the paper's")
+    failure_share_tolerance: float = cf(0.10, "ours (verdict tolerance)", 0.0, 1.0, "the context-loss share of failures is reproduced within ± this of the paper's")
+    d_tolerance: float = cf(0.2, "ours (verdict tolerance)", 0.0, 100.0, "Cohen's d is reproduced within ± this of the paper's")
+    moderate_d_range: tuple = cf((0.3, 0.8), "§5.5 ('d ≈ 0.5'; our reading)", -100.0, 100.0, "a moderate effect: every d inside this range")
 
 # %% ../nbs/00_config.ipynb #a048b903
 @dataclass
@@ -150,14 +173,54 @@ class ScalingConfig:
     agent_counts: tuple = cf((10, 50, 100, 500, 1000, 10_000, 100_000, 1_000_000), "§5.4 (+ ours past 1000)", 1, 10**9, "agent counts measured")
     success_max_agents: int = cf(1000, "ours", 1, 10**9, "largest count where conversations are run for success rate")
     repeats: int = cf(5, "ours", 1, 10**6, "repeats per timing (median reported)")
+    active_share: float = cf(0.1, "ours (§4.5 gives no occupancy)", 0.0, 1.0, "share of agents inside a conversation at one moment (what lazy agents materialise)")
 
 # %% ../nbs/00_config.ipynb #fedf62b4
 @dataclass
 class WorkflowConfig:
-    "Planner/Executor/Monitor workflows (seed 003) and the goal service (seed 004)."
+    "Planner/Executor/Monitor workflows (seed 003), their simulated world, and the goal service (seed 004)."
     n_workflows: int = cf(300, "seed 003 (count unspecified; our reading)", 1, 10**7, "workflows per domain and failure rate")
     failure_rates: tuple = cf((0.0, 0.1, 0.2, 0.3), "seed 003 (rates unspecified; our reading)", 0.0, 1.0, "injected failure rates")
     max_retries: int = cf(3, "seed 003 (our reading)", 0, 1000, "retries of the rule-based orchestrator")
+    max_items: int = cf(4, "ours (seed 003 gives no workload)", 1, 1000, "most items (parallel chains of stages) a goal names")
+    skill_specialist: tuple = cf((0.90, 0.99), "ours (seed 003 gives no agent quality)", 0.0, 1.0, "hidden success probability of an executor on its own domain: uniform in [lo, hi]", shape=(2,), ordered=True)
+    skill_other: tuple = cf((0.55, 0.85), "ours (seed 003 gives no agent quality)", 0.0, 1.0, "hidden success probability on other domains: uniform in [lo, hi]", shape=(2,), ordered=True)
+    failure_mix: tuple = cf((0.5, 0.3, 0.2), "ours (seed 003 gives no failure mix)", 0.0, 1.0, "injected failure kinds (transient, crash, bad_output); sum to 1", shape=(3,))
+    checker_recall: float = cf(0.9, "ours", 0.0, 1.0, "chance that a checker catches a bad output")
+    p_clarify: float = cf(0.3, "ours", 0.0, 1.0, "chance an executor asks a peer of the same workflow level and waits")
+    plan_s: float = cf(1.0, "ours", 0.0, 1e6, "planner time per subtask (simulated s)")
+    msg_s: float = cf(0.05, "ours", 0.0, 1e6, "one inter-agent message (simulated s)")
+    check_s: float = cf(0.5, "ours", 0.0, 1e6, "checker time per subtask output (simulated s)")
+    heartbeat_s: float = cf(1.0, "ours", 0.0, 1e6, "monitor period, the deadlock-detection delay (simulated s)")
+    arbiter_s: float = cf(1.0, "ours", 0.0, 1e6, "arbiter answering a request itself (simulated s)")
+    timeout_factor: float = cf(3.0, "ours", 0.0, 1e6, "timeout = factor × nominal service time (crash / deadlock detection)")
+    service_sigma: float = cf(0.3, "ours", 0.0, 10.0, "log-normal spread of simulated service times")
+    wave_size: int = cf(10, "ours", 1, 10**6, "workflows submitted together (they share the executors)")
+    claim_tolerance: float = cf(0.05, "ours (verdict tolerance)", 0.0, 1.0, "|ours − seed 003| within this counts as reproduced for rates and shares")
+
+# %% ../nbs/00_config.ipynb #b2c4d6e8
+@dataclass
+class SimulationConfig:
+    "The simulated agents and world of notebooks 06–07 (ours; the paper's agents are LLMs)."
+    skill_levels: tuple = cf(((0.92, 0.50, 0.50, 0.70),
+                              (0.50, 0.92, 0.50, 0.70),
+                              (0.50, 0.50, 0.92, 0.70),
+                              (0.60, 0.60, 0.60, 0.85)), "ours (paper gives no agent skills)", 0.0, 1.0,
+                             "mean hidden skill; rows: agent specialty, columns: specialist owning the task (SPECIALISTS order)",
+                             shape=(len(SPECIALISTS), len(SPECIALISTS)))
+    skill_noise: float = cf(0.04, "ours", 0.0, 1.0, "sd of the per-agent modality and per-(agent, task) skill offsets")
+    skill_range: tuple = cf((0.02, 0.99), "ours", 0.0, 1.0, "hidden skill clipped to this range")
+    speed_range: tuple = cf((0.8, 1.25), "ours", 1e-6, 1e6, "hidden per-agent speed factor of service time, uniform in this range")
+    latency_base_s: float = cf(0.004, "ours (paper gives no service-time model)", 0.0, 1e3, "fixed cost per simulated call (s)")
+    latency_per_token_s: float = cf(0.0003, "ours (paper gives no service-time model)", 0.0, 1e3, "per generated token (s)")
+    latency_per_context_token_s: float = cf(0.00001, "ours (paper gives no service-time model)", 0.0, 1e3, "per context token read (s)")
+    latency_sigma: float = cf(0.25, "ours", 0.0, 10.0, "lognormal noise of service time")
+    timeout_s: float = cf(1.0, "ours", 0.0, 1e6, "simulated time an agent burns before a timeout is declared (s)")
+    facts_per_response: int = cf(8, "ours", 0, 10**6, "most recent facts restated in an ordinary (non-conclusion) response")
+    reception_floor: float = cf(0.5, "ours (simulated world)", 0.0, 1.0, "fact survival probability at a handoff between orthogonal prompts")
+    arrivals_per_agent_s: float = cf(0.25, "ours (simulated world)", 1e-9, 1e9, "Poisson conversation arrivals per agent per simulated second")
+    agent_restart_s: float = cf(5.0, "ours (simulated world)", 0.0, 1e9, "a crashed agent process is back after this many simulated seconds")
+    low_skill: float = cf(0.5, "ours", 0.0, 1.0, "true skill below which a routing decision counts as an agent-selection error")
 
 # %% ../nbs/00_config.ipynb #f1ec5f80
 @dataclass
@@ -175,19 +238,21 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     workflows: WorkflowConfig = field(default_factory=WorkflowConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_dict(self) -> dict:
         "Plain-dict view (JSON-serialisable) for checkpoints and reports."
         return json.loads(json.dumps(asdict(self)))
 
-GROUPS = ("state", "consensus", "routing", "runtime", "training", "synthetic", "evaluation", "scaling", "workflows")
+GROUPS = ("state", "consensus", "routing", "runtime", "training", "synthetic", "evaluation", "scaling", "workflows", "simulation")
 
 # %% ../nbs/00_config.ipynb #af2d9088
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {},
     "quick": {
         "synthetic.n_conversations": 200,
-        "training.steps_per_phase": (60, 60, 60),
+        "training.steps_per_phase": (1000, 1000, 1000),
+        "training.context_steps": 200,
         "training.time_budget_s": 60.0,
         "evaluation.seeds": (0, 1, 2),
         "evaluation.bootstrap_resamples": 2000,
@@ -216,17 +281,21 @@ PAPER_TABLE3 = {  # §5.5 Table 3: RAPO vs each baseline (task success): mean di
     "sequential": dict(mean_diff=0.17, cohens_d=1.42), "ampo_rr": dict(mean_diff=0.11, cohens_d=0.98),
     "p4_ll": dict(mean_diff=0.08, cohens_d=0.85), "yao_sim": dict(mean_diff=0.06, cohens_d=0.73),
 }
+PAPER_TABLE3_CI = {  # §5.5 Table 3: 95 % CI of each mean difference
+    "sequential": (0.15, 0.19), "ampo_rr": (0.09, 0.13), "p4_ll": (0.06, 0.10), "yao_sim": (0.04, 0.08)}
+PAPER_TABLE3_P = "<0.001"  # §5.5 Table 3: p of every comparison
 PAPER_CLAIMS = {  # §5–6 discussion claims
     "context_loss_share_of_failures": 0.68, "phase_transition_handoffs": 7, "degradation_beyond_transitions": 10,
     "factual_preservation": 0.96, "semantic_preservation": 0.71, "coordination_overhead_before": 0.68,
     "coordination_overhead_after": 0.31, "best_agent_prob_small": 0.94, "best_agent_prob_500": 0.61,
     "memory_saving_fraction": 0.40, "quartile_gain_transitions": (5, 8), "quartile_loss_beyond": 15,
+    "response_time_d_above": 0.8, "context_score_d": 0.5,   # §5.5: large effect on response time, moderate on context
 }
 SEED003_CLAIMS = dict(completion_multi_agent=0.91, completion_rule_based=0.79, completion_single_agent=0.84,
                       failures_recovered=0.87, planning_latency_change=-0.30)  # seed 003 (workflow orchestration)
 
 # %% ../nbs/00_config.ipynb #3ea91f3b
-_SUM_TO_ONE = ("routing.load_weights", "synthetic.fsm_probs", "synthetic.task_type_probs")
+_SUM_TO_ONE = ("routing.load_weights", "synthetic.fsm_probs", "synthetic.task_type_probs", "workflows.failure_mix")
 
 def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
     "Check one field's type and range; return the (possibly widened) value."
@@ -244,13 +313,17 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
         items = [value]
     elif isinstance(default, tuple):
         if not isinstance(value, (tuple, list)): raise ValueError(f"{name}: expected a sequence, got {value!r}")
-        value = tuple(value)
+        value = tuple(tuple(v) if isinstance(v, (tuple, list)) else v for v in value)
         if len(default) in (2, 3) and name.endswith(("_range", "load_weights", "probs")) and len(value) != len(default):
             raise ValueError(f"{name}: expected {len(default)} values, got {len(value)}")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        shape = m.get("shape")
+        if shape is not None and (len(value) != shape[0] or any(isinstance(v, tuple) != (len(shape) == 2) or
+                                                                (len(shape) == 2 and len(v) != shape[1]) for v in value)):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {value!r}")
+        items = [x for v in value for x in (v if isinstance(v, tuple) else (v,))]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
             raise ValueError(f"{name}: expected numbers, got {value!r}")
-        items = list(value)
-        if name.endswith("_range") and value[0] > value[1]:
+        if (name.endswith("_range") or m.get("ordered")) and value[0] > value[1]:
             raise ValueError(f"{name}: lower bound {value[0]} exceeds upper bound {value[1]}")
     elif isinstance(default, str):
         if not isinstance(value, str): raise ValueError(f"{name}: expected a string, got {value!r}")

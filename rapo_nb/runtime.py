@@ -24,11 +24,10 @@ from .state import StateBank, HashedTextEncoder, SlidingWindowContext
 from .consensus import make_topology, ConsensusEngine
 from .routing import make_router, AgentLoad, replacement_for, NoAgentAvailable, load_factor
 from .synthetic import Turn, check_expected, generate_conversations
-from .agents import SimulatedAgentPool, full_history, last_k, summary, SUMMARY_MAX_WORDS
+from .agents import SimulatedAgentPool, full_history, last_k, summary
 
 # %% auto #0
-__all__ = ['ARRAY_MAGIC', 'CKPT_MAGIC', 'log', 'GROUP', 'TASK_FIELDS', 'RESULT_FIELDS', 'OUTCOMES', 'ORCH_GROUP',
-           'RECEPTION_FLOOR', 'ARRIVALS_PER_AGENT_S', 'AGENT_RESTART_S', 'LOW_SKILL', 'RERANK_K', 'SYSTEMS',
+__all__ = ['ARRAY_MAGIC', 'CKPT_MAGIC', 'log', 'GROUP', 'TASK_FIELDS', 'RESULT_FIELDS', 'OUTCOMES', 'ORCH_GROUP', 'SYSTEMS',
            'ABLATIONS', 'FAILURE_TYPES', 'TURN_COLUMNS', 'CONV_COLUMNS', 'encode_array', 'decode_array',
            'VersionConflict', 'StoreUnavailable', 'StateStore', 'MemoryStateStore', 'redis_address', 'connect_redis',
            'RedisStateStore', 'CorruptCheckpoint', 'checkpoint_paths', 'save_checkpoint', 'read_checkpoint',
@@ -487,12 +486,6 @@ class RedisDispatcher:
         return tasks
 
 # %% ../nbs/07_runtime.ipynb #d57fb2a1
-RECEPTION_FLOOR = 0.5      # ours (simulated world): fact survival probability at a handoff between orthogonal prompts
-ARRIVALS_PER_AGENT_S = 0.25  # ours (simulated world): Poisson conversation arrivals per agent per simulated second
-AGENT_RESTART_S = 5.0      # ours (simulated world): a crashed agent process is back after this many simulated seconds
-LOW_SKILL = 0.5            # ours: true skill below which a routing decision counts as an agent-selection error
-RERANK_K = 3               # ours: candidates re-ranked by a transition model when one is given
-
 @dataclass(frozen=True)
 class SystemSpec:
     "How a compared system coordinates: router, handoff context policy, consensus, prompt style, state hand-over."
@@ -525,14 +518,15 @@ def handed_context(history: list[str], policy: str, cfg: Config) -> str:
     "The text a policy hands to the receiving agent (agents' context policies)."
     if policy == "last_turn": return last_k(history, 1)
     if policy == "last_k": return last_k(history, cfg.state.context_window)
-    if policy == "summary": return summary(history, SUMMARY_MAX_WORDS)
+    if policy == "summary": return summary(history, cfg.runtime.summary_max_words)
     if policy == "full_history": return full_history(history[-cfg.state.history_turns:])
     raise ValueError(f"context_policy: {policy!r} is not one of ['last_turn', 'last_k', 'summary', 'full_history']")
 
-def reception_probability(P: torch.Tensor, out_agent: int, in_agent: int) -> float:
-    "q = floor + (1 − floor)·max(0, cos(P_out, P_in)) — the simulated fact-survival probability at a handoff."
+def reception_probability(P: torch.Tensor, out_agent: int, in_agent: int, cfg: Config | None = None) -> float:
+    "q = floor + (1 − floor)·max(0, cos(P_out, P_in)) — the simulated fact-survival probability at a handoff (floor: cfg.simulation.reception_floor)."
+    floor = (cfg or load_config()).simulation.reception_floor
     c = torch.nn.functional.cosine_similarity(P[out_agent].float(), P[in_agent].float(), dim=0).item()
-    return RECEPTION_FLOOR + (1.0 - RECEPTION_FLOOR) * max(0.0, c)
+    return floor + (1.0 - floor) * max(0.0, c)
 
 def drop_facts(context: str, facts: list[str], keep: np.ndarray) -> tuple[str, list[str]]:
     "Remove the facts with keep=False from `context`; return (new context, facts that were present and dropped)."
@@ -556,10 +550,11 @@ class Orchestrator:
     def __init__(self, cfg: Config, system: str = "rapo", seed: int = 0, n_agents: int | None = None, ablation: dict | None = None,
                  transition_model=None, store: StateStore | None = None, metrics: RuntimeMetrics | None = None,
                  checkpoint_dir: str | Path | None = None, device: str | torch.device | None = "cpu", pool=None, failure_rate: float = 0.0,
-                 arrivals_per_agent_s: float = ARRIVALS_PER_AGENT_S, update_context: bool = False):
+                 arrivals_per_agent_s: float | None = None, update_context: bool = False):
         if system not in SYSTEMS: raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
         n = cfg.evaluation.n_agents if n_agents is None else n_agents
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2: raise ValueError(f"n_agents: expected an integer ≥ 2, got {n_agents!r}")
+        if arrivals_per_agent_s is None: arrivals_per_agent_s = cfg.simulation.arrivals_per_agent_s
         if transition_model is not None and not hasattr(transition_model, "predict_reward"):
             raise ValueError("transition_model: expected an object with .predict_reward(bank, agent_ids, task, modality)")
         if not (isinstance(arrivals_per_agent_s, (int, float)) and arrivals_per_agent_s > 0): raise ValueError(f"arrivals_per_agent_s: expected > 0, got {arrivals_per_agent_s!r}")
@@ -695,11 +690,11 @@ class Orchestrator:
         return served
 
     def _rerank(self, task, mod, load, picked):
-        "Top-RERANK_K agents by capability × (1 − load) re-ranked by the transition model's predicted reward."
+        "Top cfg.runtime.rerank_k agents by capability × (1 − load) re-ranked by the transition model's predicted reward."
         L = load_factor(load.active, load.pending, load.utilisation, self.cfg.routing)
         score = self.bank.M.float()[:, task, mod].T * (1 - L)[None, :]
         score = score.masked_fill(~load.alive[None, :], -float("inf"))
-        k = min(RERANK_K, int(load.alive.sum()))
+        k = min(self.cfg.runtime.rerank_k, int(load.alive.sum()))
         cand = score.topk(k, dim=1).indices
         with torch.no_grad(): r = self.transition_model.predict_reward(self.bank, cand, task, mod)
         return cand.gather(1, r.argmax(1, keepdim=True)).squeeze(1)
@@ -740,8 +735,8 @@ class Orchestrator:
         return self.env.now
 
     def _restart(self, agent: int):
-        "A crashed agent process comes back after AGENT_RESTART_S simulated seconds."
-        yield self.env.timeout(AGENT_RESTART_S)
+        "A crashed agent process comes back after cfg.simulation.agent_restart_s simulated seconds."
+        yield self.env.timeout(self.cfg.simulation.agent_restart_s)
         self.alive[agent] = True
 
     def _conversation(self, conv, arrival: float):
@@ -754,6 +749,7 @@ class Orchestrator:
         agent, last_response = -1, ""
         resource_fail = lost_any = low_skill = False
         first_fail_shift = None
+        floor, low = cfg.simulation.reception_floor, cfg.simulation.low_skill
         for k, turn in enumerate(conv.turns):
             rec = dict(system=spec.name, seed=self.seed, conv_id=conv.id, turn=k, fsm_state=turn.fsm_state, agent=-1,
                        specialist=turn.specialist, handoff=False, prev_agent=-1, prev_response="", response="", context_given="",
@@ -768,7 +764,7 @@ class Orchestrator:
                 if agent >= 0 and target != agent:                                                     # handoff
                     said = "\n".join(history)
                     ctx = handed_context(history, spec.context_policy, cfg)
-                    q = RECEPTION_FLOOR + (1.0 - RECEPTION_FLOOR) * max(0.0, float(self._Pn[agent] @ self._Pn[target]))
+                    q = floor + (1.0 - floor) * max(0.0, float(self._Pn[agent] @ self._Pn[target]))
                     keep = rng.random(len(facts)) < q
                     ctx, _ = drop_facts(ctx, facts, keep)
                     known = [f for f in facts if f and f in said]
@@ -790,7 +786,7 @@ class Orchestrator:
                 self.resources[target].release(req)
                 rec.update(agent=target, response=r.text, context_given=context, outcome=r.outcome, clarification=bool(r.outcome == "ok" and not r.success))
                 self.absorb.append((target, int(turn.task), int(turn.modality), float(bool(r.success) and r.outcome == "ok"), rec))
-                low_skill |= bool(self.pool.true_skill[target, turn.task, turn.modality] < LOW_SKILL)
+                low_skill |= bool(self.pool.true_skill[target, turn.task, turn.modality] < low)
                 if rec["handoff"] and rec["prev_agent"] >= 0: self.exchanges.append((rec["prev_agent"], target, float(bool(r.success) and r.outcome == "ok")))
                 agent = target
                 text, success = r.text, bool(r.success) and r.outcome == "ok"

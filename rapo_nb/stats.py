@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pingouin as pg
-from .config import load_config, results_dir, save_table, save_figure, Config, PAPER_TABLE3, PAPER_CLAIMS
+from .config import load_config, results_dir, save_table, save_figure, Config, PAPER_TABLE3, PAPER_TABLE3_CI, PAPER_TABLE3_P, PAPER_CLAIMS
 
 # %% auto #0
-__all__ = ['SYSTEMS', 'BASELINES', 'PAPER_NAMES', 'PAPER_TABLE3_CI', 'PAPER_TABLE3_P', 'PAPER_BANDS', 'PAPER_BAND_LABELS',
-           'STANDALONE_SIZES', 'welch_test', 'bonferroni', 'cohens_d', 'binary_d_bound', 'bootstrap_ci',
-           'bootstrap_coverage', 'compare_systems', 'table3', 'transition_groups', 'gains_by_transitions',
-           'load_eval_conversations', 'per_seed_table']
+__all__ = ['SYSTEMS', 'BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'welch_test',
+           'bonferroni', 'cohens_d', 'binary_d_bound', 'bootstrap_ci', 'bootstrap_coverage', 'compare_systems',
+           'table3', 'transition_groups', 'gains_by_transitions', 'load_eval_conversations', 'per_seed_table']
 
 # %% ../nbs/10_statistics.ipynb #05519a0f
 def _sample(x, name: str, min_n: int = 2) -> np.ndarray:
@@ -100,9 +99,6 @@ def bootstrap_coverage(n_trials: int, n: int, n_resamples: int, seed: int = 0, c
 SYSTEMS = ("sequential", "ampo_rr", "p4_ll", "yao_sim", "rapo")
 BASELINES = SYSTEMS[:4]
 PAPER_NAMES = {"sequential": "Baseline", "ampo_rr": "[12] AMPO", "p4_ll": "[14] P4", "yao_sim": "[13] Yao et al.", "rapo": "Our model"}
-# Table 3's 95 % CIs and p-values (§5.5), not yet in config.PAPER_TABLE3; shown beside ours, never used as ours.
-PAPER_TABLE3_CI = {"sequential": (0.15, 0.19), "ampo_rr": (0.09, 0.13), "p4_ll": (0.06, 0.10), "yao_sim": (0.04, 0.08)}
-PAPER_TABLE3_P = "<0.001"
 
 def compare_systems(df: pd.DataFrame, metric: str, cfg: Config, ours: str = "rapo", baselines=BASELINES,
                     n_resamples: int | None = None, seed: int = 0) -> pd.DataFrame:

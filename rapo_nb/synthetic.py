@@ -15,14 +15,13 @@ from .config import Config, load_config, FSM_STATES, TASK_TYPES, SPECIALISTS
 
 # %% auto #0
 __all__ = ['QUERY_GRAMMAR', 'QUERY_STARTS', 'MODALITY_NAMES', 'QUERY_MODALITY', 'TRIGGER_GRAMMAR', 'TRIGGER_BRANCH',
-           'TRIGGER_PHRASES', 'RESPONSE_GRAMMAR', 'INF', 'SIDE_SLACK', 'ENTITY_VOCAB', 'RELATION_VERBS', 'TASK_NAMES',
-           'TASK_SPECIALIST', 'TASK_TABLE', 'DIALOGUE_TASK', 'LENGTH_DISPERSION', 'TURN_PASS_FRACTION', 'GREETINGS',
-           'CONCLUSIONS', 'SCHEMA_VERSION', 'trigger_specialist', 'n_productions', 'depth_bounds', 'Uniforms', 'derive',
-           'tree_depth', 'tree_text', 'tree_rule', 'extract_facts', 'entities_in', 'Turn', 'Conversation', 'fsm_plan',
-           'required_specialist', 'handoff_positions', 'turn_passes', 'check_expected', 'generate_conversation',
-           'generate_conversations', 'SchemaError', 'JsonlError', 'LoadedConversations', 'conversation_from_dict',
-           'conversation_to_json', 'save_jsonl', 'load_jsonl', 'jsonl_sha256', 'conversations_frame', 'turns_frame',
-           'dataset_card']
+           'TRIGGER_PHRASES', 'RESPONSE_GRAMMAR', 'INF', 'ENTITY_VOCAB', 'RELATION_VERBS', 'TASK_NAMES',
+           'TASK_SPECIALIST', 'TASK_TABLE', 'DIALOGUE_TASK', 'GREETINGS', 'CONCLUSIONS', 'SCHEMA_VERSION',
+           'trigger_specialist', 'n_productions', 'depth_bounds', 'Uniforms', 'derive', 'tree_depth', 'tree_text',
+           'tree_rule', 'extract_facts', 'entities_in', 'Turn', 'Conversation', 'fsm_plan', 'required_specialist',
+           'handoff_positions', 'turn_passes', 'check_expected', 'generate_conversation', 'generate_conversations',
+           'SchemaError', 'JsonlError', 'LoadedConversations', 'conversation_from_dict', 'conversation_to_json',
+           'save_jsonl', 'load_jsonl', 'jsonl_sha256', 'conversations_frame', 'turns_frame', 'dataset_card']
 
 # %% ../nbs/05_synthetic.ipynb #e46bfffd
 QUERY_GRAMMAR: dict[str, list[tuple[str, ...]]] = {
@@ -121,11 +120,10 @@ class Uniforms:
         return min(int(self() * n), n - 1)
 
 _OPTIONS: dict = {}
-SIDE_SLACK = 2  # ours: side branches (not carrying the depth) get at most 2 levels above their minimum, keeping sentences readable
 
-def _options(grammar: dict, bounds: dict, symbol: str, depth: int) -> list:
+def _options(grammar: dict, bounds: dict, symbol: str, depth: int, side_slack: int) -> list:
     "Productions of `symbol` that can give exactly `depth`, with their depth-carrying children and child depth ranges (cached)."
-    key = (id(grammar), symbol, depth)
+    key = (id(grammar), symbol, depth, side_slack)
     if key not in _OPTIONS:
         opts = []
         for p in grammar[symbol]:
@@ -133,20 +131,21 @@ def _options(grammar: dict, bounds: dict, symbol: str, depth: int) -> list:
             ok = (not nts) if depth == 1 else (bool(nts) and all(bounds[p[i]][0] <= depth - 1 for i in nts)
                                                 and any(bounds[p[i]][1] >= depth - 1 for i in nts))
             if ok: opts.append((p, [i for i in nts if bounds[p[i]][1] >= depth - 1],
-                                {i: (bounds[p[i]][0], min(bounds[p[i]][1], depth - 1, bounds[p[i]][0] + SIDE_SLACK)) for i in nts}))
+                                {i: (bounds[p[i]][0], min(bounds[p[i]][1], depth - 1, bounds[p[i]][0] + side_slack)) for i in nts}))
         _OPTIONS[key] = opts
     return _OPTIONS[key]
 
 def derive(grammar: dict, symbol: str, depth: int, rng: np.random.Generator | Uniforms, bounds: dict | None = None,
-           tokens: list | None = None) -> tuple:
+           tokens: list | None = None, side_slack: int | None = None) -> tuple:
     "A random derivation tree (symbol, children...) of `symbol` with depth exactly `depth`; terminals appended to `tokens`."
     bounds = bounds or depth_bounds(grammar)
+    if side_slack is None: side_slack = load_config().synthetic.side_slack   # callers with a Config pass cfg.synthetic.side_slack
     lo, hi = bounds[symbol]
     if not lo <= depth <= hi: raise ValueError(f"depth: {symbol} cannot derive depth {depth} (allowed {lo}..{hi})")
     u = rng if isinstance(rng, Uniforms) else Uniforms(rng)
     out = tokens if tokens is not None else []
     def go(sym: str, d: int) -> tuple:
-        opts = _options(grammar, bounds, sym, d)
+        opts = _options(grammar, bounds, sym, d, side_slack)
         p, carriers, ranges = opts[u.pick(len(opts))]
         if not ranges: out.extend(p); return (sym, *p)
         carry = carriers[u.pick(len(carriers))]
@@ -236,8 +235,6 @@ class Conversation:
     def n_handoffs(self) -> int: return len(self.handoff_turns)
 
 # %% ../nbs/05_synthetic.ipynb #83943382
-LENGTH_DISPERSION = 2.0  # ours (§5.1 gives no length distribution): negative-binomial shape of the middle-turn count
-
 def fsm_plan(cfg: Config) -> dict:
     "Mean turns T, middle-state transition row (query, exchange, clarification) and extra-turn mean from the §5.1 shares."
     p = dict(zip(FSM_STATES, cfg.synthetic.fsm_probs))
@@ -267,8 +264,6 @@ def handoff_positions(specialists: list[str]) -> list[int]:
     return [i for i in range(1, len(specialists)) if specialists[i] != specialists[i - 1]]
 
 # %% ../nbs/05_synthetic.ipynb #32088cec
-TURN_PASS_FRACTION = 0.8  # ours (§5.2 gives no rule): share of checked turns whose response must mention the focus
-
 def _norm(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
 
@@ -317,7 +312,7 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
     R = int(rng.integers(s.relation_range[0], s.relation_range[1] + 1))
     I = int(rng.integers(s.inference_range[0], s.inference_range[1] + 1))
     # FSM: greeting, seed query, middle Markov chain, conclusion
-    r = LENGTH_DISPERSION; extra = int(rng.negative_binomial(r, r / (r + plan["extra_mean"])))
+    r = s.length_dispersion; extra = int(rng.negative_binomial(r, r / (r + plan["extra_mean"])))
     middle = rng.choice(3, size=extra, p=plan["middle_row"])
     states = ["greeting", "query_formulation"] + [("query_formulation", "information_exchange", "clarification")[k] for k in middle] + ["conclusion"]
     n = len(states)
@@ -374,7 +369,7 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
         else:
             focus = seed_focus if t == 1 else pick_focus()
             toks: list[str] = []
-            tree = derive(QUERY_GRAMMAR, start, depth[t], u, _BOUNDS, toks)
+            tree = derive(QUERY_GRAMMAR, start, depth[t], u, _BOUNDS, toks, s.side_slack)
             mod = QUERY_MODALITY[start][tree_rule(tree, QUERY_GRAMMAR)] % l
             task = TASK_TABLE[task_type][specs[t]] % m
             stated = ""
@@ -386,7 +381,7 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
         if st in ("query_formulation", "information_exchange", "clarification"): checked.append(t)
         turns.append(Turn(t, st, "user", trig + text, specs[t], int(task), int(mod)))
         focus_all.append(list(focus)); prev_focus, prev_task, prev_mod = focus, task, mod
-    expected = dict(turn_focus=focus_all, checked_turns=checked, min_turn_pass=TURN_PASS_FRACTION, final_facts=list(facts),
+    expected = dict(turn_focus=focus_all, checked_turns=checked, min_turn_pass=s.turn_pass_fraction, final_facts=list(facts),
                     answer=chain[-1], turn_depth=depth, turn_entities=ent, turn_inference=inf)
     return Conversation(f"s{seed}-c{i:06d}", int(seed), task_type, D, E, R, I, turns, handoffs, list(facts), expected)
 

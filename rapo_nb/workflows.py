@@ -7,21 +7,21 @@ Docs: https://rapo-nb.github.io/rapo_nb/workflows.html.md"""
 # %% ../nbs/12_workflows.ipynb #0f913fe0
 from __future__ import annotations
 import math, re, zlib
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, fields
 from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from .config import Config, load_config, save_table, save_figure, SEED003_CLAIMS
+from .config import Config, WorkflowConfig, load_config, save_table, save_figure, SEED003_CLAIMS
 from .state import StateBank
 from .routing import AgentLoad, NoAgentAvailable, make_router
 
 # %% auto #0
-__all__ = ['DOMAINS', 'STAGES', 'MAX_ITEMS', 'FAILURE_KINDS', 'SYSTEMS', 'PAPER_COMPLETION', 'CLAIM_TOLERANCE', 'Subtask',
-           'WorkflowPlan', 'UnplannableGoal', 'detect_domain', 'plan_goal', 'generate_goals', 'WorkflowBatch',
-           'plans_to_batch', 'transitive_closure', 'find_deadlocks', 'break_deadlocks', 'SimParams', 'make_true_skill',
-           'ExecutorPool', 'queue_rank', 'capability_replacement', 'route', 'simulate_wave', 'run_workflows',
-           'workflow_metrics', 'metrics_table', 'execute_subtask', 'step_rng', 'check_results', 'workflow_claims']
+__all__ = ['DOMAINS', 'STAGES', 'FAILURE_KINDS', 'SYSTEMS', 'PAPER_COMPLETION', 'Subtask', 'WorkflowPlan', 'UnplannableGoal',
+           'detect_domain', 'plan_goal', 'generate_goals', 'WorkflowBatch', 'plans_to_batch', 'transitive_closure',
+           'find_deadlocks', 'break_deadlocks', 'SimParams', 'make_true_skill', 'ExecutorPool', 'queue_rank',
+           'capability_replacement', 'route', 'simulate_wave', 'run_workflows', 'workflow_metrics', 'metrics_table',
+           'execute_subtask', 'step_rng', 'check_results', 'workflow_claims']
 
 # %% ../nbs/12_workflows.ipynb #806612b1
 DOMAINS: dict[str, dict] = {
@@ -42,7 +42,6 @@ DOMAINS: dict[str, dict] = {
                      template="Send the robot to the {items} stations: navigate there, pick up the parts and report status."),
 }
 STAGES = 3
-MAX_ITEMS = 4  # ours: at most 4 items (parallel chains) per goal
 
 @dataclass
 class Subtask:
@@ -91,12 +90,13 @@ def detect_domain(goal: str) -> str:
                               f"{ {d: list(s['keywords'][:3]) for d, s in DOMAINS.items()} }")
     return best
 
-def plan_goal(goal: str) -> WorkflowPlan:
-    "Planner: decompose `goal` into one chain build→test→deploy (etc.) per named item, ≤ MAX_ITEMS items."
+def plan_goal(goal: str, max_items: int | None = None) -> WorkflowPlan:
+    "Planner: decompose `goal` into one chain build→test→deploy (etc.) per named item, ≤ `max_items` (default cfg.workflows.max_items)."
+    if max_items is None: max_items = load_config().workflows.max_items
     domain = detect_domain(goal)
     spec, text = DOMAINS[domain], goal.lower()
     found = sorted((m.start(), it) for it in spec["items"] for m in [re.search(rf"\b{re.escape(it)}\b", text)] if m)
-    items = [it for _, it in found][:MAX_ITEMS]
+    items = [it for _, it in found][:max_items]
     if not items:
         raise UnplannableGoal(f"goal: a {domain} goal must name at least one of {list(spec['items'])}")
     rng = np.random.default_rng(zlib.crc32(goal.encode()))
@@ -107,14 +107,15 @@ def plan_goal(goal: str) -> WorkflowPlan:
             subtasks.append(Subtask(f"{it}/{stage}", stage, it, s, task, int(rng.choice(mods)), deps))
     return WorkflowPlan(goal, domain, items, subtasks)
 
-def generate_goals(domain: str, n: int, seed: int = 0) -> list[str]:
-    "`n` synthetic goals of `domain`, each naming 1..MAX_ITEMS distinct items (simulated workload)."
+def generate_goals(domain: str, n: int, seed: int = 0, max_items: int | None = None) -> list[str]:
+    "`n` synthetic goals of `domain`, each naming 1..`max_items` (default cfg.workflows.max_items) distinct items (simulated workload)."
+    if max_items is None: max_items = load_config().workflows.max_items
     if domain not in DOMAINS: raise ValueError(f"domain: {domain!r} is not one of {list(DOMAINS)}")
     if n < 0: raise ValueError(f"n: expected >= 0, got {n}")
     rng, spec = np.random.default_rng(seed), DOMAINS[domain]
     goals = []
     for _ in range(n):
-        k = int(rng.integers(1, MAX_ITEMS + 1))
+        k = int(rng.integers(1, max_items + 1))
         names = list(rng.choice(spec["items"], size=k, replace=False))
         goals.append(spec["template"].format(items=", ".join(names[:-1]) + (" and " if k > 1 else "") + names[-1]))
     return goals
@@ -136,13 +137,19 @@ class WorkflowBatch:
         "Rows `sl` of the batch."
         return WorkflowBatch(self.domain, self.goals[sl], self.items_mask[sl], self.task[sl], self.modality[sl], self.service_s[sl])
 
-def plans_to_batch(plans: list[WorkflowPlan], seed: int = 0, service_sigma: float = 0.3) -> WorkflowBatch:
-    "Stack plans of one domain into a `WorkflowBatch`; service times ~ nominal·LogNormal(0, `service_sigma`)."
+def plans_to_batch(plans: list[WorkflowPlan], seed: int = 0, service_sigma: float | None = None,
+                   max_items: int | None = None) -> WorkflowBatch:
+    "Stack plans of one domain into a `WorkflowBatch` [B, max_items, S]; service times ~ nominal·LogNormal(0, `service_sigma`) (defaults: cfg.workflows)."
+    if service_sigma is None or max_items is None:
+        wf = load_config().workflows
+        service_sigma = wf.service_sigma if service_sigma is None else service_sigma
+        max_items = wf.max_items if max_items is None else max_items
     if not plans: raise ValueError("plans: expected at least one plan")
     domains = {p.domain for p in plans}
     if len(domains) != 1: raise ValueError(f"plans: expected one domain per batch, got {sorted(domains)}")
     domain = plans[0].domain; B = len(plans)
-    mask = np.zeros((B, MAX_ITEMS), bool); task = np.zeros((B, MAX_ITEMS, STAGES), np.int64); mod = np.zeros_like(task)
+    if max(len(p.items) for p in plans) > max_items: raise ValueError(f"plans: a plan names more than max_items = {max_items} items")
+    mask = np.zeros((B, max_items), bool); task = np.zeros((B, max_items, STAGES), np.int64); mod = np.zeros_like(task)
     for b, p in enumerate(plans):
         for t in p.subtasks:
             i = p.items.index(t.item); mask[b, i] = True; task[b, i, t.stage] = t.task; mod[b, i, t.stage] = t.modality
@@ -185,22 +192,29 @@ def break_deadlocks(wait_for: torch.Tensor, priority: torch.Tensor) -> tuple[tor
 # %% ../nbs/12_workflows.ipynb #43700de0
 FAILURE_KINDS = ("transient", "crash", "bad_output")
 
+_WF = WorkflowConfig()   # the config's defaults (the fields' meanings and sections are there)
+
 @dataclass
 class SimParams:
-    "Constants of the simulated workflow world (ours; seed 003 gives none). Times in simulated seconds."
-    skill_specialist: tuple = (0.90, 0.99)   # hidden success probability on the executor's own domain
-    skill_other: tuple = (0.55, 0.85)        # ... on other domains
-    failure_mix: tuple = (0.5, 0.3, 0.2)     # injected failure kinds, in FAILURE_KINDS order
-    checker_recall: float = 0.9              # chance that a checker catches a bad output
-    p_clarify: float = 0.3                   # chance an executor asks a peer of the same workflow level and waits
-    plan_s: float = 1.0                      # planner time per subtask
-    msg_s: float = 0.05                      # one inter-agent message
-    check_s: float = 0.5                     # checker time per subtask output
-    heartbeat_s: float = 1.0                 # monitor period (deadlock detection delay)
-    arbiter_s: float = 1.0                   # arbiter answering a request itself
-    timeout_factor: float = 3.0              # timeout = factor × nominal service time (crash / deadlock detection)
-    service_sigma: float = 0.3               # log-normal spread of service times
-    wave_size: int = 10                      # workflows submitted together (share the executors)
+    "The simulated workflow world, a view of cfg.workflows' simulation fields (ours; seed 003 gives none). Times in simulated seconds."
+    skill_specialist: tuple = _WF.skill_specialist   # hidden success probability on the executor's own domain
+    skill_other: tuple = _WF.skill_other             # ... on other domains
+    failure_mix: tuple = _WF.failure_mix             # injected failure kinds, in FAILURE_KINDS order
+    checker_recall: float = _WF.checker_recall       # chance that a checker catches a bad output
+    p_clarify: float = _WF.p_clarify                 # chance an executor asks a peer of the same workflow level and waits
+    plan_s: float = _WF.plan_s                       # planner time per subtask
+    msg_s: float = _WF.msg_s                         # one inter-agent message
+    check_s: float = _WF.check_s                     # checker time per subtask output
+    heartbeat_s: float = _WF.heartbeat_s             # monitor period (deadlock detection delay)
+    arbiter_s: float = _WF.arbiter_s                 # arbiter answering a request itself
+    timeout_factor: float = _WF.timeout_factor       # timeout = factor × nominal service time (crash / deadlock detection)
+    service_sigma: float = _WF.service_sigma         # log-normal spread of service times
+    wave_size: int = _WF.wave_size                   # workflows submitted together (share the executors)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "SimParams":
+        "The simulation fields of `cfg.workflows`."
+        return cls(**{f.name: getattr(cfg.workflows, f.name) for f in fields(cls)})
 
     def __post_init__(self):
         for name in ("skill_specialist", "skill_other"):
@@ -214,7 +228,7 @@ class SimParams:
 
 def make_true_skill(n_agents: int, cfg: Config, seed: int = 0, params: SimParams | None = None) -> tuple[np.ndarray, np.ndarray]:
     "Hidden skill [N, m, l] (simulated) and each executor's specialty domain index [N] (round-robin over DOMAINS)."
-    params = params or SimParams()
+    params = params or SimParams.from_config(cfg)
     m, l = cfg.state.n_tasks, cfg.state.n_modalities
     if m < 10: raise ValueError(f"state.n_tasks: the workflow domains use task rows 0..9, need >= 10, got {m}")
     if n_agents < 1: raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
@@ -324,7 +338,7 @@ def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure
     "Run one wave of workflows under `system` (simulated); per-workflow arrays of outcome, times and counts."
     if system not in SYSTEMS: raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
     if not 0 <= failure_rate <= 1: raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
-    params, cfg = params or SimParams(), pool.cfg
+    params, cfg = params or SimParams.from_config(pool.cfg), pool.cfg
     B, I, S = batch.task.shape
     N, R, cmax = pool.n, cfg.workflows.max_retries, max(1, int(cfg.routing.c_max))
     multi, single, checker = system.startswith("multi_agent"), system == "single_agent", system != "rule_based"
@@ -417,11 +431,11 @@ def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure
 def run_workflows(cfg: Config, seed: int = 0, systems: tuple = SYSTEMS, params: SimParams | None = None,
                   router: Any = "rapo", progress: bool = False) -> pd.DataFrame:
     "Every system × failure rate × domain on the same simulated goals; one row per workflow."
-    params = params or SimParams()
+    params = params or SimParams.from_config(cfg)
     bad = [s for s in systems if s not in SYSTEMS]
     if bad: raise ValueError(f"systems: {bad} not in {list(SYSTEMS)}")
-    n = cfg.workflows.n_workflows
-    batches = {d: plans_to_batch([plan_goal(g) for g in generate_goals(d, n, seed + 101 * k)], seed + 101 * k, params.service_sigma)
+    n, mi = cfg.workflows.n_workflows, cfg.workflows.max_items
+    batches = {d: plans_to_batch([plan_goal(g, mi) for g in generate_goals(d, n, seed + 101 * k, mi)], seed + 101 * k, params.service_sigma, mi)
                for k, d in enumerate(DOMAINS)}
     jobs = [(ri, rate, system) for ri, rate in enumerate(cfg.workflows.failure_rates) for system in systems]
     if progress:
@@ -470,7 +484,7 @@ def metrics_table(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS) -> pd.Da
 def execute_subtask(pool: ExecutorPool, task: int, modality: int, nominal_s: float, failure_rate: float,
                     rng: np.random.Generator, params: SimParams | None = None) -> dict:
     "Executor + Monitor for one subtask (simulated): route, run, check, re-route on failure; a JSON-able record."
-    params = params or SimParams()
+    params = params or SimParams.from_config(pool.cfg)
     if not 0 <= failure_rate <= 1: raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
     excluded, log, t = np.zeros((1, pool.n), bool), [], 0.0
     for attempt in range(pool.cfg.workflows.max_retries + 1):
@@ -508,10 +522,9 @@ def check_results(plan: WorkflowPlan, steps: dict) -> dict:
                 simulated_s=round(sum(steps[k]["simulated_s"] for k in steps), 3))
 
 # %% ../nbs/12_workflows.ipynb #9fb9f584
-CLAIM_TOLERANCE = 0.05   # ours: |ours − paper| within this counts as reproduced for rates and shares
-
-def workflow_claims(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS, tol: float = CLAIM_TOLERANCE) -> pd.DataFrame:
-    "Seed 003's claims beside our simulated numbers, with a verdict computed from them."
+def workflow_claims(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS, tol: float | None = None) -> pd.DataFrame:
+    "Seed 003's claims beside our simulated numbers, with a verdict computed from them (|ours − paper| ≤ `tol`, default cfg.workflows.claim_tolerance)."
+    if tol is None: tol = load_config().workflows.claim_tolerance
     o = overall.set_index("system")
     def close(p, x): return "reproduced" if abs(p - x) <= tol else "differs"
     rows = []

@@ -328,3 +328,19 @@ def test_failed_answer_keeps_thread_but_not_focus(pool, convs):
     assert focus and not any(e in bad.split() for e in focus)
     good = A.compose_response(t, A.full_history(hist), u, ok=True)
     assert all(e in good for e in focus)
+
+
+def test_simulated_world_comes_from_the_config():
+    "Skill levels, noise, clip range, latency model and timeout are read from cfg.simulation."
+    flat = load_config("full", simulation__skill_levels=((0.5,) * 4,) * 4, simulation__skill_noise=0.0)
+    assert np.allclose(A.SimulatedAgentPool(6, flat, seed=0).true_skill, 0.5)
+    clipped = load_config("full", simulation__skill_range=(0.3, 0.6))
+    ts = A.SimulatedAgentPool(6, clipped, seed=0).true_skill
+    assert ts.min() >= 0.3 and ts.max() <= 0.6
+    slow = load_config("full", simulation__latency_base_s=0.5, simulation__latency_per_token_s=0.0,
+                       simulation__latency_per_context_token_s=0.0, simulation__timeout_s=3.0)
+    assert A.service_time(100, 1000, 1.0, 1.0, slow) == pytest.approx(0.5)
+    assert A.service_time(0, 0, 1.0, 1.0) == pytest.approx(CFG.simulation.latency_base_s)
+    assert A.SimulatedAgentPool(3, slow).timeout_s == 3.0 and A.SimulatedAgentPool(3, CFG).timeout_s == CFG.simulation.timeout_s
+    hist = [f"Fact: {a} funds {b} ." for a, b in zip("Kakaran Lokaran Mikaran Zekaran".split(), "Tukaran Rakaran Vokaran Nikaran".split())]
+    assert A.summary(hist) == A.summary(hist, CFG.runtime.summary_max_words)

@@ -36,6 +36,15 @@ def test_profiles_change_sizes_not_constants():
     (dict(seed=-1), "seed"),
     (dict(nonsense=3), "nonsense"),
     (dict(state__nonsense=3), "state.nonsense"),
+    (dict(simulation__reception_floor=1.5), "simulation.reception_floor"),
+    (dict(simulation__skill_levels=((0.9, 0.5),) * 4), "simulation.skill_levels"),
+    (dict(simulation__speed_range=(1.25, 0.8)), "simulation.speed_range"),
+    (dict(workflows__failure_mix=(0.5, 0.5, 0.5)), "workflows.failure_mix"),
+    (dict(workflows__failure_mix=(0.5, 0.5)), "workflows.failure_mix"),
+    (dict(workflows__skill_other=(0.9, 0.5)), "workflows.skill_other"),
+    (dict(synthetic__side_slack=1.5), "synthetic.side_slack"),
+    (dict(evaluation__moderate_d_range=(0.8, 0.3)), "evaluation.moderate_d_range"),
+    (dict(runtime__rerank_k=0), "runtime.rerank_k"),
 ])
 def test_bad_values_name_the_field(kw, field):
     with pytest.raises(ValueError) as e: load_config("quick", **kw)
@@ -70,3 +79,17 @@ def test_seed_and_device(monkeypatch):
     import torch
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"): get_device("cuda")
+
+
+def test_simulated_world_is_config():
+    "The simulated world's constants are fields of their own group, listed in the constants table with a section."
+    c = load_config("full")
+    assert "simulation" in GROUPS and c.simulation.skill_levels[0] == (0.92, 0.50, 0.50, 0.70)
+    t = constants_table(c)
+    sim = t[t.group == "simulation"]
+    assert {"reception_floor", "skill_levels", "latency_sigma"} <= set(sim.field) and sim.section.str.startswith("ours").all()
+    # a matrix round-trips through JSON (lists) back to tuples
+    back = load_config("full", overrides={"simulation.skill_levels": json.loads(json.dumps(c.to_dict()["simulation"]["skill_levels"]))})
+    assert back.simulation == c.simulation
+    from rapo_nb.config import PAPER_TABLE3, PAPER_TABLE3_CI
+    assert set(PAPER_TABLE3_CI) == set(PAPER_TABLE3) and all(lo < PAPER_TABLE3[b]["mean_diff"] < hi for b, (lo, hi) in PAPER_TABLE3_CI.items())

@@ -95,6 +95,8 @@ def test_reception_depends_on_prompt_alignment():
     assert reception_probability(P, 0, 1) == pytest.approx(1.0)
     assert reception_probability(P, 0, 2) == pytest.approx(reception_probability(P, 0, 3))
     assert reception_probability(P, 0, 2) < 1.0
+    assert reception_probability(P, 0, 2) == pytest.approx(CFG.simulation.reception_floor)     # orthogonal prompts: the floor
+    assert reception_probability(P, 0, 2, load_config("quick", simulation__reception_floor=0.2)) == pytest.approx(0.2)
     ctx, lost = drop_facts("Fact: A funds B . Fact: C hosts D .", ["A funds B", "C hosts D"], np.array([True, False]))
     assert lost == ["C hosts D"] and "A funds B" in ctx and "C hosts D" not in ctx
 
@@ -212,3 +214,21 @@ def test_benchmark_function_at_tiny_size():
     bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
     row = bench.bench_orchestrator(CONVS[:6], "sequential", CFG)
     assert row["turns"] == sum(len(c.turns) for c in CONVS[:6]) and row["turns_per_s"] > 0 and row["coordination_us_per_turn"] > 0
+
+
+def test_orchestrator_reads_simulated_world_from_config():
+    "Arrival rate, restart time and the agent-selection threshold come from cfg.simulation; rerank_k from cfg.runtime."
+    o = Orchestrator(CFG, "rapo", 0)
+    assert o.arrivals_per_agent_s == CFG.simulation.arrivals_per_agent_s
+    fast = load_config("quick", simulation__arrivals_per_agent_s=4.0)
+    assert Orchestrator(fast, "rapo", 0).arrivals_per_agent_s == 4.0
+    assert Orchestrator(fast, "rapo", 0, arrivals_per_agent_s=1.0).arrivals_per_agent_s == 1.0
+    _, slow_c = run_conversations(CONVS[:8], "sequential", CFG, seed=0)
+    _, fast_c = run_conversations(CONVS[:8], "sequential", fast, seed=0)
+    assert fast_c.attrs["run"]["sim_time_s"] < slow_c.attrs["run"]["sim_time_s"]
+    # low_skill only relabels failures (routing is the same): 0 → no agent-selection failures; 1 → every skill is "low"
+    types = {ls: run_conversations(CONVS, "sequential", load_config("quick", simulation__low_skill=ls), seed=0)[1].failure_type
+             for ls in (0.0, 1.0)}
+    assert (types[0.0] == "agent_selection").sum() == 0 and (types[1.0] == "agent_selection").sum() > 0
+    assert set(types[1.0].dropna()) <= {"resource", "context_loss", "agent_selection"}
+    assert (types[0.0].isna() == types[1.0].isna()).all()

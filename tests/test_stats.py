@@ -103,6 +103,9 @@ def test_table3_against_scipy_and_paper_columns():
         assert row.mean_diff == pytest.approx(x.mean() - y.mean())
         assert row.p_bonferroni == pytest.approx(min(1.0, 4 * row.p))
     assert list(t["paper mean diff"]) == [0.17, 0.11, 0.08, 0.06]
+    from rapo_nb.config import PAPER_TABLE3_CI, PAPER_TABLE3_P      # the paper's CIs and p live in the config
+    assert list(t["paper 95% CI"]) == [f"[{PAPER_TABLE3_CI[b][0]:.2f}, {PAPER_TABLE3_CI[b][1]:.2f}]" for b in SYSTEMS[:4]]
+    assert list(t["paper 95% CI"])[0] == "[0.15, 0.19]" and (t["paper p"] == PAPER_TABLE3_P).all()
     assert bool(t.significant.iloc[0]) and t.mean_diff.iloc[0] > t.mean_diff.iloc[3]
     with pytest.raises(ValueError, match="context_score"): compare_systems(df, "context_score", cfg)
 

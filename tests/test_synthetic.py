@@ -219,3 +219,14 @@ def test_greeting_announces_topic(bench):
     "The greeting names the seed query's focus entities (the topic agents carry through the conversation)."
     for c in bench[:100]:
         assert f"Topic: {' and '.join(c.expected['turn_focus'][1])} ." in c.turns[0].text
+
+
+def test_generator_reads_its_constants_from_the_config():
+    "turn_pass_fraction, length_dispersion and side_slack are config fields that reach the generator."
+    base = load_config("full")
+    assert S.generate_conversations(1, 0, load_config("full", synthetic__turn_pass_fraction=0.5))[0].expected["min_turn_pass"] == 0.5
+    assert S.generate_conversations(1, 0, base)[0].expected["min_turn_pass"] == base.synthetic.turn_pass_fraction
+    turns = lambda cfg: np.array([c.n_turns for c in S.generate_conversations(300, 0, cfg)])
+    assert turns(load_config("full", synthetic__length_dispersion=1000.0)).var() < turns(base).var()
+    flat = S.generate_conversations(30, 0, load_config("full", synthetic__side_slack=0))
+    assert S.jsonl_sha256(flat) != S.jsonl_sha256(S.generate_conversations(30, 0, base))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 from rapo_nb.config import load_config, SEED003_CLAIMS
-from rapo_nb.workflows import (DOMAINS, MAX_ITEMS, STAGES, SYSTEMS, ExecutorPool, SimParams, UnplannableGoal, WorkflowPlan,
+from rapo_nb.workflows import (DOMAINS, STAGES, SYSTEMS, ExecutorPool, SimParams, UnplannableGoal, WorkflowPlan,
                                break_deadlocks, capability_replacement, check_results, execute_subtask, find_deadlocks,
                                generate_goals, metrics_table, plan_goal, plans_to_batch, queue_rank, route, run_workflows,
                                simulate_wave, workflow_claims, workflow_metrics)
@@ -54,7 +54,7 @@ def test_generated_goals_plan_back_to_their_domain():
         goals = generate_goals(d, 30, seed=3)
         assert goals == generate_goals(d, 30, seed=3)
         plans = [plan_goal(g) for g in goals]
-        assert all(p.domain == d and 1 <= len(p.items) <= MAX_ITEMS for p in plans)
+        assert all(p.domain == d and 1 <= len(p.items) <= CFG.workflows.max_items for p in plans)
         assert len({len(p.items) for p in plans}) > 1          # several complexities
     with pytest.raises(ValueError, match="domain"):
         generate_goals("cooking", 3)
@@ -62,7 +62,7 @@ def test_generated_goals_plan_back_to_their_domain():
 
 def test_plans_to_batch_layout():
     b = batch("robotics", 8)
-    assert b.task.shape == (8, MAX_ITEMS, STAGES) and len(b) == 8
+    assert b.task.shape == (8, CFG.workflows.max_items, STAGES) and len(b) == 8
     assert (b.task[b.items_mask] == np.array(DOMAINS["robotics"]["tasks"])).all()
     assert (b.service_s[~b.items_mask] == 0).all() and (b.service_s[b.items_mask] > 0).all()
     assert b.items_mask.sum(1).tolist() == [len(plan_goal(g).items) for g in b.goals]
@@ -260,3 +260,25 @@ def test_run_workflows_small_and_table_labels():
     assert all(c.endswith("(simulated)") or c.startswith("paper") or c in ("system", "n_workflows") for c in t.columns)
     with pytest.raises(ValueError, match="systems"):
         run_workflows(cfg, systems=("oracle",))
+
+
+def test_simulation_constants_are_config_fields():
+    "SimParams is a view of cfg.workflows; the planner's item cap and the claim tolerance are config fields too."
+    assert SimParams.from_config(CFG) == SimParams()
+    assert SimParams.from_config(load_config("quick", workflows__checker_recall=0.1)).checker_recall == 0.1
+    assert plan_goal("Deploy the api, auth and web services", max_items=1).items == ["api"]
+    goals = generate_goals("devops", 30, seed=0, max_items=2)
+    assert max(len(plan_goal(g).items) for g in goals) == 2
+    assert plans_to_batch([plan_goal(g) for g in goals], max_items=2).task.shape == (30, 2, STAGES)
+    with pytest.raises(ValueError, match="max_items"):
+        plans_to_batch([plan_goal(g) for g in generate_goals("devops", 30, seed=0)], max_items=1)
+    o = pd.DataFrame(dict(system=["multi_agent", "rule_based", "single_agent"], completion_rate=[0.98, 0.79, 0.84],
+                          error_recovery_efficiency=[0.87, 0.5, 0.7], planning_latency_s=[7.0, 0.0, 10.0]))
+    rate = lambda df: df.set_index("claim").loc["task completion rate, multi_agent", "verdict"]
+    assert rate(workflow_claims(o)) == "differs"                      # 0.98 vs 0.91: outside the default 0.05
+    assert rate(workflow_claims(o, tol=0.05)) == "differs" and rate(workflow_claims(o, tol=0.1)) == "reproduced"
+    # a simulated world with perfect executors and no clarifications completes everything without failures
+    perfect_cfg = load_config("quick", workflows__skill_specialist=(1.0, 1.0), workflows__skill_other=(1.0, 1.0),
+                              workflows__p_clarify=0.0, workflows__n_workflows=10, workflows__failure_rates=(0.0,))
+    df = run_workflows(perfect_cfg, 0, systems=("multi_agent",))
+    assert df.completed.all() and (df.failed_tasks == 0).all()
