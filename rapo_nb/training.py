@@ -1,4 +1,4 @@
-"""§4.2: a learned state-transition model — an MLP [input_dim, 256, 128, output_dim] trained from a replay buffer on Monte Carlo estimates of P(s'|s, a) and R = r_task + λ·r_coherence, in the paper's three phases.
+"""§4.2: a learned state-transition model — an MLP [input_dim, 256, 128, output_dim] trained from a replay buffer on Monte Carlo estimates of P(s'|s, a) and R = r_task + λ·r_coherence, in the paper's three phases; and §3.2's learned context projection C_i, trained by next-turn InfoNCE.
 
 Docs: https://rapo-nb.github.io/rapo_nb/training.html.md"""
 
@@ -15,23 +15,20 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from .config import Config, load_config, get_device, results_dir, save_figure, save_table
+from .config import Config, TrainingConfig, load_config, get_device, results_dir, save_figure, save_table
 from .state import StateBank
 
 # %% auto #0
-__all__ = ['PROMPT_EMBED_DIM', 'HELDOUT_FRACTION', 'EVAL_EVERY', 'TRAIN_THREADS', 'PHASES', 'PHASE_GROUPS', 'untrained_model',
-           'CHECKPOINT_MAGIC', 'SHAPE_FIELDS', 'feature_layout', 'state_dim', 'global_capability',
-           'transition_features', 'TransitionModel', 'model_from_config', 'ReplayBuffer', 'train_step',
-           'transition_errors', 'baseline_errors', 'torch_threads', 'train_phases', 'CheckpointError',
-           'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'task_reward', 'word_cosine', 'coherence_penalty',
-           'arrival_rank', 'TransitionData', 'heldout_mask', 'collect_transitions', 'train_transition_model']
+__all__ = ['PHASES', 'PHASE_GROUPS', 'untrained_model', 'CHECKPOINT_MAGIC', 'SHAPE_FIELDS', 'CONTEXT_CHECKPOINT_MAGIC',
+           'CONTEXT_MATCH_FIELDS', 'feature_layout', 'state_dim', 'global_capability', 'transition_features',
+           'TransitionModel', 'model_from_config', 'ReplayBuffer', 'train_step', 'transition_errors', 'baseline_errors',
+           'torch_threads', 'train_phases', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint',
+           'task_reward', 'word_cosine', 'coherence_penalty', 'arrival_rank', 'TransitionData', 'heldout_mask',
+           'collect_transitions', 'train_transition_model', 'ContextData', 'encode_conversations', 'sample_pairs',
+           'pair_embeddings', 'info_nce', 'retrieval_ranks', 'retrieval_queries', 'retrieval_metrics',
+           'train_context_module', 'save_context_module', 'load_context_module']
 
 # %% ../nbs/08_training.ipynb #42e3561d
-PROMPT_EMBED_DIM = 16   # ours (§4.6 "prompt embedding training" gives no size): width of the learned projection of P_a
-HELDOUT_FRACTION = 0.2  # ours (§5.1 gives no split): share of conversations held out for evaluating the model
-EVAL_EVERY = 20         # ours: training steps between two held-out evaluations
-TRAIN_THREADS = 1       # ours: torch intra-op threads while collecting/training on CPU (tiny tensors are fastest on one thread;
-                        # two threads contend badly on a busy 2-core machine). Restored afterwards.
 PHASES = ("prompt_embedding", "consensus", "joint")  # §4.6: the three training phases, in order
 PHASE_GROUPS = {"prompt_embedding": ("prompt_embedding", "mlp"), "consensus": ("consensus",),
                 "joint": ("prompt_embedding", "consensus", "mlp")}  # our reading of §4.6: parameter groups per phase
@@ -91,8 +88,9 @@ def _logit(p: float) -> float:
 class TransitionModel(nn.Module):
     "Learned state transition of §4.2: features [.., F] → (ΔM_a, Δscore, R) in standardised units."
     def __init__(self, n_tasks: int, n_modalities: int, prompt_dim: int, hidden: tuple = (256, 128),
-                 prompt_embed_dim: int = PROMPT_EMBED_DIM, consensus_alpha: float = 0.1):
+                 prompt_embed_dim: int | None = None, consensus_alpha: float = 0.1):
         super().__init__()
+        if prompt_embed_dim is None: prompt_embed_dim = TrainingConfig().prompt_embed_dim
         for name, v in (("n_tasks", n_tasks), ("n_modalities", n_modalities), ("prompt_dim", prompt_dim), ("prompt_embed_dim", prompt_embed_dim)):
             if not isinstance(v, int) or v < 1: raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if not hidden or any((not isinstance(h, int)) or h < 1 for h in hidden): raise ValueError(f"hidden: expected positive ints, got {hidden!r}")
@@ -170,7 +168,7 @@ def model_from_config(cfg: Config, seed: int = 0, device: str | torch.device | N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = TransitionModel(cfg.state.n_tasks, cfg.state.n_modalities, cfg.state.prompt_dim, tuple(cfg.training.hidden),
-                                PROMPT_EMBED_DIM, cfg.consensus.alpha)
+                                cfg.training.prompt_embed_dim, cfg.consensus.alpha)
     return model.to(get_device(cfg.device) if device is None else torch.device(device))
 
 untrained_model = model_from_config
@@ -261,13 +259,15 @@ def torch_threads(n: int | None):
         if n: torch.set_num_threads(saved)
 
 def train_phases(model: TransitionModel, buffer: ReplayBuffer, cfg: Config, seed: int,
-                 heldout: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = EVAL_EVERY,
+                 heldout: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int | None = None,
                  progress: bool = False) -> pd.DataFrame:
-    "Run the three training phases on `buffer`; return the per-step history (held-out columns at evaluation steps)."
+    "Run the three training phases on `buffer`; return the per-step history (held-out columns every `eval_every` steps, default `cfg.training.eval_every`)."
     tc = cfg.training
     if len(tc.steps_per_phase) != len(PHASES): raise ValueError(f"training.steps_per_phase: expected {len(PHASES)} values (one per phase {PHASES}), got {tc.steps_per_phase!r}")
     if len(buffer) == 0: raise ValueError("buffer: the replay buffer is empty; collect transitions first")
-    with torch_threads(TRAIN_THREADS if buffer.device.type == "cpu" else None):
+    eval_every = tc.eval_every if eval_every is None else eval_every
+    if eval_every < 1: raise ValueError(f"eval_every: expected a positive int, got {eval_every!r}")
+    with torch_threads(tc.train_threads if buffer.device.type == "cpu" else None):
         return _train_phases(model, buffer, cfg, seed, heldout, eval_every, progress)
 
 def _train_phases(model: TransitionModel, buffer: ReplayBuffer, cfg: Config, seed: int,
@@ -312,32 +312,35 @@ CHECKPOINT_MAGIC = b"RAPO-TRANSITION-MODEL v1\n"
 SHAPE_FIELDS = ("state.n_tasks", "state.n_modalities", "state.prompt_dim", "training.hidden")  # fields that size the model
 
 class CheckpointError(ValueError):
-    "A transition-model checkpoint is corrupt or does not match the configuration it is loaded with."
+    "A checkpoint (transition model or context module) is corrupt or does not match the configuration it is loaded with."
 
-def save_checkpoint(model: TransitionModel, path: str | Path, cfg: Config, seed: int, extra: dict | None = None) -> Path:
-    "Write `model` with `cfg`, `seed` and a SHA-256 checksum to `path` (atomically); return the path."
+def _write_checked(path: str | Path, payload: dict, magic: bytes) -> Path:
+    "torch.save `payload` behind the `magic` header line and its SHA-256, atomically (temporary file + rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, dims=json.dumps(model.dims),
-                   config=json.dumps(cfg.to_dict()), seed=int(seed), torch_version=str(torch.__version__), extra=json.dumps(extra or {}))
     bio = io.BytesIO(); torch.save(payload, bio); data = bio.getvalue()
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(CHECKPOINT_MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    tmp.write_bytes(magic + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
     os.replace(tmp, path)
     return path
 
-def read_checkpoint(path: str | Path) -> dict:
-    "Verify header and checksum of a checkpoint file and return its payload (config and dims as dicts)."
+_KINDS = {}   # magic → what the file is, for "this is a … checkpoint, not a …" errors (filled below)
+
+def _read_checked(path: str | Path, magic: bytes, kind: str) -> dict:
+    "Verify header and checksum of `path` and return its payload (JSON fields decoded)."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"checkpoint: {path} does not exist")
     raw = path.read_bytes()
-    if not raw.startswith(CHECKPOINT_MAGIC): raise CheckpointError(f"checkpoint: {path} is not a rapo_nb transition-model checkpoint (bad header)")
-    rest = raw[len(CHECKPOINT_MAGIC):]
+    if not raw.startswith(magic):
+        other = next((k for m, k in _KINDS.items() if raw.startswith(m)), None)
+        if other: raise CheckpointError(f"checkpoint: {path} is a rapo_nb {other} checkpoint, not a {kind} one (bad header)")
+        raise CheckpointError(f"checkpoint: {path} is not a rapo_nb {kind} checkpoint (bad header)")
+    rest = raw[len(magic):]
     digest, data = rest[:64].decode("ascii", "replace"), rest[65:]
     if len(rest) < 65 or rest[64:65] != b"\n" or hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(f"checkpoint: {path} is corrupt (checksum mismatch: the file was truncated or modified)")
     try: payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e: raise CheckpointError(f"checkpoint: {path} could not be read ({type(e).__name__}: {e})") from None
-    payload["config"] = json.loads(payload["config"]); payload["dims"] = json.loads(payload["dims"]); payload["extra"] = json.loads(payload["extra"])
+    for k in ("config", "dims", "extra"): payload[k] = json.loads(payload[k])
     payload["sha256"] = digest
     return payload
 
@@ -347,28 +350,51 @@ def _field(d: dict | Config, name: str) -> Any:
     v = d[g][k] if isinstance(d, dict) else getattr(getattr(d, g), k)
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
+def _check_fields(ck: dict, cfg: Config, names: tuple, path: str | Path) -> None:
+    "Refuse (CheckpointError naming the field) a checkpoint whose config differs from `cfg` in one of `names`."
+    for name in names:
+        saved, now = _field(ck["config"], name), _field(cfg, name)
+        if saved != now: raise CheckpointError(f"{name}: the checkpoint {Path(path).name} was trained with {saved!r}, the config has {now!r}")
+
+def _load_tensors(model: nn.Module, state: dict, path: str | Path) -> None:
+    "Load `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state: raise CheckpointError(f"{k}: missing from the checkpoint {Path(path).name}")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{k}: the checkpoint {Path(path).name} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
+    extra_keys = set(state) - set(own)
+    if extra_keys: raise CheckpointError(f"{sorted(extra_keys)[0]}: unexpected tensor in the checkpoint {Path(path).name}")
+    model.load_state_dict(state)
+
+def _payload(model: nn.Module, dims: dict, cfg: Config, seed: int, extra: dict | None) -> dict:
+    "What a checkpoint stores: weights (CPU), sizes, the whole config, seed, versions, and `extra` run info."
+    from rapo_nb import __version__
+    return dict(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, dims=json.dumps(dims),
+                config=json.dumps(cfg.to_dict()), seed=int(seed), torch_version=str(torch.__version__),
+                rapo_nb_version=str(__version__), extra=json.dumps(extra or {}, default=str))
+
+def save_checkpoint(model: TransitionModel, path: str | Path, cfg: Config, seed: int, extra: dict | None = None) -> Path:
+    "Write `model` with `cfg`, `seed` and a SHA-256 checksum to `path` (atomically); return the path."
+    return _write_checked(path, _payload(model, model.dims, cfg, seed, extra), CHECKPOINT_MAGIC)
+
+def read_checkpoint(path: str | Path) -> dict:
+    "Verify header and checksum of a transition-model checkpoint file and return its payload (config and dims as dicts)."
+    return _read_checked(path, CHECKPOINT_MAGIC, "transition-model")
+
 def load_checkpoint(path: str | Path, cfg: Config, device: str | torch.device | None = None) -> TransitionModel:
     "Load a checkpoint saved by `save_checkpoint`; refuse (CheckpointError naming the field) one from another config/shape."
     ck = read_checkpoint(path)
-    for name in SHAPE_FIELDS:
-        saved, now = _field(ck["config"], name), _field(cfg, name)
-        if saved != now: raise CheckpointError(f"{name}: the checkpoint {Path(path).name} was trained with {saved!r}, the config has {now!r}")
-    if ck["dims"].get("prompt_embed_dim") != PROMPT_EMBED_DIM:
-        raise CheckpointError(f"prompt_embed_dim: the checkpoint has {ck['dims'].get('prompt_embed_dim')!r}, this code uses {PROMPT_EMBED_DIM}")
+    _check_fields(ck, cfg, SHAPE_FIELDS, path)
+    if ck["dims"].get("prompt_embed_dim") != cfg.training.prompt_embed_dim:
+        raise CheckpointError(f"training.prompt_embed_dim: the checkpoint {Path(path).name} has {ck['dims'].get('prompt_embed_dim')!r}, the config has {cfg.training.prompt_embed_dim!r}")
     model = model_from_config(cfg, 0, "cpu")   # the shape the caller's config asks for; weights come from the file
-    own = model.state_dict()
-    for k, v in own.items():
-        if k not in ck["state_dict"]: raise CheckpointError(f"{k}: missing from the checkpoint")
-        if tuple(ck["state_dict"][k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{k}: the checkpoint has shape {tuple(ck['state_dict'][k].shape)}, the model expects {tuple(v.shape)}")
-    extra_keys = set(ck["state_dict"]) - set(own)
-    if extra_keys: raise CheckpointError(f"{sorted(extra_keys)[0]}: unexpected tensor in the checkpoint")
-    model.load_state_dict(ck["state_dict"])
+    _load_tensors(model, ck["state_dict"], path)
     model.checkpoint_meta = dict(seed=ck["seed"], config=ck["config"], sha256=ck["sha256"], extra=ck["extra"], path=str(path))
     return model.to(get_device(cfg.device) if device is None else torch.device(device))
 
 # %% ../nbs/08_training.ipynb #3919a654
-from .state import HashedTextEncoder, cosine_rows
+from .state import HashedTextEncoder, cosine_rows, SlidingWindowContext, encode_histories
 from .synthetic import generate_conversations, Conversation
 from .agents import SimulatedAgentPool, full_history
 
@@ -436,8 +462,9 @@ class TransitionData:
         h = self.heldout.to(self.x.device)
         return (self.x[~h], self.y[~h]), (self.x[h], self.y[h])
 
-def heldout_mask(n: int, seed: int, fraction: float = HELDOUT_FRACTION) -> np.ndarray:
+def heldout_mask(n: int, seed: int, fraction: float | None = None) -> np.ndarray:
     "Which of n conversations are held out: a seeded random subset of round(fraction·n), at least one of each side when n ≥ 2."
+    if fraction is None: fraction = TrainingConfig().heldout_fraction
     if not 0.0 <= fraction < 1.0: raise ValueError(f"fraction: expected a value in [0, 1), got {fraction!r}")
     k = int(round(fraction * n))
     if n >= 2: k = min(max(k, 1), n - 1)
@@ -448,7 +475,7 @@ def collect_transitions(cfg: Config, seed: int, device: str | torch.device | Non
                         conversations: list[Conversation] | None = None, progress: bool = False) -> TransitionData:
     "Run the simulated benchmark with a uniform exploration policy and return Monte Carlo transition targets."
     dev = get_device(cfg.device) if device is None else torch.device(device)
-    with torch_threads(TRAIN_THREADS if dev.type == "cpu" else None):
+    with torch_threads(cfg.training.train_threads if dev.type == "cpu" else None):
         return _collect_transitions(cfg, seed, dev, n_agents, conversations, progress)
 
 def _collect_transitions(cfg: Config, seed: int, dev: torch.device, n_agents: int | None,
@@ -464,7 +491,7 @@ def _collect_transitions(cfg: Config, seed: int, dev: torch.device, n_agents: in
     bank = StateBank.create(n_agents, cfg, device=dev, seed=seed)
     policy_rng = np.random.default_rng([seed, 81])
     traj_rngs = [np.random.default_rng([seed, 82, k]) for k in range(T)]
-    held = heldout_mask(len(convs), seed)
+    held = heldout_mask(len(convs), seed, cfg.training.heldout_fraction)
     histories: list[list[str]] = [[] for _ in convs]
     max_turns = max(len(c.turns) for c in convs)
     out = {k: [] for k in ("x", "y", "conversation", "turn", "agent", "reward_std")}
@@ -538,3 +565,159 @@ def train_transition_model(cfg: Config, seed: int, device: str | torch.device | 
                                total_seconds=time.perf_counter() - t0)
     hist.attrs.update(model.training_info)
     return model, hist
+
+# %% ../nbs/08_training.ipynb #bca20bf1
+@dataclass
+class ContextData:
+    "Hashed encodings of the synthetic conversations' turns for next-turn retrieval."
+    turns: torch.Tensor     # [N, T, d] turn encodings, left-aligned (encode_histories)
+    lengths: torch.Tensor   # [N] turns per conversation
+    heldout: torch.Tensor   # [N] bool: held-out conversation
+    seconds: float
+
+    def to(self, device: str | torch.device) -> "ContextData":
+        "The same data with `turns` on `device` (lengths and mask stay on the CPU)."
+        return ContextData(self.turns.to(device), self.lengths, self.heldout, self.seconds)
+
+    def usable(self, heldout: bool, horizon: int) -> np.ndarray:
+        "Indices of held-out (or training) conversations long enough for a window and a target `horizon` turns ahead."
+        ok = (self.heldout == bool(heldout)) & (self.lengths >= horizon + 1)
+        return np.flatnonzero(ok.numpy())
+
+def encode_conversations(cfg: Config, seed: int, conversations: list[Conversation] | None = None,
+                         encoder: HashedTextEncoder | None = None) -> ContextData:
+    "Encode every turn of the benchmark's conversations (`encode_histories`) and mark the held-out ones (`heldout_mask`)."
+    t0 = time.perf_counter()
+    convs = conversations if conversations is not None else generate_conversations(cfg.synthetic.n_conversations, seed, cfg)
+    if not convs: raise ValueError("conversations: need at least one conversation")
+    enc = encoder or HashedTextEncoder.from_config(cfg)
+    if enc.dim != cfg.state.encoder_dim: raise ValueError(f"encoder: width {enc.dim} does not match state.encoder_dim = {cfg.state.encoder_dim}")
+    texts = [[t.text for t in c.turns] for c in convs]
+    turns, lengths = encode_histories(texts, enc, max(1, max(len(h) for h in texts)))
+    held = torch.from_numpy(heldout_mask(len(convs), seed, cfg.training.heldout_fraction))
+    return ContextData(turns, lengths, held, time.perf_counter() - t0)
+
+def sample_pairs(data: ContextData, pool: np.ndarray, n: int, horizon: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    "Up to n distinct conversations of `pool` and one window end t ∈ [1, len − horizon] each: (conv [n], t [n])."
+    if len(pool) < 2: raise ValueError(f"pool: need at least 2 conversations with ≥ {horizon + 1} turns, got {len(pool)}")
+    conv = rng.choice(pool, min(n, len(pool)), replace=False)
+    t = rng.integers(1, data.lengths[conv].numpy() - horizon + 1)
+    return torch.as_tensor(conv, dtype=torch.long), torch.as_tensor(t, dtype=torch.long)
+
+def pair_embeddings(data: ContextData, conv: torch.Tensor, t: torch.Tensor, horizon: int,
+                    model: nn.Module | None = None, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "(context of turns [t − k, t), embedding of turn t + horizon − 1) per pair: `model`'s, or with model=None the mean of the raw window."
+    X = data.turns
+    dev = X.device; conv, t = conv.to(dev), t.to(dev)
+    if (t < 1).any() or (t + horizon > data.lengths.to(dev)[conv]).any(): raise ValueError("t: every pair needs 1 ≤ t ≤ len − horizon")
+    target = X[conv, t + horizon - 1]
+    if model is not None:
+        return model(X[conv], t), model(target[:, None], torch.ones_like(t))
+    if window is None or window < 1: raise ValueError(f"window: the mean-of-window baseline needs k ≥ 1, got {window!r}")
+    idx = t[:, None] - window + torch.arange(window, device=dev)[None]
+    valid = (idx >= 0)[..., None]
+    W = X[conv[:, None], idx.clamp(min=0)] * valid
+    return W.sum(1) / valid.sum(1).clamp(min=1), target
+
+def info_nce(c: torch.Tensor, z: torch.Tensor, temperature: float) -> torch.Tensor:
+    "Symmetric InfoNCE: row i of c must pick row i of z (and vice versa) by cosine / temperature."
+    if c.shape != z.shape or c.dim() != 2: raise ValueError(f"z: expected the shape of c {tuple(c.shape)}, got {tuple(z.shape)}")
+    if temperature <= 0: raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    logits = nn.functional.normalize(c, dim=-1) @ nn.functional.normalize(z, dim=-1).T / temperature
+    labels = torch.arange(c.shape[0], device=c.device)
+    return (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
+
+def retrieval_ranks(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    "Rank (1 = best) of z[i] among all rows of z by cosine with c[i]; ties with other rows count half."
+    S = nn.functional.normalize(c, dim=-1) @ nn.functional.normalize(z, dim=-1).T
+    pos = S.diagonal()[:, None]
+    return 1.0 + (S > pos).sum(1).float() + 0.5 * ((S == pos).sum(1).float() - 1.0)
+
+# %% ../nbs/08_training.ipynb #6d97a67e
+def retrieval_queries(data: ContextData, cfg: Config, seed: int, rounds: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    "Held-out retrieval groups: each round shuffles the usable held-out conversations into full groups of `context_eval_candidates` with one window end each."
+    tc = cfg.training
+    rounds = tc.context_eval_rounds if rounds is None else rounds
+    pool = data.usable(True, tc.context_horizon)
+    size = min(tc.context_eval_candidates, len(pool))
+    if size < 2: raise ValueError(f"heldout: need at least 2 held-out conversations with ≥ {tc.context_horizon + 1} turns, got {len(pool)}")
+    rng = np.random.default_rng([seed, 84])
+    groups = []
+    for _ in range(rounds):
+        perm = rng.permutation(pool)
+        for g in range(len(perm) // size):
+            conv = perm[g * size:(g + 1) * size]
+            t = rng.integers(1, data.lengths[conv].numpy() - tc.context_horizon + 1)
+            groups.append((torch.as_tensor(conv, dtype=torch.long), torch.as_tensor(t, dtype=torch.long)))
+    return groups
+
+@torch.no_grad()
+def retrieval_metrics(data: ContextData, groups: list, horizon: int, model: nn.Module | None = None, window: int | None = None) -> dict[str, float]:
+    "Top-1 accuracy and mean reciprocal rank of the true target over retrieval `groups` (module `model`, or the mean-of-window baseline)."
+    if model is not None: model.eval()
+    ranks = torch.cat([retrieval_ranks(*pair_embeddings(data, conv, t, horizon, model, window)).cpu() for conv, t in groups])
+    return dict(top1=float((ranks == 1).float().mean()), mrr=float((1.0 / ranks).mean()), n_queries=int(ranks.numel()),
+                n_candidates=int(groups[0][0].numel()))
+
+def train_context_module(cfg: Config, seed: int, data: ContextData, device: str | torch.device | None = None,
+                         progress: bool = False) -> tuple[nn.Module, pd.DataFrame]:
+    "Train `SlidingWindowContext` (seeded init) by InfoNCE next-turn prediction on the training conversations; return (module, history)."
+    dev = get_device(cfg.device) if device is None else torch.device(device)
+    with torch_threads(cfg.training.train_threads if dev.type == "cpu" else None):
+        return _train_context_module(cfg, seed, data.to(dev), dev, progress)
+
+def _train_context_module(cfg: Config, seed: int, data: ContextData, dev: torch.device, progress: bool) -> tuple[nn.Module, pd.DataFrame]:
+    "The body of `train_context_module` (data on `dev`, thread count already set)."
+    tc = cfg.training
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SlidingWindowContext.from_config(cfg, seed=seed).to(dev)
+    pool = data.usable(False, tc.context_horizon)
+    rng = np.random.default_rng([seed, 83])
+    curve = retrieval_queries(data, cfg, cfg.seed, rounds=max(1, tc.context_eval_rounds // 4))   # learning-curve queries: the same for every training seed
+    opt = torch.optim.Adam(model.parameters(), lr=tc.context_lr)
+    def evaluate() -> dict: return {f"heldout_{k}": v for k, v in retrieval_metrics(data, curve, tc.context_horizon, model).items() if k in ("top1", "mrr")}
+    rows, t0, stopped = [dict(step=0, elapsed_s=0.0, **evaluate())], time.perf_counter(), False
+    steps = range(1, tc.context_steps + 1)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"context module InfoNCE (seed {seed})", leave=False)
+    for step in steps:
+        if time.perf_counter() - t0 > tc.time_budget_s: stopped = True; break
+        model.train()
+        conv, t = sample_pairs(data, pool, tc.context_batch_size, tc.context_horizon, rng)
+        c, z = pair_embeddings(data, conv, t, tc.context_horizon, model)
+        loss = info_nce(c, z, tc.context_temperature)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        row = dict(step=step, loss=float(loss.detach()), batch_top1=float((retrieval_ranks(c.detach(), z.detach()) == 1).float().mean()),
+                   grad_norm=float(gn), elapsed_s=time.perf_counter() - t0)
+        if step % tc.eval_every == 0 or step == tc.context_steps: row.update(evaluate())
+        rows.append(row)
+    model.eval()
+    hist = pd.DataFrame(rows)
+    hist.attrs.update(stopped_by_budget=stopped, train_seconds=time.perf_counter() - t0, seed=int(seed), device=str(dev),
+                      curve_mean_window_mrr=retrieval_metrics(data, curve, tc.context_horizon, window=cfg.state.context_window)["mrr"])
+    model.training_info = dict(hist.attrs, steps=int(hist.step.max()), n_train_conversations=len(pool))
+    return model, hist
+
+# %% ../nbs/08_training.ipynb #81e2e722
+CONTEXT_CHECKPOINT_MAGIC = b"RAPO-CONTEXT-MODULE v1\n"
+CONTEXT_MATCH_FIELDS = ("state.encoder_dim", "state.encoder_seed", "state.context_dim", "state.context_window")  # fields the weights depend on
+_KINDS.update({CHECKPOINT_MAGIC: "transition-model", CONTEXT_CHECKPOINT_MAGIC: "context-module"})
+
+def save_context_module(model: nn.Module, path: str | Path, cfg: Config, seed: int, extra: dict | None = None) -> Path:
+    "Write a trained `SlidingWindowContext` with `cfg`, `seed`, versions and a SHA-256 checksum to `path` (atomically)."
+    dims = dict(in_dim=model.in_dim, out_dim=model.out_dim, window=model.window, attn_dim=int(model.query.numel()))
+    return _write_checked(path, _payload(model, dims, cfg, seed, extra), CONTEXT_CHECKPOINT_MAGIC)
+
+def load_context_module(path: str | Path, cfg: Config, device: str | torch.device | None = None) -> nn.Module:
+    "Load a context module saved by `save_context_module`; refuse (CheckpointError naming the problem) a corrupt or mismatched file."
+    ck = _read_checked(path, CONTEXT_CHECKPOINT_MAGIC, "context-module")
+    _check_fields(ck, cfg, CONTEXT_MATCH_FIELDS, path)
+    model = SlidingWindowContext.from_config(cfg, seed=0)   # the shape the caller's config asks for; weights come from the file
+    _load_tensors(model, ck["state_dict"], path)
+    model.checkpoint_meta = dict(seed=ck["seed"], config=ck["config"], sha256=ck["sha256"], extra=ck["extra"], path=str(path),
+                                 rapo_nb_version=ck.get("rapo_nb_version"), torch_version=ck.get("torch_version"))
+    return model.to(get_device(cfg.device) if device is None else torch.device(device)).eval()

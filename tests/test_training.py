@@ -1,4 +1,4 @@
-"""Tests of rapo_nb.training: replay buffer, training step, CPU determinism, checkpoints (round trip, wrong config, corrupt file)."""
+"""Tests of rapo_nb.training: replay buffer, training step, CPU determinism, checkpoints (round trip, wrong config, corrupt file), the context module's InfoNCE training and its loader."""
 import copy
 
 import numpy as np
@@ -7,10 +7,13 @@ import torch
 
 from rapo_nb.config import load_config
 from rapo_nb.state import StateBank
-from rapo_nb.training import (CheckpointError, torch_threads, PHASES, ReplayBuffer, TransitionModel, arrival_rank, collect_transitions,
-                              feature_layout, heldout_mask, load_checkpoint, model_from_config, read_checkpoint,
+from rapo_nb.state import HashedTextEncoder, SlidingWindowContext
+from rapo_nb.synthetic import generate_conversations
+from rapo_nb.training import (CheckpointError, torch_threads, PHASES, ReplayBuffer, TransitionModel, arrival_rank, baseline_errors,
+                              collect_transitions, feature_layout, heldout_mask, load_checkpoint, model_from_config, read_checkpoint,
                               save_checkpoint, train_phases, train_step, train_transition_model, transition_errors,
-                              transition_features)
+                              transition_features, encode_conversations, sample_pairs, pair_embeddings, info_nce, retrieval_ranks,
+                              retrieval_queries, retrieval_metrics, train_context_module, save_context_module, load_context_module)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -283,3 +286,157 @@ def test_same_code_on_gpu(tmp_path):
     assert next(model.parameters()).device.type == "cuda" and hist.attrs["device"].startswith("cuda")
     p = save_checkpoint(model, tmp_path / "gpu.pt", cfg, seed=0)
     assert next(load_checkpoint(p, tiny_cfg()).parameters()).device.type == "cpu"
+
+
+# --- our knobs are config fields ----------------------------------------------------------------------------
+
+def test_training_knobs_come_from_the_config():
+    full = load_config("full").training
+    assert (full.prompt_embed_dim, full.heldout_fraction, full.eval_every, full.train_threads) == (16, 0.2, 20, 1)
+    assert model_from_config(tiny_cfg(training__prompt_embed_dim=8), 0, "cpu").prompt_embedding.out_features == 8
+    assert heldout_mask(10, 0, tiny_cfg(training__heldout_fraction=0.5).training.heldout_fraction).sum() == 5
+    d = collect_transitions(tiny_cfg(training__heldout_fraction=0.5), seed=0, device="cpu")
+    assert len(set(d.conversation[d.heldout].tolist())) == 5
+    cfg = tiny_cfg(training__eval_every=5)
+    m = model_from_config(cfg, 0, "cpu")
+    buf = ReplayBuffer(100, m.feature_dim, m.output_dim); buf.add(torch.rand(50, m.feature_dim), torch.rand(50, m.output_dim))
+    hist = train_phases(m, buf, cfg, 0, heldout=(torch.rand(10, m.feature_dim), torch.rand(10, m.output_dim)))
+    ends = set(np.cumsum(cfg.training.steps_per_phase).tolist())
+    assert set(hist.dropna(subset=["heldout_loss"]).step.tolist()) == {0} | {s for s in range(1, 17) if s % 5 == 0} | ends
+    before = torch.get_num_threads()
+    train_phases(m, buf, tiny_cfg(training__train_threads=2), 0)
+    assert torch.get_num_threads() == before, "the thread count is restored"
+    with pytest.raises(ValueError, match="training.eval_every"): tiny_cfg(training__eval_every=0)
+
+
+def test_checkpoint_with_other_prompt_embed_dim_refused(tmp_path):
+    cfg = tiny_cfg()
+    p = save_checkpoint(model_from_config(cfg, 0, "cpu"), tmp_path / "tm.pt", cfg, seed=0)
+    with pytest.raises(CheckpointError, match=r"training\.prompt_embed_dim"): load_checkpoint(p, tiny_cfg(training__prompt_embed_dim=8))
+
+
+def test_quick_profile_transition_model_learns_beyond_trivial():
+    "The quick profile's step count (raised for this) must take the model below the trivial predictor on held-out data."
+    cfg = load_config("quick", device="cpu", synthetic__n_conversations=60)
+    data = collect_transitions(cfg, seed=0, device="cpu")
+    (xt, yt), (xh, yh) = data.split()
+    m, _ = train_transition_model(cfg, 0, "cpu", data=data)
+    assert transition_errors(m, xh, yh)["reward_mse"] < baseline_errors(yt, yh)["reward_mse"]
+
+
+# --- the context module C_i (§3.2) ------------------------------------------------------------------------
+
+def ctx_cfg(**kw):
+    base = dict(synthetic__n_conversations=40, training__context_steps=40, training__context_batch_size=8, training__eval_every=20, device="cpu")
+    return load_config("quick", **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def ctx_data():
+    return encode_conversations(ctx_cfg(), 0)
+
+
+@pytest.fixture(scope="module")
+def ctx_trained(ctx_data):
+    return train_context_module(ctx_cfg(), 0, ctx_data, "cpu")
+
+
+def test_context_data_and_pairs(ctx_data):
+    cfg = ctx_cfg()
+    convs = generate_conversations(40, 0, cfg)
+    assert ctx_data.lengths.tolist() == [len(c.turns) for c in convs]
+    enc = HashedTextEncoder.from_config(cfg)
+    assert torch.allclose(ctx_data.turns[7, 1], torch.from_numpy(enc.encode([convs[7].turns[1].text])[0]))
+    assert np.array_equal(ctx_data.heldout.numpy(), heldout_mask(40, 0, cfg.training.heldout_fraction))
+    conv, t = sample_pairs(ctx_data, ctx_data.usable(False, 2), 12, 2, np.random.default_rng(0))
+    assert len(set(conv.tolist())) == 12 and not ctx_data.heldout[conv].any()
+    assert ((t >= 1) & (t + 2 <= ctx_data.lengths[conv])).all()
+    c, z = pair_embeddings(ctx_data, conv, t, 2, window=3)
+    i = 0; lo = max(0, int(t[i]) - 3)
+    assert torch.allclose(c[i], ctx_data.turns[conv[i], lo:int(t[i])].mean(0)) and torch.equal(z[i], ctx_data.turns[conv[i], t[i] + 1])
+    with pytest.raises(ValueError, match="t:"): pair_embeddings(ctx_data, conv[:1], ctx_data.lengths[conv[:1]], 1, window=3)
+    with pytest.raises(ValueError, match="conversations"): encode_conversations(cfg, 0, conversations=[])
+
+
+def test_info_nce_and_ranks():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 4, generator=g)
+    assert torch.equal(retrieval_ranks(z, z), torch.ones(6))
+    assert (retrieval_ranks(z, -z) > 1).all()
+    assert info_nce(z, z, 0.1) < info_nce(z, z.roll(1, 0), 0.1)
+    assert torch.equal(retrieval_ranks(torch.ones(4, 2), torch.ones(4, 2)), torch.full((4,), 2.5))
+    with pytest.raises(ValueError, match="temperature"): info_nce(z, z, 0.0)
+
+
+def test_context_training_lowers_the_loss_and_fits_its_data(ctx_data, ctx_trained):
+    cfg = ctx_cfg()
+    model, hist = ctx_trained
+    init = SlidingWindowContext.from_config(cfg, seed=0)
+    pairs = sample_pairs(ctx_data, ctx_data.usable(False, 1), 32, 1, np.random.default_rng(9))
+    with torch.no_grad():
+        l0 = float(info_nce(*pair_embeddings(ctx_data, *pairs, 1, init), cfg.training.context_temperature))
+        l1 = float(info_nce(*pair_embeddings(ctx_data, *pairs, 1, model.eval()), cfg.training.context_temperature))
+    assert l1 < l0, (l0, l1)
+    train_groups = [pairs]
+    assert retrieval_metrics(ctx_data, train_groups, 1, model)["mrr"] > retrieval_metrics(ctx_data, train_groups, 1, init)["mrr"]
+    assert int(hist.step.max()) == cfg.training.context_steps and hist.dropna(subset=["heldout_mrr"]).step.tolist() == [0, 20, 40]
+    again, h2 = train_context_module(cfg, 0, ctx_data, "cpu")
+    for k, v in model.state_dict().items(): assert torch.equal(again.state_dict()[k], v), k
+    assert h2.loss.dropna().tolist() == hist.loss.dropna().tolist()
+    other, _ = train_context_module(cfg, 1, ctx_data, "cpu")
+    assert not torch.equal(other.state_dict()["proj.weight"], model.state_dict()["proj.weight"])
+    stop = train_context_module(ctx_cfg(training__time_budget_s=0.0), 0, ctx_data, "cpu")[1]
+    assert stop.attrs["stopped_by_budget"] and int(stop.step.max()) == 0
+
+
+def test_retrieval_queries_use_only_heldout_full_groups(ctx_data):
+    cfg = ctx_cfg(training__context_eval_candidates=4, training__context_eval_rounds=3)
+    groups = retrieval_queries(ctx_data, cfg, 0)
+    held = set(np.flatnonzero(ctx_data.heldout.numpy()).tolist())
+    assert len(groups) == 3 * (len(ctx_data.usable(True, 1)) // 4)
+    assert all(len(c) == 4 and set(c.tolist()) <= held for c, _ in groups)
+    res = retrieval_metrics(ctx_data, groups, 1, window=cfg.state.context_window)
+    assert res["n_queries"] == 4 * len(groups) and 0 < res["mrr"] <= 1 and res["top1"] <= res["mrr"]
+
+
+def test_context_module_round_trip(tmp_path, ctx_data, ctx_trained):
+    cfg = ctx_cfg()
+    model, _ = ctx_trained
+    p = save_context_module(model, tmp_path / "c" / "ctx.pt", cfg, seed=0, extra=dict(note="x"))
+    back = load_context_module(p, cfg, device="cpu")
+    for k, v in model.state_dict().items(): assert torch.equal(back.state_dict()[k], v), k
+    meta = back.checkpoint_meta
+    assert meta["seed"] == 0 and meta["extra"] == {"note": "x"} and meta["rapo_nb_version"] and meta["torch_version"]
+    assert not list((tmp_path / "c").glob(".*.tmp"))
+    pairs = sample_pairs(ctx_data, ctx_data.usable(True, 1), 4, 1, np.random.default_rng(0))
+    with torch.no_grad():
+        assert torch.equal(pair_embeddings(ctx_data, *pairs, 1, back)[0], pair_embeddings(ctx_data, *pairs, 1, model.eval())[0])
+
+
+@pytest.mark.parametrize("override, field", [(dict(state__encoder_dim=512), "state.encoder_dim"), (dict(state__encoder_seed=7), "state.encoder_seed"),
+                                             (dict(state__context_dim=256), "state.context_dim"), (dict(state__context_window=4), "state.context_window")])
+def test_context_module_from_other_config_refused_naming_field(tmp_path, ctx_trained, override, field):
+    p = save_context_module(ctx_trained[0], tmp_path / "ctx.pt", ctx_cfg(), seed=0)
+    with pytest.raises(CheckpointError, match=field.replace(".", r"\.")): load_context_module(p, ctx_cfg(**override))
+
+
+def test_corrupt_or_wrong_context_file_refused(tmp_path, ctx_trained):
+    cfg = ctx_cfg()
+    model = ctx_trained[0]
+    p = save_context_module(model, tmp_path / "ctx.pt", cfg, seed=0)
+    raw = p.read_bytes()
+    flipped = bytearray(raw); flipped[len(raw) // 2] ^= 0x01
+    (tmp_path / "flip.pt").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="checksum"): load_context_module(tmp_path / "flip.pt", cfg)
+    (tmp_path / "trunc.pt").write_bytes(raw[:-50])
+    with pytest.raises(CheckpointError, match="checksum"): load_context_module(tmp_path / "trunc.pt", cfg)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="header"): load_context_module(tmp_path / "junk.pt", cfg)
+    with pytest.raises(FileNotFoundError): load_context_module(tmp_path / "missing.pt", cfg)
+    tm = save_checkpoint(model_from_config(cfg, 0, "cpu"), tmp_path / "tm.pt", cfg, seed=0)
+    with pytest.raises(CheckpointError, match="transition-model checkpoint, not a context-module"): load_context_module(tm, cfg)
+    with pytest.raises(CheckpointError, match="context-module checkpoint, not a transition-model"): load_checkpoint(p, cfg)
+    # a module of another shape saved under this config's name is refused with the tensor named
+    other = SlidingWindowContext(cfg.state.encoder_dim, cfg.state.context_dim, cfg.state.context_window, attn_dim=64)
+    q = save_context_module(other, tmp_path / "liar.pt", cfg, seed=0)
+    with pytest.raises(CheckpointError, match=r"(query|key\.weight): the checkpoint liar\.pt has shape"): load_context_module(q, cfg)
