@@ -6,20 +6,22 @@ Docs: https://rapo-nb.github.io/rapo_nb/consensus.html.md"""
 
 # %% ../nbs/02_consensus.ipynb #3873f720
 from __future__ import annotations
-import time, warnings
+import math, os, threading, time, warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
+import numba
 import numpy as np
 import torch
 from .config import Config, load_config, get_device
 from .state import StateBank, sequential_ema
 
 # %% auto #0
-__all__ = ['TOPOLOGIES', 'MAX_DENSE_EDGES', 'EXCHANGE_EMA', 'TICK_UPDATE_SHARE', 'Topology', 'csr_from_edges', 'make_topology',
-           'segment_sum', 'adaptive_weights', 'clip_rows', 'project_trust_region', 'neighbour_pull', 'consensus_step',
-           'Objective', 'QuadraticObjective', 'penalty_omega', 'consensus_residual', 'consensus_objective',
-           'ConsensusEngine', 'tick_benchmark']
+__all__ = ['TOPOLOGIES', 'MAX_DENSE_EDGES', 'EXCHANGE_EMA', 'PULL_FASTMATH', 'PULL_KERNELS', 'PULL_PARALLEL_MIN',
+           'TICK_UPDATE_SHARE', 'Topology', 'csr_from_edges', 'make_topology', 'segment_sum', 'adaptive_weights',
+           'fused_pull', 'clip_rows', 'project_trust_region', 'neighbour_pull', 'consensus_step', 'Objective',
+           'QuadraticObjective', 'EntropyRegularisedObjective', 'penalty_omega', 'consensus_residual',
+           'consensus_objective', 'ConsensusEngine', 'tick_benchmark']
 
 # %% ../nbs/02_consensus.ipynb #3be077c8
 TOPOLOGIES = ("complete", "ring", "small_world", "star", "random")
@@ -151,6 +153,67 @@ def adaptive_weights(topo: Topology, effectiveness: torch.Tensor, empty: str = "
         fallback = torch.zeros_like(E)
     return torch.where(total > 0, E / total.clamp(min=torch.finfo(E.dtype).tiny), fallback)
 
+# %% ../nbs/02_consensus.ipynb #7a1c6734
+PULL_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}   # no "nnan"/"ninf": non-finite values must propagate to the norms
+PULL_KERNELS = ("auto", "numba", "torch")
+# torch runs its own OpenMP pool; a second OpenMP pool (numba's default "omp" layer) spin-waits against it on a small
+# machine (a 1,000-agent tick went from ~1 ms to ~24 ms here). numba's "workqueue" pool does not spin; it is not
+# re-entrant, so calls are serialised by a lock. NUMBA_THREADING_LAYER in the environment wins.
+if "NUMBA_THREADING_LAYER" not in os.environ: numba.config.THREADING_LAYER = "workqueue"
+_PULL_LOCK = threading.Lock()
+
+PULL_PARALLEL_MIN = 1 << 16   # ours: below this many P entries a parallel launch costs more than it saves (measured here)
+
+def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq):  # pragma: no cover (compiled twice below)
+    "out_i = Σ_k w_k P_{j_k} − (Σ_k w_k) P_i for each CSR row i; row sums of squares of out and P into pull_sq, p_sq."
+    n, p = P.shape
+    for i in numba.prange(n):
+        r = 0.0
+        for c in range(p): out[i, c] = 0.0
+        for k in range(indptr[i], indptr[i + 1]):
+            j = indices[k]; wk = w[k]; r += wk
+            for c in range(p): out[i, c] += wk * P[j, c]
+        s_pull = 0.0; s_p = 0.0
+        for c in range(p):
+            x = P[i, c]; v = out[i, c] - r * x; out[i, c] = v
+            s_pull += v * v; s_p += x * x
+        pull_sq[i] = s_pull; p_sq[i] = s_p
+
+_pull_serial = numba.njit(fastmath=PULL_FASTMATH, cache=True)(_pull_rows)                 # prange runs as range
+_pull_parallel = numba.njit(parallel=True, fastmath=PULL_FASTMATH, cache=True)(_pull_rows)
+
+def _numba_ready(P: torch.Tensor, weights: torch.Tensor) -> bool:
+    "True when the numba kernel can take P: a plain CPU float32/float64 tensor outside autograd."
+    return (type(P) is torch.Tensor and P.device.type == "cpu" and weights.device.type == "cpu" and P.dtype in (torch.float32, torch.float64)
+            and not P.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(P))
+
+def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torch.Tensor | None = None,
+               kernel: str = "auto") -> tuple[torch.Tensor, float, float]:
+    "(Σ_j w_ij (P_j − P_i) for every agent, its Frobenius norm, ‖P‖_F); numba on CPU, a torch sparse product otherwise."
+    if kernel not in PULL_KERNELS: raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
+    if P.ndim != 2 or P.shape[0] != topo.n: raise ValueError(f"P: expected [{topo.n}, p], got {tuple(P.shape)}")
+    if weights.shape != (topo.n_edges,): raise ValueError(f"weights: expected shape [{topo.n_edges}], got {tuple(weights.shape)}")
+    use_numba = _numba_ready(P, weights) and topo.device.type == "cpu"
+    if kernel == "numba" and not use_numba: raise ValueError(f"kernel: 'numba' needs a CPU float32/float64 P outside autograd, got {P.dtype} on {P.device}")
+    if out is not None and (out.shape != P.shape or out.dtype != P.dtype or out.device != P.device or out is P):
+        raise ValueError(f"out: expected a separate {P.dtype} buffer of shape {tuple(P.shape)} on {P.device}")
+    if use_numba and kernel != "torch":
+        Pc = P.contiguous(); out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
+        pull_sq = np.empty(topo.n, dtype=np.float64); p_sq = np.empty(topo.n, dtype=np.float64)
+        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        args = (topo.indptr.numpy(), topo.indices.numpy(), weights.to(P.dtype).contiguous().numpy(), Pc.numpy(), out.numpy(), pull_sq, p_sq)
+        if threads == 1 or Pc.numel() < PULL_PARALLEL_MIN: _pull_serial(*args)
+        else:
+            with _PULL_LOCK:
+                if numba.get_num_threads() != threads: numba.set_num_threads(threads)
+                _pull_parallel(*args)
+        return out, float(np.sqrt(pull_sq.sum())), float(np.sqrt(p_sq.sum()))
+    WP = topo.matrix(weights.to(P.dtype)) @ P
+    r = segment_sum(weights.to(P.dtype), topo)
+    pull = WP.sub_(P * r[:, None])
+    if out is not None: pull = out.copy_(pull)
+    return pull, float(torch.linalg.vector_norm(pull)), float(torch.linalg.vector_norm(P))
+
 # %% ../nbs/02_consensus.ipynb #2dfe26af
 def clip_rows(G: torch.Tensor, max_norm: float) -> torch.Tensor:
     "Scale each row of G down to L2 norm ≤ `max_norm` (§3.5 τ_g)."
@@ -167,11 +230,9 @@ def project_trust_region(delta: torch.Tensor, P: torch.Tensor, radius: float, sc
         return delta * torch.where(size > limit, limit / size.clamp(min=torch.finfo(P.dtype).tiny), torch.ones_like(size))
     raise ValueError(f"trust_scope: expected 'global' or 'agent', got {scope!r}")
 
-def neighbour_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor) -> torch.Tensor:
-    "Σ_j w_ij (P_j − P_i) for every agent, as W·P − r⊙P with one sparse-dense product."
-    WP = topo.matrix(weights.to(P.dtype)) @ P
-    r = segment_sum(weights.to(P.dtype), topo)
-    return WP.sub_(P * r[:, None]) if not torch.allclose(r, torch.ones_like(r)) else WP.sub_(P)
+def neighbour_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    "Σ_j w_ij (P_j − P_i) for every agent (= W·P − r⊙P), by `fused_pull`."
+    return fused_pull(P, topo, weights, kernel=kernel)[0]
 
 def _check_step_inputs(P: torch.Tensor, topo: Topology, weights: torch.Tensor, alpha: float, grad_q) -> None:
     "ValueError naming the field for malformed consensus-step inputs."
@@ -207,6 +268,38 @@ class QuadraticObjective:
     def value(self, P: torch.Tensor) -> torch.Tensor: return -0.5 * ((P - self.targets) ** 2).sum(1)
     def grad(self, P: torch.Tensor) -> torch.Tensor: return self.targets - P
 
+@dataclass
+class EntropyRegularisedObjective:
+    "V_i of §3.3 as a task objective: Q_i(P) = −½‖P_i − y_i‖² + λ H(softmax(P_i A / T)) (maximised)."
+    targets: torch.Tensor
+    actions: torch.Tensor          # A: [p, K] action embeddings
+    weight: float                  # λ_i
+    temperature: float = 1.0       # T
+
+    def __post_init__(self):
+        if self.actions.ndim != 2 or self.actions.shape[0] != self.targets.shape[-1]:
+            raise ValueError(f"actions: expected shape [{self.targets.shape[-1]}, K], got {tuple(self.actions.shape)}")
+        if not (np.isfinite(self.weight) and self.weight >= 0): raise ValueError(f"weight: expected a finite λ >= 0, got {self.weight!r}")
+        if not (np.isfinite(self.temperature) and self.temperature > 0): raise ValueError(f"temperature: expected T > 0, got {self.temperature!r}")
+
+    @classmethod
+    def from_config(cls, targets: torch.Tensor, cfg: Config, seed: int = 0) -> "EntropyRegularisedObjective":
+        "Seeded random unit-norm action embeddings A [p, entropy_actions]; λ and T from `cfg.consensus`."
+        p, K = targets.shape[-1], cfg.consensus.entropy_actions
+        A = torch.randn(p, K, generator=torch.Generator().manual_seed(seed))
+        A = A / torch.linalg.vector_norm(A, dim=0, keepdim=True)
+        return cls(targets, A.to(targets.device, targets.dtype), cfg.consensus.entropy_weight, cfg.consensus.entropy_temperature)
+
+    def log_policy(self, P: torch.Tensor) -> torch.Tensor: return torch.log_softmax(P @ self.actions.to(P.dtype) / self.temperature, dim=1)
+    def entropy(self, P: torch.Tensor) -> torch.Tensor:
+        "H(p_i) for every agent [n]."
+        logp = self.log_policy(P); return -(logp.exp() * logp).sum(1)
+    def value(self, P: torch.Tensor) -> torch.Tensor: return -0.5 * ((P - self.targets) ** 2).sum(1) + self.weight * self.entropy(P)
+    def grad(self, P: torch.Tensor) -> torch.Tensor:
+        "∇Q_i = y_i − P_i + λ (−p ⊙ (log p + H)) Aᵀ / T."
+        logp = self.log_policy(P); p = logp.exp(); H = -(p * logp).sum(1, keepdim=True)
+        return (self.targets - P) + self.weight * ((-p * (logp + H)) @ self.actions.to(P.dtype).T) / self.temperature
+
 def penalty_omega(P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, weights: torch.Tensor, beta: float) -> torch.Tensor:
     "Ω(c, c_t) = ‖c − c_t‖² + β Σ_ij w_ij ‖c_i − c_j‖² (eq. 3)."
     spatial = (weights * ((P[topo.rows] - P[topo.indices]) ** 2).sum(1)).sum()
@@ -226,10 +319,12 @@ def consensus_objective(P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, w
 class ConsensusEngine:
     "Runs eq. 4 steps on a StateBank with the §3.3 gates, §3.5 clipping and rollback, and counters."
     def __init__(self, cfg: Config, topo: Topology, device=None, objective: Objective | None = None, rollback_rule: str | None = None,
-                 trust_scope: str | None = None, reuse_buffers: bool = False):
+                 trust_scope: str | None = None, reuse_buffers: bool = False, kernel: str = "auto"):
         rollback_rule = cfg.consensus.rollback_rule if rollback_rule is None else rollback_rule
         trust_scope = cfg.consensus.trust_scope if trust_scope is None else trust_scope
         self.reuse_buffers = reuse_buffers
+        if kernel not in PULL_KERNELS: raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self._spare: torch.Tensor | None = None      # a P-sized buffer the next step may write into (reuse_buffers)
         self._pull_buf: torch.Tensor | None = None   # the neighbour-pull buffer (reuse_buffers)
         if trust_scope not in ("global", "agent"): raise ValueError(f"trust_scope: expected 'global' or 'agent', got {trust_scope!r}")
@@ -291,23 +386,19 @@ class ConsensusEngine:
         return self._weights
 
     def _mixed(self, P: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
-        "(pull = W·P − r⊙P, row sums r or None when all 1, ‖pull‖, ‖P‖), cached while P (same tensor and version) and w are unchanged."
+        "(pull = W·P − r⊙P, row sums r or None when all 1, ‖pull‖, ‖P‖) by `fused_pull`, cached while P (same tensor and version) and w are unchanged."
         c = self._pull_cache
         if c is not None and c[0] is P and c[1] == P._version and c[2] is w: return c[3:]
-        A = self.topo.matrix(w.to(P.dtype))
         buf = self._pull_buf
-        if self.reuse_buffers and buf is not None and buf.shape == P.shape and buf.dtype == P.dtype and buf.device == P.device:
-            pull = torch.mm(A, P, out=buf)
-        else:
-            pull = A @ P
-            if self.reuse_buffers: self._pull_buf = pull
+        ok = self.reuse_buffers and buf is not None and buf.shape == P.shape and buf.dtype == P.dtype and buf.device == P.device and buf is not P
+        pull, res, normP = fused_pull(P, self.topo, w, out=buf if ok else None, kernel=self.kernel)
+        if self.reuse_buffers: self._pull_buf = pull
         if self._rows_cache is None or self._rows_cache[0] is not w:
             r = segment_sum(w.to(P.dtype), self.topo)
             ones = bool(torch.all((r - 1).abs() <= 1e-5)) if r.numel() else True   # rows of eq. 5 weights sum to 1 up to rounding
             self._rows_cache = (w, None if ones else r)
         r = self._rows_cache[1]
-        pull.sub_(P if r is None else P * r[:, None])
-        out = (pull, r, float(torch.linalg.vector_norm(pull)), float(torch.linalg.vector_norm(P)))
+        out = (pull, r, res, normP)
         self._pull_cache = (P, P._version, w) + out
         return out
 
@@ -397,38 +488,46 @@ def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None])
 
 def tick_benchmark(sizes: tuple[int, ...] = (1000, 100_000), degree: int = 16, repeats: int = 15, device: str = "cpu",
                    kind: str = "small_world", seed: int = 0, profile: str = "full", threads: int | None = None,
-                   reuse_buffers: bool = True) -> "pd.DataFrame":
-    "Median tick time (capability update + consensus step), P-copy time, ratio and bytes per agent for each size."
+                   reuse_buffers: bool = True, kernels: tuple[str, ...] = ("auto",)) -> "pd.DataFrame":
+    "Median tick time (capability update + consensus step) per size and kernel, two plain copies of P, ratios, bytes per agent."
     import pandas as pd
+    for k in kernels:
+        if k not in PULL_KERNELS: raise ValueError(f"kernels: {k!r} is not one of {PULL_KERNELS}")
     old_threads = torch.get_num_threads()
     if threads is not None: torch.set_num_threads(threads)
-    try: return _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers)
+    try: return _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers, kernels)
     finally: torch.set_num_threads(old_threads)
 
-def _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers) -> "pd.DataFrame":
-    "The rows of `tick_benchmark` (one per size)."
+def _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers, kernels) -> "pd.DataFrame":
+    "The rows of `tick_benchmark` (one per size and kernel)."
     import pandas as pd
     cfg = load_config(profile, seed=seed, device=device, consensus__degree=degree)
     dev = get_device(device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     rows = []
     for n in sizes:
-        bank = StateBank.create(n, cfg, device=dev, seed=seed)
         topo = make_topology(kind, n, degree=degree, seed=seed, device=dev, rewire_p=cfg.consensus.rewire_p)
-        engine = ConsensusEngine(cfg, topo, dev, reuse_buffers=reuse_buffers)
         g = torch.Generator(device=dev).manual_seed(seed)
         B = max(1, int(TICK_UPDATE_SHARE * n))
         agent = torch.randint(0, n, (B,), generator=g, device=dev)
         task = torch.randint(0, cfg.state.n_tasks, (B,), generator=g, device=dev)
         mod = torch.randint(0, cfg.state.n_modalities, (B,), generator=g, device=dev)
         out = (torch.rand(B, generator=g, device=dev) > 0.3).float()
-        def tick():
-            bank.update_capability(agent, task, mod, out)
-            engine.step(bank)
-        copy_ms, copy_cpu = _median_ms(lambda: bank.P.clone(), repeats, sync)
-        tick_ms, tick_cpu = _median_ms(tick, repeats, sync)
-        state_b = bank.nbytes() / n; edge_b = topo.nbytes() / n
-        rows.append(dict(n_agents=n, degree=degree, edges=topo.n_edges, device=dev.type, threads=torch.get_num_threads(), reuse_buffers=reuse_buffers, tick_ms=tick_ms, copy_P_ms=copy_ms,
-                         ratio_to_copy=tick_ms / copy_ms, tick_cpu_ms=tick_cpu, copy_P_cpu_ms=copy_cpu, bytes_per_agent_state=state_b, bytes_per_agent_edges=edge_b,
-                         bytes_per_agent_total=state_b + edge_b))
+        for kernel in kernels:
+            bank = StateBank.create(n, cfg, device=dev, seed=seed)
+            engine = ConsensusEngine(cfg, topo, dev, reuse_buffers=reuse_buffers, kernel=kernel)
+            def tick():
+                bank.update_capability(agent, task, mod, out)
+                engine.step(bank)
+            spare = torch.empty_like(bank.P)
+            clone_ms, clone_cpu = _median_ms(lambda: bank.P.clone(), repeats, sync)
+            copy_ms, copy_cpu = _median_ms(lambda: spare.copy_(bank.P), repeats, sync)
+            tick_ms, tick_cpu = _median_ms(tick, repeats, sync)
+            used = "numba" if kernel != "torch" and _numba_ready(bank.P, engine.weights(bank.alive)) else "torch"
+            state_b = bank.nbytes() / n; edge_b = topo.nbytes() / n
+            rows.append(dict(n_agents=n, degree=degree, edges=topo.n_edges, device=dev.type, threads=torch.get_num_threads(), kernel=used,
+                             tick_ms=tick_ms, copy_P_ms=copy_ms, clone_P_ms=clone_ms, ratio_to_copy=tick_ms / copy_ms, ratio_to_clone=tick_ms / clone_ms,
+                             tick_cpu_ms=tick_cpu, copy_P_cpu_ms=copy_cpu, bytes_per_agent_state=state_b, bytes_per_agent_edges=edge_b,
+                             bytes_per_agent_total=state_b + edge_b))
+            del bank, engine, spare
     return pd.DataFrame(rows)

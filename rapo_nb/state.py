@@ -280,6 +280,7 @@ class StateBank:
     capability_score: torch.Tensor
     alive: torch.Tensor
     role: torch.Tensor
+    c_slot: torch.Tensor | None = None   # lazy agents: row of C holding agent i's context, −1 = not materialised (None: C is dense)
     eta: float = 0.1
     decay: float = 0.95
     prompt_seed: int = 0
@@ -288,7 +289,7 @@ class StateBank:
 
     @classmethod
     def create(cls, n: int, cfg: Config, device=None, seed: int = 0) -> "StateBank":
-        "N agents: P from the role PCA (roles round-robin over SPECIALISTS), C = 0, M = 0.5, uniform ω."
+        "N agents: P from the role PCA (roles round-robin over SPECIALISTS), C = 0 (no rows when lazy), M = 0.5, uniform ω."
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0: raise ValueError(f"n: expected an integer >= 0, got {n!r}")
         dev = get_device(cfg.device) if device is None else torch.device(device)
         s = cfg.state
@@ -296,7 +297,9 @@ class StateBank:
         m_dtype = torch.float16 if s.fp16_capability else torch.float32
         alive = torch.ones(n, dtype=torch.bool, device=dev)
         util = torch.zeros(n, device=dev)
-        bank = cls(P=init_prompts(role, cfg, seed=seed, device=dev), C=torch.zeros(n, s.context_dim, device=dev),
+        lazy = bool(s.lazy_agents)
+        c_slot = torch.full((n,), -1, dtype=torch.long, device=dev) if lazy else None
+        bank = cls(P=init_prompts(role, cfg, seed=seed, device=dev), C=torch.zeros(0 if lazy else n, s.context_dim, device=dev), c_slot=c_slot,
                    M=torch.full((n, s.n_tasks, s.n_modalities), 0.5, dtype=m_dtype, device=dev),
                    omega=importance_weights(util, alive), utilisation=util, capability_score=torch.full((n,), 0.5, device=dev),
                    alive=alive, role=role, eta=s.capability_eta, decay=s.capability_decay, prompt_seed=seed, cfg=cfg)
@@ -308,10 +311,18 @@ class StateBank:
     def device(self) -> torch.device: return self.P.device
     @property
     def n_alive(self) -> int: return int(self.alive.sum())
+    @property
+    def lazy(self) -> bool: return self.c_slot is not None
+    @property
+    def n_materialised(self) -> int:
+        "Agents whose C row exists (all agents for a dense bank)."
+        return int((self.c_slot >= 0).sum()) if self.lazy else self.n
+
+    def _field_names(self) -> tuple[str, ...]: return _FIELDS + (("c_slot",) if self.lazy else ())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        "The bank's tensors by field name."
-        return {k: getattr(self, k) for k in _FIELDS}
+        "The bank's tensors by field name (plus `c_slot` for a lazy bank)."
+        return {k: getattr(self, k) for k in self._field_names()}
 
     def nbytes(self) -> int:
         "Bytes held by the bank's tensors."
@@ -321,7 +332,14 @@ class StateBank:
         "Check shapes, dtypes, finiteness and ω; raise ValueError naming the field. Returns self."
         n = self.n
         if self.P.ndim != 2: raise ValueError(f"P: expected [N, p], got {tuple(self.P.shape)}")
-        if self.C.ndim != 2 or self.C.shape[0] != n: raise ValueError(f"C: expected [{n}, c], got {tuple(self.C.shape)}")
+        if self.lazy:
+            slot = self.c_slot
+            if not torch.is_tensor(slot) or slot.dtype != torch.long or slot.shape != (n,): raise ValueError(f"c_slot: expected int64 [{n}], got {getattr(slot, 'dtype', type(slot))} {tuple(getattr(slot, 'shape', ()))}")
+            used = slot[slot >= 0]
+            if self.C.ndim != 2 or self.C.shape[0] != used.numel(): raise ValueError(f"C: a lazy bank with {used.numel()} materialised agents needs [{used.numel()}, c] rows, got {tuple(self.C.shape)}")
+            if (slot < -1).any() or (used.numel() and (int(used.max()) >= used.numel() or used.unique().numel() != used.numel())):
+                raise ValueError("c_slot: materialised agents must map one-to-one onto the rows of C (−1 for the others)")
+        elif self.C.ndim != 2 or self.C.shape[0] != n: raise ValueError(f"C: expected [{n}, c], got {tuple(self.C.shape)}")
         if self.M.ndim != 3 or self.M.shape[0] != n: raise ValueError(f"M: expected [{n}, m, l], got {tuple(self.M.shape)}")
         if self.cfg is not None:
             s = self.cfg.state
@@ -348,15 +366,17 @@ class StateBank:
 
     def restore(self, snap: dict) -> "StateBank":
         "Restore the tensors of `snap` (from `snapshot`) after checking their shapes and dtypes."
-        missing = [k for k in _FIELDS if k not in snap]
+        names = self._field_names()
+        missing = [k for k in names if k not in snap]
         if missing: raise ValueError(f"snap: missing fields {missing}")
-        for k in _FIELDS:
+        if not self.lazy and "c_slot" in snap: raise ValueError("snap: comes from a lazy bank (has c_slot); this bank is dense")
+        for k in names:
             cur, new = getattr(self, k), snap[k]
             if not torch.is_tensor(new) or new.dtype != cur.dtype or new.shape[1:] != cur.shape[1:]:
                 raise ValueError(f"{k}: snapshot tensor {getattr(new, 'dtype', type(new))} {tuple(getattr(new, 'shape', ()))} does not fit {cur.dtype} {tuple(cur.shape)}")
-        sizes_ = {snap[k].shape[0] for k in _FIELDS}
+        sizes_ = {snap[k].shape[0] for k in names if not (self.lazy and k == "C")}
         if len(sizes_) != 1: raise ValueError(f"snap: fields disagree on N: {sorted(sizes_)}")
-        for k in _FIELDS: setattr(self, k, snap[k].clone().to(self.device))
+        for k in names: setattr(self, k, snap[k].clone().to(self.device))
         self.rejected_updates = int(snap.get("rejected_updates", self.rejected_updates))
         return self
 
@@ -405,13 +425,44 @@ class StateBank:
         return self
 
     def set_rows(self, name: str, ids, values: torch.Tensor) -> "StateBank":
-        "Overwrite rows `ids` of field `name` ('P' or 'C') with `values`; NaN/Inf refused."
+        "Overwrite rows `ids` of field `name` ('P' or 'C') with `values`; NaN/Inf refused. A lazy bank materialises new C rows."
         if name not in ("P", "C"): raise ValueError(f"name: expected 'P' or 'C', got {name!r}")
         ids = self._ids(ids, "ids"); cur = getattr(self, name)
         values = torch.as_tensor(values, device=self.device)
         if values.shape != (ids.numel(), cur.shape[1]): raise ValueError(f"{name}: expected values of shape [{ids.numel()}, {cur.shape[1]}], got {tuple(values.shape)}")
         self._refuse(name, values)
+        if name == "C" and self.lazy:
+            slot = self.c_slot.clone(); fresh = ids[slot[ids] < 0].unique()
+            if fresh.numel():
+                slot[fresh] = torch.arange(cur.shape[0], cur.shape[0] + fresh.numel(), device=self.device)
+                new = torch.cat([cur, torch.zeros(fresh.numel(), cur.shape[1], dtype=cur.dtype, device=self.device)])
+            else: new = cur.clone()
+            new[slot[ids]] = values.to(cur.dtype); self.C, self.c_slot = new, slot
+            return self
         new = cur.clone(); new[ids] = values.to(cur.dtype); setattr(self, name, new)
+        return self
+
+    def context(self, ids=None) -> torch.Tensor:
+        "C as dense rows [len(ids), c] (all agents when `ids` is None; the bank's own tensor for a dense bank); C never written reads as 0."
+        if not self.lazy: return self.C if ids is None else self.C[self._ids(ids, "ids")]
+        slot = self.c_slot if ids is None else self.c_slot[self._ids(ids, "ids")]
+        out = torch.zeros(slot.numel(), self.C.shape[1], dtype=self.C.dtype, device=self.device)
+        have = slot >= 0
+        out[have] = self.C[slot[have]]
+        return out
+
+    def release_context(self, ids) -> "StateBank":
+        "Agents `ids` left their conversations: their C reads as 0 again; a lazy bank frees the rows (§4.5 lazy agents)."
+        ids = self._ids(ids, "ids")
+        if not self.lazy:
+            new = self.C.clone(); new[ids] = 0.0; self.C = new
+            return self
+        slot = self.c_slot.clone(); drop = slot[ids]; drop = drop[drop >= 0]
+        if drop.numel() == 0: return self
+        keep = torch.ones(self.C.shape[0], dtype=torch.bool, device=self.device); keep[drop] = False
+        remap = torch.cumsum(keep.long(), 0) - 1
+        slot[ids] = -1; have = slot >= 0; slot[have] = remap[slot[have]]
+        self.C, self.c_slot = self.C[keep], slot
         return self
 
     def set_prompts(self, P_new: torch.Tensor) -> "StateBank":
@@ -436,6 +487,8 @@ class StateBank:
                      omega=torch.zeros(k, device=self.device), utilisation=torch.zeros(k, device=self.device),
                      capability_score=torch.full((k,), 0.5, device=self.device),
                      alive=torch.ones(k, dtype=torch.bool, device=self.device), role=role)
+        if self.lazy:
+            fresh.pop("C"); self.c_slot = torch.cat([self.c_slot, torch.full((k,), -1, dtype=torch.long, device=self.device)])
         for name, t in fresh.items(): setattr(self, name, torch.cat([getattr(self, name), t]))
         self.omega = importance_weights(self.utilisation, self.alive)
         return ids
@@ -452,18 +505,25 @@ class StateBank:
     def global_state(self) -> dict[str, torch.Tensor]:
         "Φ(t) = Σ_i ω_i S_i(t) (eq. 1) per component: {'P': [p], 'C': [c], 'M': [m, l]} (float32)."
         w = self.omega.float()
-        return {"P": w @ self.P.float(), "C": w @ self.C.float(), "M": torch.einsum("n,nml->ml", w, self.M.float())}
+        if self.lazy:
+            have = self.c_slot >= 0
+            C = w[have] @ self.C[self.c_slot[have]].float()
+        else: C = w @ self.C.float()
+        return {"P": w @ self.P.float(), "C": C, "M": torch.einsum("n,nml->ml", w, self.M.float())}
 
 # %% ../nbs/01_state.ipynb #77dff699
-def memory_table(cfg: Config, n: int = 1000) -> "pd.DataFrame":
-    "Bytes per agent of the bank: fp32, fp16 M, and fp16 M with C not materialised (lazy agents)."
+def memory_table(cfg: Config, n: int = 1000, active_share: float | None = None) -> "pd.DataFrame":
+    "Bytes per agent of the bank, measured: fp32, fp16 M, and fp16 M + lazy agents with `active_share` of them in a conversation."
     import pandas as pd
+    share = cfg.scaling.active_share if active_share is None else active_share
+    if not 0.0 <= share <= 1.0: raise ValueError(f"active_share: expected a share in [0, 1], got {share!r}")
     rows = []
-    for name, fp16, lazy in (("fp32", False, False), ("fp16 M (§4.5)", True, False), ("fp16 M + lazy C (§4.5)", True, True)):
-        c = load_config(cfg.profile, state__fp16_capability=fp16)
+    for name, fp16, lazy in (("fp32", False, False), ("fp16 M (§4.5)", True, False), (f"fp16 M + lazy agents, {share:.0%} active (§4.5)", True, True)):
+        c = load_config(cfg.profile, state__fp16_capability=fp16, state__lazy_agents=lazy)
         b = StateBank.create(n, c, device="cpu")
-        nbytes = b.nbytes() - (b.C.element_size() * b.C.numel() if lazy else 0)
-        rows.append(dict(layout=name, bytes_per_agent=nbytes / n))
+        k = int(round(share * n))
+        if lazy and k: b.set_rows("C", torch.arange(k), torch.zeros(k, b.C.shape[1]))
+        rows.append(dict(layout=name, bytes_per_agent=b.nbytes() / n, materialised_contexts=b.n_materialised))
     df = pd.DataFrame(rows)
     df["saving_vs_fp32"] = 1 - df.bytes_per_agent / df.bytes_per_agent.iloc[0]
     return df

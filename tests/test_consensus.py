@@ -1,5 +1,6 @@
 """Tests of rapo_nb.consensus: topologies, eq. 5 weights, the eq. 4 step with its constraints, the engine's safeguards.
 Property tests (hypothesis) run over random graphs, sizes and seeds."""
+import math
 import numpy as np
 import pytest
 import torch
@@ -77,7 +78,9 @@ def test_step_matches_dense_formula_and_is_convex(kind, n, seed, alpha, p):
     P = torch.randn(n, p, generator=g, dtype=torch.float64)
     P1 = consensus_step(P, t, w.double(), alpha, trust_region=None)
     W = t.to_dense(w.double())
-    torch.testing.assert_close(P1, P + alpha * (W @ P - P))
+    # eq. 4 as written, Σ_j w_ij (P_j − P_i), with the float32 weights' row sums r_i (1 up to rounding)
+    torch.testing.assert_close(P1, P + alpha * (W @ P - W.sum(1, keepdim=True) * P))
+    torch.testing.assert_close(P1, P + alpha * (W @ P - P), atol=1e-5, rtol=0)
     # α ≤ 1 with row-stochastic W: each new row is a convex combination, so the range per coordinate cannot grow
     assert (P1.max(0).values <= P.max(0).values + 1e-9).all() and (P1.min(0).values >= P.min(0).values - 1e-9).all()
 
@@ -268,8 +271,12 @@ def test_csr_from_edges_dedups():
 
 
 def test_tick_benchmark_runs_tiny():
-    df = tick_benchmark((50,), degree=4, repeats=2, device="cpu", profile="quick", threads=1)
-    assert list(df.n_agents) == [50] and (df.tick_ms > 0).all() and df.bytes_per_agent_total.iloc[0] > df.bytes_per_agent_state.iloc[0]
+    df = tick_benchmark((50,), degree=4, repeats=2, device="cpu", profile="quick", threads=1, kernels=("numba", "torch"))
+    assert list(df.n_agents) == [50, 50] and list(df.kernel) == ["numba", "torch"] and (df.tick_ms > 0).all()
+    assert (df.bytes_per_agent_total > df.bytes_per_agent_state).all() and (df.copy_P_ms > 0).all() and (df.clone_P_ms > 0).all()
+    assert np.allclose(df.ratio_to_copy, df.tick_ms / df.copy_P_ms)
+    with pytest.raises(ValueError, match="kernels"):
+        tick_benchmark((50,), kernels=("fast",))
 
 
 def test_tiny_pools_work():
@@ -296,3 +303,63 @@ def test_reuse_buffers_gives_identical_trajectory():
     assert runs[0][1] == runs[1][1] >= 1
     for (Pa, ra), (Pb, rb) in zip(runs[0][0], runs[1][0]):
         assert ra == rb and torch.allclose(Pa, Pb, atol=1e-6, rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=kinds, n=sizes, seed=seeds, p=st.integers(1, 40), double=st.booleans(), dead=st.floats(0.0, 0.5))
+def test_fused_numba_pull_equals_torch_pull(kind, n, seed, p, double, dead):
+    from rapo_nb.consensus import fused_pull
+    t = make_topology(kind, n, degree=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    E = torch.rand(t.n_edges, generator=g) * (torch.rand(t.n_edges, generator=g) >= dead)   # some edges dead (weight 0)
+    w = adaptive_weights(t, E, empty="zero").to(dtype)
+    P = torch.randn(n, p, generator=g, dtype=dtype)
+    a, na, pa = fused_pull(P, t, w, kernel="numba")
+    b, nb_, pb = fused_pull(P, t, w, kernel="torch")
+    tol = dict(atol=1e-10, rtol=1e-9) if double else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a, b, **tol)
+    assert math.isclose(na, nb_, rel_tol=1e-4, abs_tol=1e-5) and math.isclose(pa, pb, rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_engine_trajectories_agree_across_kernels():
+    from rapo_nb.config import load_config
+    from rapo_nb.state import StateBank
+    cfg = load_config("quick")
+    topo = make_topology("small_world", 300, degree=8, seed=3)
+    runs = {}
+    for kernel in ("numba", "torch"):
+        bank = StateBank.create(300, cfg, seed=3)
+        eng = ConsensusEngine(cfg, topo, "cpu", kernel=kernel, reuse_buffers=True)
+        infos = [eng.step(bank) for _ in range(25)]
+        runs[kernel] = (bank.P.clone(), [i["converged"] for i in infos], eng.rollbacks)
+    torch.testing.assert_close(runs["numba"][0], runs["torch"][0], atol=1e-5, rtol=1e-4)
+    assert runs["numba"][1:] == runs["torch"][1:]
+
+
+def test_engine_refuses_nan_with_the_numba_kernel():
+    from rapo_nb.config import load_config
+    from rapo_nb.state import StateBank
+    cfg = load_config("quick")
+    topo = make_topology("ring", 50, degree=4, seed=0)
+    bank = StateBank.create(50, cfg, seed=0)
+    eng = ConsensusEngine(cfg, topo, "cpu", kernel="numba")
+    eng.step(bank); good = bank.P.clone()
+    bad = bank.P.clone(); bad[7, 3] = float("nan"); bank.P = bad
+    info = eng.step(bank)
+    assert info["rejected"] and eng.rejected == 1
+    with pytest.raises(ValueError, match="kernel"):
+        ConsensusEngine(cfg, topo, "cpu", kernel="fast")
+
+
+def test_bench_tick_script_prints_targets_and_verdicts():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tick.py"
+    spec = importlib.util.spec_from_file_location("bench_tick", path)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    df = mod.bench_tick(sizes=(40, 1000), degree=4, repeats=1, threads=1)
+    assert sorted(set(df.kernel)) == ["numba", "torch"] and len(df) == 4
+    small, big = df[df.n_agents == 40], df[df.n_agents == 1000]
+    assert small.meets_target.isna().all() and small.target_ms.isna().all()
+    assert (big.target_ms == 2.0).all() and list(big.meets_target) == list(big.tick_ms <= 2.0)

@@ -155,7 +155,7 @@ def test_scaling_claims_verdicts_are_computed():
     sw = _sweep([10, 100, 500, 1000])
     dom = pd.DataFrame(dict(agents=[10, 100, 600], topology="complete", consensus_share=[0.1, 0.3, 0.8]))
     opt = pd.DataFrame(dict(variant=["baseline (fp32 M, full history, all agents)", "all three"], saving_accounted=[0.0, 0.38],
-                            saving_rss=[0.0, 0.3], measured=[True, True]))
+                            saving_rss=[0.0, 0.3]))
     succ = pd.DataFrame(dict(agents=[10, 100], success_simulated=[0.9, 0.8], overhead_share=[0.05, 0.2]))
     c = sc.scaling_claims(sw, sc.fit_memory_law(sw.agents, sw.rss_delta_mb / 1e3), dom, opt, succ).set_index("claim")
     assert c.loc["§4.5 optimisations save ≈ 40 % memory", "verdict"] == "reproduced"

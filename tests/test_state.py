@@ -172,3 +172,55 @@ def test_bad_input_names_field():
         bank.set_prompts(torch.zeros(3, 5))
     bank.M = bank.M.clone(); bank.M[0, 0, 0] = 2.0
     with pytest.raises(ValueError, match="M"): bank.validate()
+
+
+# ---------------------------------------------------------------- lazy agents (§4.5)
+_ops = st.lists(st.tuples(st.sampled_from(["set", "release", "add", "remove", "snapshot_restore"]),
+                          st.lists(st.integers(0, 10_000), min_size=1, max_size=6)), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 30), ops=_ops, seed=st.integers(0, 1000))
+def test_lazy_bank_behaves_like_the_dense_bank(n, ops, seed):
+    cfg = load_config("quick", device="cpu")
+    lazy_cfg = load_config("quick", device="cpu", state__lazy_agents=True)
+    dense, lazy = StateBank.create(n, cfg, seed=seed), StateBank.create(n, lazy_cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for op, raw in ops:
+        ids = torch.tensor([r % dense.n for r in raw])
+        if op == "set":
+            vals = torch.randn(ids.numel(), cfg.state.context_dim, generator=g)
+            uniq = torch.unique(ids); vals = vals[:uniq.numel()]   # distinct ids: the row written is well defined
+            for b in (dense, lazy): b.set_rows("C", uniq, vals)
+        elif op == "release":
+            for b in (dense, lazy): b.release_context(ids)
+        elif op == "add":
+            for b in (dense, lazy): b.add_agents(len(raw))
+        elif op == "remove":
+            for b in (dense, lazy): b.remove_agents(ids)
+        else:
+            snaps = [b.snapshot() for b in (dense, lazy)]
+            for b in (dense, lazy): b.release_context(torch.arange(b.n))
+            for b, s in zip((dense, lazy), snaps): b.restore(s)
+        lazy.validate(); dense.validate()
+        torch.testing.assert_close(lazy.context(), dense.context())
+    torch.testing.assert_close(lazy.global_state()["C"], dense.global_state()["C"])
+    nonzero_rows = int((dense.context().abs().sum(1) > 0).sum())
+    assert lazy.n_materialised >= nonzero_rows and lazy.C.shape[0] == lazy.n_materialised
+
+
+def test_lazy_bank_saves_memory_and_rejects_bad_slots():
+    cfg = load_config("quick", device="cpu", state__lazy_agents=True)
+    bank = StateBank.create(100, cfg)
+    dense = StateBank.create(100, load_config("quick", device="cpu"))
+    bank.set_rows("C", torch.arange(10), torch.ones(10, cfg.state.context_dim))
+    saved = dense.nbytes() - bank.nbytes()
+    assert saved == 90 * cfg.state.context_dim * 4 - 100 * 8          # 90 rows of C not held, 8 bytes of c_slot per agent
+    bank.c_slot = bank.c_slot.clone(); bank.c_slot[9] = 3                # agents 3 and 9 on one row, row 9 orphaned
+    with pytest.raises(ValueError, match="c_slot"):
+        bank.validate()
+    bank.c_slot = bank.c_slot.int()
+    with pytest.raises(ValueError, match="c_slot"):
+        bank.validate()
+    with pytest.raises(ValueError, match="ids"):
+        StateBank.create(5, cfg).release_context(torch.tensor([7]))
