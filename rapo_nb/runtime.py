@@ -579,7 +579,7 @@ class Orchestrator:
         self.env = simpy.Environment()
         self.resources = [simpy.Resource(self.env, capacity=int(cfg.routing.c_max)) for _ in range(self.n)]
         self.alive = np.ones(self.n, dtype=bool)
-        self.stable_C = self.bank.C.clone()
+        self.stable_C = self.bank.context().clone()   # dense [N, c] copy (also for a lazy bank)
         self.route_queue: list = []
         self.absorb: list = []           # (agent, task, modality, outcome, record) finished since the last tick
         self.exchanges: list = []        # (outgoing agent, receiving agent, first answer succeeded) of handoffs since the last tick
@@ -651,7 +651,7 @@ class Orchestrator:
         out = self.engine.step(self.bank)
         self.consensus_rounds += 1
         if out.get("rolled_back"): self.rollbacks += 1
-        if out.get("converged"): self.stable_C = self.bank.C.clone()
+        if out.get("converged"): self.stable_C = self.bank.context().clone()
         if self.metrics:
             self.metrics.consensus_rounds.inc()
             if out.get("rolled_back"): self.metrics.rollbacks.inc()

@@ -55,7 +55,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 class GoalRunner:
     "Runs goals: planner → executors (level by level) → checker, with every intermediate result in Redis."
     def __init__(self, r: aioredis.Redis, cfg: Config, pool: ExecutorPool, params: SimParams | None = None):
-        self.r, self.cfg, self.pool, self.params = r, cfg, pool, params or SimParams()
+        self.r, self.cfg, self.pool, self.params = r, cfg, pool, params or SimParams.from_config(cfg)
         self.tasks: set[asyncio.Task] = set()
 
     async def publish(self, goal_id: str, event: str, **data) -> None:

@@ -232,3 +232,18 @@ def test_orchestrator_reads_simulated_world_from_config():
     assert (types[0.0] == "agent_selection").sum() == 0 and (types[1.0] == "agent_selection").sum() > 0
     assert set(types[1.0].dropna()) <= {"resource", "context_loss", "agent_selection"}
     assert (types[0.0].isna() == types[1.0].isna()).all()
+
+
+def test_lazy_agents_change_memory_not_behaviour():
+    "A lazy StateBank (§4.5) in the orchestrator gives the same turns as a dense one, and holds fewer C rows."
+    runs = {}
+    for lazy in (False, True):
+        cfg = load_config("quick", state__lazy_agents=lazy)
+        orch = Orchestrator(cfg, "rapo", 3, update_context=True)
+        orch.run(CONVS[:8])
+        runs[lazy] = (pd.DataFrame(orch.turn_records), orch.bank)
+    (dense_turns, dense_bank), (lazy_turns, lazy_bank) = runs[False], runs[True]
+    cols = ["conv_id", "turn", "agent", "handoff", "response", "outcome", "context_given"]
+    pd.testing.assert_frame_equal(dense_turns[cols], lazy_turns[cols])
+    torch.testing.assert_close(lazy_bank.context(), dense_bank.context())
+    assert lazy_bank.lazy and lazy_bank.C.shape[0] == lazy_bank.n_materialised < dense_bank.C.shape[0]
