@@ -10,16 +10,18 @@ import math, time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
+from numba import njit
 import torch
 import torch.nn.functional as F
 from .config import Config, RoutingConfig, load_config, get_device
 
 # %% auto #0
 __all__ = ['NO_AGENT', 'CAPABILITY_MIX', 'LOAD_FEEDBACK', 'ROUTERS', 'load_coefficients', 'load_factor', 'NoAgentAvailable',
-           'AgentLoad', 'simulated_load', 'capability_matrix', 'Router', 'greedy_rounds', 'RapoRouter',
-           'SequentialRouter', 'RoundRobinRouter', 'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter',
-           'make_router', 'BoundedWaitQueue', 'route_with_wait', 'replacement_for', 'Handover', 'fail_over',
-           'pools_by_strength', 'TwoLevelScheduler', 'hidden_skill', 'simulate_routing', 'best_agent_probability']
+           'AgentLoad', 'simulated_load', 'capability_matrix', 'Router', 'greedy_rounds_reference', 'candidate_agents',
+           'greedy_rounds', 'RapoRouter', 'SequentialRouter', 'RoundRobinRouter', 'LeastLoadedRouter',
+           'SimilarityRouter', 'RandomRouter', 'make_router', 'BoundedWaitQueue', 'route_with_wait', 'replacement_for',
+           'Handover', 'fail_over', 'pools_by_strength', 'TwoLevelScheduler', 'hidden_skill', 'simulate_routing',
+           'best_agent_probability']
 
 # %% ../nbs/04_routing.ipynb #db15668f
 NO_AGENT = -1  # sentinel in `select(..., allow_unassigned=True)`: no eligible agent for this request right now
@@ -173,11 +175,12 @@ class Router(Protocol):
     def select(self, task: torch.Tensor, modality: torch.Tensor, bank, load: AgentLoad,
                query_vec: torch.Tensor | None = None, allow_unassigned: bool = False) -> torch.Tensor: ...
 
-def greedy_rounds(key_scores: torch.Tensor, inv: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, inc: float,
-                  feedback: bool = True) -> torch.Tensor:
-    """Batch argmax of key_scores[u, a]·(1 − L_a) with load feedback. Each step, the oldest waiting request of every key picks
-    its best agent; an agent wanted by several keys goes to the earliest request (the others retry next step); each pick adds
-    `inc` to the agent's load (saturated agents, L ≥ 1, drop out). Ties → lowest agent id. Returns LongTensor [B] (NO_AGENT if none)."""
+def greedy_rounds_reference(key_scores: torch.Tensor, inv: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, inc: float,
+                            feedback: bool = True) -> torch.Tensor:
+    """The readable definition of the batch rule (`greedy_rounds` computes the same, fast). Batch argmax of
+    key_scores[u, a]·(1 − L_a) with load feedback: each step, the oldest waiting request of every key picks its best agent;
+    an agent wanted by several keys goes to the earliest request (the others retry next step); each pick adds `inc` to the
+    agent's load (saturated agents, L ≥ 1, drop out). Ties → lowest agent id. Returns LongTensor [B] (NO_AGENT if none)."""
     B, dev = inv.numel(), inv.device
     out = torch.full((B,), NO_AGENT, dtype=torch.long, device=dev)
     if B == 0: return out
@@ -221,6 +224,214 @@ def greedy_rounds(key_scores: torch.Tensor, inv: torch.Tensor, L0: torch.Tensor,
         s[:, chosen] = torch.where(waiting[:, None] & (Lc < 1.0)[None, :], key_scores[:, chosen] * (1.0 - Lc)[None, :], float("-inf"))
     return out
 
+# %% ../nbs/04_routing.ipynb #b0fe62e2
+_CACHE = __name__ != "__main__"   # numba caches compiled kernels on disk for the module, not for notebook cells
+_NINF = np.float32(-np.inf)
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _worse(v, a, w, b) -> bool:
+    "(value v, agent a) ranks below (w, b): a lower value, or the same value and a higher id (the argmax prefers lower ids)."
+    return v < w or (v == w and a > b)
+
+@njit(cache=_CACHE, nogil=True)
+def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
+    """One pass over the agent-major scores kt [N, U]: for every key u, the Ks[u] best eligible agents by (v⁰, −id),
+    v⁰ = kt[a, u]·(1 − L0[a]) in float32, kept as a min-heap (worst at the root) in cid[u], cval[u]; ccnt[u] how many.
+    Returns flags: 1 if some score is negative or NaN, 2 if some eligible v⁰ is not finite (then the caller falls back)."""
+    N, U = kt.shape
+    one = np.float32(1.0)
+    neg, nonfinite = False, False
+    thr = np.full(U, -np.inf, np.float32)            # the worst kept value once a heap is full: only better values get in
+    for u in range(U): ccnt[u] = 0
+    for a in range(N):                                # ascending ids: an agent tied with the worst kept one has a higher id
+        if not elig[a]:
+            for u in range(U):
+                if not (kt[a, u] >= 0): neg = True
+            continue
+        f = one - L0[a]
+        for u in range(U):
+            k = kt[a, u]
+            if not (k >= 0): neg = True
+            v = k * f
+            if v > thr[u]:
+                if not (v < np.inf):
+                    nonfinite = True
+                    continue
+                n, K = ccnt[u], Ks[u]
+                if n < K:                             # heap not full: sift the new agent up
+                    i = n; n += 1; ccnt[u] = n
+                    while i > 0:
+                        p = (i - 1) >> 1
+                        if _worse(v, a, cval[u, p], cid[u, p]):
+                            cval[u, i] = cval[u, p]; cid[u, i] = cid[u, p]; i = p
+                        else: break
+                    cval[u, i] = v; cid[u, i] = a
+                else:                                 # full: the new agent replaces the worst, sift it down
+                    i = 0
+                    while True:
+                        c = 2 * i + 1
+                        if c >= n: break
+                        if c + 1 < n and _worse(cval[u, c + 1], cid[u, c + 1], cval[u, c], cid[u, c]): c += 1
+                        if _worse(cval[u, c], cid[u, c], v, a):
+                            cval[u, i] = cval[u, c]; cid[u, i] = cid[u, c]; i = c
+                        else: break
+                    cval[u, i] = v; cid[u, i] = a
+                if n == K: thr[u] = cval[u, 0]
+            elif not (v > -np.inf): nonfinite = True  # −inf, or NaN (NaN fails every comparison)
+    return (1 if neg else 0) + (2 if nonfinite else 0)
+
+@njit(cache=_CACHE, nogil=True)
+def _sift_down_max(hv, hi, u, i, n) -> None:
+    "Restore the max-heap (by value, then lower id) of key u below position i (n entries)."
+    v, a = hv[u, i], hi[u, i]
+    while True:
+        c = 2 * i + 1
+        if c >= n: break
+        if c + 1 < n and _worse(hv[u, c], hi[u, c], hv[u, c + 1], hi[u, c + 1]): c += 1
+        if _worse(v, a, hv[u, c], hi[u, c]):
+            hv[u, i] = hv[u, c]; hi[u, i] = hi[u, c]; i = c
+        else: break
+    hv[u, i] = v; hi[u, i] = a
+
+@njit(cache=_CACHE, nogil=True)
+def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out) -> bool:
+    """The steps of `greedy_rounds_reference` on the candidates of `_top_candidates` (turned into max-heaps). A candidate's
+    value after p picks is kt[a, u]·(1 − (L0[a] + p·inc)) in float32, −inf once L ≥ 1 or p ≥ cap; stale heap tops are
+    re-valued lazily (values only fall, so a top whose stored value is current is the key's argmax). Writes `out` [B].
+    Checks the exactness condition at every step: a waiting key whose candidates are not all its eligible agents
+    (complete[u] False) must still have an untouched candidate; returns False (out unusable) the moment one has none."""
+    N, U = kt.shape
+    B = inv.shape[0]
+    one = np.float32(1.0)
+    counts = np.zeros(U, np.int64)
+    for r in range(B): counts[inv[r]] += 1
+    nxt, ends = np.empty(U, np.int64), np.empty(U, np.int64)
+    s = 0
+    for u in range(U):
+        nxt[u] = s; s += counts[u]; ends[u] = s
+    order, fill = np.empty(B, np.int64), nxt.copy()    # requests grouped by key, arrival order inside a key
+    for r in range(B):
+        u = inv[r]; order[fill[u]] = r; fill[u] += 1
+    hn = ccnt.copy()
+    for u in range(U):                                 # min-heaps (worst first) → max-heaps (best first)
+        for i in range(hn[u] // 2 - 1, -1, -1): _sift_down_max(cval, cid, u, i, hn[u])
+    start = np.zeros(N + 1, np.int64)                  # keys_of[start[a]:start[a + 1]]: the keys having agent a as a candidate
+    for u in range(U):
+        for j in range(hn[u]): start[cid[u, j] + 1] += 1
+    for a in range(N): start[a + 1] += start[a]
+    keys_of, fill = np.empty(start[N], np.int64), start[:N].copy()
+    for u in range(U):
+        for j in range(hn[u]):
+            a = cid[u, j]; keys_of[fill[a]] = u; fill[a] += 1
+    untouched = hn.copy()                              # candidates of each key that nobody has picked yet
+    picks = np.zeros(N, np.int64)
+    claim = np.full(N, B, np.int64)                    # earliest request wanting each agent in this step
+    prop = np.full(U, -1, np.int64)
+    while True:
+        proposed = False
+        for u in range(U):
+            prop[u] = -1
+            if nxt[u] >= ends[u]: continue             # every request of this key is served
+            if untouched[u] == 0 and not complete[u]: return False   # the pruning argument no longer covers this key
+            while hn[u] > 0:
+                a = cid[u, 0]; p = picks[a]
+                if p == 0: break                       # never picked: its stored value v⁰ is current
+                v = _NINF
+                if p < cap:
+                    Lc = L0[a] + np.float32(p) * inc
+                    if Lc < one: v = kt[a, u] * (one - Lc)
+                if v == cval[u, 0]: break              # stored value is current
+                if v == _NINF:                         # saturated: drop it
+                    hn[u] -= 1; cval[u, 0] = cval[u, hn[u]]; cid[u, 0] = cid[u, hn[u]]
+                else: cval[u, 0] = v
+                if hn[u] > 0: _sift_down_max(cval, cid, u, 0, hn[u])
+            if hn[u] == 0: continue                    # no eligible candidate left (values never come back)
+            a, r = cid[u, 0], order[nxt[u]]
+            prop[u] = a; proposed = True
+            if r < claim[a]: claim[a] = r
+        if not proposed: break
+        for u in range(U):
+            a = prop[u]
+            if a >= 0 and claim[a] == order[nxt[u]]:   # an agent wanted by several keys goes to the earliest request
+                out[order[nxt[u]]] = a; nxt[u] += 1; picks[a] += 1
+                if picks[a] == 1:
+                    for j in range(start[a], start[a + 1]): untouched[keys_of[j]] -= 1
+        for u in range(U):
+            if prop[u] >= 0: claim[prop[u]] = B
+    return True
+
+def _candidates(kt: np.ndarray, L: np.ndarray, elig: np.ndarray, ks: np.ndarray):
+    "Run `_top_candidates` with ks[u] candidates for key u; (ids [U, max ks], values, counts [U], flags)."
+    U = kt.shape[1]
+    k = max(int(ks.max()), 1)
+    cid, cval, ccnt = np.empty((U, k), np.int32), np.empty((U, k), np.float32), np.empty(U, np.int64)
+    flags = _top_candidates(kt, L, elig, ks, cid, cval, ccnt)
+    return cid, cval, ccnt, flags
+
+def _as_numpy(key_scores: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor):
+    "Agent-major scores [N, U] (select passes that layout as a transposed view: no copy), L0 and the mask as numpy arrays."
+    kt = key_scores.T if key_scores.T.is_contiguous() else key_scores.T.contiguous()
+    return kt.numpy(), L0.contiguous().numpy(), eligible.contiguous().numpy()
+
+def _fast_inputs_ok(key_scores, inv, L0, eligible, inc) -> bool:
+    "The fast path handles CPU float32 scores and loads, a bool mask, at least one agent, key ids in range and a finite inc ≥ 0."
+    if not (key_scores.ndim == 2 and key_scores.shape[0] >= 1 and key_scores.dtype == torch.float32 and L0.dtype == torch.float32
+            and eligible.dtype == torch.bool and inv.ndim == 1 and not inv.is_floating_point()): return False
+    U, N = key_scores.shape
+    if not 1 <= N < 2**31 or L0.shape != (N,) or eligible.shape != (N,): return False   # (ids are int32 in the kernels)
+    if any(t.device.type != "cpu" for t in (key_scores, inv, L0, eligible)): return False
+    if not (isinstance(inc, (int, float, np.floating)) and math.isfinite(inc) and inc >= 0): return False
+    lo, hi = (int(v) for v in torch.aminmax(inv))
+    return 0 <= lo and hi < U
+
+def candidate_agents(key_scores: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best eligible agents of every key by key_scores[u, a]·(1 − L0_a), best first, ties → lowest id (LongTensor [U, k],
+    NO_AGENT where a key has fewer than k eligible agents). The candidate set `greedy_rounds` restricts each key to."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1: raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    if not _fast_inputs_ok(key_scores, torch.zeros(1, dtype=torch.long), L0, eligible, 0.0):
+        raise ValueError("key_scores: expected CPU float32 [U, N] scores with float32 L0 [N] and a bool eligible [N]")
+    kt, L, e = _as_numpy(key_scores, L0, eligible)
+    cid, cval, ccnt, flags = _candidates(kt, L, e, np.full(key_scores.shape[0], int(k), np.int64))
+    if flags & 2: raise ValueError("key_scores: some eligible agent has a non-finite score·(1 − L0)")
+    out = torch.full((cid.shape[0], int(k)), NO_AGENT, dtype=torch.long)
+    for u in range(cid.shape[0]):
+        n = int(ccnt[u]); ids, vals = cid[u, :n].astype(np.int64), cval[u, :n]
+        out[u, :n] = torch.from_numpy(ids[np.lexsort((ids, -vals))])
+    return out
+
+def greedy_rounds(key_scores: torch.Tensor, inv: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, inc: float,
+                  feedback: bool = True) -> torch.Tensor:
+    """Exactly the assignments of `greedy_rounds_reference` (same arguments), computed on each key's best candidates with
+    numba kernels: one O(U·N) pass, then steps that cost O(U·log K). With many agents per request (N ≥ 4B) it first tries
+    K_u = 2·B_u + 8 candidates per key, checking the exactness condition at every step, and reruns with K = min(B, N) (always
+    exact) if the check fails. Inputs outside the fast path's conditions (GPU, non-float32, negative or non-finite scores,
+    inc < 0) go to the reference. Returns LongTensor [B]."""
+    B = inv.numel()
+    if B == 0 or not _fast_inputs_ok(key_scores, inv, L0, eligible, inc):
+        return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
+    U, N = key_scores.shape
+    inc = float(inc)
+    merge = feedback and U == 1 and inc > 0            # the reference's one-key merge: L0 ≥ 1 excluded, ⌈1/inc⌉ + 1 picks at most
+    if merge and not math.isfinite(1.0 / inc): return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
+    elig = eligible & (L0 < 1.0) if merge else eligible
+    kt, L, e = _as_numpy(key_scores, L0, elig)
+    inv_np = inv.long().contiguous().numpy()
+    if not feedback:                                   # one snapshot: every key's single best agent
+        cid, cval, ccnt, flags = _candidates(kt, L, e, np.ones(U, np.int64))
+        if flags & 2: return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
+        return torch.from_numpy(np.where(ccnt > 0, cid[:, 0].astype(np.int64), NO_AGENT))[inv.long()]
+    cap = min(int(math.ceil(1.0 / inc)) + 1, B + 1) if merge else B + 1
+    n_elig = int(np.count_nonzero(e))
+    tries = [np.full(U, min(B, N), np.int64)]
+    if N >= 4 * B: tries.insert(0, np.minimum(2 * np.bincount(inv_np, minlength=U) + 8, min(B, N)))
+    for ks in tries:
+        cid, cval, ccnt, flags = _candidates(kt, L, e, ks)
+        if flags & 3: return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
+        out = torch.full((B,), NO_AGENT, dtype=torch.long)
+        if _rounds_on_candidates(kt, L, np.float32(inc), cap, inv_np, cid, cval, ccnt, ccnt == n_elig, out.numpy()): return out
+    raise AssertionError("greedy_rounds: K = min(B, N) candidates always satisfy the exactness check")
+
+# %% ../nbs/04_routing.ipynb #2a689c29
 class RapoRouter:
     "§3.4: A_opt = argmax_a C_a(t)·(1 − L_a(t)) over alive, unsaturated agents, C_a read from M[a, τ, μ] and the capability score."
     name = "rapo"
@@ -258,9 +469,13 @@ class RapoRouter:
             best = torch.where(elig, C * (1.0 - L), float("-inf")).argmax().reshape(1)
             return _no_agent(torch.where(elig[best], best, NO_AGENT), self.name, allow_unassigned)
         uniq, inv = torch.unique(task * l + modality, return_inverse=True)
-        C = torch.add(bank.M.reshape(N, m * l)[:, uniq].T.float() * self.mix, cs[None, :], alpha=1.0 - self.mix)
+        # C for the batch's keys, agent-major [N, U] (the layout of M, which greedy_rounds scans): no gather when every key
+        # occurs (a full tick), no [U, N] transpose copy, one temporary (the same float32 values as capability_matrix)
+        M2 = bank.M.reshape(N, m * l)
+        Ct = M2.float() * self.mix if uniq.numel() == m * l else M2[:, uniq].float().mul_(self.mix)
+        Ct.add_(cs[:, None], alpha=1.0 - self.mix)
         inc = self.coeffs[0] if self.use_load else 0.0
-        out = greedy_rounds(C, inv, L, elig, inc, feedback=self.load_feedback and self.use_load)
+        out = greedy_rounds(Ct.T, inv, L, elig, inc, feedback=self.load_feedback and self.use_load)
         return _no_agent(out, self.name, allow_unassigned)
 
 # %% ../nbs/04_routing.ipynb #fe24a8f2

@@ -386,3 +386,157 @@ def test_rapo_multi_key_batch_respects_saturation_and_spreads():
     assert torch.bincount(out[out >= 0], minlength=3).tolist() == [25, 25, 25]
     served = out[:75]
     assert (served >= 0).all()                                       # the earliest requests are served first
+
+
+# ---------------------------------------------------------------- fast greedy_rounds == greedy_rounds_reference (hypothesis)
+from hypothesis import HealthCheck, given, settings, strategies as st
+import numpy as np
+import rapo_nb.routing as routing_mod
+from rapo_nb.routing import candidate_agents, greedy_rounds, greedy_rounds_reference
+
+SCORE_SETS = {"equal": [0.5], "levels": [0.0, 0.25, 0.5, 1.0], "with_negative": [-0.5, 0.0, 0.5, 1.0]}
+INCS = [0.0, 1e-3, 0.04, 0.1, 0.3, 0.7, 1.5]
+PROPERTY = settings(max_examples=250, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def rounds_inputs(draw, max_keys=8, max_agents=40, max_batch=120, one_key=False):
+    "greedy_rounds arguments: heavy ties (all equal, few levels), float scores, ineligible and saturated agents."
+    U = 1 if one_key else draw(st.integers(1, max_keys))
+    N, B = draw(st.integers(1, max_agents)), draw(st.integers(0, max_batch))
+    kind = draw(st.sampled_from(["equal", "levels", "float", "with_negative"]))
+    if kind == "float": vals = draw(st.lists(st.floats(0.0, 1.0, width=32), min_size=U * N, max_size=U * N))
+    else: vals = draw(st.lists(st.sampled_from(SCORE_SETS[kind]), min_size=U * N, max_size=U * N))
+    ks = torch.tensor(vals, dtype=torch.float32).reshape(U, N)
+    if draw(st.booleans()): ks = ks.T.contiguous().T        # the agent-major layout RapoRouter.select passes
+    L0 = torch.tensor(draw(st.lists(st.one_of(st.integers(0, 30).map(lambda k: k * 0.04), st.floats(0.0, 1.25, width=32)),
+                                    min_size=N, max_size=N)), dtype=torch.float32)
+    if draw(st.booleans()): L0 = torch.zeros(N)                 # idle agents: ties everywhere (as in a fresh or idle system)
+    elig = torch.tensor(draw(st.lists(st.booleans(), min_size=N, max_size=N)) if draw(st.booleans()) else [True] * N)
+    inv = torch.tensor(draw(st.lists(st.integers(0, U - 1), min_size=B, max_size=B)), dtype=torch.long)
+    return ks, inv, L0, elig, draw(st.sampled_from(INCS)), draw(st.booleans())
+
+
+@PROPERTY
+@given(rounds_inputs())
+def test_greedy_rounds_equals_reference(case):
+    ks, inv, L0, elig, inc, fb = case
+    assert torch.equal(greedy_rounds(ks, inv, L0, elig, inc, feedback=fb), greedy_rounds_reference(ks, inv, L0, elig, inc, feedback=fb))
+
+
+@PROPERTY
+@given(rounds_inputs(one_key=True, max_agents=12, max_batch=150))
+def test_greedy_rounds_equals_reference_one_key_merge_path(case):
+    "U = 1: the reference's stable-sort merge (L0 ≥ 1 left out, at most ⌈1/inc⌉ + 1 picks per agent), B often > N."
+    ks, inv, L0, elig, inc, fb = case
+    assert torch.equal(greedy_rounds(ks, inv, L0, elig, inc, feedback=fb), greedy_rounds_reference(ks, inv, L0, elig, inc, feedback=fb))
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rounds_inputs(max_keys=60, max_agents=15, max_batch=300))
+def test_greedy_rounds_equals_reference_many_keys(case):
+    ks, inv, L0, elig, inc, fb = case
+    assert torch.equal(greedy_rounds(ks, inv, L0, elig, inc, feedback=fb), greedy_rounds_reference(ks, inv, L0, elig, inc, feedback=fb))
+
+
+@PROPERTY
+@given(rounds_inputs(max_batch=1), st.integers(1, 50))
+def test_candidate_agents_are_the_k_best_with_ties_to_lowest_id(case, k):
+    ks, _, L0, elig, _, _ = case
+    ks = ks.abs()
+    got = candidate_agents(ks, L0, elig, k)
+    v = torch.where(elig[None, :], ks * (1.0 - L0)[None, :], float("-inf"))
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices       # stable: equal values keep id order
+    for u in range(ks.shape[0]):
+        want = [a for a in order[u].tolist() if bool(elig[a])][:k]
+        assert got[u].tolist() == want + [NO_AGENT] * (k - len(want))
+
+
+def test_greedy_rounds_fast_path_runs_and_falls_back(monkeypatch):
+    "Valid CPU float32 inputs never call the reference; negative scores, float64 and inc < 0 do (and agree with it)."
+    g = torch.Generator().manual_seed(0)
+    ks, L0 = torch.rand(5, 300, generator=g), torch.randint(0, 20, (300,), generator=g).float() * 0.04
+    elig, inv = torch.rand(300, generator=g) < 0.9, torch.randint(0, 5, (400,), generator=g)
+    calls = []
+    monkeypatch.setattr(routing_mod, "greedy_rounds_reference", lambda *a, **k: (calls.append(1), greedy_rounds_reference(*a, **k))[1])
+    fast = greedy_rounds(ks, inv, L0, elig, 0.04)
+    assert calls == [] and (fast >= 0).any()
+    assert torch.equal(fast, greedy_rounds_reference(ks, inv, L0, elig, 0.04))
+    neg = ks.clone(); neg[2, 7] = -1.0
+    for args in ((neg, inv, L0, elig, 0.04), (ks.double(), inv, L0.double(), elig, 0.04), (ks, inv, L0, elig, -0.04)):
+        n = len(calls)
+        assert torch.equal(greedy_rounds(*args), greedy_rounds_reference(*args)) and len(calls) == n + 1
+
+
+def test_greedy_rounds_edge_sizes():
+    ks, L0, elig = torch.full((3, 4), 0.5), torch.zeros(4), torch.ones(4, dtype=torch.bool)
+    assert greedy_rounds(ks, torch.empty(0, dtype=torch.long), L0, elig, 0.04).shape == (0,)                 # B = 0
+    big = torch.randint(0, 3, (100,), generator=torch.Generator().manual_seed(1))                             # B > N, saturating
+    out = greedy_rounds(ks, big, L0, elig, 0.3)
+    assert torch.equal(out, greedy_rounds_reference(ks, big, L0, elig, 0.3))
+    assert (out == NO_AGENT).sum() == 100 - 4 * 4                                                            # 4 picks each: 0.3·4 ≥ 1
+    assert greedy_rounds(ks, big, L0, torch.zeros(4, dtype=torch.bool), 0.04).eq(NO_AGENT).all()
+    none = (torch.empty(1, 0), torch.tensor([0, 0, 0]), torch.empty(0), torch.empty(0, dtype=torch.bool), 0.04)   # no agents at all
+    assert torch.equal(greedy_rounds(*none), greedy_rounds_reference(*none)) and greedy_rounds(*none).eq(NO_AGENT).all()
+
+
+def test_rapo_select_large_bank_matches_reference_routing(monkeypatch):
+    "RapoRouter.select over a larger seasoned-like bank (heavy ties) gives the same agents with either algorithm."
+    n = 3000
+    bank = make_bank(n, random_caps=False)
+    g = torch.Generator().manual_seed(5)
+    bank.update_capability(torch.arange(n), torch.randint(0, M_, (n,), generator=g), torch.randint(0, L_, (n,), generator=g),
+                           (torch.rand(n, generator=g) < 0.8).float())
+    ld = simulated_load(torch.randint(0, 4, (n,), generator=g), CFG)
+    task, mod = torch.randint(0, M_, (700,), generator=g), torch.randint(0, L_, (700,), generator=g)
+    r = RapoRouter(CFG)
+    fast = r.select(task, mod, bank, ld)
+    monkeypatch.setattr(routing_mod, "greedy_rounds", greedy_rounds_reference)
+    assert torch.equal(fast, r.select(task, mod, bank, ld))
+    one_t, one_m = torch.full((900,), 1), torch.full((900,), 2)                                              # one key: merge path
+    ref_one = r.select(one_t, one_m, bank, ld)
+    monkeypatch.setattr(routing_mod, "greedy_rounds", greedy_rounds)
+    assert torch.equal(r.select(one_t, one_m, bank, ld), ref_one)
+
+
+@PROPERTY
+@given(rounds_inputs(max_keys=8, max_agents=150, max_batch=36))
+def test_greedy_rounds_equals_reference_plentiful_agents(case):
+    "Mostly N ≥ 4B: the first try with 2·B_u + 8 candidates per key, checked, and its rerun when the check fails."
+    ks, inv, L0, elig, inc, fb = case
+    assert torch.equal(greedy_rounds(ks, inv, L0, elig, inc, feedback=fb), greedy_rounds_reference(ks, inv, L0, elig, inc, feedback=fb))
+
+
+def test_greedy_rounds_small_first_try_and_rerun(monkeypatch):
+    "Own specialists per key: the small first try passes its check. All-equal scores: it fails, and the rerun is exact."
+    attempts, kernel = [], routing_mod._rounds_on_candidates
+    monkeypatch.setattr(routing_mod, "_rounds_on_candidates", lambda *a: (attempts.append(kernel(*a)), attempts[-1])[1])
+    z, e, inv = torch.zeros(400), torch.ones(400, dtype=torch.bool), torch.arange(40) % 4
+    spec = torch.full((4, 400), 0.5)
+    for u in range(4): spec[u, 100 * u + 50:100 * u + 65] = 0.9
+    assert torch.equal(greedy_rounds(spec, inv, z, e, 0.04), greedy_rounds_reference(spec, inv, z, e, 0.04)) and attempts == [True]
+    attempts.clear()
+    flat = torch.full((4, 400), 0.5)
+    assert torch.equal(greedy_rounds(flat, inv, z, e, 0.04), greedy_rounds_reference(flat, inv, z, e, 0.04)) and attempts == [False, True]
+
+
+@st.composite
+def idle_plentiful_inputs(draw):
+    "An idle system with many more agents than requests (N ≥ 4B) and heavily tied scores: keys compete for the same agents."
+    U, B = draw(st.integers(2, 8)), draw(st.integers(10, 40))
+    N = draw(st.integers(4 * B, 4 * B + 60))
+    ks = torch.full((U, N), 0.5)                                # a fresh bank: M = 0.5 everywhere …
+    for u, a in draw(st.lists(st.tuples(st.integers(0, U - 1), st.integers(0, N - 1)), max_size=2 * U)):
+        ks[u, a] = 0.75                                         # … but for a few seasoned cells
+    elig = torch.ones(N, dtype=torch.bool)
+    if draw(st.booleans()): elig[torch.tensor(draw(st.lists(st.integers(0, N - 1), max_size=N // 2)), dtype=torch.long)] = False
+    inv = torch.tensor(draw(st.lists(st.integers(0, U - 1), min_size=B, max_size=B)), dtype=torch.long)
+    return ks, inv, torch.zeros(N), elig, draw(st.sampled_from([0.04, 0.1, 0.3])), True
+
+
+@settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(idle_plentiful_inputs())
+def test_greedy_rounds_equals_reference_idle_tied_bank(case):
+    "Here the small first try often fails its check (keys share their best agents); the answer must still be the reference's."
+    ks, inv, L0, elig, inc, fb = case
+    assert torch.equal(greedy_rounds(ks, inv, L0, elig, inc, feedback=fb), greedy_rounds_reference(ks, inv, L0, elig, inc, feedback=fb))
