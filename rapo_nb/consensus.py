@@ -6,7 +6,8 @@ Docs: https://rapo-nb.github.io/rapo_nb/consensus.html.md"""
 
 # %% ../nbs/02_consensus.ipynb #3873f720
 from __future__ import annotations
-import math, os, threading, time, warnings
+import math, os, time, warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -19,8 +20,8 @@ from .state import StateBank, sequential_ema
 # %% auto #0
 __all__ = ['TOPOLOGIES', 'MAX_DENSE_EDGES', 'EXCHANGE_EMA', 'PULL_FASTMATH', 'PULL_KERNELS', 'PULL_PARALLEL_MIN',
            'TICK_UPDATE_SHARE', 'Topology', 'csr_from_edges', 'make_topology', 'segment_sum', 'adaptive_weights',
-           'fused_pull', 'clip_rows', 'project_trust_region', 'neighbour_pull', 'consensus_step', 'Objective',
-           'QuadraticObjective', 'EntropyRegularisedObjective', 'penalty_omega', 'consensus_residual',
+           'fused_pull', 'add_scaled', 'clip_rows', 'project_trust_region', 'neighbour_pull', 'consensus_step',
+           'Objective', 'QuadraticObjective', 'EntropyRegularisedObjective', 'penalty_omega', 'consensus_residual',
            'consensus_objective', 'ConsensusEngine', 'tick_benchmark']
 
 # %% ../nbs/02_consensus.ipynb #3be077c8
@@ -156,18 +157,13 @@ def adaptive_weights(topo: Topology, effectiveness: torch.Tensor, empty: str = "
 # %% ../nbs/02_consensus.ipynb #7a1c6734
 PULL_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}   # no "nnan"/"ninf": non-finite values must propagate to the norms
 PULL_KERNELS = ("auto", "numba", "torch")
-# torch runs its own OpenMP pool; a second OpenMP pool (numba's default "omp" layer) spin-waits against it on a small
-# machine (a 1,000-agent tick went from ~1 ms to ~24 ms here). numba's "workqueue" pool does not spin; it is not
-# re-entrant, so calls are serialised by a lock. NUMBA_THREADING_LAYER in the environment wins.
-if "NUMBA_THREADING_LAYER" not in os.environ: numba.config.THREADING_LAYER = "workqueue"
-_PULL_LOCK = threading.Lock()
+PULL_PARALLEL_MIN = 1 << 21   # ours: below this many P entries (~4,000 agents × 512) one thread is faster than two (measured here)
 
-PULL_PARALLEL_MIN = 1 << 16   # ours: below this many P entries a parallel launch costs more than it saves (measured here)
-
-def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq):  # pragma: no cover (compiled twice below)
-    "out_i = Σ_k w_k P_{j_k} − (Σ_k w_k) P_i for each CSR row i; row sums of squares of out and P into pull_sq, p_sq."
-    n, p = P.shape
-    for i in numba.prange(n):
+@numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
+def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
+    "Rows start:stop of out_i = Σ_k w_k P_{j_k} − (Σ_k w_k) P_i (CSR); row sums of squares of out and P into pull_sq, p_sq."
+    p = P.shape[1]
+    for i in range(start, stop):
         r = 0.0
         for c in range(p): out[i, c] = 0.0
         for k in range(indptr[i], indptr[i + 1]):
@@ -179,8 +175,29 @@ def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq):  # pragma: no cover (
             s_pull += v * v; s_p += x * x
         pull_sq[i] = s_pull; p_sq[i] = s_p
 
-_pull_serial = numba.njit(fastmath=PULL_FASTMATH, cache=True)(_pull_rows)                 # prange runs as range
-_pull_parallel = numba.njit(parallel=True, fastmath=PULL_FASTMATH, cache=True)(_pull_rows)
+@numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
+def _axpy_rows(P, D, alpha, out, start, stop):  # pragma: no cover (compiled)
+    "Rows start:stop of out = P + alpha·D."
+    p = P.shape[1]
+    for i in range(start, stop):
+        for c in range(p): out[i, c] = P[i, c] + alpha * D[i, c]
+
+_POOL: tuple | None = None   # (pid, workers, ThreadPoolExecutor)
+
+def _row_pool(workers: int) -> ThreadPoolExecutor:
+    "A thread pool for the row kernels (rebuilt after a fork or a change of thread count)."
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != workers:
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="rapo-rows"))
+    return _POOL[2]
+
+def _run_rows(kernel: Callable, n: int, size: int, *args) -> None:
+    "Run `kernel(*args, start, stop)` over rows 0:n, split over torch's thread count when the bank is large enough."
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or size < PULL_PARALLEL_MIN or n < 2 * threads: kernel(*args, 0, n); return
+    bounds = np.linspace(0, n, threads + 1).astype(np.int64)
+    futures = [_row_pool(threads).submit(kernel, *args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for f in futures: f.result()
 
 def _numba_ready(P: torch.Tensor, weights: torch.Tensor) -> bool:
     "True when the numba kernel can take P: a plain CPU float32/float64 tensor outside autograd."
@@ -200,19 +217,24 @@ def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torc
     if use_numba and kernel != "torch":
         Pc = P.contiguous(); out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
         pull_sq = np.empty(topo.n, dtype=np.float64); p_sq = np.empty(topo.n, dtype=np.float64)
-        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        args = (topo.indptr.numpy(), topo.indices.numpy(), weights.to(P.dtype).contiguous().numpy(), Pc.numpy(), out.numpy(), pull_sq, p_sq)
-        if threads == 1 or Pc.numel() < PULL_PARALLEL_MIN: _pull_serial(*args)
-        else:
-            with _PULL_LOCK:
-                if numba.get_num_threads() != threads: numba.set_num_threads(threads)
-                _pull_parallel(*args)
+        _run_rows(_pull_rows, topo.n, Pc.numel(), topo.indptr.numpy(), topo.indices.numpy(), weights.to(P.dtype).contiguous().numpy(),
+                  Pc.numpy(), out.numpy(), pull_sq, p_sq)
         return out, float(np.sqrt(pull_sq.sum())), float(np.sqrt(p_sq.sum()))
     WP = topo.matrix(weights.to(P.dtype)) @ P
     r = segment_sum(weights.to(P.dtype), topo)
     pull = WP.sub_(P * r[:, None])
     if out is not None: pull = out.copy_(pull)
     return pull, float(torch.linalg.vector_norm(pull)), float(torch.linalg.vector_norm(P))
+
+def add_scaled(P: torch.Tensor, D: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    "P + alpha·D (into `out` when given): the row kernels on CPU, torch.add otherwise."
+    if D.shape != P.shape or D.dtype != P.dtype: raise ValueError(f"D: expected {P.dtype} {tuple(P.shape)}, got {D.dtype} {tuple(D.shape)}")
+    if out is None: out = torch.empty_like(P)
+    ok = (P.ndim == 2 and _numba_ready(P, P) and _numba_ready(D, D) and out.device.type == "cpu" and out.dtype == P.dtype
+          and P.is_contiguous() and D.is_contiguous() and out.is_contiguous())
+    if not ok: return torch.add(P, D, alpha=alpha, out=out)
+    _run_rows(_axpy_rows, P.shape[0], P.numel(), P.numpy(), D.numpy(), float(alpha), out.numpy())
+    return out
 
 # %% ../nbs/02_consensus.ipynb #2dfe26af
 def clip_rows(G: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -427,7 +449,7 @@ class ConsensusEngine:
             alpha = cc.alpha; update_norm = cc.alpha * res
             if cc.trust_region is not None and alpha * res > cc.trust_region * normP: alpha = cc.trust_region * normP / res
             out = self._out_buffer(P)
-            P_new = torch.add(P, pull, alpha=alpha) if out is None else torch.add(P, pull, alpha=alpha, out=out)
+            P_new = add_scaled(P, pull, alpha, out=out) if self.kernel != "torch" else torch.add(P, pull, alpha=alpha, out=out)
             change = alpha * res
         else:
             upd = pull * cc.alpha

@@ -363,3 +363,27 @@ def test_bench_tick_script_prints_targets_and_verdicts():
     small, big = df[df.n_agents == 40], df[df.n_agents == 1000]
     assert small.meets_target.isna().all() and small.target_ms.isna().all()
     assert (big.target_ms == 2.0).all() and list(big.meets_target) == list(big.tick_ms <= 2.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_row_kernels_split_over_threads_give_the_same_result(monkeypatch, threads):
+    import rapo_nb.consensus as cs
+    monkeypatch.setattr(cs, "PULL_PARALLEL_MIN", 0)          # split even a small bank
+    old = torch.get_num_threads(); torch.set_num_threads(threads)
+    try:
+        t = make_topology("small_world", 101, degree=6, seed=1)
+        g = torch.Generator().manual_seed(1)
+        w = adaptive_weights(t, torch.rand(t.n_edges, generator=g))
+        P = torch.randn(101, 33, generator=g)
+        a, na, pa = cs.fused_pull(P, t, w, kernel="numba")
+        b, nb_, pb = cs.fused_pull(P, t, w, kernel="torch")
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        D = torch.randn(101, 33, generator=g)
+        torch.testing.assert_close(cs.add_scaled(P, D, 0.3), P + 0.3 * D)
+        out = torch.empty_like(P); assert cs.add_scaled(P, D, -2.0, out=out) is out
+        torch.testing.assert_close(out, P - 2.0 * D)
+        torch.testing.assert_close(cs.add_scaled(P.double(), D.double(), 0.5), P.double() + 0.5 * D.double())
+        with pytest.raises(ValueError, match="D"):
+            cs.add_scaled(P, D[:5], 0.1)
+    finally:
+        torch.set_num_threads(old)
