@@ -1,6 +1,7 @@
 """Tests of rapo_nb.scaling: measurement functions at tiny sizes, the memory-law fit on synthetic data, the Table 2
 builder (paper values only in 'paper' columns), communication counts, goal verdicts, and the peer side-by-side."""
 import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -215,3 +216,13 @@ def test_scheduler_timing_tiny(cfg):
     assert sc.scheduler_timing([20], cfg, repeats=1, batch=32).batch.iloc[0] == 20  # at most one request per agent
     flat, two = df.reads_per_decision
     assert two < flat == 60
+
+
+def test_cpu_seconds_resolves_a_few_milliseconds():
+    "A 3 ms busy loop must show up (clock-tick counters would often read 0 for it)."
+    readings = []
+    for _ in range(5):
+        c0 = sc.cpu_seconds(); t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.003: pass
+        readings.append(sc.cpu_seconds() - c0)
+    assert all(0.001 < r < 0.05 for r in readings), readings
