@@ -18,7 +18,7 @@ from rapo_nb.state import StateBank
 TARGET_BATCH_US = 5.0    # issue #4: batch of 10,000 decisions over 1,000 agents, amortised
 TARGET_SINGLE_US = 50.0  # issue #4: one decision
 TARGET_TICK_MS = 25.0    # OURS, not the paper's: routing's share of issue #9's 100 ms control-loop tick at 100,000 agents
-TARGET_TICK_NOTE = "ours (issue #9): 100 ms tick minus ~65 ms state update + consensus; not a paper number"
+TARGET_TICK_NOTE = "ours (issue #9): a quarter of the 100 ms control-loop tick, leaving the rest to state update + consensus; not a paper number"
 
 
 def _setup(n_agents: int, device: str, seed: int):

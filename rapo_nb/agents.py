@@ -52,7 +52,7 @@ def full_history(history: Sequence[str]) -> str:
 def last_k(history: Sequence[str], k: int) -> str:
     "Context policy: the last `k` utterances of the history."
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0: raise ValueError(f"k: expected an integer ≥ 0, got {k!r}")
-    return "\n".join(list(history)[len(history) - k:]) if k else ""
+    return "\n".join(list(history)[-k:]) if k else ""
 
 def summary(history: Sequence[str], max_words: int | None = None) -> str:
     "Context policy: facts stated so far, then the most recent utterances, within `max_words` words (default: the config's)."

@@ -199,10 +199,10 @@ def _run_rows(kernel: Callable, n: int, size: int, *args) -> None:
     futures = [_row_pool(threads).submit(kernel, *args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
     for f in futures: f.result()
 
-def _numba_ready(P: torch.Tensor, weights: torch.Tensor) -> bool:
-    "True when the numba kernel can take P: a plain CPU float32/float64 tensor outside autograd."
-    return (type(P) is torch.Tensor and P.device.type == "cpu" and weights.device.type == "cpu" and P.dtype in (torch.float32, torch.float64)
-            and not P.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(P))
+def _numba_ready(*tensors: torch.Tensor) -> bool:
+    "True when the row kernels can take these tensors: plain CPU float32/float64 tensors outside autograd."
+    return all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
+               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torch.Tensor | None = None,
                kernel: str = "auto") -> tuple[torch.Tensor, float, float]:
@@ -210,7 +210,7 @@ def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torc
     if kernel not in PULL_KERNELS: raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
     if P.ndim != 2 or P.shape[0] != topo.n: raise ValueError(f"P: expected [{topo.n}, p], got {tuple(P.shape)}")
     if weights.shape != (topo.n_edges,): raise ValueError(f"weights: expected shape [{topo.n_edges}], got {tuple(weights.shape)}")
-    use_numba = _numba_ready(P, weights) and topo.device.type == "cpu"
+    use_numba = _numba_ready(P, weights) and topo.device.type == "cpu"   # (weights are cast to P's dtype below)
     if kernel == "numba" and not use_numba: raise ValueError(f"kernel: 'numba' needs a CPU float32/float64 P outside autograd, got {P.dtype} on {P.device}")
     if out is not None and (out.shape != P.shape or out.dtype != P.dtype or out.device != P.device or out is P):
         raise ValueError(f"out: expected a separate {P.dtype} buffer of shape {tuple(P.shape)} on {P.device}")
@@ -226,11 +226,12 @@ def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torc
     if out is not None: pull = out.copy_(pull)
     return pull, float(torch.linalg.vector_norm(pull)), float(torch.linalg.vector_norm(P))
 
-def add_scaled(P: torch.Tensor, D: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    "P + alpha·D (into `out` when given): the row kernels on CPU, torch.add otherwise."
+def add_scaled(P: torch.Tensor, D: torch.Tensor, alpha: float, out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
+    "P + alpha·D (into `out` when given): the row kernels on CPU, torch.add otherwise (or with kernel='torch')."
+    if kernel not in PULL_KERNELS: raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
     if D.shape != P.shape or D.dtype != P.dtype: raise ValueError(f"D: expected {P.dtype} {tuple(P.shape)}, got {D.dtype} {tuple(D.shape)}")
     if out is None: out = torch.empty_like(P)
-    ok = (P.ndim == 2 and _numba_ready(P, P) and _numba_ready(D, D) and out.device.type == "cpu" and out.dtype == P.dtype
+    ok = (kernel != "torch" and P.ndim == 2 and _numba_ready(P, D, out) and out.dtype == P.dtype
           and P.is_contiguous() and D.is_contiguous() and out.is_contiguous())
     if not ok: return torch.add(P, D, alpha=alpha, out=out)
     _run_rows(_axpy_rows, P.shape[0], P.numel(), P.numpy(), D.numpy(), float(alpha), out.numpy())
@@ -291,9 +292,8 @@ class QuadraticObjective:
     def grad(self, P: torch.Tensor) -> torch.Tensor: return self.targets - P
 
 @dataclass
-class EntropyRegularisedObjective:
-    "V_i of §3.3 as a task objective: Q_i(P) = −½‖P_i − y_i‖² + λ H(softmax(P_i A / T)) (maximised)."
-    targets: torch.Tensor
+class EntropyRegularisedObjective(QuadraticObjective):
+    "V_i of §3.3 as a task objective: the quadratic Q_i plus λ H(softmax(P_i A / T)) (maximised)."
     actions: torch.Tensor          # A: [p, K] action embeddings
     weight: float                  # λ_i
     temperature: float = 1.0       # T
@@ -316,11 +316,11 @@ class EntropyRegularisedObjective:
     def entropy(self, P: torch.Tensor) -> torch.Tensor:
         "H(p_i) for every agent [n]."
         logp = self.log_policy(P); return -(logp.exp() * logp).sum(1)
-    def value(self, P: torch.Tensor) -> torch.Tensor: return -0.5 * ((P - self.targets) ** 2).sum(1) + self.weight * self.entropy(P)
+    def value(self, P: torch.Tensor) -> torch.Tensor: return super().value(P) + self.weight * self.entropy(P)
     def grad(self, P: torch.Tensor) -> torch.Tensor:
         "∇Q_i = y_i − P_i + λ (−p ⊙ (log p + H)) Aᵀ / T."
         logp = self.log_policy(P); p = logp.exp(); H = -(p * logp).sum(1, keepdim=True)
-        return (self.targets - P) + self.weight * ((-p * (logp + H)) @ self.actions.to(P.dtype).T) / self.temperature
+        return super().grad(P) + self.weight * ((-p * (logp + H)) @ self.actions.to(P.dtype).T) / self.temperature
 
 def penalty_omega(P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, weights: torch.Tensor, beta: float) -> torch.Tensor:
     "Ω(c, c_t) = ‖c − c_t‖² + β Σ_ij w_ij ‖c_i − c_j‖² (eq. 3)."
@@ -329,7 +329,7 @@ def penalty_omega(P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, weights
 
 def consensus_residual(P: torch.Tensor, topo: Topology, weights: torch.Tensor) -> float:
     "‖Σ_j w_ij (P_j − P_i)‖_F: how far agents are from their neighbours' weighted average (0 at consensus)."
-    return float(torch.linalg.vector_norm(neighbour_pull(P, topo, weights)))
+    return fused_pull(P, topo, weights)[1]
 
 def consensus_objective(P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, weights: torch.Tensor, objective: Objective | None,
                         lam: float, beta: float) -> torch.Tensor:
@@ -449,7 +449,7 @@ class ConsensusEngine:
             alpha = cc.alpha; update_norm = cc.alpha * res
             if cc.trust_region is not None and alpha * res > cc.trust_region * normP: alpha = cc.trust_region * normP / res
             out = self._out_buffer(P)
-            P_new = add_scaled(P, pull, alpha, out=out) if self.kernel != "torch" else torch.add(P, pull, alpha=alpha, out=out)
+            P_new = add_scaled(P, pull, alpha, out=out, kernel=self.kernel)
             change = alpha * res
         else:
             upd = pull * cc.alpha

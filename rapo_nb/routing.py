@@ -205,7 +205,7 @@ def greedy_rounds_reference(key_scores: torch.Tensor, inv: torch.Tensor, L0: tor
     starts = torch.cumsum(counts, 0) - counts
     nxt = starts.clone()                                        # position in `order` of each key's oldest waiting request
     ends = starts + counts
-    s[counts == 0] = float("-inf")                              # (unique keys: never empty, kept for safety)
+    s[counts == 0] = float("-inf")                              # keys without requests (possible when inv does not cover 0..U−1)
     picks, never = torch.zeros_like(L0), torch.full((N,), B, dtype=torch.long, device=dev)
     while True:
         vals, best = s.max(1)                                   # first maximum → lowest agent id on ties
@@ -370,7 +370,7 @@ def _candidates(kt: np.ndarray, L: np.ndarray, elig: np.ndarray, ks: np.ndarray)
 
 def _as_numpy(key_scores: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor):
     "Agent-major scores [N, U] (select passes that layout as a transposed view: no copy), L0 and the mask as numpy arrays."
-    kt = key_scores.T if key_scores.T.is_contiguous() else key_scores.T.contiguous()
+    kt = key_scores.T.contiguous()
     return kt.numpy(), L0.contiguous().numpy(), eligible.contiguous().numpy()
 
 def _fast_inputs_ok(key_scores, inv, L0, eligible, inc) -> bool:
@@ -751,7 +751,9 @@ def simulate_routing(router: Router, bank, skill: torch.Tensor, rounds: int, bat
     if tuple(bank.M.shape) != (N, m, l): raise ValueError(f"skill: shape {tuple(skill.shape)} does not match bank.M {tuple(bank.M.shape)}")
     gen = torch.Generator().manual_seed(int(seed))
     busy = torch.zeros(hold, N)
-    best_skill = skill.reshape(N, -1).max(0).values
+    best_skill, true_best = skill.reshape(N, -1).max(0).values, skill.reshape(N, -1).argmax(0)
+    mix = getattr(router, "mix", cfg.routing.capability_mix)        # "found" reads C_a with the router's own mix
+    cell_task, cell_mod = torch.arange(m).repeat_interleave(l), torch.arange(l).repeat(m)
     rows = []
     for r in range(rounds):
         load = simulated_load(busy.sum(0), cfg)
@@ -762,8 +764,7 @@ def simulate_routing(router: Router, bank, skill: torch.Tensor, rounds: int, bat
         p = skill[a, t, u]
         outcome = torch.bernoulli(p, generator=gen)
         if learn and a.numel(): bank.update_capability(a, t, u, outcome)
-        learned_best = capability_matrix(bank, torch.arange(m).repeat_interleave(l), torch.arange(l).repeat(m)).argmax(1)
-        true_best = skill.reshape(N, -1).argmax(0)
+        learned_best = capability_matrix(bank, cell_task, cell_mod, mix).argmax(1)
         rows.append(dict(round=r, decisions=(r + 1) * batch, success=float(outcome.mean()) if a.numel() else float("nan"),
                          skill_ratio=float((p / best_skill[t * l + u]).mean()) if a.numel() else float("nan"),
                          picked_best=float((a == true_best[t * l + u]).float().mean()) if a.numel() else float("nan"),

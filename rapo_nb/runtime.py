@@ -17,7 +17,7 @@ import torch
 import simpy
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from .config import load_config, Config, SPECIALISTS, FSM_STATES, results_dir, save_table, save_figure
+from .config import load_config, Config, SPECIALISTS, FSM_STATES, results_dir, save_table, save_figure, _atomic_write
 from redis.retry import Retry
 from redis.backoff import NoBackoff
 from .state import StateBank, HashedTextEncoder, SlidingWindowContext
@@ -33,9 +33,9 @@ __all__ = ['ARRAY_MAGIC', 'CKPT_MAGIC', 'log', 'GROUP', 'TASK_FIELDS', 'RESULT_F
            'RedisStateStore', 'CorruptCheckpoint', 'checkpoint_paths', 'save_checkpoint', 'read_checkpoint',
            'load_latest_checkpoint', 'RuntimeMetrics', 'MalformedMessage', 'parse_task', 'parse_result', 'agent_stream',
            'results_stream', 'rejected_stream', 'heartbeat_key', 'ensure_group', 'simulated_handler', 'AgentWorker',
-           'agent_main', 'RedisDispatcher', 'SystemSpec', 'prompt_header', 'handed_context', 'reception_probability',
-           'drop_facts', 'check_ablation', 'Orchestrator', 'classify_failure', 'make_store', 'run_conversations',
-           'recover_dead_agents', 'write_failure_log', 'orchestrator_main', 'LiveOrchestrator']
+           'agent_main', 'RedisDispatcher', 'SystemSpec', 'prompt_header', 'handed_context', 'reception_from_cosine',
+           'reception_probability', 'drop_facts', 'check_ablation', 'Orchestrator', 'classify_failure', 'make_store',
+           'run_conversations', 'recover_dead_agents', 'write_failure_log', 'orchestrator_main', 'LiveOrchestrator']
 
 # %% ../nbs/07_runtime.ipynb #3c2a086a
 ARRAY_MAGIC = b"RAPOARR1"
@@ -522,11 +522,14 @@ def handed_context(history: list[str], policy: str, cfg: Config) -> str:
     if policy == "full_history": return full_history(history[-cfg.state.history_turns:])
     raise ValueError(f"context_policy: {policy!r} is not one of ['last_turn', 'last_k', 'summary', 'full_history']")
 
+def reception_from_cosine(cosine: float, floor: float) -> float:
+    "q = floor + (1 − floor)·max(0, cosine): the simulated fact-survival probability at a handoff."
+    return floor + (1.0 - floor) * max(0.0, cosine)
+
 def reception_probability(P: torch.Tensor, out_agent: int, in_agent: int, cfg: Config | None = None) -> float:
-    "q = floor + (1 − floor)·max(0, cos(P_out, P_in)) — the simulated fact-survival probability at a handoff (floor: cfg.simulation.reception_floor)."
+    "`reception_from_cosine` of cos(P_out, P_in) (floor: cfg.simulation.reception_floor)."
     floor = (cfg or load_config()).simulation.reception_floor
-    c = torch.nn.functional.cosine_similarity(P[out_agent].float(), P[in_agent].float(), dim=0).item()
-    return floor + (1.0 - floor) * max(0.0, c)
+    return reception_from_cosine(torch.nn.functional.cosine_similarity(P[out_agent].float(), P[in_agent].float(), dim=0).item(), floor)
 
 def drop_facts(context: str, facts: list[str], keep: np.ndarray) -> tuple[str, list[str]]:
     "Remove the facts with keep=False from `context`; return (new context, facts that were present and dropped)."
@@ -597,8 +600,9 @@ class Orchestrator:
     def _refresh_views(self) -> None:
         "NumPy views of the bank read by the per-turn code (refreshed once per tick, after consensus)."
         P = self.bank.P.detach().float().cpu()
-        self._Pnorm = P.norm(dim=1).numpy()
-        self._Pn = (P / P.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
+        norm = P.norm(dim=1, keepdim=True)
+        self._Pnorm = norm.squeeze(1).numpy()
+        self._Pn = (P / norm.clamp_min(1e-12)).numpy()
         self._M = self.bank.M.detach().float().cpu().numpy()
         self._cs = self.bank.capability_score.detach().float().cpu().numpy()
         self._util = self.bank.utilisation.detach().float().cpu().numpy()
@@ -764,7 +768,7 @@ class Orchestrator:
                 if agent >= 0 and target != agent:                                                     # handoff
                     said = "\n".join(history)
                     ctx = handed_context(history, spec.context_policy, cfg)
-                    q = floor + (1.0 - floor) * max(0.0, float(self._Pn[agent] @ self._Pn[target]))
+                    q = reception_from_cosine(float(self._Pn[agent] @ self._Pn[target]), floor)
                     keep = rng.random(len(facts)) < q
                     ctx, _ = drop_facts(ctx, facts, keep)
                     known = [f for f in facts if f and f in said]
@@ -937,9 +941,7 @@ def recover_dead_agents(dispatcher: RedisDispatcher, bank, load) -> list[dict]:
 
 def write_failure_log(failure_log: list[dict], path: str | Path) -> Path:
     "Failed conversations with their state trajectories (§4.4), one JSON object per line, written atomically."
-    path = Path(path); tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in failure_log)); os.replace(tmp, path)
-    return path
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in failure_log)))
 
 def orchestrator_main(argv: list[str] | None = None) -> int:
     "Run (or resume) a checkpointed simulated orchestrator over generated conversations; write CSVs to --out."

@@ -67,7 +67,7 @@ class GoalRunner:
 
     async def submit(self, req: GoalRequest) -> dict:
         "Plan `req` (UnplannableGoal → caller's 422), store it as queued, start its run; return id and plan."
-        plan = plan_goal(req.goal)
+        plan = plan_goal(req.goal, self.cfg.workflows.max_items)
         goal_id = uuid.uuid4().hex
         now = time.time()
         await self.r.hset(goal_key(goal_id), mapping=dict(request=req.model_dump_json(), status="queued", plan=json.dumps(plan.to_dict()),

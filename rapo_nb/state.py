@@ -17,7 +17,7 @@ from .config import Config, load_config, get_device, SPECIALISTS
 # %% auto #0
 __all__ = ['ROLE_TEMPLATES', 'PROMPT_JITTER', 'HashedTextEncoder', 'default_encoder', 'cosine_rows', 'text_cosine', 'prompt_pca',
            'role_prompt_vectors', 'init_prompts', 'prune_history', 'SlidingWindowContext', 'encode_histories',
-           'sequential_ema', 'NonFiniteUpdate', 'importance_weights', 'StateBank', 'memory_table']
+           'sequential_ema', 'queue_rank', 'NonFiniteUpdate', 'importance_weights', 'StateBank', 'memory_table']
 
 # %% ../nbs/01_state.ipynb #7c63d780
 _WORD_RE = re.compile(r"[a-z0-9]+")
@@ -254,6 +254,16 @@ def sequential_ema(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tens
     decay = torch.pow(torch.full((uniq.numel(),), keep, dtype=torch.float64, device=values.device), counts.double())
     out[uniq] = (values[uniq].double() * decay + acc).to(values.dtype)
     return out
+
+def queue_rank(key: np.ndarray) -> np.ndarray:
+    "Position of each item among the earlier items with the same key (0 = first), e.g. in an agent's FIFO queue; vectorised with a stable sort."
+    key = np.asarray(key)
+    if key.size == 0: return np.zeros(0, np.int64)
+    order = np.argsort(key, kind="stable"); a = key[order]
+    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    rank = np.empty(a.size, np.int64)
+    rank[order] = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))
+    return rank
 
 # %% ../nbs/01_state.ipynb #1e091796
 class NonFiniteUpdate(ValueError):

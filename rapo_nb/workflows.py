@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 from .config import Config, WorkflowConfig, load_config, save_table, save_figure, SEED003_CLAIMS
-from .state import StateBank
+from .state import StateBank, queue_rank
 from .routing import AgentLoad, NoAgentAvailable, make_router
 
 # %% auto #0
 __all__ = ['DOMAINS', 'STAGES', 'FAILURE_KINDS', 'SYSTEMS', 'PAPER_COMPLETION', 'Subtask', 'WorkflowPlan', 'UnplannableGoal',
            'detect_domain', 'plan_goal', 'generate_goals', 'WorkflowBatch', 'plans_to_batch', 'transitive_closure',
-           'find_deadlocks', 'break_deadlocks', 'SimParams', 'make_true_skill', 'ExecutorPool', 'queue_rank',
+           'find_deadlocks', 'break_deadlocks', 'SimParams', 'make_true_skill', 'ExecutorPool',
            'capability_replacement', 'route', 'simulate_wave', 'run_workflows', 'workflow_metrics', 'metrics_table',
            'execute_subtask', 'step_rng', 'check_results', 'workflow_claims']
 
@@ -272,16 +272,6 @@ class ExecutorPool:
         spec = spec if router is None else router
         self.router = make_router(spec, self.cfg, seed) if isinstance(spec, str) else spec
         return self
-
-def queue_rank(agent: np.ndarray) -> np.ndarray:
-    "Position of each request in its executor's FIFO queue (0 = first), vectorised with a stable sort."
-    agent = np.asarray(agent)
-    if agent.size == 0: return np.zeros(0, np.int64)
-    order = np.argsort(agent, kind="stable"); a = agent[order]
-    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
-    rank = np.empty(a.size, np.int64)
-    rank[order] = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))
-    return rank
 
 def capability_replacement(chosen: np.ndarray, excluded: np.ndarray, M_flat: np.ndarray) -> np.ndarray:
     "§4.4: per row, the allowed executor whose flattened M is most cosine-similar to `chosen`'s; -1 if none is allowed."

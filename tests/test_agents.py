@@ -344,3 +344,9 @@ def test_simulated_world_comes_from_the_config():
     assert A.SimulatedAgentPool(3, slow).timeout_s == 3.0 and A.SimulatedAgentPool(3, CFG).timeout_s == CFG.simulation.timeout_s
     hist = [f"Fact: {a} funds {b} ." for a, b in zip("Kakaran Lokaran Mikaran Zekaran".split(), "Tukaran Rakaran Vokaran Nikaran".split())]
     assert A.summary(hist) == A.summary(hist, CFG.runtime.summary_max_words)
+
+
+def test_last_k_for_every_k_including_histories_shorter_than_k():
+    from rapo_nb.agents import last_k
+    h = ["a", "b"]
+    assert [last_k(h, k) for k in range(5)] == ["", "b", "a\nb", "a\nb", "a\nb"]

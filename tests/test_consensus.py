@@ -383,7 +383,10 @@ def test_row_kernels_split_over_threads_give_the_same_result(monkeypatch, thread
         out = torch.empty_like(P); assert cs.add_scaled(P, D, -2.0, out=out) is out
         torch.testing.assert_close(out, P - 2.0 * D)
         torch.testing.assert_close(cs.add_scaled(P.double(), D.double(), 0.5), P.double() + 0.5 * D.double())
+        torch.testing.assert_close(cs.add_scaled(P, D, 0.3, kernel="torch"), P + 0.3 * D)
         with pytest.raises(ValueError, match="D"):
             cs.add_scaled(P, D[:5], 0.1)
+        with pytest.raises(ValueError, match="kernel"):
+            cs.add_scaled(P, D, 0.1, kernel="fast")
     finally:
         torch.set_num_threads(old)
