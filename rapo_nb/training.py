@@ -6,7 +6,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/training.html.md"""
 
 # %% ../nbs/08_training.ipynb #7739d4ee
 from __future__ import annotations
-import copy, hashlib, io, json, math, os, re, time
+import copy, hashlib, io, json, math, time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +15,18 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from .config import Config, TrainingConfig, load_config, get_device, results_dir, save_figure, save_table
+from .config import Config, TrainingConfig, load_config, get_device, results_dir, save_figure, save_table, _atomic_write
 from .state import StateBank
 
 # %% auto #0
-__all__ = ['PHASES', 'PHASE_GROUPS', 'untrained_model', 'CHECKPOINT_MAGIC', 'SHAPE_FIELDS', 'CONTEXT_CHECKPOINT_MAGIC',
+__all__ = ['PHASES', 'PHASE_GROUPS', 'untrained_model', 'CHECKPOINT_MAGIC', 'CONTEXT_CHECKPOINT_MAGIC', 'SHAPE_FIELDS',
            'CONTEXT_MATCH_FIELDS', 'feature_layout', 'state_dim', 'global_capability', 'transition_features',
            'TransitionModel', 'model_from_config', 'ReplayBuffer', 'train_step', 'transition_errors', 'baseline_errors',
            'torch_threads', 'train_phases', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint',
-           'task_reward', 'word_cosine', 'coherence_penalty', 'arrival_rank', 'TransitionData', 'heldout_mask',
-           'collect_transitions', 'train_transition_model', 'ContextData', 'encode_conversations', 'sample_pairs',
-           'pair_embeddings', 'info_nce', 'retrieval_ranks', 'retrieval_queries', 'retrieval_metrics',
-           'train_context_module', 'save_context_module', 'load_context_module']
+           'task_reward', 'word_cosine', 'coherence_penalty', 'TransitionData', 'heldout_mask', 'collect_transitions',
+           'train_transition_model', 'ContextData', 'encode_conversations', 'sample_pairs', 'pair_embeddings',
+           'info_nce', 'retrieval_ranks', 'retrieval_queries', 'retrieval_metrics', 'train_context_module',
+           'save_context_module', 'load_context_module']
 
 # %% ../nbs/08_training.ipynb #42e3561d
 PHASES = ("prompt_embedding", "consensus", "joint")  # §4.6: the three training phases, in order
@@ -268,48 +268,43 @@ def train_phases(model: TransitionModel, buffer: ReplayBuffer, cfg: Config, seed
     eval_every = tc.eval_every if eval_every is None else eval_every
     if eval_every < 1: raise ValueError(f"eval_every: expected a positive int, got {eval_every!r}")
     with torch_threads(tc.train_threads if buffer.device.type == "cpu" else None):
-        return _train_phases(model, buffer, cfg, seed, heldout, eval_every, progress)
-
-def _train_phases(model: TransitionModel, buffer: ReplayBuffer, cfg: Config, seed: int,
-                  heldout: tuple[torch.Tensor, torch.Tensor] | None, eval_every: int, progress: bool) -> pd.DataFrame:
-    "The body of `train_phases` (thread count already set)."
-    tc = cfg.training
-    gen = torch.Generator().manual_seed(int(seed))
-    groups = model.groups()
-    rows, step, t0, stopped = [], 0, time.perf_counter(), False
-    def evaluate(phase: str) -> dict:
-        if heldout is None: return {}
-        e = transition_errors(model, *heldout)
-        return {f"heldout_{k}": v for k, v in e.items()}
-    rows.append(dict(step=0, phase="start", elapsed_s=0.0, **evaluate("start")))
-    total = sum(tc.steps_per_phase)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc="training (simulated benchmark data)", leave=False)
-    for phase, n_steps in zip(PHASES, tc.steps_per_phase):
-        params = [p for g in PHASE_GROUPS[phase] for p in groups[g]]
-        opt = torch.optim.Adam(params, lr=tc.lr)
-        for k in range(n_steps):
-            if time.perf_counter() - t0 > tc.time_budget_s: stopped = True; break
-            xb, yb = buffer.sample(tc.batch_size, gen)
-            r = train_step(model, opt, xb, yb, params, tc.grad_clip)
-            step += 1
-            row = dict(step=step, phase=phase, **r, batch_reward=float(yb[:, -1].mean()),
-                       consensus_alpha=float(model.consensus_alpha().detach().mean()), elapsed_s=time.perf_counter() - t0)
-            if step % eval_every == 0 or k == n_steps - 1: row.update(evaluate(phase))
-            rows.append(row)
-            if bar is not None: bar.update(1)
-        if stopped: break
-    if bar is not None: bar.close()
-    hist = pd.DataFrame(rows)
-    hist.attrs["stopped_by_budget"] = stopped
-    hist.attrs["train_seconds"] = time.perf_counter() - t0
-    return hist
+        gen = torch.Generator().manual_seed(int(seed))
+        groups = model.groups()
+        rows, step, t0, stopped = [], 0, time.perf_counter(), False
+        def evaluate(phase: str) -> dict:
+            if heldout is None: return {}
+            e = transition_errors(model, *heldout)
+            return {f"heldout_{k}": v for k, v in e.items()}
+        rows.append(dict(step=0, phase="start", elapsed_s=0.0, **evaluate("start")))
+        total = sum(tc.steps_per_phase)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, desc="training (simulated benchmark data)", leave=False)
+        for phase, n_steps in zip(PHASES, tc.steps_per_phase):
+            params = [p for g in PHASE_GROUPS[phase] for p in groups[g]]
+            opt = torch.optim.Adam(params, lr=tc.lr)
+            for k in range(n_steps):
+                if time.perf_counter() - t0 > tc.time_budget_s: stopped = True; break
+                xb, yb = buffer.sample(tc.batch_size, gen)
+                r = train_step(model, opt, xb, yb, params, tc.grad_clip)
+                step += 1
+                row = dict(step=step, phase=phase, **r, batch_reward=float(yb[:, -1].mean()),
+                           consensus_alpha=float(model.consensus_alpha().detach().mean()), elapsed_s=time.perf_counter() - t0)
+                if step % eval_every == 0 or k == n_steps - 1: row.update(evaluate(phase))
+                rows.append(row)
+                if bar is not None: bar.update(1)
+            if stopped: break
+        if bar is not None: bar.close()
+        hist = pd.DataFrame(rows)
+        hist.attrs["stopped_by_budget"] = stopped
+        hist.attrs["train_seconds"] = time.perf_counter() - t0
+        return hist
 
 # %% ../nbs/08_training.ipynb #86fea296
 CHECKPOINT_MAGIC = b"RAPO-TRANSITION-MODEL v1\n"
-SHAPE_FIELDS = ("state.n_tasks", "state.n_modalities", "state.prompt_dim", "training.hidden")  # fields that size the model
+CONTEXT_CHECKPOINT_MAGIC = b"RAPO-CONTEXT-MODULE v1\n"
+SHAPE_FIELDS = ("state.n_tasks", "state.n_modalities", "state.prompt_dim", "training.hidden", "training.prompt_embed_dim")  # fields that size the model
 
 class CheckpointError(ValueError):
     "A checkpoint (transition model or context module) is corrupt or does not match the configuration it is loaded with."
@@ -318,12 +313,9 @@ def _write_checked(path: str | Path, payload: dict, magic: bytes) -> Path:
     "torch.save `payload` behind the `magic` header line and its SHA-256, atomically (temporary file + rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     bio = io.BytesIO(); torch.save(payload, bio); data = bio.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(magic + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
-    os.replace(tmp, path)
-    return path
+    return _atomic_write(path, lambda p: p.write_bytes(magic + hashlib.sha256(data).hexdigest().encode() + b"\n" + data))
 
-_KINDS = {}   # magic → what the file is, for "this is a … checkpoint, not a …" errors (filled below)
+_KINDS = {CHECKPOINT_MAGIC: "transition-model", CONTEXT_CHECKPOINT_MAGIC: "context-module"}   # magic → what the file is, for "this is a … checkpoint, not a …" errors
 
 def _read_checked(path: str | Path, magic: bytes, kind: str) -> dict:
     "Verify header and checksum of `path` and return its payload (JSON fields decoded)."
@@ -386,15 +378,13 @@ def load_checkpoint(path: str | Path, cfg: Config, device: str | torch.device | 
     "Load a checkpoint saved by `save_checkpoint`; refuse (CheckpointError naming the field) one from another config/shape."
     ck = read_checkpoint(path)
     _check_fields(ck, cfg, SHAPE_FIELDS, path)
-    if ck["dims"].get("prompt_embed_dim") != cfg.training.prompt_embed_dim:
-        raise CheckpointError(f"training.prompt_embed_dim: the checkpoint {Path(path).name} has {ck['dims'].get('prompt_embed_dim')!r}, the config has {cfg.training.prompt_embed_dim!r}")
     model = model_from_config(cfg, 0, "cpu")   # the shape the caller's config asks for; weights come from the file
     _load_tensors(model, ck["state_dict"], path)
     model.checkpoint_meta = dict(seed=ck["seed"], config=ck["config"], sha256=ck["sha256"], extra=ck["extra"], path=str(path))
     return model.to(get_device(cfg.device) if device is None else torch.device(device))
 
 # %% ../nbs/08_training.ipynb #3919a654
-from .state import HashedTextEncoder, cosine_rows, SlidingWindowContext, encode_histories
+from .state import HashedTextEncoder, cosine_rows, SlidingWindowContext, encode_histories, queue_rank, _WORD_RE
 from .synthetic import generate_conversations, Conversation
 from .agents import SimulatedAgentPool, full_history
 
@@ -404,13 +394,11 @@ def task_reward(success: torch.Tensor, coherence: torch.Tensor, coherence_lambda
     if coherence_lambda < 0: raise ValueError(f"coherence_lambda: expected >= 0, got {coherence_lambda!r}")
     return success.float() + coherence_lambda * coherence.float()
 
-_WORDS = re.compile(r"[a-z0-9]+")
-
 def _bag(text: str, cache: dict) -> tuple[Counter, float]:
     "Word counts of `text` and their L2 norm (memoised in `cache`)."
     hit = cache.get(text)
     if hit is None:
-        c = Counter(_WORDS.findall(text.lower())); hit = (c, math.sqrt(sum(v * v for v in c.values())))
+        c = Counter(_WORD_RE.findall(text.lower())); hit = (c, math.sqrt(sum(v * v for v in c.values())))
         cache[text] = hit
     return hit
 
@@ -432,15 +420,6 @@ def coherence_penalty(responses: list[str], contexts: list[str], encoder: Hashed
     cos = word_cosine(list(responses), list(contexts)) if encoder is None else cosine_rows(encoder.encode(list(responses)), encoder.encode(list(contexts)))
     empty = np.array([not c.strip() for c in contexts])
     return np.where(empty, 0.0, cos - 1.0).astype(np.float32)
-
-def arrival_rank(agents: np.ndarray) -> np.ndarray:
-    "For each position, how many earlier positions hold the same agent (0 for the first occurrence)."
-    order = np.argsort(agents, kind="stable")
-    sorted_a = agents[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_a)) + 1]
-    run_start = np.repeat(starts, np.diff(np.r_[starts, len(agents)]))
-    rank = np.empty(len(agents), dtype=np.int64); rank[order] = np.arange(len(agents)) - run_start
-    return rank
 
 # %% ../nbs/08_training.ipynb #87a246c4
 @dataclass
@@ -476,67 +455,62 @@ def collect_transitions(cfg: Config, seed: int, device: str | torch.device | Non
     "Run the simulated benchmark with a uniform exploration policy and return Monte Carlo transition targets."
     dev = get_device(cfg.device) if device is None else torch.device(device)
     with torch_threads(cfg.training.train_threads if dev.type == "cpu" else None):
-        return _collect_transitions(cfg, seed, dev, n_agents, conversations, progress)
-
-def _collect_transitions(cfg: Config, seed: int, dev: torch.device, n_agents: int | None,
-                         conversations: list[Conversation] | None, progress: bool) -> TransitionData:
-    "The body of `collect_transitions` (thread count already set)."
-    t0 = time.perf_counter()
-    convs = conversations if conversations is not None else generate_conversations(cfg.synthetic.n_conversations, seed, cfg)
-    if not convs: raise ValueError("conversations: need at least one conversation")
-    n_agents = int(n_agents or cfg.evaluation.n_agents)
-    if n_agents < 1: raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
-    T, lam = cfg.training.mc_trajectories, cfg.training.coherence_lambda
-    pool = SimulatedAgentPool(n_agents, cfg, seed)
-    bank = StateBank.create(n_agents, cfg, device=dev, seed=seed)
-    policy_rng = np.random.default_rng([seed, 81])
-    traj_rngs = [np.random.default_rng([seed, 82, k]) for k in range(T)]
-    held = heldout_mask(len(convs), seed, cfg.training.heldout_fraction)
-    histories: list[list[str]] = [[] for _ in convs]
-    max_turns = max(len(c.turns) for c in convs)
-    out = {k: [] for k in ("x", "y", "conversation", "turn", "agent", "reward_std")}
-    steps = range(max_turns)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="collecting transitions (simulated agents)", leave=False)
-    for t in steps:
-        active = np.array([i for i, c in enumerate(convs) if len(c.turns) > t])
-        B = len(active)
-        turns = [convs[i].turns[t] for i in active]
-        task = torch.tensor([tr.task for tr in turns], dtype=torch.long, device=dev)
-        modality = torch.tensor([tr.modality for tr in turns], dtype=torch.long, device=dev)
-        alive_ids = torch.nonzero(bank.alive).flatten().cpu().numpy()
-        agents = alive_ids[policy_rng.integers(len(alive_ids), size=B)]
-        share = np.bincount(agents, minlength=n_agents) / cfg.routing.c_max
-        bank.set_utilisation(torch.tensor(np.minimum(share, 1.0), dtype=torch.float32))
-        contexts = [full_history(histories[i]) for i in active]
-        success = np.zeros((T, B), dtype=np.float32); texts: list[list[str]] = []
-        for k in range(T):
-            resp = [pool.respond(int(a), histories[i], ctx, tr, traj_rngs[k]) for a, i, ctx, tr in zip(agents, active, contexts, turns)]
-            success[k] = [float(r.success) for r in resp]; texts.append([r.text for r in resp])
-        windows = ["\n".join(histories[i][-cfg.state.context_window:]) for i in active]
-        coh = coherence_penalty([s for row in texts for s in row], windows * T).reshape(T, B)
-        R = task_reward(torch.from_numpy(success), torch.from_numpy(coh), lam)          # [T, B]
-        rank = arrival_rank(agents)
-        for r in range(int(rank.max()) + 1):
-            sel = np.flatnonzero(rank == r)
-            a_sel = torch.as_tensor(agents[sel], dtype=torch.long, device=dev)
-            x = transition_features(bank, a_sel[:, None], task[sel], modality[sel])[:, 0]
-            m_before, s_before = bank.M[a_sel].float().flatten(1), bank.capability_score[a_sel].float()
-            snap = bank.snapshot()
-            bank.update_capability(a_sel, task[sel], modality[sel], torch.from_numpy(success[:, sel].mean(0)).to(dev))
-            d_next = torch.cat([bank.M[a_sel].float().flatten(1) - m_before, (bank.capability_score[a_sel].float() - s_before)[:, None]], 1)
-            bank.restore(snap)
-            bank.update_capability(a_sel, task[sel], modality[sel], torch.from_numpy(success[0, sel]).to(dev))
-            out["x"].append(x); out["y"].append(torch.cat([d_next, R[:, sel].mean(0).to(dev)[:, None]], 1))
-            out["conversation"].append(torch.as_tensor(active[sel])); out["turn"].append(torch.full((len(sel),), t))
-            out["agent"].append(torch.as_tensor(agents[sel])); out["reward_std"].append(R[:, sel].std(0, unbiased=False))
-        for j, i in enumerate(active): histories[i].extend([turns[j].text, texts[0][j]])
-    cat = {k: torch.cat(v) for k, v in out.items()}
-    conv = cat["conversation"].long()
-    return TransitionData(x=cat["x"], y=cat["y"], conversation=conv, turn=cat["turn"].long(), agent=cat["agent"].long(),
-                          heldout=torch.from_numpy(held)[conv], reward_std=cat["reward_std"].float(),
-                          n_conversations=len(convs), n_agents=n_agents, seconds=time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        convs = conversations if conversations is not None else generate_conversations(cfg.synthetic.n_conversations, seed, cfg)
+        if not convs: raise ValueError("conversations: need at least one conversation")
+        n_agents = int(n_agents or cfg.evaluation.n_agents)
+        if n_agents < 1: raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
+        T, lam = cfg.training.mc_trajectories, cfg.training.coherence_lambda
+        pool = SimulatedAgentPool(n_agents, cfg, seed)
+        bank = StateBank.create(n_agents, cfg, device=dev, seed=seed)
+        policy_rng = np.random.default_rng([seed, 81])
+        traj_rngs = [np.random.default_rng([seed, 82, k]) for k in range(T)]
+        held = heldout_mask(len(convs), seed, cfg.training.heldout_fraction)
+        histories: list[list[str]] = [[] for _ in convs]
+        max_turns = max(len(c.turns) for c in convs)
+        out = {k: [] for k in ("x", "y", "conversation", "turn", "agent", "reward_std")}
+        steps = range(max_turns)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="collecting transitions (simulated agents)", leave=False)
+        for t in steps:
+            active = np.array([i for i, c in enumerate(convs) if len(c.turns) > t])
+            B = len(active)
+            turns = [convs[i].turns[t] for i in active]
+            task = torch.tensor([tr.task for tr in turns], dtype=torch.long, device=dev)
+            modality = torch.tensor([tr.modality for tr in turns], dtype=torch.long, device=dev)
+            alive_ids = torch.nonzero(bank.alive).flatten().cpu().numpy()
+            agents = alive_ids[policy_rng.integers(len(alive_ids), size=B)]
+            share = np.bincount(agents, minlength=n_agents) / cfg.routing.c_max
+            bank.set_utilisation(torch.tensor(np.minimum(share, 1.0), dtype=torch.float32))
+            contexts = [full_history(histories[i]) for i in active]
+            success = np.zeros((T, B), dtype=np.float32); texts: list[list[str]] = []
+            for k in range(T):
+                resp = [pool.respond(int(a), histories[i], ctx, tr, traj_rngs[k]) for a, i, ctx, tr in zip(agents, active, contexts, turns)]
+                success[k] = [float(r.success) for r in resp]; texts.append([r.text for r in resp])
+            windows = ["\n".join(histories[i][-cfg.state.context_window:]) for i in active]
+            coh = coherence_penalty([s for row in texts for s in row], windows * T).reshape(T, B)
+            R = task_reward(torch.from_numpy(success), torch.from_numpy(coh), lam)          # [T, B]
+            rank = queue_rank(agents)
+            for r in range(int(rank.max()) + 1):
+                sel = np.flatnonzero(rank == r)
+                a_sel = torch.as_tensor(agents[sel], dtype=torch.long, device=dev)
+                x = transition_features(bank, a_sel[:, None], task[sel], modality[sel])[:, 0]
+                m_before, s_before = bank.M[a_sel].float().flatten(1), bank.capability_score[a_sel].float()
+                snap = bank.snapshot()
+                bank.update_capability(a_sel, task[sel], modality[sel], torch.from_numpy(success[:, sel].mean(0)).to(dev))
+                d_next = torch.cat([bank.M[a_sel].float().flatten(1) - m_before, (bank.capability_score[a_sel].float() - s_before)[:, None]], 1)
+                bank.restore(snap)
+                bank.update_capability(a_sel, task[sel], modality[sel], torch.from_numpy(success[0, sel]).to(dev))
+                out["x"].append(x); out["y"].append(torch.cat([d_next, R[:, sel].mean(0).to(dev)[:, None]], 1))
+                out["conversation"].append(torch.as_tensor(active[sel])); out["turn"].append(torch.full((len(sel),), t))
+                out["agent"].append(torch.as_tensor(agents[sel])); out["reward_std"].append(R[:, sel].std(0, unbiased=False))
+            for j, i in enumerate(active): histories[i].extend([turns[j].text, texts[0][j]])
+        cat = {k: torch.cat(v) for k, v in out.items()}
+        conv = cat["conversation"].long()
+        return TransitionData(x=cat["x"], y=cat["y"], conversation=conv, turn=cat["turn"].long(), agent=cat["agent"].long(),
+                              heldout=torch.from_numpy(held)[conv], reward_std=cat["reward_std"].float(),
+                              n_conversations=len(convs), n_agents=n_agents, seconds=time.perf_counter() - t0)
 
 # %% ../nbs/08_training.ipynb #3704c2b9
 def train_transition_model(cfg: Config, seed: int, device: str | torch.device | None = None, data: TransitionData | None = None,
@@ -611,8 +585,10 @@ def pair_embeddings(data: ContextData, conv: torch.Tensor, t: torch.Tensor, hori
     dev = X.device; conv, t = conv.to(dev), t.to(dev)
     if (t < 1).any() or (t + horizon > data.lengths.to(dev)[conv]).any(): raise ValueError("t: every pair needs 1 ≤ t ≤ len − horizon")
     target = X[conv, t + horizon - 1]
-    if model is not None:
-        return model(X[conv], t), model(target[:, None], torch.ones_like(t))
+    if model is not None:   # only the module's last k = model.window turns before t matter: gather them, left-aligned, lengths min(t, k)
+        k = model.window
+        idx = ((t - k).clamp(min=0)[:, None] + torch.arange(k, device=dev)[None]).clamp(max=X.shape[1] - 1)
+        return model(X[conv[:, None], idx], t.clamp(max=k)), model(target[:, None], torch.ones_like(t))
     if window is None or window < 1: raise ValueError(f"window: the mean-of-window baseline needs k ≥ 1, got {window!r}")
     idx = t[:, None] - window + torch.arange(window, device=dev)[None]
     valid = (idx >= 0)[..., None]
@@ -664,48 +640,42 @@ def train_context_module(cfg: Config, seed: int, data: ContextData, device: str 
     "Train `SlidingWindowContext` (seeded init) by InfoNCE next-turn prediction on the training conversations; return (module, history)."
     dev = get_device(cfg.device) if device is None else torch.device(device)
     with torch_threads(cfg.training.train_threads if dev.type == "cpu" else None):
-        return _train_context_module(cfg, seed, data.to(dev), dev, progress)
-
-def _train_context_module(cfg: Config, seed: int, data: ContextData, dev: torch.device, progress: bool) -> tuple[nn.Module, pd.DataFrame]:
-    "The body of `train_context_module` (data on `dev`, thread count already set)."
-    tc = cfg.training
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SlidingWindowContext.from_config(cfg, seed=seed).to(dev)
-    pool = data.usable(False, tc.context_horizon)
-    rng = np.random.default_rng([seed, 83])
-    curve = retrieval_queries(data, cfg, cfg.seed, rounds=max(1, tc.context_eval_rounds // 4))   # learning-curve queries: the same for every training seed
-    opt = torch.optim.Adam(model.parameters(), lr=tc.context_lr)
-    def evaluate() -> dict: return {f"heldout_{k}": v for k, v in retrieval_metrics(data, curve, tc.context_horizon, model).items() if k in ("top1", "mrr")}
-    rows, t0, stopped = [dict(step=0, elapsed_s=0.0, **evaluate())], time.perf_counter(), False
-    steps = range(1, tc.context_steps + 1)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"context module InfoNCE (seed {seed})", leave=False)
-    for step in steps:
-        if time.perf_counter() - t0 > tc.time_budget_s: stopped = True; break
-        model.train()
-        conv, t = sample_pairs(data, pool, tc.context_batch_size, tc.context_horizon, rng)
-        c, z = pair_embeddings(data, conv, t, tc.context_horizon, model)
-        loss = info_nce(c, z, tc.context_temperature)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        row = dict(step=step, loss=float(loss.detach()), batch_top1=float((retrieval_ranks(c.detach(), z.detach()) == 1).float().mean()),
-                   grad_norm=float(gn), elapsed_s=time.perf_counter() - t0)
-        if step % tc.eval_every == 0 or step == tc.context_steps: row.update(evaluate())
-        rows.append(row)
-    model.eval()
-    hist = pd.DataFrame(rows)
-    hist.attrs.update(stopped_by_budget=stopped, train_seconds=time.perf_counter() - t0, seed=int(seed), device=str(dev),
-                      curve_mean_window_mrr=retrieval_metrics(data, curve, tc.context_horizon, window=cfg.state.context_window)["mrr"])
-    model.training_info = dict(hist.attrs, steps=int(hist.step.max()), n_train_conversations=len(pool))
-    return model, hist
+        tc = cfg.training
+        data = data.to(dev)
+        with torch.random.fork_rng(devices=[]):   # nn.Linear's default init draws from the global RNG before the seeded init overwrites it: keep the caller's stream untouched
+            model = SlidingWindowContext.from_config(cfg, seed=seed).to(dev)
+        pool = data.usable(False, tc.context_horizon)
+        rng = np.random.default_rng([seed, 83])
+        curve = retrieval_queries(data, cfg, cfg.seed, rounds=max(1, tc.context_eval_rounds // 4))   # learning-curve queries: the same for every training seed
+        opt = torch.optim.Adam(model.parameters(), lr=tc.context_lr)
+        def evaluate() -> dict: return {f"heldout_{k}": v for k, v in retrieval_metrics(data, curve, tc.context_horizon, model).items() if k in ("top1", "mrr")}
+        rows, t0, stopped = [dict(step=0, elapsed_s=0.0, **evaluate())], time.perf_counter(), False
+        steps = range(1, tc.context_steps + 1)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc=f"context module InfoNCE (seed {seed})", leave=False)
+        for step in steps:
+            if time.perf_counter() - t0 > tc.time_budget_s: stopped = True; break
+            model.train()
+            conv, t = sample_pairs(data, pool, tc.context_batch_size, tc.context_horizon, rng)
+            c, z = pair_embeddings(data, conv, t, tc.context_horizon, model)
+            loss = info_nce(c, z, tc.context_temperature)
+            opt.zero_grad(set_to_none=True); loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            row = dict(step=step, loss=float(loss.detach()), batch_top1=float((retrieval_ranks(c.detach(), z.detach()) == 1).float().mean()),
+                       grad_norm=float(gn), elapsed_s=time.perf_counter() - t0)
+            if step % tc.eval_every == 0 or step == tc.context_steps: row.update(evaluate())
+            rows.append(row)
+        model.eval()
+        hist = pd.DataFrame(rows)
+        hist.attrs.update(stopped_by_budget=stopped, train_seconds=time.perf_counter() - t0, seed=int(seed), device=str(dev),
+                          curve_mean_window_mrr=retrieval_metrics(data, curve, tc.context_horizon, window=cfg.state.context_window)["mrr"])
+        model.training_info = dict(hist.attrs, steps=int(hist.step.max()), n_train_conversations=len(pool))
+        return model, hist
 
 # %% ../nbs/08_training.ipynb #81e2e722
-CONTEXT_CHECKPOINT_MAGIC = b"RAPO-CONTEXT-MODULE v1\n"
 CONTEXT_MATCH_FIELDS = ("state.encoder_dim", "state.encoder_seed", "state.context_dim", "state.context_window")  # fields the weights depend on
-_KINDS.update({CHECKPOINT_MAGIC: "transition-model", CONTEXT_CHECKPOINT_MAGIC: "context-module"})
 
 def save_context_module(model: nn.Module, path: str | Path, cfg: Config, seed: int, extra: dict | None = None) -> Path:
     "Write a trained `SlidingWindowContext` with `cfg`, `seed`, versions and a SHA-256 checksum to `path` (atomically)."

@@ -9,7 +9,7 @@ from rapo_nb.config import load_config
 from rapo_nb.state import StateBank
 from rapo_nb.state import HashedTextEncoder, SlidingWindowContext
 from rapo_nb.synthetic import generate_conversations
-from rapo_nb.training import (CheckpointError, torch_threads, PHASES, ReplayBuffer, TransitionModel, arrival_rank, baseline_errors,
+from rapo_nb.training import (CheckpointError, torch_threads, PHASES, ReplayBuffer, TransitionModel, baseline_errors,
                               collect_transitions, feature_layout, heldout_mask, load_checkpoint, model_from_config, read_checkpoint,
                               save_checkpoint, train_phases, train_step, train_transition_model, transition_errors,
                               transition_features, encode_conversations, sample_pairs, pair_embeddings, info_nce, retrieval_ranks,
@@ -182,12 +182,11 @@ def test_transitions_targets_are_consistent(tiny_data):
     assert ho_convs and tr_convs and not (ho_convs & tr_convs)
 
 
-def test_heldout_mask_and_arrival_rank():
+def test_heldout_mask():
     mask = heldout_mask(10, 0)
     assert mask.sum() == 2 and np.array_equal(mask, heldout_mask(10, 0))
     assert heldout_mask(2, 0).sum() == 1
     with pytest.raises(ValueError, match="fraction"): heldout_mask(10, 0, 1.0)
-    assert arrival_rank(np.array([2, 2, 0, 2, 0])).tolist() == [0, 1, 0, 2, 1]
 
 
 # --- determinism ----------------------------------------------------------------------------------------
@@ -357,6 +356,16 @@ def test_context_data_and_pairs(ctx_data):
     with pytest.raises(ValueError, match="t:"): pair_embeddings(ctx_data, conv[:1], ctx_data.lengths[conv[:1]], 1, window=3)
     with pytest.raises(ValueError, match="conversations"): encode_conversations(cfg, 0, conversations=[])
 
+
+def test_pair_embeddings_window_gather_equals_whole_conversation(ctx_data):
+    "pair_embeddings gathers only the module's k-turn window; the context equals the module applied to the whole conversation."
+    module = SlidingWindowContext.from_config(ctx_cfg(), seed=3)
+    conv = torch.arange(len(ctx_data.lengths))
+    t = torch.minimum(torch.arange(len(conv)) % 7 + 1, ctx_data.lengths - 1).clamp(min=1)   # windows shorter than, equal to and longer than k
+    with torch.no_grad():
+        c, z = pair_embeddings(ctx_data, conv, t, 1, model=module)
+        torch.testing.assert_close(c, module(ctx_data.turns[conv], t))
+        torch.testing.assert_close(z, module(ctx_data.turns[conv, t][:, None], torch.ones_like(t)))
 
 def test_info_nce_and_ranks():
     g = torch.Generator().manual_seed(0)
