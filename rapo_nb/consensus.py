@@ -12,6 +12,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 import numba
+import llvmlite.binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
 import numpy as np
 import torch
 from .config import Config, load_config, get_device
@@ -19,8 +24,9 @@ from .state import StateBank, sequential_ema
 
 # %% auto #0
 __all__ = ['TOPOLOGIES', 'MAX_DENSE_EDGES', 'EXCHANGE_EMA', 'PULL_FASTMATH', 'PULL_KERNELS', 'PULL_PARALLEL_MIN',
+           'PULL_VECTOR_BYTES', 'PULL_BLOCK_VECTORS', 'PULL_BLOCK_BYTES', 'PULL_PREFETCH_AHEAD', 'PULL_NEAR_ROWS',
            'TICK_UPDATE_SHARE', 'Topology', 'csr_from_edges', 'make_topology', 'segment_sum', 'adaptive_weights',
-           'fused_pull', 'add_scaled', 'clip_rows', 'project_trust_region', 'neighbour_pull', 'consensus_step',
+           'fused_pull', 'fused_step', 'clip_rows', 'project_trust_region', 'neighbour_pull', 'consensus_step',
            'Objective', 'QuadraticObjective', 'EntropyRegularisedObjective', 'penalty_omega', 'consensus_residual',
            'consensus_objective', 'ConsensusEngine', 'tick_benchmark']
 
@@ -158,10 +164,80 @@ def adaptive_weights(topo: Topology, effectiveness: torch.Tensor, empty: str = "
 PULL_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}   # no "nnan"/"ninf": non-finite values must propagate to the norms
 PULL_KERNELS = ("auto", "numba", "torch")
 PULL_PARALLEL_MIN = 1 << 21   # ours: below this many P entries (~4,000 agents × 512) one thread is faster than two (measured here)
+PULL_VECTOR_BYTES = 64        # one vector register of the widest ISA we target (AVX-512); LLVM splits it on narrower CPUs
+PULL_BLOCK_VECTORS = 8 if "+avx512f" in llvm_binding.get_host_cpu_features().flatten() else 4   # accumulators kept in registers
+PULL_BLOCK_BYTES = PULL_VECTOR_BYTES * PULL_BLOCK_VECTORS   # a row is gathered in blocks of this many bytes (512 B = 128 float32)
+PULL_PREFETCH_AHEAD = 2       # ours: while gathering row i, prefetch the far neighbours of row i + 2 (tuned on this machine)
+PULL_NEAR_ROWS = 16           # ours: neighbours within ±16 rows of the row being gathered are taken to be in cache already
+
+@intrinsic
+def _gather_block(typingctx, P, indices, w, lo, hi, c0, out, i):
+    "out[i, c0:c0+B] = Σ_{k=lo}^{hi−1} w[k] · P[indices[k], c0:c0+B] (B = PULL_BLOCK_BYTES / itemsize), the sum held in vector registers."
+    arrays = (P, out, indices, w)
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) or P.ndim != 2 or out.ndim != 2 or P.dtype != out.dtype \
+            or P.dtype not in (types.float32, types.float64) or w.dtype != P.dtype or indices.ndim != 1 or w.ndim != 1: return None
+    def codegen(context, builder, signature, args):
+        aP, aI, aW, aO = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 1, 2, 6))
+        lo_, hi_, c0_, i_ = (builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v for v in (args[3], args[4], args[5], args[7]))
+        ftype = context.get_value_type(signature.args[0].dtype); width = 32 if signature.args[0].dtype == types.float32 else 64
+        lanes = PULL_VECTOR_BYTES * 8 // width; vtype = ir.VectorType(ftype, lanes); i32, i64 = ir.IntType(32), ir.IntType(64)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vtype, [vtype] * 3), f"llvm.fma.v{lanes}f{width}")
+        p = cgutils.unpack_tuple(builder, aP.shape, 2)[1]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vtype, None)) for _ in range(PULL_BLOCK_VECTORS)]
+        with cgutils.for_range_slice(builder, lo_, hi_, ir.Constant(i64, 1), inc=True) as (k, _):
+            j = builder.load(builder.gep(aI.data, [k])); j = builder.sext(j, i64) if j.type.width < 64 else j
+            wk = builder.insert_element(ir.Constant(vtype, ir.Undefined), builder.load(builder.gep(aW.data, [k])), ir.Constant(i32, 0))
+            wk = builder.shuffle_vector(wk, ir.Constant(vtype, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+            row = builder.add(builder.mul(j, p), c0_)
+            for t, acc in enumerate(accs):
+                src = builder.bitcast(builder.gep(aP.data, [builder.add(row, ir.Constant(i64, lanes * t))]), vtype.as_pointer())
+                builder.store(builder.call(fma, [wk, builder.load(src, align=width // 8), builder.load(acc)]), acc)
+        row = builder.add(builder.mul(i_, p), c0_)
+        for t, acc in enumerate(accs):
+            dst = builder.bitcast(builder.gep(aO.data, [builder.add(row, ir.Constant(i64, lanes * t))]), vtype.as_pointer())
+            builder.store(builder.load(acc), dst, align=width // 8)
+        return context.get_dummy_value()
+    return types.void(P, indices, w, lo, hi, c0, out, i), codegen
+
+@intrinsic
+def _prefetch_row(typingctx, P, j):
+    "Ask the CPU to start loading row j of P (every 64-byte line) into cache; no effect on results."
+    if not (isinstance(P, types.Array) and P.layout == "C" and P.ndim == 2 and isinstance(j, types.Integer)): return None
+    def codegen(context, builder, signature, args):
+        aP = context.make_array(signature.args[0])(context, builder, args[0])
+        i32, i64, i8p = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
+        j = builder.sext(args[1], i64) if args[1].type.width < 64 else args[1]
+        p = cgutils.unpack_tuple(builder, aP.shape, 2)[1]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        row = builder.bitcast(builder.gep(aP.data, [builder.mul(j, p)]), i8p)
+        nbytes = builder.mul(p, ir.Constant(i64, context.get_abi_sizeof(context.get_value_type(signature.args[0].dtype))))
+        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), nbytes, ir.Constant(i64, 64), inc=True) as (offset, _):
+            builder.call(fn, [builder.gep(row, [offset]), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
+        return context.get_dummy_value()
+    return types.void(P, j), codegen
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
-def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
-    "Rows start:stop of out_i = Σ_k w_k P_{j_k} − (Σ_k w_k) P_i (CSR); row sums of squares of out and P into pull_sq, p_sq."
+def _gather_row(indptr, indices, w, P, out, i):  # pragma: no cover (compiled)
+    "out[i] = Σ_k w_k P_{j_k} over row i of the CSR (register blocks, then a plain loop for the tail columns); returns r_i = Σ_k w_k."
+    p = P.shape[1]; block = PULL_BLOCK_BYTES // P.itemsize; full = p - p % block
+    ahead = i + PULL_PREFETCH_AHEAD                     # far neighbours (small-world shortcuts) come from main memory: ask early
+    if ahead < indptr.shape[0] - 1:
+        for k in range(indptr[ahead], indptr[ahead + 1]):
+            j = indices[k]
+            if j > ahead + PULL_NEAR_ROWS or j < ahead - PULL_NEAR_ROWS: _prefetch_row(P, j)
+    lo = indptr[i]; hi = indptr[i + 1]
+    r = 0.0
+    for k in range(lo, hi): r += w[k]
+    for c0 in range(0, full, block): _gather_block(P, indices, w, lo, hi, c0, out, i)
+    for c in range(full, p): out[i, c] = 0.0
+    for k in range(lo, hi):
+        j = indices[k]; wk = w[k]
+        for c in range(full, p): out[i, c] += wk * P[j, c]
+    return r
+
+@numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
+def _pull_rows_plain(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
+    "The readable definition of `_pull_rows` (one neighbour at a time through the output row); same arithmetic, same order."
     p = P.shape[1]
     for i in range(start, stop):
         r = 0.0
@@ -176,11 +252,29 @@ def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragm
         pull_sq[i] = s_pull; p_sq[i] = s_p
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
-def _axpy_rows(P, D, alpha, out, start, stop):  # pragma: no cover (compiled)
-    "Rows start:stop of out = P + alpha·D."
+def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
+    "Rows start:stop of out_i = Σ_k w_k P_{j_k} − (Σ_k w_k) P_i (CSR); row sums of squares of out and P into pull_sq, p_sq."
     p = P.shape[1]
     for i in range(start, stop):
-        for c in range(p): out[i, c] = P[i, c] + alpha * D[i, c]
+        r = _gather_row(indptr, indices, w, P, out, i)
+        s_pull = 0.0; s_p = 0.0
+        for c in range(p):
+            x = P[i, c]; v = out[i, c] - r * x; out[i, c] = v
+            s_pull += v * v; s_p += x * x
+        pull_sq[i] = s_pull; p_sq[i] = s_p
+
+@numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
+def _step_rows(indptr, indices, w, P, alpha, out, pull_sq, p_sq, out_sq, start, stop):  # pragma: no cover (compiled)
+    "Rows start:stop of out_i = P_i + alpha·pull_i (pull as in `_pull_rows`, rounded to P's dtype first); squares of pull, P, out."
+    p = P.shape[1]
+    for i in range(start, stop):
+        r = _gather_row(indptr, indices, w, P, out, i)
+        s_pull = 0.0; s_p = 0.0; s_out = 0.0
+        for c in range(p):
+            x = P[i, c]; v = out[i, c] - r * x; out[i, c] = v     # the pull, rounded to P's dtype as `_pull_rows` stores it
+            y = x + alpha * out[i, c]; out[i, c] = y              # the step, from the rounded pull (as P + α·pull in two passes)
+            s_pull += v * v; s_p += x * x; s_out += y * y
+        pull_sq[i] = s_pull; p_sq[i] = s_p; out_sq[i] = s_out
 
 _POOL: tuple | None = None   # (pid, workers, ThreadPoolExecutor)
 
@@ -204,17 +298,21 @@ def _numba_ready(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
                and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
-def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torch.Tensor | None = None,
-               kernel: str = "auto") -> tuple[torch.Tensor, float, float]:
-    "(Σ_j w_ij (P_j − P_i) for every agent, its Frobenius norm, ‖P‖_F); numba on CPU, a torch sparse product otherwise."
+def _pull_args(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torch.Tensor | None, kernel: str) -> bool:
+    "Validate the arguments of `fused_pull` / `fused_step`; True when the numba kernels will run."
     if kernel not in PULL_KERNELS: raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
     if P.ndim != 2 or P.shape[0] != topo.n: raise ValueError(f"P: expected [{topo.n}, p], got {tuple(P.shape)}")
     if weights.shape != (topo.n_edges,): raise ValueError(f"weights: expected shape [{topo.n_edges}], got {tuple(weights.shape)}")
-    use_numba = _numba_ready(P, weights) and topo.device.type == "cpu"   # (weights are cast to P's dtype below)
+    use_numba = _numba_ready(P, weights) and topo.device.type == "cpu"   # (weights are cast to P's dtype by the callers)
     if kernel == "numba" and not use_numba: raise ValueError(f"kernel: 'numba' needs a CPU float32/float64 P outside autograd, got {P.dtype} on {P.device}")
     if out is not None and (out.shape != P.shape or out.dtype != P.dtype or out.device != P.device or out is P):
         raise ValueError(f"out: expected a separate {P.dtype} buffer of shape {tuple(P.shape)} on {P.device}")
-    if use_numba and kernel != "torch":
+    return use_numba and kernel != "torch"
+
+def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torch.Tensor | None = None,
+               kernel: str = "auto") -> tuple[torch.Tensor, float, float]:
+    "(Σ_j w_ij (P_j − P_i) for every agent, its Frobenius norm, ‖P‖_F); numba on CPU, a torch sparse product otherwise."
+    if _pull_args(P, topo, weights, out, kernel):
         Pc = P.contiguous(); out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
         pull_sq = np.empty(topo.n, dtype=np.float64); p_sq = np.empty(topo.n, dtype=np.float64)
         _run_rows(_pull_rows, topo.n, Pc.numel(), topo.indptr.numpy(), topo.indices.numpy(), weights.to(P.dtype).contiguous().numpy(),
@@ -226,16 +324,19 @@ def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torc
     if out is not None: pull = out.copy_(pull)
     return pull, float(torch.linalg.vector_norm(pull)), float(torch.linalg.vector_norm(P))
 
-def add_scaled(P: torch.Tensor, D: torch.Tensor, alpha: float, out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
-    "P + alpha·D (into `out` when given): the row kernels on CPU, torch.add otherwise (or with kernel='torch')."
-    if kernel not in PULL_KERNELS: raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
-    if D.shape != P.shape or D.dtype != P.dtype: raise ValueError(f"D: expected {P.dtype} {tuple(P.shape)}, got {D.dtype} {tuple(D.shape)}")
-    if out is None: out = torch.empty_like(P)
-    ok = (kernel != "torch" and P.ndim == 2 and _numba_ready(P, D, out) and out.dtype == P.dtype
-          and P.is_contiguous() and D.is_contiguous() and out.is_contiguous())
-    if not ok: return torch.add(P, D, alpha=alpha, out=out)
-    _run_rows(_axpy_rows, P.shape[0], P.numel(), P.numpy(), D.numpy(), float(alpha), out.numpy())
-    return out
+def fused_step(P: torch.Tensor, topo: Topology, weights: torch.Tensor, alpha: float, out: torch.Tensor | None = None,
+               kernel: str = "auto") -> tuple[torch.Tensor, float, float, float]:
+    "(P + α·Σ_j w_ij (P_j − P_i), ‖pull‖_F, ‖P‖_F, ‖result‖_F) in one pass over P on CPU (numba); pull then add otherwise."
+    if not math.isfinite(alpha): raise ValueError(f"alpha: expected a finite number, got {alpha}")
+    if _pull_args(P, topo, weights, out, kernel):
+        Pc = P.contiguous(); out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
+        pull_sq, p_sq, out_sq = (np.empty(topo.n, dtype=np.float64) for _ in range(3))
+        _run_rows(_step_rows, topo.n, Pc.numel(), topo.indptr.numpy(), topo.indices.numpy(), weights.to(P.dtype).contiguous().numpy(),
+                  Pc.numpy(), float(alpha), out.numpy(), pull_sq, p_sq, out_sq)
+        return out, float(np.sqrt(pull_sq.sum())), float(np.sqrt(p_sq.sum())), float(np.sqrt(out_sq.sum()))
+    pull, res, normP = fused_pull(P, topo, weights, kernel="torch")
+    new = torch.add(P, pull, alpha=alpha, out=out) if out is not None else torch.add(P, pull, alpha=alpha)
+    return new, res, normP, float(torch.linalg.vector_norm(new))
 
 # %% ../nbs/02_consensus.ipynb #2dfe26af
 def clip_rows(G: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -365,7 +466,7 @@ class ConsensusEngine:
         self._stable_version = 0
         self._weights: torch.Tensor | None = None
         self._alive_key: torch.Tensor | None = None
-        self._pull_cache: tuple | None = None     # (P, P._version, w, W·P, row sums or None, residual, ‖P‖)
+        self._pull_cache: tuple | None = None     # (P, P._version, w, pull, ‖pull‖, ‖P‖)
         self._rows_cache: tuple | None = None     # (w, row sums of w, or None when they are all 1)
         self._prev_update: float | None = None    # ‖unconstrained update‖ of the previous iteration
 
@@ -407,22 +508,24 @@ class ConsensusEngine:
             self._alive_key = None if alive is None else alive.clone()
         return self._weights
 
-    def _mixed(self, P: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
-        "(pull = W·P − r⊙P, row sums r or None when all 1, ‖pull‖, ‖P‖) by `fused_pull`, cached while P (same tensor and version) and w are unchanged."
+    def _row_sums(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        "Row sums r_i = Σ_j w_ij of the eq. 5 weights, or None when they are all 1 (cached per weights tensor)."
+        if self._rows_cache is None or self._rows_cache[0] is not w:
+            r = segment_sum(w.to(dtype), self.topo)
+            ones = bool(torch.all((r - 1).abs() <= 1e-5)) if r.numel() else True   # rows of eq. 5 weights sum to 1 up to rounding
+            self._rows_cache = (w, None if ones else r)
+        return self._rows_cache[1]
+
+    def _mixed(self, P: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        "(pull = W·P − r⊙P, ‖pull‖, ‖P‖) by `fused_pull`, cached while P (same tensor and version) and w are unchanged."
         c = self._pull_cache
         if c is not None and c[0] is P and c[1] == P._version and c[2] is w: return c[3:]
         buf = self._pull_buf
         ok = self.reuse_buffers and buf is not None and buf.shape == P.shape and buf.dtype == P.dtype and buf.device == P.device and buf is not P
         pull, res, normP = fused_pull(P, self.topo, w, out=buf if ok else None, kernel=self.kernel)
         if self.reuse_buffers: self._pull_buf = pull
-        if self._rows_cache is None or self._rows_cache[0] is not w:
-            r = segment_sum(w.to(P.dtype), self.topo)
-            ones = bool(torch.all((r - 1).abs() <= 1e-5)) if r.numel() else True   # rows of eq. 5 weights sum to 1 up to rounding
-            self._rows_cache = (w, None if ones else r)
-        r = self._rows_cache[1]
-        out = (pull, r, res, normP)
-        self._pull_cache = (P, P._version, w) + out
-        return out
+        self._pull_cache = (P, P._version, w, pull, res, normP)
+        return pull, res, normP
 
     def _out_buffer(self, P: torch.Tensor) -> torch.Tensor | None:
         "A P-sized buffer that is neither the current P nor the stable P (None: allocate)."
@@ -432,7 +535,7 @@ class ConsensusEngine:
 
     # -- one iteration --
     def step(self, bank: StateBank, grad_q: torch.Tensor | None = None) -> dict:
-        "One consensus iteration on `bank.P`; returns dict(converged, delta, rolled_back, gate, rejected, residual, update_norm)."
+        "One consensus iteration on `bank.P`; returns dict(converged, delta, rolled_back, gate, rejected, residual (of the P it started from), update_norm)."
         if bank.n != self.topo.n: raise ValueError(f"bank: has {bank.n} agents but the topology has {self.topo.n}")
         self.rounds += 1
         info = dict(converged=False, delta=0.0, rolled_back=False, gate=None, rejected=False, residual=float("nan"), update_norm=float("nan"))
@@ -442,16 +545,19 @@ class ConsensusEngine:
         if self.resource > self.cc.resource_max:
             self.resource_skips += 1; info["gate"] = "resource"; return info
         P = bank.P; w = self.weights(bank.alive); cc = self.cc
-        pull, r, res, normP = self._mixed(P, w)
         if grad_q is None and self.objective is not None: grad_q = self.objective.grad(P)
-        if grad_q is None and r is None and self.trust_scope == "global":
-            # fast path (rows of W sum to 1, no task gradient): P + α(WP − P) = lerp(P, WP, α), shrunk onto the trust region
+        if grad_q is None and self._row_sums(w, P.dtype) is None and self.trust_scope == "global":
+            # fast path (rows of W sum to 1, no task gradient): one pass computes P + α(WP − P) and the three norms;
+            # when the trust region binds, a second pass redoes it with α shrunk to Δmax‖P‖/‖pull‖
+            P_new, res, normP, norm_new = fused_step(P, self.topo, w, cc.alpha, out=self._out_buffer(P), kernel=self.kernel)
             alpha = cc.alpha; update_norm = cc.alpha * res
-            if cc.trust_region is not None and alpha * res > cc.trust_region * normP: alpha = cc.trust_region * normP / res
-            out = self._out_buffer(P)
-            P_new = add_scaled(P, pull, alpha, out=out, kernel=self.kernel)
+            if cc.trust_region is not None and alpha * res > cc.trust_region * normP:
+                alpha = cc.trust_region * normP / res
+                P_new, _, _, norm_new = fused_step(P, self.topo, w, alpha, out=P_new, kernel=self.kernel)
             change = alpha * res
+            finite = [change, update_norm, normP, norm_new]
         else:
+            pull, res, normP = self._mixed(P, w)
             upd = pull * cc.alpha
             if grad_q is not None:
                 if grad_q.shape != P.shape: raise ValueError(f"grad_q: expected shape {tuple(P.shape)}, got {tuple(grad_q.shape)}")
@@ -460,15 +566,15 @@ class ConsensusEngine:
                 upd.add_(clip_rows(grad_q, cc.grad_clip), alpha=cc.beta_q)
             update_norm = float(torch.linalg.vector_norm(upd))
             P_new = consensus_step(P, self.topo, w, 1.0, None, 0.0, cc.trust_region, None, self.trust_scope, pull=upd)
-            change = float(torch.linalg.vector_norm(P_new - P))
-        _, _, res_new, norm_new = self._mixed(P_new, w) if np.isfinite(change) else (None, None, float("nan"), float("nan"))
-        if not (np.isfinite(change) and np.isfinite(update_norm) and np.isfinite(res_new) and np.isfinite(norm_new)):
+            change = float(torch.linalg.vector_norm(P_new - P))   # non-finite iff P_new is (P is checked through ‖P‖)
+            finite = [change, update_norm, normP]
+        if not all(np.isfinite(finite)):
             self._pull_cache = None
             self.rejected += 1; bank.rejected_updates += 1; info["rejected"] = True
             self._count_nonconverging(bank, info); return info
         delta = change / max(normP, 1e-12)
         bank.P = P_new; self._spare = P
-        info.update(delta=delta, residual=res_new, update_norm=update_norm, converged=delta < cc.converge_tol)
+        info.update(delta=delta, residual=res, update_norm=update_norm, converged=delta < cc.converge_tol)
         prev, self._prev_update = self._prev_update, update_norm
         if info["converged"] or (self.rollback_rule == "progress" and prev is not None and update_norm < prev):
             self.nonconverged = 0

@@ -306,8 +306,9 @@ def test_reuse_buffers_gives_identical_trajectory():
 
 
 @settings(max_examples=60, deadline=None)
-@given(kind=kinds, n=sizes, seed=seeds, p=st.integers(1, 40), double=st.booleans(), dead=st.floats(0.0, 0.5))
+@given(kind=kinds, n=sizes, seed=seeds, p=st.integers(1, 300), double=st.booleans(), dead=st.floats(0.0, 0.5))
 def test_fused_numba_pull_equals_torch_pull(kind, n, seed, p, double, dead):
+    "Widths up to 300 cross the kernel's register blocks (128 float32 / 64 float64 on AVX-512) and their tails."
     from rapo_nb.consensus import fused_pull
     t = make_topology(kind, n, degree=4, seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -320,6 +321,27 @@ def test_fused_numba_pull_equals_torch_pull(kind, n, seed, p, double, dead):
     tol = dict(atol=1e-10, rtol=1e-9) if double else dict(atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(a, b, **tol)
     assert math.isclose(na, nb_, rel_tol=1e-4, abs_tol=1e-5) and math.isclose(pa, pb, rel_tol=1e-4, abs_tol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=kinds, n=sizes, seed=seeds, p=st.integers(1, 300), double=st.booleans(), alpha=st.floats(-2.0, 2.0))
+def test_fused_step_equals_pull_then_add(kind, n, seed, p, double, alpha):
+    "One pass of `fused_step` gives exactly what `fused_pull` then P + α·pull give, and the three norms."
+    from rapo_nb.consensus import fused_pull, fused_step
+    t = make_topology(kind, n, degree=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    w = adaptive_weights(t, torch.rand(t.n_edges, generator=g)).to(dtype)
+    P = torch.randn(n, p, generator=g, dtype=dtype)
+    new, res, normP, norm_new = fused_step(P, t, w, alpha, kernel="numba")
+    pull, res2, normP2 = fused_pull(P, t, w, kernel="numba")
+    exact = dict(atol=1e-12, rtol=1e-12) if double else dict(atol=1e-6, rtol=1e-6)   # (the kernel may fuse the multiply-add)
+    torch.testing.assert_close(new, (P.double() + alpha * pull.double()).to(dtype), **exact)
+    assert res == res2 and normP == normP2 and math.isclose(norm_new, float(torch.linalg.vector_norm(new.double())), rel_tol=1e-6, abs_tol=1e-9)
+    tnew, tres, tnormP, tnorm_new = fused_step(P, t, w, alpha, kernel="torch")
+    tol = dict(atol=1e-10, rtol=1e-9) if double else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(new, tnew, **tol)
+    assert math.isclose(norm_new, tnorm_new, rel_tol=1e-4, abs_tol=1e-5)
 
 
 def test_engine_trajectories_agree_across_kernels():
@@ -378,15 +400,40 @@ def test_row_kernels_split_over_threads_give_the_same_result(monkeypatch, thread
         a, na, pa = cs.fused_pull(P, t, w, kernel="numba")
         b, nb_, pb = cs.fused_pull(P, t, w, kernel="torch")
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-        D = torch.randn(101, 33, generator=g)
-        torch.testing.assert_close(cs.add_scaled(P, D, 0.3), P + 0.3 * D)
-        out = torch.empty_like(P); assert cs.add_scaled(P, D, -2.0, out=out) is out
-        torch.testing.assert_close(out, P - 2.0 * D)
-        torch.testing.assert_close(cs.add_scaled(P.double(), D.double(), 0.5), P.double() + 0.5 * D.double())
-        torch.testing.assert_close(cs.add_scaled(P, D, 0.3, kernel="torch"), P + 0.3 * D)
-        with pytest.raises(ValueError, match="D"):
-            cs.add_scaled(P, D[:5], 0.1)
+        P = torch.randn(101, 300, generator=g)                 # two full register blocks and a tail
+        new, res, normP, norm_new = cs.fused_step(P, t, w, 0.3, kernel="numba")
+        single = torch.get_num_threads(); torch.set_num_threads(1)
+        try: new1, res1, normP1, norm_new1 = cs.fused_step(P, t, w, 0.3, kernel="numba")
+        finally: torch.set_num_threads(single)
+        assert torch.equal(new, new1) and math.isclose(res, res1, rel_tol=1e-12) and math.isclose(norm_new, norm_new1, rel_tol=1e-12)
+        torch.testing.assert_close(new, P + 0.3 * cs.fused_pull(P, t, w, kernel="torch")[0], atol=1e-5, rtol=1e-4)
+        out = torch.empty_like(P); assert cs.fused_step(P, t, w, -2.0, out=out)[0] is out
+        torch.testing.assert_close(cs.fused_step(P.double(), t, w.double(), 0.5)[0], P.double() + 0.5 * cs.fused_pull(P.double(), t, w.double())[0])
+        with pytest.raises(ValueError, match="alpha"):
+            cs.fused_step(P, t, w, float("nan"))
         with pytest.raises(ValueError, match="kernel"):
-            cs.add_scaled(P, D, 0.1, kernel="fast")
+            cs.fused_step(P, t, w, 0.1, kernel="fast")
+        with pytest.raises(ValueError, match="out"):
+            cs.fused_step(P, t, w, 0.1, out=P)
     finally:
         torch.set_num_threads(old)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=kinds, n=sizes, seed=seeds, p=st.integers(1, 300), double=st.booleans())
+def test_register_block_kernel_is_bitwise_the_plain_kernel(kind, n, seed, p, double):
+    "The register-blocked, prefetching `_pull_rows` does the plain kernel's arithmetic in the same order: equal bit for bit."
+    import numpy as np
+    from rapo_nb.consensus import _pull_rows, _pull_rows_plain
+    t = make_topology(kind, n, degree=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    w = adaptive_weights(t, torch.rand(t.n_edges, generator=g)).to(dtype)
+    P = torch.randn(n, p, generator=g, dtype=dtype)
+    results = []
+    for kern in (_pull_rows, _pull_rows_plain):
+        out, a, b = torch.empty_like(P), np.empty(n), np.empty(n)
+        kern(t.indptr.numpy(), t.indices.numpy(), w.numpy(), P.numpy(), out.numpy(), a, b, 0, n)
+        results.append((out, a, b))
+    assert torch.equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1]) and np.array_equal(results[0][2], results[1][2])
