@@ -180,11 +180,13 @@ def greedy_rounds_reference(key_scores: torch.Tensor, inv: torch.Tensor, L0: tor
     """The readable definition of the batch rule (`greedy_rounds` computes the same, fast). Batch argmax of
     key_scores[u, a]·(1 − L_a) with load feedback: each step, the oldest waiting request of every key picks its best agent;
     an agent wanted by several keys goes to the earliest request (the others retry next step); each pick adds `inc` to the
-    agent's load (saturated agents, L ≥ 1, drop out). Ties → lowest agent id. Returns LongTensor [B] (NO_AGENT if none)."""
+    agent's load. Saturated agents (L ≥ 1, from the start or after picks) are never picked, even where `eligible` is True.
+    Ties → lowest agent id. Returns LongTensor [B] (NO_AGENT if none)."""
     B, dev = inv.numel(), inv.device
     out = torch.full((B,), NO_AGENT, dtype=torch.long, device=dev)
     if B == 0: return out
     key_scores = key_scores.contiguous()                        # row-major: argmax along agents walks contiguous memory
+    eligible = eligible & (L0 < 1.0)                            # saturated before the batch: out, as after its picks below
     s = torch.where(eligible[None, :], key_scores * (1.0 - L0)[None, :], float("-inf")).contiguous()
     if not feedback:
         best = s.argmax(1)
@@ -233,6 +235,23 @@ def _worse(v, a, w, b) -> bool:
     "(value v, agent a) ranks below (w, b): a lower value, or the same value and a higher id (the argmax prefers lower ids)."
     return v < w or (v == w and a > b)
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _above(v, a, w, b, best_on_top) -> bool:
+    "(v, a) belongs nearer the root than (w, b): the better of the two in a max-heap (best_on_top), the worse in a min-heap."
+    return _worse(w, b, v, a) if best_on_top else _worse(v, a, w, b)
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _sift_down(hv, hi, u, i, n, v, a, best_on_top) -> None:
+    "Put (v, a) into the hole at position i of key u's heap (n entries: values hv[u], ids hi[u]) and move it down to its place."
+    while True:
+        c = 2 * i + 1
+        if c >= n: break
+        if c + 1 < n and _above(hv[u, c + 1], hi[u, c + 1], hv[u, c], hi[u, c], best_on_top): c += 1
+        if _above(hv[u, c], hi[u, c], v, a, best_on_top):
+            hv[u, i] = hv[u, c]; hi[u, i] = hi[u, c]; i = c
+        else: break
+    hv[u, i] = v; hi[u, i] = a
+
 @njit(cache=_CACHE, nogil=True)
 def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
     """One pass over the agent-major scores kt [N, U]: for every key u, the Ks[u] best eligible agents by (v⁰, −id),
@@ -267,31 +286,10 @@ def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
                         else: break
                     cval[u, i] = v; cid[u, i] = a
                 else:                                 # full: the new agent replaces the worst, sift it down
-                    i = 0
-                    while True:
-                        c = 2 * i + 1
-                        if c >= n: break
-                        if c + 1 < n and _worse(cval[u, c + 1], cid[u, c + 1], cval[u, c], cid[u, c]): c += 1
-                        if _worse(cval[u, c], cid[u, c], v, a):
-                            cval[u, i] = cval[u, c]; cid[u, i] = cid[u, c]; i = c
-                        else: break
-                    cval[u, i] = v; cid[u, i] = a
+                    _sift_down(cval, cid, u, 0, n, v, a, False)
                 if n == K: thr[u] = cval[u, 0]
             elif not (v > -np.inf): nonfinite = True  # −inf, or NaN (NaN fails every comparison)
     return (1 if neg else 0) + (2 if nonfinite else 0)
-
-@njit(cache=_CACHE, nogil=True)
-def _sift_down_max(hv, hi, u, i, n) -> None:
-    "Restore the max-heap (by value, then lower id) of key u below position i (n entries)."
-    v, a = hv[u, i], hi[u, i]
-    while True:
-        c = 2 * i + 1
-        if c >= n: break
-        if c + 1 < n and _worse(hv[u, c], hi[u, c], hv[u, c + 1], hi[u, c + 1]): c += 1
-        if _worse(v, a, hv[u, c], hi[u, c]):
-            hv[u, i] = hv[u, c]; hi[u, i] = hi[u, c]; i = c
-        else: break
-    hv[u, i] = v; hi[u, i] = a
 
 @njit(cache=_CACHE, nogil=True)
 def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out) -> bool:
@@ -314,7 +312,7 @@ def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out)
         u = inv[r]; order[fill[u]] = r; fill[u] += 1
     hn = ccnt.copy()
     for u in range(U):                                 # min-heaps (worst first) → max-heaps (best first)
-        for i in range(hn[u] // 2 - 1, -1, -1): _sift_down_max(cval, cid, u, i, hn[u])
+        for i in range(hn[u] // 2 - 1, -1, -1): _sift_down(cval, cid, u, i, hn[u], cval[u, i], cid[u, i], True)
     start = np.zeros(N + 1, np.int64)                  # keys_of[start[a]:start[a + 1]]: the keys having agent a as a candidate
     for u in range(U):
         for j in range(hn[u]): start[cid[u, j] + 1] += 1
@@ -344,7 +342,7 @@ def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out)
                 if v == _NINF:                         # saturated: drop it
                     hn[u] -= 1; cval[u, 0] = cval[u, hn[u]]; cid[u, 0] = cid[u, hn[u]]
                 else: cval[u, 0] = v
-                if hn[u] > 0: _sift_down_max(cval, cid, u, 0, hn[u])
+                if hn[u] > 0: _sift_down(cval, cid, u, 0, hn[u], cval[u, 0], cid[u, 0], True)
             if hn[u] == 0: continue                    # no eligible candidate left (values never come back)
             a, r = cid[u, 0], order[nxt[u]]
             prop[u] = a; proposed = True
@@ -411,9 +409,9 @@ def greedy_rounds(key_scores: torch.Tensor, inv: torch.Tensor, L0: torch.Tensor,
         return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
     U, N = key_scores.shape
     inc = float(inc)
-    merge = feedback and U == 1 and inc > 0            # the reference's one-key merge: L0 ≥ 1 excluded, ⌈1/inc⌉ + 1 picks at most
+    merge = feedback and U == 1 and inc > 0            # the reference's one-key merge: ⌈1/inc⌉ + 1 picks per agent at most
     if merge and not math.isfinite(1.0 / inc): return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
-    elig = eligible & (L0 < 1.0) if merge else eligible
+    elig = eligible & (L0 < 1.0)                       # as the reference: saturated agents are never picked
     kt, L, e = _as_numpy(key_scores, L0, elig)
     inv_np = inv.long().contiguous().numpy()
     if not feedback:                                   # one snapshot: every key's single best agent

@@ -427,9 +427,30 @@ def test_greedy_rounds_equals_reference(case):
 @PROPERTY
 @given(rounds_inputs(one_key=True, max_agents=12, max_batch=150))
 def test_greedy_rounds_equals_reference_one_key_merge_path(case):
-    "U = 1: the reference's stable-sort merge (L0 ≥ 1 left out, at most ⌈1/inc⌉ + 1 picks per agent), B often > N."
+    "U = 1: the reference's stable-sort merge (at most ⌈1/inc⌉ + 1 picks per agent), B often > N."
     ks, inv, L0, elig, inc, fb = case
     assert torch.equal(greedy_rounds(ks, inv, L0, elig, inc, feedback=fb), greedy_rounds_reference(ks, inv, L0, elig, inc, feedback=fb))
+
+
+@PROPERTY
+@given(rounds_inputs())
+def test_greedy_rounds_never_picks_a_saturated_agent(case):
+    "An agent at L0 ≥ 1 is never picked (one key, several, no feedback), whatever the caller's eligible mask says about it."
+    ks, inv, L0, elig, inc, fb = case
+    for rule in (greedy_rounds, greedy_rounds_reference):
+        out = rule(ks, inv, L0, elig, inc, feedback=fb)
+        assert torch.equal(out, rule(ks, inv, L0, elig & (L0 < 1.0), inc, feedback=fb))
+        assert bool((L0[out[out >= 0]] < 1.0).all())
+
+
+def test_greedy_rounds_saturated_agent_left_out_with_several_keys():
+    "Worked case: agent 0 takes two requests (L 0.9 → 0.96 → 1.02); agent 1 starts saturated (L0 = 1.0), so the third request waits."
+    L0, elig = torch.tensor([0.9, 1.0]), torch.ones(2, dtype=torch.bool)
+    for inv in (torch.tensor([0, 0, 0]), torch.tensor([0, 1, 0])):
+        ks = torch.ones(int(inv.max()) + 1, 2)
+        for rule in (greedy_rounds, greedy_rounds_reference):
+            assert rule(ks, inv, L0, elig, 0.06).tolist() == [0, 0, NO_AGENT]
+            assert rule(ks, inv, L0 + 0.1, elig, 0.06, feedback=False).tolist() == [NO_AGENT] * 3
 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
