@@ -703,124 +703,165 @@ class Orchestrator:
         with torch.no_grad(): r = self.transition_model.predict_reward(self.bank, cand, task, mod)
         return cand.gather(1, r.argmax(1, keepdim=True)).squeeze(1)
 
+    def _tick(self) -> None:
+        "One control-loop iteration, measured: state update → consensus → routing, store write, checkpoint; its time goes to the turns it touched."
+        t0 = time.perf_counter()
+        touched = self._state_update()
+        self._consensus()
+        touched += self._route()
+        if self.store is not None: self.store.put("bank", {k: v for k, v in self.bank.tensors().items()})
+        self._refresh_views()
+        self.ticks += 1
+        if self.checkpoint_dir is not None and self.ticks % self.cfg.runtime.checkpoint_every == 0: self.checkpoint()
+        spent = time.perf_counter() - t0 + self._carry_s
+        self.coordination_s += time.perf_counter() - t0
+        if touched:
+            share = spent * 1000.0 / len(touched)
+            for rec in touched: rec["overhead_ms"] += share
+            self._carry_s = 0.0
+        else: self._carry_s = spent
+        if self.metrics:
+            self.metrics.queue_length.labels("routing").set(len(self.route_queue))
+            self.metrics.queue_length.labels("agents").set(sum(len(r.queue) for r in self.resources))
+
     def _control_loop(self):
-        "simpy process: every tick state update → consensus → routing, measured; checkpoints every checkpoint_every ticks."
+        "Process: one `_tick` every cfg.runtime.tick_ms of the orchestrator's clock while conversations are open."
         dt = self.cfg.runtime.tick_ms / 1000.0
         while self._open > 0:
-            yield self.env.timeout(dt)
-            t0 = time.perf_counter()
-            touched = self._state_update()
-            self._consensus()
-            touched += self._route()
-            if self.store is not None: self.store.put("bank", {k: v for k, v in self.bank.tensors().items()})
-            self._refresh_views()
-            self.ticks += 1
-            if self.checkpoint_dir is not None and self.ticks % self.cfg.runtime.checkpoint_every == 0: self.checkpoint()
-            spent = time.perf_counter() - t0 + self._carry_s
-            self.coordination_s += time.perf_counter() - t0
-            if touched:
-                share = spent * 1000.0 / len(touched)
-                for rec in touched: rec["overhead_ms"] += share
-                self._carry_s = 0.0
-            else: self._carry_s = spent
-            if self.metrics:
-                self.metrics.queue_length.labels("routing").set(len(self.route_queue))
-                self.metrics.queue_length.labels("agents").set(sum(len(r.queue) for r in self.resources))
+            yield self._sleep(dt)
+            self._tick()
 
-    # ---- conversations ------------------------------------------------------------------------------
+    def _final_update(self) -> None:
+        "After the last tick: absorb the outcomes still pending (timed as coordination) and note the clock."
+        t0 = time.perf_counter(); self._state_update(); self.coordination_s += time.perf_counter() - t0
+        self.sim_time_s = float(self._now())
+
+    # ---- the clock (simpy here; LiveOrchestrator swaps in the wall clock) --------------------------------
+    def _now(self) -> float:
+        "The orchestrator's clock (simulated seconds)."
+        return self.env.now
+
+    def _sleep(self, seconds: float):
+        "An event a process yields to wait `seconds` on the orchestrator's clock."
+        return self.env.timeout(seconds)
+
+    def _spawn(self, process) -> None:
+        "Start a process (a generator yielding the clock's events) next to the running ones."
+        self.env.process(process)
+
     def _request(self, turn, rec: dict, failed: int = -1):
         "Queue a routing request for the next tick; the event yields the chosen agent (−1: none available)."
         ev = self.env.event()
         self.route_queue.append(dict(event=ev, turn=turn, record=rec, failed=failed, t0=self._now()))
         return ev
 
-    def _now(self) -> float:
-        "The orchestrator's clock (simulated seconds)."
-        return self.env.now
-
     def _restart(self, agent: int):
-        "A crashed agent process comes back after cfg.simulation.agent_restart_s simulated seconds."
-        yield self.env.timeout(self.cfg.simulation.agent_restart_s)
+        "Process: a crashed agent comes back after cfg.simulation.agent_restart_s seconds of the orchestrator's clock."
+        yield self._sleep(self.cfg.simulation.agent_restart_s)
         self.alive[agent] = True
 
+    # ---- how a turn is produced (simulated here; LiveOrchestrator overrides these three) -------------------
+    def _serve(self, target: int, memory: list[str], context: str, turn, rng: np.random.Generator):
+        "Process: wait ≤ routing.max_wait_s for a free slot of `target`, then its simulated latency; returns its AgentResponse (None: the wait timed out)."
+        req = self.resources[target].request()
+        got = yield req | self.env.timeout(self.cfg.routing.max_wait_s)
+        if req not in got: req.cancel(); return None
+        r = self.pool.respond(target, list(memory), context, turn, rng)
+        yield self.env.timeout(max(float(r.latency_s), 0.0))
+        self.resources[target].release(req)
+        return r
+
+    def _receive(self, context: str, facts: list[str], src: int, dst: int, rng: np.random.Generator) -> str:
+        "The handed context as `dst` receives it: each fact survives with q(cos(P_src, P_dst)) (simulated reception model)."
+        q = reception_from_cosine(float(self._Pn[src] @ self._Pn[dst]), self.cfg.simulation.reception_floor)
+        return drop_facts(context, facts, rng.random(len(facts)) < q)[0]
+
+    def _low_skill(self, agent: int, turn) -> bool:
+        "Was `agent` a poor pick for `turn`? Its hidden (simulated) true skill is below cfg.simulation.low_skill."
+        return bool(self.pool.true_skill[agent, turn.task, turn.modality] < self.cfg.simulation.low_skill)
+
+    # ---- conversations (one process for both clocks) ----------------------------------------------------------
+    def _hand_over(self, history: list[str], facts: list[str], agent: int, target: int, rec: dict, last_response: str,
+                   rng: np.random.Generator) -> tuple[list[str], bool]:
+        "Handoff agent → target: the policy's context as received, the dead agent's stable C row (§4.4); returns (new memory, a said fact was lost)."
+        said = "\n".join(history)
+        ctx = self._receive(handed_context(history, self.spec.context_policy, self.cfg), facts, agent, target, rng)
+        known = [f for f in facts if f and f in said]
+        lost = [f for f in known if f not in ctx]
+        if self.spec.hand_over_state and not self.alive[agent]: self.bank.set_rows("C", [target], self.stable_C[[agent]])
+        rec.update(handoff=True, prev_agent=agent, prev_response=last_response)
+        if self.metrics:
+            self.metrics.handoffs.inc()
+            if known: self.metrics.context_score.observe(1 - len(lost) / len(known))
+        return ([ctx] if ctx else []), bool(lost)
+
     def _conversation(self, conv, arrival: float):
-        "simpy process of one conversation: route, hand over context, serve every turn, log the outcome."
-        env, cfg, spec = self.env, self.cfg, self.spec
-        yield env.timeout(arrival)
-        rng = np.random.default_rng([self.seed, int(conv.seed) % 2**63, 7])
-        handoffs, facts = set(conv.handoff_turns), list(conv.facts)
-        history, memory, responses, records, traj = [], [], [], [], []
-        agent, last_response = -1, ""
-        resource_fail = lost_any = low_skill = False
-        first_fail_shift = None
-        floor, low = cfg.simulation.reception_floor, cfg.simulation.low_skill
-        for k, turn in enumerate(conv.turns):
-            rec = dict(system=spec.name, seed=self.seed, conv_id=conv.id, turn=k, fsm_state=turn.fsm_state, agent=-1,
-                       specialist=turn.specialist, handoff=False, prev_agent=-1, prev_response="", response="", context_given="",
-                       service_ms=0.0, overhead_ms=0.0, clarification=False, outcome="timeout")
-            t_req = env.now
-            if agent >= 0 and not self.alive[agent]: target = yield self._request(turn, rec, agent)     # §4.4 replacement
-            elif agent < 0 or k in handoffs: target = yield self._request(turn, rec, -1)
-            else: target = agent
-            text, success = "", False
-            for attempt in range(2):
-                if target < 0: resource_fail = True; break
-                if agent >= 0 and target != agent:                                                     # handoff
-                    said = "\n".join(history)
-                    ctx = handed_context(history, spec.context_policy, cfg)
-                    q = reception_from_cosine(float(self._Pn[agent] @ self._Pn[target]), floor)
-                    keep = rng.random(len(facts)) < q
-                    ctx, _ = drop_facts(ctx, facts, keep)
-                    known = [f for f in facts if f and f in said]
-                    lost = [f for f in known if f not in ctx]
-                    lost_any |= bool(lost)
-                    memory = [ctx] if ctx else []
-                    if spec.hand_over_state and not self.alive[agent]: self.bank.set_rows("C", [target], self.stable_C[[agent]])
-                    rec.update(handoff=True, prev_agent=agent, prev_response=last_response)
-                    if self.metrics:
-                        self.metrics.handoffs.inc()
-                        if known: self.metrics.context_score.observe(1 - len(lost) / len(known))
-                context = prompt_header(spec.prompt_style, target, turn.specialist, conv.task_type, self.consensus_rounds) + "\n".join(memory[-cfg.state.history_turns:])
-                req = self.resources[target].request()
-                got = yield req | env.timeout(cfg.routing.max_wait_s)
-                if req not in got:
-                    req.cancel(); rec.update(agent=target, outcome="timeout", context_given=context); resource_fail = True; agent = target; break
-                r = self.pool.respond(target, list(memory), context, turn, rng)
-                yield env.timeout(max(float(r.latency_s), 0.0))
-                self.resources[target].release(req)
-                rec.update(agent=target, response=r.text, context_given=context, outcome=r.outcome, clarification=bool(r.outcome == "ok" and not r.success))
-                self.absorb.append((target, int(turn.task), int(turn.modality), float(bool(r.success) and r.outcome == "ok"), rec))
-                low_skill |= bool(self.pool.true_skill[target, turn.task, turn.modality] < low)
-                if rec["handoff"] and rec["prev_agent"] >= 0: self.exchanges.append((rec["prev_agent"], target, float(bool(r.success) and r.outcome == "ok")))
-                agent = target
-                text, success = r.text, bool(r.success) and r.outcome == "ok"
-                if r.outcome != "ok": resource_fail = True
-                if r.outcome == "crash" and attempt == 0:                                              # agent died mid-turn
-                    self.alive[target] = False; env.process(self._restart(target))
-                    target = yield self._request(turn, rec, target)
-                    continue
-                break
-            if not success and first_fail_shift is None:
-                first_fail_shift = bool(rec["handoff"] and k > 0 and conv.turns[k - 1].specialist != turn.specialist)
-            history += [turn.text, text]; memory += [turn.text, text]
-            responses.append(text); last_response = text
-            rec["service_ms"] = (env.now - t_req) * 1000.0
-            records.append(rec)
-            if self.metrics: self.metrics.turns.labels(rec["outcome"]).inc(); self.metrics.response_time.observe(rec["service_ms"])
-            if agent >= 0:
-                traj.append(dict(turn=k, agent=agent, capability=float(self._M[agent, turn.task, turn.modality]),
-                                 capability_score=float(self._cs[agent]), utilisation=float(self._util[agent]),
-                                 prompt_norm=float(self._Pnorm[agent]), outcome=rec["outcome"], success=success))
+        "Process of one conversation: route, hand over context, serve every turn (`_serve`), then `_finish_conversation`."
+        cfg, spec = self.cfg, self.spec
+        yield self._sleep(arrival)
+        try:
+            rng = np.random.default_rng([self.seed, int(conv.seed) % 2**63, 7])
+            handoffs, facts = set(conv.handoff_turns), list(conv.facts)
+            history, memory, responses, records, traj = [], [], [], [], []
+            agent, last_response = -1, ""
+            resource_fail = lost_any = low_skill = False
+            first_fail_shift = None
+            for k, turn in enumerate(conv.turns):
+                rec = dict(system=spec.name, seed=self.seed, conv_id=conv.id, turn=k, fsm_state=turn.fsm_state, agent=-1,
+                           specialist=turn.specialist, handoff=False, prev_agent=-1, prev_response="", response="", context_given="",
+                           service_ms=0.0, overhead_ms=0.0, clarification=False, outcome="timeout")
+                t_req = self._now()
+                if agent >= 0 and not self.alive[agent]: target = yield self._request(turn, rec, agent)     # §4.4 replacement
+                elif agent < 0 or k in handoffs: target = yield self._request(turn, rec, -1)
+                else: target = agent
+                text, success = "", False
+                for attempt in range(2):
+                    if target < 0: resource_fail = True; break
+                    if agent >= 0 and target != agent:                                                     # handoff
+                        memory, lost = self._hand_over(history, facts, agent, target, rec, last_response, rng)
+                        lost_any |= lost
+                    context = prompt_header(spec.prompt_style, target, turn.specialist, conv.task_type, self.consensus_rounds) + "\n".join(memory[-cfg.state.history_turns:])
+                    r = yield from self._serve(target, memory, context, turn, rng)
+                    if r is None: rec.update(agent=target, outcome="timeout", context_given=context); resource_fail = True; agent = target; break
+                    success = bool(r.success) and r.outcome == "ok"
+                    rec.update(agent=target, response=r.text, context_given=context, outcome=r.outcome, clarification=bool(r.outcome == "ok" and not r.success))
+                    self.absorb.append((target, int(turn.task), int(turn.modality), float(success), rec))       # capability EMA (next tick)
+                    low_skill |= self._low_skill(target, turn)
+                    if rec["handoff"] and rec["prev_agent"] >= 0: self.exchanges.append((rec["prev_agent"], target, float(success)))   # E_ij
+                    agent, text = target, r.text
+                    if r.outcome != "ok": resource_fail = True
+                    if r.outcome == "crash" and attempt == 0:                                              # agent died mid-turn
+                        self.alive[target] = False; self._spawn(self._restart(target))
+                        target = yield self._request(turn, rec, target)
+                        continue
+                    break
+                if not success and first_fail_shift is None:
+                    first_fail_shift = bool(rec["handoff"] and k > 0 and conv.turns[k - 1].specialist != turn.specialist)
+                history += [turn.text, text]; memory += [turn.text, text]
+                responses.append(text); last_response = text
+                rec["service_ms"] = (self._now() - t_req) * 1000.0
+                records.append(rec)
+                if self.metrics: self.metrics.turns.labels(rec["outcome"]).inc(); self.metrics.response_time.observe(rec["service_ms"])
+                if agent >= 0:
+                    traj.append(dict(turn=k, agent=agent, capability=float(self._M[agent, turn.task, turn.modality]),
+                                     capability_score=float(self._cs[agent]), utilisation=float(self._util[agent]),
+                                     prompt_norm=float(self._Pnorm[agent]), outcome=rec["outcome"], success=success))
+            self._finish_conversation(conv, records, responses, traj, resource_fail, lost_any, low_skill, bool(first_fail_shift))
+        finally:
+            self._open -= 1
+
+    def _finish_conversation(self, conv, records: list[dict], responses: list[str], traj: list[dict], resource_fail: bool,
+                             lost_any: bool, low_skill: bool, first_fail_shift: bool) -> None:
+        "Check a finished conversation (rule-based), classify a failure, log it with its trajectory (§4.4), queue its outcome for E(c)."
         ok = bool(check_expected(conv, responses))
-        ftype = None if ok else classify_failure(resource_fail, lost_any, low_skill, bool(first_fail_shift))
-        self.conv_records.append(dict(system=spec.name, seed=self.seed, conv_id=conv.id, task_type=conv.task_type, n_turns=len(conv.turns),
+        ftype = None if ok else classify_failure(resource_fail, lost_any, low_skill, first_fail_shift)
+        self.conv_records.append(dict(system=self.spec.name, seed=self.seed, conv_id=conv.id, task_type=conv.task_type, n_turns=len(conv.turns),
                                       n_handoffs=sum(r["handoff"] for r in records), depth=conv.depth, n_entities=conv.n_entities,
                                       inference_steps=conv.inference_steps, rule_success=ok, failure_type=ftype))
         self.turn_records.extend(records)
         self.done_ids.add(conv.id)
         self.finished.append(float(ok))
         if not ok: self.failure_log.append(dict(conv_id=conv.id, failure_type=ftype, trajectory=traj))
-        self._open -= 1
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def checkpoint(self) -> Path:
@@ -859,9 +900,8 @@ class Orchestrator:
         torch.set_num_threads(1)   # tiny tensors: intra-op threads only add contention (measured: 100× slower sparse products on a busy 2-core box)
         try:
             if todo: self.env.run(until=self.env.process(self._loop_with_pace()))
-            t0 = time.perf_counter(); self._state_update(); self.coordination_s += time.perf_counter() - t0
+            self._final_update()
         finally: torch.set_num_threads(threads)
-        self.sim_time_s = float(self.env.now)
         return self.frames([c.id for c in conversations])
 
     def _loop_with_pace(self):
@@ -975,79 +1015,55 @@ class _FutureEvent:
         if not self.fut.done(): self.fut.set_result(value)
 
 class LiveOrchestrator(Orchestrator):
-    "Wall-clock asyncio orchestrator for live agents (`arespond`); same tick order as the simulated one."
+    "Wall-clock asyncio orchestrator for live agents (`arespond`): `Orchestrator`'s tick and conversation process on another clock and turn source."
+    # -- the clock: wall time, asyncio --
     def _now(self) -> float: return time.monotonic() - self._t_start
+    def _sleep(self, seconds: float): return asyncio.sleep(seconds)
+
+    def _spawn(self, process) -> None:
+        task = asyncio.get_running_loop().create_task(self._drive(process))
+        self._background.add(task); task.add_done_callback(self._background.discard)   # the loop keeps only weak references
 
     def _request(self, turn, rec: dict, failed: int = -1):
         fut = asyncio.get_running_loop().create_future()
         self.route_queue.append(dict(event=_FutureEvent(fut), turn=turn, record=rec, failed=failed, t0=self._now()))
         return fut
 
-    async def _aloop(self):
-        "Every tick (wall clock): state update → consensus → routing."
-        dt = self.cfg.runtime.tick_ms / 1000.0
-        while self._open > 0:
-            await asyncio.sleep(dt)
-            t0 = time.perf_counter()
-            touched = self._state_update(); self._consensus(); touched += self._route()
-            self.ticks += 1; self._refresh_views()
-            spent = time.perf_counter() - t0; self.coordination_s += spent
-            for rec in touched: rec["overhead_ms"] += spent * 1000.0 / len(touched)
+    async def _drive(self, process):
+        "Run a process generator on asyncio: await each awaitable it yields and send the result back (exceptions thrown in)."
+        value, error = None, None
+        while True:
+            try: waiting = process.throw(error) if error is not None else process.send(value)
+            except StopIteration as stop: return stop.value
+            try: value, error = await waiting, None
+            except Exception as e: value, error = None, e
 
-    async def _aconversation(self, conv, agents: list):
-        "One conversation against live agents."
-        spec, cfg = self.spec, self.cfg
-        handoffs, facts = set(conv.handoff_turns), list(conv.facts)
-        history, memory, responses, records = [], [], [], []
-        agent, last_response, resource_fail, lost_any = -1, "", False, False
-        try:
-            for k, turn in enumerate(conv.turns):
-                rec = dict(system=spec.name, seed=self.seed, conv_id=conv.id, turn=k, fsm_state=turn.fsm_state, agent=-1, specialist=turn.specialist,
-                           handoff=False, prev_agent=-1, prev_response="", response="", context_given="", service_ms=0.0, overhead_ms=0.0,
-                           clarification=False, outcome="timeout")
-                t_req = time.monotonic()
-                if agent >= 0 and not self.alive[agent]: target = await self._request(turn, rec, agent)
-                elif agent < 0 or k in handoffs: target = await self._request(turn, rec, -1)
-                else: target = agent
-                text = ""
-                for attempt in range(2):
-                    if target < 0: resource_fail = True; break
-                    if agent >= 0 and target != agent:
-                        ctx = handed_context(history, spec.context_policy, cfg)
-                        lost_any |= any(f in "\n".join(history) and f not in ctx for f in facts)
-                        memory = [ctx] if ctx else []
-                        rec.update(handoff=True, prev_agent=agent, prev_response=last_response)
-                        if self.metrics: self.metrics.handoffs.inc()
-                    context = prompt_header(spec.prompt_style, target, turn.specialist, conv.task_type, self.consensus_rounds) + "\n".join(memory[-cfg.state.history_turns:])
-                    r = await agents[target].arespond(list(memory), context, turn)
-                    rec.update(agent=target, response=r.text, context_given=context, outcome=r.outcome, clarification=bool(r.outcome == "ok" and not r.success))
-                    self.absorb.append((target, int(turn.task), int(turn.modality), float(bool(r.success) and r.outcome == "ok"), rec))
-                    agent, text = target, r.text
-                    if r.outcome != "ok": resource_fail = True
-                    if r.outcome == "crash" and attempt == 0:
-                        self.alive[target] = False
-                        target = await self._request(turn, rec, target); continue
-                    break
-                history += [turn.text, text]; memory += [turn.text, text]; responses.append(text); last_response = text
-                rec["service_ms"] = (time.monotonic() - t_req) * 1000.0
-                records.append(rec)
-            ok = bool(check_expected(conv, responses))
-            self.conv_records.append(dict(system=spec.name, seed=self.seed, conv_id=conv.id, task_type=conv.task_type, n_turns=len(conv.turns),
-                                          n_handoffs=sum(r["handoff"] for r in records), depth=conv.depth, n_entities=conv.n_entities,
-                                          inference_steps=conv.inference_steps, rule_success=ok,
-                                          failure_type=None if ok else classify_failure(resource_fail, lost_any, False, False)))
-            self.turn_records.extend(records); self.done_ids.add(conv.id)
-        finally:
-            self._open -= 1
+    # -- the turn: a live agent's answer, in its own time --
+    def _serve(self, target: int, memory: list[str], context: str, turn, rng: np.random.Generator):
+        "Process: await the live agent's `arespond` (no capacity wait; its wall time is the turn's service time)."
+        return (yield self._agents[target].arespond(list(memory), context, turn))
+
+    def _receive(self, context: str, facts: list[str], src: int, dst: int, rng: np.random.Generator) -> str:
+        "No simulated reception loss: a live backend loses context on its own."
+        return context
+
+    def _low_skill(self, agent: int, turn) -> bool:
+        "A live agent's true skill is unknown: never counted as an agent-selection error."
+        return False
+
+    def run(self, conversations: list, pace_s: float = 0.0):
+        "Refused: the live orchestrator has no simulated clock to run on."
+        raise TypeError("LiveOrchestrator runs on the wall clock: use `await live.arun(conversations, agents)`")
 
     async def arun(self, conversations: list, agents: list) -> tuple[pd.DataFrame, pd.DataFrame]:
         "Run conversations concurrently against `agents` (one per agent id, each with `arespond`)."
         if len(agents) != self.n or not all(hasattr(a, "arespond") for a in agents):
             raise ValueError(f"agents: expected {self.n} objects with an async arespond(history, context, turn)")
         todo = [c for c in conversations if c.id not in self.done_ids]
+        self._agents, self._background = list(agents), set()
         self._t_start, self._open = time.monotonic(), len(todo)
-        loop = asyncio.create_task(self._aloop())
-        await asyncio.gather(*(self._aconversation(c, agents) for c in todo))
+        loop = asyncio.create_task(self._drive(self._control_loop()))
+        await asyncio.gather(*(self._drive(self._conversation(c, 0.0)) for c in todo))
         await loop
-        self._state_update(); self.sim_time_s = self._now()
+        self._final_update()
         return self.frames([c.id for c in conversations])
