@@ -219,7 +219,7 @@ class SimulationConfig:
     facts_per_response: int = cf(8, "ours", 0, 10**6, "most recent facts restated in an ordinary (non-conclusion) response")
     reception_floor: float = cf(0.5, "ours (simulated world)", 0.0, 1.0, "fact survival probability at a handoff between orthogonal prompts")
     arrivals_per_agent_s: float = cf(0.25, "ours (simulated world)", 1e-9, 1e9, "Poisson conversation arrivals per agent per simulated second")
-    agent_restart_s: float = cf(5.0, "ours (simulated world)", 0.0, 1e9, "a crashed agent process is back after this many simulated seconds")
+    agent_restart_s: float = cf(5.0, "ours (simulated world)", 0.0, 1e9, "a crashed agent process is back after this many seconds (simulated time; wall time under LiveOrchestrator)")
     low_skill: float = cf(0.5, "ours", 0.0, 1.0, "true skill below which a routing decision counts as an agent-selection error")
 
 # %% ../nbs/00_config.ipynb #f1ec5f80

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from .config import Config, load_config
 from .runtime import redis_address, connect_redis, StoreUnavailable
-from .workflows import (DOMAINS, ExecutorPool, SimParams, UnplannableGoal, WorkflowPlan, check_results,
+from .workflows import (DOMAINS, ExecutorPool, UnplannableGoal, WorkflowPlan, check_results,
                                execute_subtask, plan_goal, step_rng)
 
 # %% auto #0
@@ -54,8 +54,8 @@ def _validation_message(exc: RequestValidationError) -> str:
 # %% ../nbs/13_service.ipynb #c3878fa9
 class GoalRunner:
     "Runs goals: planner → executors (level by level) → checker, with every intermediate result in Redis."
-    def __init__(self, r: aioredis.Redis, cfg: Config, pool: ExecutorPool, params: SimParams | None = None):
-        self.r, self.cfg, self.pool, self.params = r, cfg, pool, params or SimParams.from_config(cfg)
+    def __init__(self, r: aioredis.Redis, cfg: Config, pool: ExecutorPool):
+        self.r, self.cfg, self.pool = r, cfg, pool   # the simulated world is the pool's: pool.cfg.workflows
         self.tasks: set[asyncio.Task] = set()
 
     async def publish(self, goal_id: str, event: str, **data) -> None:
@@ -119,7 +119,7 @@ class GoalRunner:
         "Execute one subtask (simulated), store its record in the scratchpad hash, publish progress."
         if req.step_delay_s: await asyncio.sleep(req.step_delay_s)
         nominal = DOMAINS[plan.domain]["service_s"][t.stage]
-        rec = execute_subtask(self.pool, t.task, t.modality, nominal, req.failure_rate, step_rng(req.seed, goal_id, t.id), self.params)
+        rec = execute_subtask(self.pool, t.task, t.modality, nominal, req.failure_rate, step_rng(req.seed, goal_id, t.id))
         rec.update(subtask=t.id, run=run, simulated=True)
         await self.r.hset(steps_key(goal_id), t.id, json.dumps(rec))
         await self.publish(goal_id, "step", subtask=t.id, success=rec["success"], attempts=rec["attempts"], agent=rec["agent"])

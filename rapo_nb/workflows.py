@@ -7,21 +7,21 @@ Docs: https://rapo-nb.github.io/rapo_nb/workflows.html.md"""
 # %% ../nbs/12_workflows.ipynb #0f913fe0
 from __future__ import annotations
 import math, re, zlib
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, field, asdict
 from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from .config import Config, WorkflowConfig, load_config, save_table, save_figure, SEED003_CLAIMS
+from .config import Config, load_config, validate, save_table, save_figure, SEED003_CLAIMS
 from .state import StateBank, queue_rank
 from .routing import AgentLoad, NoAgentAvailable, make_router
 
 # %% auto #0
 __all__ = ['DOMAINS', 'STAGES', 'FAILURE_KINDS', 'SYSTEMS', 'PAPER_COMPLETION', 'Subtask', 'WorkflowPlan', 'UnplannableGoal',
            'detect_domain', 'plan_goal', 'generate_goals', 'WorkflowBatch', 'plans_to_batch', 'transitive_closure',
-           'find_deadlocks', 'break_deadlocks', 'SimParams', 'make_true_skill', 'ExecutorPool',
-           'capability_replacement', 'route', 'simulate_wave', 'run_workflows', 'workflow_metrics', 'metrics_table',
-           'execute_subtask', 'step_rng', 'check_results', 'workflow_claims']
+           'find_deadlocks', 'break_deadlocks', 'make_true_skill', 'ExecutorPool', 'capability_replacement', 'route',
+           'simulate_wave', 'run_workflows', 'workflow_metrics', 'metrics_table', 'execute_subtask', 'step_rng',
+           'check_results', 'workflow_claims']
 
 # %% ../nbs/12_workflows.ipynb #806612b1
 DOMAINS: dict[str, dict] = {
@@ -192,43 +192,9 @@ def break_deadlocks(wait_for: torch.Tensor, priority: torch.Tensor) -> tuple[tor
 # %% ../nbs/12_workflows.ipynb #43700de0
 FAILURE_KINDS = ("transient", "crash", "bad_output")
 
-_WF = WorkflowConfig()   # the config's defaults (the fields' meanings and sections are there)
-
-@dataclass
-class SimParams:
-    "The simulated workflow world, a view of cfg.workflows' simulation fields (ours; seed 003 gives none). Times in simulated seconds."
-    skill_specialist: tuple = _WF.skill_specialist   # hidden success probability on the executor's own domain
-    skill_other: tuple = _WF.skill_other             # ... on other domains
-    failure_mix: tuple = _WF.failure_mix             # injected failure kinds, in FAILURE_KINDS order
-    checker_recall: float = _WF.checker_recall       # chance that a checker catches a bad output
-    p_clarify: float = _WF.p_clarify                 # chance an executor asks a peer of the same workflow level and waits
-    plan_s: float = _WF.plan_s                       # planner time per subtask
-    msg_s: float = _WF.msg_s                         # one inter-agent message
-    check_s: float = _WF.check_s                     # checker time per subtask output
-    heartbeat_s: float = _WF.heartbeat_s             # monitor period (deadlock detection delay)
-    arbiter_s: float = _WF.arbiter_s                 # arbiter answering a request itself
-    timeout_factor: float = _WF.timeout_factor       # timeout = factor × nominal service time (crash / deadlock detection)
-    service_sigma: float = _WF.service_sigma         # log-normal spread of service times
-    wave_size: int = _WF.wave_size                   # workflows submitted together (share the executors)
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "SimParams":
-        "The simulation fields of `cfg.workflows`."
-        return cls(**{f.name: getattr(cfg.workflows, f.name) for f in fields(cls)})
-
-    def __post_init__(self):
-        for name in ("skill_specialist", "skill_other"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi <= 1: raise ValueError(f"{name}: expected 0 <= lo <= hi <= 1, got {(lo, hi)}")
-        if len(self.failure_mix) != 3 or abs(sum(self.failure_mix) - 1) > 1e-9 or min(self.failure_mix) < 0:
-            raise ValueError(f"failure_mix: expected 3 non-negative weights summing to 1, got {self.failure_mix}")
-        for name in ("checker_recall", "p_clarify"):
-            if not 0 <= getattr(self, name) <= 1: raise ValueError(f"{name}: expected a probability, got {getattr(self, name)}")
-        if self.wave_size < 1: raise ValueError(f"wave_size: expected >= 1, got {self.wave_size}")
-
-def make_true_skill(n_agents: int, cfg: Config, seed: int = 0, params: SimParams | None = None) -> tuple[np.ndarray, np.ndarray]:
-    "Hidden skill [N, m, l] (simulated) and each executor's specialty domain index [N] (round-robin over DOMAINS)."
-    params = params or SimParams.from_config(cfg)
+def make_true_skill(n_agents: int, cfg: Config, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    "Hidden skill [N, m, l] (simulated; uniform in cfg.workflows.skill_specialist / skill_other) and each executor's specialty domain [N]."
+    wf = cfg.workflows
     m, l = cfg.state.n_tasks, cfg.state.n_modalities
     if m < 10: raise ValueError(f"state.n_tasks: the workflow domains use task rows 0..9, need >= 10, got {m}")
     if n_agents < 1: raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
@@ -238,8 +204,8 @@ def make_true_skill(n_agents: int, cfg: Config, seed: int = 0, params: SimParams
                     for spec in DOMAINS.values()]
     own = np.zeros((n_agents, m), bool)
     for d, tasks in enumerate(domain_tasks): own[np.ix_(specialty == d, tasks)] = True
-    hi_skill = rng.uniform(*params.skill_specialist, size=(n_agents, m, l))
-    lo_skill = rng.uniform(*params.skill_other, size=(n_agents, m, l))
+    hi_skill = rng.uniform(*wf.skill_specialist, size=(n_agents, m, l))
+    lo_skill = rng.uniform(*wf.skill_other, size=(n_agents, m, l))
     return np.where(own[:, :, None], hi_skill, lo_skill), specialty
 
 # %% ../nbs/12_workflows.ipynb #b584464c
@@ -257,10 +223,11 @@ class ExecutorPool:
 
     @classmethod
     def create(cls, cfg: Config, seed: int = 0, n_agents: int | None = None, router: Any = "rapo",
-               params: SimParams | None = None, device: Any = None) -> "ExecutorPool":
-        "N = `n_agents` (default cfg.evaluation.n_agents) executors, a fresh StateBank and `router` (a name for make_router, or a Router)."
+               device: Any = None) -> "ExecutorPool":
+        "N = `n_agents` (default cfg.evaluation.n_agents) executors in the world of `cfg` (checked), a fresh StateBank and `router`."
+        validate(cfg)   # ValueError naming the field, also for a Config built or edited by hand
         n = n_agents or cfg.evaluation.n_agents
-        skill, specialty = make_true_skill(n, cfg, seed, params)
+        skill, specialty = make_true_skill(n, cfg, seed)
         pool = cls(skill, specialty, StateBank.create(n, cfg, device=device, seed=seed), router, cfg)
         pool._initial = (pool.bank.snapshot(), router, seed)
         return pool.reset()
@@ -324,13 +291,13 @@ def _bincount(idx: np.ndarray, B: int, weights: np.ndarray | None = None) -> np.
     return np.bincount(idx, weights=None if weights is None else np.asarray(weights, float), minlength=B)[:B].astype(float)
 
 def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure_rate: float,
-                  rng: np.random.Generator, params: SimParams | None = None) -> dict[str, np.ndarray]:
-    "Run one wave of workflows under `system` (simulated); per-workflow arrays of outcome, times and counts."
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    "Run one wave of workflows under `system` in the pool's simulated world (`pool.cfg.workflows`); per-workflow arrays."
     if system not in SYSTEMS: raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
     if not 0 <= failure_rate <= 1: raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
-    params, cfg = params or SimParams.from_config(pool.cfg), pool.cfg
+    cfg, wf = pool.cfg, pool.cfg.workflows
     B, I, S = batch.task.shape
-    N, R, cmax = pool.n, cfg.workflows.max_retries, max(1, int(cfg.routing.c_max))
+    N, R, cmax = pool.n, wf.max_retries, max(1, int(cfg.routing.c_max))
     multi, single, checker = system.startswith("multi_agent"), system == "single_agent", system != "rule_based"
     spec = DOMAINS[batch.domain]; nominal = np.asarray(spec["service_s"])
     single_skill = pool.true_skill.mean(0)
@@ -356,7 +323,7 @@ def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure
             valid = agent >= 0; a0 = np.where(valid, agent, 0)
             skill = single_skill[task, mod] if single else pool.true_skill[a0, task, mod]
             inj = rng.random(P) < failure_rate
-            kind = rng.choice(len(FAILURE_KINDS), size=P, p=params.failure_mix)
+            kind = rng.choice(len(FAILURE_KINDS), size=P, p=wf.failure_mix)
             prior_crash = np.zeros(P, bool) if single else crashed[bi, a0]
             crash = ~valid | prior_crash | (inj & (kind == 1))
             if not single: crashed[bi[crash & valid], a0[crash & valid]] = True
@@ -367,13 +334,13 @@ def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure
                 rb_skill = single_skill[rt, mod] if single else pool.true_skill[a0, rt, mod]
                 error |= ~crash & (rng.random(P) > rb_skill); dur = dur + spec["recovery_s"]
             bad = ~crash & ~error & inj & (kind == 2)
-            caught = bad & (rng.random(P) < params.checker_recall) if checker else np.zeros(P, bool)
+            caught = bad & (rng.random(P) < wf.checker_recall) if checker else np.zeros(P, bool)
             silent = bad & ~caught
-            dur = np.where(crash, params.timeout_factor * nominal[s], dur) + (params.check_s if checker else 0.0)
+            dur = np.where(crash, wf.timeout_factor * nominal[s], dur) + (wf.check_s if checker else 0.0)
             msgs, dead = np.full(P, 0.0 if single else 2.0), np.zeros(P, bool)
             if multi:
                 msgs += 2.0 * checker + (attempt > 0)
-                asks = (rng.random(P) < params.p_clarify) & ~crash
+                asks = (rng.random(P) < wf.p_clarify) & ~crash
                 peer = pending[bi].copy(); peer[np.arange(P), ii] = False
                 scores = np.where(peer, rng.random((P, I)), -1.0); target = scores.argmax(1); asks &= scores.max(1) >= 0
                 W = torch.zeros(B, I, I, dtype=torch.bool); W[bi[asks], ii[asks], target[asks]] = True
@@ -381,12 +348,12 @@ def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure
                 _, victims = break_deadlocks(W, torch.as_tensor(-rng.random((B, I))))   # latest request loses
                 v = victims.numpy()[bi, ii]
                 acc["deadlocks"] += _bincount(bi[v], B)
-                msgs += 2.0 * asks; dur = dur + 2 * params.msg_s * asks
+                msgs += 2.0 * asks; dur = dur + 2 * wf.msg_s * asks
                 if system == "multi_agent":
-                    msgs += 2.0 * v; dur = np.where(on, dur + params.heartbeat_s + params.arbiter_s, dur)
+                    msgs += 2.0 * v; dur = np.where(on, dur + wf.heartbeat_s + wf.arbiter_s, dur)
                 else:
-                    dead = on; dur = np.where(dead, np.maximum(dur, params.timeout_factor * nominal[s]), dur)
-                dur = dur + params.msg_s * msgs
+                    dead = on; dur = np.where(dead, np.maximum(dur, wf.timeout_factor * nominal[s]), dur)
+                dur = dur + wf.msg_s * msgs
             success = ~crash & ~error & ~caught & ~dead
             start = slot_t[bi, ii].copy(); slot_t[bi, ii] = start + dur
             prev_failed = ever_failed[bi, ii]
@@ -408,37 +375,37 @@ def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure
         item_t += slot_t
         if s == 0: stage0_t = slot_t.sum(1) if single else slot_t.max(1)
     n_items = batch.items_mask.sum(1); n_sub = n_items * S
-    exec_s = (item_t.sum(1) if single else item_t.max(1)) + (params.check_s if checker else 0.0)
+    exec_s = (item_t.sum(1) if single else item_t.max(1)) + (wf.check_s if checker else 0.0)
     if multi:
-        planning = params.plan_s * n_items + np.maximum(0.0, params.plan_s * (n_sub - n_items) - stage0_t)
+        planning = wf.plan_s * n_items + np.maximum(0.0, wf.plan_s * (n_sub - n_items) - stage0_t)
         acc["messages"] += 3   # plan hand-off + final check request and verdict
-    else: planning = params.plan_s * n_sub if single else np.zeros(B)
+    else: planning = wf.plan_s * n_sub if single else np.zeros(B)
     return dict(system=np.full(B, system), domain=np.full(B, batch.domain), failure_rate=np.full(B, float(failure_rate)),
                 goal=np.asarray(batch.goals, dtype=object), n_items=n_items, completed=alive_wf & ~corrupted,
                 silent_bad_output=corrupted, planning_s=planning, execution_s=exec_s, total_s=planning + exec_s, **acc)
 
 # %% ../nbs/12_workflows.ipynb #01af14e2
-def run_workflows(cfg: Config, seed: int = 0, systems: tuple = SYSTEMS, params: SimParams | None = None,
-                  router: Any = "rapo", progress: bool = False) -> pd.DataFrame:
-    "Every system × failure rate × domain on the same simulated goals; one row per workflow."
-    params = params or SimParams.from_config(cfg)
+def run_workflows(cfg: Config, seed: int = 0, systems: tuple = SYSTEMS, router: Any = "rapo",
+                  progress: bool = False) -> pd.DataFrame:
+    "Every system × failure rate × domain on the same simulated goals, in the world of `cfg.workflows`; one row per workflow."
     bad = [s for s in systems if s not in SYSTEMS]
     if bad: raise ValueError(f"systems: {bad} not in {list(SYSTEMS)}")
-    n, mi = cfg.workflows.n_workflows, cfg.workflows.max_items
-    batches = {d: plans_to_batch([plan_goal(g, mi) for g in generate_goals(d, n, seed + 101 * k, mi)], seed + 101 * k, params.service_sigma, mi)
+    wf = validate(cfg).workflows
+    n, mi = wf.n_workflows, wf.max_items
+    batches = {d: plans_to_batch([plan_goal(g, mi) for g in generate_goals(d, n, seed + 101 * k, mi)], seed + 101 * k, wf.service_sigma, mi)
                for k, d in enumerate(DOMAINS)}
-    jobs = [(ri, rate, system) for ri, rate in enumerate(cfg.workflows.failure_rates) for system in systems]
+    jobs = [(ri, rate, system) for ri, rate in enumerate(wf.failure_rates) for system in systems]
     if progress:
         from tqdm.auto import tqdm
         jobs = tqdm(jobs, desc="simulated workflows")
-    pool, parts = ExecutorPool.create(cfg, seed, router=router, params=params, device="cpu"), []
+    pool, parts = ExecutorPool.create(cfg, seed, router=router, device="cpu"), []
     for ri, rate, system in jobs:
         pool.reset()
         for k, (d, batch) in enumerate(batches.items()):
             rng = np.random.default_rng([seed, ri, k])
-            for w in range(0, len(batch), params.wave_size):
-                part = simulate_wave(batch.slice(slice(w, w + params.wave_size)), system, pool, rate, rng, params)
-                parts.append({**part, "wave": np.full(len(part["goal"]), w // params.wave_size)})
+            for w in range(0, len(batch), wf.wave_size):
+                part = simulate_wave(batch.slice(slice(w, w + wf.wave_size)), system, pool, rate, rng)
+                parts.append({**part, "wave": np.full(len(part["goal"]), w // wf.wave_size)})
     df = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     return df.assign(simulated=True)
 
@@ -472,23 +439,23 @@ def metrics_table(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS) -> pd.Da
 
 # %% ../nbs/12_workflows.ipynb #862caedf
 def execute_subtask(pool: ExecutorPool, task: int, modality: int, nominal_s: float, failure_rate: float,
-                    rng: np.random.Generator, params: SimParams | None = None) -> dict:
-    "Executor + Monitor for one subtask (simulated): route, run, check, re-route on failure; a JSON-able record."
-    params = params or SimParams.from_config(pool.cfg)
+                    rng: np.random.Generator) -> dict:
+    "Executor + Monitor for one subtask in the pool's simulated world: route, run, check, re-route on failure; a JSON-able record."
+    wf = pool.cfg.workflows
     if not 0 <= failure_rate <= 1: raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
     excluded, log, t = np.zeros((1, pool.n), bool), [], 0.0
-    for attempt in range(pool.cfg.workflows.max_retries + 1):
+    for attempt in range(wf.max_retries + 1):
         a = int(route(pool, np.array([task]), np.array([modality]), excluded)[0])
         if a < 0: log.append(dict(attempt=attempt, agent=-1, outcome="no_executor_left")); break
-        kind = FAILURE_KINDS[rng.choice(3, p=params.failure_mix)] if rng.random() < failure_rate else None
-        svc = nominal_s * rng.lognormal(0.0, params.service_sigma)
-        if kind == "crash": outcome, dur = "crash", params.timeout_factor * nominal_s
+        kind = FAILURE_KINDS[rng.choice(3, p=wf.failure_mix)] if rng.random() < failure_rate else None
+        svc = nominal_s * rng.lognormal(0.0, wf.service_sigma)
+        if kind == "crash": outcome, dur = "crash", wf.timeout_factor * nominal_s
         elif kind == "transient" or rng.random() > pool.true_skill[a, task, modality]: outcome, dur = "error", svc
         elif kind == "bad_output":
-            outcome, dur = ("bad_output_caught" if rng.random() < params.checker_recall else "ok_unnoticed_bad_output"), svc
+            outcome, dur = ("bad_output_caught" if rng.random() < wf.checker_recall else "ok_unnoticed_bad_output"), svc
         else: outcome, dur = "ok", svc
         ok = outcome.startswith("ok")
-        t += dur + params.check_s
+        t += dur + wf.check_s
         pool.bank.update_capability(torch.tensor([a]), torch.tensor([task]), torch.tensor([modality]), torch.tensor([float(ok)]))
         log.append(dict(attempt=attempt, agent=a, outcome=outcome, simulated_s=round(dur, 3)))
         if ok: break
@@ -541,7 +508,7 @@ def workflow_claims(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS, tol: f
     df = pd.DataFrame(rows)
     df.insert(1, "section", "seed 003 §VI")
     if "note" not in df: df["note"] = ""
-    df.loc[df.claim.str.startswith("task completion rate"), "note"] = "absolute level set by our SimParams"
+    df.loc[df.claim.str.startswith("task completion rate"), "note"] = "absolute level set by our cfg.workflows"
     df["note"] = df["note"].fillna("") + "; simulated"
     df["note"] = df["note"].str.lstrip("; ")
     return df[["claim", "section", "paper", "ours", "verdict", "note"]]

@@ -5,13 +5,19 @@ import pandas as pd
 import pytest
 import torch
 from rapo_nb.config import load_config, SEED003_CLAIMS
-from rapo_nb.workflows import (DOMAINS, STAGES, SYSTEMS, ExecutorPool, SimParams, UnplannableGoal, WorkflowPlan,
+from rapo_nb.workflows import (DOMAINS, STAGES, SYSTEMS, ExecutorPool, UnplannableGoal, WorkflowPlan,
                                break_deadlocks, capability_replacement, check_results, execute_subtask, find_deadlocks,
                                generate_goals, metrics_table, plan_goal, plans_to_batch, queue_rank, route, run_workflows,
                                simulate_wave, workflow_claims, workflow_metrics)
 
 CFG = load_config("quick")
-PERFECT = SimParams(p_clarify=0.0, skill_specialist=(1.0, 1.0), skill_other=(1.0, 1.0))
+PERFECT_SKILL = dict(workflows__skill_specialist=(1.0, 1.0), workflows__skill_other=(1.0, 1.0))
+PERFECT = load_config("quick", workflows__p_clarify=0.0, **PERFECT_SKILL)
+
+
+def world_pool(**overrides):
+    "A pool in the simulated world `load_config('quick', **overrides)` (same seed, so the same executors)."
+    return ExecutorPool.create(load_config("quick", **overrides), seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +28,7 @@ def pool():
 @pytest.fixture(scope="module")
 def perfect_pool():
     "Executors that never fail on their own (hidden skill 1): only injected failures and deadlocks remain."
-    return ExecutorPool.create(CFG, seed=0, device="cpu", params=PERFECT)
+    return ExecutorPool.create(PERFECT, seed=0, device="cpu")
 
 
 def batch(domain="devops", n=10, seed=0):
@@ -145,13 +151,13 @@ def test_route_never_returns_an_excluded_executor(pool):
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_no_failures_means_everything_completes_in_one_attempt(perfect_pool, system):
     pool = perfect_pool.reset(); b = batch("documents", 10)
-    out = simulate_wave(b, system, pool, 0.0, np.random.default_rng(0), PERFECT)
+    out = simulate_wave(b, system, pool, 0.0, np.random.default_rng(0))
     n_sub = b.items_mask.sum(1) * STAGES
     assert out["completed"].all() and (out["failed_tasks"] == 0).all() and (out["attempts"] == n_sub).all()
     assert (out["deadlocks"] == 0).all() and (out["recovered_tasks"] == 0).all()
     chain = b.service_s.sum(2)                                 # per item, its three stages in sequence
     if system == "single_agent":                               # one agent: every item in sequence, plus its checks
-        np.testing.assert_allclose(out["execution_s"], chain.sum(1) + PERFECT.check_s * (n_sub + 1))
+        np.testing.assert_allclose(out["execution_s"], chain.sum(1) + PERFECT.workflows.check_s * (n_sub + 1))
         assert (out["messages"] == 0).all()
     if system == "rule_based":                                 # items in parallel; ≤ C_max requests per executor
         np.testing.assert_allclose(out["execution_s"], chain.max(1))
@@ -159,34 +165,31 @@ def test_no_failures_means_everything_completes_in_one_attempt(perfect_pool, sys
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
-def test_all_crashing_executors_complete_nothing(pool, system):
-    pool.reset()
-    out = simulate_wave(batch("devops", 10), system, pool, 1.0, np.random.default_rng(0),
-                        SimParams(failure_mix=(0.0, 1.0, 0.0), p_clarify=0.0))
+def test_all_crashing_executors_complete_nothing(system):
+    pool = world_pool(workflows__failure_mix=(0.0, 1.0, 0.0), workflows__p_clarify=0.0)
+    out = simulate_wave(batch("devops", 10), system, pool, 1.0, np.random.default_rng(0))
     assert not out["completed"].any() and (out["recovered_tasks"] == 0).all()
     assert (out["attempts"] == out["n_items"] * (CFG.workflows.max_retries + 1)).all()   # first stage, every retry used
 
 
-def test_checker_catches_bad_outputs_the_rule_based_orchestrator_passes(perfect_pool):
-    pool = perfect_pool
-    p = SimParams(failure_mix=(0.0, 0.0, 1.0), checker_recall=1.0, p_clarify=0.0, skill_specialist=(1.0, 1.0),
-                  skill_other=(1.0, 1.0))
+def test_checker_catches_bad_outputs_the_rule_based_orchestrator_passes():
+    pool = world_pool(workflows__failure_mix=(0.0, 0.0, 1.0), workflows__checker_recall=1.0, workflows__p_clarify=0.0,
+                      **PERFECT_SKILL)
     b = batch("documents", 40)
-    pool.reset(); rule = simulate_wave(b, "rule_based", pool, 0.3, np.random.default_rng(0), p)
-    pool.reset(); multi = simulate_wave(b, "multi_agent", pool, 0.3, np.random.default_rng(0), p)
+    pool.reset(); rule = simulate_wave(b, "rule_based", pool, 0.3, np.random.default_rng(0))
+    pool.reset(); multi = simulate_wave(b, "multi_agent", pool, 0.3, np.random.default_rng(0))
     assert rule["silent_bad_output"].sum() > 0 and multi["silent_bad_output"].sum() == 0
     assert (rule["completed"] == ~rule["silent_bad_output"]).all()
     assert multi["completed"].mean() > rule["completed"].mean()
     assert multi["recovered_tasks"].sum() > 0 and rule["recovered_tasks"].sum() == 0
 
 
-def test_arbiter_breaks_deadlocks_that_otherwise_time_out(perfect_pool):
-    pool = perfect_pool
-    p = SimParams(p_clarify=1.0, skill_specialist=(1.0, 1.0), skill_other=(1.0, 1.0))
+def test_arbiter_breaks_deadlocks_that_otherwise_time_out():
+    pool = world_pool(workflows__p_clarify=1.0, **PERFECT_SKILL)
     b = batch("robotics", 20)
     assert (b.items_mask.sum(1) >= 2).any()
-    pool.reset(); arb = simulate_wave(b, "multi_agent", pool, 0.0, np.random.default_rng(5), p)
-    pool.reset(); noarb = simulate_wave(b, "multi_agent_no_arbiter", pool, 0.0, np.random.default_rng(5), p)
+    pool.reset(); arb = simulate_wave(b, "multi_agent", pool, 0.0, np.random.default_rng(5))
+    pool.reset(); noarb = simulate_wave(b, "multi_agent_no_arbiter", pool, 0.0, np.random.default_rng(5))
     assert arb["deadlocks"].sum() > 0 and noarb["deadlocks"].sum() > 0
     assert arb["completed"].all() and (arb["failed_tasks"] == 0).all()
     assert noarb["failed_tasks"].sum() > 0                     # unbroken cycles time out
@@ -199,19 +202,31 @@ def test_simulate_wave_rejects_bad_arguments(pool):
         simulate_wave(batch(), "magic", pool, 0.1, np.random.default_rng(0))
     with pytest.raises(ValueError, match="failure_rate"):
         simulate_wave(batch(), "rule_based", pool, 1.5, np.random.default_rng(0))
-    with pytest.raises(ValueError, match="failure_mix"):
-        SimParams(failure_mix=(1.0, 1.0, 0.0))
+
+
+def test_malformed_world_fields_are_named():
+    "A bad cfg.workflows value fails with the field's name: at load_config, and at ExecutorPool.create for an edited config."
+    for field, bad in [("failure_mix", (1.0, 1.0, 0.0)), ("failure_mix", (0.5, 0.5)), ("skill_specialist", (0.99, 0.9)),
+                       ("skill_other", (0.5, 1.2)), ("checker_recall", -0.1), ("p_clarify", 1.5), ("wave_size", 0),
+                       ("timeout_factor", float("nan")), ("max_retries", 2.5)]:
+        with pytest.raises(ValueError, match=f"workflows.{field}"):
+            load_config("quick", **{f"workflows__{field}": bad})
+        edited = load_config("quick"); setattr(edited.workflows, field, bad)
+        with pytest.raises(ValueError, match=f"workflows.{field}"):
+            ExecutorPool.create(edited, device="cpu")
+        with pytest.raises(ValueError, match=f"workflows.{field}"):
+            run_workflows(edited, systems=("rule_based",))
 
 
 def test_monitor_reroutes_to_distinct_executors():
-    pool = ExecutorPool.create(CFG, seed=0, device="cpu")
-    rec = execute_subtask(pool, 5, 0, 2.0, 1.0, np.random.default_rng(0), SimParams(failure_mix=(0.0, 1.0, 0.0)))
+    pool = world_pool(workflows__failure_mix=(0.0, 1.0, 0.0))
+    rec = execute_subtask(pool, 5, 0, 2.0, 1.0, np.random.default_rng(0))
     agents = [a["agent"] for a in rec["log"]]
     assert not rec["success"] and rec["attempts"] == CFG.workflows.max_retries + 1
     assert len(set(agents)) == len(agents)                     # never the failed executor again
     assert float(pool.bank.M[agents[0], 5, 0]) < 0.5           # failures lowered the learned capability
-    perfect = ExecutorPool.create(CFG, seed=0, device="cpu", params=PERFECT)
-    ok = execute_subtask(perfect, 5, 0, 2.0, 0.0, np.random.default_rng(0), PERFECT)
+    perfect = ExecutorPool.create(PERFECT, seed=0, device="cpu")
+    ok = execute_subtask(perfect, 5, 0, 2.0, 0.0, np.random.default_rng(0))
     assert ok["success"] and ok["attempts"] == 1
 
 
@@ -263,9 +278,7 @@ def test_run_workflows_small_and_table_labels():
 
 
 def test_simulation_constants_are_config_fields():
-    "SimParams is a view of cfg.workflows; the planner's item cap and the claim tolerance are config fields too."
-    assert SimParams.from_config(CFG) == SimParams()
-    assert SimParams.from_config(load_config("quick", workflows__checker_recall=0.1)).checker_recall == 0.1
+    "The simulator reads cfg.workflows; the planner's item cap and the claim tolerance are config fields too."
     assert plan_goal("Deploy the api, auth and web services", max_items=1).items == ["api"]
     goals = generate_goals("devops", 30, seed=0, max_items=2)
     assert max(len(plan_goal(g).items) for g in goals) == 2
@@ -282,3 +295,31 @@ def test_simulation_constants_are_config_fields():
                               workflows__p_clarify=0.0, workflows__n_workflows=10, workflows__failure_rates=(0.0,))
     df = run_workflows(perfect_cfg, 0, systems=("multi_agent",))
     assert df.completed.all() and (df.failed_tasks == 0).all()
+
+
+SIM_FIELDS = dict(skill_specialist=(0.7, 0.8), skill_other=(0.2, 0.3), failure_mix=(0.1, 0.1, 0.8), checker_recall=0.2,
+                  p_clarify=0.9, plan_s=3.0, msg_s=0.5, check_s=2.0, heartbeat_s=7.0, arbiter_s=9.0, timeout_factor=6.0,
+                  service_sigma=0.9, wave_size=3, max_retries=1)
+
+
+def test_every_world_field_reaches_the_simulator():
+    "Overriding any simulation field of cfg.workflows (and nothing else) changes run_workflows' output: no field is shadowed."
+    small = dict(workflows__n_workflows=12, workflows__failure_rates=(0.3,))
+    base = run_workflows(load_config("quick", **small), 0)
+    for field, value in SIM_FIELDS.items():
+        assert getattr(CFG.workflows, field) != value, field
+        df = run_workflows(load_config("quick", **small, **{f"workflows__{field}": value}), 0)
+        assert not df.equals(base), f"workflows.{field} = {value!r} did not change the simulation"
+    pool = world_pool()
+    assert pool.cfg.workflows == CFG.workflows                   # the pool carries the world it was built in
+
+
+def test_every_world_field_reaches_the_goal_services_loop():
+    "execute_subtask (the goal service's step) reads the pool's cfg.workflows too."
+    def records(**over):
+        pool = world_pool(**over)
+        return [execute_subtask(pool, t, 0, 2.0, 0.6, np.random.default_rng(k)) for k, t in enumerate([0, 5, 8] * 8)]
+    base = records()
+    for field in ("skill_specialist", "skill_other", "failure_mix", "checker_recall", "check_s", "timeout_factor",
+                  "service_sigma", "max_retries"):
+        assert records(**{f"workflows__{field}": SIM_FIELDS[field]}) != base, field
