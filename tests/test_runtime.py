@@ -247,3 +247,104 @@ def test_lazy_agents_change_memory_not_behaviour():
     pd.testing.assert_frame_equal(dense_turns[cols], lazy_turns[cols])
     torch.testing.assert_close(lazy_bank.context(), dense_bank.context())
     assert lazy_bank.lazy and lazy_bank.C.shape[0] == lazy_bank.n_materialised < dense_bank.C.shape[0]
+
+
+# ---- LiveOrchestrator: the wall-clock run feeds the same consumers as the simulated one -----------------------------
+
+def _live_agents(pool): return [pool.agent(i) for i in range(pool.n)]
+
+
+@pytest.fixture(scope="module")
+def live_flaky():
+    "A live (asyncio) RAPO run of a dozen conversations against simulated agents that answer with errors/timeouts (no real sleeps)."
+    import asyncio
+    from rapo_nb.agents import SimulatedAgentPool
+    from rapo_nb.runtime import LiveOrchestrator
+    pool = SimulatedAgentPool(CFG.evaluation.n_agents, CFG, 0, failure_rate=0.2, failure_mix=(0.5, 0.5, 0.0))
+    metrics = RuntimeMetrics()
+    live = LiveOrchestrator(CFG, "rapo", 0, metrics=metrics)
+    fed_outcomes, fed_exchanges = [], []              # what the consensus engine was handed, call by call
+    record_outcomes, record_exchanges = live.engine.record_outcomes, live.engine.record_exchanges
+    def spy_outcomes(s): fed_outcomes.extend(np.asarray(s, dtype=float).tolist()); return record_outcomes(s)
+    def spy_exchanges(src, dst, ok): fed_exchanges.extend(zip(src.tolist(), dst.tolist(), ok.tolist())); return record_exchanges(src, dst, ok)
+    live.engine.record_outcomes, live.engine.record_exchanges = spy_outcomes, spy_exchanges
+    turns, convs = asyncio.run(live.arun(CONVS[:12], _live_agents(pool)))
+    assert len(convs) == 12 and len(turns) == sum(len(c.turns) for c in CONVS[:12])
+    failed = convs[~convs.rule_success]
+    assert 0 < len(failed) < len(convs), "the run needs both failed and successful conversations to test anything"
+    return dict(live=live, metrics=metrics, turns=turns, convs=convs, failed=failed,
+                fed_outcomes=fed_outcomes, fed_exchanges=fed_exchanges)
+
+
+def test_live_run_feeds_the_effectiveness_window(live_flaky):
+    "(a) every finished conversation's rule outcome reaches the engine's E(c) window (§3.3)."
+    live, convs = live_flaky["live"], live_flaky["convs"]
+    want = sorted(convs.rule_success.astype(float))
+    assert sorted(live_flaky["fed_outcomes"]) == want
+    assert sorted(live.engine.outcomes) == want
+    assert live.engine.effectiveness_rate() == pytest.approx(convs.rule_success.mean())
+
+
+def test_live_run_feeds_handoff_effectiveness(live_flaky):
+    "(b) every handoff reaches record_exchanges as (outgoing agent, receiving agent, first answer succeeded) — E_ij of eq. 5."
+    turns = live_flaky["turns"]
+    h = turns[turns.handoff]
+    want = sorted(zip(h.prev_agent.astype(int), h.agent.astype(int), ((h.outcome == "ok") & ~h.clarification).astype(float)))
+    assert want and {0.0, 1.0} <= {w[2] for w in want}          # handoffs that succeeded and ones that did not
+    assert sorted(live_flaky["fed_exchanges"]) == want
+
+
+def test_live_run_logs_failed_conversations(live_flaky, tmp_path):
+    "(c) every failed conversation of the table is in failure_log (with its type and trajectory) and in the written log."
+    from rapo_nb.runtime import write_failure_log
+    live, failed = live_flaky["live"], live_flaky["failed"]
+    log = {r["conv_id"]: r for r in live.failure_log}
+    assert len(live.failure_log) == len(failed) and sorted(log) == sorted(failed.conv_id)
+    assert all(log[c]["failure_type"] == t for c, t in zip(failed.conv_id, failed.failure_type))
+    assert all(r["trajectory"] and {"agent", "capability", "outcome"} <= set(r["trajectory"][0]) for r in live.failure_log)
+    path = write_failure_log(live.failure_log, tmp_path / "failures.jsonl")
+    written = [json.loads(l) for l in path.read_text().splitlines()]
+    assert sorted(r["conv_id"] for r in written) == sorted(failed.conv_id)
+
+
+def test_live_run_updates_turn_metrics(live_flaky):
+    "(d) the Prometheus turn counter (by outcome) and response-time histogram see every live turn."
+    from rapo_nb.runtime import OUTCOMES
+    live, turns = live_flaky["live"], live_flaky["turns"]
+    sample = live_flaky["metrics"].registry.get_sample_value
+    by_outcome = turns.outcome.value_counts()
+    assert len(by_outcome) > 1                                  # errors/timeouts were injected
+    for o in OUTCOMES: assert (sample("rapo_turns_total", {"outcome": o}) or 0.0) == by_outcome.get(o, 0), o
+    assert sample("rapo_response_time_ms_count") == len(turns)
+    assert sample("rapo_response_time_ms_sum") == pytest.approx(turns.service_ms.sum())
+    assert sample("rapo_handoffs_total") == turns.handoff.sum()
+    assert sample("rapo_consensus_rounds_total") == live.ticks == live.consensus_rounds
+
+
+def test_live_crashed_agents_restart_after_the_delay():
+    "(e) a crashed agent is replaced, stays down for the next tick, and is back once agent_restart_s of wall time has passed."
+    import asyncio
+    from rapo_nb.agents import SimulatedAgentPool
+    from rapo_nb.runtime import LiveOrchestrator
+    cfg = load_config("quick", simulation__agent_restart_s=0.3)      # 3 ticks of 100 ms
+    assert cfg.simulation.agent_restart_s > cfg.runtime.tick_ms / 1000
+    pool = SimulatedAgentPool(cfg.evaluation.n_agents, cfg, 0, failure_rate=0.3, failure_mix=(0.0, 0.0, 1.0))
+    live = LiveOrchestrator(cfg, "rapo", 0)
+    crashed, seen_down = [], set()
+    restart, tick = live._restart, live._tick
+    def spy_restart(agent): crashed.append(agent); return restart(agent)
+    def spy_tick(): seen_down.update(np.flatnonzero(~live.alive).tolist()); tick()
+    live._restart, live._tick = spy_restart, spy_tick
+    async def run_then_wait():
+        out = await live.arun(CONVS[:8], _live_agents(pool))
+        await asyncio.sleep(2 * cfg.simulation.agent_restart_s)      # asyncio wakes the earlier restart timers first
+        return out
+    turns, convs = asyncio.run(run_then_wait())
+    assert len(convs) == 8 and crashed and live.replacements > 0
+    assert seen_down == set(crashed)       # down until at least the next tick (≤ tick_ms after the crash < agent_restart_s)
+    assert live.alive.all()                # every crashed agent is back
+
+
+def test_live_run_is_refused_with_a_pointer_to_arun():
+    from rapo_nb.runtime import LiveOrchestrator
+    with pytest.raises(TypeError, match="arun"): LiveOrchestrator(CFG, "rapo", 0).run(CONVS[:1])
