@@ -7,7 +7,6 @@ Docs: https://rapo-nb.github.io/rapo_nb/training.html.md"""
 # %% ../nbs/08_training.ipynb #7739d4ee
 from __future__ import annotations
 import copy, hashlib, io, json, math, time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ __all__ = ['PHASES', 'PHASE_GROUPS', 'untrained_model', 'CHECKPOINT_MAGIC', 'CON
            'CONTEXT_MATCH_FIELDS', 'feature_layout', 'state_dim', 'global_capability', 'transition_features',
            'TransitionModel', 'model_from_config', 'ReplayBuffer', 'train_step', 'transition_errors', 'baseline_errors',
            'torch_threads', 'train_phases', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint',
-           'task_reward', 'word_cosine', 'coherence_penalty', 'TransitionData', 'heldout_mask', 'collect_transitions',
-           'train_transition_model', 'ContextData', 'encode_conversations', 'sample_pairs', 'pair_embeddings',
-           'info_nce', 'retrieval_ranks', 'retrieval_queries', 'retrieval_metrics', 'train_context_module',
-           'save_context_module', 'load_context_module']
+           'task_reward', 'coherence_penalty', 'TransitionData', 'heldout_mask', 'collect_transitions',
+           'train_transition_model', 'least_squares_line', 'ContextData', 'encode_conversations', 'sample_pairs',
+           'pair_embeddings', 'info_nce', 'retrieval_ranks', 'retrieval_queries', 'retrieval_metrics',
+           'train_context_module', 'save_context_module', 'load_context_module']
 
 # %% ../nbs/08_training.ipynb #42e3561d
 PHASES = ("prompt_embedding", "consensus", "joint")  # §4.6: the three training phases, in order
@@ -384,7 +383,7 @@ def load_checkpoint(path: str | Path, cfg: Config, device: str | torch.device | 
     return model.to(get_device(cfg.device) if device is None else torch.device(device))
 
 # %% ../nbs/08_training.ipynb #3919a654
-from .state import HashedTextEncoder, cosine_rows, SlidingWindowContext, encode_histories, queue_rank, _WORD_RE
+from .state import HashedTextEncoder, cosine_rows, SlidingWindowContext, encode_histories, queue_rank
 from .synthetic import generate_conversations, Conversation
 from .agents import SimulatedAgentPool, full_history
 
@@ -394,30 +393,16 @@ def task_reward(success: torch.Tensor, coherence: torch.Tensor, coherence_lambda
     if coherence_lambda < 0: raise ValueError(f"coherence_lambda: expected >= 0, got {coherence_lambda!r}")
     return success.float() + coherence_lambda * coherence.float()
 
-def _bag(text: str, cache: dict) -> tuple[Counter, float]:
-    "Word counts of `text` and their L2 norm (memoised in `cache`)."
-    hit = cache.get(text)
-    if hit is None:
-        c = Counter(_WORD_RE.findall(text.lower())); hit = (c, math.sqrt(sum(v * v for v in c.values())))
-        cache[text] = hit
-    return hit
-
-def word_cosine(a: list[str], b: list[str]) -> np.ndarray:
-    "Row-wise cosine of word-count vectors of a[i] and b[i] (0 when either has no words)."
-    if len(a) != len(b): raise ValueError(f"b: expected {len(a)} texts (one per text of a), got {len(b)}")
-    cache: dict = {}; out = np.zeros(len(a), dtype=np.float32)
-    for i, (s, t) in enumerate(zip(a, b)):
-        (cs, ns), (ct, nt) = _bag(s, cache), _bag(t, cache)
-        if ns and nt:
-            small, big = (cs, ct) if len(cs) < len(ct) else (ct, cs)
-            out[i] = sum(v * big.get(k, 0) for k, v in small.items()) / (ns * nt)
-    return out
-
-def coherence_penalty(responses: list[str], contexts: list[str], encoder: HashedTextEncoder | None = None) -> np.ndarray:
-    "r_coherence = cos(response, context) − 1 ∈ [−1, 0] per pair (word-count cosine, or `encoder`'s); 0 where the context is empty."
+def coherence_penalty(responses: list[str], contexts: list[str], encoder: HashedTextEncoder) -> np.ndarray:
+    "r_coherence = cos(response, context) − 1 ∈ [−1, 0] per pair, cos under the evaluation's hashed `encoder` (`rapo_nb.state`); 0 where the context is empty."
     if len(responses) != len(contexts): raise ValueError(f"contexts: expected {len(responses)} contexts (one per response), got {len(contexts)}")
+    if not callable(getattr(encoder, "encode", None)):
+        raise ValueError(f"encoder: expected the evaluation's text encoder (`HashedTextEncoder.from_config(cfg)`), got {type(encoder).__name__}")
     if not responses: return np.zeros(0, dtype=np.float32)
-    cos = word_cosine(list(responses), list(contexts)) if encoder is None else cosine_rows(encoder.encode(list(responses)), encoder.encode(list(contexts)))
+    texts = list(dict.fromkeys([*responses, *contexts]))   # each distinct text encoded once, in one batch (as 09_evaluation does)
+    pos = {t: i for i, t in enumerate(texts)}
+    V = encoder.encode(texts)
+    cos = cosine_rows(V[[pos[t] for t in responses]], V[[pos[t] for t in contexts]])
     empty = np.array([not c.strip() for c in contexts])
     return np.where(empty, 0.0, cos - 1.0).astype(np.float32)
 
@@ -461,6 +446,7 @@ def collect_transitions(cfg: Config, seed: int, device: str | torch.device | Non
         n_agents = int(n_agents or cfg.evaluation.n_agents)
         if n_agents < 1: raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
         T, lam = cfg.training.mc_trajectories, cfg.training.coherence_lambda
+        enc = HashedTextEncoder.from_config(cfg)   # the evaluation's encoder (§4.3 cosine), for r_coherence
         pool = SimulatedAgentPool(n_agents, cfg, seed)
         bank = StateBank.create(n_agents, cfg, device=dev, seed=seed)
         policy_rng = np.random.default_rng([seed, 81])
@@ -489,7 +475,7 @@ def collect_transitions(cfg: Config, seed: int, device: str | torch.device | Non
                 resp = [pool.respond(int(a), histories[i], ctx, tr, traj_rngs[k]) for a, i, ctx, tr in zip(agents, active, contexts, turns)]
                 success[k] = [float(r.success) for r in resp]; texts.append([r.text for r in resp])
             windows = ["\n".join(histories[i][-cfg.state.context_window:]) for i in active]
-            coh = coherence_penalty([s for row in texts for s in row], windows * T).reshape(T, B)
+            coh = coherence_penalty([s for row in texts for s in row], windows * T, enc).reshape(T, B)
             R = task_reward(torch.from_numpy(success), torch.from_numpy(coh), lam)          # [T, B]
             rank = queue_rank(agents)
             for r in range(int(rank.max()) + 1):
@@ -539,6 +525,16 @@ def train_transition_model(cfg: Config, seed: int, device: str | torch.device | 
                                total_seconds=time.perf_counter() - t0)
     hist.attrs.update(model.training_info)
     return model, hist
+
+# %% ../nbs/08_training.ipynb #5fd5378f
+def least_squares_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    "Slope and intercept (a, b) of the least-squares line y ≈ a·x + b, in float64 (closed form; deterministic); a = 0 for constant x."
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape or x.size == 0: raise ValueError(f"y: expected {x.size} values (one per x, at least one), got {y.size}")
+    dx = x - x.mean()
+    sxx = float(np.sum(dx * dx))
+    a = float(np.sum(dx * (y - y.mean()))) / sxx if sxx > 0 else 0.0
+    return a, float(y.mean() - a * x.mean())
 
 # %% ../nbs/08_training.ipynb #bca20bf1
 @dataclass

@@ -182,6 +182,48 @@ def test_transitions_targets_are_consistent(tiny_data):
     assert ho_convs and tr_convs and not (ho_convs & tr_convs)
 
 
+def _evaluation_cosine(responses, contexts, cfg):
+    "The cosine 09_evaluation measures (handoff_metrics' `cosine`, reference = previous response) for each (context, response) pair."
+    import pandas as pd
+    from rapo_nb.evaluation import TURN_COLUMNS, handoff_metrics
+    n = len(responses)
+    turns = pd.DataFrame({c: [None] * n for c in TURN_COLUMNS})
+    turns = turns.assign(system="rapo", seed=0, conv_id=range(n), turn=1, agent=1, prev_agent=0, handoff=True, clarification=False,
+                         prev_response=list(contexts), response=list(responses))
+    return handoff_metrics(turns, cfg).sort_values("conv_id").cosine.to_numpy()
+
+
+def test_reward_coherence_is_the_evaluation_cosine(monkeypatch):
+    "r_coherence + 1 is the cosine the evaluation judges context with (not a word-count proxy), on the whole reward path."
+    import rapo_nb.training as tr
+    cfg = tiny_cfg(synthetic__n_conversations=4)
+    enc = HashedTextEncoder.from_config(cfg)
+    resp = ["alphabet soup", "the report of Tukatis", "zebra quantum violin"]
+    ctx = ["alpha bet soups", "the report of Tukatis near Nizevek", "the report of Tukatis near Nizevek"]
+    want = _evaluation_cosine(resp, ctx, cfg)
+    assert want[0] > 0.1   # no shared word: a word-count cosine would say 0
+    np.testing.assert_allclose(tr.coherence_penalty(resp, ctx, enc) + 1.0, want, atol=1e-6)
+    seen, penalty = [], tr.coherence_penalty
+    def recording(responses, contexts, *a, **k):
+        out = penalty(responses, contexts, *a, **k); seen.append((list(responses), list(contexts), out)); return out
+    monkeypatch.setattr(tr, "coherence_penalty", recording)
+    tr.collect_transitions(cfg, seed=0, device="cpu")
+    r_all = [r for s in seen for r in s[0]]; c_all = [c for s in seen for c in s[1]]; got = np.concatenate([s[2] for s in seen])
+    keep = np.array([bool(c.strip()) for c in c_all])
+    assert keep.sum() > 50 and (got[~keep] == 0).all()
+    np.testing.assert_allclose(got[keep] + 1.0, _evaluation_cosine([r for r, k in zip(r_all, keep) if k], [c for c, k in zip(c_all, keep) if k], cfg), atol=1e-5)
+    with pytest.raises(ValueError, match="encoder"): penalty(["a"], ["b"], None)
+
+
+def test_oracle_line_fit_is_float64_and_deterministic():
+    from rapo_nb.training import least_squares_line
+    rng = np.random.default_rng(0)
+    x, y = rng.random(2000).astype(np.float32), rng.random(2000).astype(np.float32)
+    a = least_squares_line(x, y)
+    assert a == least_squares_line(x, y) and all(isinstance(v, float) for v in a)
+    np.testing.assert_allclose(a, np.polyfit(x.astype(np.float64), y.astype(np.float64), 1), rtol=0, atol=1e-12)
+
+
 def test_heldout_mask():
     mask = heldout_mask(10, 0)
     assert mask.sum() == 2 and np.array_equal(mask, heldout_mask(10, 0))
