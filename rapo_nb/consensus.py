@@ -235,6 +235,15 @@ def _gather_row(indptr, indices, w, P, out, i):  # pragma: no cover (compiled)
         for c in range(full, p): out[i, c] += wk * P[j, c]
     return r
 
+@numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True, inline="always")
+def _finish_pull_row(P, out, r, i):  # pragma: no cover (compiled)
+    "out[i] ← out[i] − r·P[i] (row i of the pull, from its gathered sum); returns the sums of squares of that row and of P[i]."
+    s_pull = 0.0; s_p = 0.0
+    for c in range(P.shape[1]):
+        x = P[i, c]; v = out[i, c] - r * x; out[i, c] = v
+        s_pull += v * v; s_p += x * x
+    return s_pull, s_p
+
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
 def _pull_rows_plain(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
     "The readable definition of `_pull_rows` (one neighbour at a time through the output row); same arithmetic, same order."
@@ -245,23 +254,14 @@ def _pull_rows_plain(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  #
         for k in range(indptr[i], indptr[i + 1]):
             j = indices[k]; wk = w[k]; r += wk
             for c in range(p): out[i, c] += wk * P[j, c]
-        s_pull = 0.0; s_p = 0.0
-        for c in range(p):
-            x = P[i, c]; v = out[i, c] - r * x; out[i, c] = v
-            s_pull += v * v; s_p += x * x
-        pull_sq[i] = s_pull; p_sq[i] = s_p
+        pull_sq[i], p_sq[i] = _finish_pull_row(P, out, r, i)
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
 def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
     "Rows start:stop of out_i = Σ_k w_k P_{j_k} − (Σ_k w_k) P_i (CSR); row sums of squares of out and P into pull_sq, p_sq."
-    p = P.shape[1]
     for i in range(start, stop):
         r = _gather_row(indptr, indices, w, P, out, i)
-        s_pull = 0.0; s_p = 0.0
-        for c in range(p):
-            x = P[i, c]; v = out[i, c] - r * x; out[i, c] = v
-            s_pull += v * v; s_p += x * x
-        pull_sq[i] = s_pull; p_sq[i] = s_p
+        pull_sq[i], p_sq[i] = _finish_pull_row(P, out, r, i)
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
 def _step_rows(indptr, indices, w, P, alpha, out, pull_sq, p_sq, out_sq, start, stop):  # pragma: no cover (compiled)

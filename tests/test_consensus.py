@@ -323,16 +323,21 @@ def test_fused_numba_pull_equals_torch_pull(kind, n, seed, p, double, dead):
     assert math.isclose(na, nb_, rel_tol=1e-4, abs_tol=1e-5) and math.isclose(pa, pb, rel_tol=1e-4, abs_tol=1e-5)
 
 
+def _weighted_case(kind, n, seed, p, double):
+    "A seeded topology with random eq. 5 weights and a random P [n, p] (float64 when `double`): (topology, weights, P, dtype)."
+    t = make_topology(kind, n, degree=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    w = adaptive_weights(t, torch.rand(t.n_edges, generator=g)).to(dtype)
+    return t, w, torch.randn(n, p, generator=g, dtype=dtype), dtype
+
+
 @settings(max_examples=40, deadline=None)
 @given(kind=kinds, n=sizes, seed=seeds, p=st.integers(1, 300), double=st.booleans(), alpha=st.floats(-2.0, 2.0))
 def test_fused_step_equals_pull_then_add(kind, n, seed, p, double, alpha):
     "One pass of `fused_step` gives exactly what `fused_pull` then P + α·pull give, and the three norms."
     from rapo_nb.consensus import fused_pull, fused_step
-    t = make_topology(kind, n, degree=4, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    dtype = torch.float64 if double else torch.float32
-    w = adaptive_weights(t, torch.rand(t.n_edges, generator=g)).to(dtype)
-    P = torch.randn(n, p, generator=g, dtype=dtype)
+    t, w, P, dtype = _weighted_case(kind, n, seed, p, double)
     new, res, normP, norm_new = fused_step(P, t, w, alpha, kernel="numba")
     pull, res2, normP2 = fused_pull(P, t, w, kernel="numba")
     exact = dict(atol=1e-12, rtol=1e-12) if double else dict(atol=1e-6, rtol=1e-6)   # (the kernel may fuse the multiply-add)
@@ -425,11 +430,7 @@ def test_register_block_kernel_is_bitwise_the_plain_kernel(kind, n, seed, p, dou
     "The register-blocked, prefetching `_pull_rows` does the plain kernel's arithmetic in the same order: equal bit for bit."
     import numpy as np
     from rapo_nb.consensus import _pull_rows, _pull_rows_plain
-    t = make_topology(kind, n, degree=4, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    dtype = torch.float64 if double else torch.float32
-    w = adaptive_weights(t, torch.rand(t.n_edges, generator=g)).to(dtype)
-    P = torch.randn(n, p, generator=g, dtype=dtype)
+    t, w, P, dtype = _weighted_case(kind, n, seed, p, double)
     results = []
     for kern in (_pull_rows, _pull_rows_plain):
         out, a, b = torch.empty_like(P), np.empty(n), np.empty(n)
