@@ -2,7 +2,8 @@
 
 Prints a table: median tick time at 1,000 and 100,000 agents (small-world graph, degree 16) with the one-pass numba
 step (`fused_step`: register-blocked gather, prefetch of far neighbours) and with torch's sparse product, the median
-time of two plain copies of the P bank measured in the same run (into an existing buffer, and P.clone()), the ratios, CPU time, and bytes per agent (state + CSR edges).
+time of two plain copies of the P bank measured in the same run (into an existing buffer, and P.clone()), the ratios,
+CPU time, and bytes per agent (state + CSR edges).
 Targets from the issue: ≤ 2 ms at 1,000 agents; ≤ 100 ms (the paper's control-loop period, §3.5) and ≤ 3× a copy
 at 100,000 agents; ≤ 6 KB per agent. `meets_target` is computed from the row's own numbers.
 

@@ -466,7 +466,6 @@ class ConsensusEngine:
         self._stable_version = 0
         self._weights: torch.Tensor | None = None
         self._alive_key: torch.Tensor | None = None
-        self._pull_cache: tuple | None = None     # (P, P._version, w, pull, ‖pull‖, ‖P‖)
         self._rows_cache: tuple | None = None     # (w, row sums of w, or None when they are all 1)
         self._prev_update: float | None = None    # ‖unconstrained update‖ of the previous iteration
 
@@ -517,14 +516,11 @@ class ConsensusEngine:
         return self._rows_cache[1]
 
     def _mixed(self, P: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        "(pull = W·P − r⊙P, ‖pull‖, ‖P‖) by `fused_pull`, cached while P (same tensor and version) and w are unchanged."
-        c = self._pull_cache
-        if c is not None and c[0] is P and c[1] == P._version and c[2] is w: return c[3:]
+        "(pull = W·P − r⊙P, ‖pull‖, ‖P‖) by `fused_pull`, into the engine's pull buffer when `reuse_buffers`."
         buf = self._pull_buf
         ok = self.reuse_buffers and buf is not None and buf.shape == P.shape and buf.dtype == P.dtype and buf.device == P.device and buf is not P
         pull, res, normP = fused_pull(P, self.topo, w, out=buf if ok else None, kernel=self.kernel)
         if self.reuse_buffers: self._pull_buf = pull
-        self._pull_cache = (P, P._version, w, pull, res, normP)
         return pull, res, normP
 
     def _out_buffer(self, P: torch.Tensor) -> torch.Tensor | None:
@@ -569,7 +565,6 @@ class ConsensusEngine:
             change = float(torch.linalg.vector_norm(P_new - P))   # non-finite iff P_new is (P is checked through ‖P‖)
             finite = [change, update_norm, normP]
         if not all(np.isfinite(finite)):
-            self._pull_cache = None
             self.rejected += 1; bank.rejected_updates += 1; info["rejected"] = True
             self._count_nonconverging(bank, info); return info
         delta = change / max(normP, 1e-12)
@@ -595,7 +590,7 @@ class ConsensusEngine:
         if self.nonconverged >= self.cc.rollback_after:
             if self.stable._version != self._stable_version:
                 raise RuntimeError("stable: the saved stable P was modified in place; do not edit engine.stable")
-            bank.P = self.stable.clone(); self._pull_cache = None; self._prev_update = None
+            bank.P = self.stable.clone(); self._prev_update = None
             self.rollbacks += 1; self.nonconverged = 0; info["rolled_back"] = True
 
     def counters(self) -> dict:

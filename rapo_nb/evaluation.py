@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from rouge_score import rouge_scorer, tokenizers, scoring
 from .config import (load_config, results_dir, save_table, save_figure, Config, PAPER_TABLE1, PAPER_CLAIMS)
-from .state import HashedTextEncoder, cosine_rows
+from .state import HashedTextEncoder, encode_pairs
 
 # %% auto #0
 __all__ = ['TURN_COLUMNS', 'CONV_COLUMNS', 'SYSTEMS', 'SYSTEM_LABELS', 'ERROR_TYPES', 'RESPONSE_TIME_NOTE', 'METRICS',
@@ -118,11 +118,8 @@ def handoff_metrics(turns: pd.DataFrame, cfg: Config, encoder: HashedTextEncoder
     resp = h.response.fillna("").astype(str)
     h["context_score"] = rouge_l_f(h.prev_response.fillna("").astype(str).tolist(), resp.tolist(), n_jobs=n_jobs)
     enc = encoder or HashedTextEncoder.from_config(cfg)
-    texts = list(dict.fromkeys([*ref.tolist(), *resp.tolist()]))
-    pos = {t: i for i, t in enumerate(texts)}
-    V = enc.encode(texts) if texts else np.zeros((0, 1), np.float32)
-    ia, ib = np.array([pos[t] for t in ref], int), np.array([pos[t] for t in resp], int)
-    h["cosine"] = (V[ia] * V[ib]).sum(axis=1) if len(h) else np.zeros(0)
+    Va, Vb = encode_pairs(ref.tolist(), resp.tolist(), enc)
+    h["cosine"] = (Va * Vb).sum(axis=1)   # rows are L2-normalised (zero rows give 0)
     ev = cfg.evaluation
     h["handoff_ok"] = (h.cosine > ev.handoff_cosine) & ~h.clarification.astype(bool)
     h["context_break"] = h.cosine < ev.context_break_cosine

@@ -15,9 +15,10 @@ from torch import nn
 from .config import Config, load_config, get_device, SPECIALISTS
 
 # %% auto #0
-__all__ = ['ROLE_TEMPLATES', 'PROMPT_JITTER', 'HashedTextEncoder', 'default_encoder', 'cosine_rows', 'text_cosine', 'prompt_pca',
-           'role_prompt_vectors', 'init_prompts', 'prune_history', 'SlidingWindowContext', 'encode_histories',
-           'sequential_ema', 'queue_rank', 'NonFiniteUpdate', 'importance_weights', 'StateBank', 'memory_table']
+__all__ = ['ROLE_TEMPLATES', 'PROMPT_JITTER', 'HashedTextEncoder', 'default_encoder', 'cosine_rows', 'encode_pairs',
+           'text_cosine', 'prompt_pca', 'role_prompt_vectors', 'init_prompts', 'prune_history', 'SlidingWindowContext',
+           'encode_histories', 'sequential_ema', 'queue_rank', 'NonFiniteUpdate', 'importance_weights', 'StateBank',
+           'memory_table']
 
 # %% ../nbs/01_state.ipynb #7c63d780
 _WORD_RE = re.compile(r"[a-z0-9]+")
@@ -97,6 +98,15 @@ def cosine_rows(A, B) -> np.ndarray:
     if A.shape != B.shape: raise ValueError(f"B: shape {B.shape} does not match A's shape {A.shape}")
     num = (A * B).sum(1); den = np.linalg.norm(A, axis=1) * np.linalg.norm(B, axis=1)
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+def encode_pairs(a: Sequence[str], b: Sequence[str], encoder: HashedTextEncoder) -> tuple[np.ndarray, np.ndarray]:
+    "Row-aligned encodings (Va, Vb) of the text pairs (a[i], b[i]); each distinct text is encoded once, in one batch."
+    a, b = list(a), list(b)
+    if len(a) != len(b): raise ValueError(f"b: expected {len(a)} texts (one per text of a), got {len(b)}")
+    texts = list(dict.fromkeys([*a, *b]))
+    pos = {t: i for i, t in enumerate(texts)}
+    V = encoder.encode(texts)
+    return V[np.array([pos[t] for t in a], int)], V[np.array([pos[t] for t in b], int)]
 
 def text_cosine(a: str, b: str, encoder: HashedTextEncoder | None = None) -> float:
     "Cosine similarity of two texts under `encoder` (the default encoder when None)."

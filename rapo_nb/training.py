@@ -383,7 +383,7 @@ def load_checkpoint(path: str | Path, cfg: Config, device: str | torch.device | 
     return model.to(get_device(cfg.device) if device is None else torch.device(device))
 
 # %% ../nbs/08_training.ipynb #3919a654
-from .state import HashedTextEncoder, cosine_rows, SlidingWindowContext, encode_histories, queue_rank
+from .state import HashedTextEncoder, cosine_rows, encode_pairs, SlidingWindowContext, encode_histories, queue_rank
 from .synthetic import generate_conversations, Conversation
 from .agents import SimulatedAgentPool, full_history
 
@@ -399,10 +399,7 @@ def coherence_penalty(responses: list[str], contexts: list[str], encoder: Hashed
     if not callable(getattr(encoder, "encode", None)):
         raise ValueError(f"encoder: expected the evaluation's text encoder (`HashedTextEncoder.from_config(cfg)`), got {type(encoder).__name__}")
     if not responses: return np.zeros(0, dtype=np.float32)
-    texts = list(dict.fromkeys([*responses, *contexts]))   # each distinct text encoded once, in one batch (as 09_evaluation does)
-    pos = {t: i for i, t in enumerate(texts)}
-    V = encoder.encode(texts)
-    cos = cosine_rows(V[[pos[t] for t in responses]], V[[pos[t] for t in contexts]])
+    cos = cosine_rows(*encode_pairs(responses, contexts, encoder))   # each distinct text encoded once (as 09_evaluation does)
     empty = np.array([not c.strip() for c in contexts])
     return np.where(empty, 0.0, cos - 1.0).astype(np.float32)
 
