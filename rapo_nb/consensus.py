@@ -6,7 +6,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/consensus.html.md"""
 
 # %% ../nbs/02_consensus.ipynb #3873f720
 from __future__ import annotations
-import math, os, time, warnings
+import math, os, platform, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,10 +25,11 @@ from .state import StateBank, sequential_ema
 # %% auto #0
 __all__ = ['TOPOLOGIES', 'MAX_DENSE_EDGES', 'EXCHANGE_EMA', 'PULL_FASTMATH', 'PULL_KERNELS', 'PULL_PARALLEL_MIN',
            'PULL_VECTOR_BYTES', 'PULL_BLOCK_VECTORS', 'PULL_BLOCK_BYTES', 'PULL_PREFETCH_AHEAD', 'PULL_NEAR_ROWS',
-           'TICK_UPDATE_SHARE', 'Topology', 'csr_from_edges', 'make_topology', 'segment_sum', 'adaptive_weights',
-           'fused_pull', 'fused_step', 'clip_rows', 'project_trust_region', 'neighbour_pull', 'consensus_step',
-           'Objective', 'QuadraticObjective', 'EntropyRegularisedObjective', 'penalty_omega', 'consensus_residual',
-           'consensus_objective', 'ConsensusEngine', 'tick_benchmark']
+           'PULL_PREFETCH_LOCALITY', 'PULL_STREAM_MIN', 'PULL_STREAM', 'TICK_UPDATE_SHARE', 'Topology',
+           'csr_from_edges', 'make_topology', 'segment_sum', 'adaptive_weights', 'fused_pull', 'fused_step',
+           'clip_rows', 'project_trust_region', 'neighbour_pull', 'consensus_step', 'Objective', 'QuadraticObjective',
+           'EntropyRegularisedObjective', 'penalty_omega', 'consensus_residual', 'consensus_objective',
+           'ConsensusEngine', 'tick_benchmark']
 
 # %% ../nbs/02_consensus.ipynb #3be077c8
 TOPOLOGIES = ("complete", "ring", "small_world", "star", "random")
@@ -167,37 +168,100 @@ PULL_PARALLEL_MIN = 1 << 21   # ours: below this many P entries (~4,000 agents �
 PULL_VECTOR_BYTES = 64        # one vector register of the widest ISA we target (AVX-512); LLVM splits it on narrower CPUs
 PULL_BLOCK_VECTORS = 8 if "+avx512f" in llvm_binding.get_host_cpu_features().flatten() else 4   # accumulators kept in registers
 PULL_BLOCK_BYTES = PULL_VECTOR_BYTES * PULL_BLOCK_VECTORS   # a row is gathered in blocks of this many bytes (512 B = 128 float32)
-PULL_PREFETCH_AHEAD = 2       # ours: while gathering row i, prefetch the far neighbours of row i + 2 (tuned on this machine)
-PULL_NEAR_ROWS = 16           # ours: neighbours within ±16 rows of the row being gathered are taken to be in cache already
+PULL_PREFETCH_AHEAD = 2       # ours: while gathering row i, prefetch the rows that row i + 2 will need and the cache lacks (tuned here)
+PULL_NEAR_ROWS = 16           # ours: neighbours within ±16 rows of the row being gathered count as near (the band), the rest as far
+PULL_PREFETCH_LOCALITY = 2    # LLVM's locality hint: 2 = into L2 (x86 prefetcht1); into L1 (3) evicted the rows being gathered (measured here)
+PULL_STREAM_MIN = 1 << 25     # ours: a step writing at least 32 MiB (this machine's L3) uses streaming stores; smaller outputs stay in cache
+PULL_STREAM = platform.machine().lower() in ("x86_64", "amd64")   # streaming (non-temporal) stores, x86-64 only (fenced with sfence)
+
+def _emit_gather(context, builder, sig, args) -> tuple:
+    "Emit Σ_{k=lo}^{hi−1} w[k] · P[indices[k], c0:c0+B] into PULL_BLOCK_VECTORS vector accumulators (args: P, indices, w, lo, hi, c0, …)."
+    aP, aI, aW = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 1, 2))
+    lo_, hi_, c0_ = (builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v for v in args[3:6])
+    ftype = context.get_value_type(sig.args[0].dtype); width = 32 if sig.args[0].dtype == types.float32 else 64
+    lanes = PULL_VECTOR_BYTES * 8 // width; vtype = ir.VectorType(ftype, lanes); i32, i64 = ir.IntType(32), ir.IntType(64)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vtype, [vtype] * 3), f"llvm.fma.v{lanes}f{width}")
+    def splat(x):
+        v = builder.insert_element(ir.Constant(vtype, ir.Undefined), x, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, ir.Constant(vtype, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+    p = cgutils.unpack_tuple(builder, aP.shape, 2)[1]
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vtype, None)) for _ in range(PULL_BLOCK_VECTORS)]
+    with cgutils.for_range_slice(builder, lo_, hi_, ir.Constant(i64, 1), inc=True) as (k, _):
+        j = builder.load(builder.gep(aI.data, [k])); j = builder.sext(j, i64) if j.type.width < 64 else j
+        wk = splat(builder.load(builder.gep(aW.data, [k])))
+        row = builder.add(builder.mul(j, p), c0_)
+        for t, acc in enumerate(accs):
+            src = builder.bitcast(builder.gep(aP.data, [builder.add(row, ir.Constant(i64, lanes * t))]), vtype.as_pointer())
+            builder.store(builder.call(fma, [wk, builder.load(src, align=width // 8), builder.load(acc)]), acc)
+    return accs, aP, p, c0_, ftype, width, lanes, vtype, fma, splat
+
+def _block_ok(P, indices, w, out) -> bool:
+    "The array types the block intrinsics accept: C-contiguous, 2-D float32/float64 P and out of one dtype, 1-D indices and weights."
+    arrays = (P, out, indices, w)
+    return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) and P.ndim == 2 and out.ndim == 2 and P.dtype == out.dtype \
+        and P.dtype in (types.float32, types.float64) and w.dtype == P.dtype and indices.ndim == 1 and w.ndim == 1
 
 @intrinsic
 def _gather_block(typingctx, P, indices, w, lo, hi, c0, out, i):
     "out[i, c0:c0+B] = Σ_{k=lo}^{hi−1} w[k] · P[indices[k], c0:c0+B] (B = PULL_BLOCK_BYTES / itemsize), the sum held in vector registers."
-    arrays = (P, out, indices, w)
-    if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) or P.ndim != 2 or out.ndim != 2 or P.dtype != out.dtype \
-            or P.dtype not in (types.float32, types.float64) or w.dtype != P.dtype or indices.ndim != 1 or w.ndim != 1: return None
+    if not _block_ok(P, indices, w, out): return None
     def codegen(context, builder, signature, args):
-        aP, aI, aW, aO = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 1, 2, 6))
-        lo_, hi_, c0_, i_ = (builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v for v in (args[3], args[4], args[5], args[7]))
-        ftype = context.get_value_type(signature.args[0].dtype); width = 32 if signature.args[0].dtype == types.float32 else 64
-        lanes = PULL_VECTOR_BYTES * 8 // width; vtype = ir.VectorType(ftype, lanes); i32, i64 = ir.IntType(32), ir.IntType(64)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vtype, [vtype] * 3), f"llvm.fma.v{lanes}f{width}")
-        p = cgutils.unpack_tuple(builder, aP.shape, 2)[1]
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(vtype, None)) for _ in range(PULL_BLOCK_VECTORS)]
-        with cgutils.for_range_slice(builder, lo_, hi_, ir.Constant(i64, 1), inc=True) as (k, _):
-            j = builder.load(builder.gep(aI.data, [k])); j = builder.sext(j, i64) if j.type.width < 64 else j
-            wk = builder.insert_element(ir.Constant(vtype, ir.Undefined), builder.load(builder.gep(aW.data, [k])), ir.Constant(i32, 0))
-            wk = builder.shuffle_vector(wk, ir.Constant(vtype, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-            row = builder.add(builder.mul(j, p), c0_)
-            for t, acc in enumerate(accs):
-                src = builder.bitcast(builder.gep(aP.data, [builder.add(row, ir.Constant(i64, lanes * t))]), vtype.as_pointer())
-                builder.store(builder.call(fma, [wk, builder.load(src, align=width // 8), builder.load(acc)]), acc)
+        accs, aP, p, c0_, ftype, width, lanes, vtype, fma, splat = _emit_gather(context, builder, signature, args)
+        aO = context.make_array(signature.args[6])(context, builder, args[6]); i64 = ir.IntType(64)
+        i_ = builder.sext(args[7], i64) if args[7].type.width < 64 else args[7]
         row = builder.add(builder.mul(i_, p), c0_)
         for t, acc in enumerate(accs):
             dst = builder.bitcast(builder.gep(aO.data, [builder.add(row, ir.Constant(i64, lanes * t))]), vtype.as_pointer())
             builder.store(builder.load(acc), dst, align=width // 8)
         return context.get_dummy_value()
     return types.void(P, indices, w, lo, hi, c0, out, i), codegen
+
+def _lane_sum(builder, vec: ir.Value, lanes: int) -> ir.Value:
+    "Sum of a vector's lanes as a tree: the upper half added to the lower until one lane is left."
+    i32 = ir.IntType(32)
+    while lanes > 1:
+        half = lanes // 2; pick = lambda idx: builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half), idx))
+        vec = builder.fadd(pick(list(range(half))), pick(list(range(half, lanes)))); lanes = half
+    return builder.extract_element(vec, ir.Constant(i32, 0))
+
+def _make_step_block(stream: bool):
+    "The intrinsic `_step_block` (stream=False) or `_step_block_stream` (non-temporal stores; out rows must be 64-byte aligned)."
+    @intrinsic
+    def step_block(typingctx, P, indices, w, lo, hi, c0, out, i, r, alpha, sums):
+        "Block c0 of row i of the step, in registers: acc = Σ_k w_k P_{j_k}, v = acc − r·P_i, y = P_i + α·v → out; Σv², ΣP_i², Σy² added to sums[0:3]."
+        if not _block_ok(P, indices, w, out) or not (isinstance(sums, types.Array) and sums.dtype == types.float64 and sums.ndim == 1): return None
+        def codegen(context, builder, signature, args):
+            accs, aP, p, c0_, ftype, width, lanes, vtype, fma, splat = _emit_gather(context, builder, signature, args)
+            aO, aS = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (6, 10))
+            i32, i64, f64 = ir.IntType(32), ir.IntType(64), ir.DoubleType()
+            i_ = builder.sext(args[7], i64) if args[7].type.width < 64 else args[7]
+            narrow = (lambda x: builder.fptrunc(x, ftype)) if width == 32 else (lambda x: x)   # r and α rounded to P's dtype
+            neg_r, alpha_v = splat(narrow(builder.fneg(args[8]))), splat(narrow(args[9]))
+            row = builder.add(builder.mul(i_, p), c0_); squares = None
+            for t, acc in enumerate(accs):
+                at = builder.add(row, ir.Constant(i64, lanes * t))
+                x = builder.load(builder.bitcast(builder.gep(aP.data, [at]), vtype.as_pointer()), align=width // 8)
+                v = builder.call(fma, [neg_r, x, builder.load(acc)])     # the pull, one rounding
+                y = builder.call(fma, [alpha_v, v, x])                   # the step, one rounding
+                st = builder.store(y, builder.bitcast(builder.gep(aO.data, [at]), vtype.as_pointer()), align=PULL_VECTOR_BYTES if stream else width // 8)
+                if stream: st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+                squares = [builder.fmul(e, e) for e in (v, x, y)] if squares is None else [builder.call(fma, [e, e, s]) for e, s in zip((v, x, y), squares)]
+            for idx, sq in enumerate(squares):
+                h = _lane_sum(builder, sq, lanes); h = builder.fpext(h, f64) if width == 32 else h
+                ptr = builder.gep(aS.data, [ir.Constant(i64, idx)]); builder.store(builder.fadd(builder.load(ptr), h), ptr)
+            return context.get_dummy_value()
+        return types.void(P, indices, w, lo, hi, c0, out, i, r, alpha, sums), codegen
+    return step_block
+
+_step_block, _step_block_stream = _make_step_block(False), _make_step_block(True)
+
+@intrinsic
+def _store_fence(typingctx):
+    "Order this thread's streaming stores before what follows (x86 sfence; nothing elsewhere)."
+    def codegen(context, builder, signature, args):
+        if PULL_STREAM: builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence"), [])
+        return context.get_dummy_value()
+    return types.void(), codegen
 
 @intrinsic
 def _prefetch_row(typingctx, P, j):
@@ -212,19 +276,25 @@ def _prefetch_row(typingctx, P, j):
         row = builder.bitcast(builder.gep(aP.data, [builder.mul(j, p)]), i8p)
         nbytes = builder.mul(p, ir.Constant(i64, context.get_abi_sizeof(context.get_value_type(signature.args[0].dtype))))
         with cgutils.for_range_slice(builder, ir.Constant(i64, 0), nbytes, ir.Constant(i64, 64), inc=True) as (offset, _):
-            builder.call(fn, [builder.gep(row, [offset]), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
+            builder.call(fn, [builder.gep(row, [offset]), ir.Constant(i32, 0), ir.Constant(i32, PULL_PREFETCH_LOCALITY), ir.Constant(i32, 1)])  # read, locality, data
         return context.get_dummy_value()
     return types.void(P, j), codegen
 
-@numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
-def _gather_row(indptr, indices, w, P, out, i):  # pragma: no cover (compiled)
-    "out[i] = Σ_k w_k P_{j_k} over row i of the CSR (register blocks, then a plain loop for the tail columns); returns r_i = Σ_k w_k."
-    p = P.shape[1]; block = PULL_BLOCK_BYTES // P.itemsize; full = p - p % block
-    ahead = i + PULL_PREFETCH_AHEAD                     # far neighbours (small-world shortcuts) come from main memory: ask early
+@numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True, inline="always")
+def _prefetch_ahead(indptr, indices, P, ahead, reach):  # pragma: no cover (compiled)
+    "Prefetch the rows row `ahead` will gather that the cache lacks: far neighbours, and near ones past `reach`; returns the new reach."
     if ahead < indptr.shape[0] - 1:
         for k in range(indptr[ahead], indptr[ahead + 1]):
             j = indices[k]
-            if j > ahead + PULL_NEAR_ROWS or j < ahead - PULL_NEAR_ROWS: _prefetch_row(P, j)
+            if j > ahead + PULL_NEAR_ROWS or j < ahead - PULL_NEAR_ROWS: _prefetch_row(P, j)   # a shortcut: in main memory
+            elif j > reach: _prefetch_row(P, j); reach = j      # the band's leading row, not yet asked for
+    return reach
+
+@numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
+def _gather_row(indptr, indices, w, P, out, i, reach):  # pragma: no cover (compiled)
+    "out[i] = Σ_k w_k P_{j_k} over row i of the CSR (register blocks, then a plain loop for the tail columns); returns (r_i = Σ_k w_k, reach)."
+    p = P.shape[1]; block = PULL_BLOCK_BYTES // P.itemsize; full = p - p % block
+    reach = _prefetch_ahead(indptr, indices, P, i + PULL_PREFETCH_AHEAD, reach)
     lo = indptr[i]; hi = indptr[i + 1]
     r = 0.0
     for k in range(lo, hi): r += w[k]
@@ -233,7 +303,7 @@ def _gather_row(indptr, indices, w, P, out, i):  # pragma: no cover (compiled)
     for k in range(lo, hi):
         j = indices[k]; wk = w[k]
         for c in range(full, p): out[i, c] += wk * P[j, c]
-    return r
+    return r, reach
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True, inline="always")
 def _finish_pull_row(P, out, r, i):  # pragma: no cover (compiled)
@@ -259,22 +329,37 @@ def _pull_rows_plain(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  #
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
 def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
     "Rows start:stop of out_i = Σ_k w_k P_{j_k} − (Σ_k w_k) P_i (CSR); row sums of squares of out and P into pull_sq, p_sq."
+    reach = start - 1
     for i in range(start, stop):
-        r = _gather_row(indptr, indices, w, P, out, i)
+        r, reach = _gather_row(indptr, indices, w, P, out, i, reach)
         pull_sq[i], p_sq[i] = _finish_pull_row(P, out, r, i)
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
-def _step_rows(indptr, indices, w, P, alpha, out, pull_sq, p_sq, out_sq, start, stop):  # pragma: no cover (compiled)
-    "Rows start:stop of out_i = P_i + alpha·pull_i (pull as in `_pull_rows`, rounded to P's dtype first); squares of pull, P, out."
-    p = P.shape[1]
+def _step_rows(indptr, indices, w, P, alpha, out, pull_sq, p_sq, out_sq, stream, start, stop):  # pragma: no cover (compiled)
+    "Rows start:stop of out_i = P_i + α·pull_i, finished in registers (v = Σ_k w_k P_{j_k} − r_i P_i, then P_i + α v, in P's dtype); squares of v, P_i, out_i."
+    p = P.shape[1]; block = PULL_BLOCK_BYTES // P.itemsize; full = p - p % block
+    sums = np.zeros(3); scalars = np.empty(2, dtype=P.dtype); reach = start - 1
     for i in range(start, stop):
-        r = _gather_row(indptr, indices, w, P, out, i)
-        s_pull = 0.0; s_p = 0.0; s_out = 0.0
-        for c in range(p):
-            x = P[i, c]; v = out[i, c] - r * x; out[i, c] = v     # the pull, rounded to P's dtype as `_pull_rows` stores it
-            y = x + alpha * out[i, c]; out[i, c] = y              # the step, from the rounded pull (as P + α·pull in two passes)
-            s_pull += v * v; s_p += x * x; s_out += y * y
-        pull_sq[i] = s_pull; p_sq[i] = s_p; out_sq[i] = s_out
+        reach = _prefetch_ahead(indptr, indices, P, i + PULL_PREFETCH_AHEAD, reach)
+        lo = indptr[i]; hi = indptr[i + 1]
+        r = 0.0
+        for k in range(lo, hi): r += w[k]
+        sums[0] = 0.0; sums[1] = 0.0; sums[2] = 0.0
+        if stream:
+            for c0 in range(0, full, block): _step_block_stream(P, indices, w, lo, hi, c0, out, i, r, alpha, sums)
+        else:
+            for c0 in range(0, full, block): _step_block(P, indices, w, lo, hi, c0, out, i, r, alpha, sums)
+        if full < p:                                         # tail columns: the same formulas, one column at a time
+            scalars[0] = r; scalars[1] = alpha                # r and α rounded to P's dtype, as in the blocks
+            for c in range(full, p): out[i, c] = 0.0
+            for k in range(lo, hi):
+                j = indices[k]; wk = w[k]
+                for c in range(full, p): out[i, c] += wk * P[j, c]
+            for c in range(full, p):
+                x = P[i, c]; v = out[i, c] - scalars[0] * x; y = x + scalars[1] * v; out[i, c] = y
+                sums[0] += v * v; sums[1] += x * x; sums[2] += y * y
+        pull_sq[i] = sums[0]; p_sq[i] = sums[1]; out_sq[i] = sums[2]
+    if stream: _store_fence()
 
 _POOL: tuple | None = None   # (pid, workers, ThreadPoolExecutor)
 
@@ -326,13 +411,16 @@ def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torc
 
 def fused_step(P: torch.Tensor, topo: Topology, weights: torch.Tensor, alpha: float, out: torch.Tensor | None = None,
                kernel: str = "auto") -> tuple[torch.Tensor, float, float, float]:
-    "(P + α·Σ_j w_ij (P_j − P_i), ‖pull‖_F, ‖P‖_F, ‖result‖_F) in one pass over P on CPU (numba); pull then add otherwise."
+    "(P + α·Σ_j w_ij (P_j − P_i), ‖pull‖_F, ‖P‖_F, ‖result‖_F) in one pass over P on CPU (numba, finished in registers); pull then add otherwise."
     if not math.isfinite(alpha): raise ValueError(f"alpha: expected a finite number, got {alpha}")
     if _pull_args(P, topo, weights, out, kernel):
         Pc = P.contiguous(); out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
         pull_sq, p_sq, out_sq = (np.empty(topo.n, dtype=np.float64) for _ in range(3))
+        row_bytes = Pc.shape[1] * Pc.element_size()
+        stream = PULL_STREAM and out.numel() * out.element_size() >= PULL_STREAM_MIN and out.data_ptr() % PULL_VECTOR_BYTES == 0 \
+            and row_bytes % PULL_VECTOR_BYTES == 0     # streaming stores need 64-byte aligned rows
         _run_rows(_step_rows, topo.n, Pc.numel(), topo.indptr.numpy(), topo.indices.numpy(), weights.to(P.dtype).contiguous().numpy(),
-                  Pc.numpy(), float(alpha), out.numpy(), pull_sq, p_sq, out_sq)
+                  Pc.numpy(), float(alpha), out.numpy(), pull_sq, p_sq, out_sq, stream)
         return out, float(np.sqrt(pull_sq.sum())), float(np.sqrt(p_sq.sum())), float(np.sqrt(out_sq.sum()))
     pull, res, normP = fused_pull(P, topo, weights, kernel="torch")
     new = torch.add(P, pull, alpha=alpha, out=out) if out is not None else torch.add(P, pull, alpha=alpha)
