@@ -368,6 +368,10 @@ def test_streaming_stores_change_no_bit(kind, n, seed, p, double, alpha):
         results.append((out, sums))
     assert torch.equal(results[0][0], results[1][0])
     assert all(np.array_equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    flat = np.empty(P.numel() + 1, dtype=P.numpy().dtype); out = flat[1:].reshape(P.shape)   # rows off the 64-byte grid:
+    sums = [np.empty(n) for _ in range(3)]                                                       # the kernel must not stream
+    _step_rows(t.indptr.numpy(), t.indices.numpy(), w.numpy(), P.numpy(), float(alpha), out, *sums, True, 0, n)
+    assert out.ctypes.data % 64 != 0 and np.array_equal(out, results[0][0].numpy())
 
 
 def test_fused_step_streams_only_into_aligned_rows(monkeypatch):
@@ -429,6 +433,7 @@ def test_bench_tick_script_prints_targets_and_verdicts():
     small, big = df[df.n_agents == 40], df[df.n_agents == 1000]
     assert small.meets_target.isna().all() and small.target_ms.isna().all()
     assert (big.target_ms == 2.0).all() and list(big.meets_target) == list(big.tick_ms <= 2.0)
+    assert df.meets_copy_target.isna().all() and df.huge_pages.str.contains('torch THP alloc').all()   # the ratio target is for 100,000 agents
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
