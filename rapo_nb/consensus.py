@@ -338,7 +338,7 @@ def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragm
 def _step_rows(indptr, indices, w, P, alpha, out, pull_sq, p_sq, out_sq, stream, start, stop):  # pragma: no cover (compiled)
     "Rows start:stop of out_i = P_i + α·pull_i, finished in registers (v = Σ_k w_k P_{j_k} − r_i P_i, then P_i + α v, in P's dtype); squares of v, P_i, out_i."
     p = P.shape[1]; block = PULL_BLOCK_BYTES // P.itemsize; full = p - p % block
-    stream = stream and out.ctypes.data % PULL_VECTOR_BYTES == 0 and (p * out.itemsize) % PULL_VECTOR_BYTES == 0   # aligned rows only
+    stream = PULL_STREAM and stream and out.ctypes.data % PULL_VECTOR_BYTES == 0 and (p * out.itemsize) % PULL_VECTOR_BYTES == 0   # x86-64, aligned rows
     sums = np.zeros(3); scalars = np.empty(2, dtype=P.dtype); reach = start - 1
     for i in range(start, stop):
         reach = _prefetch_ahead(indptr, indices, P, i + PULL_PREFETCH_AHEAD, reach)
