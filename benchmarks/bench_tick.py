@@ -9,8 +9,9 @@ at 100,000 agents; ≤ 6 KB per agent. `meets_target` (time) and `meets_copy_tar
 buffer) are computed from the row's own numbers.
 
 `--huge-pages` runs with torch's transparent-huge-page allocation (THP_MEM_ALLOC_ENABLE=1, set before torch is
-imported): large tensors are then backed by 2 MB pages where the kernel allows it, which speeds up a plain copy
-more than the tick, so the ratio depends on the machine's page setup; run_all.sh reports both.
+imported): large tensors are then backed by 2 MB pages where the kernel allows it. That can speed up a plain copy
+(it did 12.7 → 7.9 ms in one run here, far less in another) without moving the tick, so the ratio depends on the
+machine's page setup; run_all.sh reports both.
 
     .venv/bin/python benchmarks/bench_tick.py [--sizes 1000,100000] [--degree 16] [--repeats 31] [--threads N] [--device cpu] [--kernels numba,torch] [--huge-pages]
 

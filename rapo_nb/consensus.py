@@ -290,6 +290,15 @@ def _prefetch_ahead(indptr, indices, P, ahead, reach):  # pragma: no cover (comp
             elif j > reach: _prefetch_row(P, j); reach = j      # the band's leading row, not yet asked for
     return reach
 
+@numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True, inline="always")
+def _gather_tail(indices, w, P, out, i, lo, hi, full):  # pragma: no cover (compiled)
+    "out[i, full:] = Σ_{k=lo}^{hi−1} w_k P_{j_k}[full:], one column at a time (the columns past the last whole register block)."
+    p = P.shape[1]
+    for c in range(full, p): out[i, c] = 0.0
+    for k in range(lo, hi):
+        j = indices[k]; wk = w[k]
+        for c in range(full, p): out[i, c] += wk * P[j, c]
+
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
 def _gather_row(indptr, indices, w, P, out, i, reach):  # pragma: no cover (compiled)
     "out[i] = Σ_k w_k P_{j_k} over row i of the CSR (register blocks, then a plain loop for the tail columns); returns (r_i = Σ_k w_k, reach)."
@@ -299,10 +308,7 @@ def _gather_row(indptr, indices, w, P, out, i, reach):  # pragma: no cover (comp
     r = 0.0
     for k in range(lo, hi): r += w[k]
     for c0 in range(0, full, block): _gather_block(P, indices, w, lo, hi, c0, out, i)
-    for c in range(full, p): out[i, c] = 0.0
-    for k in range(lo, hi):
-        j = indices[k]; wk = w[k]
-        for c in range(full, p): out[i, c] += wk * P[j, c]
+    _gather_tail(indices, w, P, out, i, lo, hi, full)
     return r, reach
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True, inline="always")
@@ -352,10 +358,7 @@ def _step_rows(indptr, indices, w, P, alpha, out, pull_sq, p_sq, out_sq, stream,
             for c0 in range(0, full, block): _step_block(P, indices, w, lo, hi, c0, out, i, r, alpha, sums)
         if full < p:                                         # tail columns: the same formulas, one column at a time
             scalars[0] = r; scalars[1] = alpha                # r and α rounded to P's dtype, as in the blocks
-            for c in range(full, p): out[i, c] = 0.0
-            for k in range(lo, hi):
-                j = indices[k]; wk = w[k]
-                for c in range(full, p): out[i, c] += wk * P[j, c]
+            _gather_tail(indices, w, P, out, i, lo, hi, full)
             for c in range(full, p):
                 x = P[i, c]; v = out[i, c] - scalars[0] * x; y = x + scalars[1] * v; out[i, c] = y
                 sums[0] += v * v; sums[1] += x * x; sums[2] += y * y
@@ -417,9 +420,7 @@ def fused_step(P: torch.Tensor, topo: Topology, weights: torch.Tensor, alpha: fl
     if _pull_args(P, topo, weights, out, kernel):
         Pc = P.contiguous(); out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
         pull_sq, p_sq, out_sq = (np.empty(topo.n, dtype=np.float64) for _ in range(3))
-        row_bytes = Pc.shape[1] * Pc.element_size()
-        stream = PULL_STREAM and out.numel() * out.element_size() >= PULL_STREAM_MIN and out.data_ptr() % PULL_VECTOR_BYTES == 0 \
-            and row_bytes % PULL_VECTOR_BYTES == 0     # streaming stores need 64-byte aligned rows
+        stream = out.numel() * out.element_size() >= PULL_STREAM_MIN   # (the kernel streams only on x86-64 into 64-byte aligned rows)
         _run_rows(_step_rows, topo.n, Pc.numel(), topo.indptr.numpy(), topo.indices.numpy(), weights.to(P.dtype).contiguous().numpy(),
                   Pc.numpy(), float(alpha), out.numpy(), pull_sq, p_sq, out_sq, stream)
         return out, float(np.sqrt(pull_sq.sum())), float(np.sqrt(p_sq.sum())), float(np.sqrt(out_sq.sum()))

@@ -374,20 +374,21 @@ def test_streaming_stores_change_no_bit(kind, n, seed, p, double, alpha):
     assert out.ctypes.data % 64 != 0 and np.array_equal(out, results[0][0].numpy())
 
 
-def test_fused_step_streams_only_into_aligned_rows(monkeypatch):
-    "With the streaming threshold at 0, fused_step streams into an aligned buffer and falls back for a misaligned one: same result, no fault."
+def test_fused_step_streams_large_outputs_and_falls_back_safely(monkeypatch):
+    "With the streaming threshold at 0, fused_step asks to stream into any buffer; into a misaligned one the kernel falls back: same result, no fault."
     import rapo_nb.consensus as cs
     t, w, P, dtype = _weighted_case("small_world", 50, 3, 64, False)
     ref = cs.fused_step(P, t, w, 0.4)
-    monkeypatch.setattr(cs, "PULL_STREAM_MIN", 0)
     calls = []
     real = cs._run_rows
     monkeypatch.setattr(cs, "_run_rows", lambda kernel, n, size, *args: (calls.append(args[-1]), real(kernel, n, size, *args)))
+    cs.fused_step(P, t, w, 0.4)
+    monkeypatch.setattr(cs, "PULL_STREAM_MIN", 0)
     aligned = cs.fused_step(P, t, w, 0.4, out=torch.empty_like(P))
     flat = torch.empty(P.numel() + 1); misaligned = flat[1:].view(P.shape)   # contiguous, but 4 bytes off a 64-byte line
     assert misaligned.is_contiguous() and misaligned.data_ptr() % 64 != 0
     shifted = cs.fused_step(P, t, w, 0.4, out=misaligned)
-    assert calls == [cs.PULL_STREAM, False]
+    assert calls == [False, True, True]            # small output: no streaming; threshold 0: asked for both buffers
     for got in (aligned, shifted):
         assert torch.equal(got[0], ref[0]) and got[1:] == ref[1:]
 
