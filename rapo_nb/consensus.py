@@ -10,7 +10,7 @@ import math, os, platform, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 import numba
 import llvmlite.binding as llvm_binding
 from llvmlite import ir
@@ -691,18 +691,24 @@ class ConsensusEngine:
 # %% ../nbs/02_consensus.ipynb #19d4dd05
 TICK_UPDATE_SHARE: float = 0.1  # ours: share of agents reporting an outcome in one benchmark tick
 
+def _interleaved_ms(fns: Sequence[Callable[[], object]], repeats: int, sync: Callable[[], None]) -> list[tuple[float, float]]:
+    "Median wall and process CPU time in ms of each of `fns`, timed in turn (f₀, f₁, …, f₀, f₁, …) `repeats` times after one warm-up each."
+    for fn in fns: fn(); sync()
+    wall, cpu = [[] for _ in fns], [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0, c0 = time.perf_counter(), time.process_time(); fn(); sync()
+            wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
+    return [(1000 * float(np.median(w)), 1000 * float(np.median(c))) for w, c in zip(wall, cpu)]
+
 def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
     "Median wall time and median process CPU time of `fn` in ms over `repeats` runs (after one warm-up)."
-    fn(); sync(); wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time(); fn(); sync()
-        wall.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
-    return 1000 * float(np.median(wall)), 1000 * float(np.median(cpu))
+    return _interleaved_ms([fn], repeats, sync)[0]
 
 def tick_benchmark(sizes: tuple[int, ...] = (1000, 100_000), degree: int = 16, repeats: int = 15, device: str = "cpu",
                    kind: str = "small_world", seed: int = 0, profile: str = "full", threads: int | None = None,
                    reuse_buffers: bool = True, kernels: tuple[str, ...] = ("auto",)) -> "pd.DataFrame":
-    "Median tick time (capability update + consensus step) per size and kernel, two plain copies of P, ratios, bytes per agent."
+    "Median tick time (capability update + consensus step) per size and kernel, two plain copies of P (one timed alternately with the ticks), ratios, bytes per agent."
     import pandas as pd
     for k in kernels:
         if k not in PULL_KERNELS: raise ValueError(f"kernels: {k!r} is not one of {PULL_KERNELS}")
@@ -734,8 +740,8 @@ def _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffer
                 engine.step(bank)
             spare = torch.empty_like(bank.P)
             clone_ms, clone_cpu = _median_ms(lambda: bank.P.clone(), repeats, sync)
-            copy_ms, copy_cpu = _median_ms(lambda: spare.copy_(bank.P), repeats, sync)
-            tick_ms, tick_cpu = _median_ms(tick, repeats, sync)
+            # the copy and the tick alternate, so both medians see the same moments of a shared machine
+            (copy_ms, copy_cpu), (tick_ms, tick_cpu) = _interleaved_ms([lambda: spare.copy_(bank.P), tick], repeats, sync)
             used = "numba" if kernel != "torch" and _numba_ready(bank.P, engine.weights(bank.alive)) else "torch"
             state_b = bank.nbytes() / n; edge_b = topo.nbytes() / n
             rows.append(dict(n_agents=n, degree=degree, edges=topo.n_edges, device=dev.type, threads=torch.get_num_threads(), kernel=used,

@@ -603,8 +603,8 @@ class Orchestrator:
         norm = P.norm(dim=1, keepdim=True)
         self._Pnorm = norm.squeeze(1).numpy()
         self._Pn = (P / norm.clamp_min(1e-12)).numpy()
-        self._M = self.bank.M.detach().float().cpu().numpy()
-        self._cs = self.bank.capability_score.detach().float().cpu().numpy()
+        self._M = self.bank.M.detach().float().cpu().numpy().copy()      # copies: update_capability writes M and the score in place
+        self._cs = self.bank.capability_score.detach().float().cpu().numpy().copy()
         self._util = self.bank.utilisation.detach().float().cpu().numpy()
 
     # ---- the control loop -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools, re, zlib
 from dataclasses import dataclass, field
 from typing import Sequence
+import numba
 import numpy as np
 import torch
 from torch import nn
@@ -17,8 +18,8 @@ from .config import Config, load_config, get_device, SPECIALISTS
 # %% auto #0
 __all__ = ['ROLE_TEMPLATES', 'PROMPT_JITTER', 'HashedTextEncoder', 'default_encoder', 'cosine_rows', 'encode_pairs',
            'text_cosine', 'prompt_pca', 'role_prompt_vectors', 'init_prompts', 'prune_history', 'SlidingWindowContext',
-           'encode_histories', 'sequential_ema', 'queue_rank', 'NonFiniteUpdate', 'importance_weights', 'StateBank',
-           'memory_table']
+           'encode_histories', 'sequential_ema_', 'sequential_ema', 'queue_rank', 'NonFiniteUpdate',
+           'importance_weights', 'StateBank', 'memory_table']
 
 # %% ../nbs/01_state.ipynb #7c63d780
 _WORD_RE = re.compile(r"[a-z0-9]+")
@@ -245,14 +246,36 @@ def encode_histories(histories: Sequence[Sequence[str]], encoder: HashedTextEnco
     return torch.from_numpy(out), torch.tensor([len(h) for h in pruned], dtype=torch.long)
 
 # %% ../nbs/01_state.ipynb #dd799dc1
-def sequential_ema(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tensor, rate: float) -> torch.Tensor:
-    "Return `values` (flat) after v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order."
-    if keys.numel() == 0: return values.clone()
+@numba.njit(cache=True, nogil=True)
+def _ema_ordered(values, keys, updates, rate):  # pragma: no cover (compiled)
+    "values[key] ← (1−rate)·values[key] + rate·u for each (key, u) in order, in place; each touched cell carried in float64 and rounded once."
+    size = 2
+    while size < 2 * keys.shape[0]: size *= 2
+    shift = np.uint64(64 - int(np.log2(size))); golden = np.uint64(0x9E3779B97F4A7C15)
+    slot_key = np.full(size, -1, np.int64); slot_val = np.empty(size, np.float64)
+    keep = 1.0 - rate
+    for k in range(keys.shape[0]):
+        key = keys[k]; h = np.intp((np.uint64(key) * golden) >> shift)   # Fibonacci hashing, linear probing
+        while slot_key[h] != -1 and slot_key[h] != key: h = (h + 1) & (size - 1)
+        if slot_key[h] == -1: slot_key[h] = key; slot_val[h] = values[key]
+        slot_val[h] = keep * slot_val[h] + rate * np.float64(updates[k])
+    for h in range(size):
+        if slot_key[h] != -1: values[slot_key[h]] = slot_val[h]
+
+def sequential_ema_(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tensor, rate: float) -> torch.Tensor:
+    "In place: v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order (values: a flat contiguous tensor); returns `values`."
+    if values.ndim != 1 or not values.is_contiguous(): raise ValueError(f"values: expected a flat contiguous tensor, got shape {tuple(values.shape)}")
+    if keys.shape != updates.shape or keys.ndim != 1: raise ValueError(f"keys/updates: expected two 1-D tensors of one length, got {tuple(keys.shape)} and {tuple(updates.shape)}")
+    if keys.numel() == 0: return values
+    if keys.is_floating_point() or keys.dtype == torch.bool: raise ValueError(f"keys: expected an integer tensor, got {keys.dtype}")
+    if keys.min() < 0 or keys.max() >= values.numel(): raise ValueError(f"keys: must lie in [0, {values.numel()}), got range [{int(keys.min())}, {int(keys.max())}]")
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and not values.requires_grad:
+        _ema_ordered(values.numpy(), keys.to(torch.int64).contiguous().numpy(), updates.double().contiguous().numpy(), float(rate))
+        return values
     uniq, inv, counts = torch.unique(keys, return_inverse=True, return_counts=True)
     if uniq.numel() == keys.numel():                      # no key repeats: one plain EMA step per key
-        out = values.clone()
-        out[keys] = ((1.0 - rate) * values[keys].double() + rate * updates.double()).to(values.dtype)
-        return out
+        values[keys] = ((1.0 - rate) * values[keys].double() + rate * updates.double()).to(values.dtype)
+        return values
     order = torch.argsort(inv, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(inv); rank[order] = torch.arange(keys.numel(), device=keys.device) - starts[inv[order]]
@@ -260,10 +283,13 @@ def sequential_ema(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tens
     keep = 1.0 - rate
     w = rate * torch.pow(torch.full_like(updates, keep, dtype=torch.float64), (K - 1 - rank).double())
     acc = torch.zeros(uniq.numel(), dtype=torch.float64, device=values.device).index_add_(0, inv, w * updates.double())
-    out = values.clone()
     decay = torch.pow(torch.full((uniq.numel(),), keep, dtype=torch.float64, device=values.device), counts.double())
-    out[uniq] = (values[uniq].double() * decay + acc).to(values.dtype)
-    return out
+    values[uniq] = (values[uniq].double() * decay + acc).to(values.dtype)
+    return values
+
+def sequential_ema(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tensor, rate: float) -> torch.Tensor:
+    "Return `values` (flat) after v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order (a new tensor; `values` untouched)."
+    return sequential_ema_(values.clone(), keys, updates, rate)
 
 def queue_rank(key: np.ndarray) -> np.ndarray:
     "Position of each item among the earlier items with the same key (0 = first), e.g. in an agent's FIFO queue; vectorised with a stable sort."
@@ -416,7 +442,7 @@ class StateBank:
             raise NonFiniteUpdate(f"{name}: update contains NaN or Inf; refused, the bank keeps its last good values")
 
     def update_capability(self, agent, task, modality, outcome) -> "StateBank":
-        "Batched §3.4 EMA: M[a, τ, μ] ← (1−η)M + η·o and capability_score[a] ← decay·s + (1−decay)·o, in batch order."
+        "Batched §3.4 EMA, in place: M[a, τ, μ] ← (1−η)M + η·o and capability_score[a] ← decay·s + (1−decay)·o, in batch order."
         agent = self._ids(agent, "agent")
         B = agent.numel()
         task = torch.as_tensor(task, device=self.device); modality = torch.as_tensor(modality, device=self.device)
@@ -431,8 +457,10 @@ class StateBank:
         self._refuse("outcome", outcome)
         if B and (outcome.min() < 0 or outcome.max() > 1): raise ValueError("outcome: values must lie in [0, 1]")
         keys = (agent * m + task.long()) * l + modality.long()
-        self.M = sequential_ema(self.M.reshape(-1), keys, outcome, self.eta).reshape(self.M.shape)
-        self.capability_score = sequential_ema(self.capability_score, agent, outcome, 1.0 - self.decay)
+        if not self.M.is_contiguous(): self.M = self.M.contiguous()
+        if not self.capability_score.is_contiguous(): self.capability_score = self.capability_score.contiguous()
+        sequential_ema_(self.M.view(-1), keys, outcome, self.eta)                      # in place: O(B), not a copy of M
+        sequential_ema_(self.capability_score, agent, outcome, 1.0 - self.decay)
         return self
 
     def set_utilisation(self, utilisation) -> "StateBank":

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 from rapo_nb.config import load_config, SPECIALISTS
 from rapo_nb.state import (HashedTextEncoder, NonFiniteUpdate, SlidingWindowContext, StateBank, cosine_rows,
                            encode_histories, importance_weights, init_prompts, role_prompt_vectors, sequential_ema,
+                           sequential_ema_,
                            text_cosine)
 
 CFG = load_config("quick", device="cpu")
@@ -92,6 +93,41 @@ def test_sequential_ema_matches_loop(n_cells, updates, rate):
     ref = vals.double().clone()
     for k, u in updates: ref[k] = (1 - rate) * ref[k] + rate * u
     torch.testing.assert_close(sequential_ema(vals, keys, ups, rate).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_cells=st.integers(1, 300), n_updates=st.integers(0, 600), rate=st.floats(0.01, 0.99), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_sequential_ema_inplace_is_the_float64_loop_rounded_once(n_cells, n_updates, rate, seed, dtype):
+    "The CPU kernel: every touched cell equals the one-by-one float64 loop rounded once, bit for bit; other cells and the functional form's input are untouched."
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.rand(n_cells, generator=g, dtype=torch.float64).to(dtype)
+    keys = torch.randint(0, n_cells, (n_updates,), generator=g); ups = torch.rand(n_updates, generator=g)
+    ref = vals.double().clone()
+    for k, u in zip(keys.tolist(), ups.tolist()): ref[k] = (1 - rate) * ref[k] + rate * u
+    before = vals.clone()
+    assert torch.equal(sequential_ema(vals, keys, ups, rate), ref.to(dtype)) and torch.equal(vals, before)
+    buf = vals.clone(); assert sequential_ema_(buf, keys, ups, rate) is buf and torch.equal(buf, ref.to(dtype))
+    untouched = torch.ones(n_cells, dtype=torch.bool); untouched[keys] = False
+    assert torch.equal(buf[untouched], before[untouched])
+
+
+def test_sequential_ema_inplace_refuses_bad_input():
+    with pytest.raises(ValueError, match="keys"): sequential_ema_(torch.zeros(3), torch.tensor([3]), torch.tensor([1.0]), 0.1)
+    with pytest.raises(ValueError, match="keys"): sequential_ema_(torch.zeros(3), torch.tensor([-1]), torch.tensor([1.0]), 0.1)
+    with pytest.raises(ValueError, match="keys"): sequential_ema_(torch.zeros(3), torch.tensor([0.0]), torch.tensor([1.0]), 0.1)
+    with pytest.raises(ValueError, match="values"): sequential_ema_(torch.zeros(3, 2), torch.tensor([0]), torch.tensor([1.0]), 0.1)
+    with pytest.raises(ValueError, match="keys/updates"): sequential_ema_(torch.zeros(3), torch.tensor([0, 1]), torch.tensor([1.0]), 0.1)
+
+
+def test_update_capability_in_place_leaves_snapshots_alone():
+    bank = StateBank.create(6, CFG, device="cpu")
+    M, snap = bank.M, bank.snapshot()
+    bank.update_capability(torch.tensor([2, 2]), torch.tensor([1, 1]), torch.tensor([0, 0]), torch.tensor([1.0, 0.0]))
+    assert bank.M is M                                                   # written in place, not replaced
+    assert torch.equal(snap["M"], torch.full_like(snap["M"], 0.5))      # the snapshot kept the old values
+    want = 0.9 * (0.9 * 0.5 + 0.1 * 1.0) + 0.1 * 0.0
+    assert float(bank.M[2, 1, 0]) == pytest.approx(want) and int((bank.M != snap["M"]).sum()) == 1
 
 
 def test_bank_create_and_nbytes():
