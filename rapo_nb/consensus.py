@@ -25,11 +25,11 @@ from .state import StateBank, sequential_ema
 # %% auto #0
 __all__ = ['TOPOLOGIES', 'MAX_DENSE_EDGES', 'EXCHANGE_EMA', 'PULL_FASTMATH', 'PULL_KERNELS', 'PULL_PARALLEL_MIN',
            'PULL_VECTOR_BYTES', 'PULL_BLOCK_VECTORS', 'PULL_BLOCK_BYTES', 'PULL_PREFETCH_AHEAD', 'PULL_NEAR_ROWS',
-           'PULL_PREFETCH_LOCALITY', 'PULL_STREAM_MIN', 'PULL_STREAM', 'TICK_UPDATE_SHARE', 'Topology',
+           'PULL_PREFETCH_LOCALITY', 'PULL_STREAM_MIN', 'PULL_STREAM', 'TICK_UPDATE_SHARE', 'TICK_BLOCK', 'Topology',
            'csr_from_edges', 'make_topology', 'segment_sum', 'adaptive_weights', 'fused_pull', 'fused_step',
            'clip_rows', 'project_trust_region', 'neighbour_pull', 'consensus_step', 'Objective', 'QuadraticObjective',
            'EntropyRegularisedObjective', 'penalty_omega', 'consensus_residual', 'consensus_objective',
-           'ConsensusEngine', 'tick_benchmark']
+           'ConsensusEngine', 'spin_after_ms', 'tick_benchmark']
 
 # %% ../nbs/02_consensus.ipynb #3be077c8
 TOPOLOGIES = ("complete", "ring", "small_world", "star", "random")
@@ -556,6 +556,7 @@ class ConsensusEngine:
         self._stable_version = 0
         self._weights: torch.Tensor | None = None
         self._alive_key: torch.Tensor | None = None
+        self._alive_seen: tuple | None = None     # (the alive tensor last found equal to _alive_key, its _version)
         self._rows_cache: tuple | None = None     # (w, row sums of w, or None when they are all 1)
         self._prev_update: float | None = None    # ‖unconstrained update‖ of the previous iteration
 
@@ -589,13 +590,25 @@ class ConsensusEngine:
     def weights(self, alive: torch.Tensor | None = None) -> torch.Tensor:
         "Current eq. 5 weights; edges touching a dead agent get 0."
         if alive is not None and alive.shape != (self.topo.n,): raise ValueError(f"alive: expected shape [{self.topo.n}], got {tuple(alive.shape)}")
-        if self._weights is None or (alive is not None and (self._alive_key is None or not torch.equal(alive, self._alive_key))):
+        if self._weights is None or (alive is not None and not self._alive_unchanged(alive)):
             E = self.effectiveness
             if alive is not None and not bool(alive.all()):
                 E = E * (alive[self.topo.rows] & alive[self.topo.indices])
             self._weights = adaptive_weights(self.topo, E, empty="zero")
             self._alive_key = None if alive is None else alive.clone()
+            self._alive_seen = None if alive is None else (alive, alive._version)
         return self._weights
+
+    def _alive_unchanged(self, alive: torch.Tensor) -> bool:
+        "True when `alive` holds the values the cached weights were built for: O(1) for the same, unedited tensor, else one comparison."
+        if self._alive_key is None: return False
+        seen = self._alive_seen
+        if seen is not None and alive is seen[0] and alive._version == seen[1]: return True
+        # numpy compares on the calling thread: a torch comparison of 100,000 flags starts torch's OpenMP team, whose
+        # workers then spin for milliseconds and would share the cores with the step's row kernels
+        same = bool(np.array_equal(alive.numpy(), self._alive_key.numpy())) if alive.device.type == "cpu" else torch.equal(alive, self._alive_key)
+        if same: self._alive_seen = (alive, alive._version)
+        return same
 
     def _row_sums(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         "Row sums r_i = Σ_j w_ij of the eq. 5 weights, or None when they are all 1 (cached per weights tensor)."
@@ -690,25 +703,35 @@ class ConsensusEngine:
 
 # %% ../nbs/02_consensus.ipynb #19d4dd05
 TICK_UPDATE_SHARE: float = 0.1  # ours: share of agents reporting an outcome in one benchmark tick
+TICK_BLOCK: int = 5              # ours: calls per timed block; copies and ticks alternate by blocks, each block after one untimed call
 
-def _interleaved_ms(fns: Sequence[Callable[[], object]], repeats: int, sync: Callable[[], None]) -> list[tuple[float, float]]:
-    "Median wall and process CPU time in ms of each of `fns`, timed in turn (f₀, f₁, …, f₀, f₁, …) `repeats` times after one warm-up each."
-    for fn in fns: fn(); sync()
+def _interleaved_ms(fns: Sequence[Callable[[], object]], repeats: int, sync: Callable[[], None],
+                    block: int = TICK_BLOCK) -> list[tuple[float, float]]:
+    "Median wall and process CPU time in ms of each of `fns` over `repeats` timed calls, the functions alternating by blocks of `block` calls."
     wall, cpu = [[] for _ in fns], [[] for _ in fns]
-    for _ in range(repeats):
+    while len(wall[0]) < repeats:
         for k, fn in enumerate(fns):
-            t0, c0 = time.perf_counter(), time.process_time(); fn(); sync()
-            wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
+            fn(); sync()                  # untimed: absorbs what the previous block left behind (warm-up, spinning threads)
+            for _ in range(min(block, repeats - len(wall[k]))):
+                t0, c0 = time.perf_counter(), time.process_time(); fn(); sync()
+                wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
     return [(1000 * float(np.median(w)), 1000 * float(np.median(c))) for w, c in zip(wall, cpu)]
 
 def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
     "Median wall time and median process CPU time of `fn` in ms over `repeats` runs (after one warm-up)."
-    return _interleaved_ms([fn], repeats, sync)[0]
+    return _interleaved_ms([fn], repeats, sync, block=repeats)[0]
+
+def spin_after_ms(fn: Callable[[], object], window_s: float = 0.05, repeats: int = 5) -> float:
+    "Median CPU time (ms) this process burns in the `window_s` of sleep after `fn()`: threads left spinning (e.g. torch's OpenMP workers)."
+    burnt = []
+    for _ in range(repeats):
+        fn(); c0 = time.process_time(); time.sleep(window_s); burnt.append(time.process_time() - c0)
+    return 1000 * float(np.median(burnt))
 
 def tick_benchmark(sizes: tuple[int, ...] = (1000, 100_000), degree: int = 16, repeats: int = 15, device: str = "cpu",
                    kind: str = "small_world", seed: int = 0, profile: str = "full", threads: int | None = None,
                    reuse_buffers: bool = True, kernels: tuple[str, ...] = ("auto",)) -> "pd.DataFrame":
-    "Median tick time (capability update + consensus step) per size and kernel, two plain copies of P (one timed alternately with the ticks), ratios, bytes per agent."
+    "Median tick time (capability update + consensus step) per size and kernel, two plain copies of P (one timed in blocks alternating with blocks of ticks), ratios, bytes per agent."
     import pandas as pd
     for k in kernels:
         if k not in PULL_KERNELS: raise ValueError(f"kernels: {k!r} is not one of {PULL_KERNELS}")
@@ -740,7 +763,7 @@ def _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffer
                 engine.step(bank)
             spare = torch.empty_like(bank.P)
             clone_ms, clone_cpu = _median_ms(lambda: bank.P.clone(), repeats, sync)
-            # the copy and the tick alternate, so both medians see the same moments of a shared machine
+            # the copy and the tick alternate by blocks, so both medians see the same stretches of a shared machine
             (copy_ms, copy_cpu), (tick_ms, tick_cpu) = _interleaved_ms([lambda: spare.copy_(bank.P), tick], repeats, sync)
             used = "numba" if kernel != "torch" and _numba_ready(bank.P, engine.weights(bank.alive)) else "torch"
             state_b = bank.nbytes() / n; edge_b = topo.nbytes() / n

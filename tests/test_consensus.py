@@ -483,3 +483,21 @@ def test_register_block_kernel_is_bitwise_the_plain_kernel(kind, n, seed, p, dou
         results.append((out, a, b))
     assert torch.equal(results[0][0], results[1][0])
     assert np.array_equal(results[0][1], results[1][1]) and np.array_equal(results[0][2], results[1][2])
+
+
+def test_engine_weights_follow_alive_edits_without_a_stale_cache():
+    "The O(1) cache hit for the same unedited alive tensor must not hide in-place edits or a different tensor's values."
+    t = make_topology("ring", 12, degree=4, seed=0)
+    eng = ConsensusEngine(CFG, t, "cpu")
+    alive = torch.ones(12, dtype=torch.bool)
+    w0 = eng.weights(alive)
+    assert eng.weights(alive) is w0 and eng.weights(alive.clone()) is w0     # same values: cached
+    alive[3] = False                                                           # in-place edit of the same tensor
+    w1 = eng.weights(alive)
+    dead = (t.rows == 3) | (t.indices == 3)
+    assert w1 is not w0 and bool((w1[dead] == 0).all()) and bool((w1[~dead] > 0).all())
+    other = torch.ones(12, dtype=torch.bool); other[5] = False                # a different tensor, different values
+    w2 = eng.weights(other)
+    dead5 = (t.rows == 5) | (t.indices == 5)
+    assert bool((w2[dead5] == 0).all()) and bool((w2[dead & ~dead5] > 0).all())
+    assert eng.weights(torch.ones(12, dtype=torch.bool)) is not w2            # back to all alive: recomputed
