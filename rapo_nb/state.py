@@ -268,7 +268,8 @@ def sequential_ema_(values: torch.Tensor, keys: torch.Tensor, updates: torch.Ten
     if keys.shape != updates.shape or keys.ndim != 1: raise ValueError(f"keys/updates: expected two 1-D tensors of one length, got {tuple(keys.shape)} and {tuple(updates.shape)}")
     if keys.numel() == 0: return values
     if keys.is_floating_point() or keys.dtype == torch.bool: raise ValueError(f"keys: expected an integer tensor, got {keys.dtype}")
-    if keys.min() < 0 or keys.max() >= values.numel(): raise ValueError(f"keys: must lie in [0, {values.numel()}), got range [{int(keys.min())}, {int(keys.max())}]")
+    lo, hi = (int(v) for v in torch.aminmax(keys))      # one pass over the keys
+    if lo < 0 or hi >= values.numel(): raise ValueError(f"keys: must lie in [0, {values.numel()}), got range [{lo}, {hi}]")
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and not values.requires_grad:
         _ema_ordered(values.numpy(), keys.to(torch.int64).contiguous().numpy(), updates.double().contiguous().numpy(), float(rate))
         return values
