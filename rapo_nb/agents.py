@@ -12,8 +12,18 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 import httpx
 from .config import Config, load_config, SPECIALISTS
-from .synthetic import (Turn, RESPONSE_GRAMMAR, TASK_SPECIALIST, derive, depth_bounds, extract_facts,
-                               entities_in, turn_passes, check_expected, Uniforms)
+from rapo_nb.synthetic import (
+    Turn,
+    RESPONSE_GRAMMAR,
+    TASK_SPECIALIST,
+    derive,
+    depth_bounds,
+    extract_facts,
+    entities_in,
+    turn_passes,
+    check_expected,
+    Uniforms,
+)
 
 # %% auto #0
 __all__ = ['OUTCOMES', 'CONTEXT_POLICIES', 'FAILURE_KINDS', 'SYSTEM_PROMPT', 'AgentResponse', 'Agent', 'full_history', 'last_k',
@@ -24,23 +34,31 @@ __all__ = ['OUTCOMES', 'CONTEXT_POLICIES', 'FAILURE_KINDS', 'SYSTEM_PROMPT', 'Ag
 # %% ../nbs/06_agents.ipynb #36197cf5
 OUTCOMES = ("ok", "error", "timeout", "crash")
 
+
 @dataclass
 class AgentResponse:
     "One agent's answer to one turn: text, latency (s), outcome, success, and whether it was simulated."
+
     text: str
     latency_s: float
     outcome: str
     success: bool
     simulated: bool
     error: str = ""
+
     def __post_init__(self):
-        if self.outcome not in OUTCOMES: raise ValueError(f"outcome: {self.outcome!r} is not one of {list(OUTCOMES)}")
-        if not np.isfinite(self.latency_s) or self.latency_s < 0: raise ValueError(f"latency_s: expected a finite value ≥ 0, got {self.latency_s!r}")
-        if self.outcome != "ok" and self.success: raise ValueError(f"success: a response with outcome {self.outcome!r} cannot succeed")
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome: {self.outcome!r} is not one of {list(OUTCOMES)}")
+        if not np.isfinite(self.latency_s) or self.latency_s < 0:
+            raise ValueError(f"latency_s: expected a finite value ≥ 0, got {self.latency_s!r}")
+        if self.outcome != "ok" and self.success:
+            raise ValueError(f"success: a response with outcome {self.outcome!r} cannot succeed")
+
 
 @runtime_checkable
 class Agent(Protocol):
     "An agent: answers a turn given the history and the handed-over context (sync and async)."
+
     def respond(self, history: list[str], context: str, turn: Turn) -> AgentResponse: ...
     async def arespond(self, history: list[str], context: str, turn: Turn) -> AgentResponse: ...
 
@@ -49,14 +67,18 @@ def full_history(history: Sequence[str]) -> str:
     "Context policy: the whole history, one utterance per line."
     return "\n".join(history)
 
+
 def last_k(history: Sequence[str], k: int) -> str:
     "Context policy: the last `k` utterances of the history."
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0: raise ValueError(f"k: expected an integer ≥ 0, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k: expected an integer ≥ 0, got {k!r}")
     return "\n".join(list(history)[-k:]) if k else ""
+
 
 def summary(history: Sequence[str], max_words: int | None = None) -> str:
     "Context policy: facts stated so far, then the most recent utterances, within `max_words` words (default: the config's)."
-    if max_words is None: max_words = load_config().runtime.summary_max_words
+    if max_words is None:
+        max_words = load_config().runtime.summary_max_words
     if isinstance(max_words, bool) or not isinstance(max_words, (int, np.integer)) or max_words < 1:
         raise ValueError(f"max_words: expected an integer ≥ 1, got {max_words!r}")
     facts = extract_facts("\n".join(history))
@@ -64,64 +86,99 @@ def summary(history: Sequence[str], max_words: int | None = None) -> str:
     recent: list[str] = []
     for utt in reversed(list(history)):
         w = utt.split()
-        if len(words) + len(recent) + len(w) > max_words: break
+        if len(words) + len(recent) + len(w) > max_words:
+            break
         recent = w + recent
     return " ".join(words + recent)
 
+
 CONTEXT_POLICIES = {"full": full_history, "last_k": last_k, "summary": summary}
+
 
 def handover(policy: str, history: Sequence[str], k: int | None = None, max_words: int | None = None) -> str:
     "Apply the named context policy ('full', 'last_k', 'summary'); k defaults to cfg.state.context_window."
-    if k is None and policy == "last_k": k = load_config().state.context_window
-    if policy == "full": return full_history(history)
-    if policy == "last_k": return last_k(history, k)
-    if policy == "summary": return summary(history, max_words)
+    if k is None and policy == "last_k":
+        k = load_config().state.context_window
+    if policy == "full":
+        return full_history(history)
+    if policy == "last_k":
+        return last_k(history, k)
+    if policy == "summary":
+        return summary(history, max_words)
     raise ValueError(f"policy: {policy!r} is not one of {list(CONTEXT_POLICIES)}")
 
 # %% ../nbs/06_agents.ipynb #f0a112f9
-def make_true_skill(specialty: np.ndarray, n_tasks: int, n_modalities: int, rng: np.random.Generator,
-                    cfg: Config | None = None) -> np.ndarray:
+def make_true_skill(
+    specialty: np.ndarray, n_tasks: int, n_modalities: int, rng: np.random.Generator, cfg: Config | None = None
+) -> np.ndarray:
     "Hidden skill [N, m, l] in [0, 1] from specialties, cfg.simulation.skill_levels and Gaussian offsets."
     sim = (cfg or load_config()).simulation
-    levels = np.asarray(sim.skill_levels)   # rows: agent specialty, cols: specialist owning the task (SPECIALISTS order)
+    levels = np.asarray(sim.skill_levels)  # rows: agent specialty, cols: specialist owning the task (SPECIALISTS order)
     owner = np.array([SPECIALISTS.index(TASK_SPECIALIST[t % len(TASK_SPECIALIST)]) for t in range(n_tasks)])
-    base = levels[np.asarray(specialty)][:, owner]                              # [N, m]
+    base = levels[np.asarray(specialty)][:, owner]  # [N, m]
     n = len(specialty)
-    skill = base[:, :, None] + rng.normal(0, sim.skill_noise, (n, 1, n_modalities)) + rng.normal(0, sim.skill_noise, (n, n_tasks, 1))
+    skill = (
+        base[:, :, None]
+        + rng.normal(0, sim.skill_noise, (n, 1, n_modalities))
+        + rng.normal(0, sim.skill_noise, (n, n_tasks, 1))
+    )
     return np.clip(skill, *sim.skill_range)
 
 # %% ../nbs/06_agents.ipynb #b6e3c087
 FAILURE_KINDS = ("error", "timeout", "crash")
 
-def service_time(n_out: np.ndarray, n_ctx: np.ndarray, speed: np.ndarray, noise: np.ndarray, cfg: Config | None = None) -> np.ndarray:
+
+def service_time(
+    n_out: np.ndarray, n_ctx: np.ndarray, speed: np.ndarray, noise: np.ndarray, cfg: Config | None = None
+) -> np.ndarray:
     "Simulated service time (s) from output and context token counts, agent speed and a lognormal noise draw (cfg.simulation's model)."
     sim = (cfg or load_config()).simulation
-    return (sim.latency_base_s + sim.latency_per_token_s * np.asarray(n_out) + sim.latency_per_context_token_s * np.asarray(n_ctx)) * speed * noise
+    return (
+        (
+            sim.latency_base_s
+            + sim.latency_per_token_s * np.asarray(n_out)
+            + sim.latency_per_context_token_s * np.asarray(n_ctx)
+        )
+        * speed
+        * noise
+    )
 
 # %% ../nbs/06_agents.ipynb #f7ba7694
 _RESP_BOUNDS = depth_bounds(RESPONSE_GRAMMAR)
 _FOCUS_RE = re.compile(r"Focus: ([^.]*)\.")
 
+
 def turn_focus(turn: Turn) -> list[str]:
     "The focus entities of a turn: its `Focus:` list, else the entities it names (clarifications)."
     m = _FOCUS_RE.search(turn.text)
-    if m: return entities_in(m.group(1))
+    if m:
+        return entities_in(m.group(1))
     return [] if turn.fsm_state in ("greeting", "conclusion") else entities_in(turn.text)
+
 
 def thread_facts(turn: Turn, context: str, focus: list[str], cfg: Config | None = None) -> list[str]:
     "Facts a response restates: all for the conclusion, else the cfg.simulation.facts_per_response most recent plus those about the focus."
     facts = extract_facts(context + "\n" + turn.text)
-    if turn.fsm_state == "conclusion": return facts
+    if turn.fsm_state == "conclusion":
+        return facts
     k = (cfg or load_config()).simulation.facts_per_response
     recent = set(facts[-k:]) if k else set()
     return [f for f in facts if f in recent or any(f.startswith(e + " ") or f.endswith(" " + e) for e in focus)]
 
+
 _TOPIC_RE = re.compile(r"Topic: ([^.]*)\.")
+
 
 def thread_topic(turn: Turn, context: str) -> list[str]:
     "The conversation's topic as the agent sees it: the greeting's `Topic:` or the first query's focus in its context (else in this turn)."
-    m = _TOPIC_RE.search(context) or _FOCUS_RE.search(context) or _TOPIC_RE.search(turn.text) or _FOCUS_RE.search(turn.text)
+    m = (
+        _TOPIC_RE.search(context)
+        or _FOCUS_RE.search(context)
+        or _TOPIC_RE.search(turn.text)
+        or _FOCUS_RE.search(turn.text)
+    )
     return entities_in(m.group(1)) if m else []
+
 
 def compose_response(turn: Turn, context: str, u: Uniforms, ok: bool, cfg: Config | None = None) -> str:
     "Response text from the response grammar: focus entities, topic and facts found in `context` (and the turn) fill the slots."
@@ -134,28 +191,45 @@ def compose_response(turn: Turn, context: str, u: Uniforms, ok: bool, cfg: Confi
         topic = [e for e in topic if e not in fs]
         thread = [] if turn.fsm_state == "conclusion" else [f for f in thread if not fs & set(f.split())]
     facts = " ; ".join(thread) or "nothing is recorded yet"
-    if topic: facts = f"on {' and '.join(topic)} : {facts}"
+    if topic:
+        facts = f"on {' and '.join(topic)} : {facts}"
     if not ok:
-        fb = RESPONSE_GRAMMAR["FALLBACK"]; return fb[u.pick(len(fb))][0].replace("{FACTS}", facts)
+        fb = RESPONSE_GRAMMAR["FALLBACK"]
+        return fb[u.pick(len(fb))][0].replace("{FACTS}", facts)
     branch = RESPONSE_GRAMMAR["RESP"][turn.modality % len(RESPONSE_GRAMMAR["RESP"])][0]
     toks: list[str] = []
     derive(RESPONSE_GRAMMAR, branch, 2, u, _RESP_BOUNDS, toks, cfg.synthetic.side_slack)
     return " ".join(toks).replace("{FOCUS}", " and ".join(focus) or "your request").replace("{FACTS}", facts)
 
+
 class SimulatedAgentPool:
     "N simulated agents (specialties, hidden true skill, speeds) answering turns; every response is labelled simulated."
+
     simulated = True
-    def __init__(self, n_agents: int, cfg: Config | None = None, seed: int = 0, failure_rate: float = 0.0,
-                 failure_mix: Sequence[float] = (1 / 3, 1 / 3, 1 / 3), timeout_s: float | None = None):
+
+    def __init__(
+        self,
+        n_agents: int,
+        cfg: Config | None = None,
+        seed: int = 0,
+        failure_rate: float = 0.0,
+        failure_mix: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
+        timeout_s: float | None = None,
+    ):
         cfg = cfg or load_config("full")
-        if timeout_s is None: timeout_s = cfg.simulation.timeout_s
+        if timeout_s is None:
+            timeout_s = cfg.simulation.timeout_s
         if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
             raise ValueError(f"n_agents: expected an integer ≥ 1, got {n_agents!r}")
-        if not 0.0 <= failure_rate <= 1.0: raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate!r}")
+        if not 0.0 <= failure_rate <= 1.0:
+            raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate!r}")
         mix = np.asarray(failure_mix, dtype=float)
         if mix.shape != (3,) or (mix < 0).any() or abs(mix.sum() - 1) > 1e-6:
-            raise ValueError(f"failure_mix: expected 3 probabilities (error, timeout, crash) summing to 1, got {failure_mix!r}")
-        if not timeout_s >= 0: raise ValueError(f"timeout_s: expected ≥ 0, got {timeout_s!r}")
+            raise ValueError(
+                f"failure_mix: expected 3 probabilities (error, timeout, crash) summing to 1, got {failure_mix!r}"
+            )
+        if not timeout_s >= 0:
+            raise ValueError(f"timeout_s: expected ≥ 0, got {timeout_s!r}")
         rng = np.random.default_rng([seed, 606])
         self.n, self.cfg, self.seed = int(n_agents), cfg, seed
         self.failure_rate, self.failure_mix, self.timeout_s = float(failure_rate), mix, float(timeout_s)
@@ -163,24 +237,31 @@ class SimulatedAgentPool:
         self.true_skill = make_true_skill(self.specialty, cfg.state.n_tasks, cfg.state.n_modalities, rng, cfg)
         self.speed = rng.uniform(*cfg.simulation.speed_range, self.n)
 
-    def specialty_name(self, agent: int) -> str: return SPECIALISTS[int(self.specialty[agent])]
+    def specialty_name(self, agent: int) -> str:
+        return SPECIALISTS[int(self.specialty[agent])]
 
     def success_prob(self, agents, tasks, modalities) -> np.ndarray:
         "Hidden success probabilities true_skill[agent, task, modality] (vectorised; for analysis, never for routing)."
         return self.true_skill[np.asarray(agents), np.asarray(tasks), np.asarray(modalities)]
 
-    def respond(self, agent: int, history: Sequence[str], context: str, turn: Turn, rng: np.random.Generator) -> AgentResponse:
+    def respond(
+        self, agent: int, history: Sequence[str], context: str, turn: Turn, rng: np.random.Generator
+    ) -> AgentResponse:
         "Simulated answer of `agent` to `turn` given the handed `context` (history is read, never modified)."
         if isinstance(agent, bool) or not isinstance(agent, (int, np.integer)) or not 0 <= agent < self.n:
             raise ValueError(f"agent: expected an index in [0, {self.n}), got {agent!r}")
-        if not 0 <= turn.task < self.true_skill.shape[1]: raise ValueError(f"turn.task: {turn.task} not in [0, {self.true_skill.shape[1]})")
-        if not 0 <= turn.modality < self.true_skill.shape[2]: raise ValueError(f"turn.modality: {turn.modality} not in [0, {self.true_skill.shape[2]})")
+        if not 0 <= turn.task < self.true_skill.shape[1]:
+            raise ValueError(f"turn.task: {turn.task} not in [0, {self.true_skill.shape[1]})")
+        if not 0 <= turn.modality < self.true_skill.shape[2]:
+            raise ValueError(f"turn.modality: {turn.modality} not in [0, {self.true_skill.shape[2]})")
         draws = rng.random(3)  # failure?, failure kind, success?
         noise = float(rng.lognormal(0.0, self.cfg.simulation.latency_sigma))
         if draws[0] < self.failure_rate:
             kind = FAILURE_KINDS[int(np.searchsorted(np.cumsum(self.failure_mix), draws[1], side="right").clip(0, 2))]
             lat = self.timeout_s if kind == "timeout" else float(service_time(0, 0, self.speed[agent], noise, self.cfg))
-            return AgentResponse("", lat, kind, False, True, error=f"simulated {kind} (injected, rate {self.failure_rate})")
+            return AgentResponse(
+                "", lat, kind, False, True, error=f"simulated {kind} (injected, rate {self.failure_rate})"
+            )
         ok = bool(draws[2] < self.true_skill[agent, turn.task, turn.modality])
         text = compose_response(turn, context, Uniforms(rng, 16), ok, self.cfg)
         lat = float(service_time(len(text.split()), len(context.split()), self.speed[agent], noise, self.cfg))
@@ -190,14 +271,18 @@ class SimulatedAgentPool:
         "Agent `i` of the pool behind the `Agent` protocol, with its own random stream."
         return SimulatedAgent(self, i, np.random.default_rng([self.seed if seed is None else seed, 7, i]))
 
+
 @dataclass
 class SimulatedAgent:
     "One simulated agent of a pool, speaking the `Agent` protocol."
+
     pool: SimulatedAgentPool
     index: int
     rng: np.random.Generator
+
     def respond(self, history: list[str], context: str, turn: Turn) -> AgentResponse:
         return self.pool.respond(self.index, history, context, turn, self.rng)
+
     async def arespond(self, history: list[str], context: str, turn: Turn) -> AgentResponse:
         r = self.pool.respond(self.index, history, context, turn, self.rng)
         await asyncio.sleep(0)  # yield to the loop; simulated time is reported, not slept
@@ -207,14 +292,25 @@ class SimulatedAgent:
 def drop_facts_from(context: str, p: float, rng: np.random.Generator) -> str:
     "A lossy handover: each fact found in `context` is deleted (every occurrence) with probability `p`."
     for f in extract_facts(context):
-        if rng.random() < p: context = context.replace(f, "")
+        if rng.random() < p:
+            context = context.replace(f, "")
     return context
 
-def run_policy(conversations: list, pool: SimulatedAgentPool, policy: str, seed: int = 0, k: int = 2,
-               max_words: int | None = None, drop: float = 0.0) -> "pd.DataFrame":
+
+def run_policy(
+    conversations: list,
+    pool: SimulatedAgentPool,
+    policy: str,
+    seed: int = 0,
+    k: int = 2,
+    max_words: int | None = None,
+    drop: float = 0.0,
+) -> "pd.DataFrame":
     "Oracle-routed simulated run under one context policy (facts dropped with prob. `drop`): one row per handoff."
     import pandas as pd
-    if max_words is None: max_words = pool.cfg.runtime.summary_max_words
+
+    if max_words is None:
+        max_words = pool.cfg.runtime.summary_max_words
     rows = []
     for c in conversations:
         rng = np.random.default_rng([seed, int(c.id.rsplit("c", 1)[-1])])
@@ -222,92 +318,162 @@ def run_policy(conversations: list, pool: SimulatedAgentPool, policy: str, seed:
         pairs = []
         for turn in c.turns:
             target = agent
-            if agent < 0 or pool.specialty_name(agent) != turn.specialist:  # sticky oracle: best agent of the required specialty
+            if (
+                agent < 0 or pool.specialty_name(agent) != turn.specialist
+            ):  # sticky oracle: best agent of the required specialty
                 cand = np.flatnonzero(pool.specialty == SPECIALISTS.index(turn.specialist))
                 cand = cand if len(cand) else np.arange(pool.n)
                 target = int(cand[np.argmax(pool.true_skill[cand, turn.task, turn.modality])])
             handoff = agent >= 0 and target != agent
-            if handoff: memory = [drop_facts_from(handover(policy, history, k=k, max_words=max_words), drop, rng)]
+            if handoff:
+                memory = [drop_facts_from(handover(policy, history, k=k, max_words=max_words), drop, rng)]
             r = pool.respond(target, list(memory), "\n".join(memory), turn, rng)
-            if handoff: pairs.append((turn.index, last, r.text, "\n".join(history[-2:])))
-            history += [turn.text, r.text]; memory += [turn.text, r.text]; responses.append(r.text); agent, last = target, r.text
+            if handoff:
+                pairs.append((turn.index, last, r.text, "\n".join(history[-2:])))
+            history += [turn.text, r.text]
+            memory += [turn.text, r.text]
+            responses.append(r.text)
+            agent, last = target, r.text
         ok = check_expected(c, responses)
-        rows += [dict(policy=policy, conv_id=c.id, turn=t, prev_response=p, response=q, prev_context=pc, rule_success=ok)
-                 for t, p, q, pc in pairs] or [dict(policy=policy, conv_id=c.id, turn=-1, prev_response="", response="", prev_context="", rule_success=ok)]
+        rows += [
+            dict(policy=policy, conv_id=c.id, turn=t, prev_response=p, response=q, prev_context=pc, rule_success=ok)
+            for t, p, q, pc in pairs
+        ] or [
+            dict(policy=policy, conv_id=c.id, turn=-1, prev_response="", response="", prev_context="", rule_success=ok)
+        ]
     return pd.DataFrame(rows)
 
 # %% ../nbs/06_agents.ipynb #12e76da3
 class LLMError(RuntimeError):
     "A chat-completions call failed; `.attempts` says how many tries were made."
+
     def __init__(self, msg: str, attempts: int = 1):
-        super().__init__(msg); self.attempts = attempts
-class LLMTimeout(LLMError): "The server did not answer within the timeout."
-class LLMConnectionError(LLMError): "Could not connect (refused, unreachable, DNS)."
-class LLMBadResponse(LLMError): "2xx answer that is not valid chat-completions JSON."
+        super().__init__(msg)
+        self.attempts = attempts
+
+
+class LLMTimeout(LLMError):
+    "The server did not answer within the timeout."
+
+
+class LLMConnectionError(LLMError):
+    "Could not connect (refused, unreachable, DNS)."
+
+
+class LLMBadResponse(LLMError):
+    "2xx answer that is not valid chat-completions JSON."
+
+
 class LLMHTTPError(LLMError):
     "Non-2xx status from the server; `.status` holds it."
-    def __init__(self, msg: str, status: int, attempts: int = 1):
-        super().__init__(msg, attempts); self.status = status
 
-SYSTEM_PROMPT = ("You are the {specialist} specialist in a multi-agent conversation. Context handed over to you:\n{context}\n"
-                 "Answer the user's last message; mention the entities it focuses on and restate relevant facts.")
+    def __init__(self, msg: str, status: int, attempts: int = 1):
+        super().__init__(msg, attempts)
+        self.status = status
+
+
+SYSTEM_PROMPT = (
+    "You are the {specialist} specialist in a multi-agent conversation. Context handed over to you:\n{context}\n"
+    "Answer the user's last message; mention the entities it focuses on and restate relevant facts."
+)
+
 
 class OpenAIChatAgent:
     "An `Agent` backed by an OpenAI-compatible chat-completions server (httpx; timeouts; bounded retries with backoff)."
+
     simulated = False
-    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 30.0, retries: int = 2, backoff_s: float = 0.5, max_tokens: int = 256,
-                 temperature: float = 0.0):
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 2,
+        backoff_s: float = 0.5,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+    ):
         base_url = base_url or os.environ.get("RAPO_LLM_BASE_URL")
         model = model or os.environ.get("RAPO_LLM_MODEL")
-        if not base_url: raise ValueError("base_url: not given and RAPO_LLM_BASE_URL is not set (e.g. http://127.0.0.1:8000/v1)")
-        if not re.match(r"^https?://", base_url): raise ValueError(f"base_url: expected http(s)://host[:port]/path, got {base_url!r}")
-        if not model: raise ValueError("model: not given and RAPO_LLM_MODEL is not set")
-        if not (isinstance(timeout, (int, float)) and timeout > 0): raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0: raise ValueError(f"retries: expected an integer ≥ 0, got {retries!r}")
-        if not backoff_s >= 0: raise ValueError(f"backoff_s: expected ≥ 0, got {backoff_s!r}")
+        if not base_url:
+            raise ValueError("base_url: not given and RAPO_LLM_BASE_URL is not set (e.g. http://127.0.0.1:8000/v1)")
+        if not re.match(r"^https?://", base_url):
+            raise ValueError(f"base_url: expected http(s)://host[:port]/path, got {base_url!r}")
+        if not model:
+            raise ValueError("model: not given and RAPO_LLM_MODEL is not set")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries: expected an integer ≥ 0, got {retries!r}")
+        if not backoff_s >= 0:
+            raise ValueError(f"backoff_s: expected ≥ 0, got {backoff_s!r}")
         self.base_url, self.model = base_url.rstrip("/"), model
         self.api_key = api_key if api_key is not None else os.environ.get("RAPO_LLM_API_KEY", "")
         self.timeout, self.retries, self.backoff_s = float(timeout), retries, float(backoff_s)
         self.max_tokens, self.temperature = max_tokens, temperature
 
     @property
-    def url(self) -> str: return f"{self.base_url}/chat/completions"
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
 
     def _headers(self) -> dict:
         h = {"Content-Type": "application/json"}
-        if self.api_key: h["Authorization"] = f"Bearer {self.api_key}"
+        if self.api_key:
+            h["Authorization"] = f"Bearer {self.api_key}"
         return h
 
     def messages(self, history: Sequence[str], context: str, turn: Turn) -> list[dict]:
         "Chat messages: system prompt with the handed context, the history alternating user/assistant, the turn."
-        msgs = [{"role": "system", "content": SYSTEM_PROMPT.format(specialist=turn.specialist, context=context or "(none)")}]
+        msgs = [
+            {"role": "system", "content": SYSTEM_PROMPT.format(specialist=turn.specialist, context=context or "(none)")}
+        ]
         msgs += [{"role": "user" if i % 2 == 0 else "assistant", "content": h} for i, h in enumerate(history)]
         return msgs + [{"role": "user", "content": turn.text}]
 
     def _payload(self, messages: list[dict]) -> dict:
-        return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, "temperature": self.temperature}
+        return {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
 
     def _parse(self, resp: httpx.Response, attempt: int) -> str:
         "Text of a 2xx chat-completions answer, or LLMBadResponse."
-        try: data = resp.json()
-        except ValueError: raise LLMBadResponse(f"{self.url}: malformed JSON in the response body: {resp.text[:80]!r}", attempt) from None
-        try: content = data["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError): raise LLMBadResponse(f"{self.url}: JSON without choices[0].message.content: {str(data)[:80]}", attempt) from None
-        if not isinstance(content, str): raise LLMBadResponse(f"{self.url}: choices[0].message.content is {type(content).__name__}, not a string", attempt)
+        try:
+            data = resp.json()
+        except ValueError:
+            raise LLMBadResponse(
+                f"{self.url}: malformed JSON in the response body: {resp.text[:80]!r}", attempt
+            ) from None
+        try:
+            content = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise LLMBadResponse(
+                f"{self.url}: JSON without choices[0].message.content: {str(data)[:80]}", attempt
+            ) from None
+        if not isinstance(content, str):
+            raise LLMBadResponse(
+                f"{self.url}: choices[0].message.content is {type(content).__name__}, not a string", attempt
+            )
         return content
 
     def _classify(self, exc: Exception | None, resp: httpx.Response | None, attempt: int) -> LLMError:
         "Map an httpx exception or a bad status to our error classes."
-        if isinstance(exc, httpx.TimeoutException): return LLMTimeout(f"{self.url}: no answer within {self.timeout} s ({type(exc).__name__})", attempt)
+        if isinstance(exc, httpx.TimeoutException):
+            return LLMTimeout(f"{self.url}: no answer within {self.timeout} s ({type(exc).__name__})", attempt)
         if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.NetworkError)):
             return LLMConnectionError(f"{self.url}: connection failed ({type(exc).__name__}: {exc})", attempt)
-        if exc is not None: return LLMError(f"{self.url}: {type(exc).__name__}: {exc}", attempt)
+        if exc is not None:
+            return LLMError(f"{self.url}: {type(exc).__name__}: {exc}", attempt)
         return LLMHTTPError(f"{self.url}: HTTP {resp.status_code}: {resp.text[:80]!r}", resp.status_code, attempt)
 
     @staticmethod
     def _retryable(err: LLMError) -> bool:
-        return isinstance(err, (LLMTimeout, LLMConnectionError)) or (isinstance(err, LLMHTTPError) and (err.status >= 500 or err.status == 429))
+        return isinstance(err, (LLMTimeout, LLMConnectionError)) or (
+            isinstance(err, LLMHTTPError) and (err.status >= 500 or err.status == 429)
+        )
 
     def complete(self, messages: list[dict]) -> str:
         "POST the messages; return the reply text or raise an LLMError after at most 1 + retries attempts."
@@ -315,16 +481,20 @@ class OpenAIChatAgent:
         with httpx.Client(timeout=self.timeout) as client:
             for attempt in range(1, self.retries + 2):
                 resp, exc = None, None
-                try: resp = client.post(self.url, json=payload, headers=self._headers())
-                except httpx.HTTPError as e: exc = e
-                if exc is None and 200 <= resp.status_code < 300: return self._parse(resp, attempt)
+                try:
+                    resp = client.post(self.url, json=payload, headers=self._headers())
+                except httpx.HTTPError as e:
+                    exc = e
+                if exc is None and 200 <= resp.status_code < 300:
+                    return self._parse(resp, attempt)
                 time.sleep(self._backoff_or_raise(exc, resp, attempt))
 
     def _backoff_or_raise(self, exc, resp, attempt: int) -> float:
         "After a failed attempt: raise the classified error if it is final, else return the backoff (s) before the next try."
         err = self._classify(exc, resp, attempt)
         if not self._retryable(err) or attempt > self.retries:
-            if attempt > 1: err.args = (f"{err.args[0]} (after {attempt} attempts)",)
+            if attempt > 1:
+                err.args = (f"{err.args[0]} (after {attempt} attempts)",)
             raise err
         return self.backoff_s * 2 ** (attempt - 1)
 
@@ -334,24 +504,34 @@ class OpenAIChatAgent:
         async with httpx.AsyncClient(timeout=self.timeout) as client:
             for attempt in range(1, self.retries + 2):
                 resp, exc = None, None
-                try: resp = await client.post(self.url, json=payload, headers=self._headers())
-                except httpx.HTTPError as e: exc = e
-                if exc is None and 200 <= resp.status_code < 300: return self._parse(resp, attempt)
+                try:
+                    resp = await client.post(self.url, json=payload, headers=self._headers())
+                except httpx.HTTPError as e:
+                    exc = e
+                if exc is None and 200 <= resp.status_code < 300:
+                    return self._parse(resp, attempt)
                 await asyncio.sleep(self._backoff_or_raise(exc, resp, attempt))
 
     def _to_response(self, text: str | None, err: LLMError | None, t0: float, turn: Turn) -> AgentResponse:
         lat = time.perf_counter() - t0
-        if err is not None: return AgentResponse("", lat, "timeout" if isinstance(err, LLMTimeout) else "error", False, False, error=str(err))
+        if err is not None:
+            return AgentResponse(
+                "", lat, "timeout" if isinstance(err, LLMTimeout) else "error", False, False, error=str(err)
+            )
         return AgentResponse(text, lat, "ok", turn_passes(turn_focus(turn), text), False)
 
     def respond(self, history: list[str], context: str, turn: Turn) -> AgentResponse:
         "Ask the model; errors become outcome 'timeout'/'error' with the message in `.error` (history untouched)."
         t0 = time.perf_counter()
-        try: return self._to_response(self.complete(self.messages(list(history), context, turn)), None, t0, turn)
-        except LLMError as e: return self._to_response(None, e, t0, turn)
+        try:
+            return self._to_response(self.complete(self.messages(list(history), context, turn)), None, t0, turn)
+        except LLMError as e:
+            return self._to_response(None, e, t0, turn)
 
     async def arespond(self, history: list[str], context: str, turn: Turn) -> AgentResponse:
         "Async `respond`."
         t0 = time.perf_counter()
-        try: return self._to_response(await self.acomplete(self.messages(list(history), context, turn)), None, t0, turn)
-        except LLMError as e: return self._to_response(None, e, t0, turn)
+        try:
+            return self._to_response(await self.acomplete(self.messages(list(history), context, turn)), None, t0, turn)
+        except LLMError as e:
+            return self._to_response(None, e, t0, turn)

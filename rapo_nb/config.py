@@ -33,16 +33,21 @@ def cf(default: Any, section: str, lo: float | None = None, hi: float | None = N
 @dataclass
 class StateConfig:
     "Agent state triple S_i = (P_i, C_i, M_i) and its memory layout (§3.2, §4.1, §4.5)."
+
     prompt_dim: int = cf(512, "§3.2", 1, 65536, "p: size of the prompt embedding P_i")
     context_dim: int = cf(768, "§3.2", 1, 65536, "c: size of the context vector C_i")
     n_tasks: int = cf(10, "§3.2", 1, 1000, "m: reasoning task types (rows of M_i)")
     n_modalities: int = cf(5, "§3.2", 1, 1000, "l: modalities (columns of M_i)")
-    context_window: int = cf(8, "§3.2 (k unspecified; our reading)", 1, 1000, "k: turns seen by the sliding-window attention")
+    context_window: int = cf(
+        8, "§3.2 (k unspecified; our reading)", 1, 1000, "k: turns seen by the sliding-window attention"
+    )
     history_turns: int = cf(20, "§4.5", 1, 10000, "history pruned to the last 20 turns")
     capability_eta: float = cf(0.1, "§3.4", 0.0, 1.0, "η: EMA rate of M ← (1−η)M + η·o·e_τᵀ")
     capability_decay: float = cf(0.95, "§3.4", 0.0, 1.0, "decay of the capability-score EMA C_a")
     fp16_capability: bool = cf(False, "§4.5", doc="store M in fp16 (a §4.5 memory optimisation)")
-    lazy_agents: bool = cf(False, "§4.5", doc="materialise C only for agents in a conversation (a §4.5 memory optimisation)")
+    lazy_agents: bool = cf(
+        False, "§4.5", doc="materialise C only for agents in a conversation (a §4.5 memory optimisation)"
+    )
     encoder_dim: int = cf(1024, "ours (no model download)", 8, 1 << 20, "width of the hashed n-gram text encoder")
     encoder_seed: int = cf(1234, "ours", 0, 2**31 - 1, "seed of the hashed n-gram text encoder")
 
@@ -50,6 +55,7 @@ class StateConfig:
 @dataclass
 class ConsensusConfig:
     "Distributed consensus on prompt vectors, eq. 3–5, with the §3.5 safeguards."
+
     alpha: float = cf(0.1, "§3.3 eq. 4 (value unspecified; our reading)", 0.0, 10.0, "α: step toward neighbours")
     beta_q: float = cf(0.01, "§3.3 eq. 4 (value unspecified; our reading)", 0.0, 10.0, "β: weight of ∇Q in eq. 4")
     penalty_lambda: float = cf(1.0, "§3.3 eq. 3 (value unspecified; our reading)", 0.0, 1e6, "λ: weight of Ω in eq. 3")
@@ -57,36 +63,89 @@ class ConsensusConfig:
     trust_region: float = cf(0.1, "§3.3", 0.0, 10.0, "Δmax = trust_region·‖c_t‖ per iteration")
     e_min: float = cf(0.7, "§3.3", 0.0, 1.0, "E_min: minimum task completion over the rolling window")
     effectiveness_window: int = cf(100, "§3.3", 1, 10**7, "rolling window (conversations) for E(c)")
-    resource_max: float = cf(0.8, "§3.3 (R_max; we reuse §3.4's 0.8)", 0.0, 1.0, "R_max: resource ceiling (CPU + memory share)")
+    resource_max: float = cf(
+        0.8, "§3.3 (R_max; we reuse §3.4's 0.8)", 0.0, 1.0, "R_max: resource ceiling (CPU + memory share)"
+    )
     grad_clip: float = cf(5.0, "§3.5", 0.0, 1e6, "τ_g: gradient-norm clip")
     rollback_after: int = cf(10, "§3.5", 1, 10**6, "iterations without convergence before rollback")
-    converge_tol: float = cf(1e-3, "§3.5 ('converged' unspecified; our reading)", 0.0, 1.0, "relative change of P below which a step has converged")
-    topology: str = cf("small_world", "§3.3 (N_i unspecified; our reading)", doc="communication graph", choices=("complete", "ring", "small_world", "star", "random"))
+    converge_tol: float = cf(
+        1e-3,
+        "§3.5 ('converged' unspecified; our reading)",
+        0.0,
+        1.0,
+        "relative change of P below which a step has converged",
+    )
+    topology: str = cf(
+        "small_world",
+        "§3.3 (N_i unspecified; our reading)",
+        doc="communication graph",
+        choices=("complete", "ring", "small_world", "star", "random"),
+    )
     degree: int = cf(8, "§3.3 (our reading)", 1, 10**6, "neighbours per agent for sparse topologies")
     rewire_p: float = cf(0.1, "ours", 0.0, 1.0, "small-world rewiring probability")
-    rollback_rule: str = cf("progress", "§3.5 ('converge within 10 iterations'; our reading)", doc="progress: an iteration converges when its update shrank; settle: the literal reading", choices=("progress", "settle"))
-    trust_scope: str = cf("global", "§3.3 (‖c − c_t‖ ≤ 0.1‖c_t‖; our reading)", doc="trust region over the whole bank or per agent", choices=("global", "agent"))
-    entropy_weight: float = cf(0.1, "§3.3 V_i (λ_i unspecified; our reading)", 0.0, 1e6, "λ_i: weight of the entropy regulariser H(p_i(c)) in V_i")
-    entropy_actions: int = cf(16, "§3.3 V_i (p_i unspecified; our reading)", 2, 1 << 16, "actions of the policy p_i(c) = softmax(P_i·A / T) whose entropy V_i rewards")
-    entropy_temperature: float = cf(0.05, "§3.3 V_i (our reading)", 1e-6, 1e6, "T: softmax temperature of p_i(c) (logits P_i·a_k with unit-norm a_k; prompt rows have norm ~0.35)")
+    rollback_rule: str = cf(
+        "progress",
+        "§3.5 ('converge within 10 iterations'; our reading)",
+        doc="progress: an iteration converges when its update shrank; settle: the literal reading",
+        choices=("progress", "settle"),
+    )
+    trust_scope: str = cf(
+        "global",
+        "§3.3 (‖c − c_t‖ ≤ 0.1‖c_t‖; our reading)",
+        doc="trust region over the whole bank or per agent",
+        choices=("global", "agent"),
+    )
+    entropy_weight: float = cf(
+        0.1,
+        "§3.3 V_i (λ_i unspecified; our reading)",
+        0.0,
+        1e6,
+        "λ_i: weight of the entropy regulariser H(p_i(c)) in V_i",
+    )
+    entropy_actions: int = cf(
+        16,
+        "§3.3 V_i (p_i unspecified; our reading)",
+        2,
+        1 << 16,
+        "actions of the policy p_i(c) = softmax(P_i·A / T) whose entropy V_i rewards",
+    )
+    entropy_temperature: float = cf(
+        0.05,
+        "§3.3 V_i (our reading)",
+        1e-6,
+        1e6,
+        "T: softmax temperature of p_i(c) (logits P_i·a_k with unit-norm a_k; prompt rows have norm ~0.35)",
+    )
 
 # %% ../nbs/00_config.ipynb #eb0d095e
 @dataclass
 class RoutingConfig:
     "Adaptive routing by capability and load (§3.4), failure replacement (§4.4), two-level scheduling (§4.5)."
-    load_weights: tuple = cf((0.4, 0.3, 0.3), "§3.4 eq. 6", 0.0, 1.0, "weights of N_a/C_max, Q_a/Q_max, R_a/R_max; sum to 1")
+
+    load_weights: tuple = cf(
+        (0.4, 0.3, 0.3), "§3.4 eq. 6", 0.0, 1.0, "weights of N_a/C_max, Q_a/Q_max, R_a/R_max; sum to 1"
+    )
     c_max: float = cf(10.0, "§3.4 eq. 6", 1e-9, 1e9, "C_max: concurrent conversations per agent")
     q_max: float = cf(50.0, "§3.4 eq. 6", 1e-9, 1e9, "Q_max: pending requests per agent")
     r_max: float = cf(0.8, "§3.4 eq. 6", 1e-9, 1.0, "R_max: CPU + memory utilisation ceiling")
     n_pools: int = cf(3, "§4.5 (pool count unspecified; our reading)", 1, 10**6, "agent pools of the global scheduler")
     max_wait_s: float = cf(5.0, "ours", 0.0, 1e6, "bounded wait before NoAgentAvailable")
-    capability_mix: float = cf(0.8, "§3.4 (C_a unspecified per task; our reading)", 0.0, 1.0, "C_a(τ, μ) = mix·M[a, τ, μ] + (1 − mix)·capability score")
-    load_feedback: bool = cf(True, "§3.4 (our reading)", doc="decisions of one batch see the load added by earlier ones")
+    capability_mix: float = cf(
+        0.8,
+        "§3.4 (C_a unspecified per task; our reading)",
+        0.0,
+        1.0,
+        "C_a(τ, μ) = mix·M[a, τ, μ] + (1 − mix)·capability score",
+    )
+    load_feedback: bool = cf(
+        True, "§3.4 (our reading)", doc="decisions of one batch see the load added by earlier ones"
+    )
 
 # %% ../nbs/00_config.ipynb #8c2f55af
 @dataclass
 class RuntimeConfig:
     "Control loop, state store, checkpoints and metrics (§3.5, §4.1, §4.4)."
+
     tick_ms: float = cf(100.0, "§3.5", 1e-3, 1e6, "control-loop period")
     checkpoint_every: int = cf(1000, "§4.4", 1, 10**9, "iterations between checkpoints")
     checkpoints_kept: int = cf(3, "ours", 1, 1000, "checkpoints kept on disk")
@@ -94,13 +153,26 @@ class RuntimeConfig:
     redis_url: str = cf("redis://127.0.0.1:6379/0", "§4.1", doc="Redis URL when store='redis'")
     redis_timeout_s: float = cf(2.0, "ours", 0.0, 600.0, "connect timeout before a clear error")
     metrics_port: int = cf(0, "§4.3", 0, 65535, "Prometheus HTTP port (0: metrics not served)")
-    summary_max_words: int = cf(80, "ours (no summariser specified)", 1, 10**6, "words of the extractive summary context policy handed over at a handoff")
-    rerank_k: int = cf(3, "ours (§4.2 model in routing; our reading)", 1, 10**6, "candidates re-ranked by a transition model when one is given")
+    summary_max_words: int = cf(
+        80,
+        "ours (no summariser specified)",
+        1,
+        10**6,
+        "words of the extractive summary context policy handed over at a handoff",
+    )
+    rerank_k: int = cf(
+        3,
+        "ours (§4.2 model in routing; our reading)",
+        1,
+        10**6,
+        "candidates re-ranked by a transition model when one is given",
+    )
 
 # %% ../nbs/00_config.ipynb #bf734293
 @dataclass
 class TrainingConfig:
     "The learned state-transition model (§4.2) and the training of the context module C_i (§3.2)."
+
     hidden: tuple = cf((256, 128), "§4.2", 1, 1 << 20, "hidden layer widths of the transition MLP")
     buffer_size: int = cf(10_000, "§4.2", 1, 10**9, "replay buffer capacity")
     batch_size: int = cf(32, "§4.2", 1, 10**6, "mini-batch size")
@@ -108,30 +180,70 @@ class TrainingConfig:
     grad_clip: float = cf(5.0, "§4.2", 0.0, 1e6, "gradient-norm clip")
     mc_trajectories: int = cf(10, "§4.2", 1, 10**6, "Monte Carlo trajectories for P(s'|s,a)")
     coherence_lambda: float = cf(0.5, "§4.2 (λ unspecified; our reading)", 0.0, 1e6, "λ in R = r_task + λ·r_coherence")
-    steps_per_phase: tuple = cf((2000, 2000, 2000), "§4.2 (scaled by profile; 72 h in the paper)", 0, 10**9, "steps of the three training phases (08_training: 300 per phase left the model near the trivial predictor)")
-    time_budget_s: float = cf(300.0, "ours", 0.0, 1e7, "wall-time ceiling for one training run (a safety stop; runs report stopped_by_budget)")
-    prompt_embed_dim: int = cf(16, "ours (§4.6 'prompt embedding training' gives no size)", 1, 65536, "width of the transition model's learned projection of P_a")
-    heldout_fraction: float = cf(0.2, "ours (§5.1 gives no split)", 0.0, 0.99, "share of conversations held out to evaluate the learned models")
+    steps_per_phase: tuple = cf(
+        (2000, 2000, 2000),
+        "§4.2 (scaled by profile; 72 h in the paper)",
+        0,
+        10**9,
+        "steps of the three training phases (08_training: 300 per phase left the model near the trivial predictor)",
+    )
+    time_budget_s: float = cf(
+        300.0, "ours", 0.0, 1e7, "wall-time ceiling for one training run (a safety stop; runs report stopped_by_budget)"
+    )
+    prompt_embed_dim: int = cf(
+        16,
+        "ours (§4.6 'prompt embedding training' gives no size)",
+        1,
+        65536,
+        "width of the transition model's learned projection of P_a",
+    )
+    heldout_fraction: float = cf(
+        0.2, "ours (§5.1 gives no split)", 0.0, 0.99, "share of conversations held out to evaluate the learned models"
+    )
     eval_every: int = cf(20, "ours", 1, 10**9, "training steps between two held-out evaluations")
-    train_threads: int = cf(1, "ours", 0, 1024, "torch intra-op threads while collecting/training on CPU (0: leave torch's setting)")
-    context_steps: int = cf(1000, "ours (§3.2 'learned projection'; no training given)", 0, 10**9, "InfoNCE steps of the sliding-window context module")
-    context_batch_size: int = cf(32, "ours", 2, 10**6, "conversations per InfoNCE batch (one window/next-turn pair each; the others are negatives)")
+    train_threads: int = cf(
+        1, "ours", 0, 1024, "torch intra-op threads while collecting/training on CPU (0: leave torch's setting)"
+    )
+    context_steps: int = cf(
+        1000,
+        "ours (§3.2 'learned projection'; no training given)",
+        0,
+        10**9,
+        "InfoNCE steps of the sliding-window context module",
+    )
+    context_batch_size: int = cf(
+        32,
+        "ours",
+        2,
+        10**6,
+        "conversations per InfoNCE batch (one window/next-turn pair each; the others are negatives)",
+    )
     context_lr: float = cf(1e-3, "ours", 1e-12, 1.0, "Adam learning rate of the context module")
     context_temperature: float = cf(0.1, "ours", 1e-4, 100.0, "τ: InfoNCE softmax temperature")
-    context_horizon: int = cf(1, "ours", 1, 1000, "the target is the turn this many turns after the window (1: the next turn)")
-    context_eval_candidates: int = cf(32, "ours", 2, 10**6, "candidates per held-out retrieval query (the true turn + turns of other conversations)")
-    context_eval_rounds: int = cf(20, "ours", 1, 10**6, "rounds of held-out retrieval (one query per held-out conversation per round)")
+    context_horizon: int = cf(
+        1, "ours", 1, 1000, "the target is the turn this many turns after the window (1: the next turn)"
+    )
+    context_eval_candidates: int = cf(
+        32, "ours", 2, 10**6, "candidates per held-out retrieval query (the true turn + turns of other conversations)"
+    )
+    context_eval_rounds: int = cf(
+        20, "ours", 1, 10**6, "rounds of held-out retrieval (one query per held-out conversation per round)"
+    )
 
 # %% ../nbs/00_config.ipynb #84565f3b
 FSM_STATES = ("greeting", "query_formulation", "information_exchange", "clarification", "conclusion")
 TASK_TYPES = ("information_retrieval", "problem_solving", "creative")
 SPECIALISTS = ("grammar", "knowledge", "reasoning", "general")
 
+
 @dataclass
 class SyntheticConfig:
     "The synthetic conversation benchmark (§5.1)."
+
     n_conversations: int = cf(1000, "§5.1", 1, 10**8, "conversations in the benchmark")
-    fsm_probs: tuple = cf((0.10, 0.20, 0.40, 0.20, 0.10), "§5.1", 0.0, 1.0, "FSM state probabilities, in FSM_STATES order; sum to 1")
+    fsm_probs: tuple = cf(
+        (0.10, 0.20, 0.40, 0.20, 0.10), "§5.1", 0.0, 1.0, "FSM state probabilities, in FSM_STATES order; sum to 1"
+    )
     n_query_rules: int = cf(50, "§5.1", 1, 10**6, "CFG production rules for queries")
     n_response_rules: int = cf(30, "§5.1", 1, 10**6, "CFG production rules for responses")
     n_trigger_rules: int = cf(20, "§5.1", 1, 10**6, "CFG production rules for transition triggers")
@@ -142,17 +254,38 @@ class SyntheticConfig:
     depth_trigger: int = cf(8, "§5.1", 0, 1000, "depth > this → grammar specialist")
     entity_trigger: int = cf(20, "§5.1", 0, 10**6, "entities > this → knowledge specialist")
     inference_trigger: int = cf(4, "§5.1", 0, 1000, "inference length > this → reasoning specialist")
-    task_type_probs: tuple = cf((0.40, 0.35, 0.25), "§5.1", 0.0, 1.0, "task-type probabilities, in TASK_TYPES order; sum to 1")
-    length_dispersion: float = cf(2.0, "ours (§5.1 gives no length distribution)", 1e-6, 1e6, "negative-binomial shape of the middle-turn count")
-    turn_pass_fraction: float = cf(0.8, "ours (§5.2 gives no rule)", 0.0, 1.0, "share of checked turns whose response must mention the focus")
-    side_slack: int = cf(2, "ours (readable sentences)", 0, 1000, "side branches of a derivation get at most this many levels above their minimum depth")
-    share_tolerance_se: float = cf(4.0, "ours (verdict tolerance)", 0.0, 100.0, "a realised share matches §5.1 within this many standard errors")
-    fsm_share_slack: float = cf(0.02, "ours (verdict tolerance)", 0.0, 1.0, "added to the FSM-share tolerance (turns of a conversation are not independent)")
+    task_type_probs: tuple = cf(
+        (0.40, 0.35, 0.25), "§5.1", 0.0, 1.0, "task-type probabilities, in TASK_TYPES order; sum to 1"
+    )
+    length_dispersion: float = cf(
+        2.0, "ours (§5.1 gives no length distribution)", 1e-6, 1e6, "negative-binomial shape of the middle-turn count"
+    )
+    turn_pass_fraction: float = cf(
+        0.8, "ours (§5.2 gives no rule)", 0.0, 1.0, "share of checked turns whose response must mention the focus"
+    )
+    side_slack: int = cf(
+        2,
+        "ours (readable sentences)",
+        0,
+        1000,
+        "side branches of a derivation get at most this many levels above their minimum depth",
+    )
+    share_tolerance_se: float = cf(
+        4.0, "ours (verdict tolerance)", 0.0, 100.0, "a realised share matches §5.1 within this many standard errors"
+    )
+    fsm_share_slack: float = cf(
+        0.02,
+        "ours (verdict tolerance)",
+        0.0,
+        1.0,
+        "added to the FSM-share tolerance (turns of a conversation are not independent)",
+    )
 
 # %% ../nbs/00_config.ipynb #86dab72c
 @dataclass
 class EvaluationConfig:
     "Metrics, systems compared and statistics (§4.3, §5.2, §5.3, §5.5)."
+
     handoff_cosine: float = cf(0.7, "§4.3", -1.0, 1.0, "handoff succeeds above this cosine with the previous context")
     context_break_cosine: float = cf(0.5, "§4.3", -1.0, 1.0, "a context break is a cosine below this")
     window: int = cf(100, "§5.2", 1, 10**7, "sliding window (conversations)")
@@ -161,31 +294,90 @@ class EvaluationConfig:
     bootstrap_resamples: int = cf(10_000, "§5.5", 1, 10**8, "bootstrap resamples for CIs")
     seeds: tuple = cf((0, 1, 2, 3, 4), "ours", 0, 2**31 - 1, "seeds of repeated runs")
     n_agents: int = cf(12, "§5.1 (agent count unspecified; our reading)", 1, 10**7, "agents in the evaluation pool")
-    share_tolerance: float = cf(0.05, "ours (verdict tolerance)", 0.0, 1.0, "a measured share (coordination overhead) is reproduced within ± this of the paper's")
-    failure_share_tolerance: float = cf(0.10, "ours (verdict tolerance)", 0.0, 1.0, "the context-loss share of failures is reproduced within ± this of the paper's")
-    d_tolerance: float = cf(0.2, "ours (verdict tolerance)", 0.0, 100.0, "Cohen's d is reproduced within ± this of the paper's")
-    moderate_d_range: tuple = cf((0.3, 0.8), "§5.5 ('d ≈ 0.5'; our reading)", -100.0, 100.0, "a moderate effect: every d inside this range")
+    share_tolerance: float = cf(
+        0.05,
+        "ours (verdict tolerance)",
+        0.0,
+        1.0,
+        "a measured share (coordination overhead) is reproduced within ± this of the paper's",
+    )
+    failure_share_tolerance: float = cf(
+        0.10,
+        "ours (verdict tolerance)",
+        0.0,
+        1.0,
+        "the context-loss share of failures is reproduced within ± this of the paper's",
+    )
+    d_tolerance: float = cf(
+        0.2, "ours (verdict tolerance)", 0.0, 100.0, "Cohen's d is reproduced within ± this of the paper's"
+    )
+    moderate_d_range: tuple = cf(
+        (0.3, 0.8), "§5.5 ('d ≈ 0.5'; our reading)", -100.0, 100.0, "a moderate effect: every d inside this range"
+    )
 
 # %% ../nbs/00_config.ipynb #a048b903
 @dataclass
 class ScalingConfig:
     "Agent counts measured for Table 2 and past it (§4.5, §5.4)."
-    agent_counts: tuple = cf((10, 50, 100, 500, 1000, 10_000, 100_000, 1_000_000), "§5.4 (+ ours past 1000)", 1, 10**9, "agent counts measured")
+
+    agent_counts: tuple = cf(
+        (10, 50, 100, 500, 1000, 10_000, 100_000, 1_000_000),
+        "§5.4 (+ ours past 1000)",
+        1,
+        10**9,
+        "agent counts measured",
+    )
     success_max_agents: int = cf(1000, "ours", 1, 10**9, "largest count where conversations are run for success rate")
     repeats: int = cf(5, "ours", 1, 10**6, "repeats per timing (median reported)")
-    active_share: float = cf(0.1, "ours (§4.5 gives no occupancy)", 0.0, 1.0, "share of agents inside a conversation at one moment (what lazy agents materialise)")
+    active_share: float = cf(
+        0.1,
+        "ours (§4.5 gives no occupancy)",
+        0.0,
+        1.0,
+        "share of agents inside a conversation at one moment (what lazy agents materialise)",
+    )
 
 # %% ../nbs/00_config.ipynb #fedf62b4
 @dataclass
 class WorkflowConfig:
     "Planner/Executor/Monitor workflows (seed 003), their simulated world, and the goal service (seed 004)."
-    n_workflows: int = cf(300, "seed 003 (count unspecified; our reading)", 1, 10**7, "workflows per domain and failure rate")
-    failure_rates: tuple = cf((0.0, 0.1, 0.2, 0.3), "seed 003 (rates unspecified; our reading)", 0.0, 1.0, "injected failure rates")
+
+    n_workflows: int = cf(
+        300, "seed 003 (count unspecified; our reading)", 1, 10**7, "workflows per domain and failure rate"
+    )
+    failure_rates: tuple = cf(
+        (0.0, 0.1, 0.2, 0.3), "seed 003 (rates unspecified; our reading)", 0.0, 1.0, "injected failure rates"
+    )
     max_retries: int = cf(3, "seed 003 (our reading)", 0, 1000, "retries of the rule-based orchestrator")
-    max_items: int = cf(4, "ours (seed 003 gives no workload)", 1, 1000, "most items (parallel chains of stages) a goal names")
-    skill_specialist: tuple = cf((0.90, 0.99), "ours (seed 003 gives no agent quality)", 0.0, 1.0, "hidden success probability of an executor on its own domain: uniform in [lo, hi]", shape=(2,), ordered=True)
-    skill_other: tuple = cf((0.55, 0.85), "ours (seed 003 gives no agent quality)", 0.0, 1.0, "hidden success probability on other domains: uniform in [lo, hi]", shape=(2,), ordered=True)
-    failure_mix: tuple = cf((0.5, 0.3, 0.2), "ours (seed 003 gives no failure mix)", 0.0, 1.0, "injected failure kinds (transient, crash, bad_output); sum to 1", shape=(3,))
+    max_items: int = cf(
+        4, "ours (seed 003 gives no workload)", 1, 1000, "most items (parallel chains of stages) a goal names"
+    )
+    skill_specialist: tuple = cf(
+        (0.90, 0.99),
+        "ours (seed 003 gives no agent quality)",
+        0.0,
+        1.0,
+        "hidden success probability of an executor on its own domain: uniform in [lo, hi]",
+        shape=(2,),
+        ordered=True,
+    )
+    skill_other: tuple = cf(
+        (0.55, 0.85),
+        "ours (seed 003 gives no agent quality)",
+        0.0,
+        1.0,
+        "hidden success probability on other domains: uniform in [lo, hi]",
+        shape=(2,),
+        ordered=True,
+    )
+    failure_mix: tuple = cf(
+        (0.5, 0.3, 0.2),
+        "ours (seed 003 gives no failure mix)",
+        0.0,
+        1.0,
+        "injected failure kinds (transient, crash, bad_output); sum to 1",
+        shape=(3,),
+    )
     checker_recall: float = cf(0.9, "ours", 0.0, 1.0, "chance that a checker catches a bad output")
     p_clarify: float = cf(0.3, "ours", 0.0, 1.0, "chance an executor asks a peer of the same workflow level and waits")
     plan_s: float = cf(1.0, "ours", 0.0, 1e6, "planner time per subtask (simulated s)")
@@ -193,39 +385,73 @@ class WorkflowConfig:
     check_s: float = cf(0.5, "ours", 0.0, 1e6, "checker time per subtask output (simulated s)")
     heartbeat_s: float = cf(1.0, "ours", 0.0, 1e6, "monitor period, the deadlock-detection delay (simulated s)")
     arbiter_s: float = cf(1.0, "ours", 0.0, 1e6, "arbiter answering a request itself (simulated s)")
-    timeout_factor: float = cf(3.0, "ours", 0.0, 1e6, "timeout = factor × nominal service time (crash / deadlock detection)")
+    timeout_factor: float = cf(
+        3.0, "ours", 0.0, 1e6, "timeout = factor × nominal service time (crash / deadlock detection)"
+    )
     service_sigma: float = cf(0.3, "ours", 0.0, 10.0, "log-normal spread of simulated service times")
     wave_size: int = cf(10, "ours", 1, 10**6, "workflows submitted together (they share the executors)")
-    claim_tolerance: float = cf(0.05, "ours (verdict tolerance)", 0.0, 1.0, "|ours − seed 003| within this counts as reproduced for rates and shares")
+    claim_tolerance: float = cf(
+        0.05,
+        "ours (verdict tolerance)",
+        0.0,
+        1.0,
+        "|ours − seed 003| within this counts as reproduced for rates and shares",
+    )
 
 # %% ../nbs/00_config.ipynb #b2c4d6e8
 @dataclass
 class SimulationConfig:
     "The simulated agents and world of notebooks 06–07 (ours; the paper's agents are LLMs)."
-    skill_levels: tuple = cf(((0.92, 0.50, 0.50, 0.70),
-                              (0.50, 0.92, 0.50, 0.70),
-                              (0.50, 0.50, 0.92, 0.70),
-                              (0.60, 0.60, 0.60, 0.85)), "ours (paper gives no agent skills)", 0.0, 1.0,
-                             "mean hidden skill; rows: agent specialty, columns: specialist owning the task (SPECIALISTS order)",
-                             shape=(len(SPECIALISTS), len(SPECIALISTS)))
+
+    skill_levels: tuple = cf(
+        ((0.92, 0.50, 0.50, 0.70), (0.50, 0.92, 0.50, 0.70), (0.50, 0.50, 0.92, 0.70), (0.60, 0.60, 0.60, 0.85)),
+        "ours (paper gives no agent skills)",
+        0.0,
+        1.0,
+        "mean hidden skill; rows: agent specialty, columns: specialist owning the task (SPECIALISTS order)",
+        shape=(len(SPECIALISTS), len(SPECIALISTS)),
+    )
     skill_noise: float = cf(0.04, "ours", 0.0, 1.0, "sd of the per-agent modality and per-(agent, task) skill offsets")
     skill_range: tuple = cf((0.02, 0.99), "ours", 0.0, 1.0, "hidden skill clipped to this range")
-    speed_range: tuple = cf((0.8, 1.25), "ours", 1e-6, 1e6, "hidden per-agent speed factor of service time, uniform in this range")
-    latency_base_s: float = cf(0.004, "ours (paper gives no service-time model)", 0.0, 1e3, "fixed cost per simulated call (s)")
-    latency_per_token_s: float = cf(0.0003, "ours (paper gives no service-time model)", 0.0, 1e3, "per generated token (s)")
-    latency_per_context_token_s: float = cf(0.00001, "ours (paper gives no service-time model)", 0.0, 1e3, "per context token read (s)")
+    speed_range: tuple = cf(
+        (0.8, 1.25), "ours", 1e-6, 1e6, "hidden per-agent speed factor of service time, uniform in this range"
+    )
+    latency_base_s: float = cf(
+        0.004, "ours (paper gives no service-time model)", 0.0, 1e3, "fixed cost per simulated call (s)"
+    )
+    latency_per_token_s: float = cf(
+        0.0003, "ours (paper gives no service-time model)", 0.0, 1e3, "per generated token (s)"
+    )
+    latency_per_context_token_s: float = cf(
+        0.00001, "ours (paper gives no service-time model)", 0.0, 1e3, "per context token read (s)"
+    )
     latency_sigma: float = cf(0.25, "ours", 0.0, 10.0, "lognormal noise of service time")
     timeout_s: float = cf(1.0, "ours", 0.0, 1e6, "simulated time an agent burns before a timeout is declared (s)")
-    facts_per_response: int = cf(8, "ours", 0, 10**6, "most recent facts restated in an ordinary (non-conclusion) response")
-    reception_floor: float = cf(0.5, "ours (simulated world)", 0.0, 1.0, "fact survival probability at a handoff between orthogonal prompts")
-    arrivals_per_agent_s: float = cf(0.25, "ours (simulated world)", 1e-9, 1e9, "Poisson conversation arrivals per agent per simulated second")
-    agent_restart_s: float = cf(5.0, "ours (simulated world)", 0.0, 1e9, "a crashed agent process is back after this many seconds (simulated time; wall time under LiveOrchestrator)")
-    low_skill: float = cf(0.5, "ours", 0.0, 1.0, "true skill below which a routing decision counts as an agent-selection error")
+    facts_per_response: int = cf(
+        8, "ours", 0, 10**6, "most recent facts restated in an ordinary (non-conclusion) response"
+    )
+    reception_floor: float = cf(
+        0.5, "ours (simulated world)", 0.0, 1.0, "fact survival probability at a handoff between orthogonal prompts"
+    )
+    arrivals_per_agent_s: float = cf(
+        0.25, "ours (simulated world)", 1e-9, 1e9, "Poisson conversation arrivals per agent per simulated second"
+    )
+    agent_restart_s: float = cf(
+        5.0,
+        "ours (simulated world)",
+        0.0,
+        1e9,
+        "a crashed agent process is back after this many seconds (simulated time; wall time under LiveOrchestrator)",
+    )
+    low_skill: float = cf(
+        0.5, "ours", 0.0, 1.0, "true skill below which a routing decision counts as an agent-selection error"
+    )
 
 # %% ../nbs/00_config.ipynb #f1ec5f80
 @dataclass
 class Config:
     "The whole run configuration: one group per part of the paper."
+
     profile: str = "quick"
     seed: int = 0
     device: str = "auto"
@@ -244,7 +470,19 @@ class Config:
         "Plain-dict view (JSON-serialisable) for checkpoints and reports."
         return json.loads(json.dumps(asdict(self)))
 
-GROUPS = ("state", "consensus", "routing", "runtime", "training", "synthetic", "evaluation", "scaling", "workflows", "simulation")
+
+GROUPS = (
+    "state",
+    "consensus",
+    "routing",
+    "runtime",
+    "training",
+    "synthetic",
+    "evaluation",
+    "scaling",
+    "workflows",
+    "simulation",
+)
 
 # %% ../nbs/00_config.ipynb #af2d9088
 PROFILES: dict[str, dict[str, Any]] = {
@@ -266,44 +504,70 @@ PROFILES: dict[str, dict[str, Any]] = {
 # %% ../nbs/00_config.ipynb #ac22dc5c
 PAPER_TABLE1 = {  # §5.2 Table 1: response time (ms), context score, handoff success, task success
     "sequential": dict(response_time_ms=245, context_score=0.72, handoff_success=0.68, task_success=0.70),
-    "ampo_rr":    dict(response_time_ms=198, context_score=0.78, handoff_success=0.75, task_success=0.76),
-    "p4_ll":      dict(response_time_ms=187, context_score=0.81, handoff_success=0.77, task_success=0.79),
-    "yao_sim":    dict(response_time_ms=176, context_score=0.83, handoff_success=0.79, task_success=0.81),
-    "rapo":       dict(response_time_ms=142, context_score=0.89, handoff_success=0.88, task_success=0.87),
+    "ampo_rr": dict(response_time_ms=198, context_score=0.78, handoff_success=0.75, task_success=0.76),
+    "p4_ll": dict(response_time_ms=187, context_score=0.81, handoff_success=0.77, task_success=0.79),
+    "yao_sim": dict(response_time_ms=176, context_score=0.83, handoff_success=0.79, task_success=0.81),
+    "rapo": dict(response_time_ms=142, context_score=0.89, handoff_success=0.88, task_success=0.87),
 }
 PAPER_TABLE2 = {  # §5.4 Table 2: agents -> memory (GB), CPU (%), success rate
-    10: dict(memory_gb=2.3, cpu_pct=15, success=0.95), 50: dict(memory_gb=8.7, cpu_pct=38, success=0.92),
-    100: dict(memory_gb=15.4, cpu_pct=52, success=0.89), 500: dict(memory_gb=42.8, cpu_pct=73, success=0.86),
+    10: dict(memory_gb=2.3, cpu_pct=15, success=0.95),
+    50: dict(memory_gb=8.7, cpu_pct=38, success=0.92),
+    100: dict(memory_gb=15.4, cpu_pct=52, success=0.89),
+    500: dict(memory_gb=42.8, cpu_pct=73, success=0.86),
     1000: dict(memory_gb=76.5, cpu_pct=85, success=0.84),
 }
 PAPER_MEMORY_LAW_GB = (2.3, 0.074)  # §5.4: M(n) = 2.3 + 0.074 n GB
 PAPER_TABLE3 = {  # §5.5 Table 3: RAPO vs each baseline (task success): mean difference, Cohen's d; all p < 0.001
-    "sequential": dict(mean_diff=0.17, cohens_d=1.42), "ampo_rr": dict(mean_diff=0.11, cohens_d=0.98),
-    "p4_ll": dict(mean_diff=0.08, cohens_d=0.85), "yao_sim": dict(mean_diff=0.06, cohens_d=0.73),
+    "sequential": dict(mean_diff=0.17, cohens_d=1.42),
+    "ampo_rr": dict(mean_diff=0.11, cohens_d=0.98),
+    "p4_ll": dict(mean_diff=0.08, cohens_d=0.85),
+    "yao_sim": dict(mean_diff=0.06, cohens_d=0.73),
 }
 PAPER_TABLE3_CI = {  # §5.5 Table 3: 95 % CI of each mean difference
-    "sequential": (0.15, 0.19), "ampo_rr": (0.09, 0.13), "p4_ll": (0.06, 0.10), "yao_sim": (0.04, 0.08)}
+    "sequential": (0.15, 0.19),
+    "ampo_rr": (0.09, 0.13),
+    "p4_ll": (0.06, 0.10),
+    "yao_sim": (0.04, 0.08),
+}
 PAPER_TABLE3_P = "<0.001"  # §5.5 Table 3: p of every comparison
 PAPER_CLAIMS = {  # §5–6 discussion claims
-    "context_loss_share_of_failures": 0.68, "phase_transition_handoffs": 7, "degradation_beyond_transitions": 10,
-    "factual_preservation": 0.96, "semantic_preservation": 0.71, "coordination_overhead_before": 0.68,
-    "coordination_overhead_after": 0.31, "best_agent_prob_small": 0.94, "best_agent_prob_500": 0.61,
-    "memory_saving_fraction": 0.40, "quartile_gain_transitions": (5, 8), "quartile_loss_beyond": 15,
-    "response_time_d_above": 0.8, "context_score_d": 0.5,   # §5.5: large effect on response time, moderate on context
+    "context_loss_share_of_failures": 0.68,
+    "phase_transition_handoffs": 7,
+    "degradation_beyond_transitions": 10,
+    "factual_preservation": 0.96,
+    "semantic_preservation": 0.71,
+    "coordination_overhead_before": 0.68,
+    "coordination_overhead_after": 0.31,
+    "best_agent_prob_small": 0.94,
+    "best_agent_prob_500": 0.61,
+    "memory_saving_fraction": 0.40,
+    "quartile_gain_transitions": (5, 8),
+    "quartile_loss_beyond": 15,
+    "response_time_d_above": 0.8,
+    "context_score_d": 0.5,  # §5.5: large effect on response time, moderate on context
 }
-SEED003_CLAIMS = dict(completion_multi_agent=0.91, completion_rule_based=0.79, completion_single_agent=0.84,
-                      failures_recovered=0.87, planning_latency_change=-0.30)  # seed 003 (workflow orchestration)
+SEED003_CLAIMS = dict(
+    completion_multi_agent=0.91,
+    completion_rule_based=0.79,
+    completion_single_agent=0.84,
+    failures_recovered=0.87,
+    planning_latency_change=-0.30,
+)  # seed 003 (workflow orchestration)
 
 # %% ../nbs/00_config.ipynb #3ea91f3b
 _SUM_TO_ONE = ("routing.load_weights", "synthetic.fsm_probs", "synthetic.task_type_probs", "workflows.failure_mix")
-SUM_TO_ONE_TOL: float = 1e-9   # ours: tighter than numpy's Generator.choice (~1.5e-8), so weights that pass here never fail there
+SUM_TO_ONE_TOL: float = (
+    1e-9  # ours: tighter than numpy's Generator.choice (~1.5e-8), so weights that pass here never fail there
+)
+
 
 def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
     "Check one field's type and range; return the (possibly widened) value."
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     m = f.metadata
     if isinstance(default, bool):
-        if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {value!r}")
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected a bool, got {value!r}")
         return value
     if isinstance(default, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -313,13 +577,16 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
         value = type(default)(value)
         items = [value]
     elif isinstance(default, tuple):
-        if not isinstance(value, (tuple, list)): raise ValueError(f"{name}: expected a sequence, got {value!r}")
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"{name}: expected a sequence, got {value!r}")
         value = tuple(tuple(v) if isinstance(v, (tuple, list)) else v for v in value)
         if len(default) in (2, 3) and name.endswith(("_range", "load_weights", "probs")) and len(value) != len(default):
             raise ValueError(f"{name}: expected {len(default)} values, got {len(value)}")
         shape = m.get("shape")
-        if shape is not None and (len(value) != shape[0] or any(isinstance(v, tuple) != (len(shape) == 2) or
-                                                                (len(shape) == 2 and len(v) != shape[1]) for v in value)):
+        if shape is not None and (
+            len(value) != shape[0]
+            or any(isinstance(v, tuple) != (len(shape) == 2) or (len(shape) == 2 and len(v) != shape[1]) for v in value)
+        ):
             raise ValueError(f"{name}: expected shape {tuple(shape)}, got {value!r}")
         items = [x for v in value for x in (v if isinstance(v, tuple) else (v,))]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
@@ -327,7 +594,8 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
         if (name.endswith("_range") or m.get("ordered")) and value[0] > value[1]:
             raise ValueError(f"{name}: lower bound {value[0]} exceeds upper bound {value[1]}")
     elif isinstance(default, str):
-        if not isinstance(value, str): raise ValueError(f"{name}: expected a string, got {value!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
         if m.get("choices") and value not in m["choices"]:
             raise ValueError(f"{name}: {value!r} is not one of {list(m['choices'])}")
         return value
@@ -336,12 +604,16 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
     lo, hi = m.get("lo"), m.get("hi")
     for v in items:
         if (lo is not None and v < lo) or (hi is not None and v > hi) or (isinstance(v, float) and not np.isfinite(v)):
-            raise ValueError(f"{name}: {v!r} is out of range; allowed [{lo}, {hi}] ({m.get('doc', '')}, {m.get('section', '')})")
+            raise ValueError(
+                f"{name}: {v!r} is out of range; allowed [{lo}, {hi}] ({m.get('doc', '')}, {m.get('section', '')})"
+            )
     return value
+
 
 def validate(cfg: Config) -> Config:
     "Check every field of `cfg`; raise `ValueError` naming the first bad field. Returns `cfg`."
-    if cfg.profile not in PROFILES: raise ValueError(f"profile: {cfg.profile!r} is not one of {list(PROFILES)}")
+    if cfg.profile not in PROFILES:
+        raise ValueError(f"profile: {cfg.profile!r} is not one of {list(PROFILES)}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
         raise ValueError(f"seed: expected an integer in [0, 2**32), got {cfg.seed!r}")
     if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
@@ -353,7 +625,8 @@ def validate(cfg: Config) -> Config:
     for name in _SUM_TO_ONE:
         g, k = name.split(".")
         total = float(sum(getattr(getattr(cfg, g), k)))
-        if abs(total - 1.0) > SUM_TO_ONE_TOL: raise ValueError(f"{name}: weights must sum to 1 (within {SUM_TO_ONE_TOL:g}), they sum to {total:.12g}")
+        if abs(total - 1.0) > SUM_TO_ONE_TOL:
+            raise ValueError(f"{name}: weights must sum to 1 (within {SUM_TO_ONE_TOL:g}), they sum to {total:.12g}")
     return cfg
 
 # %% ../nbs/00_config.ipynb #c2213377
@@ -361,41 +634,63 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     "Set `group.field` (or a top-level field) on `cfg`, refusing unknown names."
     key = key.replace("__", ".")
     if "." not in key:
-        if key not in ("profile", "seed", "device"): raise ValueError(f"{key}: unknown config field; groups are {list(GROUPS)}")
-        setattr(cfg, key, value); return
+        if key not in ("profile", "seed", "device"):
+            raise ValueError(f"{key}: unknown config field; groups are {list(GROUPS)}")
+        setattr(cfg, key, value)
+        return
     g, k = key.split(".", 1)
-    if g not in GROUPS: raise ValueError(f"{key}: unknown config group {g!r}; groups are {list(GROUPS)}")
+    if g not in GROUPS:
+        raise ValueError(f"{key}: unknown config group {g!r}; groups are {list(GROUPS)}")
     group = getattr(cfg, g)
     names = [f.name for f in fields(group)]
-    if k not in names: raise ValueError(f"{key}: unknown field of {g}; fields are {names}")
+    if k not in names:
+        raise ValueError(f"{key}: unknown field of {g}; fields are {names}")
     setattr(group, k, value)
+
 
 def load_config(profile: str = "quick", overrides: dict | None = None, **kw) -> Config:
     "Build and validate a `Config` for `profile` with `overrides` ({'group.field': v}) and `group__field=v` keywords."
-    if profile not in PROFILES: raise ValueError(f"profile: {profile!r} is not one of {list(PROFILES)}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile: {profile!r} is not one of {list(PROFILES)}")
     cfg = Config(profile=profile)
-    for k, v in {**PROFILES[profile], **(overrides or {}), **kw}.items(): _set(cfg, k, v)
+    for k, v in {**PROFILES[profile], **(overrides or {}), **kw}.items():
+        _set(cfg, k, v)
     return validate(cfg)
 
 # %% ../nbs/00_config.ipynb #bddd9a65
 def constants_table(cfg: Config | None = None) -> "pd.DataFrame":
     "One row per config field: group, name, value, paper section, description."
     import pandas as pd
+
     cfg = cfg or load_config("full")
-    rows = [dict(group=g, field=f.name, value=getattr(getattr(cfg, g), f.name), section=f.metadata.get("section", ""),
-                 description=f.metadata.get("doc", "")) for g in GROUPS for f in fields(getattr(cfg, g))]
+    rows = [
+        dict(
+            group=g,
+            field=f.name,
+            value=getattr(getattr(cfg, g), f.name),
+            section=f.metadata.get("section", ""),
+            description=f.metadata.get("doc", ""),
+        )
+        for g in GROUPS
+        for f in fields(getattr(cfg, g))
+    ]
     return pd.DataFrame(rows)
 
 # %% ../nbs/00_config.ipynb #7c66422b
 def seed_everything(seed: int) -> np.random.Generator:
     "Seed python, numpy and torch; return a numpy Generator for explicit use."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     return np.random.default_rng(seed)
+
 
 def get_device(device: str = "auto") -> torch.device:
     "Resolve 'auto' (env RAPO_DEVICE, then CUDA if available, else CPU) to a `torch.device`."
-    if device == "auto": device = os.environ.get("RAPO_DEVICE", "auto")
-    if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        device = os.environ.get("RAPO_DEVICE", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
     return torch.device(device)
@@ -403,27 +698,38 @@ def get_device(device: str = "auto") -> torch.device:
 # %% ../nbs/00_config.ipynb #73f79f08
 def project_root() -> Path:
     "The project root: env RAPO_ROOT, else the nearest parent (of cwd, then of this file) with an nbdev pyproject.toml."
-    if os.environ.get("RAPO_ROOT"): return Path(os.environ["RAPO_ROOT"]).resolve()
+    if os.environ.get("RAPO_ROOT"):
+        return Path(os.environ["RAPO_ROOT"]).resolve()
     for start in (Path.cwd().resolve(), Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()):
         for d in (start, *start.parents):
             p = d / "pyproject.toml"
-            if p.exists() and "[tool.nbdev]" in p.read_text(): return d
+            if p.exists() and "[tool.nbdev]" in p.read_text():
+                return d
     return Path.cwd().resolve()
+
 
 def figures_dir() -> Path:
     "Folder for figures and tables (env RAPO_FIGURES_DIR, else <root>/figures); created if missing."
     d = Path(os.environ.get("RAPO_FIGURES_DIR") or project_root() / "figures")
-    d.mkdir(parents=True, exist_ok=True); return d
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
 
 def results_dir(profile: str = "quick") -> Path:
     "Folder for intermediate results handed between notebooks (env RAPO_RESULTS_DIR, else <root>/results/<profile>)."
     d = Path(os.environ.get("RAPO_RESULTS_DIR") or project_root() / "results" / profile)
-    d.mkdir(parents=True, exist_ok=True); return d
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 # %% ../nbs/00_config.ipynb #9e334c58
 def _atomic_write(path: Path, write) -> Path:
     "Write via `write(tmp_path)` then rename over `path`."
-    path = Path(path); tmp = path.with_name(f".{path.name}.tmp"); write(tmp); os.replace(tmp, path); return path
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
 
 def save_table(df: "pd.DataFrame", name: str, floatfmt: str = ".3f", note: str = "") -> Path:
     "Write `df` to figures/`name`.csv and .md (with an optional `note` line under the table); return the .md path."
@@ -432,6 +738,9 @@ def save_table(df: "pd.DataFrame", name: str, floatfmt: str = ".3f", note: str =
     md = df.to_markdown(index=False, floatfmt=floatfmt) + (f"\n\n{note}\n" if note else "\n")
     return _atomic_write(d / f"{name}.md", lambda p: p.write_text(md))
 
+
 def save_figure(fig, name: str, dpi: int = 120) -> Path:
     "Save a matplotlib figure to figures/`name`.png; return the path."
-    return _atomic_write(figures_dir() / f"{name}.png", lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png"))
+    return _atomic_write(
+        figures_dir() / f"{name}.png", lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format="png")
+    )

@@ -35,9 +35,11 @@ __all__ = ['TOPOLOGIES', 'MAX_DENSE_EDGES', 'EXCHANGE_EMA', 'PULL_FASTMATH', 'PU
 TOPOLOGIES = ("complete", "ring", "small_world", "star", "random")
 MAX_DENSE_EDGES: int = 50_000_000  # ours: refuse to build a complete graph with more edges than this
 
+
 @dataclass
 class Topology:
     "An undirected communication graph in CSR form: row i's neighbours are indices[indptr[i]:indptr[i+1]]."
+
     n: int
     indptr: torch.Tensor
     indices: torch.Tensor
@@ -45,21 +47,28 @@ class Topology:
     rows: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
-        if self.indptr.shape != (self.n + 1,): raise ValueError(f"indptr: expected shape [{self.n + 1}], got {tuple(self.indptr.shape)}")
-        if self.indices.ndim != 1 or int(self.indptr[-1]) != self.indices.numel(): raise ValueError("indices: length must equal indptr[-1]")
-        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= self.n): raise ValueError(f"indices: neighbour ids must lie in [0, {self.n})")
+        if self.indptr.shape != (self.n + 1,):
+            raise ValueError(f"indptr: expected shape [{self.n + 1}], got {tuple(self.indptr.shape)}")
+        if self.indices.ndim != 1 or int(self.indptr[-1]) != self.indices.numel():
+            raise ValueError("indices: length must equal indptr[-1]")
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= self.n):
+            raise ValueError(f"indices: neighbour ids must lie in [0, {self.n})")
         self.indptr, self.indices = self.indptr.long(), self.indices.long()
         self.rows = torch.repeat_interleave(torch.arange(self.n, device=self.indptr.device), self.indptr.diff())
 
     @property
-    def n_edges(self) -> int: return self.indices.numel()
+    def n_edges(self) -> int:
+        return self.indices.numel()
+
     @property
-    def device(self) -> torch.device: return self.indices.device
+    def device(self) -> torch.device:
+        return self.indices.device
 
     def neighbors(self, i: int) -> torch.Tensor:
         "Neighbour ids of agent `i`."
-        if not 0 <= i < self.n: raise ValueError(f"i: agent id must lie in [0, {self.n}), got {i}")
-        return self.indices[int(self.indptr[i]):int(self.indptr[i + 1])]
+        if not 0 <= i < self.n:
+            raise ValueError(f"i: agent id must lie in [0, {self.n}), got {i}")
+        return self.indices[int(self.indptr[i]) : int(self.indptr[i + 1])]
 
     def degree(self) -> torch.Tensor:
         "Number of neighbours of every agent [n]."
@@ -75,7 +84,8 @@ class Topology:
 
     def edge_ids(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         "Edge index of each (src, dst) pair, −1 where the pair is not an edge."
-        keys = self.edge_keys(); q = src.long().to(self.device) * self.n + dst.long().to(self.device)
+        keys = self.edge_keys()
+        q = src.long().to(self.device) * self.n + dst.long().to(self.device)
         pos = torch.searchsorted(keys, q).clamp(max=max(self.n_edges - 1, 0))
         hit = (keys[pos] == q) if self.n_edges else torch.zeros_like(q, dtype=torch.bool)
         return torch.where(hit, pos, torch.full_like(pos, -1))
@@ -83,8 +93,10 @@ class Topology:
     def matrix(self, weights: torch.Tensor) -> torch.Tensor:
         "The sparse CSR matrix W with W[i, j] = weights of edge (i, j)."
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)   # torch: "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(self.indptr, self.indices, weights, size=(self.n, self.n), check_invariants=False)
+            warnings.simplefilter("ignore", UserWarning)  # torch: "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(
+                self.indptr, self.indices, weights, size=(self.n, self.n), check_invariants=False
+            )
 
     def to_dense(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         "Dense [n, n] adjacency (or weight) matrix, for small checks only."
@@ -101,34 +113,48 @@ class Topology:
         "Bytes of the CSR arrays (indptr, indices, rows)."
         return sum(t.element_size() * t.numel() for t in (self.indptr, self.indices, self.rows))
 
-def csr_from_edges(src: np.ndarray, dst: np.ndarray, n: int, kind: str = "custom", device=None, symmetric: bool = True) -> Topology:
+
+def csr_from_edges(
+    src: np.ndarray, dst: np.ndarray, n: int, kind: str = "custom", device=None, symmetric: bool = True
+) -> Topology:
     "CSR topology from an edge list: self-loops dropped, duplicates merged, made undirected when `symmetric`."
     src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
-    if symmetric: src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
+    if symmetric:
+        src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
     keep = src != dst
     keys = np.unique(src[keep] * n + dst[keep])
     rows, cols = keys // n, keys % n
-    indptr = np.zeros(n + 1, dtype=np.int64); indptr[1:] = np.cumsum(np.bincount(rows, minlength=n))
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(np.bincount(rows, minlength=n))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return Topology(n, torch.from_numpy(indptr).to(dev), torch.from_numpy(cols).to(dev), kind)
 
+
 def make_topology(kind: str, n: int, degree: int = 8, seed: int = 0, device=None, rewire_p: float = 0.1) -> Topology:
     "Build one of TOPOLOGIES on `n` agents (undirected, CSR)."
-    if kind not in TOPOLOGIES: raise ValueError(f"kind: {kind!r} is not one of {list(TOPOLOGIES)}")
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1: raise ValueError(f"n: expected an integer >= 1, got {n!r}")
-    if not isinstance(degree, (int, np.integer)) or isinstance(degree, bool) or degree < 0: raise ValueError(f"degree: expected an integer >= 0, got {degree!r}")
-    if not 0.0 <= rewire_p <= 1.0: raise ValueError(f"rewire_p: expected a probability, got {rewire_p!r}")
+    if kind not in TOPOLOGIES:
+        raise ValueError(f"kind: {kind!r} is not one of {list(TOPOLOGIES)}")
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n: expected an integer >= 1, got {n!r}")
+    if not isinstance(degree, (int, np.integer)) or isinstance(degree, bool) or degree < 0:
+        raise ValueError(f"degree: expected an integer >= 0, got {degree!r}")
+    if not 0.0 <= rewire_p <= 1.0:
+        raise ValueError(f"rewire_p: expected a probability, got {rewire_p!r}")
     rng = np.random.default_rng(seed)
     i = np.arange(n, dtype=np.int64)
     if kind == "complete":
-        if n * (n - 1) > MAX_DENSE_EDGES: raise ValueError(f"n: a complete graph on {n} agents has {n * (n - 1)} edges (> {MAX_DENSE_EDGES}); use a sparse topology")
+        if n * (n - 1) > MAX_DENSE_EDGES:
+            raise ValueError(
+                f"n: a complete graph on {n} agents has {n * (n - 1)} edges (> {MAX_DENSE_EDGES}); use a sparse topology"
+            )
         src, dst = np.repeat(i, n), np.tile(i, n)
     elif kind == "star":
         src, dst = np.zeros(n - 1, dtype=np.int64), i[1:]
     else:
         half = max(1, degree // 2)
         shifts = np.arange(1, half + 1)
-        src = np.repeat(i, len(shifts)); dst = (src + np.tile(shifts, n)) % n
+        src = np.repeat(i, len(shifts))
+        dst = (src + np.tile(shifts, n)) % n
         if kind == "small_world":
             far = np.tile(shifts, n) > 1
             rewire = far & (rng.random(len(src)) < rewire_p)
@@ -136,24 +162,31 @@ def make_topology(kind: str, n: int, degree: int = 8, seed: int = 0, device=None
         elif kind == "random":
             src, dst = i, (i + 1) % n
             n_chords = int(round(n * max(degree - 2, 0) / 2))
-            src = np.concatenate([src, rng.integers(0, n, n_chords)]); dst = np.concatenate([dst, rng.integers(0, n, n_chords)])
+            src = np.concatenate([src, rng.integers(0, n, n_chords)])
+            dst = np.concatenate([dst, rng.integers(0, n, n_chords)])
     return csr_from_edges(src, dst, n, kind, device)
 
 # %% ../nbs/02_consensus.ipynb #efa1c86f
 EXCHANGE_EMA: float = 0.1  # ours: EMA rate of the edge effectiveness E_ij (eq. 5)
+
 
 def segment_sum(values: torch.Tensor, topo: Topology) -> torch.Tensor:
     "Per-row sum of an edge tensor [E] (or [E, k]) → [n] (or [n, k])."
     out = torch.zeros((topo.n, *values.shape[1:]), dtype=values.dtype, device=values.device)
     return out.index_add_(0, topo.rows, values)
 
+
 def adaptive_weights(topo: Topology, effectiveness: torch.Tensor, empty: str = "uniform") -> torch.Tensor:
     "Eq. 5: w_ij = E_ij / Σ_k E_ik over each row; rows summing to 0 get uniform (or zero) weights."
     E = torch.as_tensor(effectiveness, device=topo.device)
-    if E.shape != (topo.n_edges,): raise ValueError(f"effectiveness: expected shape [{topo.n_edges}], got {tuple(E.shape)}")
-    if not E.is_floating_point(): E = E.float()
-    if not torch.isfinite(E).all() or (E < 0).any(): raise ValueError("effectiveness: must be finite and >= 0")
-    if empty not in ("uniform", "zero"): raise ValueError(f"empty: expected 'uniform' or 'zero', got {empty!r}")
+    if E.shape != (topo.n_edges,):
+        raise ValueError(f"effectiveness: expected shape [{topo.n_edges}], got {tuple(E.shape)}")
+    if not E.is_floating_point():
+        E = E.float()
+    if not torch.isfinite(E).all() or (E < 0).any():
+        raise ValueError("effectiveness: must be finite and >= 0")
+    if empty not in ("uniform", "zero"):
+        raise ValueError(f"empty: expected 'uniform' or 'zero', got {empty!r}")
     total = segment_sum(E, topo)[topo.rows]
     if empty == "uniform":
         fallback = 1.0 / topo.degree().clamp(min=1).to(E.dtype)[topo.rows]
@@ -162,123 +195,229 @@ def adaptive_weights(topo: Topology, effectiveness: torch.Tensor, empty: str = "
     return torch.where(total > 0, E / total.clamp(min=torch.finfo(E.dtype).tiny), fallback)
 
 # %% ../nbs/02_consensus.ipynb #7a1c6734
-PULL_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}   # no "nnan"/"ninf": non-finite values must propagate to the norms
+PULL_FASTMATH = {
+    "reassoc",
+    "contract",
+    "arcp",
+    "nsz",
+}  # no "nnan"/"ninf": non-finite values must propagate to the norms
 PULL_KERNELS = ("auto", "numba", "torch")
-PULL_PARALLEL_MIN = 1 << 21   # ours: below this many P entries (~4,000 agents × 512) one thread is faster than two (measured here)
-PULL_VECTOR_BYTES = 64        # one vector register of the widest ISA we target (AVX-512); LLVM splits it on narrower CPUs
-PULL_BLOCK_VECTORS = 8 if "+avx512f" in llvm_binding.get_host_cpu_features().flatten() else 4   # accumulators kept in registers
-PULL_BLOCK_BYTES = PULL_VECTOR_BYTES * PULL_BLOCK_VECTORS   # a row is gathered in blocks of this many bytes (512 B = 128 float32)
-PULL_PREFETCH_AHEAD = 2       # ours: while gathering row i, prefetch the rows that row i + 2 will need and the cache lacks (tuned here)
-PULL_NEAR_ROWS = 16           # ours: neighbours within ±16 rows of the row being gathered count as near (the band), the rest as far
-PULL_PREFETCH_LOCALITY = 2    # LLVM's locality hint: 2 = into L2 (x86 prefetcht1); into L1 (3) evicted the rows being gathered (measured here)
-PULL_STREAM_MIN = 1 << 25     # ours: a step writing at least 32 MiB (this machine's L3) uses streaming stores; smaller outputs stay in cache
-PULL_STREAM = platform.machine().lower() in ("x86_64", "amd64")   # streaming (non-temporal) stores, x86-64 only (fenced with sfence)
+PULL_PARALLEL_MIN = (
+    1 << 21
+)  # ours: below this many P entries (~4,000 agents × 512) one thread is faster than two (measured here)
+PULL_VECTOR_BYTES = 64  # one vector register of the widest ISA we target (AVX-512); LLVM splits it on narrower CPUs
+PULL_BLOCK_VECTORS = (
+    8 if "+avx512f" in llvm_binding.get_host_cpu_features().flatten() else 4
+)  # accumulators kept in registers
+PULL_BLOCK_BYTES = (
+    PULL_VECTOR_BYTES * PULL_BLOCK_VECTORS
+)  # a row is gathered in blocks of this many bytes (512 B = 128 float32)
+PULL_PREFETCH_AHEAD = (
+    2  # ours: while gathering row i, prefetch the rows that row i + 2 will need and the cache lacks (tuned here)
+)
+PULL_NEAR_ROWS = (
+    16  # ours: neighbours within ±16 rows of the row being gathered count as near (the band), the rest as far
+)
+PULL_PREFETCH_LOCALITY = (
+    2  # LLVM's locality hint: 2 = into L2 (x86 prefetcht1); into L1 (3) evicted the rows being gathered (measured here)
+)
+PULL_STREAM_MIN = (
+    1 << 25
+)  # ours: a step writing at least 32 MiB (this machine's L3) uses streaming stores; smaller outputs stay in cache
+PULL_STREAM = platform.machine().lower() in (
+    "x86_64",
+    "amd64",
+)  # streaming (non-temporal) stores, x86-64 only (fenced with sfence)
+
 
 def _emit_gather(context, builder, sig, args) -> tuple:
     "Emit Σ_{k=lo}^{hi−1} w[k] · P[indices[k], c0:c0+B] into PULL_BLOCK_VECTORS vector accumulators (args: P, indices, w, lo, hi, c0, …)."
     aP, aI, aW = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 1, 2))
     lo_, hi_, c0_ = (builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v for v in args[3:6])
-    ftype = context.get_value_type(sig.args[0].dtype); width = 32 if sig.args[0].dtype == types.float32 else 64
-    lanes = PULL_VECTOR_BYTES * 8 // width; vtype = ir.VectorType(ftype, lanes); i32, i64 = ir.IntType(32), ir.IntType(64)
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vtype, [vtype] * 3), f"llvm.fma.v{lanes}f{width}")
+    ftype = context.get_value_type(sig.args[0].dtype)
+    width = 32 if sig.args[0].dtype == types.float32 else 64
+    lanes = PULL_VECTOR_BYTES * 8 // width
+    vtype = ir.VectorType(ftype, lanes)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vtype, [vtype] * 3), f"llvm.fma.v{lanes}f{width}"
+    )
+
     def splat(x):
         v = builder.insert_element(ir.Constant(vtype, ir.Undefined), x, ir.Constant(i32, 0))
-        return builder.shuffle_vector(v, ir.Constant(vtype, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+        return builder.shuffle_vector(
+            v, ir.Constant(vtype, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+        )
+
     p = cgutils.unpack_tuple(builder, aP.shape, 2)[1]
     accs = [cgutils.alloca_once_value(builder, ir.Constant(vtype, None)) for _ in range(PULL_BLOCK_VECTORS)]
     with cgutils.for_range_slice(builder, lo_, hi_, ir.Constant(i64, 1), inc=True) as (k, _):
-        j = builder.load(builder.gep(aI.data, [k])); j = builder.sext(j, i64) if j.type.width < 64 else j
+        j = builder.load(builder.gep(aI.data, [k]))
+        j = builder.sext(j, i64) if j.type.width < 64 else j
         wk = splat(builder.load(builder.gep(aW.data, [k])))
         row = builder.add(builder.mul(j, p), c0_)
         for t, acc in enumerate(accs):
-            src = builder.bitcast(builder.gep(aP.data, [builder.add(row, ir.Constant(i64, lanes * t))]), vtype.as_pointer())
+            src = builder.bitcast(
+                builder.gep(aP.data, [builder.add(row, ir.Constant(i64, lanes * t))]), vtype.as_pointer()
+            )
             builder.store(builder.call(fma, [wk, builder.load(src, align=width // 8), builder.load(acc)]), acc)
     return accs, aP, p, c0_, ftype, width, lanes, vtype, fma, splat
+
 
 def _block_ok(P, indices, w, out) -> bool:
     "The array types the block intrinsics accept: C-contiguous, 2-D float32/float64 P and out of one dtype, 1-D indices and weights."
     arrays = (P, out, indices, w)
-    return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) and P.ndim == 2 and out.ndim == 2 and P.dtype == out.dtype \
-        and P.dtype in (types.float32, types.float64) and w.dtype == P.dtype and indices.ndim == 1 and w.ndim == 1
+    return (
+        all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+        and P.ndim == 2
+        and out.ndim == 2
+        and P.dtype == out.dtype
+        and P.dtype in (types.float32, types.float64)
+        and w.dtype == P.dtype
+        and indices.ndim == 1
+        and w.ndim == 1
+    )
+
 
 @intrinsic
 def _gather_block(typingctx, P, indices, w, lo, hi, c0, out, i):
     "out[i, c0:c0+B] = Σ_{k=lo}^{hi−1} w[k] · P[indices[k], c0:c0+B] (B = PULL_BLOCK_BYTES / itemsize), the sum held in vector registers."
-    if not _block_ok(P, indices, w, out): return None
+    if not _block_ok(P, indices, w, out):
+        return None
+
     def codegen(context, builder, signature, args):
         accs, aP, p, c0_, ftype, width, lanes, vtype, fma, splat = _emit_gather(context, builder, signature, args)
-        aO = context.make_array(signature.args[6])(context, builder, args[6]); i64 = ir.IntType(64)
+        aO = context.make_array(signature.args[6])(context, builder, args[6])
+        i64 = ir.IntType(64)
         i_ = builder.sext(args[7], i64) if args[7].type.width < 64 else args[7]
         row = builder.add(builder.mul(i_, p), c0_)
         for t, acc in enumerate(accs):
-            dst = builder.bitcast(builder.gep(aO.data, [builder.add(row, ir.Constant(i64, lanes * t))]), vtype.as_pointer())
+            dst = builder.bitcast(
+                builder.gep(aO.data, [builder.add(row, ir.Constant(i64, lanes * t))]), vtype.as_pointer()
+            )
             builder.store(builder.load(acc), dst, align=width // 8)
         return context.get_dummy_value()
+
     return types.void(P, indices, w, lo, hi, c0, out, i), codegen
+
 
 def _lane_sum(builder, vec: ir.Value, lanes: int) -> ir.Value:
     "Sum of a vector's lanes as a tree: the upper half added to the lower until one lane is left."
     i32 = ir.IntType(32)
     while lanes > 1:
-        half = lanes // 2; pick = lambda idx: builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half), idx))
-        vec = builder.fadd(pick(list(range(half))), pick(list(range(half, lanes)))); lanes = half
+        half = lanes // 2
+        pick = lambda idx: builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half), idx))
+        vec = builder.fadd(pick(list(range(half))), pick(list(range(half, lanes))))
+        lanes = half
     return builder.extract_element(vec, ir.Constant(i32, 0))
+
 
 def _make_step_block(stream: bool):
     "The intrinsic `_step_block` (stream=False) or `_step_block_stream` (non-temporal stores; out rows must be 64-byte aligned)."
+
     @intrinsic
     def step_block(typingctx, P, indices, w, lo, hi, c0, out, i, r, alpha, sums):
         "Block c0 of row i of the step, in registers: acc = Σ_k w_k P_{j_k}, v = acc − r·P_i, y = P_i + α·v → out; Σv², ΣP_i², Σy² added to sums[0:3]."
-        if not _block_ok(P, indices, w, out) or not (isinstance(sums, types.Array) and sums.dtype == types.float64 and sums.ndim == 1): return None
+        if not _block_ok(P, indices, w, out) or not (
+            isinstance(sums, types.Array) and sums.dtype == types.float64 and sums.ndim == 1
+        ):
+            return None
+
         def codegen(context, builder, signature, args):
             accs, aP, p, c0_, ftype, width, lanes, vtype, fma, splat = _emit_gather(context, builder, signature, args)
             aO, aS = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (6, 10))
             i32, i64, f64 = ir.IntType(32), ir.IntType(64), ir.DoubleType()
             i_ = builder.sext(args[7], i64) if args[7].type.width < 64 else args[7]
-            narrow = (lambda x: builder.fptrunc(x, ftype)) if width == 32 else (lambda x: x)   # r and α rounded to P's dtype
+            narrow = (
+                (lambda x: builder.fptrunc(x, ftype)) if width == 32 else (lambda x: x)
+            )  # r and α rounded to P's dtype
             neg_r, alpha_v = splat(narrow(builder.fneg(args[8]))), splat(narrow(args[9]))
-            row = builder.add(builder.mul(i_, p), c0_); squares = None
+            row = builder.add(builder.mul(i_, p), c0_)
+            squares = None
             for t, acc in enumerate(accs):
                 at = builder.add(row, ir.Constant(i64, lanes * t))
                 x = builder.load(builder.bitcast(builder.gep(aP.data, [at]), vtype.as_pointer()), align=width // 8)
-                v = builder.call(fma, [neg_r, x, builder.load(acc)])     # the pull, one rounding
-                y = builder.call(fma, [alpha_v, v, x])                   # the step, one rounding
-                st = builder.store(y, builder.bitcast(builder.gep(aO.data, [at]), vtype.as_pointer()), align=PULL_VECTOR_BYTES if stream else width // 8)
-                if stream: st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
-                squares = [builder.fmul(e, e) for e in (v, x, y)] if squares is None else [builder.call(fma, [e, e, s]) for e, s in zip((v, x, y), squares)]
+                v = builder.call(fma, [neg_r, x, builder.load(acc)])  # the pull, one rounding
+                y = builder.call(fma, [alpha_v, v, x])  # the step, one rounding
+                st = builder.store(
+                    y,
+                    builder.bitcast(builder.gep(aO.data, [at]), vtype.as_pointer()),
+                    align=PULL_VECTOR_BYTES if stream else width // 8,
+                )
+                if stream:
+                    st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+                squares = (
+                    [builder.fmul(e, e) for e in (v, x, y)]
+                    if squares is None
+                    else [builder.call(fma, [e, e, s]) for e, s in zip((v, x, y), squares)]
+                )
             for idx, sq in enumerate(squares):
-                h = _lane_sum(builder, sq, lanes); h = builder.fpext(h, f64) if width == 32 else h
-                ptr = builder.gep(aS.data, [ir.Constant(i64, idx)]); builder.store(builder.fadd(builder.load(ptr), h), ptr)
+                h = _lane_sum(builder, sq, lanes)
+                h = builder.fpext(h, f64) if width == 32 else h
+                ptr = builder.gep(aS.data, [ir.Constant(i64, idx)])
+                builder.store(builder.fadd(builder.load(ptr), h), ptr)
             return context.get_dummy_value()
+
         return types.void(P, indices, w, lo, hi, c0, out, i, r, alpha, sums), codegen
+
     return step_block
 
+
 _step_block, _step_block_stream = _make_step_block(False), _make_step_block(True)
+
 
 @intrinsic
 def _store_fence(typingctx):
     "Order this thread's streaming stores before what follows (x86 sfence; nothing elsewhere)."
+
     def codegen(context, builder, signature, args):
-        if PULL_STREAM: builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence"), [])
+        if PULL_STREAM:
+            builder.call(
+                cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence"
+                ),
+                [],
+            )
         return context.get_dummy_value()
+
     return types.void(), codegen
+
 
 @intrinsic
 def _prefetch_row(typingctx, P, j):
     "Ask the CPU to start loading row j of P (every 64-byte line) into cache; no effect on results."
-    if not (isinstance(P, types.Array) and P.layout == "C" and P.ndim == 2 and isinstance(j, types.Integer)): return None
+    if not (isinstance(P, types.Array) and P.layout == "C" and P.ndim == 2 and isinstance(j, types.Integer)):
+        return None
+
     def codegen(context, builder, signature, args):
         aP = context.make_array(signature.args[0])(context, builder, args[0])
         i32, i64, i8p = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
         j = builder.sext(args[1], i64) if args[1].type.width < 64 else args[1]
         p = cgutils.unpack_tuple(builder, aP.shape, 2)[1]
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
         row = builder.bitcast(builder.gep(aP.data, [builder.mul(j, p)]), i8p)
-        nbytes = builder.mul(p, ir.Constant(i64, context.get_abi_sizeof(context.get_value_type(signature.args[0].dtype))))
-        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), nbytes, ir.Constant(i64, 64), inc=True) as (offset, _):
-            builder.call(fn, [builder.gep(row, [offset]), ir.Constant(i32, 0), ir.Constant(i32, PULL_PREFETCH_LOCALITY), ir.Constant(i32, 1)])  # read, locality, data
+        nbytes = builder.mul(
+            p, ir.Constant(i64, context.get_abi_sizeof(context.get_value_type(signature.args[0].dtype)))
+        )
+        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), nbytes, ir.Constant(i64, 64), inc=True) as (
+            offset,
+            _,
+        ):
+            builder.call(
+                fn,
+                [
+                    builder.gep(row, [offset]),
+                    ir.Constant(i32, 0),
+                    ir.Constant(i32, PULL_PREFETCH_LOCALITY),
+                    ir.Constant(i32, 1),
+                ],
+            )  # read, locality, data
         return context.get_dummy_value()
+
     return types.void(P, j), codegen
+
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True, inline="always")
 def _prefetch_ahead(indptr, indices, P, ahead, reach):  # pragma: no cover (compiled)
@@ -286,39 +425,58 @@ def _prefetch_ahead(indptr, indices, P, ahead, reach):  # pragma: no cover (comp
     if ahead < indptr.shape[0] - 1:
         for k in range(indptr[ahead], indptr[ahead + 1]):
             j = indices[k]
-            if j > ahead + PULL_NEAR_ROWS or j < ahead - PULL_NEAR_ROWS: _prefetch_row(P, j)   # a shortcut: in main memory
-            elif j > reach: _prefetch_row(P, j); reach = j      # the band's leading row, not yet asked for
+            if j > ahead + PULL_NEAR_ROWS or j < ahead - PULL_NEAR_ROWS:
+                _prefetch_row(P, j)  # a shortcut: in main memory
+            elif j > reach:
+                _prefetch_row(P, j)
+                reach = j  # the band's leading row, not yet asked for
     return reach
+
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True, inline="always")
 def _gather_tail(indices, w, P, out, i, lo, hi, full):  # pragma: no cover (compiled)
     "out[i, full:] = Σ_{k=lo}^{hi−1} w_k P_{j_k}[full:], one column at a time (the columns past the last whole register block)."
     p = P.shape[1]
-    for c in range(full, p): out[i, c] = 0.0
+    for c in range(full, p):
+        out[i, c] = 0.0
     for k in range(lo, hi):
-        j = indices[k]; wk = w[k]
-        for c in range(full, p): out[i, c] += wk * P[j, c]
+        j = indices[k]
+        wk = w[k]
+        for c in range(full, p):
+            out[i, c] += wk * P[j, c]
+
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
 def _gather_row(indptr, indices, w, P, out, i, reach):  # pragma: no cover (compiled)
     "out[i] = Σ_k w_k P_{j_k} over row i of the CSR (register blocks, then a plain loop for the tail columns); returns (r_i = Σ_k w_k, reach)."
-    p = P.shape[1]; block = PULL_BLOCK_BYTES // P.itemsize; full = p - p % block
+    p = P.shape[1]
+    block = PULL_BLOCK_BYTES // P.itemsize
+    full = p - p % block
     reach = _prefetch_ahead(indptr, indices, P, i + PULL_PREFETCH_AHEAD, reach)
-    lo = indptr[i]; hi = indptr[i + 1]
+    lo = indptr[i]
+    hi = indptr[i + 1]
     r = 0.0
-    for k in range(lo, hi): r += w[k]
-    for c0 in range(0, full, block): _gather_block(P, indices, w, lo, hi, c0, out, i)
+    for k in range(lo, hi):
+        r += w[k]
+    for c0 in range(0, full, block):
+        _gather_block(P, indices, w, lo, hi, c0, out, i)
     _gather_tail(indices, w, P, out, i, lo, hi, full)
     return r, reach
+
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True, inline="always")
 def _finish_pull_row(P, out, r, i):  # pragma: no cover (compiled)
     "out[i] ← out[i] − r·P[i] (row i of the pull, from its gathered sum); returns the sums of squares of that row and of P[i]."
-    s_pull = 0.0; s_p = 0.0
+    s_pull = 0.0
+    s_p = 0.0
     for c in range(P.shape[1]):
-        x = P[i, c]; v = out[i, c] - r * x; out[i, c] = v
-        s_pull += v * v; s_p += x * x
+        x = P[i, c]
+        v = out[i, c] - r * x
+        out[i, c] = v
+        s_pull += v * v
+        s_p += x * x
     return s_pull, s_p
+
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
 def _pull_rows_plain(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
@@ -326,11 +484,16 @@ def _pull_rows_plain(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  #
     p = P.shape[1]
     for i in range(start, stop):
         r = 0.0
-        for c in range(p): out[i, c] = 0.0
+        for c in range(p):
+            out[i, c] = 0.0
         for k in range(indptr[i], indptr[i + 1]):
-            j = indices[k]; wk = w[k]; r += wk
-            for c in range(p): out[i, c] += wk * P[j, c]
+            j = indices[k]
+            wk = w[k]
+            r += wk
+            for c in range(p):
+                out[i, c] += wk * P[j, c]
         pull_sq[i], p_sq[i] = _finish_pull_row(P, out, r, i)
+
 
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
 def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
@@ -340,32 +503,61 @@ def _pull_rows(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragm
         r, reach = _gather_row(indptr, indices, w, P, out, i, reach)
         pull_sq[i], p_sq[i] = _finish_pull_row(P, out, r, i)
 
+
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
-def _step_rows(indptr, indices, w, P, alpha, out, pull_sq, p_sq, out_sq, stream, start, stop):  # pragma: no cover (compiled)
+def _step_rows(
+    indptr, indices, w, P, alpha, out, pull_sq, p_sq, out_sq, stream, start, stop
+):  # pragma: no cover (compiled)
     "Rows start:stop of out_i = P_i + α·pull_i, finished in registers (v = Σ_k w_k P_{j_k} − r_i P_i, then P_i + α v, in P's dtype); squares of v, P_i, out_i."
-    p = P.shape[1]; block = PULL_BLOCK_BYTES // P.itemsize; full = p - p % block
-    stream = PULL_STREAM and stream and out.ctypes.data % PULL_VECTOR_BYTES == 0 and (p * out.itemsize) % PULL_VECTOR_BYTES == 0   # x86-64, aligned rows
-    sums = np.zeros(3); scalars = np.empty(2, dtype=P.dtype); reach = start - 1
+    p = P.shape[1]
+    block = PULL_BLOCK_BYTES // P.itemsize
+    full = p - p % block
+    stream = (
+        PULL_STREAM
+        and stream
+        and out.ctypes.data % PULL_VECTOR_BYTES == 0
+        and (p * out.itemsize) % PULL_VECTOR_BYTES == 0
+    )  # x86-64, aligned rows
+    sums = np.zeros(3)
+    scalars = np.empty(2, dtype=P.dtype)
+    reach = start - 1
     for i in range(start, stop):
         reach = _prefetch_ahead(indptr, indices, P, i + PULL_PREFETCH_AHEAD, reach)
-        lo = indptr[i]; hi = indptr[i + 1]
+        lo = indptr[i]
+        hi = indptr[i + 1]
         r = 0.0
-        for k in range(lo, hi): r += w[k]
-        sums[0] = 0.0; sums[1] = 0.0; sums[2] = 0.0
+        for k in range(lo, hi):
+            r += w[k]
+        sums[0] = 0.0
+        sums[1] = 0.0
+        sums[2] = 0.0
         if stream:
-            for c0 in range(0, full, block): _step_block_stream(P, indices, w, lo, hi, c0, out, i, r, alpha, sums)
+            for c0 in range(0, full, block):
+                _step_block_stream(P, indices, w, lo, hi, c0, out, i, r, alpha, sums)
         else:
-            for c0 in range(0, full, block): _step_block(P, indices, w, lo, hi, c0, out, i, r, alpha, sums)
-        if full < p:                                         # tail columns: the same formulas, one column at a time
-            scalars[0] = r; scalars[1] = alpha                # r and α rounded to P's dtype, as in the blocks
+            for c0 in range(0, full, block):
+                _step_block(P, indices, w, lo, hi, c0, out, i, r, alpha, sums)
+        if full < p:  # tail columns: the same formulas, one column at a time
+            scalars[0] = r
+            scalars[1] = alpha  # r and α rounded to P's dtype, as in the blocks
             _gather_tail(indices, w, P, out, i, lo, hi, full)
             for c in range(full, p):
-                x = P[i, c]; v = out[i, c] - scalars[0] * x; y = x + scalars[1] * v; out[i, c] = y
-                sums[0] += v * v; sums[1] += x * x; sums[2] += y * y
-        pull_sq[i] = sums[0]; p_sq[i] = sums[1]; out_sq[i] = sums[2]
-    if stream: _store_fence()
+                x = P[i, c]
+                v = out[i, c] - scalars[0] * x
+                y = x + scalars[1] * v
+                out[i, c] = y
+                sums[0] += v * v
+                sums[1] += x * x
+                sums[2] += y * y
+        pull_sq[i] = sums[0]
+        p_sq[i] = sums[1]
+        out_sq[i] = sums[2]
+    if stream:
+        _store_fence()
 
-_POOL: tuple | None = None   # (pid, workers, ThreadPoolExecutor)
+
+_POOL: tuple | None = None  # (pid, workers, ThreadPoolExecutor)
+
 
 def _row_pool(workers: int) -> ThreadPoolExecutor:
     "A thread pool for the row kernels (rebuilt after a fork or a change of thread count)."
@@ -374,55 +566,110 @@ def _row_pool(workers: int) -> ThreadPoolExecutor:
         _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="rapo-rows"))
     return _POOL[2]
 
+
 def _run_rows(kernel: Callable, n: int, size: int, *args) -> None:
     "Run `kernel(*args, start, stop)` over rows 0:n, split over torch's thread count when the bank is large enough."
     threads = max(1, torch.get_num_threads())
-    if threads == 1 or size < PULL_PARALLEL_MIN or n < 2 * threads: kernel(*args, 0, n); return
+    if threads == 1 or size < PULL_PARALLEL_MIN or n < 2 * threads:
+        kernel(*args, 0, n)
+        return
     bounds = np.linspace(0, n, threads + 1).astype(np.int64)
     futures = [_row_pool(threads).submit(kernel, *args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    for f in futures: f.result()
+    for f in futures:
+        f.result()
+
 
 def _numba_ready(*tensors: torch.Tensor) -> bool:
     "True when the row kernels can take these tensors: plain CPU float32/float64 tensors outside autograd."
-    return all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
-               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return all(
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and t.dtype in (torch.float32, torch.float64)
+        and not t.requires_grad
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in tensors
+    )
+
 
 def _pull_args(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torch.Tensor | None, kernel: str) -> bool:
     "Validate the arguments of `fused_pull` / `fused_step`; True when the numba kernels will run."
-    if kernel not in PULL_KERNELS: raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
-    if P.ndim != 2 or P.shape[0] != topo.n: raise ValueError(f"P: expected [{topo.n}, p], got {tuple(P.shape)}")
-    if weights.shape != (topo.n_edges,): raise ValueError(f"weights: expected shape [{topo.n_edges}], got {tuple(weights.shape)}")
-    use_numba = _numba_ready(P, weights) and topo.device.type == "cpu"   # (weights are cast to P's dtype by the callers)
-    if kernel == "numba" and not use_numba: raise ValueError(f"kernel: 'numba' needs a CPU float32/float64 P outside autograd, got {P.dtype} on {P.device}")
+    if kernel not in PULL_KERNELS:
+        raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
+    if P.ndim != 2 or P.shape[0] != topo.n:
+        raise ValueError(f"P: expected [{topo.n}, p], got {tuple(P.shape)}")
+    if weights.shape != (topo.n_edges,):
+        raise ValueError(f"weights: expected shape [{topo.n_edges}], got {tuple(weights.shape)}")
+    use_numba = _numba_ready(P, weights) and topo.device.type == "cpu"  # (weights are cast to P's dtype by the callers)
+    if kernel == "numba" and not use_numba:
+        raise ValueError(f"kernel: 'numba' needs a CPU float32/float64 P outside autograd, got {P.dtype} on {P.device}")
     if out is not None and (out.shape != P.shape or out.dtype != P.dtype or out.device != P.device or out is P):
         raise ValueError(f"out: expected a separate {P.dtype} buffer of shape {tuple(P.shape)} on {P.device}")
     return use_numba and kernel != "torch"
 
-def fused_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torch.Tensor | None = None,
-               kernel: str = "auto") -> tuple[torch.Tensor, float, float]:
+
+def fused_pull(
+    P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torch.Tensor | None = None, kernel: str = "auto"
+) -> tuple[torch.Tensor, float, float]:
     "(Σ_j w_ij (P_j − P_i) for every agent, its Frobenius norm, ‖P‖_F); numba on CPU, a torch sparse product otherwise."
     if _pull_args(P, topo, weights, out, kernel):
-        Pc = P.contiguous(); out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
-        pull_sq = np.empty(topo.n, dtype=np.float64); p_sq = np.empty(topo.n, dtype=np.float64)
-        _run_rows(_pull_rows, topo.n, Pc.numel(), topo.indptr.numpy(), topo.indices.numpy(), weights.to(P.dtype).contiguous().numpy(),
-                  Pc.numpy(), out.numpy(), pull_sq, p_sq)
+        Pc = P.contiguous()
+        out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
+        pull_sq = np.empty(topo.n, dtype=np.float64)
+        p_sq = np.empty(topo.n, dtype=np.float64)
+        _run_rows(
+            _pull_rows,
+            topo.n,
+            Pc.numel(),
+            topo.indptr.numpy(),
+            topo.indices.numpy(),
+            weights.to(P.dtype).contiguous().numpy(),
+            Pc.numpy(),
+            out.numpy(),
+            pull_sq,
+            p_sq,
+        )
         return out, float(np.sqrt(pull_sq.sum())), float(np.sqrt(p_sq.sum()))
     WP = topo.matrix(weights.to(P.dtype)) @ P
     r = segment_sum(weights.to(P.dtype), topo)
     pull = WP.sub_(P * r[:, None])
-    if out is not None: pull = out.copy_(pull)
+    if out is not None:
+        pull = out.copy_(pull)
     return pull, float(torch.linalg.vector_norm(pull)), float(torch.linalg.vector_norm(P))
 
-def fused_step(P: torch.Tensor, topo: Topology, weights: torch.Tensor, alpha: float, out: torch.Tensor | None = None,
-               kernel: str = "auto") -> tuple[torch.Tensor, float, float, float]:
+
+def fused_step(
+    P: torch.Tensor,
+    topo: Topology,
+    weights: torch.Tensor,
+    alpha: float,
+    out: torch.Tensor | None = None,
+    kernel: str = "auto",
+) -> tuple[torch.Tensor, float, float, float]:
     "(P + α·Σ_j w_ij (P_j − P_i), ‖pull‖_F, ‖P‖_F, ‖result‖_F) in one pass over P on CPU (numba, finished in registers); pull then add otherwise."
-    if not math.isfinite(alpha): raise ValueError(f"alpha: expected a finite number, got {alpha}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha: expected a finite number, got {alpha}")
     if _pull_args(P, topo, weights, out, kernel):
-        Pc = P.contiguous(); out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
+        Pc = P.contiguous()
+        out = torch.empty_like(Pc) if out is None or not out.is_contiguous() else out
         pull_sq, p_sq, out_sq = (np.empty(topo.n, dtype=np.float64) for _ in range(3))
-        stream = out.numel() * out.element_size() >= PULL_STREAM_MIN   # (the kernel streams only on x86-64 into 64-byte aligned rows)
-        _run_rows(_step_rows, topo.n, Pc.numel(), topo.indptr.numpy(), topo.indices.numpy(), weights.to(P.dtype).contiguous().numpy(),
-                  Pc.numpy(), float(alpha), out.numpy(), pull_sq, p_sq, out_sq, stream)
+        stream = (
+            out.numel() * out.element_size() >= PULL_STREAM_MIN
+        )  # (the kernel streams only on x86-64 into 64-byte aligned rows)
+        _run_rows(
+            _step_rows,
+            topo.n,
+            Pc.numel(),
+            topo.indptr.numpy(),
+            topo.indices.numpy(),
+            weights.to(P.dtype).contiguous().numpy(),
+            Pc.numpy(),
+            float(alpha),
+            out.numpy(),
+            pull_sq,
+            p_sq,
+            out_sq,
+            stream,
+        )
         return out, float(np.sqrt(pull_sq.sum())), float(np.sqrt(p_sq.sum())), float(np.sqrt(out_sq.sum()))
     pull, res, normP = fused_pull(P, topo, weights, kernel="torch")
     new = torch.add(P, pull, alpha=alpha, out=out) if out is not None else torch.add(P, pull, alpha=alpha)
@@ -434,66 +681,101 @@ def clip_rows(G: torch.Tensor, max_norm: float) -> torch.Tensor:
     norms = torch.linalg.vector_norm(G, dim=1, keepdim=True)
     return G * (max_norm / norms.clamp(min=max_norm))
 
+
 def project_trust_region(delta: torch.Tensor, P: torch.Tensor, radius: float, scope: str = "global") -> torch.Tensor:
     "Scale `delta` so ‖delta‖ ≤ radius·‖P‖ (whole bank, or per row when scope='agent')."
     if scope == "global":
-        limit = radius * torch.linalg.vector_norm(P); size = torch.linalg.vector_norm(delta)
+        limit = radius * torch.linalg.vector_norm(P)
+        size = torch.linalg.vector_norm(delta)
         return delta * (limit / size).clamp(max=1.0) if size > limit else delta
     if scope == "agent":
-        limit = radius * torch.linalg.vector_norm(P, dim=1, keepdim=True); size = torch.linalg.vector_norm(delta, dim=1, keepdim=True)
-        return delta * torch.where(size > limit, limit / size.clamp(min=torch.finfo(P.dtype).tiny), torch.ones_like(size))
+        limit = radius * torch.linalg.vector_norm(P, dim=1, keepdim=True)
+        size = torch.linalg.vector_norm(delta, dim=1, keepdim=True)
+        return delta * torch.where(
+            size > limit, limit / size.clamp(min=torch.finfo(P.dtype).tiny), torch.ones_like(size)
+        )
     raise ValueError(f"trust_scope: expected 'global' or 'agent', got {scope!r}")
+
 
 def neighbour_pull(P: torch.Tensor, topo: Topology, weights: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
     "Σ_j w_ij (P_j − P_i) for every agent (= W·P − r⊙P), by `fused_pull`."
     return fused_pull(P, topo, weights, kernel=kernel)[0]
 
+
 def _check_step_inputs(P: torch.Tensor, topo: Topology, weights: torch.Tensor, alpha: float, grad_q) -> None:
     "ValueError naming the field for malformed consensus-step inputs."
-    if not torch.is_tensor(P) or P.ndim != 2 or not P.is_floating_point(): raise ValueError(f"P: expected a float [n, p] tensor, got {getattr(P, 'shape', type(P))}")
-    if P.shape[0] != topo.n: raise ValueError(f"P: has {P.shape[0]} rows but the topology has {topo.n} agents")
-    if weights.shape != (topo.n_edges,): raise ValueError(f"weights: expected shape [{topo.n_edges}], got {tuple(weights.shape)}")
-    if not (np.isfinite(alpha) and alpha >= 0): raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
-    if grad_q is not None and grad_q.shape != P.shape: raise ValueError(f"grad_q: expected shape {tuple(P.shape)}, got {tuple(grad_q.shape)}")
+    if not torch.is_tensor(P) or P.ndim != 2 or not P.is_floating_point():
+        raise ValueError(f"P: expected a float [n, p] tensor, got {getattr(P, 'shape', type(P))}")
+    if P.shape[0] != topo.n:
+        raise ValueError(f"P: has {P.shape[0]} rows but the topology has {topo.n} agents")
+    if weights.shape != (topo.n_edges,):
+        raise ValueError(f"weights: expected shape [{topo.n_edges}], got {tuple(weights.shape)}")
+    if not (np.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+    if grad_q is not None and grad_q.shape != P.shape:
+        raise ValueError(f"grad_q: expected shape {tuple(P.shape)}, got {tuple(grad_q.shape)}")
 
-def consensus_step(P: torch.Tensor, topo: Topology, weights: torch.Tensor, alpha: float, grad_q: torch.Tensor | None = None,
-                   beta: float = 0.0, trust_region: float | None = 0.1, grad_clip: float | None = 5.0,
-                   trust_scope: str = "global", pull: torch.Tensor | None = None) -> torch.Tensor:
+
+def consensus_step(
+    P: torch.Tensor,
+    topo: Topology,
+    weights: torch.Tensor,
+    alpha: float,
+    grad_q: torch.Tensor | None = None,
+    beta: float = 0.0,
+    trust_region: float | None = 0.1,
+    grad_clip: float | None = 5.0,
+    trust_scope: str = "global",
+    pull: torch.Tensor | None = None,
+) -> torch.Tensor:
     "Eq. 4 inside eq. 3's trust region: P + proj(α Σ_j w_ij (P_j − P_i) + β clip(∇Q)); returns a new tensor (a given `pull` is consumed)."
     _check_step_inputs(P, topo, weights, alpha, grad_q)
     delta = neighbour_pull(P, topo, weights) if pull is None else pull
-    if alpha != 1.0: delta.mul_(alpha)
+    if alpha != 1.0:
+        delta.mul_(alpha)
     if grad_q is not None and beta != 0.0:
         g = clip_rows(grad_q.to(P.dtype), grad_clip) if grad_clip is not None else grad_q.to(P.dtype)
         delta.add_(g, alpha=beta)
-    if trust_region is not None: delta = project_trust_region(delta, P, trust_region, trust_scope)
+    if trust_region is not None:
+        delta = project_trust_region(delta, P, trust_region, trust_scope)
     return delta.add_(P)
 
 # %% ../nbs/02_consensus.ipynb #2b2a87e5
 class Objective(Protocol):
     "A pluggable task objective Q (eq. 4): per-agent value and its gradient w.r.t. P."
+
     def value(self, P: torch.Tensor) -> torch.Tensor: ...
     def grad(self, P: torch.Tensor) -> torch.Tensor: ...
+
 
 @dataclass
 class QuadraticObjective:
     "Q_i(P) = −½‖P_i − y_i‖² (maximised at P_i = y_i); ∇Q_i = y_i − P_i."
+
     targets: torch.Tensor
-    def value(self, P: torch.Tensor) -> torch.Tensor: return -0.5 * ((P - self.targets) ** 2).sum(1)
-    def grad(self, P: torch.Tensor) -> torch.Tensor: return self.targets - P
+
+    def value(self, P: torch.Tensor) -> torch.Tensor:
+        return -0.5 * ((P - self.targets) ** 2).sum(1)
+
+    def grad(self, P: torch.Tensor) -> torch.Tensor:
+        return self.targets - P
+
 
 @dataclass
 class EntropyRegularisedObjective(QuadraticObjective):
     "V_i of §3.3 as a task objective: the quadratic Q_i plus λ H(softmax(P_i A / T)) (maximised)."
-    actions: torch.Tensor          # A: [p, K] action embeddings
-    weight: float                  # λ_i
-    temperature: float = 1.0       # T
+
+    actions: torch.Tensor  # A: [p, K] action embeddings
+    weight: float  # λ_i
+    temperature: float = 1.0  # T
 
     def __post_init__(self):
         if self.actions.ndim != 2 or self.actions.shape[0] != self.targets.shape[-1]:
             raise ValueError(f"actions: expected shape [{self.targets.shape[-1]}, K], got {tuple(self.actions.shape)}")
-        if not (np.isfinite(self.weight) and self.weight >= 0): raise ValueError(f"weight: expected a finite λ >= 0, got {self.weight!r}")
-        if not (np.isfinite(self.temperature) and self.temperature > 0): raise ValueError(f"temperature: expected T > 0, got {self.temperature!r}")
+        if not (np.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight: expected a finite λ >= 0, got {self.weight!r}")
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature: expected T > 0, got {self.temperature!r}")
 
     @classmethod
     def from_config(cls, targets: torch.Tensor, cfg: Config, seed: int = 0) -> "EntropyRegularisedObjective":
@@ -501,29 +783,54 @@ class EntropyRegularisedObjective(QuadraticObjective):
         p, K = targets.shape[-1], cfg.consensus.entropy_actions
         A = torch.randn(p, K, generator=torch.Generator().manual_seed(seed))
         A = A / torch.linalg.vector_norm(A, dim=0, keepdim=True)
-        return cls(targets, A.to(targets.device, targets.dtype), cfg.consensus.entropy_weight, cfg.consensus.entropy_temperature)
+        return cls(
+            targets,
+            A.to(targets.device, targets.dtype),
+            cfg.consensus.entropy_weight,
+            cfg.consensus.entropy_temperature,
+        )
 
-    def log_policy(self, P: torch.Tensor) -> torch.Tensor: return torch.log_softmax(P @ self.actions.to(P.dtype) / self.temperature, dim=1)
+    def log_policy(self, P: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(P @ self.actions.to(P.dtype) / self.temperature, dim=1)
+
     def entropy(self, P: torch.Tensor) -> torch.Tensor:
         "H(p_i) for every agent [n]."
-        logp = self.log_policy(P); return -(logp.exp() * logp).sum(1)
-    def value(self, P: torch.Tensor) -> torch.Tensor: return super().value(P) + self.weight * self.entropy(P)
+        logp = self.log_policy(P)
+        return -(logp.exp() * logp).sum(1)
+
+    def value(self, P: torch.Tensor) -> torch.Tensor:
+        return super().value(P) + self.weight * self.entropy(P)
+
     def grad(self, P: torch.Tensor) -> torch.Tensor:
         "∇Q_i = y_i − P_i + λ (−p ⊙ (log p + H)) Aᵀ / T."
-        logp = self.log_policy(P); p = logp.exp(); H = -(p * logp).sum(1, keepdim=True)
+        logp = self.log_policy(P)
+        p = logp.exp()
+        H = -(p * logp).sum(1, keepdim=True)
         return super().grad(P) + self.weight * ((-p * (logp + H)) @ self.actions.to(P.dtype).T) / self.temperature
 
-def penalty_omega(P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, weights: torch.Tensor, beta: float) -> torch.Tensor:
+
+def penalty_omega(
+    P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, weights: torch.Tensor, beta: float
+) -> torch.Tensor:
     "Ω(c, c_t) = ‖c − c_t‖² + β Σ_ij w_ij ‖c_i − c_j‖² (eq. 3)."
     spatial = (weights * ((P[topo.rows] - P[topo.indices]) ** 2).sum(1)).sum()
     return ((P - P_prev) ** 2).sum() + beta * spatial
+
 
 def consensus_residual(P: torch.Tensor, topo: Topology, weights: torch.Tensor) -> float:
     "‖Σ_j w_ij (P_j − P_i)‖_F: how far agents are from their neighbours' weighted average (0 at consensus)."
     return fused_pull(P, topo, weights)[1]
 
-def consensus_objective(P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, weights: torch.Tensor, objective: Objective | None,
-                        lam: float, beta: float) -> torch.Tensor:
+
+def consensus_objective(
+    P: torch.Tensor,
+    P_prev: torch.Tensor,
+    topo: Topology,
+    weights: torch.Tensor,
+    objective: Objective | None,
+    lam: float,
+    beta: float,
+) -> torch.Tensor:
     "Eq. 3's objective Σ_i V_i(c) + λ Ω(c, c_t) with V_i = −Q_i (0 without an objective)."
     V = -objective.value(P).sum() if objective is not None else torch.zeros((), dtype=P.dtype, device=P.device)
     return V + lam * penalty_omega(P, P_prev, topo, weights, beta)
@@ -531,18 +838,31 @@ def consensus_objective(P: torch.Tensor, P_prev: torch.Tensor, topo: Topology, w
 # %% ../nbs/02_consensus.ipynb #c555662e
 class ConsensusEngine:
     "Runs eq. 4 steps on a StateBank with the §3.3 gates, §3.5 clipping and rollback, and counters."
-    def __init__(self, cfg: Config, topo: Topology, device=None, objective: Objective | None = None, rollback_rule: str | None = None,
-                 trust_scope: str | None = None, reuse_buffers: bool = False, kernel: str = "auto"):
+
+    def __init__(
+        self,
+        cfg: Config,
+        topo: Topology,
+        device=None,
+        objective: Objective | None = None,
+        rollback_rule: str | None = None,
+        trust_scope: str | None = None,
+        reuse_buffers: bool = False,
+        kernel: str = "auto",
+    ):
         rollback_rule = cfg.consensus.rollback_rule if rollback_rule is None else rollback_rule
         trust_scope = cfg.consensus.trust_scope if trust_scope is None else trust_scope
         self.reuse_buffers = reuse_buffers
-        if kernel not in PULL_KERNELS: raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
+        if kernel not in PULL_KERNELS:
+            raise ValueError(f"kernel: expected one of {PULL_KERNELS}, got {kernel!r}")
         self.kernel = kernel
-        self._spare: torch.Tensor | None = None      # a P-sized buffer the next step may write into (reuse_buffers)
-        self._pull_buf: torch.Tensor | None = None   # the neighbour-pull buffer (reuse_buffers)
-        if trust_scope not in ("global", "agent"): raise ValueError(f"trust_scope: expected 'global' or 'agent', got {trust_scope!r}")
+        self._spare: torch.Tensor | None = None  # a P-sized buffer the next step may write into (reuse_buffers)
+        self._pull_buf: torch.Tensor | None = None  # the neighbour-pull buffer (reuse_buffers)
+        if trust_scope not in ("global", "agent"):
+            raise ValueError(f"trust_scope: expected 'global' or 'agent', got {trust_scope!r}")
         self.trust_scope = trust_scope
-        if rollback_rule not in ("progress", "settle"): raise ValueError(f"rollback_rule: expected 'progress' or 'settle', got {rollback_rule!r}")
+        if rollback_rule not in ("progress", "settle"):
+            raise ValueError(f"rollback_rule: expected 'progress' or 'settle', got {rollback_rule!r}")
         self.cfg, self.cc = cfg, cfg.consensus
         self.device = get_device(cfg.device) if device is None else torch.device(device)
         self.topo = topo.to(self.device)
@@ -556,15 +876,16 @@ class ConsensusEngine:
         self._stable_version = 0
         self._weights: torch.Tensor | None = None
         self._alive_key: torch.Tensor | None = None
-        self._alive_seen: tuple | None = None     # (the alive tensor last found equal to _alive_key, its _version)
-        self._rows_cache: tuple | None = None     # (w, row sums of w, or None when they are all 1)
-        self._prev_update: float | None = None    # ‖unconstrained update‖ of the previous iteration
+        self._alive_seen: tuple | None = None  # (the alive tensor last found equal to _alive_key, its _version)
+        self._rows_cache: tuple | None = None  # (w, row sums of w, or None when they are all 1)
+        self._prev_update: float | None = None  # ‖unconstrained update‖ of the previous iteration
 
     # -- inputs from the rest of the system --
     def record_outcomes(self, successes) -> None:
         "Append conversation outcomes (bools or 0/1) to the rolling E(c) window."
         s = np.asarray(successes, dtype=float).ravel()
-        if not np.isfinite(s).all() or ((s < 0) | (s > 1)).any(): raise ValueError("successes: expected values in [0, 1]")
+        if not np.isfinite(s).all() or ((s < 0) | (s > 1)).any():
+            raise ValueError("successes: expected values in [0, 1]")
         self.outcomes.extend(s.tolist())
 
     def effectiveness_rate(self) -> float | None:
@@ -575,21 +896,28 @@ class ConsensusEngine:
         "EMA-update E_ij of edges (src→dst) with exchange outcomes; returns how many pairs were not edges."
         src, dst = torch.as_tensor(src, device=self.device), torch.as_tensor(dst, device=self.device)
         success = torch.as_tensor(success, device=self.device, dtype=torch.float32)
-        if not (src.shape == dst.shape == success.shape): raise ValueError(f"success: shapes of src {tuple(src.shape)}, dst {tuple(dst.shape)} and success {tuple(success.shape)} differ")
-        if not torch.isfinite(success).all() or (success < 0).any() or (success > 1).any(): raise ValueError("success: expected values in [0, 1]")
-        eid = self.topo.edge_ids(src, dst); ok = eid >= 0
+        if not (src.shape == dst.shape == success.shape):
+            raise ValueError(
+                f"success: shapes of src {tuple(src.shape)}, dst {tuple(dst.shape)} and success {tuple(success.shape)} differ"
+            )
+        if not torch.isfinite(success).all() or (success < 0).any() or (success > 1).any():
+            raise ValueError("success: expected values in [0, 1]")
+        eid = self.topo.edge_ids(src, dst)
+        ok = eid >= 0
         self.effectiveness = sequential_ema(self.effectiveness, eid[ok], success[ok], EXCHANGE_EMA).clamp(min=1e-6)
         self._weights = None
         return int((~ok).sum())
 
     def set_resource(self, r: float) -> None:
         "Report the current resource share R(c) ∈ [0, 1] (CPU + memory)."
-        if not (np.isfinite(r) and 0 <= r <= 1): raise ValueError(f"r: expected a share in [0, 1], got {r!r}")
+        if not (np.isfinite(r) and 0 <= r <= 1):
+            raise ValueError(f"r: expected a share in [0, 1], got {r!r}")
         self.resource = float(r)
 
     def weights(self, alive: torch.Tensor | None = None) -> torch.Tensor:
         "Current eq. 5 weights; edges touching a dead agent get 0."
-        if alive is not None and alive.shape != (self.topo.n,): raise ValueError(f"alive: expected shape [{self.topo.n}], got {tuple(alive.shape)}")
+        if alive is not None and alive.shape != (self.topo.n,):
+            raise ValueError(f"alive: expected shape [{self.topo.n}], got {tuple(alive.shape)}")
         if self._weights is None or (alive is not None and not self._alive_unchanged(alive)):
             E = self.effectiveness
             if alive is not None and not bool(alive.all()):
@@ -601,55 +929,99 @@ class ConsensusEngine:
 
     def _alive_unchanged(self, alive: torch.Tensor) -> bool:
         "True when `alive` holds the values the cached weights were built for: O(1) for the same, unedited tensor, else one comparison."
-        if self._alive_key is None: return False
+        if self._alive_key is None:
+            return False
         seen = self._alive_seen
-        if seen is not None and alive is seen[0] and alive._version == seen[1]: return True
+        if seen is not None and alive is seen[0] and alive._version == seen[1]:
+            return True
         # numpy compares on the calling thread: a torch comparison of 100,000 flags starts torch's OpenMP team, whose
         # workers then spin for milliseconds and would share the cores with the step's row kernels
-        same = bool(np.array_equal(alive.numpy(), self._alive_key.numpy())) if alive.device.type == "cpu" else torch.equal(alive, self._alive_key)
-        if same: self._alive_seen = (alive, alive._version)
+        same = (
+            bool(np.array_equal(alive.numpy(), self._alive_key.numpy()))
+            if alive.device.type == "cpu"
+            else torch.equal(alive, self._alive_key)
+        )
+        if same:
+            self._alive_seen = (alive, alive._version)
         return same
 
     def _row_sums(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         "Row sums r_i = Σ_j w_ij of the eq. 5 weights, or None when they are all 1 (cached per weights tensor)."
         if self._rows_cache is None or self._rows_cache[0] is not w:
             r = segment_sum(w.to(dtype), self.topo)
-            ones = bool(torch.all((r - 1).abs() <= 1e-5)) if r.numel() else True   # rows of eq. 5 weights sum to 1 up to rounding
+            ones = (
+                bool(torch.all((r - 1).abs() <= 1e-5)) if r.numel() else True
+            )  # rows of eq. 5 weights sum to 1 up to rounding
             self._rows_cache = (w, None if ones else r)
         return self._rows_cache[1]
 
     def _mixed(self, P: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         "(pull = W·P − r⊙P, ‖pull‖, ‖P‖) by `fused_pull`, into the engine's pull buffer when `reuse_buffers`."
         buf = self._pull_buf
-        ok = self.reuse_buffers and buf is not None and buf.shape == P.shape and buf.dtype == P.dtype and buf.device == P.device and buf is not P
+        ok = (
+            self.reuse_buffers
+            and buf is not None
+            and buf.shape == P.shape
+            and buf.dtype == P.dtype
+            and buf.device == P.device
+            and buf is not P
+        )
         pull, res, normP = fused_pull(P, self.topo, w, out=buf if ok else None, kernel=self.kernel)
-        if self.reuse_buffers: self._pull_buf = pull
+        if self.reuse_buffers:
+            self._pull_buf = pull
         return pull, res, normP
 
     def _out_buffer(self, P: torch.Tensor) -> torch.Tensor | None:
         "A P-sized buffer that is neither the current P nor the stable P (None: allocate)."
         s = self._spare
-        if not self.reuse_buffers or s is None or s is P or s is self.stable or s.shape != P.shape or s.dtype != P.dtype: return None
+        if (
+            not self.reuse_buffers
+            or s is None
+            or s is P
+            or s is self.stable
+            or s.shape != P.shape
+            or s.dtype != P.dtype
+        ):
+            return None
         return s
 
     # -- one iteration --
     def step(self, bank: StateBank, grad_q: torch.Tensor | None = None) -> dict:
         "One consensus iteration on `bank.P`; returns dict(converged, delta, rolled_back, gate, rejected, residual (of the P it started from), update_norm)."
-        if bank.n != self.topo.n: raise ValueError(f"bank: has {bank.n} agents but the topology has {self.topo.n}")
+        if bank.n != self.topo.n:
+            raise ValueError(f"bank: has {bank.n} agents but the topology has {self.topo.n}")
         self.rounds += 1
-        info = dict(converged=False, delta=0.0, rolled_back=False, gate=None, rejected=False, residual=float("nan"), update_norm=float("nan"))
-        if self.stable is None or self.stable.shape != bank.P.shape: self._set_stable(bank.P.clone())
+        info = dict(
+            converged=False,
+            delta=0.0,
+            rolled_back=False,
+            gate=None,
+            rejected=False,
+            residual=float("nan"),
+            update_norm=float("nan"),
+        )
+        if self.stable is None or self.stable.shape != bank.P.shape:
+            self._set_stable(bank.P.clone())
         elif self.stable is bank.P and bank.P._version != self._stable_version:
-            self.stable_edits += 1; self._set_stable(bank.P.clone())     # P was edited in place: the edit becomes the stable state
+            self.stable_edits += 1
+            self._set_stable(bank.P.clone())  # P was edited in place: the edit becomes the stable state
         if self.resource > self.cc.resource_max:
-            self.resource_skips += 1; info["gate"] = "resource"; return info
-        P = bank.P; w = self.weights(bank.alive); cc = self.cc
-        if grad_q is None and self.objective is not None: grad_q = self.objective.grad(P)
+            self.resource_skips += 1
+            info["gate"] = "resource"
+            return info
+        P = bank.P
+        w = self.weights(bank.alive)
+        cc = self.cc
+        if grad_q is None and self.objective is not None:
+            grad_q = self.objective.grad(P)
         if grad_q is None and self._row_sums(w, P.dtype) is None and self.trust_scope == "global":
             # fast path (rows of W sum to 1, no task gradient): one pass computes P + α(WP − P) and the three norms;
             # when the trust region binds, a second pass redoes it with α shrunk to Δmax‖P‖/‖pull‖
-            P_new, res, normP, norm_new = fused_step(P, self.topo, w, cc.alpha, out=self._out_buffer(P), kernel=self.kernel)
-            alpha = cc.alpha; update_norm = cc.alpha * res
+            P_new, res, normP, norm_new = fused_step(
+                P, self.topo, w, cc.alpha, out=self._out_buffer(P), kernel=self.kernel
+            )
+            alpha = cc.alpha
+            update_norm = cc.alpha * res
             if cc.trust_region is not None and alpha * res > cc.trust_region * normP:
                 alpha = cc.trust_region * normP / res
                 P_new, _, _, norm_new = fused_step(P, self.topo, w, alpha, out=P_new, kernel=self.kernel)
@@ -659,26 +1031,33 @@ class ConsensusEngine:
             pull, res, normP = self._mixed(P, w)
             upd = pull * cc.alpha
             if grad_q is not None:
-                if grad_q.shape != P.shape: raise ValueError(f"grad_q: expected shape {tuple(P.shape)}, got {tuple(grad_q.shape)}")
+                if grad_q.shape != P.shape:
+                    raise ValueError(f"grad_q: expected shape {tuple(P.shape)}, got {tuple(grad_q.shape)}")
                 grad_q = grad_q.to(P.dtype) * bank.alive[:, None]
                 self.clipped += int((torch.linalg.vector_norm(grad_q, dim=1) > cc.grad_clip).sum())
                 upd.add_(clip_rows(grad_q, cc.grad_clip), alpha=cc.beta_q)
             update_norm = float(torch.linalg.vector_norm(upd))
             P_new = consensus_step(P, self.topo, w, 1.0, None, 0.0, cc.trust_region, None, self.trust_scope, pull=upd)
-            change = float(torch.linalg.vector_norm(P_new - P))   # non-finite iff P_new is (P is checked through ‖P‖)
+            change = float(torch.linalg.vector_norm(P_new - P))  # non-finite iff P_new is (P is checked through ‖P‖)
             finite = [change, update_norm, normP]
         if not all(np.isfinite(finite)):
-            self.rejected += 1; bank.rejected_updates += 1; info["rejected"] = True
-            self._count_nonconverging(bank, info); return info
+            self.rejected += 1
+            bank.rejected_updates += 1
+            info["rejected"] = True
+            self._count_nonconverging(bank, info)
+            return info
         delta = change / max(normP, 1e-12)
-        bank.P = P_new; self._spare = P
+        bank.P = P_new
+        self._spare = P
         info.update(delta=delta, residual=res, update_norm=update_norm, converged=delta < cc.converge_tol)
         prev, self._prev_update = self._prev_update, update_norm
         if info["converged"] or (self.rollback_rule == "progress" and prev is not None and update_norm < prev):
             self.nonconverged = 0
             rate = self.effectiveness_rate()
-            if rate is None or rate >= cc.e_min: self._set_stable(P_new)
-            else: info["gate"] = "effectiveness"
+            if rate is None or rate >= cc.e_min:
+                self._set_stable(P_new)
+            else:
+                info["gate"] = "effectiveness"
         elif self.rollback_rule == "settle" or prev is not None:
             self._count_nonconverging(bank, info)
         return info
@@ -693,56 +1072,96 @@ class ConsensusEngine:
         if self.nonconverged >= self.cc.rollback_after:
             if self.stable._version != self._stable_version:
                 raise RuntimeError("stable: the saved stable P was modified in place; do not edit engine.stable")
-            bank.P = self.stable.clone(); self._prev_update = None
-            self.rollbacks += 1; self.nonconverged = 0; info["rolled_back"] = True
+            bank.P = self.stable.clone()
+            self._prev_update = None
+            self.rollbacks += 1
+            self.nonconverged = 0
+            info["rolled_back"] = True
 
     def counters(self) -> dict:
         "The engine's counters (for metrics)."
-        return dict(rounds=self.rounds, rollbacks=self.rollbacks, rejected=self.rejected, clipped=self.clipped,
-                    resource_skips=self.resource_skips, nonconverged=self.nonconverged, stable_edits=self.stable_edits)
+        return dict(
+            rounds=self.rounds,
+            rollbacks=self.rollbacks,
+            rejected=self.rejected,
+            clipped=self.clipped,
+            resource_skips=self.resource_skips,
+            nonconverged=self.nonconverged,
+            stable_edits=self.stable_edits,
+        )
 
 # %% ../nbs/02_consensus.ipynb #19d4dd05
 TICK_UPDATE_SHARE: float = 0.1  # ours: share of agents reporting an outcome in one benchmark tick
-TICK_BLOCK: int = 5              # ours: calls per timed block; copies and ticks alternate by blocks, each block after one untimed call
+TICK_BLOCK: int = (
+    5  # ours: calls per timed block; copies and ticks alternate by blocks, each block after one untimed call
+)
 
-def _interleaved_ms(fns: Sequence[Callable[[], object]], repeats: int, sync: Callable[[], None],
-                    block: int = TICK_BLOCK) -> list[tuple[float, float]]:
+
+def _interleaved_ms(
+    fns: Sequence[Callable[[], object]], repeats: int, sync: Callable[[], None], block: int = TICK_BLOCK
+) -> list[tuple[float, float]]:
     "Median wall and process CPU time in ms of each of `fns` over `repeats` timed calls, the functions alternating by blocks of `block` calls."
     wall, cpu = [[] for _ in fns], [[] for _ in fns]
     while len(wall[0]) < repeats:
         for k, fn in enumerate(fns):
-            fn(); sync()                  # untimed: absorbs what the previous block left behind (warm-up, spinning threads)
+            fn()
+            sync()  # untimed: absorbs what the previous block left behind (warm-up, spinning threads)
             for _ in range(min(block, repeats - len(wall[k]))):
-                t0, c0 = time.perf_counter(), time.process_time(); fn(); sync()
-                wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                sync()
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
     return [(1000 * float(np.median(w)), 1000 * float(np.median(c))) for w, c in zip(wall, cpu)]
+
 
 def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
     "Median wall time and median process CPU time of `fn` in ms over `repeats` runs (after one warm-up)."
     return _interleaved_ms([fn], repeats, sync, block=repeats)[0]
 
+
 def spin_after_ms(fn: Callable[[], object], window_s: float = 0.05, repeats: int = 5) -> float:
     "Median CPU time (ms) this process burns in the `window_s` of sleep after `fn()`: threads left spinning (e.g. torch's OpenMP workers)."
     burnt = []
     for _ in range(repeats):
-        fn(); c0 = time.process_time(); time.sleep(window_s); burnt.append(time.process_time() - c0)
+        fn()
+        c0 = time.process_time()
+        time.sleep(window_s)
+        burnt.append(time.process_time() - c0)
     return 1000 * float(np.median(burnt))
 
-def tick_benchmark(sizes: tuple[int, ...] = (1000, 100_000), degree: int = 16, repeats: int = 15, device: str = "cpu",
-                   kind: str = "small_world", seed: int = 0, profile: str = "full", threads: int | None = None,
-                   reuse_buffers: bool = True, kernels: tuple[str, ...] = ("auto",)) -> "pd.DataFrame":
+
+def tick_benchmark(
+    sizes: tuple[int, ...] = (1000, 100_000),
+    degree: int = 16,
+    repeats: int = 15,
+    device: str = "cpu",
+    kind: str = "small_world",
+    seed: int = 0,
+    profile: str = "full",
+    threads: int | None = None,
+    reuse_buffers: bool = True,
+    kernels: tuple[str, ...] = ("auto",),
+) -> "pd.DataFrame":
     "Median tick time (capability update + consensus step) per size and kernel, two plain copies of P (one timed in blocks alternating with blocks of ticks), ratios, bytes per agent."
     import pandas as pd
+
     for k in kernels:
-        if k not in PULL_KERNELS: raise ValueError(f"kernels: {k!r} is not one of {PULL_KERNELS}")
+        if k not in PULL_KERNELS:
+            raise ValueError(f"kernels: {k!r} is not one of {PULL_KERNELS}")
     old_threads = torch.get_num_threads()
-    if threads is not None: torch.set_num_threads(threads)
-    try: return _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers, kernels)
-    finally: torch.set_num_threads(old_threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers, kernels)
+    finally:
+        torch.set_num_threads(old_threads)
+
 
 def _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers, kernels) -> "pd.DataFrame":
     "The rows of `tick_benchmark` (one per size and kernel)."
     import pandas as pd
+
     cfg = load_config(profile, seed=seed, device=device, consensus__degree=degree)
     dev = get_device(device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
@@ -758,18 +1177,39 @@ def _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffer
         for kernel in kernels:
             bank = StateBank.create(n, cfg, device=dev, seed=seed)
             engine = ConsensusEngine(cfg, topo, dev, reuse_buffers=reuse_buffers, kernel=kernel)
+
             def tick():
                 bank.update_capability(agent, task, mod, out)
                 engine.step(bank)
+
             spare = torch.empty_like(bank.P)
             clone_ms, clone_cpu = _median_ms(lambda: bank.P.clone(), repeats, sync)
             # the copy and the tick alternate by blocks, so both medians see the same stretches of a shared machine
-            (copy_ms, copy_cpu), (tick_ms, tick_cpu) = _interleaved_ms([lambda: spare.copy_(bank.P), tick], repeats, sync)
+            (copy_ms, copy_cpu), (tick_ms, tick_cpu) = _interleaved_ms(
+                [lambda: spare.copy_(bank.P), tick], repeats, sync
+            )
             used = "numba" if kernel != "torch" and _numba_ready(bank.P, engine.weights(bank.alive)) else "torch"
-            state_b = bank.nbytes() / n; edge_b = topo.nbytes() / n
-            rows.append(dict(n_agents=n, degree=degree, edges=topo.n_edges, device=dev.type, threads=torch.get_num_threads(), kernel=used,
-                             tick_ms=tick_ms, copy_P_ms=copy_ms, clone_P_ms=clone_ms, ratio_to_copy=tick_ms / copy_ms, ratio_to_clone=tick_ms / clone_ms,
-                             tick_cpu_ms=tick_cpu, copy_P_cpu_ms=copy_cpu, bytes_per_agent_state=state_b, bytes_per_agent_edges=edge_b,
-                             bytes_per_agent_total=state_b + edge_b))
+            state_b = bank.nbytes() / n
+            edge_b = topo.nbytes() / n
+            rows.append(
+                dict(
+                    n_agents=n,
+                    degree=degree,
+                    edges=topo.n_edges,
+                    device=dev.type,
+                    threads=torch.get_num_threads(),
+                    kernel=used,
+                    tick_ms=tick_ms,
+                    copy_P_ms=copy_ms,
+                    clone_P_ms=clone_ms,
+                    ratio_to_copy=tick_ms / copy_ms,
+                    ratio_to_clone=tick_ms / clone_ms,
+                    tick_cpu_ms=tick_cpu,
+                    copy_P_cpu_ms=copy_cpu,
+                    bytes_per_agent_state=state_b,
+                    bytes_per_agent_edges=edge_b,
+                    bytes_per_agent_total=state_b + edge_b,
+                )
+            )
             del bank, engine, spare
     return pd.DataFrame(rows)

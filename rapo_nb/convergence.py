@@ -18,70 +18,100 @@ __all__ = ['transpose_matvec', 'lipschitz_estimate', 'stationary_distribution', 
 def transpose_matvec(topo: Topology, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "Wᵀx for the CSR matrix W (edge weights on (row, col)), via index_add: O(E·k)."
     out = torch.zeros_like(x)
-    return out.index_add_(0, topo.indices, weights.to(x.dtype)[:, None] * x[topo.rows] if x.ndim == 2 else weights.to(x.dtype) * x[topo.rows])
+    return out.index_add_(
+        0,
+        topo.indices,
+        weights.to(x.dtype)[:, None] * x[topo.rows] if x.ndim == 2 else weights.to(x.dtype) * x[topo.rows],
+    )
 
-def lipschitz_estimate(topo: Topology, weights: torch.Tensor, iters: int = 300, seed: int = 0, tol: float = 1e-12) -> float:
+
+def lipschitz_estimate(
+    topo: Topology, weights: torch.Tensor, iters: int = 300, seed: int = 0, tol: float = 1e-12
+) -> float:
     "L = ‖I − W‖₂ by power iteration on (I − W)ᵀ(I − W) with sparse products (stops when σ² changes < tol relatively)."
     g = torch.Generator().manual_seed(seed)
-    v = torch.randn(topo.n, 1, generator=g, dtype=torch.float64); v /= v.norm()
-    W = topo.matrix(weights.double()); w = weights.double()
+    v = torch.randn(topo.n, 1, generator=g, dtype=torch.float64)
+    v /= v.norm()
+    W = topo.matrix(weights.double())
+    w = weights.double()
     sigma = 0.0
     for _ in range(iters):
-        u = v - W @ v                                    # (I − W) v
-        z = u - transpose_matvec(topo, w, u)             # (I − W)ᵀ u
+        u = v - W @ v  # (I − W) v
+        z = u - transpose_matvec(topo, w, u)  # (I − W)ᵀ u
         nz = float(z.norm())
-        if nz == 0: return 0.0
+        if nz == 0:
+            return 0.0
         done = abs(nz - sigma) <= tol * nz
         sigma, v = nz, z / nz
-        if done: break
+        if done:
+            break
     return float((v - W @ v).norm())
 
-def stationary_distribution(topo: Topology, weights: torch.Tensor, iters: int = 5000, tol: float = 1e-13) -> torch.Tensor:
+
+def stationary_distribution(
+    topo: Topology, weights: torch.Tensor, iters: int = 5000, tol: float = 1e-13
+) -> torch.Tensor:
     "π with πᵀW = πᵀ, Σπ = 1 (left Perron vector), by lazy power iteration π ← ½(π + Wᵀπ)."
-    w = weights.double(); pi = torch.full((topo.n,), 1.0 / topo.n, dtype=torch.float64)
+    w = weights.double()
+    pi = torch.full((topo.n,), 1.0 / topo.n, dtype=torch.float64)
     for _ in range(iters):
-        new = 0.5 * (pi + transpose_matvec(topo, w, pi)); new /= new.sum()
-        if float((new - pi).abs().sum()) < tol: return new
+        new = 0.5 * (pi + transpose_matvec(topo, w, pi))
+        new /= new.sum()
+        if float((new - pi).abs().sum()) < tol:
+            return new
         pi = new
     return pi
+
 
 def dense_spectrum(topo: Topology, weights: torch.Tensor) -> np.ndarray:
     "Sorted real parts of the eigenvalues μ_k of I − W (dense; small graphs only)."
     M = np.eye(topo.n) - topo.to_dense(weights.double()).numpy()
     return np.sort(np.linalg.eigvals(M).real)
 
-def simulate_consensus(topo: Topology, weights: torch.Tensor, P0: torch.Tensor, alphas, iters: int,
-                       omega: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+
+def simulate_consensus(
+    topo: Topology, weights: torch.Tensor, P0: torch.Tensor, alphas, iters: int, omega: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
     "Run P ← P − α(I − W)P for every α at once; return V curves [iters+1, K] (Euclidean, π-weighted, eq. 1 aggregate)."
     alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float64))
-    n, p = P0.shape; K = alphas.numel()
+    n, p = P0.shape
+    K = alphas.numel()
     pi = stationary_distribution(topo, weights)
-    P_star = pi @ P0.double()                                            # the consensus limit, invariant under the step
+    P_star = pi @ P0.double()  # the consensus limit, invariant under the step
     omega = torch.full((n,), 1.0 / n, dtype=torch.float64) if omega is None else omega.double()
     W = topo.matrix(weights.double())
-    X = P0.double().repeat(1, K); a = alphas.repeat_interleave(p)
+    X = P0.double().repeat(1, K)
+    a = alphas.repeat_interleave(p)
     star = P_star.repeat(K)
     out = {k: np.full((iters + 1, K), np.inf) for k in ("V_euclid", "V_pi", "V_aggregate")}
     for t in range(iters + 1):
         E = X - star
-        out["V_euclid"][t] = 0.5 * (E ** 2).sum(0).reshape(K, p).sum(1).numpy()
-        out["V_pi"][t] = (0.5 * n * (pi[:, None] * E ** 2).sum(0).reshape(K, p).sum(1)).numpy()    # scaled so uniform π = Euclidean
+        out["V_euclid"][t] = 0.5 * (E**2).sum(0).reshape(K, p).sum(1).numpy()
+        out["V_pi"][t] = (
+            0.5 * n * (pi[:, None] * E**2).sum(0).reshape(K, p).sum(1)
+        ).numpy()  # scaled so uniform π = Euclidean
         out["V_aggregate"][t] = 0.5 * ((omega @ E) ** 2).reshape(K, p).sum(1).numpy()
-        if t == iters or not np.any(out["V_euclid"][t] < 1e200): break     # stop once every run has diverged
+        if t == iters or not np.any(out["V_euclid"][t] < 1e200):
+            break  # stop once every run has diverged
         X = X + a * (W @ X - X)
-    for k in out: out[k][~np.isfinite(out[k])] = np.inf                  # diverged runs overflow: report them as ∞
+    for k in out:
+        out[k][~np.isfinite(out[k])] = np.inf  # diverged runs overflow: report them as ∞
     return out
 
-def worst_step_growth(topo: Topology, weights: torch.Tensor, alpha: float, pi: torch.Tensor | None = None) -> tuple[float, float]:
+
+def worst_step_growth(
+    topo: Topology, weights: torch.Tensor, alpha: float, pi: torch.Tensor | None = None
+) -> tuple[float, float]:
     "Largest one-step growth of the error ‖e_{t+1}‖/‖e_t‖ over starts with πᵀe = 0: (Euclidean, π-weighted). Dense."
     n = topo.n
     pi = stationary_distribution(topo, weights) if pi is None else pi.double()
     M = np.eye(n) - alpha * (np.eye(n) - topo.to_dense(weights.double()).numpy())
     # orthonormal basis of {e : πᵀe = 0} (Euclidean), and of the same space in the π inner product
-    Q = np.linalg.svd(np.eye(n) - np.outer(np.ones(n), pi.numpy()))[0][:, :n - 1]
+    Q = np.linalg.svd(np.eye(n) - np.outer(np.ones(n), pi.numpy()))[0][:, : n - 1]
     euclid = np.linalg.norm(M @ Q, 2)
-    s = np.sqrt(pi.numpy()); Ms = (s[:, None] * M) / s[None, :]        # M in π-coordinates: D^{1/2} M D^{-1/2}
-    Qs = np.linalg.svd(np.eye(n) - np.outer(s, s))[0][:, :n - 1]        # ⊥ to √π in π-coordinates
+    s = np.sqrt(pi.numpy())
+    Ms = (s[:, None] * M) / s[None, :]  # M in π-coordinates: D^{1/2} M D^{-1/2}
+    Qs = np.linalg.svd(np.eye(n) - np.outer(s, s))[0][:, : n - 1]  # ⊥ to √π in π-coordinates
     return float(euclid), float(np.linalg.norm(Ms @ Qs, 2))
 
 # %% ../nbs/03_convergence.ipynb #5dedc389
@@ -89,6 +119,7 @@ def iterations_to_eps(V: np.ndarray, eps: float) -> int:
     "First step t with V[t]/V[0] ≤ eps (−1 if never)."
     hit = np.nonzero(V / V[0] <= eps)[0]
     return int(hit[0]) if len(hit) else -1
+
 
 def geometric_prediction(mu: np.ndarray, alpha: float, eps: float) -> float:
     "Steps for V to fall by ε at the asymptotic rate ρ(α)² = max_{k≥2} (1 − αμ_k)²."

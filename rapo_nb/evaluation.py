@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from rouge_score import rouge_scorer, tokenizers, scoring
-from .config import (load_config, results_dir, save_table, save_figure, Config, PAPER_TABLE1, PAPER_CLAIMS)
+from .config import load_config, results_dir, save_table, save_figure, Config, PAPER_TABLE1, PAPER_CLAIMS
 from .state import HashedTextEncoder, encode_pairs
 
 # %% auto #0
@@ -23,53 +23,100 @@ __all__ = ['TURN_COLUMNS', 'CONV_COLUMNS', 'SYSTEMS', 'SYSTEM_LABELS', 'ERROR_TY
            'context_by_turn', 'breakpoint_fit', 'evaluate_benchmark']
 
 # %% ../nbs/09_evaluation.ipynb #3c9e70ec
-TURN_COLUMNS = ("system", "seed", "conv_id", "turn", "fsm_state", "agent", "specialist", "handoff", "prev_agent",
-                "prev_response", "response", "context_given", "service_ms", "overhead_ms", "clarification", "outcome")
-CONV_COLUMNS = ("system", "seed", "conv_id", "task_type", "n_turns", "n_handoffs", "depth", "n_entities",
-                "inference_steps", "response_time_ms", "rule_success", "failure_type")
+TURN_COLUMNS = (
+    "system",
+    "seed",
+    "conv_id",
+    "turn",
+    "fsm_state",
+    "agent",
+    "specialist",
+    "handoff",
+    "prev_agent",
+    "prev_response",
+    "response",
+    "context_given",
+    "service_ms",
+    "overhead_ms",
+    "clarification",
+    "outcome",
+)
+CONV_COLUMNS = (
+    "system",
+    "seed",
+    "conv_id",
+    "task_type",
+    "n_turns",
+    "n_handoffs",
+    "depth",
+    "n_entities",
+    "inference_steps",
+    "response_time_ms",
+    "rule_success",
+    "failure_type",
+)
 SYSTEMS = ("sequential", "ampo_rr", "p4_ll", "yao_sim", "rapo")
-SYSTEM_LABELS = {"sequential": "Baseline (sequential)", "ampo_rr": "[12] AMPO + round-robin", "p4_ll": "[14] P4 + least-loaded",
-                 "yao_sim": "[13] Yao et al. + similarity", "rapo": "RAPO (ours)"}
+SYSTEM_LABELS = {
+    "sequential": "Baseline (sequential)",
+    "ampo_rr": "[12] AMPO + round-robin",
+    "p4_ll": "[14] P4 + least-loaded",
+    "yao_sim": "[13] Yao et al. + similarity",
+    "rapo": "RAPO (ours)",
+}
 ERROR_TYPES = ("context_loss", "ambiguous_query", "topic_shift", "resource", "agent_selection")
-RESPONSE_TIME_NOTE = ("response time = simulated agent service time + measured coordination overhead of our "
-                      "orchestrator (agents are simulated)")
+RESPONSE_TIME_NOTE = (
+    "response time = simulated agent service time + measured coordination overhead of our "
+    "orchestrator (agents are simulated)"
+)
+
 
 def check_frames(turns: pd.DataFrame, convs: pd.DataFrame) -> None:
     "Raise ValueError naming the first missing column of `turns` or `convs` (the runtime contract)."
     for name, df, cols in (("turns", turns, TURN_COLUMNS), ("convs", convs, CONV_COLUMNS)):
-        if not isinstance(df, pd.DataFrame): raise ValueError(f"{name}: expected a pandas DataFrame, got {type(df).__name__}")
+        if not isinstance(df, pd.DataFrame):
+            raise ValueError(f"{name}: expected a pandas DataFrame, got {type(df).__name__}")
         missing = [c for c in cols if c not in df.columns]
-        if missing: raise ValueError(f"{name}: missing columns {missing}")
+        if missing:
+            raise ValueError(f"{name}: missing columns {missing}")
 
 # %% ../nbs/09_evaluation.ipynb #d6472033
 _TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=False)
+
 
 @functools.lru_cache(maxsize=200_000)
 def rouge_tokens(text: str) -> tuple[str, ...]:
     "rouge-score's default tokens of `text` (cached)."
     return tuple(_TOKENIZER.tokenize(text))
 
+
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     "Length of the longest common subsequence of token sequences `a` and `b` (bit-parallel, exact)."
-    if not a or not b: return 0
-    if len(a) < len(b): a, b = b, a
+    if not a or not b:
+        return 0
+    if len(a) < len(b):
+        a, b = b, a
     masks: dict[str, int] = {}
-    for j, tok in enumerate(b): masks[tok] = masks.get(tok, 0) | (1 << j)
+    for j, tok in enumerate(b):
+        masks[tok] = masks.get(tok, 0) | (1 << j)
     full = (1 << len(b)) - 1
     v = full
     for tok in a:
         m = masks.get(tok)
-        if m is None: continue
+        if m is None:
+            continue
         u = v & m
         v = ((v + u) | (v - u)) & full
     return len(b) - bin(v).count("1")
 
+
 def rouge_l_pair(target: str, prediction: str) -> float:
     "ROUGE-L F of one pair, as rouge-score defines it (its tokenizer and F formula, exact LCS)."
     t, p = rouge_tokens(target), rouge_tokens(prediction)
-    if not t or not p: return 0.0
+    if not t or not p:
+        return 0.0
     lcs = lcs_length(t, p)
     return scoring.fmeasure(lcs / len(p), lcs / len(t))
+
 
 def _score_pairs(args: tuple[str, list[tuple[str, str]]]) -> list[float]:
     "Score a chunk of pairs with `method` (process-pool worker)."
@@ -79,23 +126,33 @@ def _score_pairs(args: tuple[str, list[tuple[str, str]]]) -> list[float]:
         return [sc.score(a, b)["rougeL"].fmeasure for a, b in pairs]
     return [rouge_l_pair(a, b) for a, b in pairs]
 
-def rouge_l_f(targets: Sequence[str], predictions: Sequence[str], method: str = "bitparallel", n_jobs: int = 1,
-              min_pairs_per_job: int = 20_000) -> np.ndarray:
+
+def rouge_l_f(
+    targets: Sequence[str],
+    predictions: Sequence[str],
+    method: str = "bitparallel",
+    n_jobs: int = 1,
+    min_pairs_per_job: int = 20_000,
+) -> np.ndarray:
     "ROUGE-L F of each (target, prediction) pair; equal pairs scored once; optional process pool."
     if len(targets) != len(predictions):
         raise ValueError(f"predictions: length {len(predictions)} differs from targets' {len(targets)}")
-    if method not in ("bitparallel", "rouge_score"): raise ValueError(f"method: {method!r} is not 'bitparallel' or 'rouge_score'")
+    if method not in ("bitparallel", "rouge_score"):
+        raise ValueError(f"method: {method!r} is not 'bitparallel' or 'rouge_score'")
     keys = list(zip(map(str, targets), map(str, predictions)))
     uniq = list(dict.fromkeys(keys))
     jobs = max(1, min(int(n_jobs), len(uniq) // max(1, min_pairs_per_job)))
-    if jobs == 1: scores = _score_pairs((method, uniq))
+    if jobs == 1:
+        scores = _score_pairs((method, uniq))
     else:
         chunks = [uniq[i::jobs] for i in range(jobs)]
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:   # never fork a torch process
-            import rapo_nb.evaluation as _module   # workers import the exported function: a notebook's own cannot be pickled by reference
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:  # never fork a torch process
+            import rapo_nb.evaluation as _module  # workers import the exported function: a notebook's own cannot be pickled by reference
+
             parts = list(pool.map(_module._score_pairs, [(method, c) for c in chunks]))
         scores = [0.0] * len(uniq)
-        for i, part in enumerate(parts): scores[i::jobs] = part
+        for i, part in enumerate(parts):
+            scores[i::jobs] = part
     table = dict(zip(uniq, scores))
     return np.fromiter((table[k] for k in keys), dtype=float, count=len(keys))
 
@@ -104,47 +161,98 @@ def _history_reference(turns: pd.DataFrame) -> pd.Series:
     "For each turn, all earlier responses of its conversation joined by spaces."
     t = turns.sort_values(["system", "seed", "conv_id", "turn"])
     prev = t.groupby(["system", "seed", "conv_id"], sort=False).response.transform(
-        lambda s: pd.Series([" ".join(s.iloc[:i]) for i in range(len(s))], index=s.index))
+        lambda s: pd.Series([" ".join(s.iloc[:i]) for i in range(len(s))], index=s.index)
+    )
     return prev.reindex(turns.index)
 
-def handoff_metrics(turns: pd.DataFrame, cfg: Config, encoder: HashedTextEncoder | None = None,
-                    reference: str = "prev_response", n_jobs: int = 1) -> pd.DataFrame:
+
+def handoff_metrics(
+    turns: pd.DataFrame,
+    cfg: Config,
+    encoder: HashedTextEncoder | None = None,
+    reference: str = "prev_response",
+    n_jobs: int = 1,
+) -> pd.DataFrame:
     "One row per handoff: context score (ROUGE-L F), cosine, clarification, handoff_ok, context_break."
     missing = [c for c in TURN_COLUMNS if c not in turns.columns]
-    if missing: raise ValueError(f"turns: missing columns {missing}")
-    if reference not in ("prev_response", "history"): raise ValueError(f"reference: {reference!r} is not 'prev_response' or 'history'")
+    if missing:
+        raise ValueError(f"turns: missing columns {missing}")
+    if reference not in ("prev_response", "history"):
+        raise ValueError(f"reference: {reference!r} is not 'prev_response' or 'history'")
     h = turns[turns.handoff.astype(bool)].copy()
-    ref = h.prev_response.fillna("").astype(str) if reference == "prev_response" else _history_reference(turns).loc[h.index]
+    ref = (
+        h.prev_response.fillna("").astype(str)
+        if reference == "prev_response"
+        else _history_reference(turns).loc[h.index]
+    )
     resp = h.response.fillna("").astype(str)
     h["context_score"] = rouge_l_f(h.prev_response.fillna("").astype(str).tolist(), resp.tolist(), n_jobs=n_jobs)
     enc = encoder or HashedTextEncoder.from_config(cfg)
     Va, Vb = encode_pairs(ref.tolist(), resp.tolist(), enc)
-    h["cosine"] = (Va * Vb).sum(axis=1)   # rows are L2-normalised (zero rows give 0)
+    h["cosine"] = (Va * Vb).sum(axis=1)  # rows are L2-normalised (zero rows give 0)
     ev = cfg.evaluation
     h["handoff_ok"] = (h.cosine > ev.handoff_cosine) & ~h.clarification.astype(bool)
     h["context_break"] = h.cosine < ev.context_break_cosine
-    return h[["system", "seed", "conv_id", "turn", "agent", "prev_agent", "context_score", "cosine", "clarification",
-              "handoff_ok", "context_break"]].reset_index(drop=True)
+    return h[
+        [
+            "system",
+            "seed",
+            "conv_id",
+            "turn",
+            "agent",
+            "prev_agent",
+            "context_score",
+            "cosine",
+            "clarification",
+            "handoff_ok",
+            "context_break",
+        ]
+    ].reset_index(drop=True)
 
-def conversation_metrics(turns: pd.DataFrame, convs: pd.DataFrame, cfg: Config, encoder: HashedTextEncoder | None = None,
-                         reference: str = "prev_response", n_jobs: int = 1) -> pd.DataFrame:
+
+def conversation_metrics(
+    turns: pd.DataFrame,
+    convs: pd.DataFrame,
+    cfg: Config,
+    encoder: HashedTextEncoder | None = None,
+    reference: str = "prev_response",
+    n_jobs: int = 1,
+) -> pd.DataFrame:
     "Per-conversation metrics: context score, handoff success, context break, task success, times, error type."
     check_frames(turns, convs)
     keys = ["system", "seed", "conv_id"]
     h = handoff_metrics(turns, cfg, encoder, reference, n_jobs)
-    per = h.groupby(keys).agg(context_score=("context_score", "mean"), handoff_success=("handoff_ok", "mean"),
-                              handoffs_ok=("handoff_ok", "sum"), handoffs_scored=("handoff_ok", "size"),
-                              min_handoff_cosine=("cosine", "min"), context_break=("context_break", "any")).reset_index()
-    times = turns.groupby(keys).agg(service_ms=("service_ms", "sum"), overhead_ms=("overhead_ms", "sum"),
-                                    clarifications=("clarification", "sum")).reset_index()
+    per = (
+        h.groupby(keys)
+        .agg(
+            context_score=("context_score", "mean"),
+            handoff_success=("handoff_ok", "mean"),
+            handoffs_ok=("handoff_ok", "sum"),
+            handoffs_scored=("handoff_ok", "size"),
+            min_handoff_cosine=("cosine", "min"),
+            context_break=("context_break", "any"),
+        )
+        .reset_index()
+    )
+    times = (
+        turns.groupby(keys)
+        .agg(
+            service_ms=("service_ms", "sum"),
+            overhead_ms=("overhead_ms", "sum"),
+            clarifications=("clarification", "sum"),
+        )
+        .reset_index()
+    )
     out = convs.merge(per, on=keys, how="left").merge(times, on=keys, how="left")
     out["handoffs_ok"] = out.handoffs_ok.fillna(0).astype(int)
     out["handoffs_scored"] = out.handoffs_scored.fillna(0).astype(int)
     out["context_break"] = out.context_break.fillna(False).astype(bool)
     out["rule_success"] = out.rule_success.astype(bool)
     out["task_success"] = out.rule_success & ~out.context_break
-    err = out.failure_type.astype(object).where(out.failure_type.notna(),
-                                                pd.Series(np.where(out.context_break, "context_loss", "unattributed"), index=out.index))
+    err = out.failure_type.astype(object).where(
+        out.failure_type.notna(),
+        pd.Series(np.where(out.context_break, "context_loss", "unattributed"), index=out.index),
+    )
     out["error_type"] = err.where(~out.task_success, None)
     return out
 
@@ -156,18 +264,64 @@ def toy_frames(system: str = "rapo", seed: int = 0) -> tuple[pd.DataFrame, pd.Da
     rows = [
         (0, 0, "greeting", 1, "general", False, -1, "", "hello alpha beta gamma question", 10.0, 1.0, False),
         (0, 1, "information_exchange", 1, "general", False, -1, "", good, 12.0, 1.0, False),
-        (0, 2, "information_exchange", 2, "reasoning", True, 1, good, good + " therefore the answer is gamma", 15.0, 2.0, False),
+        (
+            0,
+            2,
+            "information_exchange",
+            2,
+            "reasoning",
+            True,
+            1,
+            good,
+            good + " therefore the answer is gamma",
+            15.0,
+            2.0,
+            False,
+        ),
         (1, 0, "greeting", 3, "general", False, -1, "", "hello delta epsilon question", 11.0, 1.0, False),
         (1, 1, "information_exchange", 3, "general", False, -1, "", good, 9.0, 1.0, False),
-        (1, 2, "clarification", 4, "knowledge", True, 3, good, lost, 20.0, 3.0, True)]
-    turns = pd.DataFrame([dict(system=system, seed=seed, conv_id=c, turn=t, fsm_state=f, agent=a, specialist=sp,
-                               handoff=h, prev_agent=pa, prev_response=pr, response=r, context_given=pr, service_ms=s,
-                               overhead_ms=o, clarification=cl, outcome="ok")
-                          for c, t, f, a, sp, h, pa, pr, r, s, o, cl in rows])
+        (1, 2, "clarification", 4, "knowledge", True, 3, good, lost, 20.0, 3.0, True),
+    ]
+    turns = pd.DataFrame(
+        [
+            dict(
+                system=system,
+                seed=seed,
+                conv_id=c,
+                turn=t,
+                fsm_state=f,
+                agent=a,
+                specialist=sp,
+                handoff=h,
+                prev_agent=pa,
+                prev_response=pr,
+                response=r,
+                context_given=pr,
+                service_ms=s,
+                overhead_ms=o,
+                clarification=cl,
+                outcome="ok",
+            )
+            for c, t, f, a, sp, h, pa, pr, r, s, o, cl in rows
+        ]
+    )
     rt = turns.assign(t=turns.service_ms + turns.overhead_ms).groupby("conv_id").t.sum()
-    convs = pd.DataFrame(dict(system=system, seed=seed, conv_id=[0, 1], task_type=["information_retrieval", "problem_solving"],
-                              n_turns=[3, 3], n_handoffs=[1, 1], depth=[5, 9], n_entities=[10, 25], inference_steps=[2, 5],
-                              response_time_ms=rt.to_numpy(), rule_success=[True, True], failure_type=[None, None]))
+    convs = pd.DataFrame(
+        dict(
+            system=system,
+            seed=seed,
+            conv_id=[0, 1],
+            task_type=["information_retrieval", "problem_solving"],
+            n_turns=[3, 3],
+            n_handoffs=[1, 1],
+            depth=[5, 9],
+            n_entities=[10, 25],
+            inference_steps=[2, 5],
+            response_time_ms=rt.to_numpy(),
+            rule_success=[True, True],
+            failure_type=[None, None],
+        )
+    )
     return turns, convs
 
 # %% ../nbs/09_evaluation.ipynb #334431f5
@@ -175,28 +329,38 @@ def summarise(conv: pd.DataFrame, by: Sequence[str] = ("system", "seed")) -> pd.
     "Per group: n, response time mean/p95 (ms), context score, handoff success (pooled), task success, overhead share."
     by = list(by)
     g = conv.groupby(by, sort=False)
-    out = g.agg(n=("conv_id", "size"), response_time_ms=("response_time_ms", "mean"),
-                response_time_p95_ms=("response_time_ms", lambda v: float(np.percentile(v, 95))),
-                context_score=("context_score", "mean"), task_success=("task_success", "mean"),
-                handoffs=("handoffs_scored", "sum"), handoffs_ok=("handoffs_ok", "sum"),
-                overhead_ms=("overhead_ms", "sum"), service_ms=("service_ms", "sum"))
+    out = g.agg(
+        n=("conv_id", "size"),
+        response_time_ms=("response_time_ms", "mean"),
+        response_time_p95_ms=("response_time_ms", lambda v: float(np.percentile(v, 95))),
+        context_score=("context_score", "mean"),
+        task_success=("task_success", "mean"),
+        handoffs=("handoffs_scored", "sum"),
+        handoffs_ok=("handoffs_ok", "sum"),
+        overhead_ms=("overhead_ms", "sum"),
+        service_ms=("service_ms", "sum"),
+    )
     out["handoff_success"] = out.handoffs_ok / out.handoffs.where(out.handoffs > 0)
     out["overhead_share"] = out.overhead_ms / (out.overhead_ms + out.service_ms)
     return out.drop(columns=["overhead_ms", "service_ms"]).reset_index()
 
-def sliding_windows(conv: pd.DataFrame, window: int,
-                    columns: Sequence[str] = ("task_success", "context_score", "response_time_ms")) -> pd.DataFrame:
+
+def sliding_windows(
+    conv: pd.DataFrame, window: int, columns: Sequence[str] = ("task_success", "context_score", "response_time_ms")
+) -> pd.DataFrame:
     "Rolling means over `window` consecutive conversations per (system, seed); one window if the run is shorter."
-    if window < 1: raise ValueError(f"window: {window!r} must be at least 1")
+    if window < 1:
+        raise ValueError(f"window: {window!r} must be at least 1")
     parts = []
     for (s, sd), g in conv.groupby(["system", "seed"], sort=False):
         w = min(window, len(g))
-        r = g[list(columns)].astype(float).rolling(w, min_periods=1).mean().iloc[w - 1:]
+        r = g[list(columns)].astype(float).rolling(w, min_periods=1).mean().iloc[w - 1 :]
         parts.append(r.assign(system=s, seed=sd, window_size=w, window_end=np.arange(w, len(g) + 1)))
     return pd.concat(parts, ignore_index=True)
 
 # %% ../nbs/09_evaluation.ipynb #71e1a79d
 METRICS = ("response_time_ms", "response_time_p95_ms", "context_score", "handoff_success", "task_success")
+
 
 def table1(conv: pd.DataFrame, cfg: Config, systems: Sequence[str] = SYSTEMS) -> pd.DataFrame:
     "Table 1: per system mean ± sd over seeds of each metric, window sd, and the paper's values labelled 'paper'."
@@ -205,16 +369,20 @@ def table1(conv: pd.DataFrame, cfg: Config, systems: Sequence[str] = SYSTEMS) ->
     rows = []
     for s in systems:
         ps = per_seed[per_seed.system == s]
-        if ps.empty: raise ValueError(f"conv: no rows for system {s!r}")
+        if ps.empty:
+            raise ValueError(f"conv: no rows for system {s!r}")
         r = dict(system=s, method=SYSTEM_LABELS.get(s, s), seeds=len(ps), conversations=int(ps.n.sum()))
         for m in METRICS:
-            r[m] = ps[m].mean(); r[f"{m} sd"] = ps[m].std(ddof=1) if len(ps) > 1 else float("nan")
+            r[m] = ps[m].mean()
+            r[f"{m} sd"] = ps[m].std(ddof=1) if len(ps) > 1 else float("nan")
         r["task_success window sd"] = win.get(s, float("nan"))
         r["overhead_share"] = ps.overhead_share.mean()
         p = PAPER_TABLE1.get(s, {})
-        for m in ("response_time_ms", "context_score", "handoff_success", "task_success"): r[f"paper {m}"] = p.get(m, float("nan"))
+        for m in ("response_time_ms", "context_score", "handoff_success", "task_success"):
+            r[f"paper {m}"] = p.get(m, float("nan"))
         rows.append(r)
     return pd.DataFrame(rows)
+
 
 def error_shares(conv: pd.DataFrame) -> pd.DataFrame:
     "Per system: count and share of each error type among failed conversations."
@@ -224,6 +392,7 @@ def error_shares(conv: pd.DataFrame) -> pd.DataFrame:
     long = counts.stack().rename("count").reset_index()
     long["share"] = long["count"] / long.groupby("system")["count"].transform("sum")
     return long
+
 
 def context_by_turn(turns: pd.DataFrame, max_turn: int = 14, n_jobs: int = 1) -> pd.DataFrame:
     "ROUGE-L F of consecutive responses (turn k → k+1, k = 1..max_turn) per conversation."
@@ -235,12 +404,15 @@ def context_by_turn(turns: pd.DataFrame, max_turn: int = 14, n_jobs: int = 1) ->
     out["rouge_l"] = rouge_l_f(t.response[keep].astype(str).tolist(), nxt[keep].astype(str).tolist(), n_jobs=n_jobs)
     return out.reset_index(drop=True)
 
+
 def breakpoint_fit(x, y, weights=None, candidates=None) -> dict:
     "Continuous two-segment linear fit of y on x; the integer breakpoint with least weighted SSE and both slopes."
     x, y = np.asarray(x, float), np.asarray(y, float)
     w = np.ones_like(x) if weights is None else np.asarray(weights, float)
-    if x.size != y.size or x.size != w.size: raise ValueError("x, y, weights: lengths differ")
-    if np.unique(x).size < 4: raise ValueError(f"x: need at least 4 distinct values for a two-segment fit, got {np.unique(x).size}")
+    if x.size != y.size or x.size != w.size:
+        raise ValueError("x, y, weights: lengths differ")
+    if np.unique(x).size < 4:
+        raise ValueError(f"x: need at least 4 distinct values for a two-segment fit, got {np.unique(x).size}")
     cands = np.unique(x)[1:-1] if candidates is None else np.asarray(candidates, float)
     best = None
     for b in cands:
@@ -250,7 +422,8 @@ def breakpoint_fit(x, y, weights=None, candidates=None) -> dict:
         sse = float((w * (y - X @ coef) ** 2).sum())
         if best is None or sse < best["sse"]:
             best = dict(breakpoint=float(b), slope_before=float(coef[1]), slope_after=float(coef[1] + coef[2]), sse=sse)
-    X1 = np.column_stack([np.ones_like(x), x]); sw = np.sqrt(w)
+    X1 = np.column_stack([np.ones_like(x), x])
+    sw = np.sqrt(w)
     c1, *_ = np.linalg.lstsq(X1 * sw[:, None], y * sw, rcond=None)
     best["sse_one_line"] = float((w * (y - X1 @ c1) ** 2).sum())
     return best
@@ -261,41 +434,71 @@ def _run_job(args: tuple) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     cfg, system, s, bench, n_agents, ablation, transition_model, threads = args
     import torch
     from rapo_nb.runtime import run_conversations
-    if threads: torch.set_num_threads(threads)
-    turns, convs = run_conversations(bench, system, cfg, s, n_agents=n_agents, ablation=ablation, transition_model=transition_model)
+
+    if threads:
+        torch.set_num_threads(threads)
+    turns, convs = run_conversations(
+        bench, system, cfg, s, n_agents=n_agents, ablation=ablation, transition_model=transition_model
+    )
     return turns, convs, dict(convs.attrs.get("run", {}))
 
-def evaluate_benchmark(cfg: Config, systems: Sequence[str] = SYSTEMS, seeds: Sequence[int] | None = None,
-                       n_conversations: int | None = None, ablation: dict | None = None, variant: str = "main",
-                       transition_model=None, n_agents: int | None = None, return_turns: bool = False,
-                       n_jobs: int = 1, n_workers: int = 1, progress: bool = False):
+
+def evaluate_benchmark(
+    cfg: Config,
+    systems: Sequence[str] = SYSTEMS,
+    seeds: Sequence[int] | None = None,
+    n_conversations: int | None = None,
+    ablation: dict | None = None,
+    variant: str = "main",
+    transition_model=None,
+    n_agents: int | None = None,
+    return_turns: bool = False,
+    n_jobs: int = 1,
+    n_workers: int = 1,
+    progress: bool = False,
+):
     "Run `systems` over the synthetic benchmark for `seeds`; per-conversation metrics (and turns if asked); run counters in `.attrs['runs']`."
     seeds = tuple(cfg.evaluation.seeds if seeds is None else seeds)
     n = cfg.synthetic.n_conversations if n_conversations is None else int(n_conversations)
-    if n < 1: raise ValueError(f"n_conversations: {n!r} must be at least 1")
+    if n < 1:
+        raise ValueError(f"n_conversations: {n!r} must be at least 1")
     bad = [s for s in systems if s not in SYSTEMS]
-    if bad: raise ValueError(f"systems: unknown {bad}; known {list(SYSTEMS)}")
-    if n_workers < 1: raise ValueError(f"n_workers: {n_workers!r} must be at least 1")
+    if bad:
+        raise ValueError(f"systems: unknown {bad}; known {list(SYSTEMS)}")
+    if n_workers < 1:
+        raise ValueError(f"n_workers: {n_workers!r} must be at least 1")
     n_agents = cfg.evaluation.n_agents if n_agents is None else n_agents
     from rapo_nb.synthetic import generate_conversations
+
     bench = {s: generate_conversations(n, s, cfg) for s in seeds}
-    jobs = [(cfg, system, s, bench[s], n_agents, ablation, transition_model, 1 if n_workers > 1 else 0) for s in seeds for system in systems]
-    if n_workers == 1: results = map(_run_job, jobs)
-    else:   # spawn: never fork a process that holds torch's thread pools
+    jobs = [
+        (cfg, system, s, bench[s], n_agents, ablation, transition_model, 1 if n_workers > 1 else 0)
+        for s in seeds
+        for system in systems
+    ]
+    if n_workers == 1:
+        results = map(_run_job, jobs)
+    else:  # spawn: never fork a process that holds torch's thread pools
         pool = ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=mp.get_context("spawn"))
-        import rapo_nb.evaluation as _module   # workers import the exported function: a notebook's own cannot be pickled by reference
+        import rapo_nb.evaluation as _module  # workers import the exported function: a notebook's own cannot be pickled by reference
+
         results = pool.map(_module._run_job, jobs)
     if progress:
         from tqdm import tqdm
+
         results = tqdm(results, total=len(jobs), desc=f"{variant}: systems x seeds", leave=False)
     turns_all, conv_all, runs = [], [], []
     try:
         for job, (turns, convs, info) in zip(jobs, results):
-            turns_all.append(turns); conv_all.append(convs)
+            turns_all.append(turns)
+            conv_all.append(convs)
             runs.append(dict(variant=variant, system=job[1], seed=job[2], **info))
     finally:
-        if n_workers > 1: pool.shutdown()
+        if n_workers > 1:
+            pool.shutdown()
     turns, convs = pd.concat(turns_all, ignore_index=True), pd.concat(conv_all, ignore_index=True)
-    metrics = conversation_metrics(turns, convs, cfg, HashedTextEncoder.from_config(cfg), n_jobs=n_jobs).assign(variant=variant)
+    metrics = conversation_metrics(turns, convs, cfg, HashedTextEncoder.from_config(cfg), n_jobs=n_jobs).assign(
+        variant=variant
+    )
     metrics.attrs["runs"] = runs
     return (metrics, turns.assign(variant=variant)) if return_turns else metrics

@@ -19,15 +19,19 @@ __all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'REPORT_ARTIFACTS', 'HEADLINE_TABLES', '
 CLAIM_COLUMNS = ["claim", "section", "paper", "ours", "verdict", "note"]
 VERDICTS = ("reproduced", "differs", "not measured")
 
+
 def collect_claims(figdir: Path | None = None) -> pd.DataFrame:
     "Concatenate every figures/claims_*.csv, adding the notebook each came from; bad files raise naming the file."
-    figdir = Path(figdir or figures_dir()); frames = []
+    figdir = Path(figdir or figures_dir())
+    frames = []
     for p in sorted(figdir.glob("claims_*.csv")):
         df = pd.read_csv(p, dtype=str, keep_default_na=False)
         missing = [c for c in CLAIM_COLUMNS if c not in df.columns]
-        if missing: raise ValueError(f"{p.name}: missing columns {missing}; expected {CLAIM_COLUMNS}")
+        if missing:
+            raise ValueError(f"{p.name}: missing columns {missing}; expected {CLAIM_COLUMNS}")
         bad = sorted(set(df.verdict) - set(VERDICTS))
-        if bad: raise ValueError(f"{p.name}: unknown verdicts {bad}; allowed {list(VERDICTS)}")
+        if bad:
+            raise ValueError(f"{p.name}: unknown verdicts {bad}; allowed {list(VERDICTS)}")
         frames.append(df[CLAIM_COLUMNS].assign(notebook=p.stem.removeprefix("claims_")))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CLAIM_COLUMNS + ["notebook"])
 
@@ -36,54 +40,124 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
     "00_config": ["config_constants.md"],
     "01_state": ["state_memory.md", "claims_01_state.md"],
     "02_consensus": ["consensus_disagreement.png", "consensus_tick_{profile}.md", "claims_02_consensus.md"],
-    "03_convergence": ["convergence_alpha_sweep.png", "convergence_lyapunov.png", "convergence_iterations.png",
-                       "convergence_alpha_sweep.md", "convergence_limits.md", "convergence_slopes.md", "claims_03_convergence.md"],
-    "04_routing": ["routing_accuracy.png", "routing_queue_lengths.png", "routing_best_agent_vs_n.png", "routing_learning_curve.png",
-                   "routing_two_level.png", "routing_best_agent.md", "routing_benchmark.md", "routing_tick_benchmark.md", "claims_04_routing.md"],
-    "05_synthetic": ["synthetic_dataset_card.md", "synthetic_distributions.png", "synthetic_turns_specialists.png", "claims_05_synthetic.md"],
+    "03_convergence": [
+        "convergence_alpha_sweep.png",
+        "convergence_lyapunov.png",
+        "convergence_iterations.png",
+        "convergence_alpha_sweep.md",
+        "convergence_limits.md",
+        "convergence_slopes.md",
+        "claims_03_convergence.md",
+    ],
+    "04_routing": [
+        "routing_accuracy.png",
+        "routing_queue_lengths.png",
+        "routing_best_agent_vs_n.png",
+        "routing_learning_curve.png",
+        "routing_two_level.png",
+        "routing_best_agent.md",
+        "routing_benchmark.md",
+        "routing_tick_benchmark.md",
+        "claims_04_routing.md",
+    ],
+    "05_synthetic": [
+        "synthetic_dataset_card.md",
+        "synthetic_distributions.png",
+        "synthetic_turns_specialists.png",
+        "claims_05_synthetic.md",
+    ],
     "06_agents": ["agents_context_policies.md", "agents_context_policies.png", "claims_06_agents.md"],
-    "07_runtime": ["runtime_systems_simulated.png", "runtime_systems_simulated.md", "runtime_failure_types_simulated.md",
-                   "runtime_ablations_simulated.md", "claims_07_runtime.md"],
-    "08_training": ["training_curves.png", "training_heldout_error.png", "training_reproducibility.md", "training_transition_diagnosis_{profile}.md",
-                    "training_context_retrieval_{profile}.png", "training_context_retrieval_{profile}.md", "claims_08_training.md"],
-    "09_evaluation": ["table1_systems.md", "figure1_error_types.png", "figure2_context_by_turn.png", "eval_ablations.md",
-                      "eval_handoff_count.png", "eval_per_seed.md", "claims_09_evaluation.md"],
-    "10_statistics": ["table3_statistics.md", "table3_per_seed.md", "table3_transition_quartiles.md", "stats_gain_by_transitions.png",
-                      "claims_10_statistics.md"],
-    "11_scaling": ["table2_scaling.md", "scaling_table2.png", "scaling_memory_law.md", "scaling_communication.png",
-                   "scaling_optimisations.md", "scaling_goals.md", "scaling_langgraph.md", "claims_11_scaling.md"],
-    "12_workflows": ["workflows_metrics.md", "workflows_by_rate.md", "workflows_by_domain.md", "workflows_completion.png",
-                     "claims_12_workflows.md"],
+    "07_runtime": [
+        "runtime_systems_simulated.png",
+        "runtime_systems_simulated.md",
+        "runtime_failure_types_simulated.md",
+        "runtime_ablations_simulated.md",
+        "claims_07_runtime.md",
+    ],
+    "08_training": [
+        "training_curves.png",
+        "training_heldout_error.png",
+        "training_reproducibility.md",
+        "training_transition_diagnosis_{profile}.md",
+        "training_context_retrieval_{profile}.png",
+        "training_context_retrieval_{profile}.md",
+        "claims_08_training.md",
+    ],
+    "09_evaluation": [
+        "table1_systems.md",
+        "figure1_error_types.png",
+        "figure2_context_by_turn.png",
+        "eval_ablations.md",
+        "eval_handoff_count.png",
+        "eval_per_seed.md",
+        "claims_09_evaluation.md",
+    ],
+    "10_statistics": [
+        "table3_statistics.md",
+        "table3_per_seed.md",
+        "table3_transition_quartiles.md",
+        "stats_gain_by_transitions.png",
+        "claims_10_statistics.md",
+    ],
+    "11_scaling": [
+        "table2_scaling.md",
+        "scaling_table2.png",
+        "scaling_memory_law.md",
+        "scaling_communication.png",
+        "scaling_optimisations.md",
+        "scaling_goals.md",
+        "scaling_langgraph.md",
+        "claims_11_scaling.md",
+    ],
+    "12_workflows": [
+        "workflows_metrics.md",
+        "workflows_by_rate.md",
+        "workflows_by_domain.md",
+        "workflows_completion.png",
+        "claims_12_workflows.md",
+    ],
     "13_service": ["claims_13_service.md"],
 }
-HEADLINE_TABLES = [("Table 1 (§5.2): systems compared", "table1_systems.md"),
-                   ("Table 2 (§5.4): scaling", "table2_scaling.md"),
-                   ("Table 3 (§5.5): statistics against each baseline", "table3_statistics.md")]
+HEADLINE_TABLES = [
+    ("Table 1 (§5.2): systems compared", "table1_systems.md"),
+    ("Table 2 (§5.4): scaling", "table2_scaling.md"),
+    ("Table 3 (§5.5): statistics against each baseline", "table3_statistics.md"),
+]
+
 
 def present_notebooks(nbs: Path | None = None) -> list[str]:
     "Stems of the numbered notebooks in this checkout."
     from rapo_nb.reproduce import numbered_notebooks
+
     return [p.stem for p in numbered_notebooks(nbs)]
+
 
 def artifacts_of(notebook: str, profile: str) -> list[str]:
     "The file names REPORT_ARTIFACTS gives for `notebook`, with `{profile}` filled in."
     return [f.format(profile=profile) for f in REPORT_ARTIFACTS.get(notebook, [])]
 
-def missing_artifacts(figdir: Path | None = None, notebooks: list[str] | None = None, profile: str = "quick") -> list[str]:
+
+def missing_artifacts(
+    figdir: Path | None = None, notebooks: list[str] | None = None, profile: str = "quick"
+) -> list[str]:
     "Files named in REPORT_ARTIFACTS (for notebooks present) that are not in the figures folder."
-    figdir = Path(figdir or figures_dir()); notebooks = notebooks if notebooks is not None else present_notebooks()
+    figdir = Path(figdir or figures_dir())
+    notebooks = notebooks if notebooks is not None else present_notebooks()
     return [f for nb in notebooks for f in artifacts_of(nb, profile) if not (figdir / f).exists()]
+
 
 def check_artifacts(figdir: Path | None = None, notebooks: list[str] | None = None, profile: str = "quick") -> None:
     "Raise FileNotFoundError listing every named artifact that is missing."
     miss = missing_artifacts(figdir, notebooks, profile)
-    if miss: raise FileNotFoundError(f"the report names {len(miss)} missing figures/tables: {miss}")
+    if miss:
+        raise FileNotFoundError(f"the report names {len(miss)} missing figures/tables: {miss}")
 
 # %% ../nbs/14_report.ipynb #a293b62d
 def compute_table(profile: str, figdir: Path | None = None) -> tuple[pd.DataFrame, dict]:
     "Per-notebook wall times and the environment from the run manifest (empty when run outside the runner)."
     p = Path(figdir or figures_dir()) / f"run_{profile}.json"
-    if not p.exists(): return pd.DataFrame(columns=["notebook", "status", "seconds"]), {}
+    if not p.exists():
+        return pd.DataFrame(columns=["notebook", "status", "seconds"]), {}
     m = json.loads(p.read_text())
     env = dict(m.get("environment", {}), profile=m.get("profile"), seed=m.get("seed"), started=m.get("started"))
     return pd.DataFrame(m.get("notebooks", [])), env
@@ -93,29 +167,64 @@ def _md(df: pd.DataFrame) -> str:
     "A DataFrame as a Markdown table (empty note when there are no rows)."
     return df.to_markdown(index=False) if len(df) else "_(none)_"
 
+
 def build_report(profile: str, figdir: Path | None = None) -> str:
     "The text of REPORT.md: verdict summary, every claim, the named figures and tables, compute and environment."
-    figdir = Path(figdir or figures_dir()); claims = collect_claims(figdir); times, env = compute_table(profile, figdir)
-    counts = claims.verdict.value_counts().reindex(list(VERDICTS), fill_value=0) if len(claims) else pd.Series(0, index=list(VERDICTS))
-    parts = [f"# rapo_nb reproduction report (profile `{profile}`)", "",
-             "Generated by `nbs/14_report.ipynb` from the tables the notebooks wrote in this run. The **paper** column is "
-             "what the paper reports; **ours** is what this run measured; the verdict is computed in the notebook that "
-             "measured it. Simulated parts (agents, service times) are simulated: see each notebook.", "",
-             "## Verdicts", "", " · ".join(f"{k}: {int(v)}" for k, v in counts.items()), "",
-             "## Every claim", "", _md(claims), ""]
+    figdir = Path(figdir or figures_dir())
+    claims = collect_claims(figdir)
+    times, env = compute_table(profile, figdir)
+    counts = (
+        claims.verdict.value_counts().reindex(list(VERDICTS), fill_value=0)
+        if len(claims)
+        else pd.Series(0, index=list(VERDICTS))
+    )
+    parts = [
+        f"# rapo_nb reproduction report (profile `{profile}`)",
+        "",
+        "Generated by `nbs/14_report.ipynb` from the tables the notebooks wrote in this run. The **paper** column is "
+        "what the paper reports; **ours** is what this run measured; the verdict is computed in the notebook that "
+        "measured it. Simulated parts (agents, service times) are simulated: see each notebook.",
+        "",
+        "## Verdicts",
+        "",
+        " · ".join(f"{k}: {int(v)}" for k, v in counts.items()),
+        "",
+        "## Every claim",
+        "",
+        _md(claims),
+        "",
+    ]
     for title, f in HEADLINE_TABLES:
-        if (figdir / f).exists(): parts += [f"## {title}", "", (figdir / f).read_text().strip(), ""]
+        if (figdir / f).exists():
+            parts += [f"## {title}", "", (figdir / f).read_text().strip(), ""]
     parts += ["## Figures and tables", ""]
     nbs = present_notebooks()
     for nb in nbs:
         files = [f for f in artifacts_of(nb, profile) if (figdir / f).exists()]
-        if files: parts.append(f"- `{nb}`: " + ", ".join(f"![{f}]({f})" if f.endswith(".png") else f"[{f}]({f})" for f in files))
-    parts += ["", "## Compute", "", _md(times), "", f"Total: {times.seconds.sum() if len(times) else 0:.1f} s", "",
-              "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()]
+        if files:
+            parts.append(
+                f"- `{nb}`: " + ", ".join(f"![{f}]({f})" if f.endswith(".png") else f"[{f}]({f})" for f in files)
+            )
+    parts += [
+        "",
+        "## Compute",
+        "",
+        _md(times),
+        "",
+        f"Total: {times.seconds.sum() if len(times) else 0:.1f} s",
+        "",
+        "## Environment",
+        "",
+    ] + [f"- {k}: {v}" for k, v in env.items()]
     return "\n".join(parts) + "\n"
+
 
 def write_report(profile: str, figdir: Path | None = None) -> Path:
     "Check the named artifacts, then write figures/REPORT.md; return its path."
-    figdir = Path(figdir or figures_dir()); check_artifacts(figdir, profile=profile)
-    p = figdir / "REPORT.md"; tmp = p.with_suffix(".md.tmp"); tmp.write_text(build_report(profile, figdir)); os.replace(tmp, p)
+    figdir = Path(figdir or figures_dir())
+    check_artifacts(figdir, profile=profile)
+    p = figdir / "REPORT.md"
+    tmp = p.with_suffix(".md.tmp")
+    tmp.write_text(build_report(profile, figdir))
+    os.replace(tmp, p)
     return p

@@ -18,91 +18,167 @@ __all__ = ['NOTEBOOK_NAME', 'numbered_notebooks', 'select_notebooks', 'environme
 # %% ../nbs/reproduce.ipynb #4e9821ab
 NOTEBOOK_NAME = re.compile(r"^(\d{2})_[\w-]+\.ipynb$")
 
+
 def numbered_notebooks(nbs: Path | None = None) -> list[Path]:
     "The notebooks a reproduction runs, in order: `nbs/NN_*.ipynb`."
     nbs = Path(nbs or project_root() / "nbs")
     return sorted((p for p in nbs.iterdir() if NOTEBOOK_NAME.match(p.name)), key=lambda p: p.name)
 
+
 def select_notebooks(notebooks: list[Path], only: str | None = None) -> list[Path]:
     "Keep notebooks whose number or name is in the comma-separated `only` (all when None); unknown names are an error."
-    if not only: return notebooks
+    if not only:
+        return notebooks
     wanted = [w.strip() for w in only.split(",") if w.strip()]
-    keep = [p for p in notebooks if any(p.name[:2] == w.zfill(2)[:2] and w.isdigit() or p.stem == w or p.name == w for w in wanted)]
-    missing = [w for w in wanted if not any(w.isdigit() and p.name[:2] == w.zfill(2) or p.stem == w or p.name == w for p in notebooks)]
-    if missing: raise ValueError(f"--only: no notebook matches {missing}; available: {[p.stem for p in notebooks]}")
+    keep = [
+        p
+        for p in notebooks
+        if any(p.name[:2] == w.zfill(2)[:2] and w.isdigit() or p.stem == w or p.name == w for w in wanted)
+    ]
+    missing = [
+        w
+        for w in wanted
+        if not any(w.isdigit() and p.name[:2] == w.zfill(2) or p.stem == w or p.name == w for p in notebooks)
+    ]
+    if missing:
+        raise ValueError(f"--only: no notebook matches {missing}; available: {[p.stem for p in notebooks]}")
     return keep
 
 # %% ../nbs/reproduce.ipynb #880e5458
 def environment_info(device: str = "auto") -> dict:
     "Versions and hardware of this run, for the reproducibility checklist."
     import numpy, torch, pandas, scipy
-    try: import papermill; pm = papermill.__version__
-    except Exception: pm = "missing"
-    return dict(python=platform.python_version(), platform=platform.platform(), machine=platform.machine(),
-                cpus=os.cpu_count(), torch=torch.__version__, numpy=numpy.__version__, pandas=pandas.__version__,
-                scipy=scipy.__version__, papermill=pm, device=str(get_device(device)),
-                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+    try:
+        import papermill
+
+        pm = papermill.__version__
+    except Exception:
+        pm = "missing"
+    return dict(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        machine=platform.machine(),
+        cpus=os.cpu_count(),
+        torch=torch.__version__,
+        numpy=numpy.__version__,
+        pandas=pandas.__version__,
+        scipy=scipy.__version__,
+        papermill=pm,
+        device=str(get_device(device)),
+        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )
+
 
 def write_manifest(manifest: dict, profile: str) -> Path:
     "Write the run manifest as figures/run_<profile>.json and .md."
-    d = figures_dir(); p = d / f"run_{profile}.json"
-    tmp = p.with_suffix(".json.tmp"); tmp.write_text(json.dumps(manifest, indent=2)); os.replace(tmp, p)
+    d = figures_dir()
+    p = d / f"run_{profile}.json"
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, p)
     rows = ["| notebook | status | seconds | run started |", "|---|---|---:|---|"]
-    rows += [f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {r.get('run', '')} |" for r in manifest["notebooks"]]
+    rows += [
+        f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {r.get('run', '')} |" for r in manifest["notebooks"]
+    ]
     env = "\n".join(f"- {k}: {v}" for k, v in manifest["environment"].items())
-    (d / f"run_{profile}.md").write_text(f"# Run `{profile}` (seed {manifest['seed']})\n\n" + "\n".join(rows) +
-                                         f"\n\nTotal: {manifest['total_seconds']:.1f} s\n\n## Environment\n{env}\n")
+    (d / f"run_{profile}.md").write_text(
+        f"# Run `{profile}` (seed {manifest['seed']})\n\n"
+        + "\n".join(rows)
+        + f"\n\nTotal: {manifest['total_seconds']:.1f} s\n\n## Environment\n{env}\n"
+    )
     return p
 
 # %% ../nbs/reproduce.ipynb #56e39c1a
 class NotebookFailed(RuntimeError):
     "A notebook of the reproduction raised; carries the notebook, cell and error."
 
+
 def run_notebook(nb: Path, out: Path, params: dict, timeout: int | None = None) -> float:
     "Execute one notebook with papermill; return its wall time in seconds or raise `NotebookFailed`."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
+
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(nb.parent), kernel_name="python3",
-                            progress_bar=False, log_output=False, execution_timeout=timeout)
+        pm.execute_notebook(
+            str(nb),
+            str(out),
+            parameters=params,
+            cwd=str(nb.parent),
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=False,
+            execution_timeout=timeout,
+        )
     except PapermillExecutionError as e:
         src = "\n".join(e.source.splitlines()[:6])
-        raise NotebookFailed(f"{nb.name} failed at cell {e.cell_index} (execution count {e.exec_count}): "
-                             f"{e.ename}: {e.evalue}\n--- cell source ---\n{src}\n--- executed copy: {out}") from None
+        raise NotebookFailed(
+            f"{nb.name} failed at cell {e.cell_index} (execution count {e.exec_count}): "
+            f"{e.ename}: {e.evalue}\n--- cell source ---\n{src}\n--- executed copy: {out}"
+        ) from None
     return time.perf_counter() - t0
 
-def reproduce(profile: str = "quick", seed: int = 0, device: str = "auto", out: Path | None = None,
-              only: str | None = None, figures: Path | None = None, timeout: int | None = None, verbose: bool = True,
-              keep: bool = False) -> dict:
+
+def reproduce(
+    profile: str = "quick",
+    seed: int = 0,
+    device: str = "auto",
+    out: Path | None = None,
+    only: str | None = None,
+    figures: Path | None = None,
+    timeout: int | None = None,
+    verbose: bool = True,
+    keep: bool = False,
+) -> dict:
     "Run the numbered notebooks in order; return the manifest (raises `NotebookFailed` on the first failure)."
-    if profile not in PROFILES: raise ValueError(f"profile: {profile!r} is not one of {list(PROFILES)}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile: {profile!r} is not one of {list(PROFILES)}")
     root = project_root()
-    if figures: os.environ["RAPO_FIGURES_DIR"] = str(Path(figures).resolve())
+    if figures:
+        os.environ["RAPO_FIGURES_DIR"] = str(Path(figures).resolve())
     os.environ.setdefault("RAPO_ROOT", str(root))
-    out = Path(out or root / "runs" / profile).resolve(); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out or root / "runs" / profile).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     notebooks = select_notebooks(numbered_notebooks(root / "nbs"), only)
-    manifest = dict(profile=profile, seed=seed, device=device, started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    environment=environment_info(device), notebooks=[], total_seconds=0.0)
+    manifest = dict(
+        profile=profile,
+        seed=seed,
+        device=device,
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        environment=environment_info(device),
+        notebooks=[],
+        total_seconds=0.0,
+    )
     params = dict(profile=profile, seed=seed, device=device)
     previous = figures_dir() / f"run_{profile}.json"
-    if only and previous.exists():   # a partial run keeps the other notebooks' entries of the last run, marked with their start
+    if (
+        only and previous.exists()
+    ):  # a partial run keeps the other notebooks' entries of the last run, marked with their start
         names = {nb.name for nb in notebooks}
         kept = [r for r in json.loads(previous.read_text()).get("notebooks", []) if r["notebook"] not in names]
         manifest["notebooks"] = sorted(kept, key=lambda r: r["notebook"])
     for i, nb in enumerate(notebooks, 1):
-        if verbose: print(f"[{i}/{len(notebooks)}] {nb.name} ...", end=" ", flush=True)
-        try: secs = run_notebook(nb, out / nb.name, params, timeout)
+        if verbose:
+            print(f"[{i}/{len(notebooks)}] {nb.name} ...", end=" ", flush=True)
+        try:
+            secs = run_notebook(nb, out / nb.name, params, timeout)
         except NotebookFailed:
-            manifest["notebooks"].append(dict(notebook=nb.name, status="failed", seconds=0.0, run=manifest["started"])); write_manifest(manifest, profile)
-            if verbose: print("FAILED", flush=True)
+            manifest["notebooks"].append(dict(notebook=nb.name, status="failed", seconds=0.0, run=manifest["started"]))
+            write_manifest(manifest, profile)
+            if verbose:
+                print("FAILED", flush=True)
             raise
-        if keep: keep_outputs(out / nb.name, nb)
-        manifest["notebooks"].append(dict(notebook=nb.name, status="ok", seconds=round(secs, 2), run=manifest["started"]))
+        if keep:
+            keep_outputs(out / nb.name, nb)
+        manifest["notebooks"].append(
+            dict(notebook=nb.name, status="ok", seconds=round(secs, 2), run=manifest["started"])
+        )
         manifest["notebooks"].sort(key=lambda r: r["notebook"])
         manifest["total_seconds"] = round(sum(r["seconds"] for r in manifest["notebooks"]), 2)
         write_manifest(manifest, profile)
-        if verbose: print(f"ok ({secs:.1f} s)", flush=True)
+        if verbose:
+            print(f"ok ({secs:.1f} s)", flush=True)
     return manifest
 
 # %% ../nbs/reproduce.ipynb #5b32cf9c
@@ -110,19 +186,28 @@ def keep_outputs(executed: Path, source: Path) -> int:
     "Copy outputs of `executed` into the cells of `source` with the same id; clean `source`; return cells updated."
     import nbformat
     from nbdev.clean import nbdev_clean
+
     run = {c.get("id"): c for c in nbformat.read(str(executed), as_version=4).cells if c.cell_type == "code"}
-    nb = nbformat.read(str(source), as_version=4); n = 0
+    nb = nbformat.read(str(source), as_version=4)
+    n = 0
     for c in nb.cells:
         if c.cell_type == "code" and c.get("id") in run:
-            c.outputs = run[c["id"]].get("outputs", []); c.execution_count = None; n += 1
-    nbformat.write(nb, str(source)); nbdev_clean(fname=str(source))
+            c.outputs = run[c["id"]].get("outputs", [])
+            c.execution_count = None
+            n += 1
+    nbformat.write(nb, str(source))
+    nbdev_clean(fname=str(source))
     return n
 
 # %% ../nbs/reproduce.ipynb #6c229540
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "Parse the `rapo-reproduce` command line."
-    ap = argparse.ArgumentParser(prog="rapo-reproduce", description="Run the rapo_nb notebooks in order with papermill.")
-    ap.add_argument("--profile", default="quick", choices=sorted(PROFILES), help="quick (CI, minutes) or full (paper sizes)")
+    ap = argparse.ArgumentParser(
+        prog="rapo-reproduce", description="Run the rapo_nb notebooks in order with papermill."
+    )
+    ap.add_argument(
+        "--profile", default="quick", choices=sorted(PROFILES), help="quick (CI, minutes) or full (paper sizes)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed passed to every notebook")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     ap.add_argument("--out", type=Path, default=None, help="folder for executed notebooks (default runs/<profile>)")
@@ -130,21 +215,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", default=None, help="comma-separated notebook numbers or names to run")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     ap.add_argument("--list", action="store_true", help="list the notebooks that would run and exit")
-    ap.add_argument("--keep-outputs", action="store_true", help="copy each notebook's outputs back into nbs/ (for the docs)")
+    ap.add_argument(
+        "--keep-outputs", action="store_true", help="copy each notebook's outputs back into nbs/ (for the docs)"
+    )
     return ap.parse_args(argv)
+
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `rapo-reproduce`; returns the exit code."
     a = parse_args(argv)
     try:
         notebooks = select_notebooks(numbered_notebooks(project_root() / "nbs"), a.only)
-        if a.list: print("\n".join(p.name for p in notebooks)); return 0
+        if a.list:
+            print("\n".join(p.name for p in notebooks))
+            return 0
         t0 = time.perf_counter()
         m = reproduce(a.profile, a.seed, a.device, a.out, a.only, a.figures, a.timeout, keep=a.keep_outputs)
     except (NotebookFailed, ValueError) as e:
-        print(f"rapo-reproduce: {e}", file=sys.stderr); return 1
-    print(f"rapo-reproduce: {len(m['notebooks'])} notebooks ok in {time.perf_counter() - t0:.1f} s "
-          f"(profile {a.profile}); figures in {figures_dir()}")
+        print(f"rapo-reproduce: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"rapo-reproduce: {len(m['notebooks'])} notebooks ok in {time.perf_counter() - t0:.1f} s "
+        f"(profile {a.profile}); figures in {figures_dir()}"
+    )
     return 0
 
 # %% ../nbs/reproduce.ipynb #20f5974e
@@ -152,23 +245,28 @@ def index_to_markdown(index: Path | None = None) -> str:
     "Render nbs/index.ipynb to Markdown: markdown cells, visible code cells and their text outputs."
     import nbformat
     from nbconvert import MarkdownExporter
+
     nb = nbformat.read(str(index or project_root() / "nbs" / "index.ipynb"), as_version=4)
     keep = []
     for c in nb.cells:
         lines = c.source.splitlines()
         if c.cell_type == "code":
-            if any(re.match(r"#\|\s*(hide|export|exporti|default_exp|include:\s*false)\b", l) for l in lines): continue
+            if any(re.match(r"#\|\s*(hide|export|exporti|default_exp|include:\s*false)\b", l) for l in lines):
+                continue
             if any(re.match(r"#\|\s*echo:\s*false", l) for l in lines):  # output only: its Markdown becomes text
                 md = "".join("".join(o.get("data", {}).get("text/markdown", "")) for o in c.get("outputs", []))
-                if md.strip(): keep.append(nbformat.v4.new_markdown_cell(md))
+                if md.strip():
+                    keep.append(nbformat.v4.new_markdown_cell(md))
                 continue
             c.source = "\n".join(l for l in lines if not l.startswith("#|")).strip()
-            if not c.source: continue
+            if not c.source:
+                continue
         keep.append(c)
     nb.cells = keep
     body, _ = MarkdownExporter().from_notebook_node(nb)
     note = "<!-- generated from nbs/index.ipynb by `rapo-readme`; edit the notebook, not this file -->\n\n"
     return note + re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
+
 
 def readme_main(argv: list[str] | None = None) -> int:
     "Entry point of `rapo-readme`: write README.md from nbs/index.ipynb (`--check` only compares)."
@@ -178,6 +276,12 @@ def readme_main(argv: list[str] | None = None) -> int:
     readme, text = project_root() / "README.md", index_to_markdown()
     if a.check:
         ok = readme.exists() and readme.read_text() == text
-        print("README.md is in sync with nbs/index.ipynb" if ok else "README.md differs from nbs/index.ipynb: run rapo-readme")
+        print(
+            "README.md is in sync with nbs/index.ipynb"
+            if ok
+            else "README.md differs from nbs/index.ipynb: run rapo-readme"
+        )
         return 0 if ok else 1
-    readme.write_text(text); print(f"wrote {readme}"); return 0
+    readme.write_text(text)
+    print(f"wrote {readme}")
+    return 0

@@ -25,34 +25,49 @@ __all__ = ['NO_AGENT', 'CAPABILITY_MIX', 'LOAD_FEEDBACK', 'ROUTERS', 'load_coeff
 
 # %% ../nbs/04_routing.ipynb #db15668f
 NO_AGENT = -1  # sentinel in `select(..., allow_unassigned=True)`: no eligible agent for this request right now
-CAPABILITY_MIX = RoutingConfig().capability_mix  # §3.4 (our reading), config field routing.capability_mix: weight of M[a, τ, μ] against the agent-wide score
-LOAD_FEEDBACK = RoutingConfig().load_feedback    # §3.4 (our reading), config field routing.load_feedback: a batch sees the load of its earlier decisions
+CAPABILITY_MIX = (
+    RoutingConfig().capability_mix
+)  # §3.4 (our reading), config field routing.capability_mix: weight of M[a, τ, μ] against the agent-wide score
+LOAD_FEEDBACK = (
+    RoutingConfig().load_feedback
+)  # §3.4 (our reading), config field routing.load_feedback: a batch sees the load of its earlier decisions
+
 
 def _routing_cfg(cfg) -> RoutingConfig:
     "Accept a `Config` or a `RoutingConfig`; anything else is an error naming `cfg`."
-    if isinstance(cfg, Config): return cfg.routing
-    if isinstance(cfg, RoutingConfig): return cfg
+    if isinstance(cfg, Config):
+        return cfg.routing
+    if isinstance(cfg, RoutingConfig):
+        return cfg
     raise ValueError(f"cfg: expected a Config or RoutingConfig, got {type(cfg).__name__}")
+
 
 def load_coefficients(cfg) -> tuple[float, float, float]:
     "Per-unit coefficients (α/C_max, β/Q_max, γ/R_max) of eq. 6, after checking weights and capacities."
     rc = _routing_cfg(cfg)
     w = tuple(float(x) for x in rc.load_weights)
-    if len(w) != 3: raise ValueError(f"load_weights: expected 3 weights (α, β, γ), got {len(w)}")
-    if any(not math.isfinite(x) or x < 0 for x in w): raise ValueError(f"load_weights: weights must be finite and >= 0, got {w}")
-    if abs(sum(w) - 1.0) > 1e-6: raise ValueError(f"load_weights: weights must sum to 1, they sum to {sum(w):.6g}")
+    if len(w) != 3:
+        raise ValueError(f"load_weights: expected 3 weights (α, β, γ), got {len(w)}")
+    if any(not math.isfinite(x) or x < 0 for x in w):
+        raise ValueError(f"load_weights: weights must be finite and >= 0, got {w}")
+    if abs(sum(w) - 1.0) > 1e-6:
+        raise ValueError(f"load_weights: weights must sum to 1, they sum to {sum(w):.6g}")
     caps = {}
     for name in ("c_max", "q_max", "r_max"):
         v = float(getattr(rc, name))
-        if not (math.isfinite(v) and v > 0): raise ValueError(f"{name}: capacity must be a positive number, got {v!r}")
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}: capacity must be a positive number, got {v!r}")
         caps[name] = v
     return (w[0] / caps["c_max"], w[1] / caps["q_max"], w[2] / caps["r_max"])
+
 
 def _as_vec(x, name: str, dtype=torch.float32, device=None) -> torch.Tensor:
     "`x` as a 1-D tensor of `dtype`; otherwise a ValueError naming `name`."
     t = torch.as_tensor(x, dtype=dtype, device=device)
-    if t.ndim != 1: raise ValueError(f"{name}: expected a 1-D tensor [N], got shape {tuple(t.shape)}")
+    if t.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor [N], got shape {tuple(t.shape)}")
     return t
+
 
 def load_factor(active, pending, utilisation, cfg) -> torch.Tensor:
     "Eq. 6 for every agent at once: L_a = α·N_a/C_max + β·Q_a/Q_max + γ·R_a/R_max (float32 [N])."
@@ -61,23 +76,28 @@ def load_factor(active, pending, utilisation, cfg) -> torch.Tensor:
     pending = _as_vec(pending, "pending", device=active.device)
     utilisation = _as_vec(utilisation, "utilisation", device=active.device)
     for name, t in (("pending", pending), ("utilisation", utilisation)):
-        if t.shape != active.shape: raise ValueError(f"{name}: shape {tuple(t.shape)} does not match active {tuple(active.shape)}")
+        if t.shape != active.shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match active {tuple(active.shape)}")
     for name, t in (("active", active), ("pending", pending), ("utilisation", utilisation)):
-        if t.numel() and not bool(torch.isfinite(t).all() & (t >= 0).all()): raise ValueError(f"{name}: values must be finite and >= 0")
+        if t.numel() and not bool(torch.isfinite(t).all() & (t >= 0).all()):
+            raise ValueError(f"{name}: values must be finite and >= 0")
     return active * ka + pending * kq + utilisation * kr
 
 # %% ../nbs/04_routing.ipynb #fee4a034
 class NoAgentAvailable(RuntimeError):
     "Every agent is failed or saturated for these requests (after the bounded wait, when queued)."
+
     def __init__(self, message: str, request_ids=None, waited_s: float = 0.0, served=None):
         super().__init__(message)
         self.request_ids = request_ids if request_ids is not None else torch.empty(0, dtype=torch.long)
         self.waited_s = float(waited_s)
         self.served = served  # (ids, agents) routed in the same dispatch, so nothing is lost when this is raised
 
+
 @dataclass
 class AgentLoad:
     "Per-agent load indicators of eq. 6: active conversations N_a, pending requests Q_a, utilisation R_a, alive flag."
+
     active: torch.Tensor
     pending: torch.Tensor
     utilisation: torch.Tensor
@@ -91,18 +111,22 @@ class AgentLoad:
         self.alive = _as_vec(self.alive, "alive", dtype=torch.bool, device=dev)
         for name in ("pending", "utilisation", "alive"):
             t = getattr(self, name)
-            if t.shape != (n,): raise ValueError(f"{name}: expected shape ({n},) like active, got {tuple(t.shape)}")
+            if t.shape != (n,):
+                raise ValueError(f"{name}: expected shape ({n},) like active, got {tuple(t.shape)}")
         for name in ("active", "pending", "utilisation"):
             t = getattr(self, name)
-            if n and not bool(torch.isfinite(t).all() & (t >= 0).all()): raise ValueError(f"{name}: values must be finite and >= 0")
+            if n and not bool(torch.isfinite(t).all() & (t >= 0).all()):
+                raise ValueError(f"{name}: values must be finite and >= 0")
 
     @property
-    def n(self) -> int: return self.active.shape[0]
+    def n(self) -> int:
+        return self.active.shape[0]
 
     @classmethod
     def idle(cls, n: int, device=None) -> "AgentLoad":
         "N idle, alive agents."
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0: raise ValueError(f"n: expected an integer >= 0, got {n!r}")
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n: expected an integer >= 0, got {n!r}")
         z = torch.zeros(n, device=device)
         return cls(z, z.clone(), z.clone(), torch.ones(n, dtype=torch.bool, device=device))
 
@@ -114,7 +138,8 @@ class AgentLoad:
         "A new load with one more active conversation on each agent in `agents` (NO_AGENT entries ignored)."
         agents = torch.as_tensor(agents, dtype=torch.long, device=self.active.device).reshape(-1)
         agents = agents[agents >= 0]
-        if agents.numel() and int(agents.max()) >= self.n: raise ValueError(f"agents: ids must lie in [0, {self.n})")
+        if agents.numel() and int(agents.max()) >= self.n:
+            raise ValueError(f"agents: ids must lie in [0, {self.n})")
         add = torch.bincount(agents, minlength=self.n).to(self.active.dtype)
         return AgentLoad(self.active + add, self.pending.clone(), self.utilisation.clone(), self.alive.clone())
 
@@ -123,14 +148,20 @@ def simulated_load(in_flight: torch.Tensor, cfg) -> AgentLoad:
     "Load of a simulated deployment: N_a = conversations in flight, Q_a = 0, R_a = share of the C_max slots in use (capped at 1)."
     rc = _routing_cfg(cfg)
     active = torch.as_tensor(in_flight).float()
-    return AgentLoad(active, torch.zeros_like(active), (active / rc.c_max).clamp(max=1.0), torch.ones_like(active, dtype=torch.bool))
+    return AgentLoad(
+        active, torch.zeros_like(active), (active / rc.c_max).clamp(max=1.0), torch.ones_like(active, dtype=torch.bool)
+    )
 
 # %% ../nbs/04_routing.ipynb #29ccae81
 def _check_bank_load(bank, load: AgentLoad) -> None:
     "The load must describe the bank's agents."
-    if not isinstance(load, AgentLoad): raise ValueError(f"load: expected an AgentLoad, got {type(load).__name__}")
-    if load.n != bank.M.shape[0]: raise ValueError(f"load: describes {load.n} agents but the bank has {bank.M.shape[0]}")
-    if load.active.device != bank.M.device: raise ValueError(f"load: on {load.active.device}, bank on {bank.M.device}")
+    if not isinstance(load, AgentLoad):
+        raise ValueError(f"load: expected an AgentLoad, got {type(load).__name__}")
+    if load.n != bank.M.shape[0]:
+        raise ValueError(f"load: describes {load.n} agents but the bank has {bank.M.shape[0]}")
+    if load.active.device != bank.M.device:
+        raise ValueError(f"load: on {load.active.device}, bank on {bank.M.device}")
+
 
 def _check_request(task, modality, bank) -> tuple[torch.Tensor, torch.Tensor]:
     "task, modality as LongTensor [B] on the bank's device, in [0, m) and [0, l); ValueError naming the field."
@@ -139,44 +170,70 @@ def _check_request(task, modality, bank) -> tuple[torch.Tensor, torch.Tensor]:
     out = []
     for name, t, hi in (("task", task, m), ("modality", modality, l)):
         t = torch.as_tensor(t, device=dev)
-        if t.ndim == 0: t = t.reshape(1)
-        if t.ndim != 1: raise ValueError(f"{name}: expected a 1-D LongTensor [B], got shape {tuple(t.shape)}")
-        if t.is_floating_point() or t.dtype == torch.bool: raise ValueError(f"{name}: expected an integer tensor, got {t.dtype}")
+        if t.ndim == 0:
+            t = t.reshape(1)
+        if t.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-D LongTensor [B], got shape {tuple(t.shape)}")
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"{name}: expected an integer tensor, got {t.dtype}")
         t = t.long()
         if t.numel():
             lo, hi_ = (int(t), int(t)) if t.numel() == 1 else (int(v) for v in torch.aminmax(t))
-            if lo < 0 or hi_ >= hi: raise ValueError(f"{name}: values must lie in [0, {hi}), got range [{lo}, {hi_}]")
+            if lo < 0 or hi_ >= hi:
+                raise ValueError(f"{name}: values must lie in [0, {hi}), got range [{lo}, {hi_}]")
         out.append(t)
-    if out[0].shape != out[1].shape: raise ValueError(f"modality: length {out[1].numel()} does not match task length {out[0].numel()}")
+    if out[0].shape != out[1].shape:
+        raise ValueError(f"modality: length {out[1].numel()} does not match task length {out[0].numel()}")
     return out[0], out[1]
+
 
 def capability_matrix(bank, task, modality, mix: float = CAPABILITY_MIX) -> torch.Tensor:
     "C_a for every request (rows) and agent (columns): mix·M[a, τ, μ] + (1 − mix)·capability_score[a] (float32 [B, N])."
-    if not (isinstance(mix, (int, float)) and 0.0 <= mix <= 1.0): raise ValueError(f"mix: expected a number in [0, 1], got {mix!r}")
+    if not (isinstance(mix, (int, float)) and 0.0 <= mix <= 1.0):
+        raise ValueError(f"mix: expected a number in [0, 1], got {mix!r}")
     task, modality = _check_request(task, modality, bank)
     cols = bank.M[:, task, modality].T.float()
     return mix * cols + (1.0 - mix) * bank.capability_score.float()[None, :]
+
 
 def _no_agent(out: torch.Tensor, who: str, allow_unassigned: bool) -> torch.Tensor:
     "Raise NoAgentAvailable for NO_AGENT entries unless the caller queues them (allow_unassigned)."
     if not allow_unassigned:
         bad = (out < 0).nonzero().flatten()
         if bad.numel():
-            raise NoAgentAvailable(f"{who}: no alive, unsaturated agent for {bad.numel()} of {out.numel()} requests "
-                                   f"(positions {bad[:8].tolist()}{' …' if bad.numel() > 8 else ''}); queue them with BoundedWaitQueue",
-                                   request_ids=bad.cpu())
+            raise NoAgentAvailable(
+                f"{who}: no alive, unsaturated agent for {bad.numel()} of {out.numel()} requests "
+                f"(positions {bad[:8].tolist()}{' …' if bad.numel() > 8 else ''}); queue them with BoundedWaitQueue",
+                request_ids=bad.cpu(),
+            )
     return out
 
 # %% ../nbs/04_routing.ipynb #6bc86b54
 @runtime_checkable
 class Router(Protocol):
     "An agent-selection policy: one agent id per request (task τ, modality μ)."
-    name: str
-    def select(self, task: torch.Tensor, modality: torch.Tensor, bank, load: AgentLoad,
-               query_vec: torch.Tensor | None = None, allow_unassigned: bool = False) -> torch.Tensor: ...
 
-def greedy_rounds_reference(key_scores: torch.Tensor, inv: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, inc: float,
-                            feedback: bool = True) -> torch.Tensor:
+    name: str
+
+    def select(
+        self,
+        task: torch.Tensor,
+        modality: torch.Tensor,
+        bank,
+        load: AgentLoad,
+        query_vec: torch.Tensor | None = None,
+        allow_unassigned: bool = False,
+    ) -> torch.Tensor: ...
+
+
+def greedy_rounds_reference(
+    key_scores: torch.Tensor,
+    inv: torch.Tensor,
+    L0: torch.Tensor,
+    eligible: torch.Tensor,
+    inc: float,
+    feedback: bool = True,
+) -> torch.Tensor:
     """The readable definition of the batch rule (`greedy_rounds` computes the same, fast). Batch argmax of
     key_scores[u, a]·(1 − L_a) with load feedback: each step, the oldest waiting request of every key picks its best agent;
     an agent wanted by several keys goes to the earliest request (the others retry next step); each pick adds `inc` to the
@@ -184,9 +241,10 @@ def greedy_rounds_reference(key_scores: torch.Tensor, inv: torch.Tensor, L0: tor
     Ties → lowest agent id. Returns LongTensor [B] (NO_AGENT if none)."""
     B, dev = inv.numel(), inv.device
     out = torch.full((B,), NO_AGENT, dtype=torch.long, device=dev)
-    if B == 0: return out
-    key_scores = key_scores.contiguous()                        # row-major: argmax along agents walks contiguous memory
-    eligible = eligible & (L0 < 1.0)                            # saturated before the batch: out, as after its picks below
+    if B == 0:
+        return out
+    key_scores = key_scores.contiguous()  # row-major: argmax along agents walks contiguous memory
+    eligible = eligible & (L0 < 1.0)  # saturated before the batch: out, as after its picks below
     s = torch.where(eligible[None, :], key_scores * (1.0 - L0)[None, :], float("-inf")).contiguous()
     if not feedback:
         best = s.argmax(1)
@@ -203,54 +261,69 @@ def greedy_rounds_reference(key_scores: torch.Tensor, inv: torch.Tensor, L0: tor
         out[:k] = torch.where(torch.isfinite(vals[:k]), idx[:k] // K, NO_AGENT)
         return out
     counts = torch.bincount(inv, minlength=U)
-    order = torch.argsort(inv, stable=True)                     # requests grouped by key, arrival order inside a key
+    order = torch.argsort(inv, stable=True)  # requests grouped by key, arrival order inside a key
     starts = torch.cumsum(counts, 0) - counts
-    nxt = starts.clone()                                        # position in `order` of each key's oldest waiting request
+    nxt = starts.clone()  # position in `order` of each key's oldest waiting request
     ends = starts + counts
-    s[counts == 0] = float("-inf")                              # keys without requests (possible when inv does not cover 0..U−1)
+    s[counts == 0] = float("-inf")  # keys without requests (possible when inv does not cover 0..U−1)
     picks, never = torch.zeros_like(L0), torch.full((N,), B, dtype=torch.long, device=dev)
     while True:
-        vals, best = s.max(1)                                   # first maximum → lowest agent id on ties
-        ok = vals > float("-inf")                               # key still waiting and some agent eligible
-        if not bool(ok.any()): break
+        vals, best = s.max(1)  # first maximum → lowest agent id on ties
+        ok = vals > float("-inf")  # key still waiting and some agent eligible
+        if not bool(ok.any()):
+            break
         req = torch.where(ok, order[nxt.clamp(max=B - 1)], B)
-        winner = never.clone().scatter_reduce_(0, best, req, "amin")   # an agent wanted by several keys: earliest request
+        winner = never.clone().scatter_reduce_(
+            0, best, req, "amin"
+        )  # an agent wanted by several keys: earliest request
         acc = ok & (winner[best] == req)
         chosen = best[acc]
         out[req[acc]] = chosen
         nxt += acc
         waiting = nxt < ends
-        s[acc & ~waiting] = float("-inf")                       # keys whose requests are all served
+        s[acc & ~waiting] = float("-inf")  # keys whose requests are all served
         picks[chosen] += 1.0
         Lc = L0[chosen] + picks[chosen] * inc
-        s[:, chosen] = torch.where(waiting[:, None] & (Lc < 1.0)[None, :], key_scores[:, chosen] * (1.0 - Lc)[None, :], float("-inf"))
+        s[:, chosen] = torch.where(
+            waiting[:, None] & (Lc < 1.0)[None, :], key_scores[:, chosen] * (1.0 - Lc)[None, :], float("-inf")
+        )
     return out
 
 # %% ../nbs/04_routing.ipynb #b0fe62e2
-_CACHE = __name__ != "__main__"   # numba caches compiled kernels on disk for the module, not for notebook cells
+_CACHE = __name__ != "__main__"  # numba caches compiled kernels on disk for the module, not for notebook cells
 _NINF = np.float32(-np.inf)
+
 
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _worse(v, a, w, b) -> bool:
     "(value v, agent a) ranks below (w, b): a lower value, or the same value and a higher id (the argmax prefers lower ids)."
     return v < w or (v == w and a > b)
 
+
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _above(v, a, w, b, best_on_top) -> bool:
     "(v, a) belongs nearer the root than (w, b): the better of the two in a max-heap (best_on_top), the worse in a min-heap."
     return _worse(w, b, v, a) if best_on_top else _worse(v, a, w, b)
+
 
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _sift_down(hv, hi, u, i, n, v, a, best_on_top) -> None:
     "Put (v, a) into the hole at position i of key u's heap (n entries: values hv[u], ids hi[u]) and move it down to its place."
     while True:
         c = 2 * i + 1
-        if c >= n: break
-        if c + 1 < n and _above(hv[u, c + 1], hi[u, c + 1], hv[u, c], hi[u, c], best_on_top): c += 1
+        if c >= n:
+            break
+        if c + 1 < n and _above(hv[u, c + 1], hi[u, c + 1], hv[u, c], hi[u, c], best_on_top):
+            c += 1
         if _above(hv[u, c], hi[u, c], v, a, best_on_top):
-            hv[u, i] = hv[u, c]; hi[u, i] = hi[u, c]; i = c
-        else: break
-    hv[u, i] = v; hi[u, i] = a
+            hv[u, i] = hv[u, c]
+            hi[u, i] = hi[u, c]
+            i = c
+        else:
+            break
+    hv[u, i] = v
+    hi[u, i] = a
+
 
 @njit(cache=_CACHE, nogil=True)
 def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
@@ -260,36 +333,48 @@ def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
     N, U = kt.shape
     one = np.float32(1.0)
     neg, nonfinite = False, False
-    thr = np.full(U, -np.inf, np.float32)            # the worst kept value once a heap is full: only better values get in
-    for u in range(U): ccnt[u] = 0
-    for a in range(N):                                # ascending ids: an agent tied with the worst kept one has a higher id
+    thr = np.full(U, -np.inf, np.float32)  # the worst kept value once a heap is full: only better values get in
+    for u in range(U):
+        ccnt[u] = 0
+    for a in range(N):  # ascending ids: an agent tied with the worst kept one has a higher id
         if not elig[a]:
             for u in range(U):
-                if not (kt[a, u] >= 0): neg = True
+                if not (kt[a, u] >= 0):
+                    neg = True
             continue
         f = one - L0[a]
         for u in range(U):
             k = kt[a, u]
-            if not (k >= 0): neg = True
+            if not (k >= 0):
+                neg = True
             v = k * f
             if v > thr[u]:
                 if not (v < np.inf):
                     nonfinite = True
                     continue
                 n, K = ccnt[u], Ks[u]
-                if n < K:                             # heap not full: sift the new agent up
-                    i = n; n += 1; ccnt[u] = n
+                if n < K:  # heap not full: sift the new agent up
+                    i = n
+                    n += 1
+                    ccnt[u] = n
                     while i > 0:
                         p = (i - 1) >> 1
                         if _worse(v, a, cval[u, p], cid[u, p]):
-                            cval[u, i] = cval[u, p]; cid[u, i] = cid[u, p]; i = p
-                        else: break
-                    cval[u, i] = v; cid[u, i] = a
-                else:                                 # full: the new agent replaces the worst, sift it down
+                            cval[u, i] = cval[u, p]
+                            cid[u, i] = cid[u, p]
+                            i = p
+                        else:
+                            break
+                    cval[u, i] = v
+                    cid[u, i] = a
+                else:  # full: the new agent replaces the worst, sift it down
                     _sift_down(cval, cid, u, 0, n, v, a, False)
-                if n == K: thr[u] = cval[u, 0]
-            elif not (v > -np.inf): nonfinite = True  # −inf, or NaN (NaN fails every comparison)
+                if n == K:
+                    thr[u] = cval[u, 0]
+            elif not (v > -np.inf):
+                nonfinite = True  # −inf, or NaN (NaN fails every comparison)
     return (1 if neg else 0) + (2 if nonfinite else 0)
+
 
 @njit(cache=_CACHE, nogil=True)
 def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out) -> bool:
@@ -302,61 +387,90 @@ def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out)
     B = inv.shape[0]
     one = np.float32(1.0)
     counts = np.zeros(U, np.int64)
-    for r in range(B): counts[inv[r]] += 1
+    for r in range(B):
+        counts[inv[r]] += 1
     nxt, ends = np.empty(U, np.int64), np.empty(U, np.int64)
     s = 0
     for u in range(U):
-        nxt[u] = s; s += counts[u]; ends[u] = s
-    order, fill = np.empty(B, np.int64), nxt.copy()    # requests grouped by key, arrival order inside a key
+        nxt[u] = s
+        s += counts[u]
+        ends[u] = s
+    order, fill = np.empty(B, np.int64), nxt.copy()  # requests grouped by key, arrival order inside a key
     for r in range(B):
-        u = inv[r]; order[fill[u]] = r; fill[u] += 1
+        u = inv[r]
+        order[fill[u]] = r
+        fill[u] += 1
     hn = ccnt.copy()
-    for u in range(U):                                 # min-heaps (worst first) → max-heaps (best first)
-        for i in range(hn[u] // 2 - 1, -1, -1): _sift_down(cval, cid, u, i, hn[u], cval[u, i], cid[u, i], True)
-    start = np.zeros(N + 1, np.int64)                  # keys_of[start[a]:start[a + 1]]: the keys having agent a as a candidate
+    for u in range(U):  # min-heaps (worst first) → max-heaps (best first)
+        for i in range(hn[u] // 2 - 1, -1, -1):
+            _sift_down(cval, cid, u, i, hn[u], cval[u, i], cid[u, i], True)
+    start = np.zeros(N + 1, np.int64)  # keys_of[start[a]:start[a + 1]]: the keys having agent a as a candidate
     for u in range(U):
-        for j in range(hn[u]): start[cid[u, j] + 1] += 1
-    for a in range(N): start[a + 1] += start[a]
+        for j in range(hn[u]):
+            start[cid[u, j] + 1] += 1
+    for a in range(N):
+        start[a + 1] += start[a]
     keys_of, fill = np.empty(start[N], np.int64), start[:N].copy()
     for u in range(U):
         for j in range(hn[u]):
-            a = cid[u, j]; keys_of[fill[a]] = u; fill[a] += 1
-    untouched = hn.copy()                              # candidates of each key that nobody has picked yet
+            a = cid[u, j]
+            keys_of[fill[a]] = u
+            fill[a] += 1
+    untouched = hn.copy()  # candidates of each key that nobody has picked yet
     picks = np.zeros(N, np.int64)
-    claim = np.full(N, B, np.int64)                    # earliest request wanting each agent in this step
+    claim = np.full(N, B, np.int64)  # earliest request wanting each agent in this step
     prop = np.full(U, -1, np.int64)
     while True:
         proposed = False
         for u in range(U):
             prop[u] = -1
-            if nxt[u] >= ends[u]: continue             # every request of this key is served
-            if untouched[u] == 0 and not complete[u]: return False   # the pruning argument no longer covers this key
+            if nxt[u] >= ends[u]:
+                continue  # every request of this key is served
+            if untouched[u] == 0 and not complete[u]:
+                return False  # the pruning argument no longer covers this key
             while hn[u] > 0:
-                a = cid[u, 0]; p = picks[a]
-                if p == 0: break                       # never picked: its stored value v⁰ is current
+                a = cid[u, 0]
+                p = picks[a]
+                if p == 0:
+                    break  # never picked: its stored value v⁰ is current
                 v = _NINF
                 if p < cap:
                     Lc = L0[a] + np.float32(p) * inc
-                    if Lc < one: v = kt[a, u] * (one - Lc)
-                if v == cval[u, 0]: break              # stored value is current
-                if v == _NINF:                         # saturated: drop it
-                    hn[u] -= 1; cval[u, 0] = cval[u, hn[u]]; cid[u, 0] = cid[u, hn[u]]
-                else: cval[u, 0] = v
-                if hn[u] > 0: _sift_down(cval, cid, u, 0, hn[u], cval[u, 0], cid[u, 0], True)
-            if hn[u] == 0: continue                    # no eligible candidate left (values never come back)
+                    if Lc < one:
+                        v = kt[a, u] * (one - Lc)
+                if v == cval[u, 0]:
+                    break  # stored value is current
+                if v == _NINF:  # saturated: drop it
+                    hn[u] -= 1
+                    cval[u, 0] = cval[u, hn[u]]
+                    cid[u, 0] = cid[u, hn[u]]
+                else:
+                    cval[u, 0] = v
+                if hn[u] > 0:
+                    _sift_down(cval, cid, u, 0, hn[u], cval[u, 0], cid[u, 0], True)
+            if hn[u] == 0:
+                continue  # no eligible candidate left (values never come back)
             a, r = cid[u, 0], order[nxt[u]]
-            prop[u] = a; proposed = True
-            if r < claim[a]: claim[a] = r
-        if not proposed: break
+            prop[u] = a
+            proposed = True
+            if r < claim[a]:
+                claim[a] = r
+        if not proposed:
+            break
         for u in range(U):
             a = prop[u]
-            if a >= 0 and claim[a] == order[nxt[u]]:   # an agent wanted by several keys goes to the earliest request
-                out[order[nxt[u]]] = a; nxt[u] += 1; picks[a] += 1
+            if a >= 0 and claim[a] == order[nxt[u]]:  # an agent wanted by several keys goes to the earliest request
+                out[order[nxt[u]]] = a
+                nxt[u] += 1
+                picks[a] += 1
                 if picks[a] == 1:
-                    for j in range(start[a], start[a + 1]): untouched[keys_of[j]] -= 1
+                    for j in range(start[a], start[a + 1]):
+                        untouched[keys_of[j]] -= 1
         for u in range(U):
-            if prop[u] >= 0: claim[prop[u]] = B
+            if prop[u] >= 0:
+                claim[prop[u]] = B
     return True
+
 
 def _candidates(kt: np.ndarray, L: np.ndarray, elig: np.ndarray, ks: np.ndarray):
     "Run `_top_candidates` with ks[u] candidates for key u; (ids [U, max ks], values, counts [U], flags)."
@@ -366,39 +480,63 @@ def _candidates(kt: np.ndarray, L: np.ndarray, elig: np.ndarray, ks: np.ndarray)
     flags = _top_candidates(kt, L, elig, ks, cid, cval, ccnt)
     return cid, cval, ccnt, flags
 
+
 def _as_numpy(key_scores: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor):
     "Agent-major scores [N, U] (select passes that layout as a transposed view: no copy), L0 and the mask as numpy arrays."
     kt = key_scores.T.contiguous()
     return kt.numpy(), L0.contiguous().numpy(), eligible.contiguous().numpy()
 
+
 def _fast_inputs_ok(key_scores, inv, L0, eligible, inc) -> bool:
     "The fast path handles CPU float32 scores and loads, a bool mask, at least one agent, key ids in range and a finite inc ≥ 0."
-    if not (key_scores.ndim == 2 and key_scores.shape[0] >= 1 and key_scores.dtype == torch.float32 and L0.dtype == torch.float32
-            and eligible.dtype == torch.bool and inv.ndim == 1 and not inv.is_floating_point()): return False
+    if not (
+        key_scores.ndim == 2
+        and key_scores.shape[0] >= 1
+        and key_scores.dtype == torch.float32
+        and L0.dtype == torch.float32
+        and eligible.dtype == torch.bool
+        and inv.ndim == 1
+        and not inv.is_floating_point()
+    ):
+        return False
     U, N = key_scores.shape
-    if not 1 <= N < 2**31 or L0.shape != (N,) or eligible.shape != (N,): return False   # (ids are int32 in the kernels)
-    if any(t.device.type != "cpu" for t in (key_scores, inv, L0, eligible)): return False
-    if not (isinstance(inc, (int, float, np.floating)) and math.isfinite(inc) and inc >= 0): return False
+    if not 1 <= N < 2**31 or L0.shape != (N,) or eligible.shape != (N,):
+        return False  # (ids are int32 in the kernels)
+    if any(t.device.type != "cpu" for t in (key_scores, inv, L0, eligible)):
+        return False
+    if not (isinstance(inc, (int, float, np.floating)) and math.isfinite(inc) and inc >= 0):
+        return False
     lo, hi = (int(v) for v in torch.aminmax(inv))
     return 0 <= lo and hi < U
+
 
 def candidate_agents(key_scores: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
     """The k best eligible agents of every key by key_scores[u, a]·(1 − L0_a), best first, ties → lowest id (LongTensor [U, k],
     NO_AGENT where a key has fewer than k eligible agents). The candidate set `greedy_rounds` restricts each key to."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1: raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
     if not _fast_inputs_ok(key_scores, torch.zeros(1, dtype=torch.long), L0, eligible, 0.0):
         raise ValueError("key_scores: expected CPU float32 [U, N] scores with float32 L0 [N] and a bool eligible [N]")
     kt, L, e = _as_numpy(key_scores, L0, eligible)
     cid, cval, ccnt, flags = _candidates(kt, L, e, np.full(key_scores.shape[0], int(k), np.int64))
-    if flags & 2: raise ValueError("key_scores: some eligible agent has a non-finite score·(1 − L0)")
+    if flags & 2:
+        raise ValueError("key_scores: some eligible agent has a non-finite score·(1 − L0)")
     out = torch.full((cid.shape[0], int(k)), NO_AGENT, dtype=torch.long)
     for u in range(cid.shape[0]):
-        n = int(ccnt[u]); ids, vals = cid[u, :n].astype(np.int64), cval[u, :n]
+        n = int(ccnt[u])
+        ids, vals = cid[u, :n].astype(np.int64), cval[u, :n]
         out[u, :n] = torch.from_numpy(ids[np.lexsort((ids, -vals))])
     return out
 
-def greedy_rounds(key_scores: torch.Tensor, inv: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, inc: float,
-                  feedback: bool = True) -> torch.Tensor:
+
+def greedy_rounds(
+    key_scores: torch.Tensor,
+    inv: torch.Tensor,
+    L0: torch.Tensor,
+    eligible: torch.Tensor,
+    inc: float,
+    feedback: bool = True,
+) -> torch.Tensor:
     """Exactly the assignments of `greedy_rounds_reference` (same arguments), computed on each key's best candidates with
     numba kernels: one O(U·N) pass, then steps that cost O(U·log K). With many agents per request (N ≥ 4B) it first tries
     K_u = 2·B_u + 8 candidates per key, checking the exactness condition at every step, and reruns with K = min(B, N) (always
@@ -409,31 +547,40 @@ def greedy_rounds(key_scores: torch.Tensor, inv: torch.Tensor, L0: torch.Tensor,
         return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
     U, N = key_scores.shape
     inc = float(inc)
-    merge = feedback and U == 1 and inc > 0            # the reference's one-key merge: ⌈1/inc⌉ + 1 picks per agent at most
-    if merge and not math.isfinite(1.0 / inc): return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
-    elig = eligible & (L0 < 1.0)                       # as the reference: saturated agents are never picked
+    merge = feedback and U == 1 and inc > 0  # the reference's one-key merge: ⌈1/inc⌉ + 1 picks per agent at most
+    if merge and not math.isfinite(1.0 / inc):
+        return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
+    elig = eligible & (L0 < 1.0)  # as the reference: saturated agents are never picked
     kt, L, e = _as_numpy(key_scores, L0, elig)
     inv_np = inv.long().contiguous().numpy()
-    if not feedback:                                   # one snapshot: every key's single best agent
+    if not feedback:  # one snapshot: every key's single best agent
         cid, cval, ccnt, flags = _candidates(kt, L, e, np.ones(U, np.int64))
-        if flags & 2: return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
+        if flags & 2:
+            return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
         return torch.from_numpy(np.where(ccnt > 0, cid[:, 0].astype(np.int64), NO_AGENT))[inv.long()]
     cap = min(int(math.ceil(1.0 / inc)) + 1, B + 1) if merge else B + 1
     n_elig = int(np.count_nonzero(e))
     tries = [np.full(U, min(B, N), np.int64)]
-    if N >= 4 * B: tries.insert(0, np.minimum(2 * np.bincount(inv_np, minlength=U) + 8, min(B, N)))
+    if N >= 4 * B:
+        tries.insert(0, np.minimum(2 * np.bincount(inv_np, minlength=U) + 8, min(B, N)))
     for ks in tries:
         cid, cval, ccnt, flags = _candidates(kt, L, e, ks)
-        if flags & 3: return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
+        if flags & 3:
+            return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
         out = torch.full((B,), NO_AGENT, dtype=torch.long)
-        if _rounds_on_candidates(kt, L, np.float32(inc), cap, inv_np, cid, cval, ccnt, ccnt == n_elig, out.numpy()): return out
+        if _rounds_on_candidates(kt, L, np.float32(inc), cap, inv_np, cid, cval, ccnt, ccnt == n_elig, out.numpy()):
+            return out
     raise AssertionError("greedy_rounds: K = min(B, N) candidates always satisfy the exactness check")
 
 # %% ../nbs/04_routing.ipynb #2a689c29
 class RapoRouter:
     "§3.4: A_opt = argmax_a C_a(t)·(1 − L_a(t)) over alive, unsaturated agents, C_a read from M[a, τ, μ] and the capability score."
+
     name = "rapo"
-    def __init__(self, cfg, capability_mix: float | None = None, use_load: bool = True, load_feedback: bool | None = None):
+
+    def __init__(
+        self, cfg, capability_mix: float | None = None, use_load: bool = True, load_feedback: bool | None = None
+    ):
         self.coeffs = load_coefficients(cfg)
         capability_mix = cfg.routing.capability_mix if capability_mix is None else capability_mix
         load_feedback = cfg.routing.load_feedback if load_feedback is None else load_feedback
@@ -443,7 +590,8 @@ class RapoRouter:
 
     def _load(self, load: AgentLoad) -> torch.Tensor:
         ka, kq, kr = self.coeffs
-        if not self.use_load: return torch.zeros_like(load.active)
+        if not self.use_load:
+            return torch.zeros_like(load.active)
         return (load.active * ka).add_(load.pending, alpha=kq).add_(load.utilisation, alpha=kr)
 
     def scores(self, task, modality, bank, load: AgentLoad) -> torch.Tensor:
@@ -454,7 +602,9 @@ class RapoRouter:
         s = capability_matrix(bank, task, modality, self.mix) * (1.0 - L)[None, :]
         return s.masked_fill(~elig[None, :], float("-inf"))
 
-    def select(self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False) -> torch.Tensor:
+    def select(
+        self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
+    ) -> torch.Tensor:
         "One agent per request (LongTensor [B]); NoAgentAvailable (or NO_AGENT when allow_unassigned) where none is eligible."
         task, modality = _check_request(task, modality, bank)
         _check_bank_load(bank, load)
@@ -481,40 +631,67 @@ def _eligible_ids(bank, load: AgentLoad) -> torch.Tensor:
     "Ids of agents that are alive in both the bank and the load (sorted)."
     return (bank.alive & load.alive).nonzero().flatten()
 
+
 class SequentialRouter:
     "Baseline 'sequential selection without coordination': a fixed table (τ, μ) → agent (τ·l + μ) mod N, next alive agent on failure."
+
     name = "sequential"
-    def __init__(self, cfg=None): pass
-    def select(self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False) -> torch.Tensor:
-        task, modality = _check_request(task, modality, bank); _check_bank_load(bank, load)
+
+    def __init__(self, cfg=None):
+        pass
+
+    def select(
+        self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
+    ) -> torch.Tensor:
+        task, modality = _check_request(task, modality, bank)
+        _check_bank_load(bank, load)
         N, _, l = bank.M.shape
         ids = _eligible_ids(bank, load)
-        if ids.numel() == 0: return _no_agent(torch.full_like(task, NO_AGENT), self.name, allow_unassigned)
+        if ids.numel() == 0:
+            return _no_agent(torch.full_like(task, NO_AGENT), self.name, allow_unassigned)
         slot = (task * l + modality) % N
         pos = torch.searchsorted(ids, slot) % ids.numel()
         return ids[pos]
 
+
 class RoundRobinRouter:
     "Baseline AMPO + naive round-robin: a cursor walks the alive agents in id order; no load, no capability."
+
     name = "round_robin"
-    def __init__(self, cfg=None): self.next_agent = 0
-    def select(self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False) -> torch.Tensor:
-        task, modality = _check_request(task, modality, bank); _check_bank_load(bank, load)
+
+    def __init__(self, cfg=None):
+        self.next_agent = 0
+
+    def select(
+        self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
+    ) -> torch.Tensor:
+        task, modality = _check_request(task, modality, bank)
+        _check_bank_load(bank, load)
         ids = _eligible_ids(bank, load)
-        if ids.numel() == 0: return _no_agent(torch.full_like(task, NO_AGENT), self.name, allow_unassigned)
-        if task.numel() == 0: return task.clone()
+        if ids.numel() == 0:
+            return _no_agent(torch.full_like(task, NO_AGENT), self.name, allow_unassigned)
+        if task.numel() == 0:
+            return task.clone()
         start = int(torch.searchsorted(ids, torch.tensor(self.next_agent, device=ids.device))) % ids.numel()
         out = ids[(start + torch.arange(task.numel(), device=ids.device)) % ids.numel()]
         self.next_agent = int(out[-1]) + 1
         return out
 
+
 class LeastLoadedRouter:
     "Baseline P4 + load balancing (join the least-loaded queue): argmin_a L_a over alive, unsaturated agents; ties → lowest id."
+
     name = "least_loaded"
+
     def __init__(self, cfg, load_feedback: bool | None = None):
-        self.coeffs = load_coefficients(cfg); self.load_feedback = bool(cfg.routing.load_feedback if load_feedback is None else load_feedback)
-    def select(self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False) -> torch.Tensor:
-        task, modality = _check_request(task, modality, bank); _check_bank_load(bank, load)
+        self.coeffs = load_coefficients(cfg)
+        self.load_feedback = bool(cfg.routing.load_feedback if load_feedback is None else load_feedback)
+
+    def select(
+        self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
+    ) -> torch.Tensor:
+        task, modality = _check_request(task, modality, bank)
+        _check_bank_load(bank, load)
         ka, kq, kr = self.coeffs
         L = load.active * ka + load.pending * kq + load.utilisation * kr
         elig = bank.alive & load.alive & (L < 1.0)
@@ -532,21 +709,32 @@ class LeastLoadedRouter:
                 out[:k] = torch.where(torch.isfinite(vals[:k]), idx[:k] // K, torch.full_like(idx[:k], NO_AGENT))
         return _no_agent(out, self.name, allow_unassigned)
 
+
 class SimilarityRouter:
     "Baseline Yao et al. + similarity matching: argmax cosine(query, P_a); without a query vector, the agent whose M profile is most concentrated on (τ, μ)."
+
     name = "similarity"
-    def __init__(self, cfg=None): pass
-    def select(self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False) -> torch.Tensor:
-        task, modality = _check_request(task, modality, bank); _check_bank_load(bank, load)
+
+    def __init__(self, cfg=None):
+        pass
+
+    def select(
+        self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
+    ) -> torch.Tensor:
+        task, modality = _check_request(task, modality, bank)
+        _check_bank_load(bank, load)
         N, m, l = bank.M.shape
         elig = bank.alive & load.alive
         if query_vec is not None:
             q = torch.as_tensor(query_vec, device=bank.M.device).float()
             if q.ndim != 2 or q.shape != (task.numel(), bank.P.shape[1]):
-                raise ValueError(f"query_vec: expected shape [{task.numel()}, {bank.P.shape[1]}] (B, p), got {tuple(q.shape)}")
+                raise ValueError(
+                    f"query_vec: expected shape [{task.numel()}, {bank.P.shape[1]}] (B, p), got {tuple(q.shape)}"
+                )
             sim = F.normalize(q, dim=1) @ F.normalize(bank.P.float(), dim=1).T
         else:  # per distinct (τ, μ) key, then broadcast to the requests
-            if task.numel() == 0: return task.clone()
+            if task.numel() == 0:
+                return task.clone()
             uniq, inv = torch.unique(task * l + modality, return_inverse=True)
             norms = bank.M.reshape(N, m * l).float().norm(dim=1).clamp_min(1e-12)
             sim = (bank.M.reshape(N, m * l)[:, uniq].float() / norms[:, None]).T
@@ -558,33 +746,50 @@ class SimilarityRouter:
         out = torch.where(elig[out], out, NO_AGENT) if out.numel() else out
         return _no_agent(out, self.name, allow_unassigned)
 
+
 class RandomRouter:
     "Reference: a uniformly random alive agent (seeded)."
+
     name = "random"
+
     def __init__(self, seed: int = 0):
         self.gen = torch.Generator().manual_seed(int(seed))
-    def select(self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False) -> torch.Tensor:
-        task, modality = _check_request(task, modality, bank); _check_bank_load(bank, load)
+
+    def select(
+        self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
+    ) -> torch.Tensor:
+        task, modality = _check_request(task, modality, bank)
+        _check_bank_load(bank, load)
         ids = _eligible_ids(bank, load)
-        if ids.numel() == 0: return _no_agent(torch.full_like(task, NO_AGENT), self.name, allow_unassigned)
+        if ids.numel() == 0:
+            return _no_agent(torch.full_like(task, NO_AGENT), self.name, allow_unassigned)
         r = torch.randint(ids.numel(), (task.numel(),), generator=self.gen).to(ids.device)
         return ids[r]
 
+
 ROUTERS = ("rapo", "sequential", "round_robin", "least_loaded", "similarity", "random")
+
 
 def make_router(name: str, cfg, seed: int = 0, **kw) -> Router:
     "The router called `name` (one of ROUTERS), built from `cfg` (and `seed` for the random one)."
-    if name == "rapo": return RapoRouter(cfg, **kw)
-    if name == "sequential": return SequentialRouter(cfg)
-    if name == "round_robin": return RoundRobinRouter(cfg)
-    if name == "least_loaded": return LeastLoadedRouter(cfg, **kw)
-    if name == "similarity": return SimilarityRouter(cfg)
-    if name == "random": return RandomRouter(seed)
+    if name == "rapo":
+        return RapoRouter(cfg, **kw)
+    if name == "sequential":
+        return SequentialRouter(cfg)
+    if name == "round_robin":
+        return RoundRobinRouter(cfg)
+    if name == "least_loaded":
+        return LeastLoadedRouter(cfg, **kw)
+    if name == "similarity":
+        return SimilarityRouter(cfg)
+    if name == "random":
+        return RandomRouter(seed)
     raise ValueError(f"name: unknown router {name!r}; expected one of {list(ROUTERS)}")
 
 # %% ../nbs/04_routing.ipynb #687cc550
 class BoundedWaitQueue:
     "FIFO of requests that found no eligible agent; each waits at most `max_wait_s`, then NoAgentAvailable names it."
+
     def __init__(self, max_wait_s: float, device=None):
         if not (isinstance(max_wait_s, (int, float)) and math.isfinite(max_wait_s) and max_wait_s >= 0):
             raise ValueError(f"max_wait_s: expected a finite number >= 0, got {max_wait_s!r}")
@@ -593,23 +798,32 @@ class BoundedWaitQueue:
         self.task, self.modality = self.ids.clone(), self.ids.clone()
         self.since = torch.empty(0, dtype=torch.float64, device=device)
 
-    def __len__(self) -> int: return self.ids.numel()
+    def __len__(self) -> int:
+        return self.ids.numel()
 
     def push(self, task, modality, now: float) -> torch.Tensor:
         "Enqueue requests arriving at time `now`; return their request ids."
         task = torch.as_tensor(task, dtype=torch.long, device=self.device).reshape(-1)
         modality = torch.as_tensor(modality, dtype=torch.long, device=self.device).reshape(-1)
-        if task.shape != modality.shape: raise ValueError(f"modality: length {modality.numel()} does not match task length {task.numel()}")
+        if task.shape != modality.shape:
+            raise ValueError(f"modality: length {modality.numel()} does not match task length {task.numel()}")
         ids = torch.arange(self.next_id, self.next_id + task.numel(), device=self.device)
         self.next_id += task.numel()
-        self.ids, self.task, self.modality = torch.cat([self.ids, ids]), torch.cat([self.task, task]), torch.cat([self.modality, modality])
-        self.since = torch.cat([self.since, torch.full((task.numel(),), float(now), dtype=torch.float64, device=self.device)])
+        self.ids, self.task, self.modality = (
+            torch.cat([self.ids, ids]),
+            torch.cat([self.task, task]),
+            torch.cat([self.modality, modality]),
+        )
+        self.since = torch.cat(
+            [self.since, torch.full((task.numel(),), float(now), dtype=torch.float64, device=self.device)]
+        )
         return ids
 
     def dispatch(self, router: Router, bank, load: AgentLoad, now: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Route every waiting request (oldest first); return (request ids, agents) served. Requests still unserved after
         `max_wait_s` leave the queue in a NoAgentAvailable (which carries this call's served pairs in `.served`)."""
-        if len(self) == 0: return self.ids.clone(), self.ids.clone()
+        if len(self) == 0:
+            return self.ids.clone(), self.ids.clone()
         agents = router.select(self.task, self.modality, bank, load, allow_unassigned=True).to(self.ids.device)
         done = agents >= 0
         served = (self.ids[done], agents[done])
@@ -618,24 +832,45 @@ class BoundedWaitQueue:
         expired = keep & (waited > self.max_wait_s)
         gone_ids, gone_wait = self.ids[expired], waited[expired]
         keep = keep & ~expired
-        self.ids, self.task, self.modality, self.since = self.ids[keep], self.task[keep], self.modality[keep], self.since[keep]
+        self.ids, self.task, self.modality, self.since = (
+            self.ids[keep],
+            self.task[keep],
+            self.modality[keep],
+            self.since[keep],
+        )
         if gone_ids.numel():
-            raise NoAgentAvailable(f"{router.name}: every agent failed or saturated; {gone_ids.numel()} request(s) waited more than "
-                                   f"max_wait_s={self.max_wait_s:g} s (ids {gone_ids[:8].tolist()}{' …' if gone_ids.numel() > 8 else ''})",
-                                   request_ids=gone_ids, waited_s=float(gone_wait.max()), served=served)
+            raise NoAgentAvailable(
+                f"{router.name}: every agent failed or saturated; {gone_ids.numel()} request(s) waited more than "
+                f"max_wait_s={self.max_wait_s:g} s (ids {gone_ids[:8].tolist()}{' …' if gone_ids.numel() > 8 else ''})",
+                request_ids=gone_ids,
+                waited_s=float(gone_wait.max()),
+                served=served,
+            )
         return served
 
-def route_with_wait(router: Router, task, modality, bank, load_fn: Callable[[], AgentLoad], max_wait_s: float,
-                    poll_s: float = 0.01, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> torch.Tensor:
+
+def route_with_wait(
+    router: Router,
+    task,
+    modality,
+    bank,
+    load_fn: Callable[[], AgentLoad],
+    max_wait_s: float,
+    poll_s: float = 0.01,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> torch.Tensor:
     "Route a batch, waiting (polling `load_fn()` every `poll_s`) for saturated agents to free up; NoAgentAvailable after `max_wait_s`."
-    if not (poll_s > 0): raise ValueError(f"poll_s: expected a positive number, got {poll_s!r}")
+    if not (poll_s > 0):
+        raise ValueError(f"poll_s: expected a positive number, got {poll_s!r}")
     q = BoundedWaitQueue(max_wait_s, device=bank.M.device)
     ids = q.push(task, modality, clock())
     out = torch.full((ids.numel(),), NO_AGENT, dtype=torch.long, device=bank.M.device)
     while True:
         got, agents = q.dispatch(router, bank, load_fn(), clock())
         out[got] = agents
-        if len(q) == 0: return out
+        if len(q) == 0:
+            return out
         sleep(poll_s)
 
 # %% ../nbs/04_routing.ipynb #e002467f
@@ -649,26 +884,36 @@ def replacement_for(failed: int, bank, load: AgentLoad) -> int:
     sim = flat @ flat[int(failed)]
     elig = bank.alive & load.alive
     elig[int(failed)] = False
-    if not bool(elig.any()): raise NoAgentAvailable(f"failed: no alive agent can replace agent {int(failed)}")
+    if not bool(elig.any()):
+        raise NoAgentAvailable(f"failed: no alive agent can replace agent {int(failed)}")
     return int(sim.masked_fill(~elig, float("-inf")).argmax())
+
 
 @dataclass
 class Handover:
     "What the replacement receives (§4.4): the full conversation history and the failed agent's last stable state row."
+
     failed: int
     replacement: int
     history: list
     state: dict
 
-def fail_over(failed: int, bank, load: AgentLoad, stable: dict, history: Sequence[str], adopt: Sequence[str] = ("C",)) -> Handover:
+
+def fail_over(
+    failed: int, bank, load: AgentLoad, stable: dict, history: Sequence[str], adopt: Sequence[str] = ("C",)
+) -> Handover:
     """Mark `failed` dead, pick its replacement by capability similarity, and hand over the full `history` plus the failed agent's
     row of the last stable snapshot `stable` (fields in `adopt` are written into the replacement's row)."""
     N = bank.M.shape[0]
     rep = replacement_for(failed, bank, load)
-    if not isinstance(stable, dict): raise ValueError(f"stable: expected a snapshot dict (StateBank.snapshot()), got {type(stable).__name__}")
-    state = {k: v[int(failed)].clone() for k, v in stable.items() if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == N}
+    if not isinstance(stable, dict):
+        raise ValueError(f"stable: expected a snapshot dict (StateBank.snapshot()), got {type(stable).__name__}")
+    state = {
+        k: v[int(failed)].clone() for k, v in stable.items() if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == N
+    }
     for k in adopt:
-        if k not in state: raise ValueError(f"adopt: field {k!r} is not in the stable snapshot (has {sorted(state)})")
+        if k not in state:
+            raise ValueError(f"adopt: field {k!r} is not in the stable snapshot (has {sorted(state)})")
         bank.set_rows(k, torch.tensor([rep], device=bank.M.device), state[k][None].to(bank.M.device))
     bank.remove_agents(torch.tensor([int(failed)], device=bank.M.device))
     load.alive[int(failed)] = False
@@ -685,20 +930,40 @@ def pools_by_strength(bank, n_pools: int) -> torch.Tensor:
     pool[order] = torch.arange(N, device=bank.M.device) * n_pools // max(N, 1)
     return pool
 
+
 class TwoLevelScheduler:
     """§4.5: a global scheduler sends each conversation to a pool by predicted complexity in [0, 1] (pool k for the k-th band of
     `boundaries`); a local router picks inside the pool. With `overflow`, requests a pool cannot serve fall back to all agents."""
+
     name = "two_level"
-    def __init__(self, cfg, pool_of_agent, boundaries: Sequence[float] | None = None, local: str = "rapo",
-                 seed: int = 0, overflow: bool = True, **local_kw):
+
+    def __init__(
+        self,
+        cfg,
+        pool_of_agent,
+        boundaries: Sequence[float] | None = None,
+        local: str = "rapo",
+        seed: int = 0,
+        overflow: bool = True,
+        **local_kw,
+    ):
         self.pool_of_agent = torch.as_tensor(pool_of_agent, dtype=torch.long)
-        if self.pool_of_agent.ndim != 1: raise ValueError(f"pool_of_agent: expected a 1-D tensor [N], got shape {tuple(self.pool_of_agent.shape)}")
+        if self.pool_of_agent.ndim != 1:
+            raise ValueError(f"pool_of_agent: expected a 1-D tensor [N], got shape {tuple(self.pool_of_agent.shape)}")
         n_pools = _routing_cfg(cfg).n_pools
-        if self.pool_of_agent.numel() and (int(self.pool_of_agent.min()) < 0 or int(self.pool_of_agent.max()) >= n_pools):
+        if self.pool_of_agent.numel() and (
+            int(self.pool_of_agent.min()) < 0 or int(self.pool_of_agent.max()) >= n_pools
+        ):
             raise ValueError(f"pool_of_agent: pool ids must lie in [0, {n_pools}) (routing.n_pools)")
-        b = torch.linspace(0, 1, n_pools + 1)[1:-1] if boundaries is None else torch.as_tensor(boundaries, dtype=torch.float32)
+        b = (
+            torch.linspace(0, 1, n_pools + 1)[1:-1]
+            if boundaries is None
+            else torch.as_tensor(boundaries, dtype=torch.float32)
+        )
         if b.shape != (n_pools - 1,) or bool((b[1:] < b[:-1]).any()):
-            raise ValueError(f"boundaries: expected {n_pools - 1} increasing thresholds (routing.n_pools − 1), got {b.tolist()}")
+            raise ValueError(
+                f"boundaries: expected {n_pools - 1} increasing thresholds (routing.n_pools − 1), got {b.tolist()}"
+            )
         self.n_pools, self.boundaries, self.overflow = n_pools, b, bool(overflow)
         self.local = make_router(local, cfg, seed, **local_kw)
         self.flat = make_router(local, cfg, seed + 1, **local_kw)
@@ -710,18 +975,25 @@ class TwoLevelScheduler:
             raise ValueError("complexity: predicted complexity must lie in [0, 1]")
         return torch.bucketize(c, self.boundaries.to(c.device), right=True)
 
-    def select(self, task, modality, bank, load: AgentLoad, complexity=None, query_vec=None, allow_unassigned: bool = False) -> torch.Tensor:
+    def select(
+        self, task, modality, bank, load: AgentLoad, complexity=None, query_vec=None, allow_unassigned: bool = False
+    ) -> torch.Tensor:
         "Local level: route each request inside its pool (one masked call per pool), then overflow to all agents if allowed."
-        task, modality = _check_request(task, modality, bank); _check_bank_load(bank, load)
-        if complexity is None: raise ValueError("complexity: the two-level scheduler needs a predicted complexity per request")
+        task, modality = _check_request(task, modality, bank)
+        _check_bank_load(bank, load)
+        if complexity is None:
+            raise ValueError("complexity: the two-level scheduler needs a predicted complexity per request")
         pool = self.pool_for(complexity).to(task.device)
-        if pool.numel() != task.numel(): raise ValueError(f"complexity: length {pool.numel()} does not match task length {task.numel()}")
-        if self.pool_of_agent.numel() != load.n: raise ValueError(f"pool_of_agent: describes {self.pool_of_agent.numel()} agents but the bank has {load.n}")
+        if pool.numel() != task.numel():
+            raise ValueError(f"complexity: length {pool.numel()} does not match task length {task.numel()}")
+        if self.pool_of_agent.numel() != load.n:
+            raise ValueError(f"pool_of_agent: describes {self.pool_of_agent.numel()} agents but the bank has {load.n}")
         agent_pool = self.pool_of_agent.to(task.device)
         out = torch.full_like(task, NO_AGENT)
         for k in range(self.n_pools):
             rows = (pool == k).nonzero().flatten()
-            if rows.numel() == 0: continue
+            if rows.numel() == 0:
+                continue
             sub = AgentLoad(load.active, load.pending, load.utilisation, load.alive & (agent_pool == k))
             out[rows] = self.local.select(task[rows], modality[rows], bank, sub, allow_unassigned=True)
         miss = (out < 0).nonzero().flatten()
@@ -731,46 +1003,70 @@ class TwoLevelScheduler:
         return _no_agent(out, self.name, allow_unassigned)
 
 # %% ../nbs/04_routing.ipynb #a8bf2bb8
-def hidden_skill(n_agents: int, m: int, l: int, seed: int = 0, high: tuple = (0.8, 0.95), low: tuple = (0.2, 0.5)) -> torch.Tensor:
+def hidden_skill(
+    n_agents: int, m: int, l: int, seed: int = 0, high: tuple = (0.8, 0.95), low: tuple = (0.2, 0.5)
+) -> torch.Tensor:
     "Simulated ground truth [N, m, l]: agent a is a specialist of task a mod m (skill in `high`), weak elsewhere (skill in `low`)."
-    if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1: raise ValueError(f"n_agents: expected an integer >= 1, got {n_agents!r}")
+    if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
+        raise ValueError(f"n_agents: expected an integer >= 1, got {n_agents!r}")
     rng = np.random.default_rng(seed)
     skill = rng.uniform(*low, size=(n_agents, m, l))
     spec = rng.permutation(np.arange(n_agents) % m)
     skill[np.arange(n_agents), spec, :] = rng.uniform(*high, size=(n_agents, l))
     return torch.as_tensor(skill, dtype=torch.float32)
 
-def simulate_routing(router: Router, bank, skill: torch.Tensor, rounds: int, batch: int, cfg, seed: int = 0,
-                     hold: int = 1, learn: bool = True) -> "pd.DataFrame":
+
+def simulate_routing(
+    router: Router,
+    bank,
+    skill: torch.Tensor,
+    rounds: int,
+    batch: int,
+    cfg,
+    seed: int = 0,
+    hold: int = 1,
+    learn: bool = True,
+) -> "pd.DataFrame":
     """Simulated deployment: each round `batch` requests (uniform τ, μ) are routed under the current load, succeed with probability
     skill[a, τ, μ], feed the outcome back into the bank (EMA, §3.4) and keep their agent busy for `hold` rounds. One row per round."""
     import pandas as pd
+
     N, m, l = skill.shape
-    if tuple(bank.M.shape) != (N, m, l): raise ValueError(f"skill: shape {tuple(skill.shape)} does not match bank.M {tuple(bank.M.shape)}")
+    if tuple(bank.M.shape) != (N, m, l):
+        raise ValueError(f"skill: shape {tuple(skill.shape)} does not match bank.M {tuple(bank.M.shape)}")
     gen = torch.Generator().manual_seed(int(seed))
     busy = torch.zeros(hold, N)
     best_skill, true_best = skill.reshape(N, -1).max(0).values, skill.reshape(N, -1).argmax(0)
-    mix = getattr(router, "mix", cfg.routing.capability_mix)        # "found" reads C_a with the router's own mix
+    mix = getattr(router, "mix", cfg.routing.capability_mix)  # "found" reads C_a with the router's own mix
     cell_task, cell_mod = torch.arange(m).repeat_interleave(l), torch.arange(l).repeat(m)
     rows = []
     for r in range(rounds):
         load = simulated_load(busy.sum(0), cfg)
-        task = torch.randint(m, (batch,), generator=gen); mod = torch.randint(l, (batch,), generator=gen)
+        task = torch.randint(m, (batch,), generator=gen)
+        mod = torch.randint(l, (batch,), generator=gen)
         agents = router.select(task, mod, bank, load, allow_unassigned=True)
         ok = agents >= 0
         a, t, u = agents[ok], task[ok], mod[ok]
         p = skill[a, t, u]
         outcome = torch.bernoulli(p, generator=gen)
-        if learn and a.numel(): bank.update_capability(a, t, u, outcome)
+        if learn and a.numel():
+            bank.update_capability(a, t, u, outcome)
         learned_best = capability_matrix(bank, cell_task, cell_mod, mix).argmax(1)
-        rows.append(dict(round=r, decisions=(r + 1) * batch, success=float(outcome.mean()) if a.numel() else float("nan"),
-                         skill_ratio=float((p / best_skill[t * l + u]).mean()) if a.numel() else float("nan"),
-                         picked_best=float((a == true_best[t * l + u]).float().mean()) if a.numel() else float("nan"),
-                         found=float((learned_best == true_best).float().mean()),
-                         found_specialist=float((skill.reshape(N, -1)[learned_best, torch.arange(m * l)] >= 0.8).float().mean()),
-                         unassigned=int((~ok).sum())))
+        rows.append(
+            dict(
+                round=r,
+                decisions=(r + 1) * batch,
+                success=float(outcome.mean()) if a.numel() else float("nan"),
+                skill_ratio=float((p / best_skill[t * l + u]).mean()) if a.numel() else float("nan"),
+                picked_best=float((a == true_best[t * l + u]).float().mean()) if a.numel() else float("nan"),
+                found=float((learned_best == true_best).float().mean()),
+                found_specialist=float((skill.reshape(N, -1)[learned_best, torch.arange(m * l)] >= 0.8).float().mean()),
+                unassigned=int((~ok).sum()),
+            )
+        )
         busy[r % hold] = torch.bincount(a, minlength=N).float()
     return pd.DataFrame(rows)
+
 
 def best_agent_probability(bank, skill: torch.Tensor, mix: float = CAPABILITY_MIX, tol: float = 0.0) -> float:
     "Share of (τ, μ) cells where the idle-load routing choice argmax_a C_a has true skill within `tol` of the best agent's."

@@ -17,7 +17,16 @@ import torch
 import simpy
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from .config import load_config, Config, SPECIALISTS, FSM_STATES, results_dir, save_table, save_figure, _atomic_write
+from rapo_nb.config import (
+    load_config,
+    Config,
+    SPECIALISTS,
+    FSM_STATES,
+    results_dir,
+    save_table,
+    save_figure,
+    _atomic_write,
+)
 from redis.retry import Retry
 from redis.backoff import NoBackoff
 from .state import StateBank, HashedTextEncoder, SlidingWindowContext
@@ -40,79 +49,119 @@ __all__ = ['ARRAY_MAGIC', 'CKPT_MAGIC', 'log', 'GROUP', 'TASK_FIELDS', 'RESULT_F
 # %% ../nbs/07_runtime.ipynb #3c2a086a
 ARRAY_MAGIC = b"RAPOARR1"
 
+
 def encode_array(a: np.ndarray | torch.Tensor) -> bytes:
     "Serialise an array (or CPU/GPU tensor) as magic + header length + JSON header {dtype, shape} + raw bytes."
-    if isinstance(a, torch.Tensor): a = a.detach().cpu().numpy()
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
     a = np.ascontiguousarray(a)
-    if a.dtype.hasobject: raise ValueError(f"array: dtype {a.dtype} (object) cannot be stored as bytes")
+    if a.dtype.hasobject:
+        raise ValueError(f"array: dtype {a.dtype} (object) cannot be stored as bytes")
     header = json.dumps({"dtype": a.dtype.str, "shape": list(a.shape)}).encode()
     return ARRAY_MAGIC + struct.pack("<I", len(header)) + header + a.tobytes()
 
+
 def decode_array(b: bytes) -> np.ndarray:
     "Inverse of `encode_array`; raises ValueError on a wrong magic, a bad header or a truncated payload."
-    if not isinstance(b, (bytes, bytearray, memoryview)): raise ValueError(f"array: expected bytes, got {type(b).__name__}")
+    if not isinstance(b, (bytes, bytearray, memoryview)):
+        raise ValueError(f"array: expected bytes, got {type(b).__name__}")
     b = bytes(b)
-    if not b.startswith(ARRAY_MAGIC): raise ValueError("array: bad magic (not written by encode_array)")
-    if len(b) < len(ARRAY_MAGIC) + 4: raise ValueError("array: truncated header")
+    if not b.startswith(ARRAY_MAGIC):
+        raise ValueError("array: bad magic (not written by encode_array)")
+    if len(b) < len(ARRAY_MAGIC) + 4:
+        raise ValueError("array: truncated header")
     (n,) = struct.unpack_from("<I", b, len(ARRAY_MAGIC))
     start = len(ARRAY_MAGIC) + 4
-    try: header = json.loads(b[start:start + n]); dtype = np.dtype(header["dtype"]); shape = tuple(int(s) for s in header["shape"])
-    except Exception as e: raise ValueError(f"array: unreadable header ({e})") from None
-    data = b[start + n:]
+    try:
+        header = json.loads(b[start : start + n])
+        dtype = np.dtype(header["dtype"])
+        shape = tuple(int(s) for s in header["shape"])
+    except Exception as e:
+        raise ValueError(f"array: unreadable header ({e})") from None
+    data = b[start + n :]
     expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    if len(data) != expected: raise ValueError(f"array: payload has {len(data)} bytes, header {dtype}{list(shape)} needs {expected}")
+    if len(data) != expected:
+        raise ValueError(f"array: payload has {len(data)} bytes, header {dtype}{list(shape)} needs {expected}")
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 # %% ../nbs/07_runtime.ipynb #96dcdb32
 class VersionConflict(RuntimeError):
     "A compare-and-set write found a different version than expected."
 
+
 class StoreUnavailable(ConnectionError):
     "The state store (Redis) could not be reached within the bounded timeout."
 
+
 def _check_key(key: str) -> str:
     "Keys are non-empty strings without whitespace."
-    if not isinstance(key, str) or not key or any(c.isspace() for c in key): raise ValueError(f"key: expected a non-empty string without spaces, got {key!r}")
+    if not isinstance(key, str) or not key or any(c.isspace() for c in key):
+        raise ValueError(f"key: expected a non-empty string without spaces, got {key!r}")
     return key
+
 
 def _as_arrays(arrays: dict) -> dict[str, np.ndarray]:
     "Check a bundle: dict of name → array/tensor; returns numpy arrays."
-    if not isinstance(arrays, dict) or not arrays: raise ValueError("arrays: expected a non-empty dict name → array")
+    if not isinstance(arrays, dict) or not arrays:
+        raise ValueError("arrays: expected a non-empty dict name → array")
     out = {}
     for k, v in arrays.items():
-        if not isinstance(k, str) or not k: raise ValueError(f"arrays: bad array name {k!r}")
-        if isinstance(v, torch.Tensor): v = v.detach().cpu().numpy()
-        if not isinstance(v, np.ndarray): raise ValueError(f"arrays[{k!r}]: expected an array or tensor, got {type(v).__name__}")
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"arrays: bad array name {k!r}")
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().numpy()
+        if not isinstance(v, np.ndarray):
+            raise ValueError(f"arrays[{k!r}]: expected an array or tensor, got {type(v).__name__}")
         out[k] = v
     return out
 
+
 class StateStore:
     "Versioned bundles of arrays with compare-and-set and atomic read-modify-write."
-    def get(self, key: str) -> tuple[int, dict[str, np.ndarray]]: raise NotImplementedError
-    def put(self, key: str, arrays: dict, expected_version: int | None = None) -> int: raise NotImplementedError
-    def update(self, key: str, fn: Callable[[dict], dict]) -> int: raise NotImplementedError
-    def version(self, key: str) -> int: return self.get(key)[0]
-    def close(self) -> None: pass
+
+    def get(self, key: str) -> tuple[int, dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def put(self, key: str, arrays: dict, expected_version: int | None = None) -> int:
+        raise NotImplementedError
+
+    def update(self, key: str, fn: Callable[[dict], dict]) -> int:
+        raise NotImplementedError
+
+    def version(self, key: str) -> int:
+        return self.get(key)[0]
+
+    def close(self) -> None:
+        pass
+
 
 class MemoryStateStore(StateStore):
     "The embedded default: bundles in a dict guarded by a lock (arrays are copied in and out)."
+
     def __init__(self):
         self._data: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._lock = threading.Lock()
+
     def get(self, key):
-        with self._lock: ver, arrays = self._data.get(_check_key(key), (0, {}))
+        with self._lock:
+            ver, arrays = self._data.get(_check_key(key), (0, {}))
         return ver, {k: v.copy() for k, v in arrays.items()}
+
     def put(self, key, arrays, expected_version=None):
         arrays = {k: v.copy() for k, v in _as_arrays(arrays).items()}
         with self._lock:
             ver = self._data.get(_check_key(key), (0, {}))[0]
-            if expected_version is not None and expected_version != ver: raise VersionConflict(f"{key}: expected version {expected_version}, found {ver}")
-            self._data[key] = (ver + 1, arrays); return ver + 1
+            if expected_version is not None and expected_version != ver:
+                raise VersionConflict(f"{key}: expected version {expected_version}, found {ver}")
+            self._data[key] = (ver + 1, arrays)
+            return ver + 1
+
     def update(self, key, fn):
         with self._lock:
             ver, arrays = self._data.get(_check_key(key), (0, {}))
             new = {k: v.copy() for k, v in _as_arrays(fn({k: v.copy() for k, v in arrays.items()})).items()}
-            self._data[key] = (ver + 1, new); return ver + 1
+            self._data[key] = (ver + 1, new)
+            return ver + 1
 
 # %% ../nbs/07_runtime.ipynb #200a9be5
 _PUT_LUA = """
@@ -124,49 +173,79 @@ redis.call('HSET', KEYS[1], '__version__', v + 1)
 return v + 1
 """
 
+
 def redis_address(url: str) -> str:
     "host:port of a redis:// URL (for error messages)."
     u = urlparse(url)
-    if u.scheme not in ("redis", "rediss", "unix"): raise ValueError(f"redis_url: expected redis://host:port/db, got {url!r}")
+    if u.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"redis_url: expected redis://host:port/db, got {url!r}")
     return f"{u.hostname or '127.0.0.1'}:{u.port or 6379}"
+
 
 def connect_redis(url: str, timeout_s: float = 2.0) -> redis.Redis:
     "A checked Redis client; raises `StoreUnavailable` naming host:port if it does not answer within `timeout_s`."
     addr = redis_address(url)
-    if not timeout_s > 0: raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=max(timeout_s, 5.0),
-                                  retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")
+    client = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=max(timeout_s, 5.0),
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+    )
     t0 = time.monotonic()
-    try: client.ping()
+    try:
+        client.ping()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-        raise StoreUnavailable(f"Redis at {addr} is unreachable (gave up after {time.monotonic() - t0:.2f}s, timeout {timeout_s}s): {e}") from None
-    except redis.exceptions.RedisError as e:   # something answered, but not a usable Redis (e.g. an HTTP proxy)
+        raise StoreUnavailable(
+            f"Redis at {addr} is unreachable (gave up after {time.monotonic() - t0:.2f}s, timeout {timeout_s}s): {e}"
+        ) from None
+    except redis.exceptions.RedisError as e:  # something answered, but not a usable Redis (e.g. an HTTP proxy)
         raise StoreUnavailable(f"Redis at {addr} did not answer as a Redis server: {e}") from None
     return client
 
+
 class RedisStateStore(StateStore):
     "Bundles as Redis hashes `{prefix}:{key}` = {__version__, a:<name>: encoded array}; CAS by Lua, RMW by WATCH/MULTI."
-    def __init__(self, url: str, prefix: str = "rapo:v1:state", timeout_s: float = 2.0, client: redis.Redis | None = None):
+
+    def __init__(
+        self, url: str, prefix: str = "rapo:v1:state", timeout_s: float = 2.0, client: redis.Redis | None = None
+    ):
         self.url, self.prefix = url, prefix
         self.client = client or connect_redis(url, timeout_s)
         self._put = self.client.register_script(_PUT_LUA)
-        self.conflicts = 0   # WATCH retries, for the curious
-    def _k(self, key): return f"{self.prefix}:{_check_key(key)}"
+        self.conflicts = 0  # WATCH retries, for the curious
+
+    def _k(self, key):
+        return f"{self.prefix}:{_check_key(key)}"
+
     @staticmethod
     def _decode(raw: dict) -> tuple[int, dict[str, np.ndarray]]:
         ver = int(raw.get(b"__version__", 0))
         return ver, {k[2:].decode(): decode_array(v) for k, v in raw.items() if k.startswith(b"a:")}
+
     @staticmethod
     def _encode(arrays: dict) -> list:
         out = []
-        for k, v in _as_arrays(arrays).items(): out += [f"a:{k}", encode_array(v)]
+        for k, v in _as_arrays(arrays).items():
+            out += [f"a:{k}", encode_array(v)]
         return out
+
     def get(self, key):
         return self._decode(self.client.hgetall(self._k(key)))
+
     def put(self, key, arrays, expected_version=None):
-        r = int(self._put(keys=[self._k(key)], args=["" if expected_version is None else str(int(expected_version))] + self._encode(arrays)))
-        if r < 0: raise VersionConflict(f"{key}: expected version {expected_version}, found {-1 - r}")
+        r = int(
+            self._put(
+                keys=[self._k(key)],
+                args=["" if expected_version is None else str(int(expected_version))] + self._encode(arrays),
+            )
+        )
+        if r < 0:
+            raise VersionConflict(f"{key}: expected version {expected_version}, found {-1 - r}")
         return r
+
     def update(self, key, fn, max_retries: int = 1000):
         k = self._k(key)
         with self.client.pipeline() as pipe:
@@ -175,83 +254,124 @@ class RedisStateStore(StateStore):
                     pipe.watch(k)
                     ver, arrays = self._decode(pipe.hgetall(k))
                     payload = self._encode(fn(arrays))
-                    pipe.multi(); pipe.delete(k)
-                    pipe.hset(k, mapping=dict(zip(payload[::2], payload[1::2]))); pipe.hset(k, "__version__", ver + 1)
-                    pipe.execute(); return ver + 1
+                    pipe.multi()
+                    pipe.delete(k)
+                    pipe.hset(k, mapping=dict(zip(payload[::2], payload[1::2])))
+                    pipe.hset(k, "__version__", ver + 1)
+                    pipe.execute()
+                    return ver + 1
                 except redis.WatchError:
                     self.conflicts += 1
         raise VersionConflict(f"{key}: gave up after {max_retries} conflicting writers")
-    def close(self): self.client.close()
+
+    def close(self):
+        self.client.close()
 
 # %% ../nbs/07_runtime.ipynb #a5c214b0
 CKPT_MAGIC = b"RAPOCKPT1\n"
 log = logging.getLogger("rapo_nb.runtime")
 
+
 class CorruptCheckpoint(ValueError):
     "A checkpoint whose magic, length or SHA-256 does not match its payload."
+
 
 def checkpoint_paths(directory: str | Path) -> list[Path]:
     "Checkpoint files in `directory`, oldest first."
     return sorted(Path(directory).glob("ckpt-*.rapo"))
 
+
 def save_checkpoint(directory: str | Path, iteration: int, payload: dict, keep: int = 3) -> Path:
     "Atomically write `payload` as checkpoint `iteration` with its SHA-256; keep the newest `keep` files."
-    if not isinstance(iteration, (int, np.integer)) or iteration < 0: raise ValueError(f"iteration: expected an integer ≥ 0, got {iteration!r}")
-    if not isinstance(keep, int) or keep < 1: raise ValueError(f"keep: expected an integer ≥ 1, got {keep!r}")
-    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
+    if not isinstance(iteration, (int, np.integer)) or iteration < 0:
+        raise ValueError(f"iteration: expected an integer ≥ 0, got {iteration!r}")
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep: expected an integer ≥ 1, got {keep!r}")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
     blob = CKPT_MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + str(len(data)).encode() + b"\n" + data
     path, tmp = d / f"ckpt-{int(iteration):012d}.rapo", d / f".ckpt-{int(iteration):012d}.tmp"
     with open(tmp, "wb") as f:
-        f.write(blob); f.flush(); os.fsync(f.fileno())
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in checkpoint_paths(d)[:-keep]: old.unlink(missing_ok=True)
+    for old in checkpoint_paths(d)[:-keep]:
+        old.unlink(missing_ok=True)
     return path
+
 
 def read_checkpoint(path: str | Path) -> dict:
     "Read and verify one checkpoint; raises `CorruptCheckpoint` naming the file and what is wrong."
     blob = Path(path).read_bytes()
-    if not blob.startswith(CKPT_MAGIC): raise CorruptCheckpoint(f"{path}: bad magic")
+    if not blob.startswith(CKPT_MAGIC):
+        raise CorruptCheckpoint(f"{path}: bad magic")
     try:
-        digest, length, data = blob[len(CKPT_MAGIC):].split(b"\n", 2)
+        digest, length, data = blob[len(CKPT_MAGIC) :].split(b"\n", 2)
         length = int(length)
-    except ValueError: raise CorruptCheckpoint(f"{path}: truncated header") from None
-    if len(data) != length: raise CorruptCheckpoint(f"{path}: truncated ({len(data)} of {length} payload bytes)")
-    if hashlib.sha256(data).hexdigest().encode() != digest: raise CorruptCheckpoint(f"{path}: checksum mismatch")
+    except ValueError:
+        raise CorruptCheckpoint(f"{path}: truncated header") from None
+    if len(data) != length:
+        raise CorruptCheckpoint(f"{path}: truncated ({len(data)} of {length} payload bytes)")
+    if hashlib.sha256(data).hexdigest().encode() != digest:
+        raise CorruptCheckpoint(f"{path}: checksum mismatch")
     return pickle.loads(data)
+
 
 def load_latest_checkpoint(directory: str | Path) -> tuple[int, dict] | None:
     "(iteration, payload) of the newest valid checkpoint, refusing (and logging) corrupt ones; None if there is none."
     for path in reversed(checkpoint_paths(directory)):
-        try: return int(path.stem.split("-")[1]), read_checkpoint(path)
-        except CorruptCheckpoint as e: log.warning("refused checkpoint: %s; trying the previous one", e)
+        try:
+            return int(path.stem.split("-")[1]), read_checkpoint(path)
+        except CorruptCheckpoint as e:
+            log.warning("refused checkpoint: %s; trying the previous one", e)
     return None
 
 # %% ../nbs/07_runtime.ipynb #16c9f3cc
 class RuntimeMetrics:
     "The orchestrator's Prometheus metrics in a private registry; `.serve(port)` exposes them over HTTP."
+
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry or CollectorRegistry()
-        self.response_time = Histogram("rapo_response_time_ms", "Per-turn response time (ms; simulated service + measured coordination)",
-                                       buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400), registry=r)
-        self.context_score = Histogram("rapo_context_score", "Fraction of conversation facts in the context handed to the receiving agent",
-                                       buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        self.response_time = Histogram(
+            "rapo_response_time_ms",
+            "Per-turn response time (ms; simulated service + measured coordination)",
+            buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400),
+            registry=r,
+        )
+        self.context_score = Histogram(
+            "rapo_context_score",
+            "Fraction of conversation facts in the context handed to the receiving agent",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
         self.handoffs = Counter("rapo_handoffs", "Handoffs between agents", registry=r)
         self.turns = Counter("rapo_turns", "Turns answered, by outcome", ["outcome"], registry=r)
-        self.consensus_rounds = Counter("rapo_consensus_rounds", "Consensus iterations run by the control loop", registry=r)
+        self.consensus_rounds = Counter(
+            "rapo_consensus_rounds", "Consensus iterations run by the control loop", registry=r
+        )
         self.rollbacks = Counter("rapo_rollbacks", "Rollbacks to the last stable state", registry=r)
-        self.replacements = Counter("rapo_agent_replacements", "Failed agents replaced by capability similarity", registry=r)
+        self.replacements = Counter(
+            "rapo_agent_replacements", "Failed agents replaced by capability similarity", registry=r
+        )
         self.rejected = Counter("rapo_rejected_messages", "Malformed messages rejected", registry=r)
         self.queue_length = Gauge("rapo_queue_length", "Requests waiting, by queue", ["queue"], registry=r)
         self.server = None
+
     def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
         "Start the HTTP exporter (port 0: any free port); return the port."
-        if not isinstance(port, int) or not 0 <= port <= 65535: raise ValueError(f"metrics_port: expected 0..65535, got {port!r}")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"metrics_port: expected 0..65535, got {port!r}")
         self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
         return self.server.server_port
+
     def stop(self) -> None:
         "Stop the HTTP exporter if it runs."
-        if self.server is not None: self.server.shutdown(); self.server.server_close(); self.server = None
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
 # %% ../nbs/07_runtime.ipynb #33dbebd9
 GROUP = "rapo-agents"
@@ -259,165 +379,307 @@ TASK_FIELDS = ("task_id", "conv_id", "turn", "agent", "payload")
 RESULT_FIELDS = ("task_id", "conv_id", "turn", "agent", "text", "outcome", "success", "latency_s")
 OUTCOMES = ("ok", "error", "timeout", "crash")
 
+
 class MalformedMessage(ValueError):
     "A stream entry that does not follow the task/result schema."
+
 
 def _text(fields: dict, name: str) -> str:
     "Field `name` of a raw stream entry as str; MalformedMessage if missing."
     v = fields.get(name.encode(), fields.get(name))
-    if v is None: raise MalformedMessage(f"{name}: missing")
+    if v is None:
+        raise MalformedMessage(f"{name}: missing")
     return v.decode() if isinstance(v, bytes) else str(v)
+
 
 def _int(fields: dict, name: str) -> int:
     "Field `name` as a non-negative int."
     s = _text(fields, name)
-    try: v = int(s)
-    except ValueError: raise MalformedMessage(f"{name}: expected an integer, got {s[:40]!r}") from None
-    if v < 0: raise MalformedMessage(f"{name}: expected ≥ 0, got {v}")
+    try:
+        v = int(s)
+    except ValueError:
+        raise MalformedMessage(f"{name}: expected an integer, got {s[:40]!r}") from None
+    if v < 0:
+        raise MalformedMessage(f"{name}: expected ≥ 0, got {v}")
     return v
+
 
 def parse_task(fields: dict) -> dict:
     "Validate a task entry {task_id, conv_id, turn, agent, payload(JSON: history, context, turn{...})}."
-    task = dict(task_id=_text(fields, "task_id"), conv_id=_text(fields, "conv_id"), turn=_int(fields, "turn"), agent=_int(fields, "agent"))
-    try: payload = json.loads(_text(fields, "payload"))
-    except json.JSONDecodeError as e: raise MalformedMessage(f"payload: not JSON ({e})") from None
-    if not isinstance(payload, dict): raise MalformedMessage("payload: expected a JSON object")
-    if not isinstance(payload.get("history"), list) or not all(isinstance(h, str) for h in payload["history"]): raise MalformedMessage("payload.history: expected a list of strings")
-    if not isinstance(payload.get("context"), str): raise MalformedMessage("payload.context: expected a string")
+    task = dict(
+        task_id=_text(fields, "task_id"),
+        conv_id=_text(fields, "conv_id"),
+        turn=_int(fields, "turn"),
+        agent=_int(fields, "agent"),
+    )
+    try:
+        payload = json.loads(_text(fields, "payload"))
+    except json.JSONDecodeError as e:
+        raise MalformedMessage(f"payload: not JSON ({e})") from None
+    if not isinstance(payload, dict):
+        raise MalformedMessage("payload: expected a JSON object")
+    if not isinstance(payload.get("history"), list) or not all(isinstance(h, str) for h in payload["history"]):
+        raise MalformedMessage("payload.history: expected a list of strings")
+    if not isinstance(payload.get("context"), str):
+        raise MalformedMessage("payload.context: expected a string")
     t = payload.get("turn")
-    if not isinstance(t, dict): raise MalformedMessage("payload.turn: expected an object")
-    for k, typ in (("index", int), ("fsm_state", str), ("speaker", str), ("text", str), ("specialist", str), ("task", int), ("modality", int)):
-        if not isinstance(t.get(k), typ) or isinstance(t.get(k), bool): raise MalformedMessage(f"payload.turn.{k}: expected {typ.__name__}")
+    if not isinstance(t, dict):
+        raise MalformedMessage("payload.turn: expected an object")
+    for k, typ in (
+        ("index", int),
+        ("fsm_state", str),
+        ("speaker", str),
+        ("text", str),
+        ("specialist", str),
+        ("task", int),
+        ("modality", int),
+    ):
+        if not isinstance(t.get(k), typ) or isinstance(t.get(k), bool):
+            raise MalformedMessage(f"payload.turn.{k}: expected {typ.__name__}")
     task["payload"] = payload
-    task["replaced_from"] = int(_text(fields, "replaced_from")) if (b"replaced_from" in fields or "replaced_from" in fields) else -1
+    task["replaced_from"] = (
+        int(_text(fields, "replaced_from")) if (b"replaced_from" in fields or "replaced_from" in fields) else -1
+    )
     return task
+
 
 def parse_result(fields: dict) -> dict:
     "Validate a result entry written by a worker."
-    r = dict(task_id=_text(fields, "task_id"), conv_id=_text(fields, "conv_id"), turn=_int(fields, "turn"), agent=_int(fields, "agent"),
-             text=_text(fields, "text"), outcome=_text(fields, "outcome"))
-    if r["outcome"] not in OUTCOMES: raise MalformedMessage(f"outcome: {r['outcome']!r} is not one of {list(OUTCOMES)}")
+    r = dict(
+        task_id=_text(fields, "task_id"),
+        conv_id=_text(fields, "conv_id"),
+        turn=_int(fields, "turn"),
+        agent=_int(fields, "agent"),
+        text=_text(fields, "text"),
+        outcome=_text(fields, "outcome"),
+    )
+    if r["outcome"] not in OUTCOMES:
+        raise MalformedMessage(f"outcome: {r['outcome']!r} is not one of {list(OUTCOMES)}")
     s = _text(fields, "success")
-    if s not in ("0", "1"): raise MalformedMessage(f"success: expected 0 or 1, got {s!r}")
+    if s not in ("0", "1"):
+        raise MalformedMessage(f"success: expected 0 or 1, got {s!r}")
     r["success"] = s == "1"
-    try: r["latency_s"] = float(_text(fields, "latency_s"))
-    except ValueError: raise MalformedMessage("latency_s: expected a number") from None
-    if not np.isfinite(r["latency_s"]) or r["latency_s"] < 0: raise MalformedMessage(f"latency_s: expected a finite number ≥ 0, got {r['latency_s']}")
-    r["worker"] = fields.get(b"worker", b"").decode() if isinstance(fields.get(b"worker", b""), bytes) else str(fields.get("worker", ""))
+    try:
+        r["latency_s"] = float(_text(fields, "latency_s"))
+    except ValueError:
+        raise MalformedMessage("latency_s: expected a number") from None
+    if not np.isfinite(r["latency_s"]) or r["latency_s"] < 0:
+        raise MalformedMessage(f"latency_s: expected a finite number ≥ 0, got {r['latency_s']}")
+    r["worker"] = (
+        fields.get(b"worker", b"").decode()
+        if isinstance(fields.get(b"worker", b""), bytes)
+        else str(fields.get("worker", ""))
+    )
     return r
 
-def agent_stream(prefix: str, agent: int) -> str: return f"{prefix}:agent:{int(agent)}"
-def results_stream(prefix: str) -> str: return f"{prefix}:results"
-def rejected_stream(prefix: str) -> str: return f"{prefix}:rejected"
-def heartbeat_key(prefix: str, agent: int) -> str: return f"{prefix}:alive:{int(agent)}"
+
+def agent_stream(prefix: str, agent: int) -> str:
+    return f"{prefix}:agent:{int(agent)}"
+
+
+def results_stream(prefix: str) -> str:
+    return f"{prefix}:results"
+
+
+def rejected_stream(prefix: str) -> str:
+    return f"{prefix}:rejected"
+
+
+def heartbeat_key(prefix: str, agent: int) -> str:
+    return f"{prefix}:alive:{int(agent)}"
+
 
 def ensure_group(client: redis.Redis, stream: str, group: str = GROUP) -> None:
     "Create the consumer group (and the stream) if missing."
-    try: client.xgroup_create(stream, group, id="0", mkstream=True)
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
     except redis.ResponseError as e:
-        if "BUSYGROUP" not in str(e): raise
+        if "BUSYGROUP" not in str(e):
+            raise
 
 # %% ../nbs/07_runtime.ipynb #76a6f853
 def simulated_handler(n_agents: int, cfg: Config, seed: int = 0) -> Callable[[dict], dict]:
     "A task handler answering as `agents.SimulatedAgentPool` agent `task['agent']` (deterministic per task id)."
     pool = SimulatedAgentPool(n_agents, cfg, seed)
+
     def handle(task: dict) -> dict:
-        if task["agent"] >= n_agents: raise MalformedMessage(f"agent: {task['agent']} ≥ n_agents {n_agents}")
+        if task["agent"] >= n_agents:
+            raise MalformedMessage(f"agent: {task['agent']} ≥ n_agents {n_agents}")
         t = task["payload"]["turn"]
         turn = Turn(t["index"], t["fsm_state"], t["speaker"], t["text"], t["specialist"], t["task"], t["modality"])
         rng = np.random.default_rng([seed, int(hashlib.sha256(task["task_id"].encode()).hexdigest()[:12], 16)])
         r = pool.respond(task["agent"], task["payload"]["history"], task["payload"]["context"], turn, rng)
         return dict(text=r.text, outcome=r.outcome, success=bool(r.success), latency_s=float(r.latency_s))
+
     return handle
+
 
 class AgentWorker:
     "The `rapo-agent` loop for one agent id: re-claim → read → answer+ack in one transaction; heartbeat thread."
-    def __init__(self, client: redis.Redis, agent: int, handler: Callable[[dict], dict], prefix: str = "rapo:v1",
-                 consumer: str | None = None, claim_idle_ms: int = 1000, block_ms: int = 100, heartbeat_ms: int = 200,
-                 sleep_scale: float = 0.0):
-        if not isinstance(agent, int) or agent < 0: raise ValueError(f"agent: expected an integer ≥ 0, got {agent!r}")
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        agent: int,
+        handler: Callable[[dict], dict],
+        prefix: str = "rapo:v1",
+        consumer: str | None = None,
+        claim_idle_ms: int = 1000,
+        block_ms: int = 100,
+        heartbeat_ms: int = 200,
+        sleep_scale: float = 0.0,
+    ):
+        if not isinstance(agent, int) or agent < 0:
+            raise ValueError(f"agent: expected an integer ≥ 0, got {agent!r}")
         self.client, self.agent, self.handler, self.prefix = client, agent, handler, prefix
         self.stream = agent_stream(prefix, agent)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.claim_idle_ms, self.block_ms, self.heartbeat_ms, self.sleep_scale = claim_idle_ms, block_ms, heartbeat_ms, sleep_scale
+        self.claim_idle_ms, self.block_ms, self.heartbeat_ms, self.sleep_scale = (
+            claim_idle_ms,
+            block_ms,
+            heartbeat_ms,
+            sleep_scale,
+        )
         self.processed = self.rejected = self.reclaimed = 0
         self._stop = threading.Event()
         ensure_group(client, self.stream)
+
     def _beat(self):
         while not self._stop.is_set():
-            try: self.client.set(heartbeat_key(self.prefix, self.agent), self.consumer, px=3 * self.heartbeat_ms)
-            except redis.RedisError as e: log.warning("heartbeat failed: %s", e)
+            try:
+                self.client.set(heartbeat_key(self.prefix, self.agent), self.consumer, px=3 * self.heartbeat_ms)
+            except redis.RedisError as e:
+                log.warning("heartbeat failed: %s", e)
             self._stop.wait(self.heartbeat_ms / 1000)
+
     def handle(self, entry_id: bytes, fields: dict) -> None:
         "Answer one entry (or reject it), then append the answer and XACK atomically."
         try:
             task = parse_task(fields)
-            if task["agent"] != self.agent and task["replaced_from"] < 0: raise MalformedMessage(f"agent: entry for agent {task['agent']} on stream of agent {self.agent}")
+            if task["agent"] != self.agent and task["replaced_from"] < 0:
+                raise MalformedMessage(f"agent: entry for agent {task['agent']} on stream of agent {self.agent}")
             out = self.handler(task)
         except MalformedMessage as e:
             log.warning("agent %d rejected entry %s: %s", self.agent, entry_id, e)
             pipe = self.client.pipeline(transaction=True)
-            pipe.xadd(rejected_stream(self.prefix), {"stream": self.stream, "entry": entry_id, "reason": str(e), "by": self.consumer})
-            pipe.xack(self.stream, GROUP, entry_id); pipe.execute()
-            self.rejected += 1; return
-        if self.sleep_scale > 0 and self._stop.wait(out["latency_s"] * self.sleep_scale): return   # stopped mid-answer: entry stays pending
+            pipe.xadd(
+                rejected_stream(self.prefix),
+                {"stream": self.stream, "entry": entry_id, "reason": str(e), "by": self.consumer},
+            )
+            pipe.xack(self.stream, GROUP, entry_id)
+            pipe.execute()
+            self.rejected += 1
+            return
+        if self.sleep_scale > 0 and self._stop.wait(out["latency_s"] * self.sleep_scale):
+            return  # stopped mid-answer: entry stays pending
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(results_stream(self.prefix), {"task_id": task["task_id"], "conv_id": task["conv_id"], "turn": task["turn"],
-                                               "agent": self.agent, "text": out["text"], "outcome": out["outcome"],
-                                               "success": int(bool(out["success"])), "latency_s": repr(float(out["latency_s"])),
-                                               "worker": self.consumer})
-        pipe.xack(self.stream, GROUP, entry_id); pipe.execute()
+        pipe.xadd(
+            results_stream(self.prefix),
+            {
+                "task_id": task["task_id"],
+                "conv_id": task["conv_id"],
+                "turn": task["turn"],
+                "agent": self.agent,
+                "text": out["text"],
+                "outcome": out["outcome"],
+                "success": int(bool(out["success"])),
+                "latency_s": repr(float(out["latency_s"])),
+                "worker": self.consumer,
+            },
+        )
+        pipe.xack(self.stream, GROUP, entry_id)
+        pipe.execute()
         self.processed += 1
+
     def step(self) -> int:
         "One loop iteration: re-claim idle pending entries, else read new ones; returns entries handled."
-        claimed = self.client.xautoclaim(self.stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=64)
+        claimed = self.client.xautoclaim(
+            self.stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=64
+        )
         entries = [(i, f) for i, f in claimed[1] if f]
         self.reclaimed += len(entries)
         if not entries:
             got = self.client.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=64, block=self.block_ms)
             entries = [(i, f) for _, es in (got or []) for i, f in es]
         for i, f in entries:
-            if self._stop.is_set(): break
+            if self._stop.is_set():
+                break
             self.handle(i, f)
         return len(entries)
+
     def run(self, max_messages: int | None = None, idle_exit_s: float | None = None) -> None:
         "Loop until stopped, `max_messages` handled, or `idle_exit_s` without work."
-        beat = threading.Thread(target=self._beat, daemon=True); beat.start()
+        beat = threading.Thread(target=self._beat, daemon=True)
+        beat.start()
         last = time.monotonic()
         try:
             while not self._stop.is_set():
-                if self.step(): last = time.monotonic()
-                if max_messages is not None and self.processed + self.rejected >= max_messages: break
-                if idle_exit_s is not None and time.monotonic() - last > idle_exit_s: break
+                if self.step():
+                    last = time.monotonic()
+                if max_messages is not None and self.processed + self.rejected >= max_messages:
+                    break
+                if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
+                    break
         finally:
-            self._stop.set(); beat.join(timeout=2)
-    def stop(self) -> None: self._stop.set()
+            self._stop.set()
+            beat.join(timeout=2)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 # %% ../nbs/07_runtime.ipynb #a2934740
 def agent_main(argv: list[str] | None = None) -> int:
     "Console script `rapo-agent`: serve one simulated agent from a Redis Stream (see `AgentWorker`)."
-    p = argparse.ArgumentParser(prog="rapo-agent", description="A RAPO agent worker: consumes its Redis Stream through a consumer group.")
-    p.add_argument("--redis-url", default=os.environ.get("RAPO_REDIS_URL"), help="redis://host:port/db (default: $RAPO_REDIS_URL, else config runtime.redis_url)")
+    p = argparse.ArgumentParser(
+        prog="rapo-agent", description="A RAPO agent worker: consumes its Redis Stream through a consumer group."
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("RAPO_REDIS_URL"),
+        help="redis://host:port/db (default: $RAPO_REDIS_URL, else config runtime.redis_url)",
+    )
     p.add_argument("--agent", type=int, required=True, help="agent id this worker plays")
-    p.add_argument("--n-agents", type=int, default=None, help="size of the simulated pool (default: config evaluation.n_agents)")
-    p.add_argument("--profile", default="quick"); p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefix", default="rapo:v1"); p.add_argument("--consumer", default=None)
-    p.add_argument("--claim-idle-ms", type=int, default=1000); p.add_argument("--block-ms", type=int, default=100)
+    p.add_argument(
+        "--n-agents", type=int, default=None, help="size of the simulated pool (default: config evaluation.n_agents)"
+    )
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", default="rapo:v1")
+    p.add_argument("--consumer", default=None)
+    p.add_argument("--claim-idle-ms", type=int, default=1000)
+    p.add_argument("--block-ms", type=int, default=100)
     p.add_argument("--heartbeat-ms", type=int, default=200)
-    p.add_argument("--sleep-scale", type=float, default=0.0, help="sleep latency_s × this per answer (emulates service time)")
-    p.add_argument("--max-messages", type=int, default=None); p.add_argument("--idle-exit-s", type=float, default=None)
-    p.add_argument("--timeout-s", type=float, default=None, help="Redis connect timeout (default: config runtime.redis_timeout_s)")
+    p.add_argument(
+        "--sleep-scale", type=float, default=0.0, help="sleep latency_s × this per answer (emulates service time)"
+    )
+    p.add_argument("--max-messages", type=int, default=None)
+    p.add_argument("--idle-exit-s", type=float, default=None)
+    p.add_argument(
+        "--timeout-s", type=float, default=None, help="Redis connect timeout (default: config runtime.redis_timeout_s)"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"rapo-agent[{a.agent}] %(levelname)s %(message)s")
     cfg = load_config(a.profile, seed=a.seed)
     url = a.redis_url or cfg.runtime.redis_url
     n = a.n_agents or cfg.evaluation.n_agents
-    if not 0 <= a.agent < n: p.error(f"--agent: {a.agent} is not in [0, {n})")
-    try: client = connect_redis(url, a.timeout_s or cfg.runtime.redis_timeout_s)
+    if not 0 <= a.agent < n:
+        p.error(f"--agent: {a.agent} is not in [0, {n})")
+    try:
+        client = connect_redis(url, a.timeout_s or cfg.runtime.redis_timeout_s)
     except StoreUnavailable as e:
-        print(f"rapo-agent: {e}", file=sys.stderr); return 2
-    w = AgentWorker(client, a.agent, simulated_handler(n, cfg, a.seed), prefix=a.prefix, consumer=a.consumer,
-                    claim_idle_ms=a.claim_idle_ms, block_ms=a.block_ms, heartbeat_ms=a.heartbeat_ms, sleep_scale=a.sleep_scale)
+        print(f"rapo-agent: {e}", file=sys.stderr)
+        return 2
+    w = AgentWorker(
+        client,
+        a.agent,
+        simulated_handler(n, cfg, a.seed),
+        prefix=a.prefix,
+        consumer=a.consumer,
+        claim_idle_ms=a.claim_idle_ms,
+        block_ms=a.block_ms,
+        heartbeat_ms=a.heartbeat_ms,
+        sleep_scale=a.sleep_scale,
+    )
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     log.info("serving %s as consumer %s of group %s", w.stream, w.consumer, GROUP)
     w.run(max_messages=a.max_messages, idle_exit_s=a.idle_exit_s)
@@ -427,74 +689,115 @@ def agent_main(argv: list[str] | None = None) -> int:
 # %% ../nbs/07_runtime.ipynb #4f687850
 ORCH_GROUP = "rapo-orchestrator"
 
+
 class RedisDispatcher:
     "Orchestrator side of the streams: send tasks, read answers (rejecting malformed ones), re-claim dead agents' work."
-    def __init__(self, client: redis.Redis, n_agents: int, prefix: str = "rapo:v1", consumer: str = "orchestrator",
-                 metrics: RuntimeMetrics | None = None):
-        if not isinstance(n_agents, int) or n_agents < 1: raise ValueError(f"n_agents: expected an integer ≥ 1, got {n_agents!r}")
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        n_agents: int,
+        prefix: str = "rapo:v1",
+        consumer: str = "orchestrator",
+        metrics: RuntimeMetrics | None = None,
+    ):
+        if not isinstance(n_agents, int) or n_agents < 1:
+            raise ValueError(f"n_agents: expected an integer ≥ 1, got {n_agents!r}")
         self.client, self.n, self.prefix, self.consumer, self.metrics = client, n_agents, prefix, consumer, metrics
         self.rejected = 0
-        for a in range(n_agents): ensure_group(client, agent_stream(prefix, a))
+        for a in range(n_agents):
+            ensure_group(client, agent_stream(prefix, a))
         ensure_group(client, results_stream(prefix), ORCH_GROUP)
-    def submit(self, agent: int, task_id: str, conv_id: str, turn: int, payload: dict, replaced_from: int = -1) -> bytes:
+
+    def submit(
+        self, agent: int, task_id: str, conv_id: str, turn: int, payload: dict, replaced_from: int = -1
+    ) -> bytes:
         "Append a task to agent `agent`'s stream."
-        if not 0 <= int(agent) < self.n: raise ValueError(f"agent: {agent} is not in [0, {self.n})")
-        f = {"task_id": task_id, "conv_id": conv_id, "turn": int(turn), "agent": int(agent), "payload": json.dumps(payload)}
-        if replaced_from >= 0: f["replaced_from"] = int(replaced_from)
+        if not 0 <= int(agent) < self.n:
+            raise ValueError(f"agent: {agent} is not in [0, {self.n})")
+        f = {
+            "task_id": task_id,
+            "conv_id": conv_id,
+            "turn": int(turn),
+            "agent": int(agent),
+            "payload": json.dumps(payload),
+        }
+        if replaced_from >= 0:
+            f["replaced_from"] = int(replaced_from)
         return self.client.xadd(agent_stream(self.prefix, agent), f)
+
     def _reject(self, stream: str, entry_id, reason: str) -> None:
         log.warning("rejected entry %s of %s: %s", entry_id, stream, reason)
-        self.client.xadd(rejected_stream(self.prefix), {"stream": stream, "entry": entry_id, "reason": reason, "by": self.consumer})
+        self.client.xadd(
+            rejected_stream(self.prefix), {"stream": stream, "entry": entry_id, "reason": reason, "by": self.consumer}
+        )
         self.rejected += 1
-        if self.metrics: self.metrics.rejected.inc()
+        if self.metrics:
+            self.metrics.rejected.inc()
+
     def poll(self, block_ms: int = 50, count: int = 512) -> list[dict]:
         "Valid answers that arrived (each acknowledged); malformed ones are logged, copied to the rejected stream, dropped."
         rs = results_stream(self.prefix)
         got = self.client.xreadgroup(ORCH_GROUP, self.consumer, {rs: ">"}, count=count, block=block_ms)
         out, ids = [], []
-        for _, entries in (got or []):
+        for _, entries in got or []:
             for i, f in entries:
                 ids.append(i)
-                try: out.append(parse_result(f))
-                except MalformedMessage as e: self._reject(rs, i, str(e))
-        if ids: self.client.xack(rs, ORCH_GROUP, *ids)
+                try:
+                    out.append(parse_result(f))
+                except MalformedMessage as e:
+                    self._reject(rs, i, str(e))
+        if ids:
+            self.client.xack(rs, ORCH_GROUP, *ids)
         return out
+
     def alive(self) -> np.ndarray:
         "bool [n]: agents whose worker heartbeat key exists."
         pipe = self.client.pipeline(transaction=False)
-        for a in range(self.n): pipe.exists(heartbeat_key(self.prefix, a))
+        for a in range(self.n):
+            pipe.exists(heartbeat_key(self.prefix, a))
         return np.array(pipe.execute(), dtype=bool)
+
     def pending(self, agent: int) -> int:
         "Entries of `agent`'s stream read but not yet acknowledged."
         return int(self.client.xpending(agent_stream(self.prefix, agent), GROUP)["pending"])
+
     def reclaim(self, agent: int) -> list[dict]:
         "Take over every pending (XAUTOCLAIM) and unread entry of a dead agent's stream; ack them; return the valid tasks."
         s = agent_stream(self.prefix, agent)
         entries, start = [], "0-0"
         while True:
-            nxt, claimed, *_ = self.client.xautoclaim(s, GROUP, self.consumer, min_idle_time=0, start_id=start, count=256)
+            nxt, claimed, *_ = self.client.xautoclaim(
+                s, GROUP, self.consumer, min_idle_time=0, start_id=start, count=256
+            )
             entries += [(i, f) for i, f in claimed if f]
-            if nxt in (b"0-0", "0-0"): break
+            if nxt in (b"0-0", "0-0"):
+                break
             start = nxt
         got = self.client.xreadgroup(GROUP, self.consumer, {s: ">"}, count=100_000)
         entries += [(i, f) for _, es in (got or []) for i, f in es]
         tasks = []
         for i, f in entries:
-            try: tasks.append(parse_task(f))
-            except MalformedMessage as e: self._reject(s, i, str(e))
-        if entries: self.client.xack(s, GROUP, *[i for i, _ in entries])
+            try:
+                tasks.append(parse_task(f))
+            except MalformedMessage as e:
+                self._reject(s, i, str(e))
+        if entries:
+            self.client.xack(s, GROUP, *[i for i, _ in entries])
         return tasks
 
 # %% ../nbs/07_runtime.ipynb #d57fb2a1
 @dataclass(frozen=True)
 class SystemSpec:
     "How a compared system coordinates: router, handoff context policy, consensus, prompt style, state hand-over."
+
     name: str
     router: str
     context_policy: str
     consensus: bool
     prompt_style: str
     hand_over_state: bool = False
+
 
 SYSTEMS: dict[str, SystemSpec] = {
     "sequential": SystemSpec("sequential", "sequential", "last_turn", False, "plain"),
@@ -506,61 +809,98 @@ SYSTEMS: dict[str, SystemSpec] = {
 ABLATIONS = ("no_consensus", "random_routing", "no_load_term", "no_capability_learning")
 FAILURE_TYPES = ("context_loss", "ambiguous_query", "topic_shift", "resource", "agent_selection")
 
+
 def prompt_header(style: str, agent: int, specialist: str, task_type: str, consensus_round: int) -> str:
     "The prompt text of a prompt style (simulated agents read it as part of the context)."
-    return {"plain": "",
-            "ampo_branched": f"[branch {task_type}] ",
-            "p4_persona": f"[persona: {specialist} specialist] ",
-            "yao_optimised": f"[prompt optimised for agent {agent}] ",
-            "rapo_consensus": f"[shared prompt, consensus round {consensus_round}] "}[style]
+    return {
+        "plain": "",
+        "ampo_branched": f"[branch {task_type}] ",
+        "p4_persona": f"[persona: {specialist} specialist] ",
+        "yao_optimised": f"[prompt optimised for agent {agent}] ",
+        "rapo_consensus": f"[shared prompt, consensus round {consensus_round}] ",
+    }[style]
+
 
 def handed_context(history: list[str], policy: str, cfg: Config) -> str:
     "The text a policy hands to the receiving agent (agents' context policies)."
-    if policy == "last_turn": return last_k(history, 1)
-    if policy == "last_k": return last_k(history, cfg.state.context_window)
-    if policy == "summary": return summary(history, cfg.runtime.summary_max_words)
-    if policy == "full_history": return full_history(history[-cfg.state.history_turns:])
+    if policy == "last_turn":
+        return last_k(history, 1)
+    if policy == "last_k":
+        return last_k(history, cfg.state.context_window)
+    if policy == "summary":
+        return summary(history, cfg.runtime.summary_max_words)
+    if policy == "full_history":
+        return full_history(history[-cfg.state.history_turns :])
     raise ValueError(f"context_policy: {policy!r} is not one of ['last_turn', 'last_k', 'summary', 'full_history']")
+
 
 def reception_from_cosine(cosine: float, floor: float) -> float:
     "q = floor + (1 − floor)·max(0, cosine): the simulated fact-survival probability at a handoff."
     return floor + (1.0 - floor) * max(0.0, cosine)
 
+
 def reception_probability(P: torch.Tensor, out_agent: int, in_agent: int, cfg: Config | None = None) -> float:
     "`reception_from_cosine` of cos(P_out, P_in) (floor: cfg.simulation.reception_floor)."
     floor = (cfg or load_config()).simulation.reception_floor
-    return reception_from_cosine(torch.nn.functional.cosine_similarity(P[out_agent].float(), P[in_agent].float(), dim=0).item(), floor)
+    return reception_from_cosine(
+        torch.nn.functional.cosine_similarity(P[out_agent].float(), P[in_agent].float(), dim=0).item(), floor
+    )
+
 
 def drop_facts(context: str, facts: list[str], keep: np.ndarray) -> tuple[str, list[str]]:
     "Remove the facts with keep=False from `context`; return (new context, facts that were present and dropped)."
     lost = []
     for f, k in zip(facts, keep):
         if not k and f and f in context:
-            context = context.replace(f, ""); lost.append(f)
+            context = context.replace(f, "")
+            lost.append(f)
     return context, lost
+
 
 def check_ablation(ablation: dict | None) -> dict:
     "Validate ablation switches; unknown keys or non-bool values are refused."
     ablation = dict(ablation or {})
     for k, v in ablation.items():
-        if k not in ABLATIONS: raise ValueError(f"ablation: unknown key {k!r}; allowed {list(ABLATIONS)}")
-        if not isinstance(v, bool): raise ValueError(f"ablation.{k}: expected a bool, got {v!r}")
+        if k not in ABLATIONS:
+            raise ValueError(f"ablation: unknown key {k!r}; allowed {list(ABLATIONS)}")
+        if not isinstance(v, bool):
+            raise ValueError(f"ablation.{k}: expected a bool, got {v!r}")
     return {k: ablation.get(k, False) for k in ABLATIONS}
 
 # %% ../nbs/07_runtime.ipynb #585b9aa1
 class Orchestrator:
     "Runs conversations concurrently on a simpy clock; every tick: state update → consensus → routing (§3.5)."
-    def __init__(self, cfg: Config, system: str = "rapo", seed: int = 0, n_agents: int | None = None, ablation: dict | None = None,
-                 transition_model=None, store: StateStore | None = None, metrics: RuntimeMetrics | None = None,
-                 checkpoint_dir: str | Path | None = None, device: str | torch.device | None = "cpu", pool=None, failure_rate: float = 0.0,
-                 arrivals_per_agent_s: float | None = None, update_context: bool = False):
-        if system not in SYSTEMS: raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
+
+    def __init__(
+        self,
+        cfg: Config,
+        system: str = "rapo",
+        seed: int = 0,
+        n_agents: int | None = None,
+        ablation: dict | None = None,
+        transition_model=None,
+        store: StateStore | None = None,
+        metrics: RuntimeMetrics | None = None,
+        checkpoint_dir: str | Path | None = None,
+        device: str | torch.device | None = "cpu",
+        pool=None,
+        failure_rate: float = 0.0,
+        arrivals_per_agent_s: float | None = None,
+        update_context: bool = False,
+    ):
+        if system not in SYSTEMS:
+            raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
         n = cfg.evaluation.n_agents if n_agents is None else n_agents
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2: raise ValueError(f"n_agents: expected an integer ≥ 2, got {n_agents!r}")
-        if arrivals_per_agent_s is None: arrivals_per_agent_s = cfg.simulation.arrivals_per_agent_s
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
+            raise ValueError(f"n_agents: expected an integer ≥ 2, got {n_agents!r}")
+        if arrivals_per_agent_s is None:
+            arrivals_per_agent_s = cfg.simulation.arrivals_per_agent_s
         if transition_model is not None and not hasattr(transition_model, "predict_reward"):
-            raise ValueError("transition_model: expected an object with .predict_reward(bank, agent_ids, task, modality)")
-        if not (isinstance(arrivals_per_agent_s, (int, float)) and arrivals_per_agent_s > 0): raise ValueError(f"arrivals_per_agent_s: expected > 0, got {arrivals_per_agent_s!r}")
+            raise ValueError(
+                "transition_model: expected an object with .predict_reward(bank, agent_ids, task, modality)"
+            )
+        if not (isinstance(arrivals_per_agent_s, (int, float)) and arrivals_per_agent_s > 0):
+            raise ValueError(f"arrivals_per_agent_s: expected > 0, got {arrivals_per_agent_s!r}")
         self.cfg, self.spec, self.seed, self.n = cfg, SYSTEMS[system], int(seed), int(n)
         self.arrivals_per_agent_s = float(arrivals_per_agent_s)
         self.ablation = check_ablation(ablation)
@@ -568,25 +908,31 @@ class Orchestrator:
         self.bank = StateBank.create(self.n, cfg, device=self.device, seed=seed)
         self.text_encoder = HashedTextEncoder.from_config(cfg)
         self.context_model = SlidingWindowContext.from_config(cfg, seed=seed).to(self.device).eval()
-        self.windows: dict[int, list[np.ndarray]] = {}   # per agent: embeddings of its last k answers (for C_i)
+        self.windows: dict[int, list[np.ndarray]] = {}  # per agent: embeddings of its last k answers (for C_i)
         self.update_context = bool(update_context)
         self.pool = pool if pool is not None else SimulatedAgentPool(self.n, cfg, seed, failure_rate=failure_rate)
         self.router = make_router("random" if self.ablation["random_routing"] else self.spec.router, cfg, seed)
         self.use_consensus = self.spec.consensus and not self.ablation["no_consensus"]
         self.engine = None
         if self.use_consensus:
-            topo = make_topology(cfg.consensus.topology, self.n, degree=min(cfg.consensus.degree, self.n - 1), seed=seed, device=self.device)
+            topo = make_topology(
+                cfg.consensus.topology,
+                self.n,
+                degree=min(cfg.consensus.degree, self.n - 1),
+                seed=seed,
+                device=self.device,
+            )
             self.engine = ConsensusEngine(cfg, topo, self.device)
         self.transition_model, self.store, self.metrics = transition_model, store, metrics
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.env = simpy.Environment()
         self.resources = [simpy.Resource(self.env, capacity=int(cfg.routing.c_max)) for _ in range(self.n)]
         self.alive = np.ones(self.n, dtype=bool)
-        self.stable_C = self.bank.context().clone()   # dense [N, c] copy (also for a lazy bank)
+        self.stable_C = self.bank.context().clone()  # dense [N, c] copy (also for a lazy bank)
         self.route_queue: list = []
-        self.absorb: list = []           # (agent, task, modality, outcome, record) finished since the last tick
-        self.exchanges: list = []        # (outgoing agent, receiving agent, first answer succeeded) of handoffs since the last tick
-        self.finished: list = []         # rule-based outcomes of conversations finished since the last tick
+        self.absorb: list = []  # (agent, task, modality, outcome, record) finished since the last tick
+        self.exchanges: list = []  # (outgoing agent, receiving agent, first answer succeeded) of handoffs since the last tick
+        self.finished: list = []  # rule-based outcomes of conversations finished since the last tick
         self.turn_records: list[dict] = []
         self.conv_records: list[dict] = []
         self.failure_log: list[dict] = []
@@ -603,7 +949,9 @@ class Orchestrator:
         norm = P.norm(dim=1, keepdim=True)
         self._Pnorm = norm.squeeze(1).numpy()
         self._Pn = (P / norm.clamp_min(1e-12)).numpy()
-        self._M = self.bank.M.detach().float().cpu().numpy().copy()      # copies: update_capability writes M and the score in place
+        self._M = (
+            self.bank.M.detach().float().cpu().numpy().copy()
+        )  # copies: update_capability writes M and the score in place
         self._cs = self.bank.capability_score.detach().float().cpu().numpy().copy()
         self._util = self.bank.utilisation.detach().float().cpu().numpy()
 
@@ -614,8 +962,14 @@ class Orchestrator:
         pending = torch.tensor([len(r.queue) for r in self.resources], dtype=torch.float32)
         util = (active / self.cfg.routing.c_max).clamp(0, 1)
         alive = torch.from_numpy(self.alive.copy())
-        if self.ablation["no_load_term"]: active, pending, util = torch.zeros_like(active), torch.zeros_like(pending), torch.zeros_like(util)
-        return AgentLoad(active=active.to(self.device), pending=pending.to(self.device), utilisation=util.to(self.device), alive=alive.to(self.device))
+        if self.ablation["no_load_term"]:
+            active, pending, util = torch.zeros_like(active), torch.zeros_like(pending), torch.zeros_like(util)
+        return AgentLoad(
+            active=active.to(self.device),
+            pending=pending.to(self.device),
+            utilisation=util.to(self.device),
+            alive=alive.to(self.device),
+        )
 
     def _state_update(self) -> list[dict]:
         "Batched capability EMA over finished turns; utilisation and ω refreshed."
@@ -623,7 +977,8 @@ class Orchestrator:
         if self.absorb and not self.ablation["no_capability_learning"]:
             ag, ta, mo, oc = (torch.tensor([a[i] for a in self.absorb], device=self.device) for i in range(4))
             self.bank.update_capability(ag.long(), ta.long(), mo.long(), oc.float())
-        if self.absorb and self.update_context: self._update_context()
+        if self.absorb and self.update_context:
+            self._update_context()
         self.absorb = []
         util = torch.tensor([r.count for r in self.resources], dtype=torch.float32) / self.cfg.routing.c_max
         self.bank.alive = torch.from_numpy(self.alive.copy()).to(self.device)
@@ -634,35 +989,46 @@ class Orchestrator:
         "C_i of agents that answered since the last tick: sliding-window attention over their last k answers (§3.2)."
         k = self.cfg.state.context_window
         emb = self.text_encoder.encode([a[4]["response"] for a in self.absorb])
-        for (agent, *_), e in zip(self.absorb, emb): self.windows[agent] = (self.windows.get(agent, []) + [e])[-k:]
+        for (agent, *_), e in zip(self.absorb, emb):
+            self.windows[agent] = (self.windows.get(agent, []) + [e])[-k:]
         ids = sorted({a[0] for a in self.absorb})
         X = np.zeros((len(ids), k, emb.shape[1]), dtype=np.float32)
         lengths = torch.tensor([len(self.windows[a]) for a in ids])
-        for i, a in enumerate(ids): X[i, :len(self.windows[a])] = np.stack(self.windows[a])
-        with torch.no_grad(): C = self.context_model(torch.from_numpy(X).to(self.device), lengths)
+        for i, a in enumerate(ids):
+            X[i, : len(self.windows[a])] = np.stack(self.windows[a])
+        with torch.no_grad():
+            C = self.context_model(torch.from_numpy(X).to(self.device), lengths)
         self.bank.set_rows("C", torch.tensor(ids, device=self.device), C.to(self.bank.C.dtype))
 
     def _consensus(self) -> None:
         "One consensus step on P (RAPO only); counts rounds and rollbacks."
-        if self.engine is None: return
-        if self.finished: self.engine.record_outcomes(self.finished)                     # E(c) window (§3.3)
-        if self.exchanges:                                                                # E_ij of eq. 5 from handoff outcomes
+        if self.engine is None:
+            return
+        if self.finished:
+            self.engine.record_outcomes(self.finished)  # E(c) window (§3.3)
+        if self.exchanges:  # E_ij of eq. 5 from handoff outcomes
             src, dst, ok = (torch.tensor([e[i] for e in self.exchanges], device=self.device) for i in range(3))
             self.engine.record_exchanges(src.long(), dst.long(), ok.float())
         alive_util = self.bank.utilisation[self.bank.alive]
-        self.engine.set_resource(float(alive_util.mean().clamp(0, 1)) if alive_util.numel() else 0.0)   # R(c): mean utilisation (our reading)
+        self.engine.set_resource(
+            float(alive_util.mean().clamp(0, 1)) if alive_util.numel() else 0.0
+        )  # R(c): mean utilisation (our reading)
         self.finished, self.exchanges = [], []
         out = self.engine.step(self.bank)
         self.consensus_rounds += 1
-        if out.get("rolled_back"): self.rollbacks += 1
-        if out.get("converged"): self.stable_C = self.bank.context().clone()
+        if out.get("rolled_back"):
+            self.rollbacks += 1
+        if out.get("converged"):
+            self.stable_C = self.bank.context().clone()
         if self.metrics:
             self.metrics.consensus_rounds.inc()
-            if out.get("rolled_back"): self.metrics.rollbacks.inc()
+            if out.get("rolled_back"):
+                self.metrics.rollbacks.inc()
 
     def _route(self) -> list[dict]:
         "Route every waiting request in one batched call; replacements by capability similarity; unroutable ones wait (bounded)."
-        if not self.route_queue: return []
+        if not self.route_queue:
+            return []
         reqs, self.route_queue = self.route_queue, []
         load = self.load()
         normal = [r for r in reqs if r["failed"] < 0]
@@ -673,24 +1039,40 @@ class Orchestrator:
             picked = self.router.select(task, mod, self.bank, load, allow_unassigned=True)
             if self.transition_model is not None:
                 ok = picked >= 0
-                if bool(ok.any()): picked[ok] = self._rerank(task[ok], mod[ok], load, picked[ok])
-            for r, a in zip(normal, picked.tolist()): choice[id(r)] = a
+                if bool(ok.any()):
+                    picked[ok] = self._rerank(task[ok], mod[ok], load, picked[ok])
+            for r, a in zip(normal, picked.tolist()):
+                choice[id(r)] = a
         for r in reqs:
             if r["failed"] >= 0:
                 try:
-                    if self.spec.name == "rapo": a = int(replacement_for(r["failed"], self.bank, load))
-                    else: a = int(self.router.select(torch.tensor([r["turn"].task], device=self.device),
-                                                     torch.tensor([r["turn"].modality], device=self.device), self.bank, load, allow_unassigned=True)[0])
-                except NoAgentAvailable: a = -1
+                    if self.spec.name == "rapo":
+                        a = int(replacement_for(r["failed"], self.bank, load))
+                    else:
+                        a = int(
+                            self.router.select(
+                                torch.tensor([r["turn"].task], device=self.device),
+                                torch.tensor([r["turn"].modality], device=self.device),
+                                self.bank,
+                                load,
+                                allow_unassigned=True,
+                            )[0]
+                        )
+                except NoAgentAvailable:
+                    a = -1
                 choice[id(r)] = a
                 if a >= 0:
                     self.replacements += 1
-                    if self.metrics: self.metrics.replacements.inc()
+                    if self.metrics:
+                        self.metrics.replacements.inc()
         served = []
         for r in reqs:
             a = choice[id(r)]
-            if a < 0 and self._now() - r["t0"] < self.cfg.routing.max_wait_s: self.route_queue.append(r); continue   # bounded wait
-            r["event"].succeed(a); served.append(r["record"])
+            if a < 0 and self._now() - r["t0"] < self.cfg.routing.max_wait_s:
+                self.route_queue.append(r)
+                continue  # bounded wait
+            r["event"].succeed(a)
+            served.append(r["record"])
         return served
 
     def _rerank(self, task, mod, load, picked):
@@ -700,7 +1082,8 @@ class Orchestrator:
         score = score.masked_fill(~load.alive[None, :], -float("inf"))
         k = min(self.cfg.runtime.rerank_k, int(load.alive.sum()))
         cand = score.topk(k, dim=1).indices
-        with torch.no_grad(): r = self.transition_model.predict_reward(self.bank, cand, task, mod)
+        with torch.no_grad():
+            r = self.transition_model.predict_reward(self.bank, cand, task, mod)
         return cand.gather(1, r.argmax(1, keepdim=True)).squeeze(1)
 
     def _tick(self) -> None:
@@ -709,17 +1092,21 @@ class Orchestrator:
         touched = self._state_update()
         self._consensus()
         touched += self._route()
-        if self.store is not None: self.store.put("bank", {k: v for k, v in self.bank.tensors().items()})
+        if self.store is not None:
+            self.store.put("bank", {k: v for k, v in self.bank.tensors().items()})
         self._refresh_views()
         self.ticks += 1
-        if self.checkpoint_dir is not None and self.ticks % self.cfg.runtime.checkpoint_every == 0: self.checkpoint()
+        if self.checkpoint_dir is not None and self.ticks % self.cfg.runtime.checkpoint_every == 0:
+            self.checkpoint()
         spent = time.perf_counter() - t0 + self._carry_s
         self.coordination_s += time.perf_counter() - t0
         if touched:
             share = spent * 1000.0 / len(touched)
-            for rec in touched: rec["overhead_ms"] += share
+            for rec in touched:
+                rec["overhead_ms"] += share
             self._carry_s = 0.0
-        else: self._carry_s = spent
+        else:
+            self._carry_s = spent
         if self.metrics:
             self.metrics.queue_length.labels("routing").set(len(self.route_queue))
             self.metrics.queue_length.labels("agents").set(sum(len(r.queue) for r in self.resources))
@@ -733,7 +1120,9 @@ class Orchestrator:
 
     def _final_update(self) -> None:
         "After the last tick: absorb the outcomes still pending (timed as coordination) and note the clock."
-        t0 = time.perf_counter(); self._state_update(); self.coordination_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._state_update()
+        self.coordination_s += time.perf_counter() - t0
         self.sim_time_s = float(self._now())
 
     # ---- the clock (simpy here; LiveOrchestrator swaps in the wall clock) --------------------------------
@@ -765,7 +1154,9 @@ class Orchestrator:
         "Process: wait ≤ routing.max_wait_s for a free slot of `target`, then its simulated latency; returns its AgentResponse (None: the wait timed out)."
         req = self.resources[target].request()
         got = yield req | self.env.timeout(self.cfg.routing.max_wait_s)
-        if req not in got: req.cancel(); return None
+        if req not in got:
+            req.cancel()
+            return None
         r = self.pool.respond(target, list(memory), context, turn, rng)
         yield self.env.timeout(max(float(r.latency_s), 0.0))
         self.resources[target].release(req)
@@ -781,18 +1172,28 @@ class Orchestrator:
         return bool(self.pool.true_skill[agent, turn.task, turn.modality] < self.cfg.simulation.low_skill)
 
     # ---- conversations (one process for both clocks) ----------------------------------------------------------
-    def _hand_over(self, history: list[str], facts: list[str], agent: int, target: int, rec: dict, last_response: str,
-                   rng: np.random.Generator) -> tuple[list[str], bool]:
+    def _hand_over(
+        self,
+        history: list[str],
+        facts: list[str],
+        agent: int,
+        target: int,
+        rec: dict,
+        last_response: str,
+        rng: np.random.Generator,
+    ) -> tuple[list[str], bool]:
         "Handoff agent → target: the policy's context as received, the dead agent's stable C row (§4.4); returns (new memory, a said fact was lost)."
         said = "\n".join(history)
         ctx = self._receive(handed_context(history, self.spec.context_policy, self.cfg), facts, agent, target, rng)
         known = [f for f in facts if f and f in said]
         lost = [f for f in known if f not in ctx]
-        if self.spec.hand_over_state and not self.alive[agent]: self.bank.set_rows("C", [target], self.stable_C[[agent]])
+        if self.spec.hand_over_state and not self.alive[agent]:
+            self.bank.set_rows("C", [target], self.stable_C[[agent]])
         rec.update(handoff=True, prev_agent=agent, prev_response=last_response)
         if self.metrics:
             self.metrics.handoffs.inc()
-            if known: self.metrics.context_score.observe(1 - len(lost) / len(known))
+            if known:
+                self.metrics.context_score.observe(1 - len(lost) / len(known))
         return ([ctx] if ctx else []), bool(lost)
 
     def _conversation(self, conv, arrival: float):
@@ -807,83 +1208,185 @@ class Orchestrator:
             resource_fail = lost_any = low_skill = False
             first_fail_shift = None
             for k, turn in enumerate(conv.turns):
-                rec = dict(system=spec.name, seed=self.seed, conv_id=conv.id, turn=k, fsm_state=turn.fsm_state, agent=-1,
-                           specialist=turn.specialist, handoff=False, prev_agent=-1, prev_response="", response="", context_given="",
-                           service_ms=0.0, overhead_ms=0.0, clarification=False, outcome="timeout")
+                rec = dict(
+                    system=spec.name,
+                    seed=self.seed,
+                    conv_id=conv.id,
+                    turn=k,
+                    fsm_state=turn.fsm_state,
+                    agent=-1,
+                    specialist=turn.specialist,
+                    handoff=False,
+                    prev_agent=-1,
+                    prev_response="",
+                    response="",
+                    context_given="",
+                    service_ms=0.0,
+                    overhead_ms=0.0,
+                    clarification=False,
+                    outcome="timeout",
+                )
                 t_req = self._now()
-                if agent >= 0 and not self.alive[agent]: target = yield self._request(turn, rec, agent)     # §4.4 replacement
-                elif agent < 0 or k in handoffs: target = yield self._request(turn, rec, -1)
-                else: target = agent
+                if agent >= 0 and not self.alive[agent]:
+                    target = yield self._request(turn, rec, agent)  # §4.4 replacement
+                elif agent < 0 or k in handoffs:
+                    target = yield self._request(turn, rec, -1)
+                else:
+                    target = agent
                 text, success = "", False
                 for attempt in range(2):
-                    if target < 0: resource_fail = True; break
-                    if agent >= 0 and target != agent:                                                     # handoff
+                    if target < 0:
+                        resource_fail = True
+                        break
+                    if agent >= 0 and target != agent:  # handoff
                         memory, lost = self._hand_over(history, facts, agent, target, rec, last_response, rng)
                         lost_any |= lost
-                    context = prompt_header(spec.prompt_style, target, turn.specialist, conv.task_type, self.consensus_rounds) + "\n".join(memory[-cfg.state.history_turns:])
+                    context = prompt_header(
+                        spec.prompt_style, target, turn.specialist, conv.task_type, self.consensus_rounds
+                    ) + "\n".join(memory[-cfg.state.history_turns :])
                     r = yield from self._serve(target, memory, context, turn, rng)
-                    if r is None: rec.update(agent=target, outcome="timeout", context_given=context); resource_fail = True; agent = target; break
+                    if r is None:
+                        rec.update(agent=target, outcome="timeout", context_given=context)
+                        resource_fail = True
+                        agent = target
+                        break
                     success = bool(r.success) and r.outcome == "ok"
-                    rec.update(agent=target, response=r.text, context_given=context, outcome=r.outcome, clarification=bool(r.outcome == "ok" and not r.success))
-                    self.absorb.append((target, int(turn.task), int(turn.modality), float(success), rec))       # capability EMA (next tick)
+                    rec.update(
+                        agent=target,
+                        response=r.text,
+                        context_given=context,
+                        outcome=r.outcome,
+                        clarification=bool(r.outcome == "ok" and not r.success),
+                    )
+                    self.absorb.append(
+                        (target, int(turn.task), int(turn.modality), float(success), rec)
+                    )  # capability EMA (next tick)
                     low_skill |= self._low_skill(target, turn)
-                    if rec["handoff"] and rec["prev_agent"] >= 0: self.exchanges.append((rec["prev_agent"], target, float(success)))   # E_ij
+                    if rec["handoff"] and rec["prev_agent"] >= 0:
+                        self.exchanges.append((rec["prev_agent"], target, float(success)))  # E_ij
                     agent, text = target, r.text
-                    if r.outcome != "ok": resource_fail = True
-                    if r.outcome == "crash" and attempt == 0:                                              # agent died mid-turn
-                        self.alive[target] = False; self._spawn(self._restart(target))
+                    if r.outcome != "ok":
+                        resource_fail = True
+                    if r.outcome == "crash" and attempt == 0:  # agent died mid-turn
+                        self.alive[target] = False
+                        self._spawn(self._restart(target))
                         target = yield self._request(turn, rec, target)
                         continue
                     break
                 if not success and first_fail_shift is None:
-                    first_fail_shift = bool(rec["handoff"] and k > 0 and conv.turns[k - 1].specialist != turn.specialist)
-                history += [turn.text, text]; memory += [turn.text, text]
-                responses.append(text); last_response = text
+                    first_fail_shift = bool(
+                        rec["handoff"] and k > 0 and conv.turns[k - 1].specialist != turn.specialist
+                    )
+                history += [turn.text, text]
+                memory += [turn.text, text]
+                responses.append(text)
+                last_response = text
                 rec["service_ms"] = (self._now() - t_req) * 1000.0
                 records.append(rec)
-                if self.metrics: self.metrics.turns.labels(rec["outcome"]).inc(); self.metrics.response_time.observe(rec["service_ms"])
+                if self.metrics:
+                    self.metrics.turns.labels(rec["outcome"]).inc()
+                    self.metrics.response_time.observe(rec["service_ms"])
                 if agent >= 0:
-                    traj.append(dict(turn=k, agent=agent, capability=float(self._M[agent, turn.task, turn.modality]),
-                                     capability_score=float(self._cs[agent]), utilisation=float(self._util[agent]),
-                                     prompt_norm=float(self._Pnorm[agent]), outcome=rec["outcome"], success=success))
-            self._finish_conversation(conv, records, responses, traj, resource_fail, lost_any, low_skill, bool(first_fail_shift))
+                    traj.append(
+                        dict(
+                            turn=k,
+                            agent=agent,
+                            capability=float(self._M[agent, turn.task, turn.modality]),
+                            capability_score=float(self._cs[agent]),
+                            utilisation=float(self._util[agent]),
+                            prompt_norm=float(self._Pnorm[agent]),
+                            outcome=rec["outcome"],
+                            success=success,
+                        )
+                    )
+            self._finish_conversation(
+                conv, records, responses, traj, resource_fail, lost_any, low_skill, bool(first_fail_shift)
+            )
         finally:
             self._open -= 1
 
-    def _finish_conversation(self, conv, records: list[dict], responses: list[str], traj: list[dict], resource_fail: bool,
-                             lost_any: bool, low_skill: bool, first_fail_shift: bool) -> None:
+    def _finish_conversation(
+        self,
+        conv,
+        records: list[dict],
+        responses: list[str],
+        traj: list[dict],
+        resource_fail: bool,
+        lost_any: bool,
+        low_skill: bool,
+        first_fail_shift: bool,
+    ) -> None:
         "Check a finished conversation (rule-based), classify a failure, log it with its trajectory (§4.4), queue its outcome for E(c)."
         ok = bool(check_expected(conv, responses))
         ftype = None if ok else classify_failure(resource_fail, lost_any, low_skill, first_fail_shift)
-        self.conv_records.append(dict(system=self.spec.name, seed=self.seed, conv_id=conv.id, task_type=conv.task_type, n_turns=len(conv.turns),
-                                      n_handoffs=sum(r["handoff"] for r in records), depth=conv.depth, n_entities=conv.n_entities,
-                                      inference_steps=conv.inference_steps, rule_success=ok, failure_type=ftype))
+        self.conv_records.append(
+            dict(
+                system=self.spec.name,
+                seed=self.seed,
+                conv_id=conv.id,
+                task_type=conv.task_type,
+                n_turns=len(conv.turns),
+                n_handoffs=sum(r["handoff"] for r in records),
+                depth=conv.depth,
+                n_entities=conv.n_entities,
+                inference_steps=conv.inference_steps,
+                rule_success=ok,
+                failure_type=ftype,
+            )
+        )
         self.turn_records.extend(records)
         self.done_ids.add(conv.id)
         self.finished.append(float(ok))
-        if not ok: self.failure_log.append(dict(conv_id=conv.id, failure_type=ftype, trajectory=traj))
+        if not ok:
+            self.failure_log.append(dict(conv_id=conv.id, failure_type=ftype, trajectory=traj))
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def checkpoint(self) -> Path:
         "Checkpoint bank, consensus engine, counters and completed conversations (§4.4)."
-        payload = dict(system=self.spec.name, seed=self.seed, n=self.n, ticks=self.ticks, bank=self.bank.snapshot(), engine=self.engine,
-                       stable_C=self.stable_C, turn_records=self.turn_records, conv_records=self.conv_records, failure_log=self.failure_log,
-                       done_ids=sorted(self.done_ids), counters=dict(rollbacks=self.rollbacks, consensus_rounds=self.consensus_rounds,
-                                                                      replacements=self.replacements, coordination_s=self.coordination_s))
+        payload = dict(
+            system=self.spec.name,
+            seed=self.seed,
+            n=self.n,
+            ticks=self.ticks,
+            bank=self.bank.snapshot(),
+            engine=self.engine,
+            stable_C=self.stable_C,
+            turn_records=self.turn_records,
+            conv_records=self.conv_records,
+            failure_log=self.failure_log,
+            done_ids=sorted(self.done_ids),
+            counters=dict(
+                rollbacks=self.rollbacks,
+                consensus_rounds=self.consensus_rounds,
+                replacements=self.replacements,
+                coordination_s=self.coordination_s,
+            ),
+        )
         return save_checkpoint(self.checkpoint_dir, self.ticks, payload, keep=self.cfg.runtime.checkpoints_kept)
 
     def resume(self) -> int:
         "Restore from the newest valid checkpoint in checkpoint_dir; return its iteration (0: none)."
-        if self.checkpoint_dir is None: return 0
+        if self.checkpoint_dir is None:
+            return 0
         got = load_latest_checkpoint(self.checkpoint_dir)
-        if got is None: return 0
+        if got is None:
+            return 0
         it, p = got
         for k, want in (("system", self.spec.name), ("seed", self.seed), ("n", self.n)):
-            if p[k] != want: raise ValueError(f"checkpoint: {k} is {p[k]!r}, this run has {want!r}")
-        self.bank.restore(p["bank"]); self.engine = p["engine"]; self.stable_C = p["stable_C"]
-        self.turn_records, self.conv_records, self.failure_log = list(p["turn_records"]), list(p["conv_records"]), list(p["failure_log"])
-        self.done_ids = set(p["done_ids"]); self.ticks = int(p["ticks"])
-        for k, v in p["counters"].items(): setattr(self, k, v)
+            if p[k] != want:
+                raise ValueError(f"checkpoint: {k} is {p[k]!r}, this run has {want!r}")
+        self.bank.restore(p["bank"])
+        self.engine = p["engine"]
+        self.stable_C = p["stable_C"]
+        self.turn_records, self.conv_records, self.failure_log = (
+            list(p["turn_records"]),
+            list(p["conv_records"]),
+            list(p["failure_log"]),
+        )
+        self.done_ids = set(p["done_ids"])
+        self.ticks = int(p["ticks"])
+        for k, v in p["counters"].items():
+            setattr(self, k, v)
         self._refresh_views()
         return it
 
@@ -894,21 +1397,27 @@ class Orchestrator:
         rng = np.random.default_rng([self.seed, self.ticks, 11])
         arrivals = np.cumsum(rng.exponential(1.0 / (self.arrivals_per_agent_s * self.n), len(todo)))
         self._open = len(todo)
-        for c, t in zip(todo, arrivals): self.env.process(self._conversation(c, float(t)))
+        for c, t in zip(todo, arrivals):
+            self.env.process(self._conversation(c, float(t)))
         self.pace_s = pace_s
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)   # tiny tensors: intra-op threads only add contention (measured: 100× slower sparse products on a busy 2-core box)
+        torch.set_num_threads(
+            1
+        )  # tiny tensors: intra-op threads only add contention (measured: 100× slower sparse products on a busy 2-core box)
         try:
-            if todo: self.env.run(until=self.env.process(self._loop_with_pace()))
+            if todo:
+                self.env.run(until=self.env.process(self._loop_with_pace()))
             self._final_update()
-        finally: torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
         return self.frames([c.id for c in conversations])
 
     def _loop_with_pace(self):
         "The control loop, optionally slowed down in wall-clock time (crash tests need time to kill it)."
         loop = self._control_loop()
         for ev in loop:
-            if self.pace_s: time.sleep(self.pace_s)
+            if self.pace_s:
+                time.sleep(self.pace_s)
             yield ev
 
     def frames(self, order: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -920,41 +1429,108 @@ class Orchestrator:
         if order is not None:
             pos = {c: i for i, c in enumerate(order)}
             convs = convs.sort_values("conv_id", key=lambda s: s.map(pos)).reset_index(drop=True)
-            turns = turns.sort_values(["conv_id", "turn"], key=lambda s: s.map(pos) if s.name == "conv_id" else s).reset_index(drop=True)
+            turns = turns.sort_values(
+                ["conv_id", "turn"], key=lambda s: s.map(pos) if s.name == "conv_id" else s
+            ).reset_index(drop=True)
         convs["failure_type"] = convs["failure_type"].astype(object).where(convs["failure_type"].notna(), None)
-        convs.attrs["run"] = dict(ticks=self.ticks, consensus_rounds=self.consensus_rounds, rollbacks=self.rollbacks,
-                                  replacements=self.replacements, coordination_s=self.coordination_s,
-                                  sim_time_s=getattr(self, "sim_time_s", float(self.env.now)), n_agents=self.n)
+        convs.attrs["run"] = dict(
+            ticks=self.ticks,
+            consensus_rounds=self.consensus_rounds,
+            rollbacks=self.rollbacks,
+            replacements=self.replacements,
+            coordination_s=self.coordination_s,
+            sim_time_s=getattr(self, "sim_time_s", float(self.env.now)),
+            n_agents=self.n,
+        )
         return turns, convs
 
-TURN_COLUMNS = ["system", "seed", "conv_id", "turn", "fsm_state", "agent", "specialist", "handoff", "prev_agent", "prev_response",
-                "response", "context_given", "service_ms", "overhead_ms", "clarification", "outcome"]
-CONV_COLUMNS = ["system", "seed", "conv_id", "task_type", "n_turns", "n_handoffs", "depth", "n_entities", "inference_steps",
-                "response_time_ms", "rule_success", "failure_type"]
+
+TURN_COLUMNS = [
+    "system",
+    "seed",
+    "conv_id",
+    "turn",
+    "fsm_state",
+    "agent",
+    "specialist",
+    "handoff",
+    "prev_agent",
+    "prev_response",
+    "response",
+    "context_given",
+    "service_ms",
+    "overhead_ms",
+    "clarification",
+    "outcome",
+]
+CONV_COLUMNS = [
+    "system",
+    "seed",
+    "conv_id",
+    "task_type",
+    "n_turns",
+    "n_handoffs",
+    "depth",
+    "n_entities",
+    "inference_steps",
+    "response_time_ms",
+    "rule_success",
+    "failure_type",
+]
+
 
 def classify_failure(resource: bool, context_lost: bool, low_skill: bool, first_fail_is_topic_shift: bool) -> str:
     "Failure type of a failed conversation by the documented rules, first match wins."
-    if resource: return "resource"
-    if context_lost: return "context_loss"
-    if low_skill: return "agent_selection"
-    if first_fail_is_topic_shift: return "topic_shift"
+    if resource:
+        return "resource"
+    if context_lost:
+        return "context_loss"
+    if low_skill:
+        return "agent_selection"
+    if first_fail_is_topic_shift:
+        return "topic_shift"
     return "ambiguous_query"
+
 
 def make_store(cfg: Config) -> StateStore:
     "The configured state store: in-memory (default) or Redis at cfg.runtime.redis_url."
-    if cfg.runtime.store == "memory": return MemoryStateStore()
+    if cfg.runtime.store == "memory":
+        return MemoryStateStore()
     return RedisStateStore(cfg.runtime.redis_url, timeout_s=cfg.runtime.redis_timeout_s)
 
-def run_conversations(conversations: list, system: str, cfg: Config, seed: int = 0, n_agents: int | None = None,
-                      ablation: dict | None = None, transition_model=None, store: StateStore | None = None,
-                      metrics: RuntimeMetrics | None = None, failure_rate: float = 0.0) -> tuple[pd.DataFrame, pd.DataFrame]:
+
+def run_conversations(
+    conversations: list,
+    system: str,
+    cfg: Config,
+    seed: int = 0,
+    n_agents: int | None = None,
+    ablation: dict | None = None,
+    transition_model=None,
+    store: StateStore | None = None,
+    metrics: RuntimeMetrics | None = None,
+    failure_rate: float = 0.0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Run the benchmark through the simulated orchestrator with `system`; return (turns_df, conversations_df)."
-    if not isinstance(conversations, (list, tuple)) or not conversations: raise ValueError("conversations: expected a non-empty list of synthetic.Conversation")
-    if not all(hasattr(c, "turns") and hasattr(c, "id") for c in conversations): raise ValueError("conversations: every item must be a synthetic.Conversation")
-    if len({c.id for c in conversations}) != len(conversations): raise ValueError("conversations: conversation ids must be unique")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0: raise ValueError(f"seed: expected an integer ≥ 0, got {seed!r}")
-    orch = Orchestrator(cfg, system, int(seed), n_agents, ablation, transition_model, store=store if store is not None else make_store(cfg), metrics=metrics,
-                        failure_rate=failure_rate)
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise ValueError("conversations: expected a non-empty list of synthetic.Conversation")
+    if not all(hasattr(c, "turns") and hasattr(c, "id") for c in conversations):
+        raise ValueError("conversations: every item must be a synthetic.Conversation")
+    if len({c.id for c in conversations}) != len(conversations):
+        raise ValueError("conversations: conversation ids must be unique")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected an integer ≥ 0, got {seed!r}")
+    orch = Orchestrator(
+        cfg,
+        system,
+        int(seed),
+        n_agents,
+        ablation,
+        transition_model,
+        store=store if store is not None else make_store(cfg),
+        metrics=metrics,
+        failure_rate=failure_rate,
+    )
     return orch.run(list(conversations))
 
 # %% ../nbs/07_runtime.ipynb #65244da5
@@ -967,34 +1543,49 @@ def recover_dead_agents(dispatcher: RedisDispatcher, bank, load) -> list[dict]:
         s = agent_stream(dispatcher.prefix, a)
         info = dispatcher.client.xinfo_groups(s)
         waiting = sum(int(g["pending"]) + int(g.get("lag") or 0) for g in info if g["name"] in (GROUP, GROUP.encode()))
-        if waiting == 0: continue
-        load.alive = load.alive.clone(); load.alive[:] = torch.from_numpy(alive).to(load.alive.device)
-        if bank.alive[a]: bank.remove_agents(torch.tensor([a], device=bank.device))
+        if waiting == 0:
+            continue
+        load.alive = load.alive.clone()
+        load.alive[:] = torch.from_numpy(alive).to(load.alive.device)
+        if bank.alive[a]:
+            bank.remove_agents(torch.tensor([a], device=bank.device))
         tasks = dispatcher.reclaim(a)
-        if not tasks: continue
+        if not tasks:
+            continue
         rep = int(replacement_for(a, bank, load))
         for t in tasks:
             dispatcher.submit(rep, t["task_id"], t["conv_id"], t["turn"], t["payload"], replaced_from=a)
             moved.append(dict(task_id=t["task_id"], failed=a, replacement=rep))
-        if dispatcher.metrics: dispatcher.metrics.replacements.inc()
+        if dispatcher.metrics:
+            dispatcher.metrics.replacements.inc()
     return moved
+
 
 def write_failure_log(failure_log: list[dict], path: str | Path) -> Path:
     "Failed conversations with their state trajectories (§4.4), one JSON object per line, written atomically."
     return _atomic_write(Path(path), lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in failure_log)))
 
+
 def orchestrator_main(argv: list[str] | None = None) -> int:
     "Run (or resume) a checkpointed simulated orchestrator over generated conversations; write CSVs to --out."
-    p = argparse.ArgumentParser(prog="rapo-orchestrator", description="Simulated RAPO orchestrator with checkpoints (resumes from --out).")
-    p.add_argument("--out", required=True); p.add_argument("--system", default="rapo", choices=list(SYSTEMS))
-    p.add_argument("--n-conversations", type=int, default=40); p.add_argument("--n-agents", type=int, default=None)
-    p.add_argument("--profile", default="quick"); p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(
+        prog="rapo-orchestrator", description="Simulated RAPO orchestrator with checkpoints (resumes from --out)."
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--system", default="rapo", choices=list(SYSTEMS))
+    p.add_argument("--n-conversations", type=int, default=40)
+    p.add_argument("--n-agents", type=int, default=None)
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=None, help="ticks between checkpoints (default: config)")
-    p.add_argument("--pace-s", type=float, default=0.0, help="wall-clock sleep per tick (lets a test kill the process mid-run)")
+    p.add_argument(
+        "--pace-s", type=float, default=0.0, help="wall-clock sleep per tick (lets a test kill the process mid-run)"
+    )
     a = p.parse_args(argv)
     over = {} if a.checkpoint_every is None else {"runtime.checkpoint_every": a.checkpoint_every}
     cfg = load_config(a.profile, overrides=over, seed=a.seed)
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     convs = generate_conversations(a.n_conversations, a.seed, cfg)
     orch = Orchestrator(cfg, a.system, a.seed, a.n_agents, checkpoint_dir=out / "checkpoints")
     start = orch.resume()
@@ -1002,7 +1593,9 @@ def orchestrator_main(argv: list[str] | None = None) -> int:
     turns, conv_df = orch.run(convs, pace_s=a.pace_s)
     orch.checkpoint()
     for name, df in (("turns", turns), ("conversations", conv_df)):
-        tmp = out / f".{name}.csv.tmp"; df.to_csv(tmp, index=False); os.replace(tmp, out / f"{name}.csv")
+        tmp = out / f".{name}.csv.tmp"
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, out / f"{name}.csv")
     write_failure_log(orch.failure_log, out / "failures.jsonl")
     print(f"finished conversations={len(conv_df)} ticks={orch.ticks}", flush=True)
     return 0
@@ -1010,19 +1603,29 @@ def orchestrator_main(argv: list[str] | None = None) -> int:
 # %% ../nbs/07_runtime.ipynb #5b927317
 class _FutureEvent:
     "Adapter letting the routing queue resolve an asyncio future like a simpy event."
-    def __init__(self, fut): self.fut = fut
+
+    def __init__(self, fut):
+        self.fut = fut
+
     def succeed(self, value):
-        if not self.fut.done(): self.fut.set_result(value)
+        if not self.fut.done():
+            self.fut.set_result(value)
+
 
 class LiveOrchestrator(Orchestrator):
     "Wall-clock asyncio orchestrator for live agents (`arespond`): `Orchestrator`'s tick and conversation process on another clock and turn source."
+
     # -- the clock: wall time, asyncio --
-    def _now(self) -> float: return time.monotonic() - self._t_start
-    def _sleep(self, seconds: float): return asyncio.sleep(seconds)
+    def _now(self) -> float:
+        return time.monotonic() - self._t_start
+
+    def _sleep(self, seconds: float):
+        return asyncio.sleep(seconds)
 
     def _spawn(self, process) -> None:
         task = asyncio.get_running_loop().create_task(self._drive(process))
-        self._background.add(task); task.add_done_callback(self._background.discard)   # the loop keeps only weak references
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)  # the loop keeps only weak references
 
     def _request(self, turn, rec: dict, failed: int = -1):
         fut = asyncio.get_running_loop().create_future()
@@ -1033,10 +1636,14 @@ class LiveOrchestrator(Orchestrator):
         "Run a process generator on asyncio: await each awaitable it yields and send the result back (exceptions thrown in)."
         value, error = None, None
         while True:
-            try: waiting = process.throw(error) if error is not None else process.send(value)
-            except StopIteration as stop: return stop.value
-            try: value, error = await waiting, None
-            except Exception as e: value, error = None, e
+            try:
+                waiting = process.throw(error) if error is not None else process.send(value)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                value, error = await waiting, None
+            except Exception as e:
+                value, error = None, e
 
     # -- the turn: a live agent's answer, in its own time --
     def _serve(self, target: int, memory: list[str], context: str, turn, rng: np.random.Generator):

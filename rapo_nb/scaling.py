@@ -13,8 +13,18 @@ import numpy as np
 import pandas as pd
 import psutil
 import torch
-from .config import (load_config, Config, save_table, save_figure, results_dir, project_root,
-                            PAPER_TABLE2, PAPER_MEMORY_LAW_GB, PAPER_CLAIMS, SPECIALISTS)
+from rapo_nb.config import (
+    load_config,
+    Config,
+    save_table,
+    save_figure,
+    results_dir,
+    project_root,
+    PAPER_TABLE2,
+    PAPER_MEMORY_LAW_GB,
+    PAPER_CLAIMS,
+    SPECIALISTS,
+)
 
 # %% auto #0
 __all__ = ['GB', 'MB', 'TICK_ROUTING_BATCH', 'OPTIMISATION_AGENTS', 'BENCH_THREADS', 'GOALS', 'PAPER_MEMORY_SAVING',
@@ -33,12 +43,26 @@ __all__ = ['GB', 'MB', 'TICK_ROUTING_BATCH', 'OPTIMISATION_AGENTS', 'BENCH_THREA
 GB = 1e9  # the paper's "GB" read as 10^9 bytes
 MB = 1e6
 TICK_ROUTING_BATCH = 1024  # routing decisions (and capability updates) per control-loop tick (ours; §3.5 gives no rate)
-OPTIMISATION_AGENTS = 10_000  # agents at which the §4.5 optimisations are measured (large enough that RSS is not allocator noise)
+OPTIMISATION_AGENTS = (
+    10_000  # agents at which the §4.5 optimisations are measured (large enough that RSS is not allocator noise)
+)
 BENCH_THREADS = 2  # torch threads during measurements (the goals are for 2 cores)
 GOALS = dict(rss_1000_mb=100.0, machine_gb=24.0, tick_100k_ms=100.0)  # project targets (issue 9), not paper numbers
 PAPER_MEMORY_SAVING = PAPER_CLAIMS["memory_saving_fraction"]  # §4.5: "approximately 40%"
-COUNT_COLUMNS = ("agents", "messages", "scheduler_reads", "n_edges", "histories", "turns", "handoffs", "conversations", "threads",
-                 "batch", "reads_per_decision")
+COUNT_COLUMNS = (
+    "agents",
+    "messages",
+    "scheduler_reads",
+    "n_edges",
+    "histories",
+    "turns",
+    "handoffs",
+    "conversations",
+    "threads",
+    "batch",
+    "reads_per_decision",
+)
+
 
 def table_floatfmt(df: pd.DataFrame, fmt: str = ".4g") -> tuple:
     "Per-column Markdown number formats: counts as whole numbers, everything else as `fmt`."
@@ -50,51 +74,79 @@ def rss_bytes(trim: bool = True) -> int:
     if trim:
         gc.collect()
         if sys.platform.startswith("linux"):
-            try: ctypes.CDLL("libc.so.6").malloc_trim(0)   # free()d memory the allocator still caches is not the state's footprint
-            except OSError: pass
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(
+                    0
+                )  # free()d memory the allocator still caches is not the state's footprint
+            except OSError:
+                pass
     return psutil.Process().memory_info().rss
+
 
 def peak_rss_bytes() -> int:
     "Peak resident set size of this process so far, in bytes (Linux reports KiB)."
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(kb * (1 if sys.platform == "darwin" else 1024))
 
+
 def cpu_seconds() -> float:
     "User + system CPU seconds of this process (all threads) so far, at nanosecond resolution (psutil's cpu_times counts 10 ms clock ticks)."
     return time.process_time()
 
+
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
     "Run `fn` `warmup` + `repeats` times; median and all wall seconds of the timed runs, and CPU time / wall time over them."
-    if not isinstance(repeats, int) or repeats < 1: raise ValueError(f"repeats: expected an integer ≥ 1, got {repeats!r}")
-    if warmup < 0: raise ValueError(f"warmup: expected ≥ 0, got {warmup!r}")
-    for _ in range(warmup): fn()
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats: expected an integer ≥ 1, got {repeats!r}")
+    if warmup < 0:
+        raise ValueError(f"warmup: expected ≥ 0, got {warmup!r}")
+    for _ in range(warmup):
+        fn()
     walls, c0, w0 = [], cpu_seconds(), time.perf_counter()
     for _ in range(repeats):
-        t = time.perf_counter(); fn(); walls.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t)
     wall, cpu = time.perf_counter() - w0, cpu_seconds() - c0
-    return dict(median_s=float(np.median(walls)), times_s=walls, cpu_s=cpu, wall_s=wall,
-                cpu_util=cpu / wall if wall > 0 else float("nan"))
+    return dict(
+        median_s=float(np.median(walls)),
+        times_s=walls,
+        cpu_s=cpu,
+        wall_s=wall,
+        cpu_util=cpu / wall if wall > 0 else float("nan"),
+    )
+
 
 def tensor_bytes(*objs: Any) -> int:
     "Bytes of the distinct tensor storages reachable from `objs` (attributes, dicts, lists; each storage counted once)."
     seen, total, stack, visited = set(), 0, list(objs), set()
     while stack:
         o = stack.pop()
-        if id(o) in visited: continue
+        if id(o) in visited:
+            continue
         visited.add(id(o))
         if isinstance(o, torch.Tensor) and o.layout == torch.sparse_csr:
             stack.extend([o.crow_indices(), o.col_indices(), o.values()])
         elif isinstance(o, torch.Tensor) and o.layout == torch.sparse_coo:
             stack.extend([o._indices(), o._values()])
         elif isinstance(o, torch.Tensor):
-            s = o.untyped_storage(); key = (s.data_ptr(), s.nbytes())
-            if key not in seen: seen.add(key); total += s.nbytes()
+            s = o.untyped_storage()
+            key = (s.data_ptr(), s.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += s.nbytes()
         elif isinstance(o, np.ndarray):
             base = o if o.base is None else o.base
-            if isinstance(base, np.ndarray) and id(base) not in seen: seen.add(id(base)); total += base.nbytes
-        elif isinstance(o, dict): stack.extend(o.values())
-        elif isinstance(o, (list, tuple, set)): stack.extend(o)
-        elif hasattr(o, "__dict__") and not isinstance(o, (type, types.ModuleType, types.FunctionType, types.MethodType)):
+            if isinstance(base, np.ndarray) and id(base) not in seen:
+                seen.add(id(base))
+                total += base.nbytes
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__") and not isinstance(
+            o, (type, types.ModuleType, types.FunctionType, types.MethodType)
+        ):
             stack.extend(vars(o).values())
     return total
 
@@ -102,56 +154,86 @@ def tensor_bytes(*objs: Any) -> int:
 def season_bank(bank, cfg: Config, seed: int = 0):
     "Give every agent one seeded outcome (random task, modality, success), so capabilities differ as in a running system."
     n = bank.n
-    if n == 0: return bank
+    if n == 0:
+        return bank
     w = tick_batch(n, cfg, batch=n, seed=seed + 1, device=bank.device)
     return bank.update_capability(torch.arange(n, device=bank.device), w["task"], w["modality"], w["outcome"])
 
-def build_deployment(n: int, cfg: Config, seed: int = 0, device: str | torch.device = "cpu",
-                     topology: str | None = None) -> dict:
+
+def build_deployment(
+    n: int, cfg: Config, seed: int = 0, device: str | torch.device = "cpu", topology: str | None = None
+) -> dict:
     "The orchestrator's in-memory state for `n` agents: state bank, topology, consensus engine, load and router."
     from rapo_nb.state import StateBank
     from rapo_nb.consensus import make_topology, ConsensusEngine
     from rapo_nb.routing import AgentLoad, make_router
-    if not isinstance(n, (int, np.integer)) or n < 2: raise ValueError(f"n: expected an integer ≥ 2 agents, got {n!r}")
+
+    if not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n: expected an integer ≥ 2 agents, got {n!r}")
     dev = torch.device(device)
     bank = season_bank(StateBank.create(int(n), cfg, device=dev, seed=seed), cfg, seed)
     kind = topology or cfg.consensus.topology
     topo = make_topology(kind, int(n), degree=min(cfg.consensus.degree, int(n) - 1), seed=seed, device=dev)
-    engine = ConsensusEngine(cfg, topo, dev, reuse_buffers=True)   # the orchestrator owns P: steps write into reused buffers
+    engine = ConsensusEngine(
+        cfg, topo, dev, reuse_buffers=True
+    )  # the orchestrator owns P: steps write into reused buffers
     zeros = torch.zeros(int(n), device=dev)
-    load = AgentLoad(active=zeros.clone(), pending=zeros.clone(), utilisation=zeros.clone(),
-                     alive=torch.ones(int(n), dtype=torch.bool, device=dev))
+    load = AgentLoad(
+        active=zeros.clone(),
+        pending=zeros.clone(),
+        utilisation=zeros.clone(),
+        alive=torch.ones(int(n), dtype=torch.bool, device=dev),
+    )
     router = make_router("rapo", cfg, seed)
     return dict(n=int(n), topology=kind, bank=bank, topo=topo, engine=engine, load=load, router=router)
+
 
 def activate_contexts(bank, share: float, seed: int = 0, chunk: int = 4096) -> int:
     """A running deployment's steady state: every agent has been in a conversation once (its C written), and the first
     `share` of the agents are in one now (their C kept; the others' released). Returns how many are active."""
-    if not 0.0 <= share <= 1.0: raise ValueError(f"share: expected a share in [0, 1], got {share!r}")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share: expected a share in [0, 1], got {share!r}")
     n, k = bank.n, int(round(share * bank.n))
-    if k == 0: return 0
+    if k == 0:
+        return 0
     g = torch.Generator().manual_seed(seed)
-    if bank.lazy:                    # released contexts leave no rows behind: only the active agents' rows exist
-        bank.set_rows("C", torch.arange(k, device=bank.device), torch.rand(k, bank.C.shape[1], generator=g).to(bank.device, bank.C.dtype))
+    if bank.lazy:  # released contexts leave no rows behind: only the active agents' rows exist
+        bank.set_rows(
+            "C",
+            torch.arange(k, device=bank.device),
+            torch.rand(k, bank.C.shape[1], generator=g).to(bank.device, bank.C.dtype),
+        )
         return k
-    for start in range(0, n, chunk):  # a dense bank holds every row already: written in place (small chunks: no big transients)
+    for start in range(
+        0, n, chunk
+    ):  # a dense bank holds every row already: written in place (small chunks: no big transients)
         stop = min(n, start + chunk)
         bank.C[start:stop] = torch.rand(stop - start, bank.C.shape[1], generator=g).to(bank.device, bank.C.dtype)
-    bank.C[k:] = 0.0                  # released rows of a dense bank stay allocated (and resident)
+    bank.C[k:] = 0.0  # released rows of a dense bank stay allocated (and resident)
     return k
+
 
 def tick_requests(n: int, batch: int = TICK_ROUTING_BATCH) -> int:
     "Requests in one tick: `batch`, but at most one new request per agent (small deployments are not flooded)."
     return max(1, min(int(batch), int(n)))
 
-def tick_batch(n: int, cfg: Config, batch: int = TICK_ROUTING_BATCH, seed: int = 0, device: str | torch.device = "cpu") -> dict:
+
+def tick_batch(
+    n: int, cfg: Config, batch: int = TICK_ROUTING_BATCH, seed: int = 0, device: str | torch.device = "cpu"
+) -> dict:
     "One tick's seeded work: `batch` outcomes (agent, task, modality, outcome) and `batch` routing requests."
-    if batch < 1: raise ValueError(f"batch: expected ≥ 1, got {batch!r}")
+    if batch < 1:
+        raise ValueError(f"batch: expected ≥ 1, got {batch!r}")
     g = torch.Generator().manual_seed(seed)
     m, l = cfg.state.n_tasks, cfg.state.n_modalities
-    out = dict(agent=torch.randint(0, n, (batch,), generator=g), task=torch.randint(0, m, (batch,), generator=g),
-               modality=torch.randint(0, l, (batch,), generator=g), outcome=(torch.rand(batch, generator=g) < 0.8).float())
+    out = dict(
+        agent=torch.randint(0, n, (batch,), generator=g),
+        task=torch.randint(0, m, (batch,), generator=g),
+        modality=torch.randint(0, l, (batch,), generator=g),
+        outcome=(torch.rand(batch, generator=g) < 0.8).float(),
+    )
     return {k: v.to(device) for k, v in out.items()}
+
 
 def control_tick(dep: dict, work: dict) -> dict:
     "One control-loop tick in the paper's order (state update → consensus → routing); seconds spent in each phase."
@@ -162,82 +244,143 @@ def control_tick(dep: dict, work: dict) -> dict:
     t2 = time.perf_counter()
     chosen = dep["router"].select(work["task"], work["modality"], dep["bank"], dep["load"])
     t3 = time.perf_counter()
-    if chosen.shape != work["task"].shape: raise RuntimeError(f"router returned shape {tuple(chosen.shape)}")
+    if chosen.shape != work["task"].shape:
+        raise RuntimeError(f"router returned shape {tuple(chosen.shape)}")
     return dict(state_s=t1 - t0, consensus_s=t2 - t1, routing_s=t3 - t2, tick_s=t3 - t0)
 
 # %% ../nbs/11_scaling.ipynb #0426d75f
-def measure_size(n: int, profile: str = "quick", seed: int = 0, repeats: int | None = None, ticks: bool = True,
-                 overrides: dict | None = None, histories: int = 0, prune_history: bool = False,
-                 threads: int = BENCH_THREADS, batch: int = TICK_ROUTING_BATCH, active_share: float = 0.0) -> dict:
+def measure_size(
+    n: int,
+    profile: str = "quick",
+    seed: int = 0,
+    repeats: int | None = None,
+    ticks: bool = True,
+    overrides: dict | None = None,
+    histories: int = 0,
+    prune_history: bool = False,
+    threads: int = BENCH_THREADS,
+    batch: int = TICK_ROUTING_BATCH,
+    active_share: float = 0.0,
+) -> dict:
     "Build a deployment of `n` agents in this process; RSS delta, tensor bytes, tick phase times and CPU utilisation."
     torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     cfg = load_config(profile, seed=seed, device="cpu", overrides=overrides or {})
     repeats = cfg.scaling.repeats if repeats is None else repeats
     import rapo_nb.state, rapo_nb.consensus, rapo_nb.routing  # imports and one-off caches are not the deployment's memory
-    if histories: import rapo_nb.synthetic; build_history_store(1, cfg, seed=seed)
-    warm = build_deployment(2, cfg, seed=seed); control_tick(warm, tick_batch(2, cfg, batch=2, seed=seed)); del warm
-    gc.collect(); rss0 = rss_bytes()
-    t = time.perf_counter(); dep = build_deployment(n, cfg, seed=seed); build_s = time.perf_counter() - t
+
+    if histories:
+        import rapo_nb.synthetic
+
+        build_history_store(1, cfg, seed=seed)
+    warm = build_deployment(2, cfg, seed=seed)
+    control_tick(warm, tick_batch(2, cfg, batch=2, seed=seed))
+    del warm
+    gc.collect()
+    rss0 = rss_bytes()
+    t = time.perf_counter()
+    dep = build_deployment(n, cfg, seed=seed)
+    build_s = time.perf_counter() - t
     store = build_history_store(histories, cfg, seed=seed, prune=prune_history) if histories else []
     contexts = activate_contexts(dep["bank"], active_share, seed)
-    gc.collect(); rss1 = rss_bytes()
-    res = dict(agents=int(n), threads=torch.get_num_threads(), build_s=build_s, rss_base_mb=rss0 / MB,
-               rss_built_mb=(rss1 - rss0) / MB, tensor_mb=tensor_bytes(dep) / MB, bank_mb=dep["bank"].nbytes() / MB,
-               history_mb=history_bytes(store) / MB, histories=len(store), contexts=contexts,
-               n_edges=int(dep["topo"].n_edges))
+    gc.collect()
+    rss1 = rss_bytes()
+    res = dict(
+        agents=int(n),
+        threads=torch.get_num_threads(),
+        build_s=build_s,
+        rss_base_mb=rss0 / MB,
+        rss_built_mb=(rss1 - rss0) / MB,
+        tensor_mb=tensor_bytes(dep) / MB,
+        bank_mb=dep["bank"].nbytes() / MB,
+        history_mb=history_bytes(store) / MB,
+        histories=len(store),
+        contexts=contexts,
+        n_edges=int(dep["topo"].n_edges),
+    )
     if ticks:
         work = tick_batch(n, cfg, batch=tick_requests(n, batch), seed=seed)
         phases = []
         r = timed(lambda: phases.append(control_tick(dep, work)), repeats=repeats, warmup=1)
         ph = pd.DataFrame(phases[1:])  # drop the warm-up tick
-        res.update(tick_ms=1e3 * r["median_s"], state_ms=1e3 * ph.state_s.median(), consensus_ms=1e3 * ph.consensus_s.median(),
-                   routing_ms=1e3 * ph.routing_s.median(), cpu_pct=100 * r["cpu_util"] / torch.get_num_threads(),
-                   consensus_share=float((ph.consensus_s / ph.tick_s).median()),
-                   loop_load_pct=100 * r["median_s"] * 1e3 / cfg.runtime.tick_ms)
-    gc.collect(); rss2 = rss_bytes()
+        res.update(
+            tick_ms=1e3 * r["median_s"],
+            state_ms=1e3 * ph.state_s.median(),
+            consensus_ms=1e3 * ph.consensus_s.median(),
+            routing_ms=1e3 * ph.routing_s.median(),
+            cpu_pct=100 * r["cpu_util"] / torch.get_num_threads(),
+            consensus_share=float((ph.consensus_s / ph.tick_s).median()),
+            loop_load_pct=100 * r["median_s"] * 1e3 / cfg.runtime.tick_ms,
+        )
+    gc.collect()
+    rss2 = rss_bytes()
     res.update(rss_delta_mb=(max(rss1, rss2) - rss0) / MB, peak_rss_mb=peak_rss_bytes() / MB)
     return res
 
+
 _FORK_CONTEXT = None
+
 
 def _fork_context():
     "A forkserver context whose server has imported rapo_nb.scaling (and torch) once; every child starts fresh from it."
     global _FORK_CONTEXT
     if _FORK_CONTEXT is None:
         import multiprocessing as mp
-        ctx = mp.get_context("forkserver"); ctx.set_forkserver_preload(["rapo_nb.scaling", "rapo_nb.state", "rapo_nb.consensus", "rapo_nb.routing", "rapo_nb.synthetic"]); _FORK_CONTEXT = ctx
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(
+            ["rapo_nb.scaling", "rapo_nb.state", "rapo_nb.consensus", "rapo_nb.routing", "rapo_nb.synthetic"]
+        )
+        _FORK_CONTEXT = ctx
     return _FORK_CONTEXT
+
 
 def _measure_child(conn, n: int, kw: dict) -> None:
     "Child body: run `measure_size` and send ('ok', result) or ('error', message) back."
-    try: conn.send(("ok", measure_size(n, **kw)))
-    except BaseException as e: conn.send(("error", f"{type(e).__name__}: {e}"))
-    finally: conn.close()
+    try:
+        conn.send(("ok", measure_size(n, **kw)))
+    except BaseException as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
 
 def measure_size_subprocess(n: int, timeout: float = 900.0, **kw) -> dict:
     "Run `measure_size(n, **kw)` in a fresh child process (so sizes never share an allocator) and return its result."
     from rapo_nb import scaling  # the exported functions (a notebook's own definitions cannot be sent to a child)
+
     ctx = _fork_context()
     recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=scaling._measure_child, args=(send, int(n), kw), daemon=True); p.start(); send.close()
+    p = ctx.Process(target=scaling._measure_child, args=(send, int(n), kw), daemon=True)
+    p.start()
+    send.close()
     try:
         if not recv.poll(timeout):
-            p.kill(); p.join(); raise RuntimeError(f"measure_size(n={n}) did not finish within {timeout:.0f} s")
-        try: status, payload = recv.recv()
-        except EOFError: status, payload = "error", "the child process died without a result (out of memory?)"
+            p.kill()
+            p.join()
+            raise RuntimeError(f"measure_size(n={n}) did not finish within {timeout:.0f} s")
+        try:
+            status, payload = recv.recv()
+        except EOFError:
+            status, payload = "error", "the child process died without a result (out of memory?)"
     finally:
-        p.join(timeout=30); recv.close()
-    if status != "ok": raise RuntimeError(f"measure_size(n={n}) failed in its child process (exit {p.exitcode}): {payload}")
+        p.join(timeout=30)
+        recv.close()
+    if status != "ok":
+        raise RuntimeError(f"measure_size(n={n}) failed in its child process (exit {p.exitcode}): {payload}")
     return payload
 
 # %% ../nbs/11_scaling.ipynb #5cca3d98
 HISTORY_POOL = 50  # distinct synthetic conversations generated for a history store (texts are copied per conversation)
 
+
 def build_history_store(n_conversations: int, cfg: Config, seed: int = 0, prune: bool = False) -> list[list[str]]:
     "Turn texts of `n_conversations` active conversations (own string copies), pruned to the last history_turns if `prune`."
     from rapo_nb.synthetic import generate_conversations
-    if n_conversations < 0: raise ValueError(f"n_conversations: expected ≥ 0, got {n_conversations!r}")
-    if n_conversations == 0: return []
+
+    if n_conversations < 0:
+        raise ValueError(f"n_conversations: expected ≥ 0, got {n_conversations!r}")
+    if n_conversations == 0:
+        return []
     pool = generate_conversations(min(n_conversations, HISTORY_POOL), seed, cfg)
     keep = cfg.state.history_turns
     store = []
@@ -247,17 +390,28 @@ def build_history_store(n_conversations: int, cfg: Config, seed: int = 0, prune:
         store.append([t.text.encode().decode() for t in turns])  # a fresh copy: conversations do not share strings
     return store
 
+
 def history_bytes(store: list[list[str]]) -> int:
     "Python-object bytes of a history store (lists and strings)."
-    return sum(sys.getsizeof(h) + sum(sys.getsizeof(s) for s in h) for h in store) + (sys.getsizeof(store) if store else 0)
+    return sum(sys.getsizeof(h) + sum(sys.getsizeof(s) for s in h) for h in store) + (
+        sys.getsizeof(store) if store else 0
+    )
 
 # %% ../nbs/11_scaling.ipynb #fbeb3632
-def scaling_sweep(agent_counts: Iterable[int], profile: str = "quick", seed: int = 0, repeats: int | None = None,
-                  progress: bool = True, **kw) -> pd.DataFrame:
+def scaling_sweep(
+    agent_counts: Iterable[int],
+    profile: str = "quick",
+    seed: int = 0,
+    repeats: int | None = None,
+    progress: bool = True,
+    **kw,
+) -> pd.DataFrame:
     "Measure every agent count in a fresh subprocess; one row per count."
     from tqdm.auto import tqdm
+
     counts = [int(n) for n in agent_counts]
-    if not counts: raise ValueError("agent_counts: expected at least one count")
+    if not counts:
+        raise ValueError("agent_counts: expected at least one count")
     rows = []
     for n in tqdm(counts, desc="agents", disable=not progress):
         rows.append(measure_size_subprocess(n, profile=profile, seed=seed, repeats=repeats, **kw))
@@ -266,13 +420,19 @@ def scaling_sweep(agent_counts: Iterable[int], profile: str = "quick", seed: int
 # %% ../nbs/11_scaling.ipynb #fa947724
 def fit_memory_law(agents: Iterable[float], memory_gb: Iterable[float]) -> dict:
     "Least-squares M(n) = a + b·n: intercept a (GB), slope b (GB per agent), R² of the fit."
-    n = np.asarray(list(agents), dtype=float); m = np.asarray(list(memory_gb), dtype=float)
-    if n.shape != m.shape: raise ValueError(f"memory_gb: expected {n.shape[0]} values (one per agent count), got {m.shape[0]}")
-    if len(np.unique(n)) < 2: raise ValueError("agents: need at least two distinct agent counts to fit a line")
-    if not (np.isfinite(n).all() and np.isfinite(m).all()): raise ValueError("memory_gb: values must be finite")
+    n = np.asarray(list(agents), dtype=float)
+    m = np.asarray(list(memory_gb), dtype=float)
+    if n.shape != m.shape:
+        raise ValueError(f"memory_gb: expected {n.shape[0]} values (one per agent count), got {m.shape[0]}")
+    if len(np.unique(n)) < 2:
+        raise ValueError("agents: need at least two distinct agent counts to fit a line")
+    if not (np.isfinite(n).all() and np.isfinite(m).all()):
+        raise ValueError("memory_gb: values must be finite")
     b, a = np.polyfit(n, m, 1)
-    pred = a + b * n; ss = ((m - m.mean()) ** 2).sum()
+    pred = a + b * n
+    ss = ((m - m.mean()) ** 2).sum()
     return dict(a_gb=float(a), b_gb_per_agent=float(b), r2=float(1 - ((m - pred) ** 2).sum() / ss) if ss > 0 else 1.0)
+
 
 def memory_law(n: float | np.ndarray, law: dict | tuple) -> float | np.ndarray:
     "Evaluate a fitted law (dict from `fit_memory_law`) or the paper's (a, b) tuple at `n` agents, in GB."
@@ -282,18 +442,25 @@ def memory_law(n: float | np.ndarray, law: dict | tuple) -> float | np.ndarray:
 # %% ../nbs/11_scaling.ipynb #9a6fcfaa
 SUCCESS_CONVERSATIONS = {"quick": 40, "full": 200}  # conversations per agent count for the success rate (ours)
 
-def success_at_scale(agent_counts: Iterable[int], cfg: Config, seed: int = 0, n_conversations: int = 40,
-                     progress: bool = True) -> pd.DataFrame:
+
+def success_at_scale(
+    agent_counts: Iterable[int], cfg: Config, seed: int = 0, n_conversations: int = 40, progress: bool = True
+) -> pd.DataFrame:
     "Rule success rate (simulated agents) and coordination-overhead share for each agent count, via run_conversations."
     from tqdm.auto import tqdm
-    if n_conversations < 1: raise ValueError(f"n_conversations: expected ≥ 1, got {n_conversations!r}")
-    empty = pd.DataFrame(columns=["agents", "conversations", "success_simulated", "overhead_share", "overhead_ms_per_turn", "wall_s"])
+
+    if n_conversations < 1:
+        raise ValueError(f"n_conversations: expected ≥ 1, got {n_conversations!r}")
+    empty = pd.DataFrame(
+        columns=["agents", "conversations", "success_simulated", "overhead_share", "overhead_ms_per_turn", "wall_s"]
+    )
     try:
         from rapo_nb.synthetic import generate_conversations
         from rapo_nb.runtime import run_conversations
         import rapo_nb.agents  # run_conversations drives the simulated agents of notebook 06
     except ImportError as e:  # a checkout without the runtime's pieces: say so, measure the rest
-        print(f"run_conversations is not available ({e}): success rate not measured"); return empty
+        print(f"run_conversations is not available ({e}): success rate not measured")
+        return empty
     convs = generate_conversations(n_conversations, seed, cfg)
     rows = []
     for n in tqdm([int(n) for n in agent_counts], desc="success", disable=not progress):
@@ -301,27 +468,42 @@ def success_at_scale(agent_counts: Iterable[int], cfg: Config, seed: int = 0, n_
         turns, conv = run_conversations(convs, "rapo", cfg, seed, n_agents=n)
         wall = time.perf_counter() - t
         over, serv = turns.overhead_ms.sum(), turns.service_ms.sum()
-        rows.append(dict(agents=n, conversations=len(conv), success_simulated=float(conv.rule_success.mean()),
-                         overhead_share=float(over / (over + serv)) if over + serv > 0 else float("nan"),
-                         overhead_ms_per_turn=float(turns.overhead_ms.mean()), wall_s=wall))
+        rows.append(
+            dict(
+                agents=n,
+                conversations=len(conv),
+                success_simulated=float(conv.rule_success.mean()),
+                overhead_share=float(over / (over + serv)) if over + serv > 0 else float("nan"),
+                overhead_ms_per_turn=float(turns.overhead_ms.mean()),
+                wall_s=wall,
+            )
+        )
     return pd.DataFrame(rows)
 
 # %% ../nbs/11_scaling.ipynb #4cca5bd5
 TABLE2_PAPER_COLUMNS = {"memory_gb": "paper: memory (GB)", "cpu_pct": "paper: CPU (%)", "success": "paper: success"}
 
+
 def build_table2(sweep: pd.DataFrame, success: pd.DataFrame | None = None, paper: dict | None = None) -> pd.DataFrame:
     "Table 2: our measurements per agent count, with the paper's rows in columns labelled 'paper' (empty where it has none)."
     paper = PAPER_TABLE2 if paper is None else paper
     need = {"agents", "rss_delta_mb", "tensor_mb", "cpu_pct", "tick_ms", "consensus_share"}
-    if missing := need - set(sweep.columns): raise ValueError(f"sweep: missing columns {sorted(missing)}")
+    if missing := need - set(sweep.columns):
+        raise ValueError(f"sweep: missing columns {sorted(missing)}")
     counts = sorted(set(int(n) for n in sweep.agents) | set(int(n) for n in paper))
     t = pd.DataFrame(dict(agents=counts))
     for key, col in TABLE2_PAPER_COLUMNS.items():
         t[col] = [paper[n][key] if n in paper else np.nan for n in counts]
     s = sweep.set_index(sweep.agents.astype(int))
-    ours = {"ours: RSS delta (MB)": "rss_delta_mb", "ours: tensors (MB)": "tensor_mb", "ours: CPU (% of cores)": "cpu_pct",
-            "ours: tick (ms)": "tick_ms", "ours: consensus share of tick": "consensus_share"}
-    for col, src in ours.items(): t[col] = [s[src].get(n, np.nan) for n in counts]
+    ours = {
+        "ours: RSS delta (MB)": "rss_delta_mb",
+        "ours: tensors (MB)": "tensor_mb",
+        "ours: CPU (% of cores)": "cpu_pct",
+        "ours: tick (ms)": "tick_ms",
+        "ours: consensus share of tick": "consensus_share",
+    }
+    for col, src in ours.items():
+        t[col] = [s[src].get(n, np.nan) for n in counts]
     if success is not None and len(success):
         u = success.set_index(success.agents.astype(int))
         t["ours: success (simulated)"] = [u.success_simulated.get(n, np.nan) for n in counts]
@@ -331,109 +513,199 @@ def build_table2(sweep: pd.DataFrame, success: pd.DataFrame | None = None, paper
 # %% ../nbs/11_scaling.ipynb #4d416a24
 COMM_SCHEMES = ("complete", "sparse", "log_degree", "two_level_pools", "two_level_sqrt")
 
+
 def pool_sizes(n: int, k: int) -> np.ndarray:
     "Sizes of k pools splitting n agents as evenly as possible."
-    if n < 1 or k < 1: raise ValueError(f"n, k: expected ≥ 1, got n={n!r}, k={k!r}")
-    k = min(k, n); return np.full(k, n // k) + (np.arange(k) < n % k)
+    if n < 1 or k < 1:
+        raise ValueError(f"n, k: expected ≥ 1, got n={n!r}, k={k!r}")
+    k = min(k, n)
+    return np.full(k, n // k) + (np.arange(k) < n % k)
+
 
 def messages_per_tick(scheme: str, n: int, degree: int = 8, n_pools: int = 3) -> int:
     "Consensus messages per tick (one per directed edge) for a communication `scheme` over `n` agents."
-    if n < 1: raise ValueError(f"n: expected ≥ 1, got {n!r}")
-    if scheme == "complete": return n * (n - 1)
-    if scheme == "sparse": return n * min(degree, n - 1)
-    if scheme == "log_degree": return n * min(max(1, math.ceil(math.log2(n))), n - 1) if n > 1 else 0
+    if n < 1:
+        raise ValueError(f"n: expected ≥ 1, got {n!r}")
+    if scheme == "complete":
+        return n * (n - 1)
+    if scheme == "sparse":
+        return n * min(degree, n - 1)
+    if scheme == "log_degree":
+        return n * min(max(1, math.ceil(math.log2(n))), n - 1) if n > 1 else 0
     if scheme in ("two_level_pools", "two_level_sqrt"):
         k = n_pools if scheme == "two_level_pools" else math.ceil(math.sqrt(n))
-        s = pool_sizes(n, k); return int((s * (s - 1)).sum() + len(s) * (len(s) - 1))
+        s = pool_sizes(n, k)
+        return int((s * (s - 1)).sum() + len(s) * (len(s) - 1))
     raise ValueError(f"scheme: {scheme!r} is not one of {COMM_SCHEMES}")
+
 
 def scheduler_reads(scheme: str, n: int, n_pools: int = 3) -> int:
     "Agent-load reads per routing decision: flat routing reads all n; two-level reads k pool summaries plus one pool."
     if scheme in ("two_level_pools", "two_level_sqrt"):
         k = n_pools if scheme == "two_level_pools" else math.ceil(math.sqrt(n))
-        s = pool_sizes(n, k); return int(len(s) + s.max())
-    if scheme not in COMM_SCHEMES: raise ValueError(f"scheme: {scheme!r} is not one of {COMM_SCHEMES}")
+        s = pool_sizes(n, k)
+        return int(len(s) + s.max())
+    if scheme not in COMM_SCHEMES:
+        raise ValueError(f"scheme: {scheme!r} is not one of {COMM_SCHEMES}")
     return n
+
 
 def communication_table(agent_counts: Iterable[int], cfg: Config) -> pd.DataFrame:
     "Messages and megabytes per tick, and scheduler reads per decision, for every scheme and agent count."
     bytes_per_msg = 4 * cfg.state.prompt_dim
-    rows = [dict(agents=n, scheme=s, messages=messages_per_tick(s, n, cfg.consensus.degree, cfg.routing.n_pools),
-                 scheduler_reads=scheduler_reads(s, n, cfg.routing.n_pools)) for n in agent_counts for s in COMM_SCHEMES]
-    df = pd.DataFrame(rows); df["mb_per_tick"] = df.messages * bytes_per_msg / MB
+    rows = [
+        dict(
+            agents=n,
+            scheme=s,
+            messages=messages_per_tick(s, n, cfg.consensus.degree, cfg.routing.n_pools),
+            scheduler_reads=scheduler_reads(s, n, cfg.routing.n_pools),
+        )
+        for n in agent_counts
+        for s in COMM_SCHEMES
+    ]
+    df = pd.DataFrame(rows)
+    df["mb_per_tick"] = df.messages * bytes_per_msg / MB
     return df
 
 # %% ../nbs/11_scaling.ipynb #1c2b2046
-SCHEDULER_COUNTS = {"quick": (1000, 10_000), "full": (1000, 10_000, 100_000)}  # agent counts for the scheduler timing (ours)
+SCHEDULER_COUNTS = {
+    "quick": (1000, 10_000),
+    "full": (1000, 10_000, 100_000),
+}  # agent counts for the scheduler timing (ours)
 
-def scheduler_timing(agent_counts: Iterable[int], cfg: Config, seed: int = 0, repeats: int = 3,
-                     batch: int = TICK_ROUTING_BATCH) -> pd.DataFrame:
+
+def scheduler_timing(
+    agent_counts: Iterable[int], cfg: Config, seed: int = 0, repeats: int = 3, batch: int = TICK_ROUTING_BATCH
+) -> pd.DataFrame:
     "Median ms per batch of routing decisions: flat RAPO router vs the two-level scheduler (§4.5), same bank and load."
     from rapo_nb.state import StateBank
     from rapo_nb.routing import AgentLoad, TwoLevelScheduler, make_router, pools_by_strength
+
     rows = []
     for n in agent_counts:
-        n = int(n); bank = season_bank(StateBank.create(n, cfg, device="cpu", seed=seed), cfg, seed); load = AgentLoad.idle(n)
+        n = int(n)
+        bank = season_bank(StateBank.create(n, cfg, device="cpu", seed=seed), cfg, seed)
+        load = AgentLoad.idle(n)
         work = tick_batch(n, cfg, batch=tick_requests(n, batch), seed=seed)
         complexity = torch.rand(work["task"].numel(), generator=torch.Generator().manual_seed(seed))
         flat = make_router("rapo", cfg, seed)
         two = TwoLevelScheduler(cfg, pools_by_strength(bank, cfg.routing.n_pools), seed=seed)
         t_flat = timed(lambda: flat.select(work["task"], work["modality"], bank, load), repeats)["median_s"]
-        t_two = timed(lambda: two.select(work["task"], work["modality"], bank, load, complexity=complexity), repeats)["median_s"]
-        rows += [dict(agents=n, scheduler="flat (RAPO router)", ms_per_batch=1e3 * t_flat, batch=work["task"].numel(),
-                      reads_per_decision=scheduler_reads("sparse", n, cfg.routing.n_pools)),
-                 dict(agents=n, scheduler=f"two-level ({cfg.routing.n_pools} pools)", ms_per_batch=1e3 * t_two,
-                      batch=work["task"].numel(), reads_per_decision=scheduler_reads("two_level_pools", n, cfg.routing.n_pools))]
-        del bank; gc.collect()
+        t_two = timed(lambda: two.select(work["task"], work["modality"], bank, load, complexity=complexity), repeats)[
+            "median_s"
+        ]
+        rows += [
+            dict(
+                agents=n,
+                scheduler="flat (RAPO router)",
+                ms_per_batch=1e3 * t_flat,
+                batch=work["task"].numel(),
+                reads_per_decision=scheduler_reads("sparse", n, cfg.routing.n_pools),
+            ),
+            dict(
+                agents=n,
+                scheduler=f"two-level ({cfg.routing.n_pools} pools)",
+                ms_per_batch=1e3 * t_two,
+                batch=work["task"].numel(),
+                reads_per_decision=scheduler_reads("two_level_pools", n, cfg.routing.n_pools),
+            ),
+        ]
+        del bank
+        gc.collect()
     return pd.DataFrame(rows)
 
 # %% ../nbs/11_scaling.ipynb #4be5d930
 COMPLETE_MAX_EDGES = 4_000_000  # largest complete graph timed (edges), so its consensus step fits in memory (ours)
-DOMINANCE_COUNTS = {"quick": (10, 30, 100, 300), "full": (10, 30, 100, 300, 600, 1000, 2000)}  # complete-graph sweep (ours)
+DOMINANCE_COUNTS = {
+    "quick": (10, 30, 100, 300),
+    "full": (10, 30, 100, 300, 600, 1000, 2000),
+}  # complete-graph sweep (ours)
 
-def consensus_share_sweep(agent_counts: Iterable[int], cfg: Config, topology: str = "complete", seed: int = 0,
-                          repeats: int = 3, batch: int = TICK_ROUTING_BATCH) -> pd.DataFrame:
+
+def consensus_share_sweep(
+    agent_counts: Iterable[int],
+    cfg: Config,
+    topology: str = "complete",
+    seed: int = 0,
+    repeats: int = 3,
+    batch: int = TICK_ROUTING_BATCH,
+) -> pd.DataFrame:
     "Tick phases for `topology` at each agent count, in this process (median of `repeats`); consensus share of the tick."
     rows = []
     for n in agent_counts:
-        if topology == "complete" and n * (n - 1) > COMPLETE_MAX_EDGES: continue
+        if topology == "complete" and n * (n - 1) > COMPLETE_MAX_EDGES:
+            continue
         dep = build_deployment(int(n), cfg, seed=seed, topology=topology)
         work = tick_batch(int(n), cfg, batch=tick_requests(int(n), batch), seed=seed)
         control_tick(dep, work)  # warm-up
         ph = pd.DataFrame([control_tick(dep, work) for _ in range(repeats)]).median()
-        rows.append(dict(agents=int(n), topology=topology, tick_ms=1e3 * ph.tick_s, consensus_ms=1e3 * ph.consensus_s,
-                         consensus_share=ph.consensus_s / ph.tick_s, n_edges=int(dep["topo"].n_edges)))
-        del dep; gc.collect()
+        rows.append(
+            dict(
+                agents=int(n),
+                topology=topology,
+                tick_ms=1e3 * ph.tick_s,
+                consensus_ms=1e3 * ph.consensus_s,
+                consensus_share=ph.consensus_s / ph.tick_s,
+                n_edges=int(dep["topo"].n_edges),
+            )
+        )
+        del dep
+        gc.collect()
     return pd.DataFrame(rows)
+
 
 def dominance_point(df: pd.DataFrame, threshold: float = 0.5) -> float:
     "Smallest agent count from which on (it and every larger count) consensus takes more than `threshold` of the tick; NaN if none."
-    if not 0 < threshold < 1: raise ValueError(f"threshold: expected in (0, 1), got {threshold!r}")
-    d = df.sort_values("agents"); above = (d.consensus_share > threshold).to_numpy()
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold: expected in (0, 1), got {threshold!r}")
+    d = df.sort_values("agents")
+    above = (d.consensus_share > threshold).to_numpy()
     tail = np.logical_and.accumulate(above[::-1])[::-1]  # True where this and all larger counts are above
     return float(d.agents.to_numpy()[tail].min()) if tail.any() else float("nan")
 
 # %% ../nbs/11_scaling.ipynb #2bc810c8
 def optimisation_variants() -> dict[str, dict]:
     "The §4.5 optimisations one by one and together: config overrides and whether histories are pruned."
-    return {"baseline (fp32 M, full history, all agents)": dict(overrides={}, prune=False),
-            "fp16 capability matrices": dict(overrides={"state.fp16_capability": True}, prune=False),
-            "history pruned to last 20 turns": dict(overrides={}, prune=True),
-            "lazy agents": dict(overrides={"state.lazy_agents": True}, prune=False),
-            "all three": dict(overrides={"state.fp16_capability": True, "state.lazy_agents": True}, prune=True)}
+    return {
+        "baseline (fp32 M, full history, all agents)": dict(overrides={}, prune=False),
+        "fp16 capability matrices": dict(overrides={"state.fp16_capability": True}, prune=False),
+        "history pruned to last 20 turns": dict(overrides={}, prune=True),
+        "lazy agents": dict(overrides={"state.lazy_agents": True}, prune=False),
+        "all three": dict(overrides={"state.fp16_capability": True, "state.lazy_agents": True}, prune=True),
+    }
+
 
 def measure_optimisations(n: int, cfg: Config, seed: int = 0, progress: bool = True) -> pd.DataFrame:
     "RSS delta and accounted bytes (tensors + histories) of each §4.5 variant at `n` agents, each in a fresh process."
     from tqdm.auto import tqdm
+
     share = cfg.scaling.active_share
     histories = int(round(share * n * cfg.routing.c_max))
     rows = []
     for name, v in tqdm(optimisation_variants().items(), desc="variants", disable=not progress):
-        r = measure_size_subprocess(n, profile=cfg.profile, seed=seed, ticks=False, overrides=v["overrides"],
-                                    histories=histories, prune_history=v["prune"], active_share=share)
-        rows.append(dict(variant=name, agents=n, histories=histories, rss_delta_mb=r["rss_delta_mb"],
-                         accounted_mb=r["tensor_mb"] + r["history_mb"], tensor_mb=r["tensor_mb"], history_mb=r["history_mb"],
-                         bank_mb=r["bank_mb"], contexts=r["contexts"]))
+        r = measure_size_subprocess(
+            n,
+            profile=cfg.profile,
+            seed=seed,
+            ticks=False,
+            overrides=v["overrides"],
+            histories=histories,
+            prune_history=v["prune"],
+            active_share=share,
+        )
+        rows.append(
+            dict(
+                variant=name,
+                agents=n,
+                histories=histories,
+                rss_delta_mb=r["rss_delta_mb"],
+                accounted_mb=r["tensor_mb"] + r["history_mb"],
+                tensor_mb=r["tensor_mb"],
+                history_mb=r["history_mb"],
+                bank_mb=r["bank_mb"],
+                contexts=r["contexts"],
+            )
+        )
     df = pd.DataFrame(rows)
     base = df.iloc[0]
     df["saving_accounted"] = 1 - df.accounted_mb / base.accounted_mb
@@ -445,21 +717,60 @@ def goal_verdicts(sweep: pd.DataFrame, fit_rss: dict, goals: dict = GOALS) -> pd
     "One row per goal: target, our value, how it was obtained (measured or projected from the fit), and met / not met."
     s = sweep.set_index(sweep.agents.astype(int))
     rows = []
-    if 1000 in s.index: v, how = s.loc[1000, "rss_delta_mb"], "measured"
-    else: v, how = memory_law(1000, fit_rss) * GB / MB, "projected from the RSS fit"
-    rows.append(dict(goal="1,000 agents: extra RSS", target=f"≤ {goals['rss_1000_mb']:g} MB", ours=float(v), unit="MB",
-                     how=how, met=bool(v <= goals["rss_1000_mb"])))
-    if 1_000_000 in s.index: v, how = s.loc[1_000_000, "peak_rss_mb"] * MB / GB, "measured (peak RSS of the whole process)"
-    else: v, how = (memory_law(1_000_000, fit_rss) * GB + s.rss_base_mb.max() * MB) / GB, "projected: RSS fit + interpreter baseline (steady state, no transient peaks)"
-    rows.append(dict(goal="1,000,000 agents in one process", target=f"≤ {goals['machine_gb']:g} GB", ours=float(v), unit="GB",
-                     how=how, met=bool(v <= goals["machine_gb"])))
+    if 1000 in s.index:
+        v, how = s.loc[1000, "rss_delta_mb"], "measured"
+    else:
+        v, how = memory_law(1000, fit_rss) * GB / MB, "projected from the RSS fit"
+    rows.append(
+        dict(
+            goal="1,000 agents: extra RSS",
+            target=f"≤ {goals['rss_1000_mb']:g} MB",
+            ours=float(v),
+            unit="MB",
+            how=how,
+            met=bool(v <= goals["rss_1000_mb"]),
+        )
+    )
+    if 1_000_000 in s.index:
+        v, how = s.loc[1_000_000, "peak_rss_mb"] * MB / GB, "measured (peak RSS of the whole process)"
+    else:
+        v, how = (
+            (memory_law(1_000_000, fit_rss) * GB + s.rss_base_mb.max() * MB) / GB,
+            "projected: RSS fit + interpreter baseline (steady state, no transient peaks)",
+        )
+    rows.append(
+        dict(
+            goal="1,000,000 agents in one process",
+            target=f"≤ {goals['machine_gb']:g} GB",
+            ours=float(v),
+            unit="GB",
+            how=how,
+            met=bool(v <= goals["machine_gb"]),
+        )
+    )
     if 100_000 in s.index:
         v = s.loc[100_000, "tick_ms"]
-        rows.append(dict(goal="tick, 100,000 agents", target=f"≤ {goals['tick_100k_ms']:g} ms on 2 cores", ours=float(v), unit="ms",
-                         how=f"measured, median, {int(s.loc[100_000, 'threads'])} threads", met=bool(v <= goals["tick_100k_ms"])))
+        rows.append(
+            dict(
+                goal="tick, 100,000 agents",
+                target=f"≤ {goals['tick_100k_ms']:g} ms on 2 cores",
+                ours=float(v),
+                unit="ms",
+                how=f"measured, median, {int(s.loc[100_000, 'threads'])} threads",
+                met=bool(v <= goals["tick_100k_ms"]),
+            )
+        )
     else:
-        rows.append(dict(goal="tick, 100,000 agents", target=f"≤ {goals['tick_100k_ms']:g} ms on 2 cores", ours=float("nan"),
-                         unit="ms", how="not measured in this run", met=None))
+        rows.append(
+            dict(
+                goal="tick, 100,000 agents",
+                target=f"≤ {goals['tick_100k_ms']:g} ms on 2 cores",
+                ours=float("nan"),
+                unit="ms",
+                how="not measured in this run",
+                met=None,
+            )
+        )
     return pd.DataFrame(rows)
 
 # %% ../nbs/11_scaling.ipynb #0e47e1b6
@@ -467,59 +778,87 @@ def langgraph_available() -> bool:
     "True when the optional `langgraph` package (extra `bench`) is importable."
     return importlib.util.find_spec("langgraph") is not None
 
+
 def fake_model(specialist: str, turn: int) -> str:
     "An instant stand-in for a model: a fixed short answer naming the specialist and the turn."
     return f"{specialist} answers turn {turn}"
+
 
 def conversation_plans(conversations: list) -> list[list[str]]:
     "The specialist speaking at each turn of each conversation."
     return [[t.specialist for t in c.turns] for c in conversations]
 
+
 def count_handoffs(conversations: list) -> int:
     "Handoffs in the conversations' plans (synthetic benchmark's handoff turns)."
     return int(sum(len(c.handoff_turns) for c in conversations))
+
 
 def run_langgraph(conversations: list, repeats: int = 3) -> dict:
     "Drive `conversations` through a LangGraph StateGraph with instant fake models; median wall seconds of `repeats` runs."
     from typing import TypedDict
     from langgraph.graph import StateGraph, START, END
+
     class ConvState(TypedDict):
         plan: list
         i: int
         history: list
+
     def node_for(name):  # no annotations: LangGraph resolves hints, and a local TypedDict is not resolvable
         def node(state):
             return {"history": state["history"] + [fake_model(name, state["i"])], "i": state["i"] + 1}
+
         return node
+
     def route(state):
         return END if state["i"] >= len(state["plan"]) else state["plan"][state["i"]]
+
     targets = {s: s for s in SPECIALISTS} | {END: END}
     g = StateGraph(ConvState)
-    for s in SPECIALISTS: g.add_node(s, node_for(s))
+    for s in SPECIALISTS:
+        g.add_node(s, node_for(s))
     g.add_conditional_edges(START, route, targets)
-    for s in SPECIALISTS: g.add_conditional_edges(s, route, targets)
+    for s in SPECIALISTS:
+        g.add_conditional_edges(s, route, targets)
     app = g.compile()
     plans = conversation_plans(conversations)
+
     def drive():
         out = [app.invoke({"plan": p, "i": 0, "history": []}, {"recursion_limit": len(p) + 10}) for p in plans]
-        if sum(len(o["history"]) for o in out) != sum(len(p) for p in plans): raise RuntimeError("langgraph: turns lost")
+        if sum(len(o["history"]) for o in out) != sum(len(p) for p in plans):
+            raise RuntimeError("langgraph: turns lost")
+
     r = timed(drive, repeats=repeats, warmup=1)
-    return dict(framework="langgraph", seconds=r["median_s"], turns=sum(len(p) for p in plans),
-                handoffs=count_handoffs(conversations))
+    return dict(
+        framework="langgraph",
+        seconds=r["median_s"],
+        turns=sum(len(p) for p in plans),
+        handoffs=count_handoffs(conversations),
+    )
+
 
 def run_rapo_orchestration(conversations: list, cfg: Config, seed: int = 0, repeats: int = 3) -> dict:
     "Drive `conversations` through rapo_nb's router, state bank, context hand-over and consensus with instant fake models."
     from rapo_nb.state import StateBank, prune_history
     from rapo_nb.consensus import make_topology, ConsensusEngine
     from rapo_nb.routing import AgentLoad, make_router
+
     n = cfg.evaluation.n_agents
     k, keep = cfg.state.context_window, cfg.state.history_turns
     plans = [[(t.specialist, int(t.task), int(t.modality)) for t in c.turns] for c in conversations]
+
     def drive():
         bank = StateBank.create(n, cfg, device="cpu", seed=seed)
-        topo = make_topology(cfg.consensus.topology, n, degree=min(cfg.consensus.degree, n - 1), seed=seed, device="cpu")
+        topo = make_topology(
+            cfg.consensus.topology, n, degree=min(cfg.consensus.degree, n - 1), seed=seed, device="cpu"
+        )
         engine, router = ConsensusEngine(cfg, topo, torch.device("cpu")), make_router("rapo", cfg, seed)
-        load = AgentLoad(active=torch.zeros(n), pending=torch.zeros(n), utilisation=torch.zeros(n), alive=torch.ones(n, dtype=torch.bool))
+        load = AgentLoad(
+            active=torch.zeros(n),
+            pending=torch.zeros(n),
+            utilisation=torch.zeros(n),
+            alive=torch.ones(n, dtype=torch.bool),
+        )
         turns = 0
         for plan in plans:
             history, prev = [], None
@@ -529,30 +868,48 @@ def run_rapo_orchestration(conversations: list, cfg: Config, seed: int = 0, repe
                 if prev is not None and agent != prev:
                     load.active[prev] -= 1
                     context = "\n".join(history[-k:])  # the context window handed to the receiving agent
-                if agent != prev: load.active[agent] += 1
-                history.append(fake_model(spec, i)); history = prune_history(history, keep)
+                if agent != prev:
+                    load.active[agent] += 1
+                history.append(fake_model(spec, i))
+                history = prune_history(history, keep)
                 bank.update_capability(torch.tensor([agent]), tt, mm, torch.ones(1))
                 prev, turns = agent, turns + 1
             load.active[prev] -= 1
             engine.step(bank)
-        if turns != sum(len(p) for p in plans): raise RuntimeError("rapo: turns lost")
+        if turns != sum(len(p) for p in plans):
+            raise RuntimeError("rapo: turns lost")
+
     r = timed(drive, repeats=repeats, warmup=1)
-    return dict(framework="rapo_nb", seconds=r["median_s"], turns=sum(len(p) for p in plans),
-                handoffs=count_handoffs(conversations))
+    return dict(
+        framework="rapo_nb",
+        seconds=r["median_s"],
+        turns=sum(len(p) for p in plans),
+        handoffs=count_handoffs(conversations),
+    )
+
 
 def runtime_coordination(conversations: list, cfg: Config, seed: int = 0) -> dict:
     "Coordination time the orchestrator itself measures (`overhead_ms` of run_conversations, system 'rapo', simulated agents)."
     from rapo_nb.runtime import run_conversations
-    turns, _ = run_conversations(list(conversations), "rapo", cfg, seed)
-    return dict(framework="rapo_nb runtime (its own overhead_ms; simulated agents)", seconds=float(turns.overhead_ms.sum()) / 1e3,
-                turns=sum(len(c.turns) for c in conversations), handoffs=count_handoffs(conversations))
 
-def handoff_overhead_table(conversations: list, cfg: Config, seed: int = 0, repeats: int = 3,
-                           with_runtime: bool = False) -> pd.DataFrame:
+    turns, _ = run_conversations(list(conversations), "rapo", cfg, seed)
+    return dict(
+        framework="rapo_nb runtime (its own overhead_ms; simulated agents)",
+        seconds=float(turns.overhead_ms.sum()) / 1e3,
+        turns=sum(len(c.turns) for c in conversations),
+        handoffs=count_handoffs(conversations),
+    )
+
+
+def handoff_overhead_table(
+    conversations: list, cfg: Config, seed: int = 0, repeats: int = 3, with_runtime: bool = False
+) -> pd.DataFrame:
     "Per-handoff and per-turn orchestration overhead of rapo_nb (and LangGraph when installed); ratio to rapo_nb's."
     rows = [run_rapo_orchestration(conversations, cfg, seed, repeats)]
-    if langgraph_available(): rows.append(run_langgraph(conversations, repeats))
-    if with_runtime: rows.append(runtime_coordination(conversations, cfg, seed))
+    if langgraph_available():
+        rows.append(run_langgraph(conversations, repeats))
+    if with_runtime:
+        rows.append(runtime_coordination(conversations, cfg, seed))
     df = pd.DataFrame(rows)
     df["us_per_handoff"] = 1e6 * df.seconds / df.handoffs.clip(lower=1)
     df["us_per_turn"] = 1e6 * df.seconds / df.turns
@@ -563,67 +920,126 @@ def handoff_overhead_table(conversations: list, cfg: Config, seed: int = 0, repe
 LANGGRAPH_CONVERSATIONS = {"quick": 40, "full": 200}  # conversations in the side-by-side (ours)
 
 # %% ../nbs/11_scaling.ipynb #51b83677
-def scaling_claims(sweep: pd.DataFrame, fit_rss: dict, dominance: pd.DataFrame, opt: pd.DataFrame,
-                   success: pd.DataFrame) -> pd.DataFrame:
+def scaling_claims(
+    sweep: pd.DataFrame, fit_rss: dict, dominance: pd.DataFrame, opt: pd.DataFrame, success: pd.DataFrame
+) -> pd.DataFrame:
     "The §4.5/§5.4 claims next to our measurements, with computed verdicts (columns of the report's claims tables)."
     rows = []
+
     def add(claim, section, paper, ours, ok, note=""):
         verdict = "not measured" if ok is None else ("reproduced" if ok else "differs")
         rows.append(dict(claim=claim, section=section, paper=paper, ours=ours, verdict=verdict, note=note))
+
     s = sweep.set_index(sweep.agents.astype(int))
-    add("memory grows linearly in n", "§5.4", f"M(n) = {PAPER_MEMORY_LAW_GB[0]} + {PAPER_MEMORY_LAW_GB[1]} n GB",
-        f"M(n) = {fit_rss['a_gb']:.3g} + {fit_rss['b_gb_per_agent']:.3g} n GB (R² {fit_rss['r2']:.4f})", fit_rss["r2"] > 0.99,
+    add(
+        "memory grows linearly in n",
+        "§5.4",
+        f"M(n) = {PAPER_MEMORY_LAW_GB[0]} + {PAPER_MEMORY_LAW_GB[1]} n GB",
+        f"M(n) = {fit_rss['a_gb']:.3g} + {fit_rss['b_gb_per_agent']:.3g} n GB (R² {fit_rss['r2']:.4f})",
+        fit_rss["r2"] > 0.99,
         "reproduced when a straight line explains > 99 % of the variance of our RSS delta; the level differs by design "
-        "(our deployment holds no model weights)")
+        "(our deployment holds no model weights)",
+    )
     if 1000 in s.index:
         gb = s.loc[1000, "rss_delta_mb"] * MB / GB
-        add("memory at 1,000 agents", "§5.4 Table 2", f"{PAPER_TABLE2[1000]['memory_gb']} GB", f"{gb:.3g} GB",
+        add(
+            "memory at 1,000 agents",
+            "§5.4 Table 2",
+            f"{PAPER_TABLE2[1000]['memory_gb']} GB",
+            f"{gb:.3g} GB",
             abs(gb - PAPER_TABLE2[1000]["memory_gb"]) <= 0.25 * PAPER_TABLE2[1000]["memory_gb"],
-            "RSS delta of the orchestrator state (no model weights); reproduced only within ±25 % of the paper's level")
+            "RSS delta of the orchestrator state (no model weights); reproduced only within ±25 % of the paper's level",
+        )
     small = s[s.index <= 500]
     if len(small) >= 2:
         per_agent = small.tick_ms / small.index
-        ok = bool(s.loc[small.index.max(), "tick_ms"] / s.loc[small.index.min(), "tick_ms"] <= 2 * small.index.max() / small.index.min())
-        add("near-linear scaling up to 500 agents", "§5.4", "near-linear", f"tick {s.loc[small.index.min(), 'tick_ms']:.3g} → "
-            f"{s.loc[small.index.max(), 'tick_ms']:.3g} ms from {small.index.min()} to {small.index.max()} agents", ok,
-            "reproduced when the tick grows no faster than 2× linear")
+        ok = bool(
+            s.loc[small.index.max(), "tick_ms"] / s.loc[small.index.min(), "tick_ms"]
+            <= 2 * small.index.max() / small.index.min()
+        )
+        add(
+            "near-linear scaling up to 500 agents",
+            "§5.4",
+            "near-linear",
+            f"tick {s.loc[small.index.min(), 'tick_ms']:.3g} → "
+            f"{s.loc[small.index.max(), 'tick_ms']:.3g} ms from {small.index.min()} to {small.index.max()} agents",
+            ok,
+            "reproduced when the tick grows no faster than 2× linear",
+        )
     upto = success[success.agents <= 500] if len(success) else success
     if len(upto):
-        add("coordination overhead < 10 % up to 500 agents", "§5.4", "< 10 %",
-            f"max {upto.overhead_share.max():.1%} (≤ {upto.agents.max()} agents)", bool(upto.overhead_share.max() < 0.10),
-            "measured coordination time / (coordination + simulated service time), run_conversations")
+        add(
+            "coordination overhead < 10 % up to 500 agents",
+            "§5.4",
+            "< 10 %",
+            f"max {upto.overhead_share.max():.1%} (≤ {upto.agents.max()} agents)",
+            bool(upto.overhead_share.max() < 0.10),
+            "measured coordination time / (coordination + simulated service time), run_conversations",
+        )
     dc = dominance[dominance.topology == "complete"]
     at = dominance_point(dc)
-    add("consensus dominates beyond 500 agents", "§5.4", "beyond 500 agents",
-        "complete graph: " + (f"from {at:.0f} agents" if not math.isnan(at) else f"not within {dc.agents.max()} agents") +
-        f"; sparse: " + (lambda a: f"from {a:.0f} agents" if not math.isnan(a) else "never in the sweep")(
-            dominance_point(dominance[dominance.topology != "complete"])),
-        None if math.isnan(at) else bool(at > 500), "share of the tick spent in the consensus step > 50 %")
+    add(
+        "consensus dominates beyond 500 agents",
+        "§5.4",
+        "beyond 500 agents",
+        "complete graph: "
+        + (f"from {at:.0f} agents" if not math.isnan(at) else f"not within {dc.agents.max()} agents")
+        + f"; sparse: "
+        + (lambda a: f"from {a:.0f} agents" if not math.isnan(a) else "never in the sweep")(
+            dominance_point(dominance[dominance.topology != "complete"])
+        ),
+        None if math.isnan(at) else bool(at > 500),
+        "share of the tick spent in the consensus step > 50 %",
+    )
     o = opt.set_index("variant")
     allv = o.loc["all three"]
-    add("§4.5 optimisations save ≈ 40 % memory", "§4.5", f"{PAPER_MEMORY_SAVING:.0%}",
+    add(
+        "§4.5 optimisations save ≈ 40 % memory",
+        "§4.5",
+        f"{PAPER_MEMORY_SAVING:.0%}",
         f"{allv.saving_accounted:.1%} of accounted bytes, {allv.saving_rss:.1%} of RSS (each optimisation measured in a fresh process)",
         bool(abs(allv.saving_accounted - PAPER_MEMORY_SAVING) <= 0.10),
         "reproduced within ±10 points (accounted bytes); most of it is lazy agents, whose saving grows with the idle share "
-        "(cfg.scaling.active_share, ours); our deployment holds no model weights")
+        "(cfg.scaling.active_share, ours); our deployment holds no model weights",
+    )
     if len(success) and 1000 in success.agents.values:
         v = float(success.set_index("agents").loc[1000, "success_simulated"])
-        add("success at 1,000 agents", "§5.4 Table 2", f"{PAPER_TABLE2[1000]['success']}", f"{v:.3f} (simulated)",
-            abs(v - PAPER_TABLE2[1000]["success"]) <= 0.05, "rule success with simulated agents; reproduced within ±0.05")
+        add(
+            "success at 1,000 agents",
+            "§5.4 Table 2",
+            f"{PAPER_TABLE2[1000]['success']}",
+            f"{v:.3f} (simulated)",
+            abs(v - PAPER_TABLE2[1000]["success"]) <= 0.05,
+            "rule success with simulated agents; reproduced within ±0.05",
+        )
     else:
-        add("success at 1,000 agents", "§5.4 Table 2", f"{PAPER_TABLE2[1000]['success']}", "—", None,
-            "success measured only up to cfg.scaling.success_max_agents in this profile")
+        add(
+            "success at 1,000 agents",
+            "§5.4 Table 2",
+            f"{PAPER_TABLE2[1000]['success']}",
+            "—",
+            None,
+            "success measured only up to cfg.scaling.success_max_agents in this profile",
+        )
     return pd.DataFrame(rows)
 
 # %% ../nbs/11_scaling.ipynb #f3e84b9c
 SCALING_PARTS = ("sweep", "law", "table2", "communication", "scheduler", "consensus", "optimisations", "goals")
 
-def scaling_tables(profile: str = "quick", seed: int = 0, agent_counts: Iterable[int] | None = None,
-                   repeats: int | None = None, parts: Iterable[str] = SCALING_PARTS, success: bool = True,
-                   progress: bool = False) -> dict[str, pd.DataFrame]:
+
+def scaling_tables(
+    profile: str = "quick",
+    seed: int = 0,
+    agent_counts: Iterable[int] | None = None,
+    repeats: int | None = None,
+    parts: Iterable[str] = SCALING_PARTS,
+    success: bool = True,
+    progress: bool = False,
+) -> dict[str, pd.DataFrame]:
     "The notebook's scaling tables (same functions), for the benchmark script: {part name: DataFrame}."
     parts = list(parts)
-    if bad := [p for p in parts if p not in SCALING_PARTS]: raise ValueError(f"parts: {bad} not in {SCALING_PARTS}")
+    if bad := [p for p in parts if p not in SCALING_PARTS]:
+        raise ValueError(f"parts: {bad} not in {SCALING_PARTS}")
     cfg = load_config(profile, seed=seed, device="cpu")
     counts = [int(n) for n in (agent_counts or cfg.scaling.agent_counts)]
     out: dict[str, pd.DataFrame] = {}
@@ -631,20 +1047,45 @@ def scaling_tables(profile: str = "quick", seed: int = 0, agent_counts: Iterable
     out["sweep"] = sweep
     fit = fit_memory_law(sweep.agents, sweep.rss_delta_mb * MB / GB) if sweep.agents.nunique() >= 2 else None
     if "law" in parts and fit is not None:
-        out["law"] = pd.DataFrame([dict(law="paper", a_gb=PAPER_MEMORY_LAW_GB[0], b_gb_per_agent=PAPER_MEMORY_LAW_GB[1], r2=np.nan),
-                                   dict(law="ours: RSS delta", **fit)])
+        out["law"] = pd.DataFrame(
+            [
+                dict(law="paper", a_gb=PAPER_MEMORY_LAW_GB[0], b_gb_per_agent=PAPER_MEMORY_LAW_GB[1], r2=np.nan),
+                dict(law="ours: RSS delta", **fit),
+            ]
+        )
     if "table2" in parts:
-        succ = success_at_scale([n for n in counts if n <= cfg.scaling.success_max_agents], cfg, seed,
-                                SUCCESS_CONVERSATIONS.get(profile, 40), progress=progress) if success else None
+        succ = (
+            success_at_scale(
+                [n for n in counts if n <= cfg.scaling.success_max_agents],
+                cfg,
+                seed,
+                SUCCESS_CONVERSATIONS.get(profile, 40),
+                progress=progress,
+            )
+            if success
+            else None
+        )
         out["table2"] = build_table2(sweep, succ)
-    if "communication" in parts: out["communication"] = communication_table(sorted(set(counts)), cfg)
+    if "communication" in parts:
+        out["communication"] = communication_table(sorted(set(counts)), cfg)
     if "scheduler" in parts:
-        out["scheduler"] = scheduler_timing(SCHEDULER_COUNTS.get(profile, SCHEDULER_COUNTS["quick"]), cfg, seed, repeats or cfg.scaling.repeats)
+        out["scheduler"] = scheduler_timing(
+            SCHEDULER_COUNTS.get(profile, SCHEDULER_COUNTS["quick"]), cfg, seed, repeats or cfg.scaling.repeats
+        )
     if "consensus" in parts:
         torch.set_num_threads(BENCH_THREADS)
-        dom = consensus_share_sweep(DOMINANCE_COUNTS.get(profile, DOMINANCE_COUNTS["quick"]), cfg, "complete", seed,
-                                    repeats or cfg.scaling.repeats)
-        out["consensus"] = pd.concat([dom, sweep.assign(topology=cfg.consensus.topology)[list(dom.columns)]], ignore_index=True)
-    if "optimisations" in parts: out["optimisations"] = measure_optimisations(OPTIMISATION_AGENTS, cfg, seed, progress=progress)
-    if "goals" in parts and fit is not None: out["goals"] = goal_verdicts(sweep, fit)
+        dom = consensus_share_sweep(
+            DOMINANCE_COUNTS.get(profile, DOMINANCE_COUNTS["quick"]),
+            cfg,
+            "complete",
+            seed,
+            repeats or cfg.scaling.repeats,
+        )
+        out["consensus"] = pd.concat(
+            [dom, sweep.assign(topology=cfg.consensus.topology)[list(dom.columns)]], ignore_index=True
+        )
+    if "optimisations" in parts:
+        out["optimisations"] = measure_optimisations(OPTIMISATION_AGENTS, cfg, seed, progress=progress)
+    if "goals" in parts and fit is not None:
+        out["goals"] = goal_verdicts(sweep, fit)
     return out

@@ -17,8 +17,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from .config import Config, load_config
 from .runtime import redis_address, connect_redis, StoreUnavailable
-from .workflows import (DOMAINS, ExecutorPool, UnplannableGoal, WorkflowPlan, check_results,
-                               execute_subtask, plan_goal, step_rng)
+from rapo_nb.workflows import (
+    DOMAINS,
+    ExecutorPool,
+    UnplannableGoal,
+    WorkflowPlan,
+    check_results,
+    execute_subtask,
+    plan_goal,
+    step_rng,
+)
 
 # %% auto #0
 __all__ = ['PREFIX', 'ACTIVE', 'CHANNEL_ALL', 'TERMINAL', 'app', 'GoalRequest', 'goal_key', 'steps_key', 'events_key',
@@ -30,17 +38,28 @@ ACTIVE = "rapo:goals:active"
 CHANNEL_ALL = "rapo:goals"
 TERMINAL = ("done", "failed")
 
+
 class GoalRequest(BaseModel):
     "Body of POST /goal."
+
     model_config = ConfigDict(extra="forbid")
     goal: str = Field(min_length=1, max_length=2000, description="natural-language goal naming a domain and its items")
     failure_rate: float = Field(0.0, ge=0.0, le=1.0, description="injected failure probability per attempt (simulated)")
     seed: int = Field(0, ge=0, lt=2**31, description="seed of the simulated outcomes")
     step_delay_s: float = Field(0.0, ge=0.0, le=10.0, description="real seconds spent per subtask (demos, tests)")
 
-def goal_key(goal_id: str) -> str: return PREFIX + goal_id
-def steps_key(goal_id: str) -> str: return PREFIX + goal_id + ":steps"
-def events_key(goal_id: str) -> str: return PREFIX + goal_id + ":events"
+
+def goal_key(goal_id: str) -> str:
+    return PREFIX + goal_id
+
+
+def steps_key(goal_id: str) -> str:
+    return PREFIX + goal_id + ":steps"
+
+
+def events_key(goal_id: str) -> str:
+    return PREFIX + goal_id + ":events"
+
 
 def _validation_message(exc: RequestValidationError) -> str:
     "One line per problem: 'field: message'."
@@ -54,15 +73,18 @@ def _validation_message(exc: RequestValidationError) -> str:
 # %% ../nbs/13_service.ipynb #c3878fa9
 class GoalRunner:
     "Runs goals: planner → executors (level by level) → checker, with every intermediate result in Redis."
+
     def __init__(self, r: aioredis.Redis, cfg: Config, pool: ExecutorPool):
-        self.r, self.cfg, self.pool = r, cfg, pool   # the simulated world is the pool's: pool.cfg.workflows
+        self.r, self.cfg, self.pool = r, cfg, pool  # the simulated world is the pool's: pool.cfg.workflows
         self.tasks: set[asyncio.Task] = set()
 
     async def publish(self, goal_id: str, event: str, **data) -> None:
         "Append to the goal's event log and publish on its channel and the all-goals channel."
         msg = json.dumps(dict(id=goal_id, event=event, t=time.time(), **data))
         async with self.r.pipeline(transaction=True) as p:
-            p.rpush(events_key(goal_id), msg); p.publish(goal_key(goal_id), msg); p.publish(CHANNEL_ALL, msg)
+            p.rpush(events_key(goal_id), msg)
+            p.publish(goal_key(goal_id), msg)
+            p.publish(CHANNEL_ALL, msg)
             await p.execute()
 
     async def submit(self, req: GoalRequest) -> dict:
@@ -70,8 +92,17 @@ class GoalRunner:
         plan = plan_goal(req.goal, self.cfg.workflows.max_items)
         goal_id = uuid.uuid4().hex
         now = time.time()
-        await self.r.hset(goal_key(goal_id), mapping=dict(request=req.model_dump_json(), status="queued", plan=json.dumps(plan.to_dict()),
-                                                          created=now, updated=now, runs=0))
+        await self.r.hset(
+            goal_key(goal_id),
+            mapping=dict(
+                request=req.model_dump_json(),
+                status="queued",
+                plan=json.dumps(plan.to_dict()),
+                created=now,
+                updated=now,
+                runs=0,
+            ),
+        )
         await self.r.sadd(ACTIVE, goal_id)
         await self.publish(goal_id, "queued", domain=plan.domain, n_subtasks=len(plan.subtasks))
         self.start(goal_id)
@@ -79,19 +110,23 @@ class GoalRunner:
 
     def start(self, goal_id: str) -> None:
         "Run the goal in a background task (kept referenced until it ends)."
-        task = asyncio.create_task(self.run(goal_id)); self.tasks.add(task); task.add_done_callback(self.tasks.discard)
+        task = asyncio.create_task(self.run(goal_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def resume_all(self) -> list[str]:
         "Restart every goal left unfinished by an earlier process."
         ids = sorted(m.decode() if isinstance(m, bytes) else m for m in await self.r.smembers(ACTIVE))
-        for goal_id in ids: self.start(goal_id)
+        for goal_id in ids:
+            self.start(goal_id)
         return ids
 
     async def run(self, goal_id: str) -> None:
         "Planner → executors → checker for one goal, skipping subtasks whose records are already stored."
         h = {k.decode(): v.decode() for k, v in (await self.r.hgetall(goal_key(goal_id))).items()}
         if not h or h.get("status") in TERMINAL:
-            await self.r.srem(ACTIVE, goal_id); return
+            await self.r.srem(ACTIVE, goal_id)
+            return
         req, plan = GoalRequest.model_validate_json(h["request"]), WorkflowPlan.from_dict(json.loads(h["plan"]))
         run = await self.r.hincrby(goal_key(goal_id), "runs", 1)
         done = {k.decode(): json.loads(v) for k, v in (await self.r.hgetall(steps_key(goal_id))).items()}
@@ -102,61 +137,88 @@ class GoalRunner:
                 todo = [t for t in level if t.id not in done]
                 records = await asyncio.gather(*(self.run_step(goal_id, plan, t, req, run) for t in todo))
                 done.update(zip([t.id for t in todo], records))
-                if any(not rec["success"] for rec in records): break   # a dependency failed: later levels cannot run
+                if any(not rec["success"] for rec in records):
+                    break  # a dependency failed: later levels cannot run
             verdict = check_results(plan, done)
             status = "done" if verdict["valid"] else "failed"
-            await self.r.hset(goal_key(goal_id), mapping=dict(status=status, result=json.dumps(verdict), updated=time.time()))
+            await self.r.hset(
+                goal_key(goal_id), mapping=dict(status=status, result=json.dumps(verdict), updated=time.time())
+            )
             await self.r.srem(ACTIVE, goal_id)
             await self.publish(goal_id, status, summary=verdict["summary"])
         except asyncio.CancelledError:
-            raise   # shutdown: the goal stays active and is resumed by the next process
-        except Exception as e:   # record the error on the goal instead of losing it in a background task
-            await self.r.hset(goal_key(goal_id), mapping=dict(status="failed", error=f"{type(e).__name__}: {e}", updated=time.time()))
+            raise  # shutdown: the goal stays active and is resumed by the next process
+        except Exception as e:  # record the error on the goal instead of losing it in a background task
+            await self.r.hset(
+                goal_key(goal_id), mapping=dict(status="failed", error=f"{type(e).__name__}: {e}", updated=time.time())
+            )
             await self.r.srem(ACTIVE, goal_id)
             await self.publish(goal_id, "failed", error=f"{type(e).__name__}: {e}")
 
     async def run_step(self, goal_id: str, plan: WorkflowPlan, t, req: GoalRequest, run: int) -> dict:
         "Execute one subtask (simulated), store its record in the scratchpad hash, publish progress."
-        if req.step_delay_s: await asyncio.sleep(req.step_delay_s)
+        if req.step_delay_s:
+            await asyncio.sleep(req.step_delay_s)
         nominal = DOMAINS[plan.domain]["service_s"][t.stage]
-        rec = execute_subtask(self.pool, t.task, t.modality, nominal, req.failure_rate, step_rng(req.seed, goal_id, t.id))
+        rec = execute_subtask(
+            self.pool, t.task, t.modality, nominal, req.failure_rate, step_rng(req.seed, goal_id, t.id)
+        )
         rec.update(subtask=t.id, run=run, simulated=True)
         await self.r.hset(steps_key(goal_id), t.id, json.dumps(rec))
-        await self.publish(goal_id, "step", subtask=t.id, success=rec["success"], attempts=rec["attempts"], agent=rec["agent"])
+        await self.publish(
+            goal_id, "step", subtask=t.id, success=rec["success"], attempts=rec["attempts"], agent=rec["agent"]
+        )
         return rec
 
     async def status(self, goal_id: str) -> dict | None:
         "The goal's status, plan, finished steps and result; None if unknown."
         h = {k.decode(): v.decode() for k, v in (await self.r.hgetall(goal_key(goal_id))).items()}
-        if not h: return None
+        if not h:
+            return None
         steps = {k.decode(): json.loads(v) for k, v in (await self.r.hgetall(steps_key(goal_id))).items()}
         plan = json.loads(h["plan"])
-        return dict(id=goal_id, goal=plan["goal"], domain=plan["domain"], status=h["status"], runs=int(h.get("runs", 0)),
-                    plan=plan, steps=steps, n_done=len(steps), n_subtasks=len(plan["subtasks"]),
-                    result=json.loads(h["result"]) if "result" in h else None, error=h.get("error"),
-                    request=json.loads(h["request"]), simulated=True)
+        return dict(
+            id=goal_id,
+            goal=plan["goal"],
+            domain=plan["domain"],
+            status=h["status"],
+            runs=int(h.get("runs", 0)),
+            plan=plan,
+            steps=steps,
+            n_done=len(steps),
+            n_subtasks=len(plan["subtasks"]),
+            result=json.loads(h["result"]) if "result" in h else None,
+            error=h.get("error"),
+            request=json.loads(h["request"]),
+            simulated=True,
+        )
 
 # %% ../nbs/13_service.ipynb #b88639a3
 def create_app(redis_url: str, cfg: Config | None = None, seed: int = 0, resume: bool = True) -> FastAPI:
     "The goal service over the Redis at `redis_url` (checked at startup; unreachable → StoreUnavailable naming host:port)."
-    address = redis_address(redis_url)   # ValueError on a malformed URL, before anything starts
+    address = redis_address(redis_url)  # ValueError on a malformed URL, before anything starts
     cfg = cfg or load_config("quick")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        connect_redis(redis_url, cfg.runtime.redis_timeout_s).close()   # fail fast, naming host:port
+        connect_redis(redis_url, cfg.runtime.redis_timeout_s).close()  # fail fast, naming host:port
         r = aioredis.Redis.from_url(redis_url, socket_connect_timeout=cfg.runtime.redis_timeout_s)
         runner = GoalRunner(r, cfg, ExecutorPool.create(cfg, seed, router="rapo", device="cpu"))
         app.state.runner = runner
         app.state.resumed = await runner.resume_all() if resume else []
-        try: yield
+        try:
+            yield
         finally:
-            for task in list(runner.tasks): task.cancel()
+            for task in list(runner.tasks):
+                task.cancel()
             await asyncio.gather(*runner.tasks, return_exceptions=True)
             await r.aclose()
 
-    app = FastAPI(title="rapo_nb goal service", lifespan=lifespan,
-                  description="Planner → executors → checker over simulated executors; state and progress in Redis.")
+    app = FastAPI(
+        title="rapo_nb goal service",
+        lifespan=lifespan,
+        description="Planner → executors → checker over simulated executors; state and progress in Redis.",
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -173,25 +235,33 @@ def create_app(redis_url: str, cfg: Config | None = None, seed: int = 0, resume:
 
     @app.post("/goal", status_code=202)
     async def post_goal(req: GoalRequest) -> dict:
-        try: return await app.state.runner.submit(req)
-        except UnplannableGoal as e: raise HTTPException(status_code=422, detail=str(e)) from None
+        try:
+            return await app.state.runner.submit(req)
+        except UnplannableGoal as e:
+            raise HTTPException(status_code=422, detail=str(e)) from None
 
     @app.get("/goal/{goal_id}")
     async def get_goal(goal_id: str) -> dict:
         if len(goal_id) != 32 or any(c not in "0123456789abcdef" for c in goal_id):
-            raise HTTPException(status_code=422, detail=f"goal_id: expected 32 lowercase hex characters, got {goal_id!r}")
+            raise HTTPException(
+                status_code=422, detail=f"goal_id: expected 32 lowercase hex characters, got {goal_id!r}"
+            )
         st = await app.state.runner.status(goal_id)
-        if st is None: raise HTTPException(status_code=404, detail=f"goal_id: no goal {goal_id!r} in Redis at {address}")
+        if st is None:
+            raise HTTPException(status_code=404, detail=f"goal_id: no goal {goal_id!r} in Redis at {address}")
         return st
 
     return app
 
+
 def main(argv: list[str] | None = None) -> None:
     "Console entry: serve the goal service with uvicorn (Redis from --redis-url or env RAPO_REDIS_URL)."
     import argparse, uvicorn
+
     ap = argparse.ArgumentParser(description="rapo_nb goal service (seed 004): POST /goal, GET /goal/{id}")
     ap.add_argument("--redis-url", default=os.environ.get("RAPO_REDIS_URL", load_config("quick").runtime.redis_url))
-    ap.add_argument("--host", default="127.0.0.1"); ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
     a = ap.parse_args(argv)
     uvicorn.run(create_app(a.redis_url), host=a.host, port=a.port)
 

@@ -24,20 +24,29 @@ __all__ = ['ROLE_TEMPLATES', 'PROMPT_JITTER', 'HashedTextEncoder', 'default_enco
 # %% ../nbs/01_state.ipynb #7c63d780
 _WORD_RE = re.compile(r"[a-z0-9]+")
 
+
 def _features(text: str, char_ngrams: tuple[int, int]) -> tuple[list[str], list[str], list[str]]:
     "Word unigrams, word bigrams and character n-grams of the lower-cased `text`."
     low = text.lower()
     words = _WORD_RE.findall(low)
     bigrams = [f"{a} {b}" for a, b in zip(words, words[1:])]
     padded = " " + " ".join(words) + " "
-    chars = [padded[i:i + n] for n in range(char_ngrams[0], char_ngrams[1] + 1) for i in range(len(padded) - n + 1)] if words else []
+    chars = (
+        [padded[i : i + n] for n in range(char_ngrams[0], char_ngrams[1] + 1) for i in range(len(padded) - n + 1)]
+        if words
+        else []
+    )
     return words, bigrams, chars
+
 
 class HashedTextEncoder:
     "Deterministic signed feature-hashing encoder: word 1–2-grams + char 3–5-grams → L2-normalised float32 rows."
+
     def __init__(self, dim: int = 1024, seed: int = 1234, char_ngrams: tuple[int, int] = (3, 5)):
-        if not isinstance(dim, int) or dim < 8: raise ValueError(f"dim: expected an integer >= 8, got {dim!r}")
-        if not isinstance(seed, int) or not 0 <= seed < 2**32: raise ValueError(f"seed: expected an integer in [0, 2**32), got {seed!r}")
+        if not isinstance(dim, int) or dim < 8:
+            raise ValueError(f"dim: expected an integer >= 8, got {dim!r}")
+        if not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed: expected an integer in [0, 2**32), got {seed!r}")
         if len(char_ngrams) != 2 or not 1 <= char_ngrams[0] <= char_ngrams[1]:
             raise ValueError(f"char_ngrams: expected (lo, hi) with 1 <= lo <= hi, got {char_ngrams!r}")
         self.dim, self.seed, self.char_ngrams = dim, seed, tuple(char_ngrams)
@@ -50,7 +59,8 @@ class HashedTextEncoder:
 
     def _hash(self, feats: list[str], family: str) -> tuple[np.ndarray, np.ndarray]:
         "Bucket index and ±1 sign of each feature (cached)."
-        idx = np.empty(len(feats), dtype=np.int64); sgn = np.empty(len(feats), dtype=np.float32)
+        idx = np.empty(len(feats), dtype=np.int64)
+        sgn = np.empty(len(feats), dtype=np.float32)
         cache, salt = self._cache, self.seed
         for k, f in enumerate(feats):
             key = family + f
@@ -58,56 +68,71 @@ class HashedTextEncoder:
             if hit is None:
                 h = zlib.crc32(key.encode("utf-8"), salt)
                 hit = (h % self.dim, 1.0 if (h >> 31) & 1 else -1.0)
-                if len(cache) < 2_000_000: cache[key] = hit
+                if len(cache) < 2_000_000:
+                    cache[key] = hit
             idx[k], sgn[k] = hit
         return idx, sgn
 
     def encode_one(self, text: str) -> np.ndarray:
         "One text → float32 [dim], L2-normalised (zeros for a text without words)."
-        if not isinstance(text, str): raise ValueError(f"texts: expected str items, got {type(text).__name__}")
+        if not isinstance(text, str):
+            raise ValueError(f"texts: expected str items, got {type(text).__name__}")
         out = np.zeros(self.dim, dtype=np.float32)
         for family, feats in zip("wbc", _features(text, self.char_ngrams)):
-            if not feats: continue
+            if not feats:
+                continue
             idx, sgn = self._hash(feats, family)
             v = np.bincount(idx, weights=sgn, minlength=self.dim)
             v = np.sign(v) * np.log1p(np.abs(v))
             nrm = np.linalg.norm(v)
-            if nrm > 0: out += (v / nrm).astype(np.float32)
+            if nrm > 0:
+                out += (v / nrm).astype(np.float32)
         nrm = np.linalg.norm(out)
         return out / nrm if nrm > 0 else out
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         "Texts → float32 [n, dim] with L2-normalised rows (zero row for empty text)."
-        if isinstance(texts, str): raise ValueError("texts: expected a list of strings, got a single str")
+        if isinstance(texts, str):
+            raise ValueError("texts: expected a list of strings, got a single str")
         return np.stack([self.encode_one(t) for t in texts]) if len(texts) else np.zeros((0, self.dim), np.float32)
 
 # %% ../nbs/01_state.ipynb #237e83bc
 _DEFAULT_ENCODER: HashedTextEncoder | None = None
 
+
 def default_encoder() -> HashedTextEncoder:
     "The shared encoder built from the default config (dim and seed of `cfg.state`)."
     global _DEFAULT_ENCODER
-    if _DEFAULT_ENCODER is None: _DEFAULT_ENCODER = HashedTextEncoder.from_config(load_config("full"))
+    if _DEFAULT_ENCODER is None:
+        _DEFAULT_ENCODER = HashedTextEncoder.from_config(load_config("full"))
     return _DEFAULT_ENCODER
+
 
 def cosine_rows(A, B) -> np.ndarray:
     "Row-wise cosine similarity of two [n, d] arrays; 0 where a row is zero."
     A = np.asarray(A.detach().cpu() if torch.is_tensor(A) else A, dtype=np.float64)
     B = np.asarray(B.detach().cpu() if torch.is_tensor(B) else B, dtype=np.float64)
-    if A.ndim == 1: A = A[None]
-    if B.ndim == 1: B = B[None]
-    if A.shape != B.shape: raise ValueError(f"B: shape {B.shape} does not match A's shape {A.shape}")
-    num = (A * B).sum(1); den = np.linalg.norm(A, axis=1) * np.linalg.norm(B, axis=1)
+    if A.ndim == 1:
+        A = A[None]
+    if B.ndim == 1:
+        B = B[None]
+    if A.shape != B.shape:
+        raise ValueError(f"B: shape {B.shape} does not match A's shape {A.shape}")
+    num = (A * B).sum(1)
+    den = np.linalg.norm(A, axis=1) * np.linalg.norm(B, axis=1)
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
 
 def encode_pairs(a: Sequence[str], b: Sequence[str], encoder: HashedTextEncoder) -> tuple[np.ndarray, np.ndarray]:
     "Row-aligned encodings (Va, Vb) of the text pairs (a[i], b[i]); each distinct text is encoded once, in one batch."
     a, b = list(a), list(b)
-    if len(a) != len(b): raise ValueError(f"b: expected {len(a)} texts (one per text of a), got {len(b)}")
+    if len(a) != len(b):
+        raise ValueError(f"b: expected {len(a)} texts (one per text of a), got {len(b)}")
     texts = list(dict.fromkeys([*a, *b]))
     pos = {t: i for i, t in enumerate(texts)}
     V = encoder.encode(texts)
     return V[np.array([pos[t] for t in a], int)], V[np.array([pos[t] for t in b], int)]
+
 
 def text_cosine(a: str, b: str, encoder: HashedTextEncoder | None = None) -> float:
     "Cosine similarity of two texts under `encoder` (the default encoder when None)."
@@ -152,54 +177,70 @@ ROLE_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 PROMPT_JITTER: float = 0.01  # ours: std of the per-agent jitter around the role's PCA vector (relative to its norm)
 
-def prompt_pca(texts: Sequence[str], encoder: HashedTextEncoder, n_components: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def prompt_pca(
+    texts: Sequence[str], encoder: HashedTextEncoder, n_components: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "PCA of the encoded `texts`: (mean [d], components [k, d], explained-variance ratio [k])."
     X = encoder.encode(list(texts)).astype(np.float64)
-    if len(X) < 2: raise ValueError(f"texts: PCA needs at least 2 texts, got {len(X)}")
+    if len(X) < 2:
+        raise ValueError(f"texts: PCA needs at least 2 texts, got {len(X)}")
     mu = X.mean(0)
     U, S, Vt = np.linalg.svd(X - mu, full_matrices=False)
-    var = S**2; keep = var > 1e-12 * var.sum()
+    var = S**2
+    keep = var > 1e-12 * var.sum()
     k = int(keep.sum()) if n_components is None else min(n_components, int(keep.sum()))
     return mu, Vt[:k], (var / var.sum())[:k]
 
-def role_prompt_vectors(p: int, encoder: HashedTextEncoder, templates: dict[str, Sequence[str]] | None = None) -> np.ndarray:
+
+def role_prompt_vectors(
+    p: int, encoder: HashedTextEncoder, templates: dict[str, Sequence[str]] | None = None
+) -> np.ndarray:
     "One P vector per role (order of `config.SPECIALISTS`): PCA coordinates of the role's mean template, padded to `p`."
     templates = templates or ROLE_TEMPLATES
     missing = [r for r in SPECIALISTS if r not in templates]
-    if missing: raise ValueError(f"templates: no prompt templates for roles {missing}")
+    if missing:
+        raise ValueError(f"templates: no prompt templates for roles {missing}")
     texts = [t for r in SPECIALISTS for t in templates[r]]
     mu, comps, _ = prompt_pca(texts, encoder)
     out = np.zeros((len(SPECIALISTS), p), dtype=np.float32)
     for r, role in enumerate(SPECIALISTS):
         z = (encoder.encode(list(templates[role])).mean(0) - mu) @ comps.T
-        out[r, :min(p, len(z))] = z[:p]
+        out[r, : min(p, len(z))] = z[:p]
     return out
+
 
 @functools.lru_cache(maxsize=16)
 def _shipped_role_vectors(p: int, dim: int, seed: int) -> np.ndarray:
     "Role vectors of the shipped templates, cached per (p, encoder dim, encoder seed): the PCA runs once per process."
-    out = role_prompt_vectors(p, HashedTextEncoder(dim, seed)); out.flags.writeable = False
+    out = role_prompt_vectors(p, HashedTextEncoder(dim, seed))
+    out.flags.writeable = False
     return out
+
 
 def init_prompts(roles: torch.Tensor, cfg: Config, seed: int = 0, device=None) -> torch.Tensor:
     "P [N, p] for agents with the given `roles` (indices into SPECIALISTS): role PCA vector + seeded jitter."
     base = torch.tensor(_shipped_role_vectors(cfg.state.prompt_dim, cfg.state.encoder_dim, cfg.state.encoder_seed))
     g = torch.Generator().manual_seed(int(seed))
-    P = base[roles.cpu()] 
+    P = base[roles.cpu()]
     P = P + PROMPT_JITTER * P.norm(dim=1, keepdim=True) / cfg.state.prompt_dim**0.5 * torch.randn(P.shape, generator=g)
     return P.to(device if device is not None else roles.device)
 
 # %% ../nbs/01_state.ipynb #8de11859
 def prune_history(history: Sequence, max_turns: int) -> list:
     "The most recent `max_turns` items of `history` (§4.5 history pruning)."
-    if max_turns < 1: raise ValueError(f"max_turns: expected >= 1, got {max_turns}")
+    if max_turns < 1:
+        raise ValueError(f"max_turns: expected >= 1, got {max_turns}")
     return list(history)[-max_turns:]
+
 
 class SlidingWindowContext(nn.Module):
     "Attention of one learned query over the last k turn embeddings, projected to the context size c."
+
     def __init__(self, in_dim: int, out_dim: int, window: int, attn_dim: int = 128, seed: int = 0):
         super().__init__()
-        if window < 1: raise ValueError(f"window: expected >= 1, got {window}")
+        if window < 1:
+            raise ValueError(f"window: expected >= 1, got {window}")
         g = torch.Generator().manual_seed(seed)
         self.window, self.in_dim, self.out_dim = window, in_dim, out_dim
         self.key = nn.Linear(in_dim, attn_dim, bias=False)
@@ -209,7 +250,7 @@ class SlidingWindowContext(nn.Module):
         self.pos = nn.Parameter(torch.zeros(window, in_dim))
         with torch.no_grad():
             for lin in (self.key, self.value, self.proj):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.weight.shape[1]**0.5)
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.weight.shape[1] ** 0.5)
             self.proj.bias.zero_()
 
     @classmethod
@@ -222,7 +263,11 @@ class SlidingWindowContext(nn.Module):
         if turns.ndim != 3 or turns.shape[-1] != self.in_dim:
             raise ValueError(f"turns: expected [B, T, {self.in_dim}], got {tuple(turns.shape)}")
         B, T, _ = turns.shape
-        lengths = torch.full((B,), T, dtype=torch.long, device=turns.device) if lengths is None else lengths.to(turns.device).long()
+        lengths = (
+            torch.full((B,), T, dtype=torch.long, device=turns.device)
+            if lengths is None
+            else lengths.to(turns.device).long()
+        )
         if lengths.shape != (B,) or (lengths < 0).any() or (lengths > T).any():
             raise ValueError(f"lengths: expected [B] in [0, {T}], got {lengths.tolist()}")
         k = self.window
@@ -231,18 +276,22 @@ class SlidingWindowContext(nn.Module):
         valid = src >= 0
         x = torch.take_along_dim(turns, src.clamp(min=0)[..., None].expand(B, k, self.in_dim), dim=1)
         x = (x + self.pos[None]) * valid[..., None]
-        scores = (self.key(x) @ self.query) / self.query.numel()**0.5
+        scores = (self.key(x) @ self.query) / self.query.numel() ** 0.5
         scores = scores.masked_fill(~valid, float("-inf"))
-        attn = torch.softmax(scores, dim=1).nan_to_num(0.0)           # rows with no valid turn → all-zero weights
+        attn = torch.softmax(scores, dim=1).nan_to_num(0.0)  # rows with no valid turn → all-zero weights
         return self.proj((attn[..., None] * self.value(x)).sum(1))
 
-def encode_histories(histories: Sequence[Sequence[str]], encoder: HashedTextEncoder, max_turns: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def encode_histories(
+    histories: Sequence[Sequence[str]], encoder: HashedTextEncoder, max_turns: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     "Prune and encode a batch of turn histories → (turns [B, T, d] left-aligned, lengths [B])."
     pruned = [prune_history(h, max_turns) for h in histories]
     T = max([len(h) for h in pruned] + [1])
     out = np.zeros((len(pruned), T, encoder.dim), dtype=np.float32)
     for b, h in enumerate(pruned):
-        if h: out[b, :len(h)] = encoder.encode(h)
+        if h:
+            out[b, : len(h)] = encoder.encode(h)
     return torch.from_numpy(out), torch.tensor([len(h) for h in pruned], dtype=torch.long)
 
 # %% ../nbs/01_state.ipynb #dd799dc1
@@ -250,36 +299,58 @@ def encode_histories(histories: Sequence[Sequence[str]], encoder: HashedTextEnco
 def _ema_ordered(values, keys, updates, rate):  # pragma: no cover (compiled)
     "values[key] ← (1−rate)·values[key] + rate·u for each (key, u) in order, in place; each touched cell carried in float64 and rounded once."
     size = 2
-    while size < 2 * keys.shape[0]: size *= 2
-    shift = np.uint64(64 - int(np.log2(size))); golden = np.uint64(0x9E3779B97F4A7C15)
-    slot_key = np.full(size, -1, np.int64); slot_val = np.empty(size, np.float64)
+    while size < 2 * keys.shape[0]:
+        size *= 2
+    shift = np.uint64(64 - int(np.log2(size)))
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    slot_key = np.full(size, -1, np.int64)
+    slot_val = np.empty(size, np.float64)
     keep = 1.0 - rate
     for k in range(keys.shape[0]):
-        key = keys[k]; h = np.intp((np.uint64(key) * golden) >> shift)   # Fibonacci hashing, linear probing
-        while slot_key[h] != -1 and slot_key[h] != key: h = (h + 1) & (size - 1)
-        if slot_key[h] == -1: slot_key[h] = key; slot_val[h] = values[key]
+        key = keys[k]
+        h = np.intp((np.uint64(key) * golden) >> shift)  # Fibonacci hashing, linear probing
+        while slot_key[h] != -1 and slot_key[h] != key:
+            h = (h + 1) & (size - 1)
+        if slot_key[h] == -1:
+            slot_key[h] = key
+            slot_val[h] = values[key]
         slot_val[h] = keep * slot_val[h] + rate * np.float64(updates[k])
     for h in range(size):
-        if slot_key[h] != -1: values[slot_key[h]] = slot_val[h]
+        if slot_key[h] != -1:
+            values[slot_key[h]] = slot_val[h]
+
 
 def sequential_ema_(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tensor, rate: float) -> torch.Tensor:
     "In place: v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order (values: a flat contiguous tensor); returns `values`."
-    if values.ndim != 1 or not values.is_contiguous(): raise ValueError(f"values: expected a flat contiguous tensor, got shape {tuple(values.shape)}")
-    if keys.shape != updates.shape or keys.ndim != 1: raise ValueError(f"keys/updates: expected two 1-D tensors of one length, got {tuple(keys.shape)} and {tuple(updates.shape)}")
-    if keys.numel() == 0: return values
-    if keys.is_floating_point() or keys.dtype == torch.bool: raise ValueError(f"keys: expected an integer tensor, got {keys.dtype}")
-    lo, hi = (int(v) for v in torch.aminmax(keys))      # one pass over the keys
-    if lo < 0 or hi >= values.numel(): raise ValueError(f"keys: must lie in [0, {values.numel()}), got range [{lo}, {hi}]")
+    if values.ndim != 1 or not values.is_contiguous():
+        raise ValueError(f"values: expected a flat contiguous tensor, got shape {tuple(values.shape)}")
+    if keys.shape != updates.shape or keys.ndim != 1:
+        raise ValueError(
+            f"keys/updates: expected two 1-D tensors of one length, got {tuple(keys.shape)} and {tuple(updates.shape)}"
+        )
+    if keys.numel() == 0:
+        return values
+    if keys.is_floating_point() or keys.dtype == torch.bool:
+        raise ValueError(f"keys: expected an integer tensor, got {keys.dtype}")
+    lo, hi = (int(v) for v in torch.aminmax(keys))  # one pass over the keys
+    if lo < 0 or hi >= values.numel():
+        raise ValueError(f"keys: must lie in [0, {values.numel()}), got range [{lo}, {hi}]")
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and not values.requires_grad:
-        _ema_ordered(values.numpy(), keys.to(torch.int64).contiguous().numpy(), updates.double().contiguous().numpy(), float(rate))
+        _ema_ordered(
+            values.numpy(),
+            keys.to(torch.int64).contiguous().numpy(),
+            updates.double().contiguous().numpy(),
+            float(rate),
+        )
         return values
     uniq, inv, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-    if uniq.numel() == keys.numel():                      # no key repeats: one plain EMA step per key
+    if uniq.numel() == keys.numel():  # no key repeats: one plain EMA step per key
         values[keys] = ((1.0 - rate) * values[keys].double() + rate * updates.double()).to(values.dtype)
         return values
     order = torch.argsort(inv, stable=True)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(inv); rank[order] = torch.arange(keys.numel(), device=keys.device) - starts[inv[order]]
+    rank = torch.empty_like(inv)
+    rank[order] = torch.arange(keys.numel(), device=keys.device) - starts[inv[order]]
     K = counts[inv]
     keep = 1.0 - rate
     w = rate * torch.pow(torch.full_like(updates, keep, dtype=torch.float64), (K - 1 - rank).double())
@@ -288,15 +359,19 @@ def sequential_ema_(values: torch.Tensor, keys: torch.Tensor, updates: torch.Ten
     values[uniq] = (values[uniq].double() * decay + acc).to(values.dtype)
     return values
 
+
 def sequential_ema(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tensor, rate: float) -> torch.Tensor:
     "Return `values` (flat) after v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order (a new tensor; `values` untouched)."
     return sequential_ema_(values.clone(), keys, updates, rate)
 
+
 def queue_rank(key: np.ndarray) -> np.ndarray:
     "Position of each item among the earlier items with the same key (0 = first), e.g. in an agent's FIFO queue; vectorised with a stable sort."
     key = np.asarray(key)
-    if key.size == 0: return np.zeros(0, np.int64)
-    order = np.argsort(key, kind="stable"); a = key[order]
+    if key.size == 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(key, kind="stable")
+    a = key[order]
     starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
     rank = np.empty(a.size, np.int64)
     rank[order] = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))
@@ -306,19 +381,24 @@ def queue_rank(key: np.ndarray) -> np.ndarray:
 class NonFiniteUpdate(ValueError):
     "An update contained NaN or Inf; the bank kept its previous values."
 
+
 def importance_weights(utilisation: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     "ω_i = u_i / Σ_alive u (uniform over alive agents when all u are 0); dead agents get 0 (§3.5, eq. 1)."
     u = torch.where(alive, utilisation.float().clamp(min=0), torch.zeros_like(utilisation, dtype=torch.float32))
     total = u.sum()
-    if total > 0: return u / total
+    if total > 0:
+        return u / total
     n_alive = alive.sum()
     return alive.float() / n_alive if n_alive > 0 else torch.zeros_like(u)
 
+
 _FIELDS = ("P", "C", "M", "omega", "utilisation", "capability_score", "alive", "role")
+
 
 @dataclass
 class StateBank:
     "All agents' states S_i = (P_i, C_i, M_i) plus ω, utilisation, capability score, alive flag and role."
+
     P: torch.Tensor
     C: torch.Tensor
     M: torch.Tensor
@@ -327,7 +407,9 @@ class StateBank:
     capability_score: torch.Tensor
     alive: torch.Tensor
     role: torch.Tensor
-    c_slot: torch.Tensor | None = None   # lazy agents: row of C holding agent i's context, −1 = not materialised (None: C is dense)
+    c_slot: torch.Tensor | None = (
+        None  # lazy agents: row of C holding agent i's context, −1 = not materialised (None: C is dense)
+    )
     eta: float = 0.1
     decay: float = 0.95
     prompt_seed: int = 0
@@ -337,7 +419,8 @@ class StateBank:
     @classmethod
     def create(cls, n: int, cfg: Config, device=None, seed: int = 0) -> "StateBank":
         "N agents: P from the role PCA (roles round-robin over SPECIALISTS), C = 0 (no rows when lazy), M = 0.5, uniform ω."
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0: raise ValueError(f"n: expected an integer >= 0, got {n!r}")
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n: expected an integer >= 0, got {n!r}")
         dev = get_device(cfg.device) if device is None else torch.device(device)
         s = cfg.state
         role = (torch.arange(n) % len(SPECIALISTS)).to(dev)
@@ -346,26 +429,46 @@ class StateBank:
         util = torch.zeros(n, device=dev)
         lazy = bool(s.lazy_agents)
         c_slot = torch.full((n,), -1, dtype=torch.long, device=dev) if lazy else None
-        bank = cls(P=init_prompts(role, cfg, seed=seed, device=dev), C=torch.zeros(0 if lazy else n, s.context_dim, device=dev), c_slot=c_slot,
-                   M=torch.full((n, s.n_tasks, s.n_modalities), 0.5, dtype=m_dtype, device=dev),
-                   omega=importance_weights(util, alive), utilisation=util, capability_score=torch.full((n,), 0.5, device=dev),
-                   alive=alive, role=role, eta=s.capability_eta, decay=s.capability_decay, prompt_seed=seed, cfg=cfg)
+        bank = cls(
+            P=init_prompts(role, cfg, seed=seed, device=dev),
+            C=torch.zeros(0 if lazy else n, s.context_dim, device=dev),
+            c_slot=c_slot,
+            M=torch.full((n, s.n_tasks, s.n_modalities), 0.5, dtype=m_dtype, device=dev),
+            omega=importance_weights(util, alive),
+            utilisation=util,
+            capability_score=torch.full((n,), 0.5, device=dev),
+            alive=alive,
+            role=role,
+            eta=s.capability_eta,
+            decay=s.capability_decay,
+            prompt_seed=seed,
+            cfg=cfg,
+        )
         return bank.validate()
 
     @property
-    def n(self) -> int: return self.P.shape[0]
+    def n(self) -> int:
+        return self.P.shape[0]
+
     @property
-    def device(self) -> torch.device: return self.P.device
+    def device(self) -> torch.device:
+        return self.P.device
+
     @property
-    def n_alive(self) -> int: return int(self.alive.sum())
+    def n_alive(self) -> int:
+        return int(self.alive.sum())
+
     @property
-    def lazy(self) -> bool: return self.c_slot is not None
+    def lazy(self) -> bool:
+        return self.c_slot is not None
+
     @property
     def n_materialised(self) -> int:
         "Agents whose C row exists (all agents for a dense bank)."
         return int((self.c_slot >= 0).sum()) if self.lazy else self.n
 
-    def _field_names(self) -> tuple[str, ...]: return _FIELDS + (("c_slot",) if self.lazy else ())
+    def _field_names(self) -> tuple[str, ...]:
+        return _FIELDS + (("c_slot",) if self.lazy else ())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         "The bank's tensors by field name (plus `c_slot` for a lazy bank)."
@@ -378,33 +481,58 @@ class StateBank:
     def validate(self) -> "StateBank":
         "Check shapes, dtypes, finiteness and ω; raise ValueError naming the field. Returns self."
         n = self.n
-        if self.P.ndim != 2: raise ValueError(f"P: expected [N, p], got {tuple(self.P.shape)}")
+        if self.P.ndim != 2:
+            raise ValueError(f"P: expected [N, p], got {tuple(self.P.shape)}")
         if self.lazy:
             slot = self.c_slot
-            if not torch.is_tensor(slot) or slot.dtype != torch.long or slot.shape != (n,): raise ValueError(f"c_slot: expected int64 [{n}], got {getattr(slot, 'dtype', type(slot))} {tuple(getattr(slot, 'shape', ()))}")
+            if not torch.is_tensor(slot) or slot.dtype != torch.long or slot.shape != (n,):
+                raise ValueError(
+                    f"c_slot: expected int64 [{n}], got {getattr(slot, 'dtype', type(slot))} {tuple(getattr(slot, 'shape', ()))}"
+                )
             used = slot[slot >= 0]
-            if self.C.ndim != 2 or self.C.shape[0] != used.numel(): raise ValueError(f"C: a lazy bank with {used.numel()} materialised agents needs [{used.numel()}, c] rows, got {tuple(self.C.shape)}")
-            if (slot < -1).any() or (used.numel() and (int(used.max()) >= used.numel() or used.unique().numel() != used.numel())):
-                raise ValueError("c_slot: materialised agents must map one-to-one onto the rows of C (−1 for the others)")
-        elif self.C.ndim != 2 or self.C.shape[0] != n: raise ValueError(f"C: expected [{n}, c], got {tuple(self.C.shape)}")
-        if self.M.ndim != 3 or self.M.shape[0] != n: raise ValueError(f"M: expected [{n}, m, l], got {tuple(self.M.shape)}")
+            if self.C.ndim != 2 or self.C.shape[0] != used.numel():
+                raise ValueError(
+                    f"C: a lazy bank with {used.numel()} materialised agents needs [{used.numel()}, c] rows, got {tuple(self.C.shape)}"
+                )
+            if (slot < -1).any() or (
+                used.numel() and (int(used.max()) >= used.numel() or used.unique().numel() != used.numel())
+            ):
+                raise ValueError(
+                    "c_slot: materialised agents must map one-to-one onto the rows of C (−1 for the others)"
+                )
+        elif self.C.ndim != 2 or self.C.shape[0] != n:
+            raise ValueError(f"C: expected [{n}, c], got {tuple(self.C.shape)}")
+        if self.M.ndim != 3 or self.M.shape[0] != n:
+            raise ValueError(f"M: expected [{n}, m, l], got {tuple(self.M.shape)}")
         if self.cfg is not None:
             s = self.cfg.state
-            for name, got, want in (("P", self.P.shape[1:], (s.prompt_dim,)), ("C", self.C.shape[1:], (s.context_dim,)),
-                                    ("M", self.M.shape[1:], (s.n_tasks, s.n_modalities))):
-                if tuple(got) != want: raise ValueError(f"{name}: expected trailing shape {want}, got {tuple(got)}")
+            for name, got, want in (
+                ("P", self.P.shape[1:], (s.prompt_dim,)),
+                ("C", self.C.shape[1:], (s.context_dim,)),
+                ("M", self.M.shape[1:], (s.n_tasks, s.n_modalities)),
+            ):
+                if tuple(got) != want:
+                    raise ValueError(f"{name}: expected trailing shape {want}, got {tuple(got)}")
         for name in ("omega", "utilisation", "capability_score", "alive", "role"):
             t = getattr(self, name)
-            if t.shape != (n,): raise ValueError(f"{name}: expected shape [{n}], got {tuple(t.shape)}")
+            if t.shape != (n,):
+                raise ValueError(f"{name}: expected shape [{n}], got {tuple(t.shape)}")
         for name in ("P", "C", "M", "omega", "utilisation", "capability_score"):
             t = getattr(self, name)
-            if not t.is_floating_point(): raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
-            if not torch.isfinite(t).all(): raise ValueError(f"{name}: contains NaN or Inf")
-        if self.alive.dtype != torch.bool: raise ValueError(f"alive: expected bool, got {self.alive.dtype}")
-        if self.role.dtype != torch.long: raise ValueError(f"role: expected int64, got {self.role.dtype}")
-        if (self.omega < 0).any() or (self.omega[~self.alive] != 0).any(): raise ValueError("omega: must be >= 0 and 0 for dead agents")
-        if self.n_alive and abs(float(self.omega.sum()) - 1.0) > 1e-4: raise ValueError(f"omega: must sum to 1 over alive agents, sums to {float(self.omega.sum()):.6g}")
-        if ((self.M < 0) | (self.M > 1)).any(): raise ValueError("M: capability entries must lie in [0, 1]")
+            if not t.is_floating_point():
+                raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name}: contains NaN or Inf")
+        if self.alive.dtype != torch.bool:
+            raise ValueError(f"alive: expected bool, got {self.alive.dtype}")
+        if self.role.dtype != torch.long:
+            raise ValueError(f"role: expected int64, got {self.role.dtype}")
+        if (self.omega < 0).any() or (self.omega[~self.alive] != 0).any():
+            raise ValueError("omega: must be >= 0 and 0 for dead agents")
+        if self.n_alive and abs(float(self.omega.sum()) - 1.0) > 1e-4:
+            raise ValueError(f"omega: must sum to 1 over alive agents, sums to {float(self.omega.sum()):.6g}")
+        if ((self.M < 0) | (self.M > 1)).any():
+            raise ValueError("M: capability entries must lie in [0, 1]")
         return self
 
     def snapshot(self) -> dict:
@@ -415,15 +543,21 @@ class StateBank:
         "Restore the tensors of `snap` (from `snapshot`) after checking their shapes and dtypes."
         names = self._field_names()
         missing = [k for k in names if k not in snap]
-        if missing: raise ValueError(f"snap: missing fields {missing}")
-        if not self.lazy and "c_slot" in snap: raise ValueError("snap: comes from a lazy bank (has c_slot); this bank is dense")
+        if missing:
+            raise ValueError(f"snap: missing fields {missing}")
+        if not self.lazy and "c_slot" in snap:
+            raise ValueError("snap: comes from a lazy bank (has c_slot); this bank is dense")
         for k in names:
             cur, new = getattr(self, k), snap[k]
             if not torch.is_tensor(new) or new.dtype != cur.dtype or new.shape[1:] != cur.shape[1:]:
-                raise ValueError(f"{k}: snapshot tensor {getattr(new, 'dtype', type(new))} {tuple(getattr(new, 'shape', ()))} does not fit {cur.dtype} {tuple(cur.shape)}")
+                raise ValueError(
+                    f"{k}: snapshot tensor {getattr(new, 'dtype', type(new))} {tuple(getattr(new, 'shape', ()))} does not fit {cur.dtype} {tuple(cur.shape)}"
+                )
         sizes_ = {snap[k].shape[0] for k in names if not (self.lazy and k == "C")}
-        if len(sizes_) != 1: raise ValueError(f"snap: fields disagree on N: {sorted(sizes_)}")
-        for k in names: setattr(self, k, snap[k].clone().to(self.device))
+        if len(sizes_) != 1:
+            raise ValueError(f"snap: fields disagree on N: {sorted(sizes_)}")
+        for k in names:
+            setattr(self, k, snap[k].clone().to(self.device))
         self.rejected_updates = int(snap.get("rejected_updates", self.rejected_updates))
         return self
 
@@ -431,9 +565,12 @@ class StateBank:
     def _ids(self, ids, name: str = "agent") -> torch.Tensor:
         "Validate a LongTensor [B] of agent ids."
         ids = torch.as_tensor(ids, device=self.device)
-        if ids.ndim != 1: raise ValueError(f"{name}: expected a 1-D tensor of agent ids, got shape {tuple(ids.shape)}")
-        if ids.dtype not in (torch.int64, torch.int32): raise ValueError(f"{name}: expected an integer tensor, got {ids.dtype}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.n): raise ValueError(f"{name}: ids must lie in [0, {self.n}), got range [{int(ids.min())}, {int(ids.max())}]")
+        if ids.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor of agent ids, got shape {tuple(ids.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name}: expected an integer tensor, got {ids.dtype}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.n):
+            raise ValueError(f"{name}: ids must lie in [0, {self.n}), got range [{int(ids.min())}, {int(ids.max())}]")
         return ids.long()
 
     def _refuse(self, name: str, t: torch.Tensor) -> None:
@@ -446,54 +583,76 @@ class StateBank:
         "Batched §3.4 EMA, in place: M[a, τ, μ] ← (1−η)M + η·o and capability_score[a] ← decay·s + (1−decay)·o, in batch order."
         agent = self._ids(agent, "agent")
         B = agent.numel()
-        task = torch.as_tensor(task, device=self.device); modality = torch.as_tensor(modality, device=self.device)
+        task = torch.as_tensor(task, device=self.device)
+        modality = torch.as_tensor(modality, device=self.device)
         outcome = torch.as_tensor(outcome, device=self.device)
         m, l = self.M.shape[1:]
         for name, t, hi in (("task", task, m), ("modality", modality, l)):
-            if t.shape != (B,): raise ValueError(f"{name}: expected shape [{B}] like agent, got {tuple(t.shape)}")
-            if t.is_floating_point() or t.dtype == torch.bool: raise ValueError(f"{name}: expected an integer tensor, got {t.dtype}")
-            if B and (t.min() < 0 or t.max() >= hi): raise ValueError(f"{name}: values must lie in [0, {hi}), got range [{int(t.min())}, {int(t.max())}]")
-        if outcome.shape != (B,): raise ValueError(f"outcome: expected shape [{B}] like agent, got {tuple(outcome.shape)}")
+            if t.shape != (B,):
+                raise ValueError(f"{name}: expected shape [{B}] like agent, got {tuple(t.shape)}")
+            if t.is_floating_point() or t.dtype == torch.bool:
+                raise ValueError(f"{name}: expected an integer tensor, got {t.dtype}")
+            if B and (t.min() < 0 or t.max() >= hi):
+                raise ValueError(f"{name}: values must lie in [0, {hi}), got range [{int(t.min())}, {int(t.max())}]")
+        if outcome.shape != (B,):
+            raise ValueError(f"outcome: expected shape [{B}] like agent, got {tuple(outcome.shape)}")
         outcome = outcome.float()
         self._refuse("outcome", outcome)
-        if B and (outcome.min() < 0 or outcome.max() > 1): raise ValueError("outcome: values must lie in [0, 1]")
+        if B and (outcome.min() < 0 or outcome.max() > 1):
+            raise ValueError("outcome: values must lie in [0, 1]")
         keys = (agent * m + task.long()) * l + modality.long()
-        if not self.M.is_contiguous(): self.M = self.M.contiguous()
-        if not self.capability_score.is_contiguous(): self.capability_score = self.capability_score.contiguous()
-        sequential_ema_(self.M.view(-1), keys, outcome, self.eta)                      # in place: O(B), not a copy of M
+        if not self.M.is_contiguous():
+            self.M = self.M.contiguous()
+        if not self.capability_score.is_contiguous():
+            self.capability_score = self.capability_score.contiguous()
+        sequential_ema_(self.M.view(-1), keys, outcome, self.eta)  # in place: O(B), not a copy of M
         sequential_ema_(self.capability_score, agent, outcome, 1.0 - self.decay)
         return self
 
     def set_utilisation(self, utilisation) -> "StateBank":
         "Replace utilisation [N] (values in [0, 1]) and recompute ω (§3.5)."
         u = torch.as_tensor(utilisation, device=self.device, dtype=torch.float32)
-        if u.shape != (self.n,): raise ValueError(f"utilisation: expected shape [{self.n}], got {tuple(u.shape)}")
+        if u.shape != (self.n,):
+            raise ValueError(f"utilisation: expected shape [{self.n}], got {tuple(u.shape)}")
         self._refuse("utilisation", u)
-        if (u < 0).any() or (u > 1).any(): raise ValueError("utilisation: values must lie in [0, 1]")
-        self.utilisation = u.clone(); self.omega = importance_weights(self.utilisation, self.alive)
+        if (u < 0).any() or (u > 1).any():
+            raise ValueError("utilisation: values must lie in [0, 1]")
+        self.utilisation = u.clone()
+        self.omega = importance_weights(self.utilisation, self.alive)
         return self
 
     def set_rows(self, name: str, ids, values: torch.Tensor) -> "StateBank":
         "Overwrite rows `ids` of field `name` ('P' or 'C') with `values`; NaN/Inf refused. A lazy bank materialises new C rows."
-        if name not in ("P", "C"): raise ValueError(f"name: expected 'P' or 'C', got {name!r}")
-        ids = self._ids(ids, "ids"); cur = getattr(self, name)
+        if name not in ("P", "C"):
+            raise ValueError(f"name: expected 'P' or 'C', got {name!r}")
+        ids = self._ids(ids, "ids")
+        cur = getattr(self, name)
         values = torch.as_tensor(values, device=self.device)
-        if values.shape != (ids.numel(), cur.shape[1]): raise ValueError(f"{name}: expected values of shape [{ids.numel()}, {cur.shape[1]}], got {tuple(values.shape)}")
+        if values.shape != (ids.numel(), cur.shape[1]):
+            raise ValueError(
+                f"{name}: expected values of shape [{ids.numel()}, {cur.shape[1]}], got {tuple(values.shape)}"
+            )
         self._refuse(name, values)
         if name == "C" and self.lazy:
-            slot = self.c_slot.clone(); fresh = ids[slot[ids] < 0].unique()
+            slot = self.c_slot.clone()
+            fresh = ids[slot[ids] < 0].unique()
             if fresh.numel():
                 slot[fresh] = torch.arange(cur.shape[0], cur.shape[0] + fresh.numel(), device=self.device)
                 new = torch.cat([cur, torch.zeros(fresh.numel(), cur.shape[1], dtype=cur.dtype, device=self.device)])
-            else: new = cur.clone()
-            new[slot[ids]] = values.to(cur.dtype); self.C, self.c_slot = new, slot
+            else:
+                new = cur.clone()
+            new[slot[ids]] = values.to(cur.dtype)
+            self.C, self.c_slot = new, slot
             return self
-        new = cur.clone(); new[ids] = values.to(cur.dtype); setattr(self, name, new)
+        new = cur.clone()
+        new[ids] = values.to(cur.dtype)
+        setattr(self, name, new)
         return self
 
     def context(self, ids=None) -> torch.Tensor:
         "C as dense rows [len(ids), c] (all agents when `ids` is None; the bank's own tensor for a dense bank); C never written reads as 0."
-        if not self.lazy: return self.C if ids is None else self.C[self._ids(ids, "ids")]
+        if not self.lazy:
+            return self.C if ids is None else self.C[self._ids(ids, "ids")]
         slot = self.c_slot if ids is None else self.c_slot[self._ids(ids, "ids")]
         out = torch.zeros(slot.numel(), self.C.shape[1], dtype=self.C.dtype, device=self.device)
         have = slot >= 0
@@ -504,21 +663,31 @@ class StateBank:
         "Agents `ids` left their conversations: their C reads as 0 again; a lazy bank frees the rows (§4.5 lazy agents)."
         ids = self._ids(ids, "ids")
         if not self.lazy:
-            new = self.C.clone(); new[ids] = 0.0; self.C = new
+            new = self.C.clone()
+            new[ids] = 0.0
+            self.C = new
             return self
-        slot = self.c_slot.clone(); drop = slot[ids]; drop = drop[drop >= 0]
-        if drop.numel() == 0: return self
-        keep = torch.ones(self.C.shape[0], dtype=torch.bool, device=self.device); keep[drop] = False
+        slot = self.c_slot.clone()
+        drop = slot[ids]
+        drop = drop[drop >= 0]
+        if drop.numel() == 0:
+            return self
+        keep = torch.ones(self.C.shape[0], dtype=torch.bool, device=self.device)
+        keep[drop] = False
         remap = torch.cumsum(keep.long(), 0) - 1
-        slot[ids] = -1; have = slot >= 0; slot[have] = remap[slot[have]]
+        slot[ids] = -1
+        have = slot >= 0
+        slot[have] = remap[slot[have]]
         self.C, self.c_slot = self.C[keep], slot
         return self
 
     def set_prompts(self, P_new: torch.Tensor) -> "StateBank":
         "Replace the whole P bank (e.g. after a consensus step); NaN/Inf refused, shape checked."
         P_new = torch.as_tensor(P_new, device=self.device)
-        if P_new.shape != self.P.shape: raise ValueError(f"P: expected shape {tuple(self.P.shape)}, got {tuple(P_new.shape)}")
-        if P_new.dtype != self.P.dtype: raise ValueError(f"P: expected dtype {self.P.dtype}, got {P_new.dtype}")
+        if P_new.shape != self.P.shape:
+            raise ValueError(f"P: expected shape {tuple(self.P.shape)}, got {tuple(P_new.shape)}")
+        if P_new.dtype != self.P.dtype:
+            raise ValueError(f"P: expected dtype {self.P.dtype}, got {P_new.dtype}")
         self._refuse("P", P_new)
         self.P = P_new
         return self
@@ -526,27 +695,36 @@ class StateBank:
     # --- membership ------------------------------------------------------------------------------------
     def add_agents(self, k: int) -> torch.Tensor:
         "Append `k` fresh agents (role round-robin, P from the role PCA); return their ids."
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0: raise ValueError(f"k: expected an integer >= 0, got {k!r}")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"k: expected an integer >= 0, got {k!r}")
         cfg = self.cfg or load_config("full")
         ids = torch.arange(self.n, self.n + k, device=self.device)
         role = ids % len(SPECIALISTS)
-        fresh = dict(P=init_prompts(role, cfg, seed=self.prompt_seed + self.n, device=self.device).to(self.P.dtype),
-                     C=torch.zeros(k, self.C.shape[1], dtype=self.C.dtype, device=self.device),
-                     M=torch.full((k, *self.M.shape[1:]), 0.5, dtype=self.M.dtype, device=self.device),
-                     omega=torch.zeros(k, device=self.device), utilisation=torch.zeros(k, device=self.device),
-                     capability_score=torch.full((k,), 0.5, device=self.device),
-                     alive=torch.ones(k, dtype=torch.bool, device=self.device), role=role)
+        fresh = dict(
+            P=init_prompts(role, cfg, seed=self.prompt_seed + self.n, device=self.device).to(self.P.dtype),
+            C=torch.zeros(k, self.C.shape[1], dtype=self.C.dtype, device=self.device),
+            M=torch.full((k, *self.M.shape[1:]), 0.5, dtype=self.M.dtype, device=self.device),
+            omega=torch.zeros(k, device=self.device),
+            utilisation=torch.zeros(k, device=self.device),
+            capability_score=torch.full((k,), 0.5, device=self.device),
+            alive=torch.ones(k, dtype=torch.bool, device=self.device),
+            role=role,
+        )
         if self.lazy:
-            fresh.pop("C"); self.c_slot = torch.cat([self.c_slot, torch.full((k,), -1, dtype=torch.long, device=self.device)])
-        for name, t in fresh.items(): setattr(self, name, torch.cat([getattr(self, name), t]))
+            fresh.pop("C")
+            self.c_slot = torch.cat([self.c_slot, torch.full((k,), -1, dtype=torch.long, device=self.device)])
+        for name, t in fresh.items():
+            setattr(self, name, torch.cat([getattr(self, name), t]))
         self.omega = importance_weights(self.utilisation, self.alive)
         return ids
 
     def remove_agents(self, ids) -> "StateBank":
         "Mark agents dead (ids stay valid); their ω and utilisation become 0."
         ids = self._ids(ids, "ids")
-        self.alive = self.alive.clone(); self.alive[ids] = False
-        self.utilisation = self.utilisation.clone(); self.utilisation[ids] = 0.0
+        self.alive = self.alive.clone()
+        self.alive[ids] = False
+        self.utilisation = self.utilisation.clone()
+        self.utilisation[ids] = 0.0
         self.omega = importance_weights(self.utilisation, self.alive)
         return self
 
@@ -557,21 +735,29 @@ class StateBank:
         if self.lazy:
             have = self.c_slot >= 0
             C = w[have] @ self.C[self.c_slot[have]].float()
-        else: C = w @ self.C.float()
+        else:
+            C = w @ self.C.float()
         return {"P": w @ self.P.float(), "C": C, "M": torch.einsum("n,nml->ml", w, self.M.float())}
 
 # %% ../nbs/01_state.ipynb #77dff699
 def memory_table(cfg: Config, n: int = 1000, active_share: float | None = None) -> "pd.DataFrame":
     "Bytes per agent of the bank, measured: fp32, fp16 M, and fp16 M + lazy agents with `active_share` of them in a conversation."
     import pandas as pd
+
     share = cfg.scaling.active_share if active_share is None else active_share
-    if not 0.0 <= share <= 1.0: raise ValueError(f"active_share: expected a share in [0, 1], got {share!r}")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"active_share: expected a share in [0, 1], got {share!r}")
     rows = []
-    for name, fp16, lazy in (("fp32", False, False), ("fp16 M (§4.5)", True, False), (f"fp16 M + lazy agents, {share:.0%} active (§4.5)", True, True)):
+    for name, fp16, lazy in (
+        ("fp32", False, False),
+        ("fp16 M (§4.5)", True, False),
+        (f"fp16 M + lazy agents, {share:.0%} active (§4.5)", True, True),
+    ):
         c = load_config(cfg.profile, state__fp16_capability=fp16, state__lazy_agents=lazy)
         b = StateBank.create(n, c, device="cpu")
         k = int(round(share * n))
-        if lazy and k: b.set_rows("C", torch.arange(k), torch.zeros(k, b.C.shape[1]))
+        if lazy and k:
+            b.set_rows("C", torch.arange(k), torch.zeros(k, b.C.shape[1]))
         rows.append(dict(layout=name, bytes_per_agent=b.nbytes() / n, materialised_contexts=b.n_materialised))
     df = pd.DataFrame(rows)
     df["saving_vs_fp32"] = 1 - df.bytes_per_agent / df.bytes_per_agent.iloc[0]

@@ -11,7 +11,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pingouin as pg
-from .config import load_config, results_dir, save_table, save_figure, Config, PAPER_TABLE3, PAPER_TABLE3_CI, PAPER_TABLE3_P, PAPER_CLAIMS
+from rapo_nb.config import (
+    load_config,
+    results_dir,
+    save_table,
+    save_figure,
+    Config,
+    PAPER_TABLE3,
+    PAPER_TABLE3_CI,
+    PAPER_TABLE3_P,
+    PAPER_CLAIMS,
+)
 
 # %% auto #0
 __all__ = ['SYSTEMS', 'BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'welch_test',
@@ -22,9 +32,12 @@ __all__ = ['SYSTEMS', 'BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LAB
 def _sample(x, name: str, min_n: int = 2) -> np.ndarray:
     "A finite 1-D float array of at least `min_n` values, or ValueError naming `name`."
     a = np.asarray(x, dtype=float).ravel()
-    if a.size < min_n: raise ValueError(f"{name}: need at least {min_n} values, got {a.size}")
-    if not np.all(np.isfinite(a)): raise ValueError(f"{name}: contains NaN or infinite values")
+    if a.size < min_n:
+        raise ValueError(f"{name}: need at least {min_n} values, got {a.size}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: contains NaN or infinite values")
     return a
+
 
 def welch_test(x, y, alternative: str = "two-sided") -> dict:
     "Welch's unequal-variance t-test of mean(x) − mean(y) (pingouin, `correction=True`): dict(t, dof, p)."
@@ -33,7 +46,8 @@ def welch_test(x, y, alternative: str = "two-sided") -> dict:
         raise ValueError(f"alternative: {alternative!r} is not one of 'two-sided', 'greater', 'less'")
     if x.var() == 0 and y.var() == 0:
         diff = x.mean() - y.mean()
-        if diff == 0: return dict(t=0.0, dof=float(x.size + y.size - 2), p=1.0)
+        if diff == 0:
+            return dict(t=0.0, dof=float(x.size + y.size - 2), p=1.0)
         p = 0.0 if alternative == "two-sided" or (alternative == "greater") == (diff > 0) else 1.0
         return dict(t=math.copysign(math.inf, diff), dof=float(x.size + y.size - 2), p=p)
     res = pg.ttest(x, y, paired=False, alternative=alternative, correction=True)
@@ -44,11 +58,15 @@ def welch_test(x, y, alternative: str = "two-sided") -> dict:
 def bonferroni(pvalues, alpha: float = 0.05, n_comparisons: int | None = None) -> dict:
     "Bonferroni correction: per-test level α/n, adjusted p = min(1, n·p), reject = p ≤ α/n."
     p = np.asarray(pvalues, dtype=float).ravel()
-    if p.size == 0: raise ValueError("pvalues: empty")
-    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)): raise ValueError("pvalues: every p-value must lie in [0, 1]")
-    if not 0 < alpha < 1: raise ValueError(f"alpha: {alpha!r} is not in (0, 1)")
+    if p.size == 0:
+        raise ValueError("pvalues: empty")
+    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError("pvalues: every p-value must lie in [0, 1]")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha: {alpha!r} is not in (0, 1)")
     n = p.size if n_comparisons is None else int(n_comparisons)
-    if n < p.size: raise ValueError(f"n_comparisons: {n} is fewer than the {p.size} p-values given")
+    if n < p.size:
+        raise ValueError(f"n_comparisons: {n} is fewer than the {p.size} p-values given")
     return dict(alpha_per_test=alpha / n, p_adjusted=np.minimum(1.0, p * n), reject=p <= alpha / n)
 
 # %% ../nbs/10_statistics.ipynb #7592f2c4
@@ -57,54 +75,85 @@ def cohens_d(x, y) -> float:
     x, y = _sample(x, "x"), _sample(y, "y")
     diff = x.mean() - y.mean()
     pooled = math.sqrt(((x.size - 1) * x.var(ddof=1) + (y.size - 1) * y.var(ddof=1)) / (x.size + y.size - 2))
-    if pooled == 0: return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    if pooled == 0:
+        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
     return float(diff / pooled)
+
 
 def binary_d_bound(p1: float, p2: float) -> float:
     "Cohen's d of two large binary samples with success rates p1 and p2 (the population value)."
     for name, p in (("p1", p1), ("p2", p2)):
-        if not 0 <= p <= 1: raise ValueError(f"{name}: {p!r} is not a rate in [0, 1]")
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name}: {p!r} is not a rate in [0, 1]")
     s = math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / 2)
     return (p1 - p2) / s if s > 0 else (0.0 if p1 == p2 else math.copysign(math.inf, p1 - p2))
 
 # %% ../nbs/10_statistics.ipynb #d169617e
-def bootstrap_ci(x, y=None, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0,
-                 max_block: int = 4_000_000) -> dict:
+def bootstrap_ci(
+    x, y=None, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0, max_block: int = 4_000_000
+) -> dict:
     "Percentile bootstrap CI of mean(x) (or mean(x) − mean(y)): dict(estimate, low, high, se)."
     x = _sample(x, "x", 1)
     y = None if y is None else _sample(y, "y", 1)
-    if int(n_resamples) < 1: raise ValueError(f"n_resamples: {n_resamples!r} must be at least 1")
-    if not 0 < confidence < 1: raise ValueError(f"confidence: {confidence!r} is not in (0, 1)")
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples: {n_resamples!r} must be at least 1")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: {confidence!r} is not in (0, 1)")
     rng = np.random.default_rng(seed)
+
     def means(v: np.ndarray) -> np.ndarray:
         out, step = [], max(1, max_block // v.size)
         for start in range(0, int(n_resamples), step):
             b = min(step, int(n_resamples) - start)
             out.append(v[rng.integers(0, v.size, size=(b, v.size))].mean(axis=1))
         return np.concatenate(out)
+
     boot = means(x) - (means(y) if y is not None else 0.0)
     est = x.mean() - (y.mean() if y is not None else 0.0)
     lo, hi = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return dict(estimate=float(est), low=float(lo), high=float(hi), se=float(boot.std(ddof=1)) if boot.size > 1 else 0.0)
+    return dict(
+        estimate=float(est), low=float(lo), high=float(hi), se=float(boot.std(ddof=1)) if boot.size > 1 else 0.0
+    )
 
 # %% ../nbs/10_statistics.ipynb #a766ba2f
 def bootstrap_coverage(n_trials: int, n: int, n_resamples: int, seed: int = 0, confidence: float = 0.95) -> float:
     "Share of `n_trials` exponential(1) samples of size `n` whose bootstrap CI of the mean contains 1."
     rng = np.random.default_rng(seed)
-    hits = [(c := bootstrap_ci(rng.exponential(1.0, n), n_resamples=n_resamples, confidence=confidence, seed=seed + i))["low"] <= 1.0 <= c["high"]
-            for i in range(n_trials)]
+    hits = [
+        (c := bootstrap_ci(rng.exponential(1.0, n), n_resamples=n_resamples, confidence=confidence, seed=seed + i))[
+            "low"
+        ]
+        <= 1.0
+        <= c["high"]
+        for i in range(n_trials)
+    ]
     return float(np.mean(hits))
 
 # %% ../nbs/10_statistics.ipynb #9f386cf3
 SYSTEMS = ("sequential", "ampo_rr", "p4_ll", "yao_sim", "rapo")
 BASELINES = SYSTEMS[:4]
-PAPER_NAMES = {"sequential": "Baseline", "ampo_rr": "[12] AMPO", "p4_ll": "[14] P4", "yao_sim": "[13] Yao et al.", "rapo": "Our model"}
+PAPER_NAMES = {
+    "sequential": "Baseline",
+    "ampo_rr": "[12] AMPO",
+    "p4_ll": "[14] P4",
+    "yao_sim": "[13] Yao et al.",
+    "rapo": "Our model",
+}
 
-def compare_systems(df: pd.DataFrame, metric: str, cfg: Config, ours: str = "rapo", baselines=BASELINES,
-                    n_resamples: int | None = None, seed: int = 0) -> pd.DataFrame:
+
+def compare_systems(
+    df: pd.DataFrame,
+    metric: str,
+    cfg: Config,
+    ours: str = "rapo",
+    baselines=BASELINES,
+    n_resamples: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
     "One row per baseline: mean diff (ours − baseline), bootstrap CI, Welch t/p, Bonferroni decision, Cohen's d."
     for col in ("system", metric):
-        if col not in df.columns: raise ValueError(f"df: missing column {col!r}")
+        if col not in df.columns:
+            raise ValueError(f"df: missing column {col!r}")
     ev = cfg.evaluation
     n_resamples = ev.bootstrap_resamples if n_resamples is None else n_resamples
     rows = []
@@ -114,16 +163,32 @@ def compare_systems(df: pd.DataFrame, metric: str, cfg: Config, ours: str = "rap
         if x.size < 2 or y.size < 2:
             raise ValueError(f"df: system {ours!r} or {base!r} has fewer than 2 values of {metric!r}")
         w, ci = welch_test(x, y), bootstrap_ci(x, y, n_resamples=n_resamples, seed=seed + i)
-        rows.append(dict(comparison=f"rapo vs {base}", metric=metric, n_ours=x.size, n_base=y.size,
-                         mean_ours=x.mean(), mean_base=y.mean(), mean_diff=ci["estimate"], ci_low=ci["low"],
-                         ci_high=ci["high"], t=w["t"], dof=w["dof"], p=w["p"], d=cohens_d(x, y)))
+        rows.append(
+            dict(
+                comparison=f"rapo vs {base}",
+                metric=metric,
+                n_ours=x.size,
+                n_base=y.size,
+                mean_ours=x.mean(),
+                mean_base=y.mean(),
+                mean_diff=ci["estimate"],
+                ci_low=ci["low"],
+                ci_high=ci["high"],
+                t=w["t"],
+                dof=w["dof"],
+                p=w["p"],
+                d=cohens_d(x, y),
+            )
+        )
     out = pd.DataFrame(rows)
     bf = bonferroni(out.p.to_numpy(), alpha=ev.alpha, n_comparisons=max(ev.n_comparisons, len(out)))
     out["p_bonferroni"], out["significant"] = bf["p_adjusted"], bf["reject"]
     return out
 
-def table3(df: pd.DataFrame, cfg: Config, metric: str = "task_success", seed: int = 0,
-           n_resamples: int | None = None) -> pd.DataFrame:
+
+def table3(
+    df: pd.DataFrame, cfg: Config, metric: str = "task_success", seed: int = 0, n_resamples: int | None = None
+) -> pd.DataFrame:
     "Table 3: `compare_systems` on `metric` with the paper's Table 3 in columns labelled 'paper'."
     t = compare_systems(df, metric, cfg, n_resamples=n_resamples, seed=seed)
     base = t.comparison.str.replace("rapo vs ", "", regex=False)
@@ -138,22 +203,32 @@ def table3(df: pd.DataFrame, cfg: Config, metric: str = "task_success", seed: in
 PAPER_BANDS = (-0.5, 4.5, 8.5, 15.5, np.inf)
 PAPER_BAND_LABELS = ("0-4", "5-8", "9-15", ">15")
 
+
 def transition_groups(n_handoffs: pd.Series, kind: str = "quartile") -> pd.Series:
     "Label each conversation by handoff count: 'quartile' (pooled quartiles) or 'paper' (0-4, 5-8, 9-15, >15)."
     if kind == "paper":
         return pd.cut(n_handoffs, PAPER_BANDS, labels=PAPER_BAND_LABELS)
-    if kind == "quartile":   # quartile edges of the counts; tied counts stay together (fewer groups if edges coincide)
+    if kind == "quartile":  # quartile edges of the counts; tied counts stay together (fewer groups if edges coincide)
         q = pd.qcut(n_handoffs, 4, labels=False, duplicates="drop")
         bounds = n_handoffs.groupby(q).agg(["min", "max"])
         names = {k: f"Q{i + 1} ({int(r['min'])}-{int(r['max'])})" for i, (k, r) in enumerate(bounds.iterrows())}
         return q.map(names)
     raise ValueError(f"kind: {kind!r} is not one of 'quartile', 'paper'")
 
-def gains_by_transitions(df: pd.DataFrame, metric: str = "task_success", kind: str = "quartile", ours: str = "rapo",
-                         baselines=BASELINES, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+
+def gains_by_transitions(
+    df: pd.DataFrame,
+    metric: str = "task_success",
+    kind: str = "quartile",
+    ours: str = "rapo",
+    baselines=BASELINES,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
     "RAPO − baseline difference of `metric` per transition group, with a bootstrap CI and counts."
     for col in ("system", "n_handoffs", metric):
-        if col not in df.columns: raise ValueError(f"df: missing column {col!r}")
+        if col not in df.columns:
+            raise ValueError(f"df: missing column {col!r}")
     df = df.assign(group=transition_groups(df.n_handoffs, kind))
     rows = []
     for g, sub in df.groupby("group", sort=True, observed=True):
@@ -161,37 +236,61 @@ def gains_by_transitions(df: pd.DataFrame, metric: str = "task_success", kind: s
         for base in baselines:
             y = sub.loc[sub.system == base, metric].dropna().to_numpy(float)
             if x.size == 0 or y.size == 0:
-                rows.append(dict(group=g, baseline=base, n_ours=x.size, n_base=y.size)); continue
+                rows.append(dict(group=g, baseline=base, n_ours=x.size, n_base=y.size))
+                continue
             ci = bootstrap_ci(x, y, n_resamples=n_resamples, seed=seed)
-            rows.append(dict(group=g, baseline=base, n_ours=x.size, n_base=y.size, mean_diff=ci["estimate"],
-                             ci_low=ci["low"], ci_high=ci["high"]))
+            rows.append(
+                dict(
+                    group=g,
+                    baseline=base,
+                    n_ours=x.size,
+                    n_base=y.size,
+                    mean_diff=ci["estimate"],
+                    ci_low=ci["low"],
+                    ci_high=ci["high"],
+                )
+            )
     return pd.DataFrame(rows)
 
 # %% ../nbs/10_statistics.ipynb #d8151dcf
 # Size of the stand-alone fallback run (ours, not the paper's): conversations per seed and the seeds used.
 STANDALONE_SIZES = {"quick": dict(n_conversations=30, seeds=(0, 1)), "full": dict(n_conversations=None, seeds=None)}
 
+
 def load_eval_conversations(profile: str = "quick", seed: int = 0, device: str = "auto") -> tuple[pd.DataFrame, str]:
     "Per-conversation metrics from 09_evaluation's CSV, or computed now at a small size when it is missing."
     path = results_dir(profile) / "eval_conversations.csv"
-    if path.exists(): return pd.read_csv(path), f"read from {path}"
+    if path.exists():
+        return pd.read_csv(path), f"read from {path}"
     from rapo_nb.evaluation import evaluate_benchmark
+
     cfg = load_config(profile, seed=seed, device=device)
     size = STANDALONE_SIZES[profile]
     conv = evaluate_benchmark(cfg, n_conversations=size["n_conversations"], seeds=size["seeds"])
     return conv, f"computed now (no {path}): {size['n_conversations']} conversations x seeds {list(size['seeds'])}"
 
 # %% ../nbs/10_statistics.ipynb #1beca19f
-def per_seed_table(df: pd.DataFrame, cfg: Config, metric: str = "task_success", n_resamples: int = 1000,
-                   higher_is_better: bool = True) -> pd.DataFrame:
+def per_seed_table(
+    df: pd.DataFrame, cfg: Config, metric: str = "task_success", n_resamples: int = 1000, higher_is_better: bool = True
+) -> pd.DataFrame:
     "Per baseline: mean ± sd over seeds of diff and d, and on how many seeds RAPO is better and significant."
-    per = pd.concat([compare_systems(g, metric, cfg, n_resamples=n_resamples, seed=int(s)).assign(seed=s)
-                     for s, g in df.groupby("seed")], ignore_index=True)
+    per = pd.concat(
+        [
+            compare_systems(g, metric, cfg, n_resamples=n_resamples, seed=int(s)).assign(seed=s)
+            for s, g in df.groupby("seed")
+        ],
+        ignore_index=True,
+    )
     sign = 1.0 if higher_is_better else -1.0
     per["holds"] = (sign * per.mean_diff > 0) & per.significant
     agg = per.groupby("comparison", sort=False).agg(
-        n_seeds=("seed", "nunique"), diff_mean=("mean_diff", "mean"), diff_sd=("mean_diff", "std"),
-        d_mean=("d", "mean"), d_sd=("d", "std"), seeds_better=("mean_diff", lambda v: int((sign * v > 0).sum())),
-        seeds_holds=("holds", "sum"))
+        n_seeds=("seed", "nunique"),
+        diff_mean=("mean_diff", "mean"),
+        diff_sd=("mean_diff", "std"),
+        d_mean=("d", "mean"),
+        d_sd=("d", "std"),
+        seeds_better=("mean_diff", lambda v: int((sign * v > 0).sum())),
+        seeds_holds=("holds", "sum"),
+    )
     agg["holds_every_seed"] = agg.seeds_holds == agg.n_seeds
     return agg.reset_index()

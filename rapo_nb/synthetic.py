@@ -25,21 +25,48 @@ __all__ = ['QUERY_GRAMMAR', 'QUERY_STARTS', 'MODALITY_NAMES', 'QUERY_MODALITY', 
 
 # %% ../nbs/05_synthetic.ipynb #e46bfffd
 QUERY_GRAMMAR: dict[str, list[tuple[str, ...]]] = {
-    "IR": [("what", "is", "known", "about", "NP", "?"), ("list", "every", "NP", "."),
-           ("show", "a", "table", "of", "NP", "."), ("which", "NOUN", "links", "NP", "to", "NP", "?"),
-           ("find", "the", "record", "where", "CLAUSE", ".")],
-    "PS": [("how", "can", "we", "VP", "?"), ("given", "that", "CLAUSE", ",", "what", "follows", "?"),
-           ("compute", "the", "number", "of", "NP", "."), ("write", "code", "that", "VP", "."),
-           ("plan", "the", "steps", "to", "VP", ".")],
-    "CR": [("write", "a", "story", "in", "which", "CLAUSE", "."), ("compose", "a", "poem", "about", "NP", "."),
-           ("imagine", "NP", "and", "describe", "it", "."), ("sketch", "a", "program", "that", "VP", "."),
-           ("draft", "a", "list", "of", "ideas", "about", "NP", ".")],
-    "NP": [("DET", "NOUN"), ("DET", "ADJ", "NOUN"), ("ENT",), ("NP", "of", "NP"), ("NP", "that", "CLAUSE"),
-           ("the", "NOUN", "near", "NP")],
-    "CLAUSE": [("NP", "VERB", "NP"), ("NP", "VERB", "NP", "because", "CLAUSE"), ("if", "CLAUSE", "then", "CLAUSE"),
-               ("NP", "is", "ADJ"), ("NP", "VERB", "NP", "while", "CLAUSE")],
-    "VP": [("VERB", "NP"), ("VERB", "NP", "so", "that", "CLAUSE"), ("VERB", "NP", "and", "VP"),
-           ("VERB", "NP", "before", "CLAUSE")],
+    "IR": [
+        ("what", "is", "known", "about", "NP", "?"),
+        ("list", "every", "NP", "."),
+        ("show", "a", "table", "of", "NP", "."),
+        ("which", "NOUN", "links", "NP", "to", "NP", "?"),
+        ("find", "the", "record", "where", "CLAUSE", "."),
+    ],
+    "PS": [
+        ("how", "can", "we", "VP", "?"),
+        ("given", "that", "CLAUSE", ",", "what", "follows", "?"),
+        ("compute", "the", "number", "of", "NP", "."),
+        ("write", "code", "that", "VP", "."),
+        ("plan", "the", "steps", "to", "VP", "."),
+    ],
+    "CR": [
+        ("write", "a", "story", "in", "which", "CLAUSE", "."),
+        ("compose", "a", "poem", "about", "NP", "."),
+        ("imagine", "NP", "and", "describe", "it", "."),
+        ("sketch", "a", "program", "that", "VP", "."),
+        ("draft", "a", "list", "of", "ideas", "about", "NP", "."),
+    ],
+    "NP": [
+        ("DET", "NOUN"),
+        ("DET", "ADJ", "NOUN"),
+        ("ENT",),
+        ("NP", "of", "NP"),
+        ("NP", "that", "CLAUSE"),
+        ("the", "NOUN", "near", "NP"),
+    ],
+    "CLAUSE": [
+        ("NP", "VERB", "NP"),
+        ("NP", "VERB", "NP", "because", "CLAUSE"),
+        ("if", "CLAUSE", "then", "CLAUSE"),
+        ("NP", "is", "ADJ"),
+        ("NP", "VERB", "NP", "while", "CLAUSE"),
+    ],
+    "VP": [
+        ("VERB", "NP"),
+        ("VERB", "NP", "so", "that", "CLAUSE"),
+        ("VERB", "NP", "and", "VP"),
+        ("VERB", "NP", "before", "CLAUSE"),
+    ],
     "DET": [("the",), ("a",), ("every",)],
     "ADJ": [("stable",), ("recent",), ("hidden",), ("shared",), ("primary",)],
     "NOUN": [("report",), ("network",), ("schedule",), ("budget",), ("archive",), ("protocol",)],
@@ -54,17 +81,34 @@ QUERY_MODALITY = {"IR": (0, 4, 1, 0, 1), "PS": (0, 3, 3, 2, 4), "CR": (0, 0, 0, 
 # %% ../nbs/05_synthetic.ipynb #dd78c82a
 TRIGGER_GRAMMAR: dict[str, list[tuple[str, ...]]] = {
     "TRIG": [("TG",), ("TK",), ("TR",), ("TN",)],
-    "TG": [("[parse: nested clauses ahead]",), ("[parse: deep syntax]",), ("[parse: long sentence structure]",),
-           ("[parse: grammar check needed]",)],
-    "TK": [("[lookup: many entities]",), ("[lookup: knowledge base needed]",), ("[lookup: entity catalogue]",),
-           ("[lookup: relation graph]",)],
-    "TR": [("[infer: multi-step chain]",), ("[infer: deduce step by step]",), ("[infer: long derivation]",),
-           ("[infer: reasoning chain]",)],
-    "TN": [("[general: back to the main thread]",), ("[general: simple follow-up]",), ("[general: overall view]",),
-           ("[general: wrap the thread]",)],
+    "TG": [
+        ("[parse: nested clauses ahead]",),
+        ("[parse: deep syntax]",),
+        ("[parse: long sentence structure]",),
+        ("[parse: grammar check needed]",),
+    ],
+    "TK": [
+        ("[lookup: many entities]",),
+        ("[lookup: knowledge base needed]",),
+        ("[lookup: entity catalogue]",),
+        ("[lookup: relation graph]",),
+    ],
+    "TR": [
+        ("[infer: multi-step chain]",),
+        ("[infer: deduce step by step]",),
+        ("[infer: long derivation]",),
+        ("[infer: reasoning chain]",),
+    ],
+    "TN": [
+        ("[general: back to the main thread]",),
+        ("[general: simple follow-up]",),
+        ("[general: overall view]",),
+        ("[general: wrap the thread]",),
+    ],
 }
 TRIGGER_BRANCH = {"grammar": "TG", "knowledge": "TK", "reasoning": "TR", "general": "TN"}
 TRIGGER_PHRASES: dict[str, str] = {p[0]: s for s, b in TRIGGER_BRANCH.items() for p in TRIGGER_GRAMMAR[b]}
+
 
 def trigger_specialist(text: str) -> str | None:
     "The specialist named by the trigger phrase (keyword pattern) at the start of `text`, or None."
@@ -80,10 +124,18 @@ RESPONSE_GRAMMAR: dict[str, list[tuple[str, ...]]] = {
     "RMATH": [("OPEN", "derivation :", "ANSWER", "CLOSE"), ("result :", "ANSWER")],
     "RLIST": [("OPEN", "- ", "ANSWER"), ("list :", "ANSWER", "CLOSE")],
     "OPEN": [("sure ,",), ("here is what I found :",), ("good question ;",), ("let me help :",)],
-    "ANSWER": [("regarding {FOCUS} , {FACTS} .",), ("{FOCUS} : {FACTS} .",), ("about {FOCUS} we know {FACTS} .",),
-               ("the answer for {FOCUS} uses {FACTS} .",), ("{FACTS} , which settles {FOCUS} .",)],
+    "ANSWER": [
+        ("regarding {FOCUS} , {FACTS} .",),
+        ("{FOCUS} : {FACTS} .",),
+        ("about {FOCUS} we know {FACTS} .",),
+        ("the answer for {FOCUS} uses {FACTS} .",),
+        ("{FACTS} , which settles {FOCUS} .",),
+    ],
     "CLOSE": [("anything else ?",), ("hope this helps .",), ("that covers it .",)],
-    "FALLBACK": [("I could not resolve that ; so far {FACTS} ; please clarify .",), ("I am not sure about this one ; we have {FACTS} .",)],
+    "FALLBACK": [
+        ("I could not resolve that ; so far {FACTS} ; please clarify .",),
+        ("I am not sure about this one ; we have {FACTS} .",),
+    ],
 }
 
 # %% ../nbs/05_synthetic.ipynb #e130fc3c
@@ -93,6 +145,7 @@ def n_productions(grammar: dict[str, list[tuple[str, ...]]]) -> int:
 
 # %% ../nbs/05_synthetic.ipynb #9695d364
 INF = 10**6
+
 
 def depth_bounds(grammar: dict[str, list[tuple[str, ...]]]) -> dict[str, tuple[int, int]]:
     "Smallest and largest derivation depth of every nonterminal (largest = INF when recursive)."
@@ -107,19 +160,28 @@ def depth_bounds(grammar: dict[str, list[tuple[str, ...]]]) -> dict[str, tuple[i
     hi = {s: (INF if h > len(grammar) else h) for s, h in hi.items()}
     return {s: (lo[s], hi[s]) for s in grammar}
 
+
 class Uniforms:
     "A buffered stream of U(0,1) draws from a numpy Generator: few large numpy calls instead of many small ones."
+
     __slots__ = ("rng", "buf", "i", "block")
+
     def __init__(self, rng: np.random.Generator, block: int = 256):
         self.rng, self.buf, self.i, self.block = rng, [], 0, block
+
     def __call__(self) -> float:
-        if self.i >= len(self.buf): self.buf, self.i = self.rng.random(self.block).tolist(), 0
-        self.i += 1; return self.buf[self.i - 1]
+        if self.i >= len(self.buf):
+            self.buf, self.i = self.rng.random(self.block).tolist(), 0
+        self.i += 1
+        return self.buf[self.i - 1]
+
     def pick(self, n: int) -> int:
         "A uniform integer in [0, n)."
         return min(int(self() * n), n - 1)
 
+
 _OPTIONS: dict = {}
+
 
 def _options(grammar: dict, bounds: dict, symbol: str, depth: int, side_slack: int) -> list:
     "Productions of `symbol` that can give exactly `depth`, with their depth-carrying children and child depth ranges (cached)."
@@ -128,44 +190,84 @@ def _options(grammar: dict, bounds: dict, symbol: str, depth: int, side_slack: i
         opts = []
         for p in grammar[symbol]:
             nts = [i for i, c in enumerate(p) if c in grammar]
-            ok = (not nts) if depth == 1 else (bool(nts) and all(bounds[p[i]][0] <= depth - 1 for i in nts)
-                                                and any(bounds[p[i]][1] >= depth - 1 for i in nts))
-            if ok: opts.append((p, [i for i in nts if bounds[p[i]][1] >= depth - 1],
-                                {i: (bounds[p[i]][0], min(bounds[p[i]][1], depth - 1, bounds[p[i]][0] + side_slack)) for i in nts}))
+            ok = (
+                (not nts)
+                if depth == 1
+                else (
+                    bool(nts)
+                    and all(bounds[p[i]][0] <= depth - 1 for i in nts)
+                    and any(bounds[p[i]][1] >= depth - 1 for i in nts)
+                )
+            )
+            if ok:
+                opts.append(
+                    (
+                        p,
+                        [i for i in nts if bounds[p[i]][1] >= depth - 1],
+                        {
+                            i: (bounds[p[i]][0], min(bounds[p[i]][1], depth - 1, bounds[p[i]][0] + side_slack))
+                            for i in nts
+                        },
+                    )
+                )
         _OPTIONS[key] = opts
     return _OPTIONS[key]
 
-def derive(grammar: dict, symbol: str, depth: int, rng: np.random.Generator | Uniforms, bounds: dict | None = None,
-           tokens: list | None = None, side_slack: int | None = None) -> tuple:
+
+def derive(
+    grammar: dict,
+    symbol: str,
+    depth: int,
+    rng: np.random.Generator | Uniforms,
+    bounds: dict | None = None,
+    tokens: list | None = None,
+    side_slack: int | None = None,
+) -> tuple:
     "A random derivation tree (symbol, children...) of `symbol` with depth exactly `depth`; terminals appended to `tokens`."
     bounds = bounds or depth_bounds(grammar)
-    if side_slack is None: side_slack = load_config().synthetic.side_slack   # callers with a Config pass cfg.synthetic.side_slack
+    if side_slack is None:
+        side_slack = load_config().synthetic.side_slack  # callers with a Config pass cfg.synthetic.side_slack
     lo, hi = bounds[symbol]
-    if not lo <= depth <= hi: raise ValueError(f"depth: {symbol} cannot derive depth {depth} (allowed {lo}..{hi})")
+    if not lo <= depth <= hi:
+        raise ValueError(f"depth: {symbol} cannot derive depth {depth} (allowed {lo}..{hi})")
     u = rng if isinstance(rng, Uniforms) else Uniforms(rng)
     out = tokens if tokens is not None else []
+
     def go(sym: str, d: int) -> tuple:
         opts = _options(grammar, bounds, sym, d, side_slack)
         p, carriers, ranges = opts[u.pick(len(opts))]
-        if not ranges: out.extend(p); return (sym, *p)
+        if not ranges:
+            out.extend(p)
+            return (sym, *p)
         carry = carriers[u.pick(len(carriers))]
         kids = []
         for i, c in enumerate(p):
-            if i not in ranges: kids.append(c); out.append(c)
-            elif i == carry: kids.append(go(c, d - 1))
-            else: a, b = ranges[i]; kids.append(go(c, a + u.pick(b - a + 1)))
+            if i not in ranges:
+                kids.append(c)
+                out.append(c)
+            elif i == carry:
+                kids.append(go(c, d - 1))
+            else:
+                a, b = ranges[i]
+                kids.append(go(c, a + u.pick(b - a + 1)))
         return (sym, *kids)
+
     return go(symbol, depth)
+
 
 def tree_depth(tree: tuple | str) -> int:
     "Parse-tree depth of a derivation tree from `derive` (terminals count 0)."
-    if isinstance(tree, str): return 0
+    if isinstance(tree, str):
+        return 0
     return 1 + max([tree_depth(c) for c in tree[1:]] + [0])
+
 
 def tree_text(tree: tuple | str) -> str:
     "The terminal string (yield) of a derivation tree."
-    if isinstance(tree, str): return tree
+    if isinstance(tree, str):
+        return tree
     return " ".join(tree_text(c) for c in tree[1:])
+
 
 def tree_rule(tree: tuple, grammar: dict) -> int:
     "Index, within grammar[root], of the production used at the root of `tree`."
@@ -175,27 +277,63 @@ def tree_rule(tree: tuple, grammar: dict) -> int:
 # %% ../nbs/05_synthetic.ipynb #f8c14c98
 _SYL_A = ("ka", "lo", "mi", "ze", "tu", "ra", "vo", "ni", "su", "de", "po", "qui")
 _SYL_B = ("ran", "vek", "mir", "tal", "dor", "sen", "lix", "bur", "nok", "fel", "gar", "tis")
-ENTITY_VOCAB: tuple[str, ...] = tuple(sorted({(a + b + c).capitalize() for a in _SYL_A for b in _SYL_A[:6] for c in _SYL_B}))
-RELATION_VERBS = ("supplies", "precedes", "contains", "funds", "cites", "replaces", "controls", "hosts", "trains",
-                  "audits", "feeds", "owns")
+ENTITY_VOCAB: tuple[str, ...] = tuple(
+    sorted({(a + b + c).capitalize() for a in _SYL_A for b in _SYL_A[:6] for c in _SYL_B})
+)
+RELATION_VERBS = (
+    "supplies",
+    "precedes",
+    "contains",
+    "funds",
+    "cites",
+    "replaces",
+    "controls",
+    "hosts",
+    "trains",
+    "audits",
+    "feeds",
+    "owns",
+)
 _ENTITY_SET = frozenset(ENTITY_VOCAB)
 _FACT_RE = re.compile(r"\b([A-Z][a-z]+) (" + "|".join(RELATION_VERBS) + r") ([A-Z][a-z]+)\b")
 _WORD_RE = re.compile(r"\b[A-Z][a-z]+\b")
+
 
 def extract_facts(text: str) -> list[str]:
     "Facts `Head verb Tail` found in `text` (both ends known entities), in order of appearance, without repeats."
     out = [f"{h} {v} {t}" for h, v, t in _FACT_RE.findall(text) if h in _ENTITY_SET and t in _ENTITY_SET]
     return list(dict.fromkeys(out))
 
+
 def entities_in(text: str) -> list[str]:
     "Known entity names mentioned in `text`, in order of first appearance."
     return list(dict.fromkeys(w for w in _WORD_RE.findall(text) if w in _ENTITY_SET))
 
 # %% ../nbs/05_synthetic.ipynb #b5cb991b
-TASK_NAMES = ("lookup", "syntax_analysis", "entity_linking", "planning", "deduction", "nested_instructions",
-              "composition", "knowledge_synthesis", "chain_inference", "dialogue")
-TASK_SPECIALIST = ("general", "grammar", "knowledge", "general", "reasoning", "grammar", "general", "knowledge",
-                   "reasoning", "general")
+TASK_NAMES = (
+    "lookup",
+    "syntax_analysis",
+    "entity_linking",
+    "planning",
+    "deduction",
+    "nested_instructions",
+    "composition",
+    "knowledge_synthesis",
+    "chain_inference",
+    "dialogue",
+)
+TASK_SPECIALIST = (
+    "general",
+    "grammar",
+    "knowledge",
+    "general",
+    "reasoning",
+    "grammar",
+    "general",
+    "knowledge",
+    "reasoning",
+    "general",
+)
 TASK_TABLE = {  # task_type -> specialist -> task index
     "information_retrieval": {"general": 0, "grammar": 1, "knowledge": 2, "reasoning": 8},
     "problem_solving": {"general": 3, "grammar": 5, "knowledge": 7, "reasoning": 4},
@@ -203,9 +341,11 @@ TASK_TABLE = {  # task_type -> specialist -> task index
 }
 DIALOGUE_TASK = 9
 
+
 @dataclass
 class Turn:
     "One user turn: FSM state, text, and the specialist / task / modality it requires."
+
     index: int
     fsm_state: str
     speaker: str
@@ -214,9 +354,11 @@ class Turn:
     task: int
     modality: int
 
+
 @dataclass
 class Conversation:
     "One synthetic conversation with its complexity, turns, handoff positions, key facts and expected outputs."
+
     id: str
     seed: int
     task_type: str
@@ -230,34 +372,46 @@ class Conversation:
     expected: dict = field(default_factory=dict)
 
     @property
-    def n_turns(self) -> int: return len(self.turns)
+    def n_turns(self) -> int:
+        return len(self.turns)
+
     @property
-    def n_handoffs(self) -> int: return len(self.handoff_turns)
+    def n_handoffs(self) -> int:
+        return len(self.handoff_turns)
 
 # %% ../nbs/05_synthetic.ipynb #83943382
 def fsm_plan(cfg: Config) -> dict:
     "Mean turns T, middle-state transition row (query, exchange, clarification) and extra-turn mean from the §5.1 shares."
     p = dict(zip(FSM_STATES, cfg.synthetic.fsm_probs))
     ends = p["greeting"] + p["conclusion"]
-    if ends <= 0: raise ValueError("synthetic.fsm_probs: greeting + conclusion share must be > 0")
+    if ends <= 0:
+        raise ValueError("synthetic.fsm_probs: greeting + conclusion share must be > 0")
     T = 2.0 / ends
     extra = T - 3.0
     row = np.array([p["query_formulation"] * T - 1.0, p["information_exchange"] * T, p["clarification"] * T])
     if extra <= 0 or (row < -1e-9).any():
-        raise ValueError(f"synthetic.fsm_probs: shares {cfg.synthetic.fsm_probs} leave no room for a seed query in a "
-                         f"{T:.2f}-turn conversation")
-    row = np.clip(row, 0, None); row = row / row.sum()
+        raise ValueError(
+            f"synthetic.fsm_probs: shares {cfg.synthetic.fsm_probs} leave no room for a seed query in a "
+            f"{T:.2f}-turn conversation"
+        )
+    row = np.clip(row, 0, None)
+    row = row / row.sum()
     return dict(mean_turns=T, extra_mean=extra, middle_row=row)
 
 # %% ../nbs/05_synthetic.ipynb #840d1f40
 def required_specialist(depth: np.ndarray, entities: np.ndarray, inference: np.ndarray, cfg: Config) -> np.ndarray:
     "Specialist index (into SPECIALISTS) each turn requires: §5.1 thresholds, largest relative exceedance wins."
     s = cfg.synthetic
-    sev = np.stack([(np.asarray(depth) - s.depth_trigger) / max(s.depth_range[1] - s.depth_trigger, 1),
-                    (np.asarray(entities) - s.entity_trigger) / max(s.entity_range[1] - s.entity_trigger, 1),
-                    (np.asarray(inference) - s.inference_trigger) / max(s.inference_range[1] - s.inference_trigger, 1)])
+    sev = np.stack(
+        [
+            (np.asarray(depth) - s.depth_trigger) / max(s.depth_range[1] - s.depth_trigger, 1),
+            (np.asarray(entities) - s.entity_trigger) / max(s.entity_range[1] - s.entity_trigger, 1),
+            (np.asarray(inference) - s.inference_trigger) / max(s.inference_range[1] - s.inference_trigger, 1),
+        ]
+    )
     best = sev.argmax(0)  # argmax keeps the first maximum: the paper's order on ties
     return np.where(sev.max(0) > 0, best, SPECIALISTS.index("general"))
+
 
 def handoff_positions(specialists: list[str]) -> list[int]:
     "Turn indices whose required specialist differs from the previous turn's."
@@ -267,43 +421,58 @@ def handoff_positions(specialists: list[str]) -> list[int]:
 def _norm(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
 
+
 def turn_passes(focus: list[str], response: str) -> bool:
     "True when `response` mentions every focus entity (whole word, case-insensitive)."
     words = set(_norm(response).split())
     return all(e.lower() in words for e in focus)
 
+
 def check_expected(conv: Conversation, responses: list[str]) -> bool:
     "Rule-based success: enough turns answered on focus, and the final response restates every key fact."
     if len(responses) != len(conv.turns):
-        raise ValueError(f"responses: expected {len(conv.turns)} responses (one per turn of {conv.id}), got {len(responses)}")
+        raise ValueError(
+            f"responses: expected {len(conv.turns)} responses (one per turn of {conv.id}), got {len(responses)}"
+        )
     ex = conv.expected
     checked = ex["checked_turns"]
     if checked:
         passed = sum(turn_passes(ex["turn_focus"][t], responses[t] or "") for t in checked)
-        if passed < ex["min_turn_pass"] * len(checked) - 1e-9: return False
+        if passed < ex["min_turn_pass"] * len(checked) - 1e-9:
+            return False
     final = _norm(responses[-1] or "")
     return all(_norm(f) in final for f in ex["final_facts"])
 
 # %% ../nbs/05_synthetic.ipynb #20537057
-GREETINGS = ("hello , I need some help .", "hi there , can we work on something ?", "good morning , a question for you .")
+GREETINGS = (
+    "hello , I need some help .",
+    "hi there , can we work on something ?",
+    "good morning , a question for you .",
+)
 # the greeting announces the topic (the seed query's focus entities) as `Topic: A and B .`
-CONCLUSIONS = ("please conclude : summarise the key facts we established .",
-               "to finish , restate the facts that answer my question .")
+CONCLUSIONS = (
+    "please conclude : summarise the key facts we established .",
+    "to finish , restate the facts that answer my question .",
+)
 _BOUNDS = depth_bounds(QUERY_GRAMMAR)
+
 
 def _fill_entities(text: str, focus: list[str]) -> str:
     "Replace the `{E}` slots of a query in order with the focus entities (cycling)."
     parts = text.split("{E}")
     return "".join(p + (focus[i % len(focus)] if i < len(parts) - 1 else "") for i, p in enumerate(parts))
 
+
 def _trigger_phrase(specialist: str, u: Uniforms) -> str:
     "A derivation of the trigger grammar's branch for `specialist` (TRIG → T? → phrase)."
     branch = TRIGGER_GRAMMAR[TRIGGER_BRANCH[specialist]]
     return branch[u.pick(len(branch))][0]
 
+
 def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = None) -> Conversation:
     "Conversation `i` of the benchmark generated with `seed` (independent of how many others are generated)."
-    s = cfg.synthetic; plan = plan or fsm_plan(cfg)
+    s = cfg.synthetic
+    plan = plan or fsm_plan(cfg)
     rng = np.random.default_rng([seed, i])
     m, l = cfg.state.n_tasks, cfg.state.n_modalities
     task_type = TASK_TYPES[int(rng.choice(len(TASK_TYPES), p=np.asarray(s.task_type_probs)))]
@@ -312,9 +481,14 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
     R = int(rng.integers(s.relation_range[0], s.relation_range[1] + 1))
     I = int(rng.integers(s.inference_range[0], s.inference_range[1] + 1))
     # FSM: greeting, seed query, middle Markov chain, conclusion
-    r = s.length_dispersion; extra = int(rng.negative_binomial(r, r / (r + plan["extra_mean"])))
+    r = s.length_dispersion
+    extra = int(rng.negative_binomial(r, r / (r + plan["extra_mean"])))
     middle = rng.choice(3, size=extra, p=plan["middle_row"])
-    states = ["greeting", "query_formulation"] + [("query_formulation", "information_exchange", "clarification")[k] for k in middle] + ["conclusion"]
+    states = (
+        ["greeting", "query_formulation"]
+        + [("query_formulation", "information_exchange", "clarification")[k] for k in middle]
+        + ["conclusion"]
+    )
     n = len(states)
     # knowledge graph: entity names, inference chain (key facts), distractor relations
     names = [ENTITY_VOCAB[k] for k in rng.choice(len(ENTITY_VOCAB), size=E, replace=False).tolist()]
@@ -323,17 +497,26 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
     facts = [f"{chain[k]} {RELATION_VERBS[int(verbs[k])]} {chain[k + 1]}" for k in range(I)]
     dh, dt = rng.integers(E, size=R - I), rng.integers(E - 1, size=R - I)
     verbs = verbs.tolist()
-    distract = [f"{names[h]} {RELATION_VERBS[verbs[I + j]]} {names[(h + 1 + t) % E]}" for j, (h, t) in enumerate(zip(dh.tolist(), dt.tolist()))]
+    distract = [
+        f"{names[h]} {RELATION_VERBS[verbs[I + j]]} {names[(h + 1 + t) % E]}"
+        for j, (h, t) in enumerate(zip(dh.tolist(), dt.tolist()))
+    ]
     # per-turn complexity
-    depth = np.full(n, s.depth_range[0]); ent = np.full(n, s.entity_range[0]); inf = np.full(n, s.inference_range[0])
+    depth = np.full(n, s.depth_range[0])
+    ent = np.full(n, s.entity_range[0])
+    inf = np.full(n, s.inference_range[0])
     is_q = np.array([st in ("query_formulation", "information_exchange") for st in states])
     k = int(is_q.sum())
-    depth[is_q] = rng.integers(s.depth_range[0], D + 1, size=k); ent[is_q] = rng.integers(min(s.entity_range[0], E), E + 1, size=k)
+    depth[is_q] = rng.integers(s.depth_range[0], D + 1, size=k)
+    ent[is_q] = rng.integers(min(s.entity_range[0], E), E + 1, size=k)
     inf[is_q] = rng.integers(s.inference_range[0], I + 1, size=k)
     depth[1], ent[1], inf[1] = D, E, I
     for t in range(n):  # clarification inherits the complexity of the turn it clarifies
-        if states[t] == "clarification": depth[t], ent[t], inf[t] = depth[t - 1], ent[t - 1], inf[t - 1]
-    depth[0] = depth[-1] = s.depth_range[0]; ent[0] = ent[-1] = s.entity_range[0]; inf[0] = inf[-1] = s.inference_range[0]
+        if states[t] == "clarification":
+            depth[t], ent[t], inf[t] = depth[t - 1], ent[t - 1], inf[t - 1]
+    depth[0] = depth[-1] = s.depth_range[0]
+    ent[0] = ent[-1] = s.entity_range[0]
+    inf[0] = inf[-1] = s.inference_range[0]
     spec_idx = required_specialist(depth, ent, inf, cfg)
     spec_idx[0] = spec_idx[-1] = SPECIALISTS.index("general")
     specs = [SPECIALISTS[j] for j in spec_idx.tolist()]
@@ -343,18 +526,22 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
     # key facts go to the information-exchange turns in order (the seed query if there are none); one distractor each
     info = [t for t in range(n) if states[t] == "information_exchange"] or [1]
     fact_slots = {t: [] for t in info}
-    for j, chunk in enumerate(np.array_split(np.arange(I), len(info))): fact_slots[info[j]] += [facts[c] for c in chunk]
+    for j, chunk in enumerate(np.array_split(np.arange(I), len(info))):
+        fact_slots[info[j]] += [facts[c] for c in chunk]
     d_iter = iter(distract)
     u = Uniforms(rng)
     turns, focus_all, checked = [], [], []
     start = QUERY_STARTS[task_type]
     prev_focus, prev_task, prev_mod = [], DIALOGUE_TASK % m, 0
+
     def pick_focus() -> list[str]:
         kf, focus = 1 + u.pick(min(3, E)), []
         while len(focus) < kf:
             e = names[u.pick(E)]
-            if e not in focus: focus.append(e)
+            if e not in focus:
+                focus.append(e)
         return focus
+
     seed_focus = pick_focus()
     for t, st in enumerate(states):
         trig = _trigger_phrase(specs[t], u) + " " if t in hset else ""
@@ -376,147 +563,294 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
             if t in fact_slots:
                 said = fact_slots[t] + [f for f in [next(d_iter, None)] if f]
                 stated = " ".join(f"Fact: {f} ." for f in said) + " "
-            text = (f"{stated}{_fill_entities(' '.join(toks), focus)} Focus: {', '.join(focus)} . "
-                    f"(scope: {ent[t]} entities, {inf[t]} inference steps)")
-        if st in ("query_formulation", "information_exchange", "clarification"): checked.append(t)
+            text = (
+                f"{stated}{_fill_entities(' '.join(toks), focus)} Focus: {', '.join(focus)} . "
+                f"(scope: {ent[t]} entities, {inf[t]} inference steps)"
+            )
+        if st in ("query_formulation", "information_exchange", "clarification"):
+            checked.append(t)
         turns.append(Turn(t, st, "user", trig + text, specs[t], int(task), int(mod)))
-        focus_all.append(list(focus)); prev_focus, prev_task, prev_mod = focus, task, mod
-    expected = dict(turn_focus=focus_all, checked_turns=checked, min_turn_pass=s.turn_pass_fraction, final_facts=list(facts),
-                    answer=chain[-1], turn_depth=depth, turn_entities=ent, turn_inference=inf)
+        focus_all.append(list(focus))
+        prev_focus, prev_task, prev_mod = focus, task, mod
+    expected = dict(
+        turn_focus=focus_all,
+        checked_turns=checked,
+        min_turn_pass=s.turn_pass_fraction,
+        final_facts=list(facts),
+        answer=chain[-1],
+        turn_depth=depth,
+        turn_entities=ent,
+        turn_inference=inf,
+    )
     return Conversation(f"s{seed}-c{i:06d}", int(seed), task_type, D, E, R, I, turns, handoffs, list(facts), expected)
+
 
 def generate_conversations(n: int | None = None, seed: int = 0, cfg: Config | None = None) -> list[Conversation]:
     "The §5.1 benchmark: `n` conversations (default cfg.synthetic.n_conversations) from `seed`."
     cfg = cfg or load_config("full")
     n = cfg.synthetic.n_conversations if n is None else n
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0: raise ValueError(f"n: expected a non-negative integer, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0: raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n: expected a non-negative integer, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     plan = fsm_plan(cfg)
     return [generate_conversation(i, int(seed), cfg, plan) for i in range(int(n))]
 
 # %% ../nbs/05_synthetic.ipynb #f30c8569
 SCHEMA_VERSION = "rapo_nb.synthetic/1"
-_CONV_FIELDS = {"id": str, "seed": int, "task_type": str, "depth": int, "n_entities": int, "n_relations": int,
-                "inference_steps": int, "turns": list, "handoff_turns": list, "facts": list, "expected": dict}
-_TURN_FIELDS = {"index": int, "fsm_state": str, "speaker": str, "text": str, "specialist": str, "task": int, "modality": int}
+_CONV_FIELDS = {
+    "id": str,
+    "seed": int,
+    "task_type": str,
+    "depth": int,
+    "n_entities": int,
+    "n_relations": int,
+    "inference_steps": int,
+    "turns": list,
+    "handoff_turns": list,
+    "facts": list,
+    "expected": dict,
+}
+_TURN_FIELDS = {
+    "index": int,
+    "fsm_state": str,
+    "speaker": str,
+    "text": str,
+    "specialist": str,
+    "task": int,
+    "modality": int,
+}
+
 
 class SchemaError(ValueError):
     "A conversation record does not match the schema; `.field` names the offending field."
+
     def __init__(self, field: str, msg: str):
-        super().__init__(f"{field}: {msg}"); self.field = field
+        super().__init__(f"{field}: {msg}")
+        self.field = field
+
 
 class JsonlError(ValueError):
     "A bad JSONL line: names file and line; `.conversations` holds everything read before it."
+
     def __init__(self, path: Path, line: int, msg: str, conversations: list | None = None):
         super().__init__(f"{path}:{line}: {msg}")
         self.path, self.line, self.conversations = Path(path), line, conversations if conversations is not None else []
 
+
 class LoadedConversations(list):
     "The conversations of a JSONL file; `.errors` lists the bad lines skipped under errors='collect'."
+
     errors: list
 
+
 def _typed(d: dict, name: str, typ: type, where: str) -> Any:
-    if name not in d: raise SchemaError(f"{where}{name}", "missing")
+    if name not in d:
+        raise SchemaError(f"{where}{name}", "missing")
     v = d[name]
-    if typ is int and (isinstance(v, bool) or not isinstance(v, int)): raise SchemaError(f"{where}{name}", f"expected an integer, got {v!r}")
-    if typ is not int and not isinstance(v, typ): raise SchemaError(f"{where}{name}", f"expected {typ.__name__}, got {type(v).__name__}")
+    if typ is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise SchemaError(f"{where}{name}", f"expected an integer, got {v!r}")
+    if typ is not int and not isinstance(v, typ):
+        raise SchemaError(f"{where}{name}", f"expected {typ.__name__}, got {type(v).__name__}")
     return v
+
 
 def conversation_from_dict(d: Any, cfg: Config | None = None) -> Conversation:
     "Validate a decoded JSON record against the schema and build a `Conversation` (SchemaError names the field)."
     cfg = cfg or load_config("full")
-    if not isinstance(d, dict): raise SchemaError("record", f"expected a JSON object, got {type(d).__name__}")
-    if d.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION: raise SchemaError("schema", f"expected {SCHEMA_VERSION!r}, got {d.get('schema')!r}")
+    if not isinstance(d, dict):
+        raise SchemaError("record", f"expected a JSON object, got {type(d).__name__}")
+    if d.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise SchemaError("schema", f"expected {SCHEMA_VERSION!r}, got {d.get('schema')!r}")
     vals = {k: _typed(d, k, t, "") for k, t in _CONV_FIELDS.items()}
-    if vals["task_type"] not in TASK_TYPES: raise SchemaError("task_type", f"{vals['task_type']!r} is not one of {list(TASK_TYPES)}")
+    if vals["task_type"] not in TASK_TYPES:
+        raise SchemaError("task_type", f"{vals['task_type']!r} is not one of {list(TASK_TYPES)}")
     for k in ("depth", "n_entities", "n_relations", "inference_steps", "seed"):
-        if vals[k] < 0: raise SchemaError(k, f"must be >= 0, got {vals[k]}")
+        if vals[k] < 0:
+            raise SchemaError(k, f"must be >= 0, got {vals[k]}")
     turns = []
     for j, td in enumerate(vals["turns"]):
         w = f"turns[{j}]."
-        if not isinstance(td, dict): raise SchemaError(f"turns[{j}]", "expected an object")
+        if not isinstance(td, dict):
+            raise SchemaError(f"turns[{j}]", "expected an object")
         tv = {k: _typed(td, k, t, w) for k, t in _TURN_FIELDS.items()}
-        if tv["index"] != j: raise SchemaError(w + "index", f"expected {j}, got {tv['index']}")
-        if tv["fsm_state"] not in FSM_STATES: raise SchemaError(w + "fsm_state", f"{tv['fsm_state']!r} is not one of {list(FSM_STATES)}")
-        if tv["specialist"] not in SPECIALISTS: raise SchemaError(w + "specialist", f"{tv['specialist']!r} is not one of {list(SPECIALISTS)}")
-        if not 0 <= tv["task"] < cfg.state.n_tasks: raise SchemaError(w + "task", f"{tv['task']} not in [0, {cfg.state.n_tasks})")
-        if not 0 <= tv["modality"] < cfg.state.n_modalities: raise SchemaError(w + "modality", f"{tv['modality']} not in [0, {cfg.state.n_modalities})")
+        if tv["index"] != j:
+            raise SchemaError(w + "index", f"expected {j}, got {tv['index']}")
+        if tv["fsm_state"] not in FSM_STATES:
+            raise SchemaError(w + "fsm_state", f"{tv['fsm_state']!r} is not one of {list(FSM_STATES)}")
+        if tv["specialist"] not in SPECIALISTS:
+            raise SchemaError(w + "specialist", f"{tv['specialist']!r} is not one of {list(SPECIALISTS)}")
+        if not 0 <= tv["task"] < cfg.state.n_tasks:
+            raise SchemaError(w + "task", f"{tv['task']} not in [0, {cfg.state.n_tasks})")
+        if not 0 <= tv["modality"] < cfg.state.n_modalities:
+            raise SchemaError(w + "modality", f"{tv['modality']} not in [0, {cfg.state.n_modalities})")
         turns.append(Turn(**tv))
     for h in vals["handoff_turns"]:
-        if isinstance(h, bool) or not isinstance(h, int) or not 0 < h < len(turns): raise SchemaError("handoff_turns", f"{h!r} is not a turn index in [1, {len(turns)})")
-    if not all(isinstance(f, str) for f in vals["facts"]): raise SchemaError("facts", "expected a list of strings")
+        if isinstance(h, bool) or not isinstance(h, int) or not 0 < h < len(turns):
+            raise SchemaError("handoff_turns", f"{h!r} is not a turn index in [1, {len(turns)})")
+    if not all(isinstance(f, str) for f in vals["facts"]):
+        raise SchemaError("facts", "expected a list of strings")
     vals["turns"] = turns
     return Conversation(**vals)
 
+
 def conversation_to_json(c: Conversation) -> str:
     "One JSONL line (keys sorted, compact) for conversation `c`."
-    return json.dumps({"schema": SCHEMA_VERSION, **asdict(c)}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(
+        {"schema": SCHEMA_VERSION, **asdict(c)}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+
 
 def save_jsonl(conversations: list[Conversation], path: str | Path) -> Path:
     "Write conversations as JSONL (atomically: temp file then rename); return the path."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for c in conversations: f.write(conversation_to_json(c) + "\n")
-    os.replace(tmp, path); return path
+        for c in conversations:
+            f.write(conversation_to_json(c) + "\n")
+    os.replace(tmp, path)
+    return path
+
 
 def load_jsonl(path: str | Path, errors: str = "raise", cfg: Config | None = None) -> LoadedConversations:
     "Read and validate a JSONL file; errors='raise' stops at the first bad line, 'collect' skips and records it."
-    if errors not in ("raise", "collect"): raise ValueError(f"errors: {errors!r} is not one of ['raise', 'collect']")
-    path = Path(path); cfg = cfg or load_config("full")
-    out = LoadedConversations(); out.errors = []
+    if errors not in ("raise", "collect"):
+        raise ValueError(f"errors: {errors!r} is not one of ['raise', 'collect']")
+    path = Path(path)
+    cfg = cfg or load_config("full")
+    out = LoadedConversations()
+    out.errors = []
     with open(path, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
-            if not line.strip(): continue
+            if not line.strip():
+                continue
             try:
-                try: d = json.loads(line)
-                except json.JSONDecodeError as e: raise SchemaError("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SchemaError("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
                 out.append(conversation_from_dict(d, cfg))
             except SchemaError as e:
                 err = JsonlError(path, ln, str(e), list(out))
-                if errors == "raise": raise err from None
+                if errors == "raise":
+                    raise err from None
                 out.errors.append(err)
     return out
+
 
 def jsonl_sha256(conversations: list[Conversation]) -> str:
     "SHA-256 of the JSONL serialisation (the reproducibility fingerprint of a benchmark)."
     h = hashlib.sha256()
-    for c in conversations: h.update((conversation_to_json(c) + "\n").encode())
+    for c in conversations:
+        h.update((conversation_to_json(c) + "\n").encode())
     return h.hexdigest()
 
 # %% ../nbs/05_synthetic.ipynb #04a6ca40
 def conversations_frame(conversations: list[Conversation]) -> "pd.DataFrame":
     "One row per conversation: task type, complexity, turns, handoffs, key facts."
     import pandas as pd
-    return pd.DataFrame([dict(conv_id=c.id, task_type=c.task_type, depth=c.depth, n_entities=c.n_entities,
-                              n_relations=c.n_relations, inference_steps=c.inference_steps, n_turns=c.n_turns,
-                              n_handoffs=c.n_handoffs, n_facts=len(c.facts)) for c in conversations])
+
+    return pd.DataFrame(
+        [
+            dict(
+                conv_id=c.id,
+                task_type=c.task_type,
+                depth=c.depth,
+                n_entities=c.n_entities,
+                n_relations=c.n_relations,
+                inference_steps=c.inference_steps,
+                n_turns=c.n_turns,
+                n_handoffs=c.n_handoffs,
+                n_facts=len(c.facts),
+            )
+            for c in conversations
+        ]
+    )
+
 
 def turns_frame(conversations: list[Conversation]) -> "pd.DataFrame":
     "One row per turn: conversation, FSM state, specialist, task, modality, handoff flag."
     import pandas as pd
-    return pd.DataFrame([dict(conv_id=c.id, turn=t.index, fsm_state=t.fsm_state, specialist=t.specialist, task=t.task,
-                              modality=t.modality, handoff=t.index in c.handoff_turns) for c in conversations for t in c.turns])
+
+    return pd.DataFrame(
+        [
+            dict(
+                conv_id=c.id,
+                turn=t.index,
+                fsm_state=t.fsm_state,
+                specialist=t.specialist,
+                task=t.task,
+                modality=t.modality,
+                handoff=t.index in c.handoff_turns,
+            )
+            for c in conversations
+            for t in c.turns
+        ]
+    )
+
 
 def dataset_card(conversations: list[Conversation], cfg: Config) -> "pd.DataFrame":
     "Realised distributions of the benchmark beside §5.1's (column 'paper'); ours are computed."
     import pandas as pd
+
     cf_, tf = conversations_frame(conversations), turns_frame(conversations)
-    s = cfg.synthetic; rows = []
+    s = cfg.synthetic
+    rows = []
     fsm = tf.fsm_state.value_counts(normalize=True)
-    for st, p in zip(FSM_STATES, s.fsm_probs): rows.append(dict(quantity=f"share of turns: {st}", paper=f"{p:.2f}", ours=f"{fsm.get(st, 0):.3f}"))
+    for st, p in zip(FSM_STATES, s.fsm_probs):
+        rows.append(dict(quantity=f"share of turns: {st}", paper=f"{p:.2f}", ours=f"{fsm.get(st, 0):.3f}"))
     tt = cf_.task_type.value_counts(normalize=True)
-    for ty, p in zip(TASK_TYPES, s.task_type_probs): rows.append(dict(quantity=f"share of conversations: {ty}", paper=f"{p:.2f}", ours=f"{tt.get(ty, 0):.3f}"))
-    for col, rng_ in (("depth", s.depth_range), ("n_entities", s.entity_range), ("n_relations", s.relation_range), ("inference_steps", s.inference_range)):
-        rows.append(dict(quantity=f"{col} range", paper=f"{rng_[0]}–{rng_[1]}", ours=f"{cf_[col].min()}–{cf_[col].max()} (mean {cf_[col].mean():.1f})"))
-    rows.append(dict(quantity="query / response / trigger rules", paper=f"{s.n_query_rules} / {s.n_response_rules} / {s.n_trigger_rules}",
-                     ours=f"{n_productions(QUERY_GRAMMAR)} / {n_productions(RESPONSE_GRAMMAR)} / {n_productions(TRIGGER_GRAMMAR)}"))
+    for ty, p in zip(TASK_TYPES, s.task_type_probs):
+        rows.append(dict(quantity=f"share of conversations: {ty}", paper=f"{p:.2f}", ours=f"{tt.get(ty, 0):.3f}"))
+    for col, rng_ in (
+        ("depth", s.depth_range),
+        ("n_entities", s.entity_range),
+        ("n_relations", s.relation_range),
+        ("inference_steps", s.inference_range),
+    ):
+        rows.append(
+            dict(
+                quantity=f"{col} range",
+                paper=f"{rng_[0]}–{rng_[1]}",
+                ours=f"{cf_[col].min()}–{cf_[col].max()} (mean {cf_[col].mean():.1f})",
+            )
+        )
+    rows.append(
+        dict(
+            quantity="query / response / trigger rules",
+            paper=f"{s.n_query_rules} / {s.n_response_rules} / {s.n_trigger_rules}",
+            ours=f"{n_productions(QUERY_GRAMMAR)} / {n_productions(RESPONSE_GRAMMAR)} / {n_productions(TRIGGER_GRAMMAR)}",
+        )
+    )
     sp = tf.specialist.value_counts(normalize=True)
-    rows.append(dict(quantity="share of turns per required specialist", paper="—",
-                     ours=", ".join(f"{k} {sp.get(k, 0):.2f}" for k in SPECIALISTS)))
-    rows.append(dict(quantity="turns per conversation", paper="—", ours=f"{cf_.n_turns.min()}–{cf_.n_turns.max()} (mean {cf_.n_turns.mean():.1f})"))
-    rows.append(dict(quantity="handoffs per conversation", paper="analysed at 5–8 and > 15 transitions (§5.5)",
-                     ours=f"{cf_.n_handoffs.min()}–{cf_.n_handoffs.max()} (mean {cf_.n_handoffs.mean():.1f}; 5–8 in {cf_.n_handoffs.between(5, 8).mean():.1%}, "
-                          f">10 in {(cf_.n_handoffs > 10).mean():.1%}, >15 in {(cf_.n_handoffs > 15).mean():.1%})"))
-    rows.append(dict(quantity="conversations", paper=f"{load_config('full').synthetic.n_conversations}", ours=f"{len(conversations)}"))
+    rows.append(
+        dict(
+            quantity="share of turns per required specialist",
+            paper="—",
+            ours=", ".join(f"{k} {sp.get(k, 0):.2f}" for k in SPECIALISTS),
+        )
+    )
+    rows.append(
+        dict(
+            quantity="turns per conversation",
+            paper="—",
+            ours=f"{cf_.n_turns.min()}–{cf_.n_turns.max()} (mean {cf_.n_turns.mean():.1f})",
+        )
+    )
+    rows.append(
+        dict(
+            quantity="handoffs per conversation",
+            paper="analysed at 5–8 and > 15 transitions (§5.5)",
+            ours=f"{cf_.n_handoffs.min()}–{cf_.n_handoffs.max()} (mean {cf_.n_handoffs.mean():.1f}; 5–8 in {cf_.n_handoffs.between(5, 8).mean():.1%}, "
+            f">10 in {(cf_.n_handoffs > 10).mean():.1%}, >15 in {(cf_.n_handoffs > 15).mean():.1%})",
+        )
+    )
+    rows.append(
+        dict(
+            quantity="conversations",
+            paper=f"{load_config('full').synthetic.n_conversations}",
+            ours=f"{len(conversations)}",
+        )
+    )
     return pd.DataFrame(rows)

@@ -14,7 +14,16 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from .config import Config, TrainingConfig, load_config, get_device, results_dir, save_figure, save_table, _atomic_write
+from rapo_nb.config import (
+    Config,
+    TrainingConfig,
+    load_config,
+    get_device,
+    results_dir,
+    save_figure,
+    save_table,
+    _atomic_write,
+)
 from .state import StateBank
 
 # %% auto #0
@@ -29,8 +38,11 @@ __all__ = ['PHASES', 'PHASE_GROUPS', 'untrained_model', 'CHECKPOINT_MAGIC', 'CON
 
 # %% ../nbs/08_training.ipynb #42e3561d
 PHASES = ("prompt_embedding", "consensus", "joint")  # §4.6: the three training phases, in order
-PHASE_GROUPS = {"prompt_embedding": ("prompt_embedding", "mlp"), "consensus": ("consensus",),
-                "joint": ("prompt_embedding", "consensus", "mlp")}  # our reading of §4.6: parameter groups per phase
+PHASE_GROUPS = {
+    "prompt_embedding": ("prompt_embedding", "mlp"),
+    "consensus": ("consensus",),
+    "joint": ("prompt_embedding", "consensus", "mlp"),
+}  # our reading of §4.6: parameter groups per phase
 
 # %% ../nbs/08_training.ipynb #a5d0c01e
 def feature_layout(n_tasks: int, n_modalities: int, prompt_dim: int) -> dict[str, slice]:
@@ -38,9 +50,12 @@ def feature_layout(n_tasks: int, n_modalities: int, prompt_dim: int) -> dict[str
     ml = n_tasks * n_modalities
     sizes = dict(M_agent=ml, M_global=ml, stats=3, task=n_tasks, modality=n_modalities, prompt=prompt_dim)
     out, i = {}, 0
-    for k, n in sizes.items(): out[k] = slice(i, i + n); i += n
+    for k, n in sizes.items():
+        out[k] = slice(i, i + n)
+        i += n
     out["total"] = slice(0, i)
     return out
+
 
 def state_dim(n_tasks: int, n_modalities: int) -> int:
     "Size of the predicted next-state change: ΔM_a (m·l) and Δscore (1)."
@@ -50,30 +65,41 @@ def state_dim(n_tasks: int, n_modalities: int) -> int:
 def _check_request(bank, agent_ids: torch.Tensor, task: torch.Tensor, modality: torch.Tensor) -> None:
     "Raise ValueError naming the bad field of a (agent_ids, task, modality) request batch."
     n, m, l = bank.M.shape
-    if not isinstance(agent_ids, torch.Tensor) or agent_ids.dim() != 2: raise ValueError(f"agent_ids: expected a LongTensor [B, K], got {getattr(agent_ids, 'shape', type(agent_ids))}")
+    if not isinstance(agent_ids, torch.Tensor) or agent_ids.dim() != 2:
+        raise ValueError(f"agent_ids: expected a LongTensor [B, K], got {getattr(agent_ids, 'shape', type(agent_ids))}")
     B = agent_ids.shape[0]
     for name, t, hi in (("task", task, m), ("modality", modality, l)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != B:
             raise ValueError(f"{name}: expected a LongTensor [B={B}], got {getattr(t, 'shape', type(t))}")
-        if t.is_floating_point(): raise ValueError(f"{name}: expected integer indices, got dtype {t.dtype}")
-        if B and (int(t.min()) < 0 or int(t.max()) >= hi): raise ValueError(f"{name}: indices must be in [0, {hi}), got range [{int(t.min())}, {int(t.max())}]")
-    if agent_ids.is_floating_point(): raise ValueError(f"agent_ids: expected integer indices, got dtype {agent_ids.dtype}")
+        if t.is_floating_point():
+            raise ValueError(f"{name}: expected integer indices, got dtype {t.dtype}")
+        if B and (int(t.min()) < 0 or int(t.max()) >= hi):
+            raise ValueError(f"{name}: indices must be in [0, {hi}), got range [{int(t.min())}, {int(t.max())}]")
+    if agent_ids.is_floating_point():
+        raise ValueError(f"agent_ids: expected integer indices, got dtype {agent_ids.dtype}")
     if agent_ids.numel() and (int(agent_ids.min()) < 0 or int(agent_ids.max()) >= n):
-        raise ValueError(f"agent_ids: indices must be in [0, {n}), got range [{int(agent_ids.min())}, {int(agent_ids.max())}]")
+        raise ValueError(
+            f"agent_ids: indices must be in [0, {n}), got range [{int(agent_ids.min())}, {int(agent_ids.max())}]"
+        )
+
 
 def global_capability(bank) -> torch.Tensor:
     "Φ_M = Σ_i ω_i M_i, the capability part of the global state (eq. 1, `StateBank.global_state`); [m, l] float32."
     return bank.global_state()["M"].float()
+
 
 def transition_features(bank, agent_ids: torch.Tensor, task: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
     "Model inputs for K candidate agents of B requests: float32 [B, K, F] on the bank's device (see `feature_layout`)."
     _check_request(bank, agent_ids, task, modality)
     n, m, l = bank.M.shape
     dev = bank.M.device
-    ids = agent_ids.to(dev).long(); B, K = ids.shape
+    ids = agent_ids.to(dev).long()
+    B, K = ids.shape
     M_a = bank.M[ids].float().reshape(B, K, m * l)
     M_g = global_capability(bank).reshape(1, 1, m * l).expand(B, K, m * l)
-    stats = torch.stack([bank.capability_score[ids].float(), bank.utilisation[ids].float(), bank.alive[ids].float()], -1)
+    stats = torch.stack(
+        [bank.capability_score[ids].float(), bank.utilisation[ids].float(), bank.alive[ids].float()], -1
+    )
     oh_t = nn.functional.one_hot(task.to(dev).long(), m).float()[:, None, :].expand(B, K, m)
     oh_m = nn.functional.one_hot(modality.to(dev).long(), l).float()[:, None, :].expand(B, K, l)
     P = bank.P[ids].float()
@@ -82,20 +108,44 @@ def transition_features(bank, agent_ids: torch.Tensor, task: torch.Tensor, modal
 # %% ../nbs/08_training.ipynb #b0bb66b1
 def _logit(p: float) -> float:
     "Inverse sigmoid, clipped away from 0 and 1."
-    p = min(max(float(p), 1e-4), 1 - 1e-4); return math.log(p / (1 - p))
+    p = min(max(float(p), 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
 
 class TransitionModel(nn.Module):
     "Learned state transition of §4.2: features [.., F] → (ΔM_a, Δscore, R) in standardised units."
-    def __init__(self, n_tasks: int, n_modalities: int, prompt_dim: int, hidden: tuple = (256, 128),
-                 prompt_embed_dim: int | None = None, consensus_alpha: float = 0.1):
+
+    def __init__(
+        self,
+        n_tasks: int,
+        n_modalities: int,
+        prompt_dim: int,
+        hidden: tuple = (256, 128),
+        prompt_embed_dim: int | None = None,
+        consensus_alpha: float = 0.1,
+    ):
         super().__init__()
-        if prompt_embed_dim is None: prompt_embed_dim = TrainingConfig().prompt_embed_dim
-        for name, v in (("n_tasks", n_tasks), ("n_modalities", n_modalities), ("prompt_dim", prompt_dim), ("prompt_embed_dim", prompt_embed_dim)):
-            if not isinstance(v, int) or v < 1: raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if not hidden or any((not isinstance(h, int)) or h < 1 for h in hidden): raise ValueError(f"hidden: expected positive ints, got {hidden!r}")
-        if not 0.0 <= consensus_alpha <= 1.0: raise ValueError(f"consensus_alpha: expected a value in [0, 1], got {consensus_alpha!r}")
-        self.dims = dict(n_tasks=n_tasks, n_modalities=n_modalities, prompt_dim=prompt_dim, hidden=tuple(int(h) for h in hidden),
-                         prompt_embed_dim=prompt_embed_dim)
+        if prompt_embed_dim is None:
+            prompt_embed_dim = TrainingConfig().prompt_embed_dim
+        for name, v in (
+            ("n_tasks", n_tasks),
+            ("n_modalities", n_modalities),
+            ("prompt_dim", prompt_dim),
+            ("prompt_embed_dim", prompt_embed_dim),
+        ):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if not hidden or any((not isinstance(h, int)) or h < 1 for h in hidden):
+            raise ValueError(f"hidden: expected positive ints, got {hidden!r}")
+        if not 0.0 <= consensus_alpha <= 1.0:
+            raise ValueError(f"consensus_alpha: expected a value in [0, 1], got {consensus_alpha!r}")
+        self.dims = dict(
+            n_tasks=n_tasks,
+            n_modalities=n_modalities,
+            prompt_dim=prompt_dim,
+            hidden=tuple(int(h) for h in hidden),
+            prompt_embed_dim=prompt_embed_dim,
+        )
         m, l = n_tasks, n_modalities
         self.layout = feature_layout(m, l, prompt_dim)
         self.feature_dim = self.layout["total"].stop
@@ -107,14 +157,19 @@ class TransitionModel(nn.Module):
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(a, b))
-            if i < len(widths) - 2: layers.append(nn.ReLU())
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
         self.mlp = nn.Sequential(*layers)
         self.register_buffer("y_mean", torch.zeros(self.output_dim))
         self.register_buffer("y_std", torch.ones(self.output_dim))
 
     def groups(self) -> dict[str, list[nn.Parameter]]:
         "Parameters by training-phase group: prompt_embedding, consensus, mlp."
-        return dict(prompt_embedding=list(self.prompt_embedding.parameters()), consensus=[self.consensus], mlp=list(self.mlp.parameters()))
+        return dict(
+            prompt_embedding=list(self.prompt_embedding.parameters()),
+            consensus=[self.consensus],
+            mlp=list(self.mlp.parameters()),
+        )
 
     def consensus_alpha(self) -> torch.Tensor:
         "Current consensus pull α per capability cell, [m·l] in (0, 1)."
@@ -123,7 +178,9 @@ class TransitionModel(nn.Module):
     def mlp_input(self, features: torch.Tensor) -> torch.Tensor:
         "The MLP's input [.., input_dim] from raw features [.., F]."
         if features.shape[-1] != self.feature_dim:
-            raise ValueError(f"features: expected last dimension {self.feature_dim} (m={self.dims['n_tasks']}, l={self.dims['n_modalities']}, p={self.dims['prompt_dim']}), got {features.shape[-1]}")
+            raise ValueError(
+                f"features: expected last dimension {self.feature_dim} (m={self.dims['n_tasks']}, l={self.dims['n_modalities']}, p={self.dims['prompt_dim']}), got {features.shape[-1]}"
+            )
         L, m, l = self.layout, self.dims["n_tasks"], self.dims["n_modalities"]
         a = self.consensus_alpha()
         M_mix = (1 - a) * features[..., L["M_agent"]] + a * features[..., L["M_global"]]
@@ -147,9 +204,12 @@ class TransitionModel(nn.Module):
 
     def set_target_stats(self, y: torch.Tensor) -> None:
         "Fit the target standardisation to training targets y [n, output_dim] (std floored at 1e-3)."
-        if y.dim() != 2 or y.shape[1] != self.output_dim: raise ValueError(f"y: expected [n, {self.output_dim}], got {tuple(y.shape)}")
-        if y.shape[0] < 2: raise ValueError(f"y: need at least 2 targets to standardise, got {y.shape[0]}")
-        self.y_mean.copy_(y.mean(0)); self.y_std.copy_(y.std(0).clamp_min(1e-3))
+        if y.dim() != 2 or y.shape[1] != self.output_dim:
+            raise ValueError(f"y: expected [n, {self.output_dim}], got {tuple(y.shape)}")
+        if y.shape[0] < 2:
+            raise ValueError(f"y: need at least 2 targets to standardise, got {y.shape[0]}")
+        self.y_mean.copy_(y.mean(0))
+        self.y_std.copy_(y.std(0).clamp_min(1e-3))
 
     @torch.no_grad()
     def predict_reward(self, bank, agent_ids: torch.Tensor, task: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
@@ -162,57 +222,85 @@ class TransitionModel(nn.Module):
         "Number of trainable parameters."
         return sum(p.numel() for p in self.parameters())
 
+
 def model_from_config(cfg: Config, seed: int = 0, device: str | torch.device | None = None) -> TransitionModel:
     "An untrained `TransitionModel` sized by `cfg` with seeded initial weights (the evaluation's ablation)."
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = TransitionModel(cfg.state.n_tasks, cfg.state.n_modalities, cfg.state.prompt_dim, tuple(cfg.training.hidden),
-                                cfg.training.prompt_embed_dim, cfg.consensus.alpha)
+        model = TransitionModel(
+            cfg.state.n_tasks,
+            cfg.state.n_modalities,
+            cfg.state.prompt_dim,
+            tuple(cfg.training.hidden),
+            cfg.training.prompt_embed_dim,
+            cfg.consensus.alpha,
+        )
     return model.to(get_device(cfg.device) if device is None else torch.device(device))
+
 
 untrained_model = model_from_config
 
 # %% ../nbs/08_training.ipynb #d838a96e
 class ReplayBuffer:
     "Fixed-capacity ring buffer of transitions: features x [cap, F], targets y [cap, D], preallocated on `device`."
+
     def __init__(self, capacity: int, x_dim: int, y_dim: int, device: str | torch.device = "cpu"):
         for name, v in (("capacity", capacity), ("x_dim", x_dim), ("y_dim", y_dim)):
-            if not isinstance(v, int) or v < 1: raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
         self.capacity, self.device = capacity, torch.device(device)
         self.x = torch.zeros(capacity, x_dim, device=self.device)
         self.y = torch.zeros(capacity, y_dim, device=self.device)
         self.pos, self.size, self.n_added = 0, 0, 0
 
-    def __len__(self) -> int: return self.size
+    def __len__(self) -> int:
+        return self.size
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         "Append a batch x [n, F], y [n, D]; the oldest rows are overwritten when full."
-        if x.dim() != 2 or x.shape[1] != self.x.shape[1]: raise ValueError(f"x: expected [n, {self.x.shape[1]}], got {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[1] != self.x.shape[1]:
+            raise ValueError(f"x: expected [n, {self.x.shape[1]}], got {tuple(x.shape)}")
         if y.dim() != 2 or y.shape[1] != self.y.shape[1] or y.shape[0] != x.shape[0]:
             raise ValueError(f"y: expected [{x.shape[0]}, {self.y.shape[1]}], got {tuple(y.shape)}")
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()): raise ValueError("x/y: transitions must be finite")
-        n = x.shape[0]; self.n_added += n
-        if n > self.capacity: x, y = x[-self.capacity:], y[-self.capacity:]; self.pos = (self.pos + n - self.capacity) % self.capacity; n = self.capacity
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise ValueError("x/y: transitions must be finite")
+        n = x.shape[0]
+        self.n_added += n
+        if n > self.capacity:
+            x, y = x[-self.capacity :], y[-self.capacity :]
+            self.pos = (self.pos + n - self.capacity) % self.capacity
+            n = self.capacity
         idx = (self.pos + torch.arange(n, device=self.device)) % self.capacity
-        self.x[idx] = x.to(self.device, torch.float32); self.y[idx] = y.to(self.device, torch.float32)
-        self.pos = (self.pos + n) % self.capacity; self.size = min(self.size + n, self.capacity)
+        self.x[idx] = x.to(self.device, torch.float32)
+        self.y[idx] = y.to(self.device, torch.float32)
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         "A uniform mini-batch (with replacement) drawn with the CPU `generator`."
-        if self.size == 0: raise ValueError("buffer: cannot sample from an empty replay buffer")
-        if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        if self.size == 0:
+            raise ValueError("buffer: cannot sample from an empty replay buffer")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         idx = torch.randint(self.size, (batch_size,), generator=generator).to(self.device)
         return self.x[idx], self.y[idx]
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
         "All stored transitions, oldest first."
-        if self.size < self.capacity: return self.x[: self.size], self.y[: self.size]
+        if self.size < self.capacity:
+            return self.x[: self.size], self.y[: self.size]
         order = (self.pos + torch.arange(self.capacity, device=self.device)) % self.capacity
         return self.x[order], self.y[order]
 
 # %% ../nbs/08_training.ipynb #58b69039
-def train_step(model: TransitionModel, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               params: list[nn.Parameter], grad_clip: float) -> dict[str, float]:
+def train_step(
+    model: TransitionModel,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: list[nn.Parameter],
+    grad_clip: float,
+) -> dict[str, float]:
     "One optimiser step on (x, y); returns loss, its state and reward parts (standardised MSE) and the pre-clip grad norm."
     model.train()
     err = (model(x) - model.standardise(y)) ** 2
@@ -222,79 +310,129 @@ def train_step(model: TransitionModel, optimizer: torch.optim.Optimizer, x: torc
     gn = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     err = err.detach()
-    return dict(loss=float(loss.detach()), state_loss=float(err[..., :-1].mean()), reward_loss=float(err[..., -1].mean()), grad_norm=float(gn))
+    return dict(
+        loss=float(loss.detach()),
+        state_loss=float(err[..., :-1].mean()),
+        reward_loss=float(err[..., -1].mean()),
+        grad_norm=float(gn),
+    )
 
 # %% ../nbs/08_training.ipynb #99bf5c0b
 @torch.no_grad()
 def transition_errors(model: TransitionModel, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> dict[str, float]:
     "Errors on (x, y) in the targets' own units: next-state MSE, reward MSE, reward MAE, and the standardised loss."
-    if x.shape[0] == 0: raise ValueError("x: no transitions to evaluate")
+    if x.shape[0] == 0:
+        raise ValueError("x: no transitions to evaluate")
     model.eval()
     sd, rw, loss = [], [], []
     for i in range(0, x.shape[0], batch):
-        xb, yb = x[i:i + batch], y[i:i + batch]
+        xb, yb = x[i : i + batch], y[i : i + batch]
         p = model.predict(xb)
-        sd.append(((p["state_delta"] - yb[:, :-1]) ** 2).mean(1)); rw.append(p["reward"] - yb[:, -1])
+        sd.append(((p["state_delta"] - yb[:, :-1]) ** 2).mean(1))
+        rw.append(p["reward"] - yb[:, -1])
         loss.append(((model(xb) - model.standardise(yb)) ** 2).mean(1))
     sd, rw, loss = torch.cat(sd), torch.cat(rw), torch.cat(loss)
-    return dict(state_mse=float(sd.mean()), reward_mse=float((rw ** 2).mean()), reward_mae=float(rw.abs().mean()),
-                loss=float(loss.mean()), mean_pred_reward=float((rw + y[:, -1]).mean()), mean_reward=float(y[:, -1].mean()))
+    return dict(
+        state_mse=float(sd.mean()),
+        reward_mse=float((rw**2).mean()),
+        reward_mae=float(rw.abs().mean()),
+        loss=float(loss.mean()),
+        mean_pred_reward=float((rw + y[:, -1]).mean()),
+        mean_reward=float(y[:, -1].mean()),
+    )
+
 
 def baseline_errors(y_train: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     "Errors of the trivial predictor 'state unchanged, reward = training mean' on targets y."
     r = y_train[:, -1].mean()
-    return dict(state_mse=float((y[:, :-1] ** 2).mean()), reward_mse=float(((y[:, -1] - r) ** 2).mean()),
-                reward_mae=float((y[:, -1] - r).abs().mean()))
+    return dict(
+        state_mse=float((y[:, :-1] ** 2).mean()),
+        reward_mse=float(((y[:, -1] - r) ** 2).mean()),
+        reward_mae=float((y[:, -1] - r).abs().mean()),
+    )
+
 
 from contextlib import contextmanager
+
 
 @contextmanager
 def torch_threads(n: int | None):
     "Temporarily set torch's intra-op thread count to `n` (no change when None or 0)."
     saved = torch.get_num_threads()
-    if n: torch.set_num_threads(n)
-    try: yield
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
     finally:
-        if n: torch.set_num_threads(saved)
+        if n:
+            torch.set_num_threads(saved)
 
-def train_phases(model: TransitionModel, buffer: ReplayBuffer, cfg: Config, seed: int,
-                 heldout: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int | None = None,
-                 progress: bool = False) -> pd.DataFrame:
+
+def train_phases(
+    model: TransitionModel,
+    buffer: ReplayBuffer,
+    cfg: Config,
+    seed: int,
+    heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eval_every: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
     "Run the three training phases on `buffer`; return the per-step history (held-out columns every `eval_every` steps, default `cfg.training.eval_every`)."
     tc = cfg.training
-    if len(tc.steps_per_phase) != len(PHASES): raise ValueError(f"training.steps_per_phase: expected {len(PHASES)} values (one per phase {PHASES}), got {tc.steps_per_phase!r}")
-    if len(buffer) == 0: raise ValueError("buffer: the replay buffer is empty; collect transitions first")
+    if len(tc.steps_per_phase) != len(PHASES):
+        raise ValueError(
+            f"training.steps_per_phase: expected {len(PHASES)} values (one per phase {PHASES}), got {tc.steps_per_phase!r}"
+        )
+    if len(buffer) == 0:
+        raise ValueError("buffer: the replay buffer is empty; collect transitions first")
     eval_every = tc.eval_every if eval_every is None else eval_every
-    if eval_every < 1: raise ValueError(f"eval_every: expected a positive int, got {eval_every!r}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every: expected a positive int, got {eval_every!r}")
     with torch_threads(tc.train_threads if buffer.device.type == "cpu" else None):
         gen = torch.Generator().manual_seed(int(seed))
         groups = model.groups()
         rows, step, t0, stopped = [], 0, time.perf_counter(), False
+
         def evaluate(phase: str) -> dict:
-            if heldout is None: return {}
+            if heldout is None:
+                return {}
             e = transition_errors(model, *heldout)
             return {f"heldout_{k}": v for k, v in e.items()}
+
         rows.append(dict(step=0, phase="start", elapsed_s=0.0, **evaluate("start")))
         total = sum(tc.steps_per_phase)
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=total, desc="training (simulated benchmark data)", leave=False)
         for phase, n_steps in zip(PHASES, tc.steps_per_phase):
             params = [p for g in PHASE_GROUPS[phase] for p in groups[g]]
             opt = torch.optim.Adam(params, lr=tc.lr)
             for k in range(n_steps):
-                if time.perf_counter() - t0 > tc.time_budget_s: stopped = True; break
+                if time.perf_counter() - t0 > tc.time_budget_s:
+                    stopped = True
+                    break
                 xb, yb = buffer.sample(tc.batch_size, gen)
                 r = train_step(model, opt, xb, yb, params, tc.grad_clip)
                 step += 1
-                row = dict(step=step, phase=phase, **r, batch_reward=float(yb[:, -1].mean()),
-                           consensus_alpha=float(model.consensus_alpha().detach().mean()), elapsed_s=time.perf_counter() - t0)
-                if step % eval_every == 0 or k == n_steps - 1: row.update(evaluate(phase))
+                row = dict(
+                    step=step,
+                    phase=phase,
+                    **r,
+                    batch_reward=float(yb[:, -1].mean()),
+                    consensus_alpha=float(model.consensus_alpha().detach().mean()),
+                    elapsed_s=time.perf_counter() - t0,
+                )
+                if step % eval_every == 0 or k == n_steps - 1:
+                    row.update(evaluate(phase))
                 rows.append(row)
-                if bar is not None: bar.update(1)
-            if stopped: break
-        if bar is not None: bar.close()
+                if bar is not None:
+                    bar.update(1)
+            if stopped:
+                break
+        if bar is not None:
+            bar.close()
         hist = pd.DataFrame(rows)
         hist.attrs["stopped_by_budget"] = stopped
         hist.attrs["train_seconds"] = time.perf_counter() - t0
@@ -303,37 +441,61 @@ def train_phases(model: TransitionModel, buffer: ReplayBuffer, cfg: Config, seed
 # %% ../nbs/08_training.ipynb #86fea296
 CHECKPOINT_MAGIC = b"RAPO-TRANSITION-MODEL v1\n"
 CONTEXT_CHECKPOINT_MAGIC = b"RAPO-CONTEXT-MODULE v1\n"
-SHAPE_FIELDS = ("state.n_tasks", "state.n_modalities", "state.prompt_dim", "training.hidden", "training.prompt_embed_dim")  # fields that size the model
+SHAPE_FIELDS = (
+    "state.n_tasks",
+    "state.n_modalities",
+    "state.prompt_dim",
+    "training.hidden",
+    "training.prompt_embed_dim",
+)  # fields that size the model
+
 
 class CheckpointError(ValueError):
     "A checkpoint (transition model or context module) is corrupt or does not match the configuration it is loaded with."
 
+
 def _write_checked(path: str | Path, payload: dict, magic: bytes) -> Path:
     "torch.save `payload` behind the `magic` header line and its SHA-256, atomically (temporary file + rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    bio = io.BytesIO(); torch.save(payload, bio); data = bio.getvalue()
-    return _atomic_write(path, lambda p: p.write_bytes(magic + hashlib.sha256(data).hexdigest().encode() + b"\n" + data))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bio = io.BytesIO()
+    torch.save(payload, bio)
+    data = bio.getvalue()
+    return _atomic_write(
+        path, lambda p: p.write_bytes(magic + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    )
 
-_KINDS = {CHECKPOINT_MAGIC: "transition-model", CONTEXT_CHECKPOINT_MAGIC: "context-module"}   # magic → what the file is, for "this is a … checkpoint, not a …" errors
+
+_KINDS = {
+    CHECKPOINT_MAGIC: "transition-model",
+    CONTEXT_CHECKPOINT_MAGIC: "context-module",
+}  # magic → what the file is, for "this is a … checkpoint, not a …" errors
+
 
 def _read_checked(path: str | Path, magic: bytes, kind: str) -> dict:
     "Verify header and checksum of `path` and return its payload (JSON fields decoded)."
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"checkpoint: {path} does not exist")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: {path} does not exist")
     raw = path.read_bytes()
     if not raw.startswith(magic):
         other = next((k for m, k in _KINDS.items() if raw.startswith(m)), None)
-        if other: raise CheckpointError(f"checkpoint: {path} is a rapo_nb {other} checkpoint, not a {kind} one (bad header)")
+        if other:
+            raise CheckpointError(f"checkpoint: {path} is a rapo_nb {other} checkpoint, not a {kind} one (bad header)")
         raise CheckpointError(f"checkpoint: {path} is not a rapo_nb {kind} checkpoint (bad header)")
-    rest = raw[len(magic):]
+    rest = raw[len(magic) :]
     digest, data = rest[:64].decode("ascii", "replace"), rest[65:]
     if len(rest) < 65 or rest[64:65] != b"\n" or hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(f"checkpoint: {path} is corrupt (checksum mismatch: the file was truncated or modified)")
-    try: payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e: raise CheckpointError(f"checkpoint: {path} could not be read ({type(e).__name__}: {e})") from None
-    for k in ("config", "dims", "extra"): payload[k] = json.loads(payload[k])
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint: {path} could not be read ({type(e).__name__}: {e})") from None
+    for k in ("config", "dims", "extra"):
+        payload[k] = json.loads(payload[k])
     payload["sha256"] = digest
     return payload
+
 
 def _field(d: dict | Config, name: str) -> Any:
     "Value of `group.field` in a config dict or `Config`."
@@ -341,65 +503,104 @@ def _field(d: dict | Config, name: str) -> Any:
     v = d[g][k] if isinstance(d, dict) else getattr(getattr(d, g), k)
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
+
 def _check_fields(ck: dict, cfg: Config, names: tuple, path: str | Path) -> None:
     "Refuse (CheckpointError naming the field) a checkpoint whose config differs from `cfg` in one of `names`."
     for name in names:
         saved, now = _field(ck["config"], name), _field(cfg, name)
-        if saved != now: raise CheckpointError(f"{name}: the checkpoint {Path(path).name} was trained with {saved!r}, the config has {now!r}")
+        if saved != now:
+            raise CheckpointError(
+                f"{name}: the checkpoint {Path(path).name} was trained with {saved!r}, the config has {now!r}"
+            )
+
 
 def _load_tensors(model: nn.Module, state: dict, path: str | Path) -> None:
     "Load `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."
     own = model.state_dict()
     for k, v in own.items():
-        if k not in state: raise CheckpointError(f"{k}: missing from the checkpoint {Path(path).name}")
+        if k not in state:
+            raise CheckpointError(f"{k}: missing from the checkpoint {Path(path).name}")
         if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{k}: the checkpoint {Path(path).name} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
+            raise CheckpointError(
+                f"{k}: the checkpoint {Path(path).name} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}"
+            )
     extra_keys = set(state) - set(own)
-    if extra_keys: raise CheckpointError(f"{sorted(extra_keys)[0]}: unexpected tensor in the checkpoint {Path(path).name}")
+    if extra_keys:
+        raise CheckpointError(f"{sorted(extra_keys)[0]}: unexpected tensor in the checkpoint {Path(path).name}")
     model.load_state_dict(state)
+
 
 def _payload(model: nn.Module, dims: dict, cfg: Config, seed: int, extra: dict | None) -> dict:
     "What a checkpoint stores: weights (CPU), sizes, the whole config, seed, versions, and `extra` run info."
     from rapo_nb import __version__
-    return dict(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, dims=json.dumps(dims),
-                config=json.dumps(cfg.to_dict()), seed=int(seed), torch_version=str(torch.__version__),
-                rapo_nb_version=str(__version__), extra=json.dumps(extra or {}, default=str))
 
-def save_checkpoint(model: TransitionModel, path: str | Path, cfg: Config, seed: int, extra: dict | None = None) -> Path:
+    return dict(
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        dims=json.dumps(dims),
+        config=json.dumps(cfg.to_dict()),
+        seed=int(seed),
+        torch_version=str(torch.__version__),
+        rapo_nb_version=str(__version__),
+        extra=json.dumps(extra or {}, default=str),
+    )
+
+
+def save_checkpoint(
+    model: TransitionModel, path: str | Path, cfg: Config, seed: int, extra: dict | None = None
+) -> Path:
     "Write `model` with `cfg`, `seed` and a SHA-256 checksum to `path` (atomically); return the path."
     return _write_checked(path, _payload(model, model.dims, cfg, seed, extra), CHECKPOINT_MAGIC)
+
 
 def read_checkpoint(path: str | Path) -> dict:
     "Verify header and checksum of a transition-model checkpoint file and return its payload (config and dims as dicts)."
     return _read_checked(path, CHECKPOINT_MAGIC, "transition-model")
 
+
 def load_checkpoint(path: str | Path, cfg: Config, device: str | torch.device | None = None) -> TransitionModel:
     "Load a checkpoint saved by `save_checkpoint`; refuse (CheckpointError naming the field) one from another config/shape."
     ck = read_checkpoint(path)
     _check_fields(ck, cfg, SHAPE_FIELDS, path)
-    model = model_from_config(cfg, 0, "cpu")   # the shape the caller's config asks for; weights come from the file
+    model = model_from_config(cfg, 0, "cpu")  # the shape the caller's config asks for; weights come from the file
     _load_tensors(model, ck["state_dict"], path)
-    model.checkpoint_meta = dict(seed=ck["seed"], config=ck["config"], sha256=ck["sha256"], extra=ck["extra"], path=str(path))
+    model.checkpoint_meta = dict(
+        seed=ck["seed"], config=ck["config"], sha256=ck["sha256"], extra=ck["extra"], path=str(path)
+    )
     return model.to(get_device(cfg.device) if device is None else torch.device(device))
 
 # %% ../nbs/08_training.ipynb #3919a654
-from .state import HashedTextEncoder, cosine_rows, encode_pairs, SlidingWindowContext, encode_histories, queue_rank
+from rapo_nb.state import (
+    HashedTextEncoder,
+    cosine_rows,
+    encode_pairs,
+    SlidingWindowContext,
+    encode_histories,
+    queue_rank,
+)
 from .synthetic import generate_conversations, Conversation
 from .agents import SimulatedAgentPool, full_history
 
 # %% ../nbs/08_training.ipynb #24a02d00
 def task_reward(success: torch.Tensor, coherence: torch.Tensor, coherence_lambda: float) -> torch.Tensor:
     "R = r_task + λ·r_coherence (§4.2)."
-    if coherence_lambda < 0: raise ValueError(f"coherence_lambda: expected >= 0, got {coherence_lambda!r}")
+    if coherence_lambda < 0:
+        raise ValueError(f"coherence_lambda: expected >= 0, got {coherence_lambda!r}")
     return success.float() + coherence_lambda * coherence.float()
+
 
 def coherence_penalty(responses: list[str], contexts: list[str], encoder: HashedTextEncoder) -> np.ndarray:
     "r_coherence = cos(response, context) − 1 ∈ [−1, 0] per pair, cos under the evaluation's hashed `encoder` (`rapo_nb.state`); 0 where the context is empty."
-    if len(responses) != len(contexts): raise ValueError(f"contexts: expected {len(responses)} contexts (one per response), got {len(contexts)}")
+    if len(responses) != len(contexts):
+        raise ValueError(f"contexts: expected {len(responses)} contexts (one per response), got {len(contexts)}")
     if not callable(getattr(encoder, "encode", None)):
-        raise ValueError(f"encoder: expected the evaluation's text encoder (`HashedTextEncoder.from_config(cfg)`), got {type(encoder).__name__}")
-    if not responses: return np.zeros(0, dtype=np.float32)
-    cos = cosine_rows(*encode_pairs(responses, contexts, encoder))   # each distinct text encoded once (as 09_evaluation does)
+        raise ValueError(
+            f"encoder: expected the evaluation's text encoder (`HashedTextEncoder.from_config(cfg)`), got {type(encoder).__name__}"
+        )
+    if not responses:
+        return np.zeros(0, dtype=np.float32)
+    cos = cosine_rows(
+        *encode_pairs(responses, contexts, encoder)
+    )  # each distinct text encoded once (as 09_evaluation does)
     empty = np.array([not c.strip() for c in contexts])
     return np.where(empty, 0.0, cos - 1.0).astype(np.float32)
 
@@ -407,13 +608,14 @@ def coherence_penalty(responses: list[str], contexts: list[str], encoder: Hashed
 @dataclass
 class TransitionData:
     "Transitions of a simulated benchmark run: features x [n, F], targets y [n, D] (MC means), per-row metadata."
+
     x: torch.Tensor
     y: torch.Tensor
-    conversation: torch.Tensor   # [n] index of the conversation
-    turn: torch.Tensor           # [n] turn index
-    agent: torch.Tensor          # [n] agent that took the action
-    heldout: torch.Tensor        # [n] bool: from a held-out conversation
-    reward_std: torch.Tensor     # [n] standard deviation of R over the Monte Carlo trajectories
+    conversation: torch.Tensor  # [n] index of the conversation
+    turn: torch.Tensor  # [n] turn index
+    agent: torch.Tensor  # [n] agent that took the action
+    heldout: torch.Tensor  # [n] bool: from a held-out conversation
+    reward_std: torch.Tensor  # [n] standard deviation of R over the Monte Carlo trajectories
     n_conversations: int
     n_agents: int
     seconds: float
@@ -423,27 +625,45 @@ class TransitionData:
         h = self.heldout.to(self.x.device)
         return (self.x[~h], self.y[~h]), (self.x[h], self.y[h])
 
+
 def heldout_mask(n: int, seed: int, fraction: float | None = None) -> np.ndarray:
     "Which of n conversations are held out: a seeded random subset of round(fraction·n), at least one of each side when n ≥ 2."
-    if fraction is None: fraction = TrainingConfig().heldout_fraction
-    if not 0.0 <= fraction < 1.0: raise ValueError(f"fraction: expected a value in [0, 1), got {fraction!r}")
+    if fraction is None:
+        fraction = TrainingConfig().heldout_fraction
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction: expected a value in [0, 1), got {fraction!r}")
     k = int(round(fraction * n))
-    if n >= 2: k = min(max(k, 1), n - 1)
-    mask = np.zeros(n, dtype=bool); mask[np.random.default_rng([seed, 8]).permutation(n)[:k]] = True
+    if n >= 2:
+        k = min(max(k, 1), n - 1)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng([seed, 8]).permutation(n)[:k]] = True
     return mask
 
-def collect_transitions(cfg: Config, seed: int, device: str | torch.device | None = None, n_agents: int | None = None,
-                        conversations: list[Conversation] | None = None, progress: bool = False) -> TransitionData:
+
+def collect_transitions(
+    cfg: Config,
+    seed: int,
+    device: str | torch.device | None = None,
+    n_agents: int | None = None,
+    conversations: list[Conversation] | None = None,
+    progress: bool = False,
+) -> TransitionData:
     "Run the simulated benchmark with a uniform exploration policy and return Monte Carlo transition targets."
     dev = get_device(cfg.device) if device is None else torch.device(device)
     with torch_threads(cfg.training.train_threads if dev.type == "cpu" else None):
         t0 = time.perf_counter()
-        convs = conversations if conversations is not None else generate_conversations(cfg.synthetic.n_conversations, seed, cfg)
-        if not convs: raise ValueError("conversations: need at least one conversation")
+        convs = (
+            conversations
+            if conversations is not None
+            else generate_conversations(cfg.synthetic.n_conversations, seed, cfg)
+        )
+        if not convs:
+            raise ValueError("conversations: need at least one conversation")
         n_agents = int(n_agents or cfg.evaluation.n_agents)
-        if n_agents < 1: raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
+        if n_agents < 1:
+            raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
         T, lam = cfg.training.mc_trajectories, cfg.training.coherence_lambda
-        enc = HashedTextEncoder.from_config(cfg)   # the evaluation's encoder (§4.3 cosine), for r_coherence
+        enc = HashedTextEncoder.from_config(cfg)  # the evaluation's encoder (§4.3 cosine), for r_coherence
         pool = SimulatedAgentPool(n_agents, cfg, seed)
         bank = StateBank.create(n_agents, cfg, device=dev, seed=seed)
         policy_rng = np.random.default_rng([seed, 81])
@@ -455,6 +675,7 @@ def collect_transitions(cfg: Config, seed: int, device: str | torch.device | Non
         steps = range(max_turns)
         if progress:
             from tqdm.auto import tqdm
+
             steps = tqdm(steps, desc="collecting transitions (simulated agents)", leave=False)
         for t in steps:
             active = np.array([i for i, c in enumerate(convs) if len(c.turns) > t])
@@ -467,13 +688,18 @@ def collect_transitions(cfg: Config, seed: int, device: str | torch.device | Non
             share = np.bincount(agents, minlength=n_agents) / cfg.routing.c_max
             bank.set_utilisation(torch.tensor(np.minimum(share, 1.0), dtype=torch.float32))
             contexts = [full_history(histories[i]) for i in active]
-            success = np.zeros((T, B), dtype=np.float32); texts: list[list[str]] = []
+            success = np.zeros((T, B), dtype=np.float32)
+            texts: list[list[str]] = []
             for k in range(T):
-                resp = [pool.respond(int(a), histories[i], ctx, tr, traj_rngs[k]) for a, i, ctx, tr in zip(agents, active, contexts, turns)]
-                success[k] = [float(r.success) for r in resp]; texts.append([r.text for r in resp])
-            windows = ["\n".join(histories[i][-cfg.state.context_window:]) for i in active]
+                resp = [
+                    pool.respond(int(a), histories[i], ctx, tr, traj_rngs[k])
+                    for a, i, ctx, tr in zip(agents, active, contexts, turns)
+                ]
+                success[k] = [float(r.success) for r in resp]
+                texts.append([r.text for r in resp])
+            windows = ["\n".join(histories[i][-cfg.state.context_window :]) for i in active]
             coh = coherence_penalty([s for row in texts for s in row], windows * T, enc).reshape(T, B)
-            R = task_reward(torch.from_numpy(success), torch.from_numpy(coh), lam)          # [T, B]
+            R = task_reward(torch.from_numpy(success), torch.from_numpy(coh), lam)  # [T, B]
             rank = queue_rank(agents)
             for r in range(int(rank.max()) + 1):
                 sel = np.flatnonzero(rank == r)
@@ -481,45 +707,85 @@ def collect_transitions(cfg: Config, seed: int, device: str | torch.device | Non
                 x = transition_features(bank, a_sel[:, None], task[sel], modality[sel])[:, 0]
                 m_before, s_before = bank.M[a_sel].float().flatten(1), bank.capability_score[a_sel].float()
                 snap = bank.snapshot()
-                bank.update_capability(a_sel, task[sel], modality[sel], torch.from_numpy(success[:, sel].mean(0)).to(dev))
-                d_next = torch.cat([bank.M[a_sel].float().flatten(1) - m_before, (bank.capability_score[a_sel].float() - s_before)[:, None]], 1)
+                bank.update_capability(
+                    a_sel, task[sel], modality[sel], torch.from_numpy(success[:, sel].mean(0)).to(dev)
+                )
+                d_next = torch.cat(
+                    [
+                        bank.M[a_sel].float().flatten(1) - m_before,
+                        (bank.capability_score[a_sel].float() - s_before)[:, None],
+                    ],
+                    1,
+                )
                 bank.restore(snap)
                 bank.update_capability(a_sel, task[sel], modality[sel], torch.from_numpy(success[0, sel]).to(dev))
-                out["x"].append(x); out["y"].append(torch.cat([d_next, R[:, sel].mean(0).to(dev)[:, None]], 1))
-                out["conversation"].append(torch.as_tensor(active[sel])); out["turn"].append(torch.full((len(sel),), t))
-                out["agent"].append(torch.as_tensor(agents[sel])); out["reward_std"].append(R[:, sel].std(0, unbiased=False))
-            for j, i in enumerate(active): histories[i].extend([turns[j].text, texts[0][j]])
+                out["x"].append(x)
+                out["y"].append(torch.cat([d_next, R[:, sel].mean(0).to(dev)[:, None]], 1))
+                out["conversation"].append(torch.as_tensor(active[sel]))
+                out["turn"].append(torch.full((len(sel),), t))
+                out["agent"].append(torch.as_tensor(agents[sel]))
+                out["reward_std"].append(R[:, sel].std(0, unbiased=False))
+            for j, i in enumerate(active):
+                histories[i].extend([turns[j].text, texts[0][j]])
         cat = {k: torch.cat(v) for k, v in out.items()}
         conv = cat["conversation"].long()
-        return TransitionData(x=cat["x"], y=cat["y"], conversation=conv, turn=cat["turn"].long(), agent=cat["agent"].long(),
-                              heldout=torch.from_numpy(held)[conv], reward_std=cat["reward_std"].float(),
-                              n_conversations=len(convs), n_agents=n_agents, seconds=time.perf_counter() - t0)
+        return TransitionData(
+            x=cat["x"],
+            y=cat["y"],
+            conversation=conv,
+            turn=cat["turn"].long(),
+            agent=cat["agent"].long(),
+            heldout=torch.from_numpy(held)[conv],
+            reward_std=cat["reward_std"].float(),
+            n_conversations=len(convs),
+            n_agents=n_agents,
+            seconds=time.perf_counter() - t0,
+        )
 
 # %% ../nbs/08_training.ipynb #3704c2b9
-def train_transition_model(cfg: Config, seed: int, device: str | torch.device | None = None, data: TransitionData | None = None,
-                           progress: bool = False) -> tuple[TransitionModel, pd.DataFrame]:
+def train_transition_model(
+    cfg: Config,
+    seed: int,
+    device: str | torch.device | None = None,
+    data: TransitionData | None = None,
+    progress: bool = False,
+) -> tuple[TransitionModel, pd.DataFrame]:
     "Collect simulated transitions, fill the replay buffer, train the three phases; return (model, history)."
     t0 = time.perf_counter()
     dev = get_device(cfg.device) if device is None else torch.device(device)
-    if data is None: data = collect_transitions(cfg, seed, dev, progress=progress)
-    else: t0 -= data.seconds   # collection done by the caller still counts against the ceiling
+    if data is None:
+        data = collect_transitions(cfg, seed, dev, progress=progress)
+    else:
+        t0 -= data.seconds  # collection done by the caller still counts against the ceiling
     (x_tr, y_tr), (x_ho, y_ho) = data.split()
-    if x_tr.shape[0] < 2: raise ValueError(f"data: need at least 2 training transitions, got {x_tr.shape[0]}")
+    if x_tr.shape[0] < 2:
+        raise ValueError(f"data: need at least 2 training transitions, got {x_tr.shape[0]}")
     model = model_from_config(cfg, seed, dev)
     buffer = ReplayBuffer(cfg.training.buffer_size, model.feature_dim, model.output_dim, dev)
     buffer.add(x_tr.to(dev), y_tr.to(dev))
     model.set_target_stats(buffer.contents()[1])
     remaining = max(0.0, cfg.training.time_budget_s - (time.perf_counter() - t0))
-    run_cfg = copy.deepcopy(cfg); run_cfg.training.time_budget_s = remaining
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.training.time_budget_s = remaining
     heldout = (x_ho.to(dev), y_ho.to(dev)) if x_ho.shape[0] else None
     hist = train_phases(model, buffer, run_cfg, seed, heldout=heldout, progress=progress)
     n_steps = int(hist.step.max())
-    model.training_info = dict(seed=int(seed), device=str(dev), n_conversations=data.n_conversations, n_agents=data.n_agents,
-                               n_train=int(x_tr.shape[0]), n_heldout=int(x_ho.shape[0]), buffer_size=len(buffer),
-                               collect_seconds=data.seconds, train_seconds=hist.attrs["train_seconds"], steps=n_steps,
-                               steps_per_second=n_steps / max(hist.attrs["train_seconds"], 1e-9),
-                               stopped_by_budget=bool(hist.attrs["stopped_by_budget"]), n_parameters=model.n_parameters(),
-                               total_seconds=time.perf_counter() - t0)
+    model.training_info = dict(
+        seed=int(seed),
+        device=str(dev),
+        n_conversations=data.n_conversations,
+        n_agents=data.n_agents,
+        n_train=int(x_tr.shape[0]),
+        n_heldout=int(x_ho.shape[0]),
+        buffer_size=len(buffer),
+        collect_seconds=data.seconds,
+        train_seconds=hist.attrs["train_seconds"],
+        steps=n_steps,
+        steps_per_second=n_steps / max(hist.attrs["train_seconds"], 1e-9),
+        stopped_by_budget=bool(hist.attrs["stopped_by_budget"]),
+        n_parameters=model.n_parameters(),
+        total_seconds=time.perf_counter() - t0,
+    )
     hist.attrs.update(model.training_info)
     return model, hist
 
@@ -527,7 +793,8 @@ def train_transition_model(cfg: Config, seed: int, device: str | torch.device | 
 def least_squares_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     "Slope and intercept (a, b) of the least-squares line y ≈ a·x + b, in float64 (closed form; deterministic); a = 0 for constant x."
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape or x.size == 0: raise ValueError(f"y: expected {x.size} values (one per x, at least one), got {y.size}")
+    if x.shape != y.shape or x.size == 0:
+        raise ValueError(f"y: expected {x.size} values (one per x, at least one), got {y.size}")
     dx = x - x.mean()
     sxx = float(np.sum(dx * dx))
     a = float(np.sum(dx * (y - y.mean()))) / sxx if sxx > 0 else 0.0
@@ -537,9 +804,10 @@ def least_squares_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 @dataclass
 class ContextData:
     "Hashed encodings of the synthetic conversations' turns for next-turn retrieval."
-    turns: torch.Tensor     # [N, T, d] turn encodings, left-aligned (encode_histories)
-    lengths: torch.Tensor   # [N] turns per conversation
-    heldout: torch.Tensor   # [N] bool: held-out conversation
+
+    turns: torch.Tensor  # [N, T, d] turn encodings, left-aligned (encode_histories)
+    lengths: torch.Tensor  # [N] turns per conversation
+    heldout: torch.Tensor  # [N] bool: held-out conversation
     seconds: float
 
     def to(self, device: str | torch.device) -> "ContextData":
@@ -551,50 +819,76 @@ class ContextData:
         ok = (self.heldout == bool(heldout)) & (self.lengths >= horizon + 1)
         return np.flatnonzero(ok.numpy())
 
-def encode_conversations(cfg: Config, seed: int, conversations: list[Conversation] | None = None,
-                         encoder: HashedTextEncoder | None = None) -> ContextData:
+
+def encode_conversations(
+    cfg: Config, seed: int, conversations: list[Conversation] | None = None, encoder: HashedTextEncoder | None = None
+) -> ContextData:
     "Encode every turn of the benchmark's conversations (`encode_histories`) and mark the held-out ones (`heldout_mask`)."
     t0 = time.perf_counter()
-    convs = conversations if conversations is not None else generate_conversations(cfg.synthetic.n_conversations, seed, cfg)
-    if not convs: raise ValueError("conversations: need at least one conversation")
+    convs = (
+        conversations if conversations is not None else generate_conversations(cfg.synthetic.n_conversations, seed, cfg)
+    )
+    if not convs:
+        raise ValueError("conversations: need at least one conversation")
     enc = encoder or HashedTextEncoder.from_config(cfg)
-    if enc.dim != cfg.state.encoder_dim: raise ValueError(f"encoder: width {enc.dim} does not match state.encoder_dim = {cfg.state.encoder_dim}")
+    if enc.dim != cfg.state.encoder_dim:
+        raise ValueError(f"encoder: width {enc.dim} does not match state.encoder_dim = {cfg.state.encoder_dim}")
     texts = [[t.text for t in c.turns] for c in convs]
     turns, lengths = encode_histories(texts, enc, max(1, max(len(h) for h in texts)))
     held = torch.from_numpy(heldout_mask(len(convs), seed, cfg.training.heldout_fraction))
     return ContextData(turns, lengths, held, time.perf_counter() - t0)
 
-def sample_pairs(data: ContextData, pool: np.ndarray, n: int, horizon: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+
+def sample_pairs(
+    data: ContextData, pool: np.ndarray, n: int, horizon: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     "Up to n distinct conversations of `pool` and one window end t ∈ [1, len − horizon] each: (conv [n], t [n])."
-    if len(pool) < 2: raise ValueError(f"pool: need at least 2 conversations with ≥ {horizon + 1} turns, got {len(pool)}")
+    if len(pool) < 2:
+        raise ValueError(f"pool: need at least 2 conversations with ≥ {horizon + 1} turns, got {len(pool)}")
     conv = rng.choice(pool, min(n, len(pool)), replace=False)
     t = rng.integers(1, data.lengths[conv].numpy() - horizon + 1)
     return torch.as_tensor(conv, dtype=torch.long), torch.as_tensor(t, dtype=torch.long)
 
-def pair_embeddings(data: ContextData, conv: torch.Tensor, t: torch.Tensor, horizon: int,
-                    model: nn.Module | None = None, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def pair_embeddings(
+    data: ContextData,
+    conv: torch.Tensor,
+    t: torch.Tensor,
+    horizon: int,
+    model: nn.Module | None = None,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     "(context of turns [t − k, t), embedding of turn t + horizon − 1) per pair: `model`'s, or with model=None the mean of the raw window."
     X = data.turns
-    dev = X.device; conv, t = conv.to(dev), t.to(dev)
-    if (t < 1).any() or (t + horizon > data.lengths.to(dev)[conv]).any(): raise ValueError("t: every pair needs 1 ≤ t ≤ len − horizon")
+    dev = X.device
+    conv, t = conv.to(dev), t.to(dev)
+    if (t < 1).any() or (t + horizon > data.lengths.to(dev)[conv]).any():
+        raise ValueError("t: every pair needs 1 ≤ t ≤ len − horizon")
     target = X[conv, t + horizon - 1]
-    if model is not None:   # only the module's last k = model.window turns before t matter: gather them, left-aligned, lengths min(t, k)
+    if (
+        model is not None
+    ):  # only the module's last k = model.window turns before t matter: gather them, left-aligned, lengths min(t, k)
         k = model.window
         idx = ((t - k).clamp(min=0)[:, None] + torch.arange(k, device=dev)[None]).clamp(max=X.shape[1] - 1)
         return model(X[conv[:, None], idx], t.clamp(max=k)), model(target[:, None], torch.ones_like(t))
-    if window is None or window < 1: raise ValueError(f"window: the mean-of-window baseline needs k ≥ 1, got {window!r}")
+    if window is None or window < 1:
+        raise ValueError(f"window: the mean-of-window baseline needs k ≥ 1, got {window!r}")
     idx = t[:, None] - window + torch.arange(window, device=dev)[None]
     valid = (idx >= 0)[..., None]
     W = X[conv[:, None], idx.clamp(min=0)] * valid
     return W.sum(1) / valid.sum(1).clamp(min=1), target
 
+
 def info_nce(c: torch.Tensor, z: torch.Tensor, temperature: float) -> torch.Tensor:
     "Symmetric InfoNCE: row i of c must pick row i of z (and vice versa) by cosine / temperature."
-    if c.shape != z.shape or c.dim() != 2: raise ValueError(f"z: expected the shape of c {tuple(c.shape)}, got {tuple(z.shape)}")
-    if temperature <= 0: raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    if c.shape != z.shape or c.dim() != 2:
+        raise ValueError(f"z: expected the shape of c {tuple(c.shape)}, got {tuple(z.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     logits = nn.functional.normalize(c, dim=-1) @ nn.functional.normalize(z, dim=-1).T / temperature
     labels = torch.arange(c.shape[0], device=c.device)
     return (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
+
 
 def retrieval_ranks(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     "Rank (1 = best) of z[i] among all rows of z by cosine with c[i]; ties with other rows count half."
@@ -603,84 +897,145 @@ def retrieval_ranks(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return 1.0 + (S > pos).sum(1).float() + 0.5 * ((S == pos).sum(1).float() - 1.0)
 
 # %% ../nbs/08_training.ipynb #6d97a67e
-def retrieval_queries(data: ContextData, cfg: Config, seed: int, rounds: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def retrieval_queries(
+    data: ContextData, cfg: Config, seed: int, rounds: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     "Held-out retrieval groups: each round shuffles the usable held-out conversations into full groups of `context_eval_candidates` with one window end each."
     tc = cfg.training
     rounds = tc.context_eval_rounds if rounds is None else rounds
     pool = data.usable(True, tc.context_horizon)
     size = min(tc.context_eval_candidates, len(pool))
-    if size < 2: raise ValueError(f"heldout: need at least 2 held-out conversations with ≥ {tc.context_horizon + 1} turns, got {len(pool)}")
+    if size < 2:
+        raise ValueError(
+            f"heldout: need at least 2 held-out conversations with ≥ {tc.context_horizon + 1} turns, got {len(pool)}"
+        )
     rng = np.random.default_rng([seed, 84])
     groups = []
     for _ in range(rounds):
         perm = rng.permutation(pool)
         for g in range(len(perm) // size):
-            conv = perm[g * size:(g + 1) * size]
+            conv = perm[g * size : (g + 1) * size]
             t = rng.integers(1, data.lengths[conv].numpy() - tc.context_horizon + 1)
             groups.append((torch.as_tensor(conv, dtype=torch.long), torch.as_tensor(t, dtype=torch.long)))
     return groups
 
-@torch.no_grad()
-def retrieval_metrics(data: ContextData, groups: list, horizon: int, model: nn.Module | None = None, window: int | None = None) -> dict[str, float]:
-    "Top-1 accuracy and mean reciprocal rank of the true target over retrieval `groups` (module `model`, or the mean-of-window baseline)."
-    if model is not None: model.eval()
-    ranks = torch.cat([retrieval_ranks(*pair_embeddings(data, conv, t, horizon, model, window)).cpu() for conv, t in groups])
-    return dict(top1=float((ranks == 1).float().mean()), mrr=float((1.0 / ranks).mean()), n_queries=int(ranks.numel()),
-                n_candidates=int(groups[0][0].numel()))
 
-def train_context_module(cfg: Config, seed: int, data: ContextData, device: str | torch.device | None = None,
-                         progress: bool = False) -> tuple[nn.Module, pd.DataFrame]:
+@torch.no_grad()
+def retrieval_metrics(
+    data: ContextData, groups: list, horizon: int, model: nn.Module | None = None, window: int | None = None
+) -> dict[str, float]:
+    "Top-1 accuracy and mean reciprocal rank of the true target over retrieval `groups` (module `model`, or the mean-of-window baseline)."
+    if model is not None:
+        model.eval()
+    ranks = torch.cat(
+        [retrieval_ranks(*pair_embeddings(data, conv, t, horizon, model, window)).cpu() for conv, t in groups]
+    )
+    return dict(
+        top1=float((ranks == 1).float().mean()),
+        mrr=float((1.0 / ranks).mean()),
+        n_queries=int(ranks.numel()),
+        n_candidates=int(groups[0][0].numel()),
+    )
+
+
+def train_context_module(
+    cfg: Config, seed: int, data: ContextData, device: str | torch.device | None = None, progress: bool = False
+) -> tuple[nn.Module, pd.DataFrame]:
     "Train `SlidingWindowContext` (seeded init) by InfoNCE next-turn prediction on the training conversations; return (module, history)."
     dev = get_device(cfg.device) if device is None else torch.device(device)
     with torch_threads(cfg.training.train_threads if dev.type == "cpu" else None):
         tc = cfg.training
         data = data.to(dev)
-        with torch.random.fork_rng(devices=[]):   # nn.Linear's default init draws from the global RNG before the seeded init overwrites it: keep the caller's stream untouched
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # nn.Linear's default init draws from the global RNG before the seeded init overwrites it: keep the caller's stream untouched
             model = SlidingWindowContext.from_config(cfg, seed=seed).to(dev)
         pool = data.usable(False, tc.context_horizon)
         rng = np.random.default_rng([seed, 83])
-        curve = retrieval_queries(data, cfg, cfg.seed, rounds=max(1, tc.context_eval_rounds // 4))   # learning-curve queries: the same for every training seed
+        curve = retrieval_queries(
+            data, cfg, cfg.seed, rounds=max(1, tc.context_eval_rounds // 4)
+        )  # learning-curve queries: the same for every training seed
         opt = torch.optim.Adam(model.parameters(), lr=tc.context_lr)
-        def evaluate() -> dict: return {f"heldout_{k}": v for k, v in retrieval_metrics(data, curve, tc.context_horizon, model).items() if k in ("top1", "mrr")}
+
+        def evaluate() -> dict:
+            return {
+                f"heldout_{k}": v
+                for k, v in retrieval_metrics(data, curve, tc.context_horizon, model).items()
+                if k in ("top1", "mrr")
+            }
+
         rows, t0, stopped = [dict(step=0, elapsed_s=0.0, **evaluate())], time.perf_counter(), False
         steps = range(1, tc.context_steps + 1)
         if progress:
             from tqdm.auto import tqdm
+
             steps = tqdm(steps, desc=f"context module InfoNCE (seed {seed})", leave=False)
         for step in steps:
-            if time.perf_counter() - t0 > tc.time_budget_s: stopped = True; break
+            if time.perf_counter() - t0 > tc.time_budget_s:
+                stopped = True
+                break
             model.train()
             conv, t = sample_pairs(data, pool, tc.context_batch_size, tc.context_horizon, rng)
             c, z = pair_embeddings(data, conv, t, tc.context_horizon, model)
             loss = info_nce(c, z, tc.context_temperature)
-            opt.zero_grad(set_to_none=True); loss.backward()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
-            row = dict(step=step, loss=float(loss.detach()), batch_top1=float((retrieval_ranks(c.detach(), z.detach()) == 1).float().mean()),
-                       grad_norm=float(gn), elapsed_s=time.perf_counter() - t0)
-            if step % tc.eval_every == 0 or step == tc.context_steps: row.update(evaluate())
+            row = dict(
+                step=step,
+                loss=float(loss.detach()),
+                batch_top1=float((retrieval_ranks(c.detach(), z.detach()) == 1).float().mean()),
+                grad_norm=float(gn),
+                elapsed_s=time.perf_counter() - t0,
+            )
+            if step % tc.eval_every == 0 or step == tc.context_steps:
+                row.update(evaluate())
             rows.append(row)
         model.eval()
         hist = pd.DataFrame(rows)
-        hist.attrs.update(stopped_by_budget=stopped, train_seconds=time.perf_counter() - t0, seed=int(seed), device=str(dev),
-                          curve_mean_window_mrr=retrieval_metrics(data, curve, tc.context_horizon, window=cfg.state.context_window)["mrr"])
+        hist.attrs.update(
+            stopped_by_budget=stopped,
+            train_seconds=time.perf_counter() - t0,
+            seed=int(seed),
+            device=str(dev),
+            curve_mean_window_mrr=retrieval_metrics(data, curve, tc.context_horizon, window=cfg.state.context_window)[
+                "mrr"
+            ],
+        )
         model.training_info = dict(hist.attrs, steps=int(hist.step.max()), n_train_conversations=len(pool))
         return model, hist
 
 # %% ../nbs/08_training.ipynb #81e2e722
-CONTEXT_MATCH_FIELDS = ("state.encoder_dim", "state.encoder_seed", "state.context_dim", "state.context_window")  # fields the weights depend on
+CONTEXT_MATCH_FIELDS = (
+    "state.encoder_dim",
+    "state.encoder_seed",
+    "state.context_dim",
+    "state.context_window",
+)  # fields the weights depend on
+
 
 def save_context_module(model: nn.Module, path: str | Path, cfg: Config, seed: int, extra: dict | None = None) -> Path:
     "Write a trained `SlidingWindowContext` with `cfg`, `seed`, versions and a SHA-256 checksum to `path` (atomically)."
     dims = dict(in_dim=model.in_dim, out_dim=model.out_dim, window=model.window, attn_dim=int(model.query.numel()))
     return _write_checked(path, _payload(model, dims, cfg, seed, extra), CONTEXT_CHECKPOINT_MAGIC)
 
+
 def load_context_module(path: str | Path, cfg: Config, device: str | torch.device | None = None) -> nn.Module:
     "Load a context module saved by `save_context_module`; refuse (CheckpointError naming the problem) a corrupt or mismatched file."
     ck = _read_checked(path, CONTEXT_CHECKPOINT_MAGIC, "context-module")
     _check_fields(ck, cfg, CONTEXT_MATCH_FIELDS, path)
-    model = SlidingWindowContext.from_config(cfg, seed=0)   # the shape the caller's config asks for; weights come from the file
+    model = SlidingWindowContext.from_config(
+        cfg, seed=0
+    )  # the shape the caller's config asks for; weights come from the file
     _load_tensors(model, ck["state_dict"], path)
-    model.checkpoint_meta = dict(seed=ck["seed"], config=ck["config"], sha256=ck["sha256"], extra=ck["extra"], path=str(path),
-                                 rapo_nb_version=ck.get("rapo_nb_version"), torch_version=ck.get("torch_version"))
+    model.checkpoint_meta = dict(
+        seed=ck["seed"],
+        config=ck["config"],
+        sha256=ck["sha256"],
+        extra=ck["extra"],
+        path=str(path),
+        rapo_nb_version=ck.get("rapo_nb_version"),
+        torch_version=ck.get("torch_version"),
+    )
     return model.to(get_device(cfg.device) if device is None else torch.device(device)).eval()

@@ -25,27 +25,50 @@ __all__ = ['DOMAINS', 'STAGES', 'FAILURE_KINDS', 'SYSTEMS', 'PAPER_COMPLETION', 
 
 # %% ../nbs/12_workflows.ipynb #806612b1
 DOMAINS: dict[str, dict] = {
-    "devops": dict(stages=("build", "test", "deploy"), tasks=(0, 1, 2), recovery="rollback", recovery_task=3,
-                   modalities=((1,), (0, 1), (0, 1)), service_s=(60.0, 45.0, 30.0), recovery_s=20.0,
-                   keywords=("deploy", "build", "release", "rollback", "roll back", "pipeline", "ci", "service", "staging"),
-                   items=("api", "auth", "web", "billing", "search", "worker"),
-                   template="Deploy the {items} services to staging: build them, run the tests, and roll back on failure."),
-    "documents": dict(stages=("classify", "extract", "validate"), tasks=(4, 5, 6), recovery=None, recovery_task=None,
-                      modalities=((0, 3), (0, 2, 3), (0, 2)), service_s=(2.0, 5.0, 3.0), recovery_s=0.0,
-                      keywords=("document", "invoice", "contract", "receipt", "classify", "extract", "validate", "process"),
-                      items=("invoice", "contract", "receipt", "form", "letter", "statement"),
-                      template="Process the {items} received this week: classify each document, extract its fields and validate them."),
-    "robotics": dict(stages=("navigate", "manipulate", "report"), tasks=(7, 8, 9), recovery=None, recovery_task=None,
-                     modalities=((4, 3), (4,), (0, 2)), service_s=(20.0, 15.0, 2.0), recovery_s=0.0,
-                     keywords=("robot", "navigate", "pick", "station", "shelf", "manipulate", "dock", "report status"),
-                     items=("dock", "shelf-a", "shelf-b", "charger", "loading-bay", "assembly-cell"),
-                     template="Send the robot to the {items} stations: navigate there, pick up the parts and report status."),
+    "devops": dict(
+        stages=("build", "test", "deploy"),
+        tasks=(0, 1, 2),
+        recovery="rollback",
+        recovery_task=3,
+        modalities=((1,), (0, 1), (0, 1)),
+        service_s=(60.0, 45.0, 30.0),
+        recovery_s=20.0,
+        keywords=("deploy", "build", "release", "rollback", "roll back", "pipeline", "ci", "service", "staging"),
+        items=("api", "auth", "web", "billing", "search", "worker"),
+        template="Deploy the {items} services to staging: build them, run the tests, and roll back on failure.",
+    ),
+    "documents": dict(
+        stages=("classify", "extract", "validate"),
+        tasks=(4, 5, 6),
+        recovery=None,
+        recovery_task=None,
+        modalities=((0, 3), (0, 2, 3), (0, 2)),
+        service_s=(2.0, 5.0, 3.0),
+        recovery_s=0.0,
+        keywords=("document", "invoice", "contract", "receipt", "classify", "extract", "validate", "process"),
+        items=("invoice", "contract", "receipt", "form", "letter", "statement"),
+        template="Process the {items} received this week: classify each document, extract its fields and validate them.",
+    ),
+    "robotics": dict(
+        stages=("navigate", "manipulate", "report"),
+        tasks=(7, 8, 9),
+        recovery=None,
+        recovery_task=None,
+        modalities=((4, 3), (4,), (0, 2)),
+        service_s=(20.0, 15.0, 2.0),
+        recovery_s=0.0,
+        keywords=("robot", "navigate", "pick", "station", "shelf", "manipulate", "dock", "report status"),
+        items=("dock", "shelf-a", "shelf-b", "charger", "loading-bay", "assembly-cell"),
+        template="Send the robot to the {items} stations: navigate there, pick up the parts and report status.",
+    ),
 }
 STAGES = 3
+
 
 @dataclass
 class Subtask:
     "One node of a plan: stage `stage` of item `item`, task row `task` and modality column `modality` of M."
+
     id: str
     name: str
     item: str
@@ -54,9 +77,11 @@ class Subtask:
     modality: int
     deps: list[str] = field(default_factory=list)
 
+
 @dataclass
 class WorkflowPlan:
     "A goal decomposed by the planner: its domain, items and subtasks (a DAG: one chain of stages per item)."
+
     goal: str
     domain: str
     items: list[str]
@@ -79,20 +104,28 @@ class WorkflowPlan:
 class UnplannableGoal(ValueError):
     "The planner cannot map a goal to a domain or find its items."
 
+
 def detect_domain(goal: str) -> str:
     "The domain whose keywords occur most often in `goal`; UnplannableGoal when none occurs."
-    if not isinstance(goal, str) or not goal.strip(): raise UnplannableGoal("goal: expected a non-empty string")
+    if not isinstance(goal, str) or not goal.strip():
+        raise UnplannableGoal("goal: expected a non-empty string")
     text = goal.lower()
-    scores = {d: sum(len(re.findall(rf"\b{re.escape(k)}\b", text)) for k in spec["keywords"]) for d, spec in DOMAINS.items()}
+    scores = {
+        d: sum(len(re.findall(rf"\b{re.escape(k)}\b", text)) for k in spec["keywords"]) for d, spec in DOMAINS.items()
+    }
     best = max(scores, key=scores.get)
     if scores[best] == 0:
-        raise UnplannableGoal(f"goal: cannot map {goal[:80]!r} to a known domain; mention one of "
-                              f"{ {d: list(s['keywords'][:3]) for d, s in DOMAINS.items()} }")
+        raise UnplannableGoal(
+            f"goal: cannot map {goal[:80]!r} to a known domain; mention one of "
+            f"{ {d: list(s['keywords'][:3]) for d, s in DOMAINS.items()} }"
+        )
     return best
+
 
 def plan_goal(goal: str, max_items: int | None = None) -> WorkflowPlan:
     "Planner: decompose `goal` into one chain build→test→deploy (etc.) per named item, ≤ `max_items` (default cfg.workflows.max_items)."
-    if max_items is None: max_items = load_config().workflows.max_items
+    if max_items is None:
+        max_items = load_config().workflows.max_items
     domain = detect_domain(goal)
     spec, text = DOMAINS[domain], goal.lower()
     found = sorted((m.start(), it) for it in spec["items"] for m in [re.search(rf"\b{re.escape(it)}\b", text)] if m)
@@ -107,11 +140,15 @@ def plan_goal(goal: str, max_items: int | None = None) -> WorkflowPlan:
             subtasks.append(Subtask(f"{it}/{stage}", stage, it, s, task, int(rng.choice(mods)), deps))
     return WorkflowPlan(goal, domain, items, subtasks)
 
+
 def generate_goals(domain: str, n: int, seed: int = 0, max_items: int | None = None) -> list[str]:
     "`n` synthetic goals of `domain`, each naming 1..`max_items` (default cfg.workflows.max_items) distinct items (simulated workload)."
-    if max_items is None: max_items = load_config().workflows.max_items
-    if domain not in DOMAINS: raise ValueError(f"domain: {domain!r} is not one of {list(DOMAINS)}")
-    if n < 0: raise ValueError(f"n: expected >= 0, got {n}")
+    if max_items is None:
+        max_items = load_config().workflows.max_items
+    if domain not in DOMAINS:
+        raise ValueError(f"domain: {domain!r} is not one of {list(DOMAINS)}")
+    if n < 0:
+        raise ValueError(f"n: expected >= 0, got {n}")
     rng, spec = np.random.default_rng(seed), DOMAINS[domain]
     goals = []
     for _ in range(n):
@@ -124,6 +161,7 @@ def generate_goals(domain: str, n: int, seed: int = 0, max_items: int | None = N
 @dataclass
 class WorkflowBatch:
     "B planned workflows of one domain as arrays [B, I, S] (simulated service times in seconds)."
+
     domain: str
     goals: list[str]
     items_mask: np.ndarray
@@ -131,28 +169,42 @@ class WorkflowBatch:
     modality: np.ndarray
     service_s: np.ndarray
 
-    def __len__(self) -> int: return len(self.goals)
+    def __len__(self) -> int:
+        return len(self.goals)
 
     def slice(self, sl: slice) -> "WorkflowBatch":
         "Rows `sl` of the batch."
-        return WorkflowBatch(self.domain, self.goals[sl], self.items_mask[sl], self.task[sl], self.modality[sl], self.service_s[sl])
+        return WorkflowBatch(
+            self.domain, self.goals[sl], self.items_mask[sl], self.task[sl], self.modality[sl], self.service_s[sl]
+        )
 
-def plans_to_batch(plans: list[WorkflowPlan], seed: int = 0, service_sigma: float | None = None,
-                   max_items: int | None = None) -> WorkflowBatch:
+
+def plans_to_batch(
+    plans: list[WorkflowPlan], seed: int = 0, service_sigma: float | None = None, max_items: int | None = None
+) -> WorkflowBatch:
     "Stack plans of one domain into a `WorkflowBatch` [B, max_items, S]; service times ~ nominal·LogNormal(0, `service_sigma`) (defaults: cfg.workflows)."
     if service_sigma is None or max_items is None:
         wf = load_config().workflows
         service_sigma = wf.service_sigma if service_sigma is None else service_sigma
         max_items = wf.max_items if max_items is None else max_items
-    if not plans: raise ValueError("plans: expected at least one plan")
+    if not plans:
+        raise ValueError("plans: expected at least one plan")
     domains = {p.domain for p in plans}
-    if len(domains) != 1: raise ValueError(f"plans: expected one domain per batch, got {sorted(domains)}")
-    domain = plans[0].domain; B = len(plans)
-    if max(len(p.items) for p in plans) > max_items: raise ValueError(f"plans: a plan names more than max_items = {max_items} items")
-    mask = np.zeros((B, max_items), bool); task = np.zeros((B, max_items, STAGES), np.int64); mod = np.zeros_like(task)
+    if len(domains) != 1:
+        raise ValueError(f"plans: expected one domain per batch, got {sorted(domains)}")
+    domain = plans[0].domain
+    B = len(plans)
+    if max(len(p.items) for p in plans) > max_items:
+        raise ValueError(f"plans: a plan names more than max_items = {max_items} items")
+    mask = np.zeros((B, max_items), bool)
+    task = np.zeros((B, max_items, STAGES), np.int64)
+    mod = np.zeros_like(task)
     for b, p in enumerate(plans):
         for t in p.subtasks:
-            i = p.items.index(t.item); mask[b, i] = True; task[b, i, t.stage] = t.task; mod[b, i, t.stage] = t.modality
+            i = p.items.index(t.item)
+            mask[b, i] = True
+            task[b, i, t.stage] = t.task
+            mod[b, i, t.stage] = t.modality
     nominal = np.asarray(DOMAINS[domain]["service_s"])[None, None, :]
     svc = nominal * np.random.default_rng(seed).lognormal(0.0, service_sigma, size=task.shape) * mask[..., None]
     return WorkflowBatch(domain, [p.goal for p in plans], mask, task, mod, svc)
@@ -167,9 +219,11 @@ def transitive_closure(wait_for: torch.Tensor) -> torch.Tensor:
         reach = ((reach + reach @ reach) > 0).float()
     return reach > 0
 
+
 def find_deadlocks(wait_for: torch.Tensor) -> torch.Tensor:
     "Slots [B, K] that lie on a cycle of the wait-for graph (slot i waits for j when wait_for[b, i, j])."
     return torch.diagonal(transitive_closure(wait_for), dim1=1, dim2=2).clone()
+
 
 def break_deadlocks(wait_for: torch.Tensor, priority: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "Hierarchical arbiter: drop the wait edges of the lowest-`priority` slot of each cycle until none is left; (graph, victims)."
@@ -181,8 +235,9 @@ def break_deadlocks(wait_for: torch.Tensor, priority: torch.Tensor) -> tuple[tor
     for _ in range(K):
         reach = transitive_closure(wf)
         on = torch.diagonal(reach, dim1=1, dim2=2)
-        if not on.any(): break
-        same = reach & reach.transpose(1, 2) & on[:, :, None] & on[:, None, :]   # same cycle (strongly connected)
+        if not on.any():
+            break
+        same = reach & reach.transpose(1, 2) & on[:, :, None] & on[:, None, :]  # same cycle (strongly connected)
         pr = torch.where(same, priority.float()[:, None, :], torch.full_like(same, float("inf"), dtype=torch.float))
         victim = on & (pr.argmin(-1) == arange)
         wf &= ~victim[:, :, None]
@@ -192,18 +247,24 @@ def break_deadlocks(wait_for: torch.Tensor, priority: torch.Tensor) -> tuple[tor
 # %% ../nbs/12_workflows.ipynb #43700de0
 FAILURE_KINDS = ("transient", "crash", "bad_output")
 
+
 def make_true_skill(n_agents: int, cfg: Config, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     "Hidden skill [N, m, l] (simulated; uniform in cfg.workflows.skill_specialist / skill_other) and each executor's specialty domain [N]."
     wf = cfg.workflows
     m, l = cfg.state.n_tasks, cfg.state.n_modalities
-    if m < 10: raise ValueError(f"state.n_tasks: the workflow domains use task rows 0..9, need >= 10, got {m}")
-    if n_agents < 1: raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
+    if m < 10:
+        raise ValueError(f"state.n_tasks: the workflow domains use task rows 0..9, need >= 10, got {m}")
+    if n_agents < 1:
+        raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
     rng = np.random.default_rng(seed)
     specialty = np.arange(n_agents) % len(DOMAINS)
-    domain_tasks = [list(spec["tasks"]) + ([spec["recovery_task"]] if spec["recovery_task"] is not None else [])
-                    for spec in DOMAINS.values()]
+    domain_tasks = [
+        list(spec["tasks"]) + ([spec["recovery_task"]] if spec["recovery_task"] is not None else [])
+        for spec in DOMAINS.values()
+    ]
     own = np.zeros((n_agents, m), bool)
-    for d, tasks in enumerate(domain_tasks): own[np.ix_(specialty == d, tasks)] = True
+    for d, tasks in enumerate(domain_tasks):
+        own[np.ix_(specialty == d, tasks)] = True
     hi_skill = rng.uniform(*wf.skill_specialist, size=(n_agents, m, l))
     lo_skill = rng.uniform(*wf.skill_other, size=(n_agents, m, l))
     return np.where(own[:, :, None], hi_skill, lo_skill), specialty
@@ -212,6 +273,7 @@ def make_true_skill(n_agents: int, cfg: Config, seed: int = 0) -> tuple[np.ndarr
 @dataclass
 class ExecutorPool:
     "Simulated executors: hidden skill [N, m, l], the StateBank the orchestrator learns in, and its router."
+
     true_skill: np.ndarray
     specialty: np.ndarray
     bank: Any
@@ -219,13 +281,15 @@ class ExecutorPool:
     cfg: Config
 
     @property
-    def n(self) -> int: return self.true_skill.shape[0]
+    def n(self) -> int:
+        return self.true_skill.shape[0]
 
     @classmethod
-    def create(cls, cfg: Config, seed: int = 0, n_agents: int | None = None, router: Any = "rapo",
-               device: Any = None) -> "ExecutorPool":
+    def create(
+        cls, cfg: Config, seed: int = 0, n_agents: int | None = None, router: Any = "rapo", device: Any = None
+    ) -> "ExecutorPool":
         "N = `n_agents` (default cfg.evaluation.n_agents) executors in the world of `cfg` (checked), a fresh StateBank and `router`."
-        validate(cfg)   # ValueError naming the field, also for a Config built or edited by hand
+        validate(cfg)  # ValueError naming the field, also for a Config built or edited by hand
         n = n_agents or cfg.evaluation.n_agents
         skill, specialty = make_true_skill(n, cfg, seed)
         pool = cls(skill, specialty, StateBank.create(n, cfg, device=device, seed=seed), router, cfg)
@@ -240,31 +304,44 @@ class ExecutorPool:
         self.router = make_router(spec, self.cfg, seed) if isinstance(spec, str) else spec
         return self
 
+
 def capability_replacement(chosen: np.ndarray, excluded: np.ndarray, M_flat: np.ndarray) -> np.ndarray:
     "§4.4: per row, the allowed executor whose flattened M is most cosine-similar to `chosen`'s; -1 if none is allowed."
     Mn = M_flat / np.maximum(np.linalg.norm(M_flat, axis=1, keepdims=True), 1e-12)
     sim = np.where(excluded, -np.inf, Mn[chosen] @ Mn.T)
     return np.where(np.isfinite(sim.max(1)), sim.argmax(1), -1)
 
+
 def route(pool: ExecutorPool, task: np.ndarray, modality: np.ndarray, excluded: np.ndarray) -> np.ndarray:
     "Executor per subtask from the pool's router (chunks of C_max, load updated between chunks); `excluded` [P, N] → §4.4 replacement."
     cfg, N, dev = pool.cfg, pool.n, pool.bank.device
-    if excluded.shape != (len(task), N): raise ValueError(f"excluded: expected shape {(len(task), N)}, got {excluded.shape}")
+    if excluded.shape != (len(task), N):
+        raise ValueError(f"excluded: expected shape {(len(task), N)}, got {excluded.shape}")
     chunk, active = max(1, int(cfg.routing.c_max)), np.zeros(N)
     out, M_flat = np.empty(len(task), np.int64), None
     for st in range(0, len(task), chunk):
         sl = slice(st, st + chunk)
-        load = AgentLoad(active=torch.tensor(active, dtype=torch.float32, device=dev), pending=torch.zeros(N, device=dev),
-                         utilisation=torch.tensor(np.minimum(active / cfg.routing.c_max, 1.0), dtype=torch.float32, device=dev),
-                         alive=torch.ones(N, dtype=torch.bool, device=dev))
+        load = AgentLoad(
+            active=torch.tensor(active, dtype=torch.float32, device=dev),
+            pending=torch.zeros(N, device=dev),
+            utilisation=torch.tensor(np.minimum(active / cfg.routing.c_max, 1.0), dtype=torch.float32, device=dev),
+            alive=torch.ones(N, dtype=torch.bool, device=dev),
+        )
         try:
-            sel = pool.router.select(torch.as_tensor(task[sl], device=dev), torch.as_tensor(modality[sl], device=dev),
-                                     pool.bank, load).cpu().numpy().astype(np.int64)
-        except NoAgentAvailable:   # every executor saturated: these subtasks get none this attempt (counts as a failure)
+            sel = (
+                pool.router.select(
+                    torch.as_tensor(task[sl], device=dev), torch.as_tensor(modality[sl], device=dev), pool.bank, load
+                )
+                .cpu()
+                .numpy()
+                .astype(np.int64)
+            )
+        except NoAgentAvailable:  # every executor saturated: these subtasks get none this attempt (counts as a failure)
             sel = np.full(len(task[sl]), -1, np.int64)
         bad = (sel >= 0) & excluded[sl][np.arange(len(sel)), np.maximum(sel, 0)]
         if bad.any():
-            if M_flat is None: M_flat = pool.bank.M.float().reshape(N, -1).cpu().numpy()
+            if M_flat is None:
+                M_flat = pool.bank.M.float().reshape(N, -1).cpu().numpy()
             sel[bad] = capability_replacement(sel[bad], excluded[sl][bad], M_flat)
         active += np.bincount(sel[sel >= 0], minlength=N)
         out[sl] = sel
@@ -273,12 +350,14 @@ def route(pool: ExecutorPool, task: np.ndarray, modality: np.ndarray, excluded: 
 # %% ../nbs/12_workflows.ipynb #9e3ba5b6
 SYSTEMS = ("multi_agent", "multi_agent_no_arbiter", "rule_based", "single_agent")
 
+
 def _static_assignment(pool: ExecutorPool, task: np.ndarray, start: int) -> np.ndarray:
     "Rule-based map: round-robin over the executors whose specialty is the task's domain."
     domain_of_task = np.full(pool.true_skill.shape[1], -1)
     for d, spec in enumerate(DOMAINS.values()):
         domain_of_task[list(spec["tasks"])] = d
-        if spec["recovery_task"] is not None: domain_of_task[spec["recovery_task"]] = d
+        if spec["recovery_task"] is not None:
+            domain_of_task[spec["recovery_task"]] = d
     out = np.empty(len(task), np.int64)
     for d in np.unique(domain_of_task[task]):
         members = np.flatnonzero(pool.specialty == d) if (pool.specialty == d).any() else np.arange(pool.n)
@@ -286,20 +365,28 @@ def _static_assignment(pool: ExecutorPool, task: np.ndarray, start: int) -> np.n
         out[sel] = members[(start + np.arange(sel.sum())) % len(members)]
     return out
 
+
 def _bincount(idx: np.ndarray, B: int, weights: np.ndarray | None = None) -> np.ndarray:
     "np.bincount with a fixed length B."
-    return np.bincount(idx, weights=None if weights is None else np.asarray(weights, float), minlength=B)[:B].astype(float)
+    return np.bincount(idx, weights=None if weights is None else np.asarray(weights, float), minlength=B)[:B].astype(
+        float
+    )
 
-def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure_rate: float,
-                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+
+def simulate_wave(
+    batch: WorkflowBatch, system: str, pool: ExecutorPool, failure_rate: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     "Run one wave of workflows under `system` in the pool's simulated world (`pool.cfg.workflows`); per-workflow arrays."
-    if system not in SYSTEMS: raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
-    if not 0 <= failure_rate <= 1: raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
+    if system not in SYSTEMS:
+        raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
+    if not 0 <= failure_rate <= 1:
+        raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
     cfg, wf = pool.cfg, pool.cfg.workflows
     B, I, S = batch.task.shape
     N, R, cmax = pool.n, wf.max_retries, max(1, int(cfg.routing.c_max))
     multi, single, checker = system.startswith("multi_agent"), system == "single_agent", system != "rule_based"
-    spec = DOMAINS[batch.domain]; nominal = np.asarray(spec["service_s"])
+    spec = DOMAINS[batch.domain]
+    nominal = np.asarray(spec["service_s"])
     single_skill = pool.true_skill.mean(0)
     alive_wf, corrupted, crashed = np.ones(B, bool), np.zeros(B, bool), np.zeros((B, N), bool)
     item_t, stage0_t = np.zeros((B, I)), np.zeros(B)
@@ -310,29 +397,37 @@ def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure
         slot_t, first_fail = np.zeros((B, I)), np.zeros((B, I))
         ever_failed, last = np.zeros((B, I), bool), np.full((B, I), -1)
         for attempt in range(R + 1):
-            bi, ii = np.nonzero(pending); P = bi.size
-            if P == 0: break
+            bi, ii = np.nonzero(pending)
+            P = bi.size
+            if P == 0:
+                break
             task, mod, svc = batch.task[bi, ii, s], batch.modality[bi, ii, s], batch.service_s[bi, ii, s]
-            if single: agent = np.zeros(P, np.int64)
+            if single:
+                agent = np.zeros(P, np.int64)
             elif system == "rule_based":
-                agent = _static_assignment(pool, task, rr); rr += P   # a retry goes to the next pool member
+                agent = _static_assignment(pool, task, rr)
+                rr += P  # a retry goes to the next pool member
             else:
                 excl = crashed[bi].copy()
-                if attempt: excl[np.arange(P), last[bi, ii]] = True
+                if attempt:
+                    excl[np.arange(P), last[bi, ii]] = True
                 agent = route(pool, task, mod, excl)
-            valid = agent >= 0; a0 = np.where(valid, agent, 0)
+            valid = agent >= 0
+            a0 = np.where(valid, agent, 0)
             skill = single_skill[task, mod] if single else pool.true_skill[a0, task, mod]
             inj = rng.random(P) < failure_rate
             kind = rng.choice(len(FAILURE_KINDS), size=P, p=wf.failure_mix)
             prior_crash = np.zeros(P, bool) if single else crashed[bi, a0]
             crash = ~valid | prior_crash | (inj & (kind == 1))
-            if not single: crashed[bi[crash & valid], a0[crash & valid]] = True
+            if not single:
+                crashed[bi[crash & valid], a0[crash & valid]] = True
             error = ~crash & ((inj & (kind == 0)) | (rng.random(P) > skill))
             dur = svc if single else svc * (1 + queue_rank(np.where(valid, agent, -1 - np.arange(P))) // cmax)
-            if spec["recovery"] and s == S - 1 and attempt > 0:   # DevOps: roll back before re-deploying
+            if spec["recovery"] and s == S - 1 and attempt > 0:  # DevOps: roll back before re-deploying
                 rt = spec["recovery_task"]
                 rb_skill = single_skill[rt, mod] if single else pool.true_skill[a0, rt, mod]
-                error |= ~crash & (rng.random(P) > rb_skill); dur = dur + spec["recovery_s"]
+                error |= ~crash & (rng.random(P) > rb_skill)
+                dur = dur + spec["recovery_s"]
             bad = ~crash & ~error & inj & (kind == 2)
             caught = bad & (rng.random(P) < wf.checker_recall) if checker else np.zeros(P, bool)
             silent = bad & ~caught
@@ -341,21 +436,29 @@ def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure
             if multi:
                 msgs += 2.0 * checker + (attempt > 0)
                 asks = (rng.random(P) < wf.p_clarify) & ~crash
-                peer = pending[bi].copy(); peer[np.arange(P), ii] = False
-                scores = np.where(peer, rng.random((P, I)), -1.0); target = scores.argmax(1); asks &= scores.max(1) >= 0
-                W = torch.zeros(B, I, I, dtype=torch.bool); W[bi[asks], ii[asks], target[asks]] = True
+                peer = pending[bi].copy()
+                peer[np.arange(P), ii] = False
+                scores = np.where(peer, rng.random((P, I)), -1.0)
+                target = scores.argmax(1)
+                asks &= scores.max(1) >= 0
+                W = torch.zeros(B, I, I, dtype=torch.bool)
+                W[bi[asks], ii[asks], target[asks]] = True
                 on = find_deadlocks(W).numpy()[bi, ii]
-                _, victims = break_deadlocks(W, torch.as_tensor(-rng.random((B, I))))   # latest request loses
+                _, victims = break_deadlocks(W, torch.as_tensor(-rng.random((B, I))))  # latest request loses
                 v = victims.numpy()[bi, ii]
                 acc["deadlocks"] += _bincount(bi[v], B)
-                msgs += 2.0 * asks; dur = dur + 2 * wf.msg_s * asks
+                msgs += 2.0 * asks
+                dur = dur + 2 * wf.msg_s * asks
                 if system == "multi_agent":
-                    msgs += 2.0 * v; dur = np.where(on, dur + wf.heartbeat_s + wf.arbiter_s, dur)
+                    msgs += 2.0 * v
+                    dur = np.where(on, dur + wf.heartbeat_s + wf.arbiter_s, dur)
                 else:
-                    dead = on; dur = np.where(dead, np.maximum(dur, wf.timeout_factor * nominal[s]), dur)
+                    dead = on
+                    dur = np.where(dead, np.maximum(dur, wf.timeout_factor * nominal[s]), dur)
                 dur = dur + wf.msg_s * msgs
             success = ~crash & ~error & ~caught & ~dead
-            start = slot_t[bi, ii].copy(); slot_t[bi, ii] = start + dur
+            start = slot_t[bi, ii].copy()
+            slot_t[bi, ii] = start + dur
             prev_failed = ever_failed[bi, ii]
             newly = ~success & ~prev_failed
             first_fail[bi[newly], ii[newly]] = start[newly]
@@ -363,40 +466,65 @@ def simulate_wave(batch: WorkflowBatch, system: str, pool: ExecutorPool, failure
             rec = success & ~silent & prev_failed
             acc["recovered_tasks"] += _bincount(bi[rec], B)
             acc["ttr_s"] += _bincount(bi[rec], B, (start + dur - first_fail[bi, ii])[rec])
-            acc["messages"] += _bincount(bi, B, msgs); acc["attempts"] += _bincount(bi, B)
+            acc["messages"] += _bincount(bi, B, msgs)
+            acc["attempts"] += _bincount(bi, B)
             corrupted[bi[silent]] = True
             last[bi, ii] = agent
             pending[bi[success], ii[success]] = False
             if multi and valid.any():
-                pool.bank.update_capability(torch.as_tensor(agent[valid]), torch.as_tensor(task[valid]),
-                                            torch.as_tensor(mod[valid]), torch.as_tensor(success[valid].astype(np.float32)))
+                pool.bank.update_capability(
+                    torch.as_tensor(agent[valid]),
+                    torch.as_tensor(task[valid]),
+                    torch.as_tensor(mod[valid]),
+                    torch.as_tensor(success[valid].astype(np.float32)),
+                )
         alive_wf &= ~pending.any(1)
         acc["failed_tasks"] += ever_failed.sum(1)
         item_t += slot_t
-        if s == 0: stage0_t = slot_t.sum(1) if single else slot_t.max(1)
-    n_items = batch.items_mask.sum(1); n_sub = n_items * S
+        if s == 0:
+            stage0_t = slot_t.sum(1) if single else slot_t.max(1)
+    n_items = batch.items_mask.sum(1)
+    n_sub = n_items * S
     exec_s = (item_t.sum(1) if single else item_t.max(1)) + (wf.check_s if checker else 0.0)
     if multi:
         planning = wf.plan_s * n_items + np.maximum(0.0, wf.plan_s * (n_sub - n_items) - stage0_t)
-        acc["messages"] += 3   # plan hand-off + final check request and verdict
-    else: planning = wf.plan_s * n_sub if single else np.zeros(B)
-    return dict(system=np.full(B, system), domain=np.full(B, batch.domain), failure_rate=np.full(B, float(failure_rate)),
-                goal=np.asarray(batch.goals, dtype=object), n_items=n_items, completed=alive_wf & ~corrupted,
-                silent_bad_output=corrupted, planning_s=planning, execution_s=exec_s, total_s=planning + exec_s, **acc)
+        acc["messages"] += 3  # plan hand-off + final check request and verdict
+    else:
+        planning = wf.plan_s * n_sub if single else np.zeros(B)
+    return dict(
+        system=np.full(B, system),
+        domain=np.full(B, batch.domain),
+        failure_rate=np.full(B, float(failure_rate)),
+        goal=np.asarray(batch.goals, dtype=object),
+        n_items=n_items,
+        completed=alive_wf & ~corrupted,
+        silent_bad_output=corrupted,
+        planning_s=planning,
+        execution_s=exec_s,
+        total_s=planning + exec_s,
+        **acc,
+    )
 
 # %% ../nbs/12_workflows.ipynb #01af14e2
-def run_workflows(cfg: Config, seed: int = 0, systems: tuple = SYSTEMS, router: Any = "rapo",
-                  progress: bool = False) -> pd.DataFrame:
+def run_workflows(
+    cfg: Config, seed: int = 0, systems: tuple = SYSTEMS, router: Any = "rapo", progress: bool = False
+) -> pd.DataFrame:
     "Every system × failure rate × domain on the same simulated goals, in the world of `cfg.workflows`; one row per workflow."
     bad = [s for s in systems if s not in SYSTEMS]
-    if bad: raise ValueError(f"systems: {bad} not in {list(SYSTEMS)}")
+    if bad:
+        raise ValueError(f"systems: {bad} not in {list(SYSTEMS)}")
     wf = validate(cfg).workflows
     n, mi = wf.n_workflows, wf.max_items
-    batches = {d: plans_to_batch([plan_goal(g, mi) for g in generate_goals(d, n, seed + 101 * k, mi)], seed + 101 * k, wf.service_sigma, mi)
-               for k, d in enumerate(DOMAINS)}
+    batches = {
+        d: plans_to_batch(
+            [plan_goal(g, mi) for g in generate_goals(d, n, seed + 101 * k, mi)], seed + 101 * k, wf.service_sigma, mi
+        )
+        for k, d in enumerate(DOMAINS)
+    }
     jobs = [(ri, rate, system) for ri, rate in enumerate(wf.failure_rates) for system in systems]
     if progress:
         from tqdm.auto import tqdm
+
         jobs = tqdm(jobs, desc="simulated workflows")
     pool, parts = ExecutorPool.create(cfg, seed, router=router, device="cpu"), []
     for ri, rate, system in jobs:
@@ -409,105 +537,173 @@ def run_workflows(cfg: Config, seed: int = 0, systems: tuple = SYSTEMS, router: 
     df = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     return df.assign(simulated=True)
 
+
 def workflow_metrics(df: pd.DataFrame, by: list[str] | tuple = ("system",)) -> pd.DataFrame:
     "Seed 003's five metrics (plus planning latency and deadlocks) per group of `by`."
-    by = list(by); g = df.groupby(by, sort=False)
+    by = list(by)
+    g = df.groupby(by, sort=False)
     done = df[df.completed].groupby(by, sort=False)
-    out = pd.DataFrame({
-        "completion_rate": g.completed.mean(),
-        "mean_time_to_resolution_s": g.ttr_s.sum() / g.recovered_tasks.sum().replace(0, np.nan),
-        "error_recovery_efficiency": g.recovered_tasks.sum() / g.failed_tasks.sum().replace(0, np.nan),
-        "messages_per_workflow": g.messages.mean(),
-        "execution_latency_s": done.total_s.mean(),
-        "planning_latency_s": g.planning_s.mean(),
-        "deadlocks_per_workflow": g.deadlocks.mean(),
-        "n_workflows": g.size(),
-    })
+    out = pd.DataFrame(
+        {
+            "completion_rate": g.completed.mean(),
+            "mean_time_to_resolution_s": g.ttr_s.sum() / g.recovered_tasks.sum().replace(0, np.nan),
+            "error_recovery_efficiency": g.recovered_tasks.sum() / g.failed_tasks.sum().replace(0, np.nan),
+            "messages_per_workflow": g.messages.mean(),
+            "execution_latency_s": done.total_s.mean(),
+            "planning_latency_s": g.planning_s.mean(),
+            "deadlocks_per_workflow": g.deadlocks.mean(),
+            "n_workflows": g.size(),
+        }
+    )
     return out.reset_index()
 
 # %% ../nbs/12_workflows.ipynb #daecdafd
-PAPER_COMPLETION = {"multi_agent": "completion_multi_agent", "rule_based": "completion_rule_based",
-                    "single_agent": "completion_single_agent"}
+PAPER_COMPLETION = {
+    "multi_agent": "completion_multi_agent",
+    "rule_based": "completion_rule_based",
+    "single_agent": "completion_single_agent",
+}
+
 
 def metrics_table(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS) -> pd.DataFrame:
     "Our metrics per system (simulated) with seed 003's completion and recovery numbers beside them, labelled."
     t = overall.copy()
     t.insert(1, "paper (seed 003) completion_rate", [claims.get(PAPER_COMPLETION.get(s, ""), np.nan) for s in t.system])
-    t.insert(t.columns.get_loc("error_recovery_efficiency") + 1, "paper (seed 003) failures_recovered",
-             [claims["failures_recovered"] if s == "multi_agent" else np.nan for s in t.system])
+    t.insert(
+        t.columns.get_loc("error_recovery_efficiency") + 1,
+        "paper (seed 003) failures_recovered",
+        [claims["failures_recovered"] if s == "multi_agent" else np.nan for s in t.system],
+    )
     return t.rename(columns={c: f"{c} (simulated)" for c in overall.columns if c not in ("system", "n_workflows")})
 
 # %% ../nbs/12_workflows.ipynb #862caedf
-def execute_subtask(pool: ExecutorPool, task: int, modality: int, nominal_s: float, failure_rate: float,
-                    rng: np.random.Generator) -> dict:
+def execute_subtask(
+    pool: ExecutorPool, task: int, modality: int, nominal_s: float, failure_rate: float, rng: np.random.Generator
+) -> dict:
     "Executor + Monitor for one subtask in the pool's simulated world: route, run, check, re-route on failure; a JSON-able record."
     wf = pool.cfg.workflows
-    if not 0 <= failure_rate <= 1: raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
+    if not 0 <= failure_rate <= 1:
+        raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
     excluded, log, t = np.zeros((1, pool.n), bool), [], 0.0
     for attempt in range(wf.max_retries + 1):
         a = int(route(pool, np.array([task]), np.array([modality]), excluded)[0])
-        if a < 0: log.append(dict(attempt=attempt, agent=-1, outcome="no_executor_left")); break
+        if a < 0:
+            log.append(dict(attempt=attempt, agent=-1, outcome="no_executor_left"))
+            break
         kind = FAILURE_KINDS[rng.choice(3, p=wf.failure_mix)] if rng.random() < failure_rate else None
         svc = nominal_s * rng.lognormal(0.0, wf.service_sigma)
-        if kind == "crash": outcome, dur = "crash", wf.timeout_factor * nominal_s
-        elif kind == "transient" or rng.random() > pool.true_skill[a, task, modality]: outcome, dur = "error", svc
+        if kind == "crash":
+            outcome, dur = "crash", wf.timeout_factor * nominal_s
+        elif kind == "transient" or rng.random() > pool.true_skill[a, task, modality]:
+            outcome, dur = "error", svc
         elif kind == "bad_output":
             outcome, dur = ("bad_output_caught" if rng.random() < wf.checker_recall else "ok_unnoticed_bad_output"), svc
-        else: outcome, dur = "ok", svc
+        else:
+            outcome, dur = "ok", svc
         ok = outcome.startswith("ok")
         t += dur + wf.check_s
-        pool.bank.update_capability(torch.tensor([a]), torch.tensor([task]), torch.tensor([modality]), torch.tensor([float(ok)]))
+        pool.bank.update_capability(
+            torch.tensor([a]), torch.tensor([task]), torch.tensor([modality]), torch.tensor([float(ok)])
+        )
         log.append(dict(attempt=attempt, agent=a, outcome=outcome, simulated_s=round(dur, 3)))
-        if ok: break
+        if ok:
+            break
         excluded[0, a] = True
     last = log[-1]
-    return dict(success=last["outcome"].startswith("ok"), agent=last["agent"], attempts=len(log), simulated_s=round(t, 3),
-                simulated_bad_output=last["outcome"] == "ok_unnoticed_bad_output", log=log)
+    return dict(
+        success=last["outcome"].startswith("ok"),
+        agent=last["agent"],
+        attempts=len(log),
+        simulated_s=round(t, 3),
+        simulated_bad_output=last["outcome"] == "ok_unnoticed_bad_output",
+        log=log,
+    )
+
 
 def step_rng(seed: int, goal_id: str, subtask_id: str) -> np.random.Generator:
     "A generator determined by (seed, goal, subtask), so a resumed goal re-draws identically."
     return np.random.default_rng([seed, zlib.crc32(goal_id.encode()), zlib.crc32(subtask_id.encode())])
+
 
 def check_results(plan: WorkflowPlan, steps: dict) -> dict:
     "Checker: the goal is met when every planned subtask has a successful record; a summary either way."
     missing = [t.id for t in plan.subtasks if t.id not in steps]
     failed = [t.id for t in plan.subtasks if t.id in steps and not steps[t.id]["success"]]
     valid = not missing and not failed
-    summary = (f"{plan.domain}: all {len(plan.subtasks)} subtasks of {', '.join(plan.items)} done" if valid else
-               f"{plan.domain}: failed subtasks {failed}" + (f", not run {missing}" if missing else ""))
-    return dict(valid=valid, summary=summary, failed=failed, missing=missing,
-                simulated_s=round(sum(steps[k]["simulated_s"] for k in steps), 3))
+    summary = (
+        f"{plan.domain}: all {len(plan.subtasks)} subtasks of {', '.join(plan.items)} done"
+        if valid
+        else f"{plan.domain}: failed subtasks {failed}" + (f", not run {missing}" if missing else "")
+    )
+    return dict(
+        valid=valid,
+        summary=summary,
+        failed=failed,
+        missing=missing,
+        simulated_s=round(sum(steps[k]["simulated_s"] for k in steps), 3),
+    )
 
 # %% ../nbs/12_workflows.ipynb #9fb9f584
 def workflow_claims(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS, tol: float | None = None) -> pd.DataFrame:
     "Seed 003's claims beside our simulated numbers, with a verdict computed from them (|ours − paper| ≤ `tol`, default cfg.workflows.claim_tolerance)."
-    if tol is None: tol = load_config().workflows.claim_tolerance
+    if tol is None:
+        tol = load_config().workflows.claim_tolerance
     o = overall.set_index("system")
-    def close(p, x): return "reproduced" if abs(p - x) <= tol else "differs"
+
+    def close(p, x):
+        return "reproduced" if abs(p - x) <= tol else "differs"
+
     rows = []
     for s, key in PAPER_COMPLETION.items():
         x = float(o.loc[s, "completion_rate"])
-        rows.append(dict(claim=f"task completion rate, {s}", paper=claims[key], ours=round(x, 3), verdict=close(claims[key], x)))
+        rows.append(
+            dict(claim=f"task completion rate, {s}", paper=claims[key], ours=round(x, 3), verdict=close(claims[key], x))
+        )
     ours_order = sorted(PAPER_COMPLETION, key=lambda s: -o.loc[s, "completion_rate"])
     paper_order = sorted(PAPER_COMPLETION, key=lambda s: -claims[PAPER_COMPLETION[s]])
-    rows.append(dict(claim="completion ordering", paper=" > ".join(paper_order), ours=" > ".join(ours_order),
-                     verdict="reproduced" if ours_order == paper_order else "differs"))
+    rows.append(
+        dict(
+            claim="completion ordering",
+            paper=" > ".join(paper_order),
+            ours=" > ".join(ours_order),
+            verdict="reproduced" if ours_order == paper_order else "differs",
+        )
+    )
     x = float(o.loc["multi_agent", "error_recovery_efficiency"])
-    rows.append(dict(claim="failed tasks re-routed or retried successfully (multi-agent)", paper=claims["failures_recovered"],
-                     ours=round(x, 3), verdict=close(claims["failures_recovered"], x)))
+    rows.append(
+        dict(
+            claim="failed tasks re-routed or retried successfully (multi-agent)",
+            paper=claims["failures_recovered"],
+            ours=round(x, 3),
+            verdict=close(claims["failures_recovered"], x),
+        )
+    )
     change = float(o.loc["multi_agent", "planning_latency_s"] / o.loc["single_agent", "planning_latency_s"] - 1)
-    rows.append(dict(claim="planning latency change, multi-agent vs single agent", paper=claims["planning_latency_change"],
-                     ours=round(change, 3), verdict=close(claims["planning_latency_change"], change),
-                     note="follows from our streamed-planning model, not measured on LLMs"))
+    rows.append(
+        dict(
+            claim="planning latency change, multi-agent vs single agent",
+            paper=claims["planning_latency_change"],
+            ours=round(change, 3),
+            verdict=close(claims["planning_latency_change"], change),
+            note="follows from our streamed-planning model, not measured on LLMs",
+        )
+    )
     if "multi_agent_no_arbiter" in o.index:
         d = float(o.loc["multi_agent_no_arbiter", "deadlocks_per_workflow"])
         gain = float(o.loc["multi_agent", "completion_rate"] - o.loc["multi_agent_no_arbiter", "completion_rate"])
-        rows.append(dict(claim="communication loops occasionally deadlock (no arbiter)", paper="occasional",
-                         ours=f"{d:.3f} per workflow", verdict="reproduced" if d > 0 else "differs",
-                         note=f"the arbiter changes completion by {gain:+.3f}"))
+        rows.append(
+            dict(
+                claim="communication loops occasionally deadlock (no arbiter)",
+                paper="occasional",
+                ours=f"{d:.3f} per workflow",
+                verdict="reproduced" if d > 0 else "differs",
+                note=f"the arbiter changes completion by {gain:+.3f}",
+            )
+        )
     df = pd.DataFrame(rows)
     df.insert(1, "section", "seed 003 §VI")
-    if "note" not in df: df["note"] = ""
+    if "note" not in df:
+        df["note"] = ""
     df.loc[df.claim.str.startswith("task completion rate"), "note"] = "absolute level set by our cfg.workflows"
     df["note"] = df["note"].fillna("") + "; simulated"
     df["note"] = df["note"].str.lstrip("; ")
