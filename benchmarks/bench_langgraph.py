@@ -2,7 +2,7 @@
 """Per-handoff orchestration overhead of rapo_nb beside LangGraph (issue 9), both driving the same synthetic
 conversations with the same instant fake model, so all measured time is orchestration.
 
-A thin command-line wrapper around `rapo_nb.scaling.handoff_overhead_table`, the function `nbs/11_scaling.ipynb`
+A thin command-line wrapper around `rapo_nb.scaling.handoff_overhead_table`, the function `nbs/17_scaling.ipynb`
 calls. LangGraph is optional (`pip install rapo_nb[bench]`); without it only rapo_nb is measured, and the script says so.
 
     python benchmarks/bench_langgraph.py --conversations 200

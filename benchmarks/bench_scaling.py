@@ -2,7 +2,7 @@
 """Scaling benchmark (issue 9; paper §4.5, §5.4): Table 2 and past it, the memory law, communication per tick,
 consensus share of the tick, the §4.5 memory optimisations and the project's goals.
 
-A thin command-line wrapper around `rapo_nb.scaling.scaling_tables`, the same functions `nbs/11_scaling.ipynb` calls.
+A thin command-line wrapper around `rapo_nb.scaling.scaling_tables`, the same functions `nbs/17_scaling.ipynb` calls.
 Every agent count is measured in its own fresh child process.
 
     python benchmarks/bench_scaling.py --profile quick

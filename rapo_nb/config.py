@@ -185,7 +185,7 @@ class TrainingConfig:
         "§4.2 (scaled by profile; 72 h in the paper)",
         0,
         10**9,
-        "steps of the three training phases (08_training: 300 per phase left the model near the trivial predictor)",
+        "steps of the three training phases (12_training: 300 per phase left the model near the trivial predictor)",
     )
     time_budget_s: float = cf(
         300.0, "ours", 0.0, 1e7, "wall-time ceiling for one training run (a safety stop; runs report stopped_by_budget)"
@@ -401,7 +401,7 @@ class WorkflowConfig:
 # %% ../nbs/00_config.ipynb #b2c4d6e8
 @dataclass
 class SimulationConfig:
-    "The simulated agents and world of notebooks 06–07 (ours; the paper's agents are LLMs)."
+    "The simulated agents and world of notebooks 06 and 11 (ours; the paper's agents are LLMs)."
 
     skill_levels: tuple = cf(
         ((0.92, 0.50, 0.50, 0.70), (0.50, 0.92, 0.50, 0.70), (0.50, 0.50, 0.92, 0.70), (0.60, 0.60, 0.60, 0.85)),

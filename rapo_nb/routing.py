@@ -17,11 +17,11 @@ from .config import Config, RoutingConfig, load_config, get_device
 
 # %% auto #0
 __all__ = ['NO_AGENT', 'CAPABILITY_MIX', 'LOAD_FEEDBACK', 'ROUTERS', 'load_coefficients', 'load_factor', 'NoAgentAvailable',
-           'AgentLoad', 'simulated_load', 'capability_matrix', 'Router', 'greedy_rounds_reference', 'candidate_agents',
-           'greedy_rounds', 'RapoRouter', 'SequentialRouter', 'RoundRobinRouter', 'LeastLoadedRouter',
-           'SimilarityRouter', 'RandomRouter', 'make_router', 'BoundedWaitQueue', 'route_with_wait', 'replacement_for',
-           'Handover', 'fail_over', 'pools_by_strength', 'TwoLevelScheduler', 'hidden_skill', 'simulate_routing',
-           'best_agent_probability']
+           'AgentLoad', 'utilisation_share', 'simulated_load', 'capability_matrix', 'Router', 'greedy_rounds_reference',
+           'candidate_agents', 'greedy_rounds', 'RapoRouter', 'SequentialRouter', 'RoundRobinRouter',
+           'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter', 'make_router', 'BoundedWaitQueue',
+           'route_with_wait', 'replacement_for', 'Handover', 'fail_over', 'pools_by_strength', 'TwoLevelScheduler',
+           'hidden_skill', 'simulate_routing', 'best_agent_probability']
 
 # %% ../nbs/04_routing.ipynb #db15668f
 NO_AGENT = -1  # sentinel in `select(..., allow_unassigned=True)`: no eligible agent for this request right now
@@ -144,12 +144,20 @@ class AgentLoad:
         return AgentLoad(self.active + add, self.pending.clone(), self.utilisation.clone(), self.alive.clone())
 
 
+def utilisation_share(active, cfg):
+    "R_a of eq. 6 as we read it: the share of an agent's C_max conversation slots in use, capped to [0, 1]."
+    c_max = _routing_cfg(cfg).c_max
+    if isinstance(active, torch.Tensor):
+        return (active / c_max).clamp(0.0, 1.0)
+    return np.clip(np.asarray(active, dtype=float) / c_max, 0.0, 1.0)
+
+
 def simulated_load(in_flight: torch.Tensor, cfg) -> AgentLoad:
     "Load of a simulated deployment: N_a = conversations in flight, Q_a = 0, R_a = share of the C_max slots in use (capped at 1)."
     rc = _routing_cfg(cfg)
     active = torch.as_tensor(in_flight).float()
     return AgentLoad(
-        active, torch.zeros_like(active), (active / rc.c_max).clamp(max=1.0), torch.ones_like(active, dtype=torch.bool)
+        active, torch.zeros_like(active), utilisation_share(active, rc), torch.ones_like(active, dtype=torch.bool)
     )
 
 # %% ../nbs/04_routing.ipynb #29ccae81

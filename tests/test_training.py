@@ -183,7 +183,7 @@ def test_transitions_targets_are_consistent(tiny_data):
 
 
 def _evaluation_cosine(responses, contexts, cfg):
-    "The cosine 09_evaluation measures (handoff_metrics' `cosine`, reference = previous response) for each (context, response) pair."
+    "The cosine 13_evaluation measures (handoff_metrics' `cosine`, reference = previous response) for each (context, response) pair."
     import pandas as pd
     from rapo_nb.evaluation import TURN_COLUMNS, handoff_metrics
     n = len(responses)
