@@ -76,7 +76,8 @@ def last_k(history: Sequence[str], k: int) -> str:
 
 
 def summary(history: Sequence[str], max_words: int | None = None) -> str:
-    "Context policy: facts stated so far, then the most recent utterances, within `max_words` words (default: the config's)."
+    """Context policy: facts stated so far, then the most recent utterances, within `max_words` words (default: the
+    config's)."""
     if max_words is None:
         max_words = load_config().runtime.summary_max_words
     if isinstance(max_words, bool) or not isinstance(max_words, (int, np.integer)) or max_words < 1:
@@ -131,7 +132,8 @@ FAILURE_KINDS = ("error", "timeout", "crash")
 def service_time(
     n_out: np.ndarray, n_ctx: np.ndarray, speed: np.ndarray, noise: np.ndarray, cfg: Config | None = None
 ) -> np.ndarray:
-    "Simulated service time (s) from output and context token counts, agent speed and a lognormal noise draw (cfg.simulation's model)."
+    """Simulated service time (s) from output and context token counts, agent speed and a lognormal noise draw
+    (cfg.simulation's model)."""
     sim = (cfg or load_config()).simulation
     return (
         (
@@ -157,7 +159,8 @@ def turn_focus(turn: Turn) -> list[str]:
 
 
 def thread_facts(turn: Turn, context: str, focus: list[str], cfg: Config | None = None) -> list[str]:
-    "Facts a response restates: all for the conclusion, else the cfg.simulation.facts_per_response most recent plus those about the focus."
+    """Facts a response restates: all for the conclusion, else the cfg.simulation.facts_per_response most recent plus
+    those about the focus."""
     facts = extract_facts(context + "\n" + turn.text)
     if turn.fsm_state == "conclusion":
         return facts
@@ -170,7 +173,8 @@ _TOPIC_RE = re.compile(r"Topic: ([^.]*)\.")
 
 
 def thread_topic(turn: Turn, context: str) -> list[str]:
-    "The conversation's topic as the agent sees it: the greeting's `Topic:` or the first query's focus in its context (else in this turn)."
+    """The conversation's topic as the agent sees it: the greeting's `Topic:` or the first query's focus in its context
+    (else in this turn)."""
     m = (
         _TOPIC_RE.search(context)
         or _FOCUS_RE.search(context)
@@ -181,7 +185,8 @@ def thread_topic(turn: Turn, context: str) -> list[str]:
 
 
 def compose_response(turn: Turn, context: str, u: Uniforms, ok: bool, cfg: Config | None = None) -> str:
-    "Response text from the response grammar: focus entities, topic and facts found in `context` (and the turn) fill the slots."
+    """Response text from the response grammar: focus entities, topic and facts found in `context` (and the turn) fill
+    the slots."""
     cfg = cfg or load_config()
     focus = turn_focus(turn)
     topic = thread_topic(turn, context)
@@ -490,7 +495,8 @@ class OpenAIChatAgent:
                 time.sleep(self._backoff_or_raise(exc, resp, attempt))
 
     def _backoff_or_raise(self, exc, resp, attempt: int) -> float:
-        "After a failed attempt: raise the classified error if it is final, else return the backoff (s) before the next try."
+        """After a failed attempt: raise the classified error if it is final, else return the backoff (s) before the
+        next try."""
         err = self._classify(exc, resp, attempt)
         if not self._retryable(err) or attempt > self.retries:
             if attempt > 1:

@@ -184,7 +184,8 @@ _OPTIONS: dict = {}
 
 
 def _options(grammar: dict, bounds: dict, symbol: str, depth: int, side_slack: int) -> list:
-    "Productions of `symbol` that can give exactly `depth`, with their depth-carrying children and child depth ranges (cached)."
+    """Productions of `symbol` that can give exactly `depth`, with their depth-carrying children and child depth ranges
+    (cached)."""
     key = (id(grammar), symbol, depth, side_slack)
     if key not in _OPTIONS:
         opts = []
@@ -223,7 +224,8 @@ def derive(
     tokens: list | None = None,
     side_slack: int | None = None,
 ) -> tuple:
-    "A random derivation tree (symbol, children...) of `symbol` with depth exactly `depth`; terminals appended to `tokens`."
+    """A random derivation tree (symbol, children...) of `symbol` with depth exactly `depth`; terminals appended to
+    `tokens`."""
     bounds = bounds or depth_bounds(grammar)
     if side_slack is None:
         side_slack = load_config().synthetic.side_slack  # callers with a Config pass cfg.synthetic.side_slack
@@ -381,7 +383,8 @@ class Conversation:
 
 # %% ../nbs/05_synthetic.ipynb #83943382
 def fsm_plan(cfg: Config) -> dict:
-    "Mean turns T, middle-state transition row (query, exchange, clarification) and extra-turn mean from the §5.1 shares."
+    """Mean turns T, middle-state transition row (query, exchange, clarification) and extra-turn mean from the §5.1
+    shares."""
     p = dict(zip(FSM_STATES, cfg.synthetic.fsm_probs))
     ends = p["greeting"] + p["conclusion"]
     if ends <= 0:
