@@ -39,7 +39,7 @@ def thp_setting() -> str:
 def bench_tick(sizes=(1000, 100_000), degree: int = 16, repeats: int = 31, device: str = "cpu", threads: int | None = None,
                seed: int = 0, kernels=("numba", "torch")) -> pd.DataFrame:
     "Run the tick benchmark and add the issue's targets as columns (NaN / None where the issue sets none)."
-    from rapo_nb.consensus import tick_benchmark
+    from rapo_nb.fastpaths import tick_benchmark
     df = tick_benchmark(tuple(sizes), degree=degree, repeats=repeats, device=device, seed=seed, profile="full", threads=threads,
                         kernels=tuple(kernels))
     df["target_ms"] = df.n_agents.map(TARGETS_MS)
