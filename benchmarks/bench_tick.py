@@ -1,8 +1,8 @@
 """Benchmark one control-loop tick (batched capability update + one consensus step), issue #3.
 
 Prints a table: median tick time at 1,000 and 100,000 agents (small-world graph, degree 16) with the one-pass numba
-step (`fused_step`: register-blocked gather finished in registers, prefetch, streaming stores for large banks) and
-with torch's sparse product, the median time of two plain copies of the P bank measured in the same run (into an
+step (`rapo_nb.fastpaths.fast_step`: register-blocked gather finished in registers, prefetch, streaming stores for
+large banks) and with the plain-torch reference step (`rapo_nb.consensus.consensus_step`), the median time of two plain copies of the P bank measured in the same run (into an
 existing buffer, timed alternately with the ticks, and P.clone()), the ratios, CPU time, and bytes per agent (state +
 CSR edges). The copy and the tick are timed in alternating blocks (`TICK_BLOCK` calls), each block after one untimed
 call: torch's OpenMP workers spin for milliseconds after a parallel operation such as the copy, and a tick right

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Protocol
 import numpy as np
 import torch
+from fastcore.basics import patch
 from .config import Config, get_device
 from .state import StateBank, sequential_ema
 
@@ -21,7 +22,7 @@ __all__ = ['TOPOLOGIES', 'MAX_DENSE_EDGES', 'EXCHANGE_EMA', 'Topology', 'csr_fro
            'StepResult', 'consensus_step', 'Objective', 'QuadraticObjective', 'EntropyRegularisedObjective',
            'penalty_omega', 'consensus_objective', 'ConsensusEngine']
 
-# %% ../nbs/02_consensus.ipynb #eb2d053c
+# %% ../nbs/02_consensus.ipynb #dc25dd1d
 TOPOLOGIES = ("complete", "ring", "small_world", "star", "random")
 MAX_DENSE_EDGES: int = 50_000_000  # ours: refuse to build a complete graph with more edges than this
 
@@ -35,7 +36,7 @@ class Topology:
     indices: torch.Tensor
     kind: str = "custom"
     rows: torch.Tensor = field(init=False, repr=False)
-    _built: tuple | None = field(init=False, repr=False, default=None)  # (weights, version, W, row sums)
+    _built: tuple | None = field(init=False, repr=False, compare=False, default=None)  # (weights, version, W, row sums)
 
     def __post_init__(self):
         if self.indptr.shape != (self.n + 1,):
@@ -81,43 +82,53 @@ class Topology:
         hit = (keys[pos] == q) if self.n_edges else torch.zeros_like(q, dtype=torch.bool)
         return torch.where(hit, pos, torch.full_like(pos, -1))
 
-    def matrix(self, weights: torch.Tensor) -> torch.Tensor:
-        "The sparse CSR matrix W with W[i, j] = weights of edge (i, j)."
-        return self._weighted(weights)[0]
+# %% ../nbs/02_consensus.ipynb #1fcc541b
+@patch
+def matrix(self: Topology, weights: torch.Tensor) -> torch.Tensor:
+    "The sparse CSR matrix W with W[i, j] = weights of edge (i, j)."
+    return self._weighted(weights)[0]
 
-    def row_sums(self, weights: torch.Tensor) -> torch.Tensor:
-        "r_i = Σ_j w_ij for every agent [n]."
-        return self._weighted(weights)[1]
 
-    def _weighted(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "(W, r) for `weights`; kept for the next call while the same tensor is unedited (weights change rarely)."
-        b = self._built
-        if b is not None and b[0] is weights and b[1] == weights._version:
-            return b[2], b[3]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch: "sparse CSR support is in beta"
-            W = torch.sparse_csr_tensor(
-                self.indptr, self.indices, weights, size=(self.n, self.n), check_invariants=False
-            )
-        r = torch.zeros(self.n, dtype=weights.dtype, device=weights.device).index_add_(0, self.rows, weights)
-        # not kept under autograd: a graph reused across backward passes would fail
-        self._built = None if weights.requires_grad else (weights, weights._version, W, r)
-        return W, r
+@patch
+def row_sums(self: Topology, weights: torch.Tensor) -> torch.Tensor:
+    "r_i = Σ_j w_ij for every agent [n]."
+    return self._weighted(weights)[1]
 
-    def to_dense(self, weights: torch.Tensor | None = None) -> torch.Tensor:
-        "Dense [n, n] adjacency (or weight) matrix, for small checks only."
-        w = torch.ones(self.n_edges, device=self.device) if weights is None else weights
-        A = torch.zeros(self.n, self.n, dtype=w.dtype, device=self.device)
-        A[self.rows, self.indices] = w
-        return A
 
-    def is_symmetric(self) -> bool:
-        "True when every edge (i, j) has its reverse (j, i)."
-        return bool((self.edge_ids(self.indices, self.rows) >= 0).all())
+@patch
+def _weighted(self: Topology, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "(W, r) for `weights`; kept for the next call while the same tensor is unedited (weights change rarely)."
+    b = self._built
+    if b is not None and b[0] is weights and b[1] == weights._version:
+        return b[2], b[3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "sparse CSR support is in beta"
+        W = torch.sparse_csr_tensor(self.indptr, self.indices, weights, size=(self.n, self.n), check_invariants=False)
+    r = torch.zeros(self.n, dtype=weights.dtype, device=weights.device).index_add_(0, self.rows, weights)
+    # not kept under autograd: a graph reused across backward passes would fail
+    self._built = None if weights.requires_grad else (weights, weights._version, W, r)
+    return W, r
 
-    def nbytes(self) -> int:
-        "Bytes of the CSR arrays (indptr, indices, rows)."
-        return sum(t.element_size() * t.numel() for t in (self.indptr, self.indices, self.rows))
+
+@patch
+def to_dense(self: Topology, weights: torch.Tensor | None = None) -> torch.Tensor:
+    "Dense [n, n] adjacency (or weight) matrix, for small checks only."
+    w = torch.ones(self.n_edges, device=self.device) if weights is None else weights
+    A = torch.zeros(self.n, self.n, dtype=w.dtype, device=self.device)
+    A[self.rows, self.indices] = w
+    return A
+
+
+@patch
+def is_symmetric(self: Topology) -> bool:
+    "True when every edge (i, j) has its reverse (j, i)."
+    return bool((self.edge_ids(self.indices, self.rows) >= 0).all())
+
+
+@patch
+def nbytes(self: Topology) -> int:
+    "Bytes of the CSR arrays (indptr, indices, rows)."
+    return sum(t.element_size() * t.numel() for t in (self.indptr, self.indices, self.rows))
 
 # %% ../nbs/02_consensus.ipynb #fae14288
 def csr_from_edges(
@@ -379,7 +390,7 @@ def consensus_objective(
     V = -objective.value(P).sum() if objective is not None else torch.zeros((), dtype=P.dtype, device=P.device)
     return V + lam * penalty_omega(P, P_prev, topo, weights, beta)
 
-# %% ../nbs/02_consensus.ipynb #de12e1da
+# %% ../nbs/02_consensus.ipynb #f6ce95b9
 class ConsensusEngine:
     "Runs eq. 4 steps on a StateBank with the §3.3 gates, §3.5 clipping and rollback, and counters."
 
@@ -424,173 +435,6 @@ class ConsensusEngine:
         self._alive_seen: tuple | None = None  # (the alive tensor last found equal to _alive_key, its _version)
         self._prev_update: float | None = None  # ‖unconstrained update‖ of the previous iteration
 
-    # -- inputs from the rest of the system --
-    def record_outcomes(self, successes) -> None:
-        "Append conversation outcomes (bools or 0/1) to the rolling E(c) window."
-        s = np.asarray(successes, dtype=float).ravel()
-        if not np.isfinite(s).all() or ((s < 0) | (s > 1)).any():
-            raise ValueError("successes: expected values in [0, 1]")
-        self.outcomes.extend(s.tolist())
-
-    def effectiveness_rate(self) -> float | None:
-        "Task completion rate over the rolling window (None when empty)."
-        # math.fsum: exactly rounded, and a few µs for the 100 outcomes where numpy's mean takes ten
-        return math.fsum(self.outcomes) / len(self.outcomes) if self.outcomes else None
-
-    def record_exchanges(self, src, dst, success) -> int:
-        "EMA-update E_ij of edges (src→dst) with exchange outcomes; returns how many pairs were not edges."
-        src, dst = torch.as_tensor(src, device=self.device), torch.as_tensor(dst, device=self.device)
-        success = torch.as_tensor(success, device=self.device, dtype=torch.float32)
-        if not (src.shape == dst.shape == success.shape):
-            raise ValueError(
-                f"success: shapes of src {tuple(src.shape)}, dst {tuple(dst.shape)} "
-                f"and success {tuple(success.shape)} differ"
-            )
-        if not torch.isfinite(success).all() or (success < 0).any() or (success > 1).any():
-            raise ValueError("success: expected values in [0, 1]")
-        eid = self.topo.edge_ids(src, dst)
-        ok = eid >= 0
-        self.effectiveness = sequential_ema(self.effectiveness, eid[ok], success[ok], EXCHANGE_EMA).clamp(min=1e-6)
-        self._weights = None
-        return int((~ok).sum())
-
-    def set_resource(self, r: float) -> None:
-        "Report the current resource share R(c) ∈ [0, 1] (CPU + memory)."
-        if not (np.isfinite(r) and 0 <= r <= 1):
-            raise ValueError(f"r: expected a share in [0, 1], got {r!r}")
-        self.resource = float(r)
-
-    def weights(self, alive: torch.Tensor | None = None) -> torch.Tensor:
-        "Current eq. 5 weights; edges touching a dead agent get 0."
-        if alive is not None and alive.shape != (self.topo.n,):
-            raise ValueError(f"alive: expected shape [{self.topo.n}], got {tuple(alive.shape)}")
-        if self._weights is None or (alive is not None and not self._alive_unchanged(alive)):
-            E = self.effectiveness
-            if alive is not None and not bool(alive.all()):
-                E = E * (alive[self.topo.rows] & alive[self.topo.indices])
-            self._weights = adaptive_weights(self.topo, E, empty="zero")
-            self._alive_key = None if alive is None else alive.clone()
-            self._alive_seen = None if alive is None else (alive, alive._version)
-        return self._weights
-
-    def _alive_unchanged(self, alive: torch.Tensor) -> bool:
-        "True when `alive` holds the values the weights were built for (O(1) for the same unedited tensor)."
-        if self._alive_key is None:
-            return False
-        seen = self._alive_seen
-        if seen is not None and alive is seen[0] and alive._version == seen[1]:
-            return True
-        # numpy compares on the calling thread: a torch comparison of 100,000 flags starts torch's OpenMP team, whose
-        # workers then spin for milliseconds and would share the cores with the step's row kernels
-        same = (
-            bool(np.array_equal(alive.numpy(), self._alive_key.numpy()))
-            if alive.device.type == "cpu"
-            else torch.equal(alive, self._alive_key)
-        )
-        if same:
-            self._alive_seen = (alive, alive._version)
-        return same
-
-    def _out_buffer(self, P: torch.Tensor) -> torch.Tensor | None:
-        "A P-sized buffer that is neither the current P nor the stable P (None: allocate)."
-        s = self._spare
-        if (
-            not self.reuse_buffers
-            or s is None
-            or s is P
-            or s is self.stable
-            or s.shape != P.shape
-            or s.dtype != P.dtype
-        ):
-            return None
-        return s
-
-    # -- one iteration --
-    def step(self, bank: StateBank, grad_q: torch.Tensor | None = None) -> dict:
-        """One consensus iteration on `bank.P` by `self.kernel`; returns dict(converged, delta, rolled_back, gate,
-        rejected, residual (of the P it started from), update_norm)."""
-        if bank.n != self.topo.n:
-            raise ValueError(f"bank: has {bank.n} agents but the topology has {self.topo.n}")
-        self.rounds += 1
-        info = dict(
-            converged=False,
-            delta=0.0,
-            rolled_back=False,
-            gate=None,
-            rejected=False,
-            residual=float("nan"),
-            update_norm=float("nan"),
-        )
-        if self.stable is None or self.stable.shape != bank.P.shape:
-            self._set_stable(bank.P.clone())
-        elif self.stable is bank.P and bank.P._version != self._stable_version:
-            self.stable_edits += 1
-            self._set_stable(bank.P.clone())  # P was edited in place: the edit becomes the stable state
-        if self.resource > self.cc.resource_max:
-            self.resource_skips += 1
-            info["gate"] = "resource"
-            return info
-        P = bank.P
-        w = self.weights(bank.alive)
-        cc = self.cc
-        if grad_q is None and self.objective is not None:
-            grad_q = self.objective.grad(P)
-        if grad_q is not None:
-            if grad_q.shape != P.shape:
-                raise ValueError(f"grad_q: expected shape {tuple(P.shape)}, got {tuple(grad_q.shape)}")
-            grad_q = grad_q.to(P.dtype) * bank.alive[:, None]  # dead agents do not move
-            self.clipped += int((torch.linalg.vector_norm(grad_q, dim=1) > cc.grad_clip).sum())
-        result = self.kernel(
-            P,
-            self.topo,
-            w,
-            cc.alpha,
-            grad_q,
-            cc.beta_q,
-            cc.trust_region,
-            cc.grad_clip,
-            self.trust_scope,
-            out=self._out_buffer(P),
-        )
-        if not all(math.isfinite(x) for x in (result.change, result.update_norm, result.norm_P)):
-            self.rejected += 1
-            bank.rejected_updates += 1
-            info["rejected"] = True
-            self._count_nonconverging(bank, info)
-            return info
-        delta = result.change / max(result.norm_P, 1e-12)
-        bank.P = result.P
-        self._spare = P
-        converged = delta < cc.converge_tol
-        info.update(delta=delta, residual=result.residual, update_norm=result.update_norm, converged=converged)
-        prev, self._prev_update = self._prev_update, result.update_norm
-        if info["converged"] or (self.rollback_rule == "progress" and prev is not None and result.update_norm < prev):
-            self.nonconverged = 0
-            rate = self.effectiveness_rate()
-            if rate is None or rate >= cc.e_min:
-                self._set_stable(result.P)
-            else:
-                info["gate"] = "effectiveness"
-        elif self.rollback_rule == "settle" or prev is not None:
-            self._count_nonconverging(bank, info)
-        return info
-
-    def _set_stable(self, P: torch.Tensor) -> None:
-        "Keep `P` as the rollback target (by reference; its version is recorded to detect in-place edits)."
-        self.stable, self._stable_version = P, P._version
-
-    def _count_nonconverging(self, bank: StateBank, info: dict) -> None:
-        "Count a non-converging iteration; roll back to the stable P after `rollback_after` in a row."
-        self.nonconverged += 1
-        if self.nonconverged >= self.cc.rollback_after:
-            if self.stable._version != self._stable_version:
-                raise RuntimeError("stable: the saved stable P was modified in place; do not edit engine.stable")
-            bank.P = self.stable.clone()
-            self._prev_update = None
-            self.rollbacks += 1
-            self.nonconverged = 0
-            info["rolled_back"] = True
-
     def counters(self) -> dict:
         "The engine's counters (for metrics)."
         return dict(
@@ -602,3 +446,181 @@ class ConsensusEngine:
             nonconverged=self.nonconverged,
             stable_edits=self.stable_edits,
         )
+
+# %% ../nbs/02_consensus.ipynb #cdfd8d75
+@patch
+def record_outcomes(self: ConsensusEngine, successes) -> None:
+    "Append conversation outcomes (bools or 0/1) to the rolling E(c) window."
+    s = np.asarray(successes, dtype=float).ravel()
+    if not np.isfinite(s).all() or ((s < 0) | (s > 1)).any():
+        raise ValueError("successes: expected values in [0, 1]")
+    self.outcomes.extend(s.tolist())
+
+
+@patch
+def effectiveness_rate(self: ConsensusEngine) -> float | None:
+    "Task completion rate over the rolling window (None when empty)."
+    # math.fsum: exactly rounded, and a few µs for the 100 outcomes where numpy's mean takes ten
+    return math.fsum(self.outcomes) / len(self.outcomes) if self.outcomes else None
+
+
+@patch
+def record_exchanges(self: ConsensusEngine, src, dst, success) -> int:
+    "EMA-update E_ij of edges (src→dst) with exchange outcomes; returns how many pairs were not edges."
+    src, dst = torch.as_tensor(src, device=self.device), torch.as_tensor(dst, device=self.device)
+    success = torch.as_tensor(success, device=self.device, dtype=torch.float32)
+    if not (src.shape == dst.shape == success.shape):
+        raise ValueError(
+            f"success: shapes of src {tuple(src.shape)}, dst {tuple(dst.shape)} "
+            f"and success {tuple(success.shape)} differ"
+        )
+    if not torch.isfinite(success).all() or (success < 0).any() or (success > 1).any():
+        raise ValueError("success: expected values in [0, 1]")
+    eid = self.topo.edge_ids(src, dst)
+    ok = eid >= 0
+    self.effectiveness = sequential_ema(self.effectiveness, eid[ok], success[ok], EXCHANGE_EMA).clamp(min=1e-6)
+    self._weights = None
+    return int((~ok).sum())
+
+
+@patch
+def set_resource(self: ConsensusEngine, r: float) -> None:
+    "Report the current resource share R(c) ∈ [0, 1] (CPU + memory)."
+    if not (np.isfinite(r) and 0 <= r <= 1):
+        raise ValueError(f"r: expected a share in [0, 1], got {r!r}")
+    self.resource = float(r)
+
+# %% ../nbs/02_consensus.ipynb #62192ae9
+@patch
+def weights(self: ConsensusEngine, alive: torch.Tensor | None = None) -> torch.Tensor:
+    "Current eq. 5 weights; edges touching a dead agent get 0."
+    if alive is not None and alive.shape != (self.topo.n,):
+        raise ValueError(f"alive: expected shape [{self.topo.n}], got {tuple(alive.shape)}")
+    if self._weights is None or (alive is not None and not self._alive_unchanged(alive)):
+        E = self.effectiveness
+        if alive is not None and not bool(alive.all()):
+            E = E * (alive[self.topo.rows] & alive[self.topo.indices])
+        self._weights = adaptive_weights(self.topo, E, empty="zero")
+        self._alive_key = None if alive is None else alive.clone()
+        self._alive_seen = None if alive is None else (alive, alive._version)
+    return self._weights
+
+
+@patch
+def _alive_unchanged(self: ConsensusEngine, alive: torch.Tensor) -> bool:
+    "True when `alive` holds the values the weights were built for (O(1) for the same unedited tensor)."
+    if self._alive_key is None:
+        return False
+    seen = self._alive_seen
+    if seen is not None and alive is seen[0] and alive._version == seen[1]:
+        return True
+    # numpy compares on the calling thread: a torch comparison of 100,000 flags starts torch's OpenMP team, whose
+    # workers then spin for milliseconds and would share the cores with the step's row kernels
+    same = (
+        bool(np.array_equal(alive.numpy(), self._alive_key.numpy()))
+        if alive.device.type == "cpu"
+        else torch.equal(alive, self._alive_key)
+    )
+    if same:
+        self._alive_seen = (alive, alive._version)
+    return same
+
+
+@patch
+def _out_buffer(self: ConsensusEngine, P: torch.Tensor) -> torch.Tensor | None:
+    "A P-sized buffer that is neither the current P nor the stable P (None: allocate)."
+    s = self._spare
+    if not self.reuse_buffers or s is None or s is P or s is self.stable or s.shape != P.shape or s.dtype != P.dtype:
+        return None
+    return s
+
+# %% ../nbs/02_consensus.ipynb #06890250
+@patch
+def _set_stable(self: ConsensusEngine, P: torch.Tensor) -> None:
+    "Keep `P` as the rollback target (by reference; its version is recorded to detect in-place edits)."
+    self.stable, self._stable_version = P, P._version
+
+
+@patch
+def _count_nonconverging(self: ConsensusEngine, bank: StateBank, info: dict) -> None:
+    "Count a non-converging iteration; roll back to the stable P after `rollback_after` in a row."
+    self.nonconverged += 1
+    if self.nonconverged >= self.cc.rollback_after:
+        if self.stable._version != self._stable_version:
+            raise RuntimeError("stable: the saved stable P was modified in place; do not edit engine.stable")
+        bank.P = self.stable.clone()
+        self._prev_update = None
+        self.rollbacks += 1
+        self.nonconverged = 0
+        info["rolled_back"] = True
+
+# %% ../nbs/02_consensus.ipynb #c77d3fa8
+@patch
+def step(self: ConsensusEngine, bank: StateBank, grad_q: torch.Tensor | None = None) -> dict:
+    """One consensus iteration on `bank.P` by `self.kernel`; returns dict(converged, delta, rolled_back, gate,
+    rejected, residual (of the P it started from), update_norm)."""
+    if bank.n != self.topo.n:
+        raise ValueError(f"bank: has {bank.n} agents but the topology has {self.topo.n}")
+    self.rounds += 1
+    info = dict(
+        converged=False,
+        delta=0.0,
+        rolled_back=False,
+        gate=None,
+        rejected=False,
+        residual=float("nan"),
+        update_norm=float("nan"),
+    )
+    if self.stable is None or self.stable.shape != bank.P.shape:
+        self._set_stable(bank.P.clone())
+    elif self.stable is bank.P and bank.P._version != self._stable_version:
+        self.stable_edits += 1
+        self._set_stable(bank.P.clone())  # P was edited in place: the edit becomes the stable state
+    if self.resource > self.cc.resource_max:
+        self.resource_skips += 1
+        info["gate"] = "resource"
+        return info
+    P = bank.P
+    w = self.weights(bank.alive)
+    cc = self.cc
+    if grad_q is None and self.objective is not None:
+        grad_q = self.objective.grad(P)
+    if grad_q is not None:
+        if grad_q.shape != P.shape:
+            raise ValueError(f"grad_q: expected shape {tuple(P.shape)}, got {tuple(grad_q.shape)}")
+        grad_q = grad_q.to(P.dtype) * bank.alive[:, None]  # dead agents do not move
+        self.clipped += int((torch.linalg.vector_norm(grad_q, dim=1) > cc.grad_clip).sum())
+    result = self.kernel(
+        P,
+        self.topo,
+        w,
+        cc.alpha,
+        grad_q,
+        cc.beta_q,
+        cc.trust_region,
+        cc.grad_clip,
+        self.trust_scope,
+        out=self._out_buffer(P),
+    )
+    if not all(math.isfinite(x) for x in (result.change, result.update_norm, result.norm_P)):
+        self.rejected += 1
+        bank.rejected_updates += 1
+        info["rejected"] = True
+        self._count_nonconverging(bank, info)
+        return info
+    delta = result.change / max(result.norm_P, 1e-12)
+    bank.P = result.P
+    self._spare = P
+    converged = delta < cc.converge_tol
+    info.update(delta=delta, residual=result.residual, update_norm=result.update_norm, converged=converged)
+    prev, self._prev_update = self._prev_update, result.update_norm
+    if info["converged"] or (self.rollback_rule == "progress" and prev is not None and result.update_norm < prev):
+        self.nonconverged = 0
+        rate = self.effectiveness_rate()
+        if rate is None or rate >= cc.e_min:
+            self._set_stable(result.P)
+        else:
+            info["gate"] = "effectiveness"
+    elif self.rollback_rule == "settle" or prev is not None:
+        self._count_nonconverging(bank, info)
+    return info
