@@ -271,7 +271,7 @@ def _prefetch_ahead(indptr, indices, P, ahead, reach):  # pragma: no cover (comp
                 reach = j  # the band's leading row, not yet asked for
     return reach
 
-# %% ../nbs/16_fast_paths.ipynb #b1d9431f
+# %% ../nbs/16_fast_paths.ipynb #ccfd5d67
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True, inline="always")
 def _gather_tail(indices, w, P, out, i, lo, hi, full):  # pragma: no cover (compiled)
     """out[i, full:] = Σ_{k=lo}^{hi−1} w_k P_{j_k}[full:], one column at a time (the columns past the last whole
@@ -319,7 +319,7 @@ def _finish_pull_row(P, out, r, i):  # pragma: no cover (compiled)
         s_p += x * x
     return s_pull, s_p
 
-
+# %% ../nbs/16_fast_paths.ipynb #5f0bbe12
 @numba.njit(fastmath=PULL_FASTMATH, nogil=True, cache=True)
 def _pull_rows_plain(indptr, indices, w, P, out, pull_sq, p_sq, start, stop):  # pragma: no cover (compiled)
     """The readable definition of `_pull_rows` (one neighbour at a time through the output row); same arithmetic, same
@@ -452,7 +452,7 @@ def _pull_args(P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torc
         raise ValueError(f"out: expected a separate {P.dtype} buffer of shape {tuple(P.shape)} on {P.device}")
     return use_numba and kernel != "torch"
 
-# %% ../nbs/16_fast_paths.ipynb #bd08ac65
+# %% ../nbs/16_fast_paths.ipynb #a1b14dc6
 def fused_pull(
     P: torch.Tensor, topo: Topology, weights: torch.Tensor, out: torch.Tensor | None = None, kernel: str = "auto"
 ) -> tuple[torch.Tensor, float, float]:
@@ -480,7 +480,7 @@ def fused_pull(
         pull = out.copy_(pull)
     return pull, float(torch.linalg.vector_norm(pull)), float(torch.linalg.vector_norm(P))
 
-
+# %% ../nbs/16_fast_paths.ipynb #2dd551cc
 def fused_step(
     P: torch.Tensor,
     topo: Topology,
