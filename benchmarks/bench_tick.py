@@ -1,8 +1,8 @@
 """Benchmark one control-loop tick (batched capability update + one consensus step), issue #3.
 
 Prints a table: median tick time at 1,000 and 100,000 agents (small-world graph, degree 16) with the one-pass numba
-step (`fused_step`: register-blocked gather finished in registers, prefetch, streaming stores for large banks) and
-with torch's sparse product, the median time of two plain copies of the P bank measured in the same run (into an
+step (`rapo_nb.fastpaths.fast_step`: register-blocked gather finished in registers, prefetch, streaming stores for
+large banks) and with the plain-torch reference step (`rapo_nb.consensus.consensus_step`), the median time of two plain copies of the P bank measured in the same run (into an
 existing buffer, timed alternately with the ticks, and P.clone()), the ratios, CPU time, and bytes per agent (state +
 CSR edges). The copy and the tick are timed in alternating blocks (`TICK_BLOCK` calls), each block after one untimed
 call: torch's OpenMP workers spin for milliseconds after a parallel operation such as the copy, and a tick right
@@ -39,7 +39,7 @@ def thp_setting() -> str:
 def bench_tick(sizes=(1000, 100_000), degree: int = 16, repeats: int = 31, device: str = "cpu", threads: int | None = None,
                seed: int = 0, kernels=("numba", "torch")) -> pd.DataFrame:
     "Run the tick benchmark and add the issue's targets as columns (NaN / None where the issue sets none)."
-    from rapo_nb.consensus import tick_benchmark
+    from rapo_nb.fastpaths import tick_benchmark
     df = tick_benchmark(tuple(sizes), degree=degree, repeats=repeats, device=device, seed=seed, profile="full", threads=threads,
                         kernels=tuple(kernels))
     df["target_ms"] = df.n_agents.map(TARGETS_MS)

@@ -39,7 +39,7 @@ def collect_claims(figdir: Path | None = None) -> pd.DataFrame:
 REPORT_ARTIFACTS: dict[str, list[str]] = {
     "00_config": ["config_constants.md"],
     "01_state": ["state_memory.md", "claims_01_state.md"],
-    "02_consensus": ["consensus_disagreement.png", "consensus_tick_{profile}.md", "claims_02_consensus.md"],
+    "02_consensus": ["consensus_disagreement.png", "claims_02_consensus.md"],
     "03_convergence": [
         "convergence_alpha_sweep.png",
         "convergence_lyapunov.png",
@@ -98,6 +98,14 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
         "table3_transition_quartiles.md",
         "stats_gain_by_transitions.png",
         "claims_14_statistics.md",
+    ],
+    "16_fast_paths": [
+        "consensus_pull_kernels_{profile}.md",
+        "consensus_step_breakdown_{profile}.md",
+        "consensus_tick_{profile}.md",
+        "consensus_openmp_spin_{profile}.md",
+        "consensus_engine_step_{profile}.md",
+        "claims_16_fast_paths.md",
     ],
     "17_scaling": [
         "table2_scaling.md",

@@ -166,6 +166,7 @@ def build_deployment(
     "The orchestrator's in-memory state for `n` agents: state bank, topology, consensus engine, load and router."
     from rapo_nb.state import StateBank
     from rapo_nb.consensus import make_topology, ConsensusEngine
+    from rapo_nb.fastpaths import fast_step
     from rapo_nb.routing import AgentLoad, make_router
 
     if not isinstance(n, (int, np.integer)) or n < 2:
@@ -174,9 +175,8 @@ def build_deployment(
     bank = season_bank(StateBank.create(int(n), cfg, device=dev, seed=seed), cfg, seed)
     kind = topology or cfg.consensus.topology
     topo = make_topology(kind, int(n), degree=min(cfg.consensus.degree, int(n) - 1), seed=seed, device=dev)
-    engine = ConsensusEngine(
-        cfg, topo, dev, reuse_buffers=True
-    )  # the orchestrator owns P: steps write into reused buffers
+    # the orchestrator owns P: steps write into reused buffers, by the one-pass kernel (the fast paths notebook)
+    engine = ConsensusEngine(cfg, topo, dev, reuse_buffers=True, kernel=fast_step)
     zeros = torch.zeros(int(n), device=dev)
     load = AgentLoad(
         active=zeros.clone(),
