@@ -192,7 +192,7 @@ class LiveAgent(OpenAIChatAgent):
         return min(wait, self.max_backoff_s)
 
     async def ask(self, messages: list[dict], meta: dict) -> dict:
-        "The ok record for these messages (replayed or fresh), or the last error record; BudgetExceeded if none may start."
+        "The ok record for these messages (replayed or fresh), else the last error record; BudgetExceeded: none may start."
         key = request_key(
             meta["system"], meta["seed"], meta["conv_id"], meta["turn"], self.model, self.params, messages
         )
@@ -256,8 +256,12 @@ def _coin(*parts) -> float:
 
 
 def scripted_answer(messages: list[dict], drop: float = 0.1, seed: int = 0) -> str:
-    "The scripted server's answer: focus entities, then the facts found in the messages, each dropped with prob. `drop`."
+    "The scripted answer: focus entities, then the facts found in the messages, each dropped with prob. `drop`."
     last = str(messages[-1].get("content", ""))
+    if last.startswith("You are a strict grader"):  # the LLM judge's prompt: grade by exact (normalised) match
+        facts_part, _, answer = last.partition("\nANSWER:\n")
+        facts = re.findall(r"^\d+\. (.+)$", facts_part, flags=re.M)
+        return json.dumps([int(normalise_text(f) in normalise_text(answer)) for f in facts])
     m = _FOCUS.search(last)
     focus = entities_in(m.group(1)) if m else entities_in(last)
     h = messages_hash(messages)
@@ -402,7 +406,7 @@ def parse_systems(text: str) -> list[SystemSpec]:
         raise ValueError(f"systems: duplicate names in {text!r}")
     return out
 
-# %% ../nbs/20_live.ipynb #072c268f
+# %% ../nbs/20_live.ipynb #36b567d9
 def facts_due(conv: Conversation, k: int) -> list[str]:
     "Key facts of `conv` stated in its user turns 0..k: what the answer to turn k should still know."
     said = "\n".join(t.text for t in conv.turns[: k + 1])
@@ -431,7 +435,7 @@ class _ConvState:
     first_fail_shift: bool | None = None
     stopped: bool = False
 
-# %% ../nbs/20_live.ipynb #ce65ed73
+# %% ../nbs/20_live.ipynb #0cd5bd23
 class LiveDriver:
     "One system against live agents, in lock-step rounds (see above); `run` returns the runtime's two tables."
 
@@ -473,7 +477,7 @@ class LiveDriver:
         header = prompt_header(self.spec.prompt_style, target, turn.specialist, s.conv.task_type, k)
         return header + "\n".join(s.memory[-cfg.state.history_turns :])
 
-# %% ../nbs/20_live.ipynb #36b567d9
+# %% ../nbs/20_live.ipynb #85bdb084
 async def _run_driver(self: LiveDriver, conversations: list[Conversation]) -> tuple[pd.DataFrame, pd.DataFrame]:
     states = [_ConvState(c) for c in conversations]
     for k in range(max((len(c.turns) for c in conversations), default=0)):
@@ -515,7 +519,7 @@ async def _run_driver(self: LiveDriver, conversations: list[Conversation]) -> tu
 
 LiveDriver.run = _run_driver
 
-# %% ../nbs/20_live.ipynb #0cd5bd23
+# %% ../nbs/20_live.ipynb #7409971e
 def _absorb(self: LiveDriver, s: _ConvState, k: int, rec: dict, res: dict, overhead: float, absorb: list) -> None:
     "Record one answered (or failed) turn, as the runtime's turn table and the judge's columns."
     turn = s.conv.turns[k]
@@ -579,7 +583,7 @@ def _frames(self: LiveDriver, states: list[_ConvState]) -> tuple[pd.DataFrame, p
 LiveDriver._absorb = _absorb
 LiveDriver._frames = _frames
 
-# %% ../nbs/20_live.ipynb #7409971e
+# %% ../nbs/20_live.ipynb #91200894
 TABLE_COLUMNS = [
     "source",
     "system",
@@ -618,7 +622,7 @@ def paper_rows(systems: list[str]) -> pd.DataFrame:
     ]
     return pd.DataFrame(rows).reindex(columns=TABLE_COLUMNS)
 
-# %% ../nbs/20_live.ipynb #ca22f471
+# %% ../nbs/20_live.ipynb #fca61b2b
 _JUDGE_PROMPT = (
     "You are a strict grader. Answer only with a JSON list of 0/1, one per numbered fact: 1 if the ANSWER states the "
     "fact, else 0.\nFACTS:\n{facts}\nANSWER:\n{answer}"
@@ -650,7 +654,7 @@ async def llm_judge(agent: LiveAgent, convs: pd.DataFrame, turns: pd.DataFrame, 
                 pass
     return out
 
-# %% ../nbs/20_live.ipynb #fca61b2b
+# %% ../nbs/20_live.ipynb #80a1c1de
 @dataclass
 class LiveResult:
     "What a live run produced: the combined table, the live tables, why it stopped (empty: it finished), output paths."
@@ -668,7 +672,7 @@ class LiveResult:
 def make_agents(
     base_urls, models, n_agents: int, ledger: Ledger, budget: Budget, semaphore, agent_map: dict | None = None, **kw
 ) -> list[LiveAgent]:
-    "n_agents LiveAgents: endpoint i mod len(base_urls), model i mod len(models), overridden per specialist role by agent_map."
+    "n_agents LiveAgents: endpoint i mod len(base_urls), model i mod len(models); agent_map overrides per specialist role."
     from rapo_nb.config import SPECIALISTS
 
     base_urls, models = list(np.atleast_1d(base_urls)), list(np.atleast_1d(models))
@@ -682,7 +686,7 @@ def make_agents(
         agents.append(LiveAgent(a["base_url"], a["model"], ledger, budget, semaphore, a["system_prompt"], **kw))
     return agents
 
-# %% ../nbs/20_live.ipynb #a0d9c46e
+# %% ../nbs/20_live.ipynb #0f4cb2d3
 def run_live(
     base_url: str | list[str],
     model: str | list[str],
@@ -704,7 +708,7 @@ def run_live(
     simulated: bool = True,
     progress: bool = True,
 ) -> LiveResult:
-    "Run the systems on `conversations` synthetic conversations against the endpoint(s); judge; write tables, ledger, figure."
+    "Run the systems on `conversations` synthetic conversations against the endpoint(s); judge; write the outputs."
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency: expected an integer ≥ 1, got {concurrency!r}")
     if isinstance(conversations, bool) or not isinstance(conversations, int) or conversations < 1:
@@ -761,7 +765,7 @@ def run_live(
         table, turns, conv_df, stopped, budget, paths, budget.requests, int(turns.replayed.sum()) if len(turns) else 0
     )
 
-# %% ../nbs/20_live.ipynb #80a1c1de
+# %% ../nbs/20_live.ipynb #061d8783
 def final_fact_recall(turns: pd.DataFrame, convs: pd.DataFrame, conversations: dict) -> pd.Series:
     "Per conversation row: share of its final facts restated in its last response (any run's two tables)."
     last = turns.sort_values("turn").groupby(["system", "seed", "conv_id"]).response.last()
@@ -811,7 +815,7 @@ async def _run_all(
         judge_col = await llm_judge(agents[0], conv_df, turns, {c.id: c for c in convs})
     return turns, conv_df, stopped, judge_col
 
-# %% ../nbs/20_live.ipynb #0f4cb2d3
+# %% ../nbs/20_live.ipynb #e1531e42
 def write_outputs(
     out: Path, table: pd.DataFrame, turns: pd.DataFrame, convs: pd.DataFrame, stopped: str, models: str, n_conv: int
 ) -> dict:
@@ -854,7 +858,7 @@ def write_outputs(
     plt.close(fig)
     return paths
 
-# %% ../nbs/20_live.ipynb #061d8783
+# %% ../nbs/20_live.ipynb #9fa1ddb3
 def main(argv: list[str] | None = None) -> int:
     "rapo-live: the scaled-down Table 1 against OpenAI-compatible endpoints (exit 3: stopped by the budget)."
     p = argparse.ArgumentParser(
