@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 import httpx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from .config import Config, load_config, PAPER_TABLE1
 from .synthetic import Conversation, Turn, generate_conversations, check_expected, extract_facts, entities_in
 from .synthetic import _norm as normalise_text  # the normalisation check_expected applies to facts
