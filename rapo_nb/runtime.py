@@ -169,9 +169,8 @@ def _refresh_views(self: Orchestrator) -> None:
     norm = P.norm(dim=1, keepdim=True)
     self._Pnorm = norm.squeeze(1).numpy()
     self._Pn = (P / norm.clamp_min(1e-12)).numpy()
-    self._M = (
-        self.bank.M.detach().float().cpu().numpy().copy()
-    )  # copies: update_capability writes M and the score in place
+    # copies: update_capability writes M and the score in place
+    self._M = self.bank.M.detach().float().cpu().numpy().copy()
     self._cs = self.bank.capability_score.detach().float().cpu().numpy().copy()
     self._util = self.bank.utilisation.detach().float().cpu().numpy()
 
@@ -237,9 +236,8 @@ def _consensus(self: Orchestrator) -> None:
         src, dst, ok = (torch.tensor([e[i] for e in self.exchanges], device=self.device) for i in range(3))
         self.engine.record_exchanges(src.long(), dst.long(), ok.float())
     alive_util = self.bank.utilisation[self.bank.alive]
-    self.engine.set_resource(
-        float(alive_util.mean().clamp(0, 1)) if alive_util.numel() else 0.0
-    )  # R(c): mean utilisation (our reading)
+    # R(c): mean utilisation (our reading)
+    self.engine.set_resource(float(alive_util.mean().clamp(0, 1)) if alive_util.numel() else 0.0)
     self.finished, self.exchanges = [], []
     out = self.engine.step(self.bank)
     self.consensus_rounds += 1
@@ -454,6 +452,44 @@ def _hand_over(
             self.metrics.context_score.observe(1 - len(lost) / len(known))
     return ([ctx] if ctx else []), bool(lost)
 
+# %% ../nbs/11_runtime.ipynb #95e54767
+@patch
+def _turn_record(self: Orchestrator, conv, k: int, turn) -> dict:
+    "A fresh row of the turn table (`systems.TURN_COLUMNS`) for turn `k` of `conv`, before it is served."
+    return dict(
+        system=self.spec.name,
+        seed=self.seed,
+        conv_id=conv.id,
+        turn=k,
+        fsm_state=turn.fsm_state,
+        agent=-1,
+        specialist=turn.specialist,
+        handoff=False,
+        prev_agent=-1,
+        prev_response="",
+        response="",
+        context_given="",
+        service_ms=0.0,
+        overhead_ms=0.0,
+        clarification=False,
+        outcome="timeout",
+    )
+
+
+@patch
+def _trajectory_point(self: Orchestrator, k: int, agent: int, turn, outcome: str, success: bool) -> dict:
+    "The state of `agent` when it answered turn `k` (for the §4.4 failure log), read from the tick's views."
+    return dict(
+        turn=k,
+        agent=agent,
+        capability=float(self._M[agent, turn.task, turn.modality]),
+        capability_score=float(self._cs[agent]),
+        utilisation=float(self._util[agent]),
+        prompt_norm=float(self._Pnorm[agent]),
+        outcome=outcome,
+        success=success,
+    )
+
 # %% ../nbs/11_runtime.ipynb #48fdfeba
 @patch
 def _conversation(self: Orchestrator, conv, arrival: float):
@@ -468,24 +504,7 @@ def _conversation(self: Orchestrator, conv, arrival: float):
         resource_fail = lost_any = low_skill = False
         first_fail_shift = None
         for k, turn in enumerate(conv.turns):
-            rec = dict(
-                system=spec.name,
-                seed=self.seed,
-                conv_id=conv.id,
-                turn=k,
-                fsm_state=turn.fsm_state,
-                agent=-1,
-                specialist=turn.specialist,
-                handoff=False,
-                prev_agent=-1,
-                prev_response="",
-                response="",
-                context_given="",
-                service_ms=0.0,
-                overhead_ms=0.0,
-                clarification=False,
-                outcome="timeout",
-            )
+            rec = self._turn_record(conv, k, turn)
             t_req = self._now()
             if agent >= 0 and not self.alive[agent]:
                 target = yield self._request(turn, rec, agent)  # §4.4 replacement
@@ -518,9 +537,8 @@ def _conversation(self: Orchestrator, conv, arrival: float):
                     outcome=r.outcome,
                     clarification=bool(r.outcome == "ok" and not r.success),
                 )
-                self.absorb.append(
-                    (target, int(turn.task), int(turn.modality), float(success), rec)
-                )  # capability EMA (next tick)
+                # capability EMA (next tick)
+                self.absorb.append((target, int(turn.task), int(turn.modality), float(success), rec))
                 low_skill |= self._low_skill(target, turn)
                 if rec["handoff"] and rec["prev_agent"] >= 0:
                     self.exchanges.append((rec["prev_agent"], target, float(success)))  # E_ij
@@ -545,18 +563,7 @@ def _conversation(self: Orchestrator, conv, arrival: float):
                 self.metrics.turns.labels(rec["outcome"]).inc()
                 self.metrics.response_time.observe(rec["service_ms"])
             if agent >= 0:
-                traj.append(
-                    dict(
-                        turn=k,
-                        agent=agent,
-                        capability=float(self._M[agent, turn.task, turn.modality]),
-                        capability_score=float(self._cs[agent]),
-                        utilisation=float(self._util[agent]),
-                        prompt_norm=float(self._Pnorm[agent]),
-                        outcome=rec["outcome"],
-                        success=success,
-                    )
-                )
+                traj.append(self._trajectory_point(k, agent, turn, rec["outcome"], success))
         self._finish_conversation(
             conv, records, responses, traj, resource_fail, lost_any, low_skill, bool(first_fail_shift)
         )
@@ -709,9 +716,8 @@ def run(self: Orchestrator, conversations: list, pace_s: float = 0.0) -> tuple[p
         self.env.process(self._conversation(c, float(t)))
     self.pace_s = pace_s
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # tiny tensors: intra-op threads only add contention (measured: 100× slower sparse products on a busy 2-core box)
+    # tiny tensors: intra-op threads only add contention (measured: 100× slower sparse products on a busy 2-core box)
+    torch.set_num_threads(1)
     try:
         if todo:
             self.env.run(until=self.env.process(self._loop_with_pace()))
