@@ -6,7 +6,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/training.html.md"""
 
 # %% ../nbs/12_training.ipynb #7739d4ee
 from __future__ import annotations
-import copy, hashlib, io, json, math, time
+import copy, json, math, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
