@@ -837,7 +837,7 @@ def orchestrator_main(argv: list[str] | None = None) -> int:
     print(f"finished conversations={len(conv_df)} ticks={orch.ticks}", flush=True)
     return 0
 
-# %% ../nbs/11_runtime.ipynb #5b927317
+# %% ../nbs/11_runtime.ipynb #82d77bbb
 class _FutureEvent:
     "Adapter letting the routing queue resolve an asyncio future like a simpy event."
 
@@ -855,6 +855,7 @@ class LiveOrchestrator(Orchestrator):
     `Orchestrator`'s tick and conversation process, on another clock and another turn source."""
 
     # -- the clock: wall time, asyncio --
+
     def _now(self) -> float:
         return time.monotonic() - self._t_start
 
@@ -885,31 +886,44 @@ class LiveOrchestrator(Orchestrator):
                 value, error = None, e
 
     # -- the turn: a live agent's answer, in its own time --
-    def _serve(self, target: int, memory: list[str], context: str, turn, rng: np.random.Generator):
-        "Process: await the live agent's `arespond` (no capacity wait; its wall time is the turn's service time)."
-        return (yield self._agents[target].arespond(list(memory), context, turn))
 
-    def _receive(self, context: str, facts: list[str], src: int, dst: int, rng: np.random.Generator) -> str:
-        "No simulated reception loss: a live backend loses context on its own."
-        return context
+# %% ../nbs/11_runtime.ipynb #2bf2c856
+@patch
+def _serve(self: LiveOrchestrator, target: int, memory: list[str], context: str, turn, rng: np.random.Generator):
+    "Process: await the live agent's `arespond` (no capacity wait; its wall time is the turn's service time)."
+    return (yield self._agents[target].arespond(list(memory), context, turn))
 
-    def _low_skill(self, agent: int, turn) -> bool:
-        "A live agent's true skill is unknown: never counted as an agent-selection error."
-        return False
 
-    def run(self, conversations: list, pace_s: float = 0.0):
-        "Refused: the live orchestrator has no simulated clock to run on."
-        raise TypeError("LiveOrchestrator runs on the wall clock: use `await live.arun(conversations, agents)`")
+@patch
+def _receive(
+    self: LiveOrchestrator, context: str, facts: list[str], src: int, dst: int, rng: np.random.Generator
+) -> str:
+    "No simulated reception loss: a live backend loses context on its own."
+    return context
 
-    async def arun(self, conversations: list, agents: list) -> tuple[pd.DataFrame, pd.DataFrame]:
-        "Run conversations concurrently against `agents` (one per agent id, each with `arespond`)."
-        if len(agents) != self.n or not all(hasattr(a, "arespond") for a in agents):
-            raise ValueError(f"agents: expected {self.n} objects with an async arespond(history, context, turn)")
-        todo = [c for c in conversations if c.id not in self.done_ids]
-        self._agents, self._background = list(agents), set()
-        self._t_start, self._open = time.monotonic(), len(todo)
-        loop = asyncio.create_task(self._drive(self._control_loop()))
-        await asyncio.gather(*(self._drive(self._conversation(c, 0.0)) for c in todo))
-        await loop
-        self._final_update()
-        return self.frames([c.id for c in conversations])
+
+@patch
+def _low_skill(self: LiveOrchestrator, agent: int, turn) -> bool:
+    "A live agent's true skill is unknown: never counted as an agent-selection error."
+    return False
+
+# %% ../nbs/11_runtime.ipynb #9f96b2fc
+@patch
+def run(self: LiveOrchestrator, conversations: list, pace_s: float = 0.0):
+    "Refused: the live orchestrator has no simulated clock to run on."
+    raise TypeError("LiveOrchestrator runs on the wall clock: use `await live.arun(conversations, agents)`")
+
+
+@patch
+async def arun(self: LiveOrchestrator, conversations: list, agents: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Run conversations concurrently against `agents` (one per agent id, each with `arespond`)."
+    if len(agents) != self.n or not all(hasattr(a, "arespond") for a in agents):
+        raise ValueError(f"agents: expected {self.n} objects with an async arespond(history, context, turn)")
+    todo = [c for c in conversations if c.id not in self.done_ids]
+    self._agents, self._background = list(agents), set()
+    self._t_start, self._open = time.monotonic(), len(todo)
+    loop = asyncio.create_task(self._drive(self._control_loop()))
+    await asyncio.gather(*(self._drive(self._conversation(c, 0.0)) for c in todo))
+    await loop
+    self._final_update()
+    return self.frames([c.id for c in conversations])
