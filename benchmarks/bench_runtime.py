@@ -51,12 +51,13 @@ def bench_orchestrator(conversations, system: str, cfg, store=None, label: str =
 
 def bench_streams(url: str, cfg, n_turns: int = 2000, workers: int = 2) -> dict:
     "Send `n_turns` turns through Redis Streams to `workers` rapo-agent processes; wall-clock turns/s."
-    from rapo_nb.runtime import RedisDispatcher, connect_redis
+    from rapo_nb.workers import RedisDispatcher
+    from rapo_nb.store import connect_redis
     from rapo_nb.synthetic import generate_conversations
     client = connect_redis(url)
     n_agents = max(workers, 2)
     d = RedisDispatcher(client, n_agents, prefix="bench")
-    exe = [sys.executable, "-c", "import sys; from rapo_nb.runtime import agent_main; sys.exit(agent_main(sys.argv[1:]))"]
+    exe = [sys.executable, "-c", "import sys; from rapo_nb.workers import agent_main; sys.exit(agent_main(sys.argv[1:]))"]
     procs = [subprocess.Popen(exe + ["--redis-url", url, "--agent", str(a), "--n-agents", str(n_agents), "--prefix", "bench", "--block-ms", "20"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for a in range(workers)]
     try:
@@ -88,7 +89,7 @@ def run(n_conversations: int = 200, systems=("rapo", "sequential"), redis: bool 
     "The benchmark table."
     from rapo_nb.config import load_config
     from rapo_nb.synthetic import generate_conversations
-    from rapo_nb.runtime import RedisStateStore
+    from rapo_nb.store import RedisStateStore
     cfg = load_config("quick")
     convs = generate_conversations(n_conversations, 0, cfg)
     rows = [bench_orchestrator(convs, s, cfg) for s in systems]

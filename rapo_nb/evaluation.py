@@ -17,53 +17,13 @@ from .config import load_config, results_dir, save_table, save_figure, Config, P
 from .state import HashedTextEncoder, encode_pairs
 
 # %% auto #0
-__all__ = ['TURN_COLUMNS', 'CONV_COLUMNS', 'SYSTEMS', 'SYSTEM_LABELS', 'ERROR_TYPES', 'RESPONSE_TIME_NOTE', 'METRICS',
-           'check_frames', 'rouge_tokens', 'lcs_length', 'rouge_l_pair', 'rouge_l_f', 'handoff_metrics',
-           'conversation_metrics', 'toy_frames', 'summarise', 'sliding_windows', 'table1', 'error_shares',
-           'context_by_turn', 'breakpoint_fit', 'evaluate_benchmark']
+__all__ = ['RESPONSE_TIME_NOTE', 'METRICS', 'check_frames', 'rouge_tokens', 'lcs_length', 'rouge_l_pair', 'rouge_l_f',
+           'handoff_metrics', 'conversation_metrics', 'toy_frames', 'summarise', 'sliding_windows', 'table1',
+           'error_shares', 'context_by_turn', 'breakpoint_fit', 'evaluate_benchmark']
 
 # %% ../nbs/13_evaluation.ipynb #3c9e70ec
-TURN_COLUMNS = (
-    "system",
-    "seed",
-    "conv_id",
-    "turn",
-    "fsm_state",
-    "agent",
-    "specialist",
-    "handoff",
-    "prev_agent",
-    "prev_response",
-    "response",
-    "context_given",
-    "service_ms",
-    "overhead_ms",
-    "clarification",
-    "outcome",
-)
-CONV_COLUMNS = (
-    "system",
-    "seed",
-    "conv_id",
-    "task_type",
-    "n_turns",
-    "n_handoffs",
-    "depth",
-    "n_entities",
-    "inference_steps",
-    "response_time_ms",
-    "rule_success",
-    "failure_type",
-)
-SYSTEMS = ("sequential", "ampo_rr", "p4_ll", "yao_sim", "rapo")
-SYSTEM_LABELS = {
-    "sequential": "Baseline (sequential)",
-    "ampo_rr": "[12] AMPO + round-robin",
-    "p4_ll": "[14] P4 + least-loaded",
-    "yao_sim": "[13] Yao et al. + similarity",
-    "rapo": "RAPO (ours)",
-}
-ERROR_TYPES = ("context_loss", "ambiguous_query", "topic_shift", "resource", "agent_selection")
+from .systems import TURN_COLUMNS, CONV_COLUMNS, SYSTEMS, SYSTEM_LABELS, ERROR_TYPES
+
 RESPONSE_TIME_NOTE = (
     "response time = simulated agent service time + measured coordination overhead of our "
     "orchestrator (agents are simulated)"

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from .config import Config, load_config
-from .runtime import redis_address, connect_redis, StoreUnavailable
+from .store import redis_address, connect_redis, StoreUnavailable
 from rapo_nb.workflows import (
     DOMAINS,
     ExecutorPool,

@@ -24,9 +24,9 @@ from rapo_nb.config import (
 )
 
 # %% auto #0
-__all__ = ['SYSTEMS', 'BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'welch_test',
-           'bonferroni', 'cohens_d', 'binary_d_bound', 'bootstrap_ci', 'bootstrap_coverage', 'compare_systems',
-           'table3', 'transition_groups', 'gains_by_transitions', 'load_eval_conversations', 'per_seed_table']
+__all__ = ['BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'welch_test', 'bonferroni',
+           'cohens_d', 'binary_d_bound', 'bootstrap_ci', 'bootstrap_coverage', 'compare_systems', 'table3',
+           'transition_groups', 'gains_by_transitions', 'load_eval_conversations', 'per_seed_table']
 
 # %% ../nbs/14_statistics.ipynb #05519a0f
 def _sample(x, name: str, min_n: int = 2) -> np.ndarray:
@@ -130,7 +130,8 @@ def bootstrap_coverage(n_trials: int, n: int, n_resamples: int, seed: int = 0, c
     return float(np.mean(hits))
 
 # %% ../nbs/14_statistics.ipynb #9f386cf3
-SYSTEMS = ("sequential", "ampo_rr", "p4_ll", "yao_sim", "rapo")
+from .systems import SYSTEMS
+
 BASELINES = SYSTEMS[:4]
 PAPER_NAMES = {
     "sequential": "Baseline",

@@ -6,7 +6,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/training.html.md"""
 
 # %% ../nbs/12_training.ipynb #7739d4ee
 from __future__ import annotations
-import copy, hashlib, io, json, math, time
+import copy, json, math, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,19 +22,19 @@ from rapo_nb.config import (
     results_dir,
     save_figure,
     save_table,
-    _atomic_write,
 )
 from .state import StateBank
+from .checkpoints import CheckpointError, write_checkpoint, read_checkpoint, verify_checkpoint
 
 # %% auto #0
-__all__ = ['PHASES', 'PHASE_GROUPS', 'untrained_model', 'CHECKPOINT_MAGIC', 'CONTEXT_CHECKPOINT_MAGIC', 'SHAPE_FIELDS',
-           'CONTEXT_MATCH_FIELDS', 'feature_layout', 'state_dim', 'global_capability', 'transition_features',
-           'TransitionModel', 'model_from_config', 'ReplayBuffer', 'train_step', 'transition_errors', 'baseline_errors',
-           'torch_threads', 'train_phases', 'CheckpointError', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint',
-           'task_reward', 'coherence_penalty', 'TransitionData', 'heldout_mask', 'collect_transitions',
-           'train_transition_model', 'least_squares_line', 'ContextData', 'encode_conversations', 'sample_pairs',
-           'pair_embeddings', 'info_nce', 'retrieval_ranks', 'retrieval_queries', 'retrieval_metrics',
-           'train_context_module', 'save_context_module', 'load_context_module']
+__all__ = ['PHASES', 'PHASE_GROUPS', 'untrained_model', 'TRANSITION_KIND', 'CONTEXT_KIND', 'SHAPE_FIELDS', 'CONTEXT_MATCH_FIELDS',
+           'feature_layout', 'state_dim', 'global_capability', 'transition_features', 'TransitionModel',
+           'model_from_config', 'ReplayBuffer', 'train_step', 'transition_errors', 'baseline_errors', 'torch_threads',
+           'train_phases', 'save_checkpoint', 'load_checkpoint', 'task_reward', 'coherence_penalty', 'TransitionData',
+           'heldout_mask', 'collect_transitions', 'train_transition_model', 'least_squares_line', 'ContextData',
+           'encode_conversations', 'sample_pairs', 'pair_embeddings', 'info_nce', 'retrieval_ranks',
+           'retrieval_queries', 'retrieval_metrics', 'train_context_module', 'save_context_module',
+           'load_context_module']
 
 # %% ../nbs/12_training.ipynb #42e3561d
 PHASES = ("prompt_embedding", "consensus", "joint")  # §4.6: the three training phases, in order
@@ -439,8 +439,8 @@ def train_phases(
         return hist
 
 # %% ../nbs/12_training.ipynb #86fea296
-CHECKPOINT_MAGIC = b"RAPO-TRANSITION-MODEL v1\n"
-CONTEXT_CHECKPOINT_MAGIC = b"RAPO-CONTEXT-MODULE v1\n"
+TRANSITION_KIND = "transition-model"  # what a checkpoint holds (08_checkpoints: one format for every checkpoint)
+CONTEXT_KIND = "context-module"
 SHAPE_FIELDS = (
     "state.n_tasks",
     "state.n_modalities",
@@ -450,50 +450,17 @@ SHAPE_FIELDS = (
 )  # fields that size the model
 
 
-class CheckpointError(ValueError):
-    "A checkpoint (transition model or context module) is corrupt or does not match the configuration it is loaded with."
+def _write_checked(path: str | Path, payload: dict, kind: str) -> Path:
+    "Write `payload` as a checkpoint of `kind` (08_checkpoints: tensors + JSON, SHA-256, atomic)."
+    return write_checkpoint(path, payload, kind)
 
 
-def _write_checked(path: str | Path, payload: dict, magic: bytes) -> Path:
-    "torch.save `payload` behind the `magic` header line and its SHA-256, atomically (temporary file + rename)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bio = io.BytesIO()
-    torch.save(payload, bio)
-    data = bio.getvalue()
-    return _atomic_write(
-        path, lambda p: p.write_bytes(magic + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
-    )
-
-
-_KINDS = {
-    CHECKPOINT_MAGIC: "transition-model",
-    CONTEXT_CHECKPOINT_MAGIC: "context-module",
-}  # magic → what the file is, for "this is a … checkpoint, not a …" errors
-
-
-def _read_checked(path: str | Path, magic: bytes, kind: str) -> dict:
-    "Verify header and checksum of `path` and return its payload (JSON fields decoded)."
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    raw = path.read_bytes()
-    if not raw.startswith(magic):
-        other = next((k for m, k in _KINDS.items() if raw.startswith(m)), None)
-        if other:
-            raise CheckpointError(f"checkpoint: {path} is a rapo_nb {other} checkpoint, not a {kind} one (bad header)")
-        raise CheckpointError(f"checkpoint: {path} is not a rapo_nb {kind} checkpoint (bad header)")
-    rest = raw[len(magic) :]
-    digest, data = rest[:64].decode("ascii", "replace"), rest[65:]
-    if len(rest) < 65 or rest[64:65] != b"\n" or hashlib.sha256(data).hexdigest() != digest:
-        raise CheckpointError(f"checkpoint: {path} is corrupt (checksum mismatch: the file was truncated or modified)")
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint: {path} could not be read ({type(e).__name__}: {e})") from None
+def _read_checked(path: str | Path, kind: str) -> dict:
+    "Verify and read a checkpoint of `kind`; return its payload (JSON fields decoded, `sha256` of its body added)."
+    payload = read_checkpoint(path, kind)
     for k in ("config", "dims", "extra"):
         payload[k] = json.loads(payload[k])
-    payload["sha256"] = digest
+    payload["sha256"] = verify_checkpoint(path)["sha256"]
     return payload
 
 
@@ -549,17 +516,12 @@ def save_checkpoint(
     model: TransitionModel, path: str | Path, cfg: Config, seed: int, extra: dict | None = None
 ) -> Path:
     "Write `model` with `cfg`, `seed` and a SHA-256 checksum to `path` (atomically); return the path."
-    return _write_checked(path, _payload(model, model.dims, cfg, seed, extra), CHECKPOINT_MAGIC)
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    "Verify header and checksum of a transition-model checkpoint file and return its payload (config and dims as dicts)."
-    return _read_checked(path, CHECKPOINT_MAGIC, "transition-model")
+    return _write_checked(path, _payload(model, model.dims, cfg, seed, extra), TRANSITION_KIND)
 
 
 def load_checkpoint(path: str | Path, cfg: Config, device: str | torch.device | None = None) -> TransitionModel:
     "Load a checkpoint saved by `save_checkpoint`; refuse (CheckpointError naming the field) one from another config/shape."
-    ck = read_checkpoint(path)
+    ck = _read_checked(path, TRANSITION_KIND)
     _check_fields(ck, cfg, SHAPE_FIELDS, path)
     model = model_from_config(cfg, 0, "cpu")  # the shape the caller's config asks for; weights come from the file
     _load_tensors(model, ck["state_dict"], path)
@@ -1018,12 +980,12 @@ CONTEXT_MATCH_FIELDS = (
 def save_context_module(model: nn.Module, path: str | Path, cfg: Config, seed: int, extra: dict | None = None) -> Path:
     "Write a trained `SlidingWindowContext` with `cfg`, `seed`, versions and a SHA-256 checksum to `path` (atomically)."
     dims = dict(in_dim=model.in_dim, out_dim=model.out_dim, window=model.window, attn_dim=int(model.query.numel()))
-    return _write_checked(path, _payload(model, dims, cfg, seed, extra), CONTEXT_CHECKPOINT_MAGIC)
+    return _write_checked(path, _payload(model, dims, cfg, seed, extra), CONTEXT_KIND)
 
 
 def load_context_module(path: str | Path, cfg: Config, device: str | torch.device | None = None) -> nn.Module:
     "Load a context module saved by `save_context_module`; refuse (CheckpointError naming the problem) a corrupt or mismatched file."
-    ck = _read_checked(path, CONTEXT_CHECKPOINT_MAGIC, "context-module")
+    ck = _read_checked(path, CONTEXT_KIND)
     _check_fields(ck, cfg, CONTEXT_MATCH_FIELDS, path)
     model = SlidingWindowContext.from_config(
         cfg, seed=0

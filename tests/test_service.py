@@ -5,7 +5,7 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from rapo_nb.runtime import StoreUnavailable
+from rapo_nb.store import StoreUnavailable
 from rapo_nb.service import ACTIVE, CHANNEL_ALL, create_app, events_key, goal_key, steps_key
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,9 @@ from rapo_nb.config import load_config
 from rapo_nb.state import StateBank
 from rapo_nb.state import HashedTextEncoder, SlidingWindowContext
 from rapo_nb.synthetic import generate_conversations
+from rapo_nb.checkpoints import read_checkpoint
 from rapo_nb.training import (CheckpointError, torch_threads, PHASES, ReplayBuffer, TransitionModel, baseline_errors,
-                              collect_transitions, feature_layout, heldout_mask, load_checkpoint, model_from_config, read_checkpoint,
+                              collect_transitions, feature_layout, heldout_mask, load_checkpoint, model_from_config,
                               save_checkpoint, train_phases, train_step, train_transition_model, transition_errors,
                               transition_features, encode_conversations, sample_pairs, pair_embeddings, info_nce, retrieval_ranks,
                               retrieval_queries, retrieval_metrics, train_context_module, save_context_module, load_context_module)
