@@ -23,17 +23,17 @@ from .state import StateBank
 from .routing import make_router, AgentLoad, NO_AGENT
 from .agents import OpenAIChatAgent, LLMBadResponse, turn_focus, SYSTEM_PROMPT
 
-# the names below move to rapo_nb.systems (09) when 11_runtime is split; only this cell needs re-pointing
-from rapo_nb.runtime import (
+from rapo_nb.systems import (
     SYSTEMS,
+    SYSTEM_SPECS,
     SystemSpec,
     TURN_COLUMNS,
     CONV_COLUMNS,
     handed_context,
     prompt_header,
     classify_failure,
-    run_conversations,
 )
+from .runtime import run_conversations
 from .evaluation import conversation_metrics, table1, rouge_l_f, SYSTEM_LABELS
 
 # %% auto #0
@@ -377,7 +377,7 @@ PROMPT_STYLES = ("plain", "ampo_branched", "p4_persona", "yao_optimised", "rapo_
 
 
 def parse_systems(text: str) -> list[SystemSpec]:
-    "Comma-separated system names (runtime.SYSTEMS) or factor combinations `name=router/context/prompt`."
+    "Comma-separated system names (systems.SYSTEMS) or factor combinations `name=router/context/prompt`."
     from rapo_nb.routing import ROUTERS
 
     out = []
@@ -385,7 +385,7 @@ def parse_systems(text: str) -> list[SystemSpec]:
         if "=" not in item:
             if item not in SYSTEMS:
                 raise ValueError(f"systems: {item!r} is not one of {list(SYSTEMS)} nor name=router/context/prompt")
-            out.append(SYSTEMS[item])
+            out.append(SYSTEM_SPECS[item])
             continue
         name, _, spec = item.partition("=")
         parts = spec.split("/")
