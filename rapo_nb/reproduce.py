@@ -752,7 +752,8 @@ def reproduce(
                 if s in failures:
                     state[s] = "failed"
                     stop = stop or not keep_going
-                    say("FAILED " + failure_message(failures[s]))
+                    f = failures[s]
+                    say(f"  FAILED {s}: {f['kind']} in cell {f['cell_id']} (index {f['source_index']}); details below")
                 bar.update()
                 manifest = build_manifest(profile, seed, device, plan.env, entries, failures)
                 write_manifest(manifest, profile, paths.figures)

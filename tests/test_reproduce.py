@@ -235,3 +235,19 @@ def test_keep_outputs_copies_outputs_not_code(project):
     assert [c.source for c in nb.cells] == code_before, "keep-outputs must not change the code"
     texts = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "hello from the run 7" in texts
+
+
+def test_independent_notebooks_overlap_and_readers_wait(project):
+    "With --jobs 2 two independent notebooks run at the same time; a notebook that reads one starts after it ended."
+    stamp = (
+        WRITE
+        + "import time\nt0 = time.time()\ntime.sleep(4)\n(figures_dir() / '{n}.txt').write_text(f'{{t0}} {{time.time()}}')"
+    )
+    _nb(project, "00_a", [stamp.format(n="a")])
+    _nb(project, "01_b", [stamp.format(n="b")])
+    _nb(project, "02_c", [stamp.format(n="c")], reads=("00_a",))
+    assert _run() == 0
+    fig = project / "runs" / "quick" / "figures"
+    (a0, a1), (b0, b1), (c0, c1) = [map(float, (fig / f"{n}.txt").read_text().split()) for n in "abc"]
+    assert a0 < b1 and b0 < a1, "00_a and 01_b did not overlap"
+    assert c0 >= a1, "02_c started before 00_a, which it reads, had finished"
