@@ -850,7 +850,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--list", action="store_true", help="list the notebooks that would run and exit")
     ap.add_argument("--check-verdicts", action="store_true", help="compare the claims' verdicts with the snapshot")
     ap.add_argument("--write-verdicts", action="store_true", help="write the verdicts of this run as the snapshot")
-    ap.add_argument("--keep-outputs", action="store_true", help="copy each notebook's outputs back into nbs/ (docs)")
+    ap.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="copy the outputs of the notebooks that ran back into nbs/ (docs; add --force for all)",
+    )
     return ap.parse_args(argv)
 
 
