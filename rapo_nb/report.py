@@ -125,6 +125,7 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
         "claims_18_workflows.md",
     ],
     "19_service": ["claims_19_service.md"],
+    "21_report": ["run_{profile}.md"],  # the run manifest: provenance of every artifact (written by rapo-reproduce)
 }
 HEADLINE_TABLES = [
     ("Table 1 (§5.2): systems compared", "table1_systems.md"),

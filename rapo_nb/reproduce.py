@@ -1,4 +1,4 @@
-"""`rapo-reproduce`: run every numbered notebook in order through papermill, with the profile's parameters.
+"""`rapo-reproduce`: run the numbered notebooks through papermill — only the stale ones, independent ones in parallel, each into a scratch folder whose files are moved into place only when the notebook succeeded.
 
 Docs: https://rapo-nb.github.io/rapo_nb/reproduce.html.md"""
 
@@ -6,14 +6,20 @@ Docs: https://rapo-nb.github.io/rapo_nb/reproduce.html.md"""
 
 # %% ../nbs/reproduce.ipynb #cd236937
 from __future__ import annotations
-import argparse, json, os, platform, re, sys, time
+import argparse, ast, hashlib, json, os, platform, re, shutil, subprocess, sys, time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
 from .config import PROFILES, project_root, figures_dir, results_dir, get_device
 
 # %% auto #0
-__all__ = ['NOTEBOOK_NAME', 'numbered_notebooks', 'select_notebooks', 'environment_info', 'write_manifest', 'NotebookFailed',
-           'run_notebook', 'reproduce', 'keep_outputs', 'parse_args', 'main', 'index_to_markdown', 'readme_main']
+__all__ = ['NOTEBOOK_NAME', 'READS_TAG', 'CACHE_SCHEMA', 'numbered_notebooks', 'select_notebooks', 'declared_reads',
+           'dependency_graph', 'ancestors', 'RunPaths', 'run_paths', 'sha256_file', 'sha256_json', 'code_cells',
+           'module_closure', 'package_versions', 'key_components', 'read_entry', 'stale_reason', 'NotebookFailed',
+           'failure_message', 'failure_info', 'run_notebook', 'publish', 'environment_info', 'git_state',
+           'build_manifest', 'write_manifest', 'kernel_env', 'critical_path', 'Plan', 'reproduce', 'collect_verdicts',
+           'verdicts_path', 'compare_verdicts', 'keep_outputs', 'parse_args', 'main', 'verdicts_main',
+           'index_to_markdown', 'readme_main']
 
 # %% ../nbs/reproduce.ipynb #4e9821ab
 NOTEBOOK_NAME = re.compile(r"^(\d{2})_[\w-]+\.ipynb$")
@@ -44,7 +50,397 @@ def select_notebooks(notebooks: list[Path], only: str | None = None) -> list[Pat
         raise ValueError(f"--only: no notebook matches {missing}; available: {[p.stem for p in notebooks]}")
     return keep
 
-# %% ../nbs/reproduce.ipynb #880e5458
+# %% ../nbs/reproduce.ipynb #67ee5d6a
+READS_TAG = "reads:"
+
+
+def _cells(nb: Path) -> list[dict]:
+    "The cells of a notebook file, sources joined into strings."
+    try:
+        cells = json.loads(Path(nb).read_text())["cells"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{nb}: not a readable notebook ({e})") from None
+    return [dict(c, source="".join(c.get("source", ""))) for c in cells]
+
+
+def declared_reads(nb: Path) -> list[str]:
+    "What `nb` declares it reads: the names in its cell tags `reads:<notebook>`, one tag each (`reads:all`: every other)."
+    tags = [t for c in _cells(nb) for t in c.get("metadata", {}).get("tags", [])]
+    return sorted({t[len(READS_TAG) :].strip() for t in tags if t.startswith(READS_TAG)} - {""})
+
+
+def dependency_graph(notebooks: list[Path]) -> dict[str, list[str]]:
+    "Notebook stem -> the stems it reads; `reads:all` means every notebook that does not itself read all."
+    stems = [p.stem for p in notebooks]
+    reads = {p.stem: declared_reads(p) for p in notebooks}
+    readers_of_all = {s for s, r in reads.items() if "all" in r}
+    graph = {}
+    for s, names in reads.items():
+        deps = set()
+        for n in names:
+            if n == "all":
+                deps |= {t for t in stems if t not in readers_of_all}
+                continue
+            match = [t for t in stems if t == n or (n.isdigit() and t[:2] == n.zfill(2))]
+            if not match:
+                raise ValueError(f"{s}.ipynb: tag 'reads:{n}' names no notebook; available: {stems}")
+            deps |= set(match)
+        graph[s] = sorted(deps - {s})
+    _check_acyclic(graph)
+    return graph
+
+
+def _check_acyclic(graph: dict[str, list[str]]) -> None:
+    "Raise ValueError naming a cycle of `reads:` declarations."
+    state = {}
+
+    def visit(s, path):
+        if state.get(s) == "done":
+            return
+        if state.get(s) == "open":
+            raise ValueError(f"reads: declarations form a cycle: {' -> '.join(path + [s])}")
+        state[s] = "open"
+        for d in graph[s]:
+            visit(d, path + [s])
+        state[s] = "done"
+
+    for s in graph:
+        visit(s, [])
+
+
+def ancestors(graph: dict[str, list[str]], stems: list[str]) -> set[str]:
+    "Every notebook the `stems` read, directly or through others."
+    seen, todo = set(), list(stems)
+    while todo:
+        for d in graph[todo.pop()]:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+# %% ../nbs/reproduce.ipynb #183fe25f
+class RunPaths:
+    "Where a run writes: `run` (executed copies, cache, scratch), `figures` and `results` (the artifacts)."
+
+    def __init__(self, run: Path, figures: Path, results: Path):
+        self.run, self.figures, self.results = Path(run).resolve(), Path(figures).resolve(), Path(results).resolve()
+        self.cache, self.scratch = self.run / ".cache", self.run / ".scratch"
+
+    def artifact(self, rel: str) -> Path:
+        "The file behind an artifact name `figures/...` or `results/...`."
+        kind, _, name = rel.partition("/")
+        return (self.figures if kind == "figures" else self.results) / name
+
+    def __repr__(self):
+        return f"RunPaths(run={self.run}, figures={self.figures}, results={self.results})"
+
+
+def run_paths(profile: str, out: Path | None = None, figures: Path | None = None, root: Path | None = None) -> RunPaths:
+    "The full profile writes the committed `figures/`; any other profile, or any `--out`, writes under the run folder."
+    root = Path(root or project_root())
+    if profile == "full" and out is None:
+        run, fig, res = root / "runs" / "full", root / "figures", root / "results" / "full"
+    else:
+        run = Path(out or root / "runs" / profile)
+        fig, res = run / "figures", run / "results"
+    fig = figures or os.environ.get("RAPO_FIGURES_DIR") or fig
+    res = os.environ.get("RAPO_RESULTS_DIR") or res
+    return RunPaths(run, fig, res)
+
+# %% ../nbs/reproduce.ipynb #5ac56656
+def sha256_file(p: Path) -> str:
+    "SHA-256 of a file's bytes."
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    "SHA-256 of `obj` as canonical JSON."
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def code_cells(nb: Path) -> list[str]:
+    "The sources of the code cells of `nb` (markdown does not change what a notebook computes)."
+    return [c["source"] for c in _cells(nb) if c["cell_type"] == "code"]
+
+
+def _imported_modules(code: str, pkg: str = "rapo_nb", here: str | None = None) -> set[str]:
+    "Modules of `pkg` that `code` imports anywhere (also inside functions); `here` resolves relative imports."
+    lines = ["" if l.lstrip().startswith(("%", "!")) else l for l in code.splitlines()]  # IPython magics
+    try:
+        tree = ast.parse("\n".join(lines))
+    except SyntaxError:
+        return {m for m in re.findall(rf"^\s*(?:from|import)\s+{pkg}\.(\w+)", code, re.M)}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith(pkg + ".")}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level and here is not None:
+                mod = f"{pkg}.{mod}" if mod else pkg
+            if mod == pkg:
+                found |= {a.name for a in node.names}
+            elif mod.startswith(pkg + "."):
+                found.add(mod.split(".")[1])
+    return found
+
+
+_FILE_IMPORTS: dict[str, set[str]] = {}  # SHA-256 of a source file -> the modules it imports
+
+
+def module_closure(code: list[str], src: Path) -> dict[str, str]:
+    "The `rapo_nb` source files the code imports, transitively, with their SHA-256 (`__init__.py` always)."
+    todo = set().union(*[_imported_modules(c) for c in code]) | {"__init__"}
+    seen = {}
+    while todo:
+        m = todo.pop()
+        p = src / f"{m}.py"
+        if m in seen or not p.exists():
+            continue
+        seen[m] = h = sha256_file(p)
+        if h not in _FILE_IMPORTS:
+            _FILE_IMPORTS[h] = _imported_modules(p.read_text(), here=m)
+        todo |= _FILE_IMPORTS[h] - set(seen)
+    return {f"rapo_nb/{m}.py": h for m, h in sorted(seen.items())}
+
+
+def package_versions(dist: str = "rapo_nb") -> dict[str, str]:
+    "Python and the version of every distribution `dist` requires, transitively (not dev tools such as ruff)."
+    from importlib.metadata import PackageNotFoundError, distribution, distributions
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        todo = [r for r in distribution(dist).requires or []]
+    except PackageNotFoundError:  # not installed (a source checkout on sys.path): every installed distribution
+        todo = [d.metadata["Name"] for d in distributions() if d.metadata["Name"]]
+    seen = {}
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker and not req.marker.evaluate({"extra": ""}):
+            continue  # an optional extra (dev, bench) or another platform
+        name = canonicalize_name(req.name)
+        if name in seen:
+            continue
+        try:
+            d = distribution(req.name)
+        except PackageNotFoundError:
+            continue
+        seen[name] = d.version
+        todo += d.requires or []
+    seen.pop(canonicalize_name(dist), None)
+    return dict(sorted(seen.items()), python=platform.python_version())
+
+# %% ../nbs/reproduce.ipynb #ab44d731
+CACHE_SCHEMA = 1
+
+
+def key_components(nb: Path, parameters: dict, packages: dict, inputs: dict) -> dict:
+    "What a notebook's result depends on: code cells, parameters, imported `rapo_nb` sources, packages, inputs."
+    code = code_cells(nb)
+    src = nb.parent.parent / "rapo_nb"
+    return dict(
+        code=sha256_json(code),
+        parameters=parameters,
+        modules=module_closure(code, src),
+        packages=packages,
+        inputs=inputs,
+    )
+
+
+def read_entry(path: Path) -> tuple[dict | None, str | None]:
+    "A cache entry and None, or None and why it cannot be used (missing or corrupt: both mean re-run)."
+    if not path.exists():
+        return None, "no cache entry"
+    try:
+        e = json.loads(path.read_text())
+        assert e["schema"] == CACHE_SCHEMA and isinstance(e["artifacts"], dict)
+        ok = sha256_json(e["components"]) == e["key"]
+    except Exception as ex:
+        return None, f"corrupt cache entry ({type(ex).__name__}: {ex})"
+    return (e, None) if ok else (None, "corrupt cache entry (its key does not match its inputs)")
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    "Names whose value differs between two flat dicts, with the change."
+    keys = sorted(set(old) | set(new))
+    return [f"{k} {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys if old.get(k) != new.get(k)]
+
+
+def stale_reason(entry: dict, components: dict, paths: RunPaths) -> str | None:
+    "None when `entry` matches `components` and its artifacts are in place; else the first input that changed."
+    old = entry["components"]
+    if old["code"] != components["code"]:
+        return "code cells changed"
+    if old["parameters"] != components["parameters"]:
+        return "parameters changed: " + ", ".join(_changed(old["parameters"], components["parameters"]))
+    if old["modules"] != components["modules"]:
+        ch = [
+            m
+            for m in sorted(set(old["modules"]) | set(components["modules"]))
+            if old["modules"].get(m) != components["modules"].get(m)
+        ]
+        return "source changed: " + ", ".join(ch)
+    if old["packages"] != components["packages"]:
+        ch = _changed(old["packages"], components["packages"])
+        return "packages changed: " + ", ".join(ch[:3]) + (f" (+{len(ch) - 3} more)" if len(ch) > 3 else "")
+    for dep in sorted(set(old["inputs"]) | set(components["inputs"])):
+        a, b = old["inputs"].get(dep), components["inputs"].get(dep)
+        if a != b:
+            files = sorted(f for f in set(a or {}) | set(b or {}) if (a or {}).get(f) != (b or {}).get(f))
+            return f"input from {dep} changed: " + ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
+    for rel, h in entry["artifacts"].items():
+        p = paths.artifact(rel)
+        if not p.exists():
+            return f"artifact {rel} missing"
+        if sha256_file(p) != h:
+            return f"artifact {rel} changed since the run"
+    return None
+
+# %% ../nbs/reproduce.ipynb #e48bdd28
+class NotebookFailed(RuntimeError):
+    "A notebook of the reproduction failed; `info` names the notebook, cell id, source index, error, executed copy."
+
+    def __init__(self, info: dict):
+        self.info = info
+        super().__init__(failure_message(info))
+
+
+def failure_message(i: dict) -> str:
+    "The lines a person reads when a notebook fails."
+    where = (
+        f"cell {i['cell_id']} (index {i['source_index']} in nbs/{i['notebook']}.ipynb)"
+        if i.get("cell_id")
+        else "before its first cell"
+    )
+    what = {"dead kernel": "the kernel died in", "timeout": "timed out in"}.get(i["kind"], "failed in")
+    lines = [f"{i['notebook']}: {what} {where}: {i['ename']}: {i['evalue']}"]
+    lines += [f"  | {l}" for l in (i.get("source") or "").splitlines()[:4]]
+    lines.append(f"  executed copy: {i['executed']}")
+    return "\n".join(lines)
+
+
+def _failed_cell(executed: Path) -> tuple[dict | None, list]:
+    "The cell papermill marked failed in the executed copy, else the last one it started (dead kernel, timeout)."
+    try:
+        cells = json.loads(Path(executed).read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return None, []
+    started = [c for c in cells if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    failed = [c for c in started if c["metadata"]["papermill"].get("status") == "failed"]
+    return (failed or started or [None])[-1], cells
+
+
+def failure_info(nb: Path, executed: Path, exc: BaseException, timeout: int | None) -> dict:
+    "Notebook, cell id, the cell's index in the source notebook, the exception and the executed copy of a failure."
+    from nbclient.exceptions import DeadKernelError
+
+    kind = (
+        "timeout" if isinstance(exc, TimeoutError) else "dead kernel" if isinstance(exc, DeadKernelError) else "error"
+    )
+    ename, evalue = getattr(exc, "ename", None) or type(exc).__name__, getattr(exc, "evalue", None) or str(exc)
+    if kind == "timeout":
+        evalue = f"the cell ran longer than {timeout} s (--timeout {timeout})"
+    cell, _ = _failed_cell(executed)
+    cid = cell.get("id") if cell else None
+    src_ids = [c.get("id") for c in _cells(nb)]
+    return dict(
+        notebook=nb.stem,
+        kind=kind,
+        ename=ename,
+        evalue=str(evalue).strip()[:500],
+        cell_id=cid,
+        source_index=src_ids.index(cid) if cid in src_ids else None,
+        source="".join(cell.get("source", "")) if cell else "",
+        executed=str(executed),
+    )
+
+# %% ../nbs/reproduce.ipynb #e86f6f84
+def _kernel_manager_class(env: dict, cwd: Path):
+    "A kernel manager that starts the kernel in `cwd` with `env` added to the runner's environment."
+    from jupyter_client import AsyncKernelManager
+
+    class RunnerKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            from jupyter_core.paths import jupyter_runtime_dir
+
+            kw.update(env={**os.environ, **env}, cwd=str(cwd))
+            if self.transport == "ipc":  # an absolute socket path: the kernel's cwd is not the runner's
+                Path(jupyter_runtime_dir()).mkdir(parents=True, exist_ok=True)
+                self.ip = str(Path(jupyter_runtime_dir()) / f"rapo-{os.getpid()}-{id(self):x}-ipc")
+            return await super().start_kernel(**kw)
+
+    return RunnerKernelManager
+
+
+def run_notebook(nb: Path, executed: Path, params: dict, timeout: int | None = None, env: dict | None = None) -> float:
+    "Execute `nb` with papermill into `executed`; return the wall time in seconds or raise `NotebookFailed`."
+    import papermill as pm
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.KernelManager.transport = "ipc"  # local sockets: no TCP port, no plain-text transport warning
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(nb),
+            str(executed),
+            parameters=params,
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=False,
+            execution_timeout=timeout,
+            config=cfg,
+            kernel_manager_class=_kernel_manager_class(env or {}, nb.parent),
+        )
+    except Exception as e:
+        raise NotebookFailed(failure_info(nb, executed, e, timeout)) from None
+    return time.perf_counter() - t0
+
+# %% ../nbs/reproduce.ipynb #fd98c252
+def _scratch_run(
+    nb: Path, paths: RunPaths, params: dict, timeout: int | None, env: dict, seed_files: list[str]
+) -> dict:
+    "Run `nb` with its figures and results going to a scratch folder seeded with `seed_files`; return what it wrote."
+    scratch = paths.scratch / nb.stem
+    shutil.rmtree(scratch, ignore_errors=True)
+    sub = RunPaths(paths.run, scratch / "figures", scratch / "results")
+    sub.figures.mkdir(parents=True)
+    sub.results.mkdir(parents=True)
+    seeded = {}
+    for rel in seed_files:
+        src, dst = paths.artifact(rel), sub.artifact(rel)
+        if src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            seeded[rel] = sha256_file(dst)
+    job_env = dict(env, RAPO_FIGURES_DIR=str(sub.figures), RAPO_RESULTS_DIR=str(sub.results))
+    secs = run_notebook(nb, paths.run / nb.name, params, timeout, job_env)
+    outputs = {}
+    for kind in ("figures", "results"):
+        d = getattr(sub, kind)
+        for p in sorted(d.rglob("*")):
+            rel = f"{kind}/{p.relative_to(d).as_posix()}"
+            if p.is_file() and not p.name.endswith(".tmp") and seeded.get(rel) != (h := sha256_file(p)):
+                outputs[rel] = h
+    return dict(seconds=round(secs, 2), outputs=outputs, scratch=sub)
+
+
+def publish(job: dict, paths: RunPaths) -> None:
+    "Move a successful notebook's outputs from its scratch folder into place (each by an atomic rename)."
+    for rel in job["outputs"]:
+        src, dst = job["scratch"].artifact(rel), paths.artifact(rel)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.incoming")
+        shutil.move(str(src), tmp)
+        os.replace(tmp, dst)
+    shutil.rmtree(job["scratch"].figures.parent, ignore_errors=True)
+
+# %% ../nbs/reproduce.ipynb #f1bb3ae6
 def environment_info(device: str = "auto") -> dict:
     "Versions and hardware of this run, for the reproducibility checklist."
     import numpy, torch, pandas, scipy
@@ -70,54 +466,192 @@ def environment_info(device: str = "auto") -> dict:
     )
 
 
-def write_manifest(manifest: dict, profile: str) -> Path:
-    "Write the run manifest as figures/run_<profile>.json and .md."
-    d = figures_dir()
+def git_state(root: Path) -> dict:
+    "The commit of `root` and whether its tree has uncommitted changes (None outside a git checkout)."
+
+    def git(*a):
+        r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return dict(commit=commit, dirty=bool(git("status", "--porcelain")) if commit else None)
+
+# %% ../nbs/reproduce.ipynb #690f0d3b
+def build_manifest(profile: str, seed: int, device: str, env: dict, entries: dict, failures: dict) -> dict:
+    "The run manifest: a row per notebook, provenance per notebook and per artifact, failures; no run timestamp."
+    rows, prov, arts, pkgs = [], {}, {}, {}
+    for stem in sorted(set(entries) | set(failures)):
+        if stem in failures:
+            f = failures[stem]
+            rows.append(dict(notebook=f"{stem}.ipynb", status="failed", seconds=0.0, finished=f.get("finished", "")))
+            continue
+        e = entries[stem]
+        c = e["components"]
+        psha = sha256_json(c["packages"])[:12]
+        pkgs[psha] = c["packages"]
+        rows.append(
+            dict(
+                notebook=f"{stem}.ipynb",
+                status="ok",
+                seconds=e["seconds"],
+                finished=e["finished"],
+                commit=(e["git"]["commit"] or "")[:12],
+                dirty=e["git"]["dirty"],
+            )
+        )
+        prov[stem] = dict(
+            key=e["key"],
+            parameters=c["parameters"],
+            git=e["git"],
+            packages=psha,
+            modules=c["modules"],
+            code=c["code"],
+            inputs=c["inputs"],
+            seconds=e["seconds"],
+            finished=e["finished"],
+            executed=e.get("executed"),
+            artifacts=e["artifacts"],
+        )
+        for rel, h in e["artifacts"].items():
+            arts[rel] = dict(notebook=stem, sha256=h)
+    return dict(
+        profile=profile,
+        seed=seed,
+        device=device,
+        environment=env,
+        notebooks=rows,
+        total_seconds=round(sum(r["seconds"] for r in rows), 2),
+        updated=max([r["finished"] for r in rows if r.get("finished")], default=""),
+        provenance=prov,
+        artifacts=dict(sorted(arts.items())),
+        package_sets=pkgs,
+        failures=failures,
+    )
+
+
+def write_manifest(manifest: dict, profile: str, figdir: Path | None = None) -> Path:
+    "Write the run manifest as `run_<profile>.json` and a readable `run_<profile>.md` in the figures folder."
+    d = Path(figdir or figures_dir())
+    d.mkdir(parents=True, exist_ok=True)
     p = d / f"run_{profile}.json"
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, p)
-    rows = ["| notebook | status | seconds | run started |", "|---|---|---:|---|"]
-    rows += [
-        f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {r.get('run', '')} |" for r in manifest["notebooks"]
-    ]
+    rows = ["| notebook | status | seconds | finished | commit |", "|---|---|---:|---|---|"]
+    for r in manifest["notebooks"]:
+        commit = (r.get("commit") or "") + (" (dirty)" if r.get("dirty") else "")
+        rows.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {r.get('finished', '')} | {commit} |")
+    arts = ["| artifact | notebook | sha256 |", "|---|---|---|"]
+    arts += [f"| {a} | {v['notebook']} | {v['sha256'][:12]} |" for a, v in manifest["artifacts"].items()]
+    fails = [failure_message(f) for f in manifest["failures"].values()]
     env = "\n".join(f"- {k}: {v}" for k, v in manifest["environment"].items())
-    (d / f"run_{profile}.md").write_text(
+    md = (
         f"# Run `{profile}` (seed {manifest['seed']})\n\n"
         + "\n".join(rows)
-        + f"\n\nTotal: {manifest['total_seconds']:.1f} s\n\n## Environment\n{env}\n"
+        + f"\n\nTotal: {manifest['total_seconds']:.1f} s\n\n"
+        + ("## Failures\n\n```\n" + "\n\n".join(fails) + "\n```\n\n" if fails else "")
+        + "## Provenance of every artifact\n\nParameters, package versions, input hashes and sources per notebook: "
+        + f"`provenance` in [run_{profile}.json](run_{profile}.json).\n\n"
+        + "\n".join(arts)
+        + f"\n\n## Environment\n{env}\n"
     )
+    tmp = d / f".run_{profile}.md.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, d / f"run_{profile}.md")
     return p
 
-# %% ../nbs/reproduce.ipynb #56e39c1a
-class NotebookFailed(RuntimeError):
-    "A notebook of the reproduction raised; carries the notebook, cell and error."
+# %% ../nbs/reproduce.ipynb #9c5df7ab
+def kernel_env(jobs: int, root: Path) -> dict:
+    "Environment of every kernel: the cores split between the parallel jobs (torch, BLAS, numba), the project root."
+    n = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
+    threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+    env = {k: os.environ.get(k, n) for k in threads}
+    return dict(env, RAPO_ROOT=str(root), PYDEVD_DISABLE_FILE_VALIDATION="1")
 
 
-def run_notebook(nb: Path, out: Path, params: dict, timeout: int | None = None) -> float:
-    "Execute one notebook with papermill; return its wall time in seconds or raise `NotebookFailed`."
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
+def critical_path(graph: dict[str, list[str]], seconds: dict[str, float]) -> dict[str, float]:
+    "Per notebook: its time plus the longest chain of notebooks that read it (the order that finishes soonest)."
+    readers = {s: [t for t in graph if s in graph[t]] for s in graph}
+    memo = {}
 
-    t0 = time.perf_counter()
-    try:
-        pm.execute_notebook(
-            str(nb),
-            str(out),
-            parameters=params,
-            cwd=str(nb.parent),
-            kernel_name="python3",
-            progress_bar=False,
-            log_output=False,
-            execution_timeout=timeout,
-        )
-    except PapermillExecutionError as e:
-        src = "\n".join(e.source.splitlines()[:6])
-        raise NotebookFailed(
-            f"{nb.name} failed at cell {e.cell_index} (execution count {e.exec_count}): "
-            f"{e.ename}: {e.evalue}\n--- cell source ---\n{src}\n--- executed copy: {out}"
-        ) from None
-    return time.perf_counter() - t0
+    def cp(s):
+        if s not in memo:
+            memo[s] = seconds.get(s, 30.0) + max((cp(t) for t in readers[s]), default=0.0)
+        return memo[s]
+
+    return {s: cp(s) for s in graph}
+
+
+class Plan:
+    "What one invocation works on: notebooks, their graph, the run's folders, parameters and the cache key parts."
+
+    def __init__(self, profile="quick", seed=0, device="auto", out=None, only=None, figures=None, root=None):
+        if profile not in PROFILES:
+            raise ValueError(f"profile: {profile!r} is not one of {list(PROFILES)}")
+        self.root = Path(root or project_root())
+        self.profile, self.seed, self.device = profile, seed, device
+        nbs = numbered_notebooks(self.root / "nbs")
+        self.by = {p.stem: p for p in nbs}
+        self.graph = dependency_graph(nbs)
+        self.chosen = [p.stem for p in select_notebooks(nbs, only)]
+        self.targets = set(self.chosen) | ancestors(self.graph, self.chosen)
+        self.paths = run_paths(profile, out, figures, self.root)
+        self.env = environment_info(device)
+        self.params = dict(profile=profile, seed=seed, device=device)
+        self.key_params = dict(self.params, resolved_device=self.env["device"])
+        self.packages = package_versions()
+
+    def entry_path(self, stem: str) -> Path:
+        return self.paths.cache / f"{stem}.json"
+
+    def check(self, stem: str, entries: dict) -> tuple[dict, str | None]:
+        "The key components of `stem` (its inputs from `entries`) and why it is stale (None: up to date)."
+        inputs = {d: entries[d]["artifacts"] for d in self.graph[stem]}
+        comp = key_components(self.by[stem], self.key_params, self.packages, inputs)
+        entry, why = read_entry(self.entry_path(stem))
+        return comp, why or stale_reason(entry, comp, self.paths)
+
+    def status(self) -> list[tuple[str, str]]:
+        "Every notebook with 'up to date' or the input that changed (a notebook after a stale one waits for it)."
+        entries, stale, out = {}, set(), []
+        for s in self._topological():
+            after = [d for d in self.graph[s] if d in stale]
+            if after:
+                why = f"after {', '.join(after)} (stale): re-checked once they ran"
+            else:
+                _, why = self.check(s, entries)
+                if why is None:
+                    entries[s] = read_entry(self.entry_path(s))[0]
+            if why is not None:
+                stale.add(s)
+            out.append((s, why or "up to date"))
+        return sorted(out)
+
+    def _topological(self) -> list[str]:
+        order, seen = [], set()
+
+        def visit(s):
+            if s not in seen:
+                seen.add(s)
+                for d in self.graph[s]:
+                    visit(d)
+                order.append(s)
+
+        for s in sorted(self.by):
+            visit(s)
+        return order
+
+# %% ../nbs/reproduce.ipynb #42b05baf
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_entry(path: Path, entry: dict) -> None:
+    "Write a cache entry atomically (a crash leaves the old entry or none, never half of one)."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entry, indent=1))
+    os.replace(tmp, path)
 
 
 def reproduce(
@@ -130,56 +664,149 @@ def reproduce(
     timeout: int | None = None,
     verbose: bool = True,
     keep: bool = False,
+    jobs: int | None = None,
+    force: bool = False,
+    keep_going: bool = False,
 ) -> dict:
-    "Run the numbered notebooks in order; return the manifest (raises `NotebookFailed` on the first failure)."
-    if profile not in PROFILES:
-        raise ValueError(f"profile: {profile!r} is not one of {list(PROFILES)}")
-    root = project_root()
-    if figures:
-        os.environ["RAPO_FIGURES_DIR"] = str(Path(figures).resolve())
-    os.environ.setdefault("RAPO_ROOT", str(root))
-    out = Path(out or root / "runs" / profile).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    notebooks = select_notebooks(numbered_notebooks(root / "nbs"), only)
-    manifest = dict(
-        profile=profile,
-        seed=seed,
-        device=device,
-        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        environment=environment_info(device),
-        notebooks=[],
-        total_seconds=0.0,
+    "Run the stale notebooks (and what they need), independent ones in parallel; return what happened."
+    from tqdm.auto import tqdm
+
+    plan = Plan(profile, seed, device, out, only, figures)
+    paths, graph, by = plan.paths, plan.graph, plan.by
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    kenv, git = kernel_env(jobs, plan.root), git_state(plan.root)
+    entries = {s: e for s in by if (e := read_entry(plan.entry_path(s))[0])}
+    state, failures, forced = {}, {}, set(plan.chosen) if force else set()
+    prio = critical_path(graph, {s: e["seconds"] for s, e in entries.items()})
+    pending = sorted(plan.targets, key=lambda s: (-prio[s], s))
+    running, stop, t0 = {}, False, time.perf_counter()
+    bar = tqdm(total=len(pending), unit="nb", disable=None if verbose else True, file=sys.stderr, leave=False)
+    say = (lambda m: tqdm.write(m, file=sys.stdout)) if verbose else (lambda m: None)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            for s in list(pending):
+                deps = graph[s]
+                bad = [d for d in deps if state.get(d) in ("failed", "blocked")]
+                if bad:
+                    state[s] = "blocked"
+                    pending.remove(s)
+                    bar.update()
+                    say(f"  blocked {s}: needs {', '.join(bad)}, which did not run")
+                    continue
+                if stop or any(state.get(d) not in ("ran", "up to date") for d in deps):
+                    continue
+                comp, why = plan.check(s, entries)
+                if why is None and s not in forced:
+                    state[s] = "up to date"
+                    pending.remove(s)
+                    bar.update()
+                    say(f"  up to date {s}")
+                    continue
+                if len(running) >= jobs:
+                    continue
+                seeds = [r for d in deps for r in entries[d]["artifacts"]] + [
+                    f"figures/run_{profile}.{x}" for x in ("json", "md")
+                ]
+                fut = pool.submit(_scratch_run, by[s], paths, plan.params, timeout, kenv, seeds)
+                running[fut] = (s, comp, why or "--force")
+                pending.remove(s)
+            bar.set_description("running " + ", ".join(sorted(v[0] for v in running.values())))
+            if not running:
+                break  # what is left waits for a notebook that failed (without --keep-going)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                s, comp, why = running.pop(fut)
+                try:
+                    job = fut.result()
+                except NotebookFailed as e:
+                    failures[s] = dict(e.info, finished=_now())
+                except Exception as e:  # the runner itself (papermill, the file system): still a named failure
+                    failures[s] = dict(
+                        notebook=s,
+                        kind="error",
+                        ename=type(e).__name__,
+                        evalue=str(e)[:500],
+                        cell_id=None,
+                        source_index=None,
+                        source="",
+                        executed=str(paths.run / by[s].name),
+                        finished=_now(),
+                    )
+                else:
+                    publish(job, paths)
+                    entries[s] = dict(
+                        schema=CACHE_SCHEMA,
+                        key=sha256_json(comp),
+                        components=comp,
+                        artifacts=job["outputs"],
+                        seconds=job["seconds"],
+                        finished=_now(),
+                        git=git,
+                        executed=str(paths.run / by[s].name),
+                    )
+                    _write_entry(plan.entry_path(s), entries[s])
+                    state[s] = "ran"
+                    if keep:
+                        keep_outputs(paths.run / by[s].name, by[s])
+                    say(f"  ran {s} in {job['seconds']:.1f} s ({why}; {len(job['outputs'])} files)")
+                if s in failures:
+                    state[s] = "failed"
+                    stop = stop or not keep_going
+                    f = failures[s]
+                    say(f"  FAILED {s}: {f['kind']} in cell {f['cell_id']} (index {f['source_index']}); details below")
+                bar.update()
+                manifest = build_manifest(profile, seed, device, plan.env, entries, failures)
+                write_manifest(manifest, profile, paths.figures)
+    bar.close()
+    for s in pending:
+        state[s] = "not run"
+    manifest_path = paths.figures / f"run_{profile}.json"
+    if not manifest_path.exists():
+        write_manifest(build_manifest(profile, seed, device, plan.env, entries, failures), profile, paths.figures)
+    by_state = {
+        k: sorted(s for s, v in state.items() if v == k) for k in ("ran", "up to date", "failed", "blocked", "not run")
+    }
+    return dict(
+        by_state,
+        paths=paths,
+        failures=failures,
+        seconds=round(time.perf_counter() - t0, 1),
+        manifest=json.loads(manifest_path.read_text()),
     )
-    params = dict(profile=profile, seed=seed, device=device)
-    previous = figures_dir() / f"run_{profile}.json"
-    if (
-        only and previous.exists()
-    ):  # a partial run keeps the other notebooks' entries of the last run, marked with their start
-        names = {nb.name for nb in notebooks}
-        kept = [r for r in json.loads(previous.read_text()).get("notebooks", []) if r["notebook"] not in names]
-        manifest["notebooks"] = sorted(kept, key=lambda r: r["notebook"])
-    for i, nb in enumerate(notebooks, 1):
-        if verbose:
-            print(f"[{i}/{len(notebooks)}] {nb.name} ...", end=" ", flush=True)
-        try:
-            secs = run_notebook(nb, out / nb.name, params, timeout)
-        except NotebookFailed:
-            manifest["notebooks"].append(dict(notebook=nb.name, status="failed", seconds=0.0, run=manifest["started"]))
-            write_manifest(manifest, profile)
-            if verbose:
-                print("FAILED", flush=True)
-            raise
-        if keep:
-            keep_outputs(out / nb.name, nb)
-        manifest["notebooks"].append(
-            dict(notebook=nb.name, status="ok", seconds=round(secs, 2), run=manifest["started"])
-        )
-        manifest["notebooks"].sort(key=lambda r: r["notebook"])
-        manifest["total_seconds"] = round(sum(r["seconds"] for r in manifest["notebooks"]), 2)
-        write_manifest(manifest, profile)
-        if verbose:
-            print(f"ok ({secs:.1f} s)", flush=True)
-    return manifest
+
+# %% ../nbs/reproduce.ipynb #1ca0ec93
+def collect_verdicts(figdir: Path) -> dict[str, str]:
+    "`notebook: claim` -> verdict, from every claims_*.csv in `figdir`."
+    import csv
+
+    out = {}
+    for p in sorted(Path(figdir).glob("claims_*.csv")):
+        with open(p, newline="") as f:
+            for row in csv.DictReader(f):
+                out[f"{p.stem.removeprefix('claims_')}: {row['claim']}"] = row["verdict"]
+    return out
+
+
+def verdicts_path(profile: str, root: Path | None = None) -> Path:
+    "The committed verdict snapshot of a profile: tests/data/verdicts_<profile>.json."
+    return Path(root or project_root()) / "tests" / "data" / f"verdicts_{profile}.json"
+
+
+def compare_verdicts(snapshot: dict[str, str | list[str]], now: dict[str, str]) -> list[str]:
+    "One line per claim whose verdict moved, that is new, or that is gone (a list in the snapshot: any of those)."
+    lines = []
+    for k in sorted(set(snapshot) | set(now)):
+        a, b = snapshot.get(k), now.get(k)
+        if a == b or (isinstance(a, list) and b in a):
+            continue
+        a = " or ".join(a) if isinstance(a, list) else a
+        if a is None:
+            lines.append(f"new claim   {k}: {b}")
+        elif b is None:
+            lines.append(f"gone claim  {k} (was {a})")
+        else:
+            lines.append(f"moved       {k}: {a} -> {b}")
+    return lines
 
 # %% ../nbs/reproduce.ipynb #5b32cf9c
 def keep_outputs(executed: Path, source: Path) -> int:
@@ -199,46 +826,110 @@ def keep_outputs(executed: Path, source: Path) -> int:
     nbdev_clean(fname=str(source))
     return n
 
-# %% ../nbs/reproduce.ipynb #6c229540
+# %% ../nbs/reproduce.ipynb #28572cb0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "Parse the `rapo-reproduce` command line."
     ap = argparse.ArgumentParser(
-        prog="rapo-reproduce", description="Run the rapo_nb notebooks in order with papermill."
+        prog="rapo-reproduce", description="Run the rapo_nb notebooks with papermill: stale ones only, in parallel."
     )
     ap.add_argument(
         "--profile", default="quick", choices=sorted(PROFILES), help="quick (CI, minutes) or full (paper sizes)"
     )
     ap.add_argument("--seed", type=int, default=0, help="seed passed to every notebook")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    ap.add_argument("--out", type=Path, default=None, help="folder for executed notebooks (default runs/<profile>)")
-    ap.add_argument("--figures", type=Path, default=None, help="folder for figures and tables (default figures/)")
-    ap.add_argument("--only", default=None, help="comma-separated notebook numbers or names to run")
+    ap.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<profile>; full: figures/)")
+    ap.add_argument("--figures", type=Path, default=None, help="folder for figures and tables (overrides the default)")
+    ap.add_argument("--only", default=None, help="comma-separated notebooks to run (and the stale ones they read)")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
-    ap.add_argument("--list", action="store_true", help="list the notebooks that would run and exit")
+    ap.add_argument("-j", "--jobs", type=int, default=None, help="notebooks run at once (default: the cores)")
+    ap.add_argument("--force", action="store_true", help="re-run the chosen notebooks even when up to date")
     ap.add_argument(
-        "--keep-outputs", action="store_true", help="copy each notebook's outputs back into nbs/ (for the docs)"
+        "--keep-going", action="store_true", help="after a failure, finish the notebooks that do not need it"
+    )
+    ap.add_argument("--status", action="store_true", help="list every notebook: up to date, or the input that changed")
+    ap.add_argument("--list", action="store_true", help="list the notebooks that would run and exit")
+    ap.add_argument("--check-verdicts", action="store_true", help="compare the claims' verdicts with the snapshot")
+    ap.add_argument("--write-verdicts", action="store_true", help="write the verdicts of this run as the snapshot")
+    ap.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="copy the outputs of the notebooks that ran back into nbs/ (docs; add --force for all)",
     )
     return ap.parse_args(argv)
+
+
+def _rel(p: Path) -> str:
+    "`p` relative to the working directory when it is below it."
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(p)
 
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `rapo-reproduce`; returns the exit code."
     a = parse_args(argv)
     try:
-        notebooks = select_notebooks(numbered_notebooks(project_root() / "nbs"), a.only)
         if a.list:
-            print("\n".join(p.name for p in notebooks))
+            print("\n".join(p.name for p in select_notebooks(numbered_notebooks(project_root() / "nbs"), a.only)))
             return 0
-        t0 = time.perf_counter()
-        m = reproduce(a.profile, a.seed, a.device, a.out, a.only, a.figures, a.timeout, keep=a.keep_outputs)
-    except (NotebookFailed, ValueError) as e:
+        if a.status:
+            plan = Plan(a.profile, a.seed, a.device, a.out, a.only, a.figures)
+            for s, why in plan.status():
+                print(f"{s:<24} {why}")
+            print(f"(profile {a.profile}: cache in {_rel(plan.paths.cache)}, figures in {_rel(plan.paths.figures)})")
+            return 0
+        r = reproduce(
+            a.profile,
+            a.seed,
+            a.device,
+            a.out,
+            a.only,
+            a.figures,
+            a.timeout,
+            keep=a.keep_outputs,
+            jobs=a.jobs,
+            force=a.force,
+            keep_going=a.keep_going,
+        )
+    except ValueError as e:
         print(f"rapo-reproduce: {e}", file=sys.stderr)
         return 1
+    p = r["paths"]
     print(
-        f"rapo-reproduce: {len(m['notebooks'])} notebooks ok in {time.perf_counter() - t0:.1f} s "
-        f"(profile {a.profile}); figures in {figures_dir()}"
+        f"rapo-reproduce: profile {a.profile}: {len(r['ran'])} ran, {len(r['up to date'])} up to date, "
+        f"{len(r['failed'])} failed, {len(r['blocked']) + len(r['not run'])} not run, in {r['seconds']:.1f} s; "
+        f"figures and tables in {_rel(p.figures)}, executed notebooks in {_rel(p.run)}"
     )
-    return 0
+    for f in r["failures"].values():
+        print("FAILED " + failure_message(f), file=sys.stderr)
+    if r["failed"] or r["blocked"] or r["not run"]:
+        return 1
+    return verdicts_main(a.profile, p.figures, a.write_verdicts, a.check_verdicts)
+
+
+def verdicts_main(profile: str, figdir: Path, write: bool, check: bool) -> int:
+    "Write and/or check the verdict snapshot of `profile` against the claims in `figdir`; 1 when a verdict moved."
+    now, snap = collect_verdicts(figdir), verdicts_path(profile)
+    if write:
+        old = json.loads(snap.read_text()) if snap.exists() else {}
+        keep = {k: v for k, v in old.items() if isinstance(v, list) and now.get(k) in v}  # known load-dependent ones
+        snap.parent.mkdir(parents=True, exist_ok=True)
+        snap.write_text(json.dumps({**now, **keep}, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        print(f"rapo-reproduce: wrote {len(now)} verdicts to {_rel(snap)}")
+    if not check:
+        return 0
+    if not snap.exists():
+        print(f"rapo-reproduce: no verdict snapshot {_rel(snap)}; write one with --write-verdicts", file=sys.stderr)
+        return 1
+    lines = compare_verdicts(json.loads(snap.read_text()), now)
+    for l in lines:
+        print(l)
+    print(
+        f"rapo-reproduce: {len(now)} claims, {len(lines)} differ from {_rel(snap)}"
+        + ("" if not lines else f" (if intended: rapo-reproduce --profile {profile} --write-verdicts, and commit it)")
+    )
+    return 1 if lines else 0
 
 # %% ../nbs/reproduce.ipynb #20f5974e
 def index_to_markdown(index: Path | None = None) -> str:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command (`make test`) runs this: module and notebooks in sync, notebooks clean,
-# the notebooks' inline tests (nbdev-test), then pytest (whose summary line CI reads).
+# the notebooks' inline tests (nbdev-test), the quick profile through the verdict guard, then pytest
+# (whose summary line CI reads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -33,4 +34,8 @@ scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
 export MPLBACKEND=Agg
 # two nbdev-test workers on two cores: one torch/BLAS thread each, or small tensor ops slow down 10x
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 RAPO_FIGURES_DIR="$scratch/figures" RAPO_RESULTS_DIR="$scratch/results" "$BIN/nbdev-test" --n-workers 2 --timing
+# the quick profile end to end (stale notebooks only, into runs/quick/, never figures/), and the results guard:
+# a change that moves a claim's verdict away from tests/data/verdicts_quick.json fails here, listing the claim.
+# If the move is intended: .venv/bin/rapo-reproduce --profile quick --write-verdicts, and commit the snapshot.
+env -u RAPO_FIGURES_DIR -u RAPO_RESULTS_DIR "$BIN/rapo-reproduce" --profile quick --timeout 900 --check-verdicts
 "$BIN/python" -m pytest tests/ -ra -q -p no:cacheprovider "$@"
