@@ -16,10 +16,10 @@ import torch
 # %% auto #0
 __all__ = ['FSM_STATES', 'TASK_TYPES', 'SPECIALISTS', 'GROUPS', 'PROFILES', 'PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_MEMORY_LAW_GB',
            'PAPER_TABLE3', 'PAPER_TABLE3_CI', 'PAPER_TABLE3_P', 'PAPER_CLAIMS', 'SEED003_CLAIMS', 'SUM_TO_ONE_TOL',
-           'cf', 'StateConfig', 'ConsensusConfig', 'RoutingConfig', 'RuntimeConfig', 'TrainingConfig',
+           'NOTEBOOK_NAME', 'cf', 'StateConfig', 'ConsensusConfig', 'RoutingConfig', 'RuntimeConfig', 'TrainingConfig',
            'SyntheticConfig', 'EvaluationConfig', 'ScalingConfig', 'WorkflowConfig', 'SimulationConfig', 'Config',
-           'validate', 'load_config', 'constants_table', 'seed_everything', 'get_device', 'project_root', 'figures_dir',
-           'results_dir', 'save_table', 'save_figure']
+           'validate', 'load_config', 'constants_table', 'seed_everything', 'get_device', 'project_root',
+           'numbered_notebooks', 'figures_dir', 'results_dir', 'save_table', 'save_figure']
 
 # %% ../nbs/00_config.ipynb #8edb064f
 def cf(default: Any, section: str, lo: float | None = None, hi: float | None = None, doc: str = "", **kw) -> Any:
@@ -706,6 +706,15 @@ def project_root() -> Path:
             if p.exists() and "[tool.nbdev]" in p.read_text():
                 return d
     return Path.cwd().resolve()
+
+
+NOTEBOOK_NAME = re.compile(r"^(\d{2})_[\w-]+\.ipynb$")
+
+
+def numbered_notebooks(nbs: Path | None = None) -> list[Path]:
+    "The notebooks a reproduction runs, in order: `nbs/NN_*.ipynb`."
+    nbs = Path(nbs or project_root() / "nbs")
+    return sorted((p for p in nbs.iterdir() if NOTEBOOK_NAME.match(p.name)), key=lambda p: p.name)
 
 
 def figures_dir() -> Path:

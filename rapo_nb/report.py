@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, os
 from pathlib import Path
 import pandas as pd
-from .config import load_config, figures_dir, PAPER_TABLE1
+from .config import numbered_notebooks, load_config, figures_dir, PAPER_TABLE1
 
 # %% auto #0
 __all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'REPORT_ARTIFACTS', 'HEADLINE_TABLES', 'collect_claims', 'present_notebooks',
@@ -136,8 +136,6 @@ HEADLINE_TABLES = [
 
 def present_notebooks(nbs: Path | None = None) -> list[str]:
     "Stems of the numbered notebooks in this checkout."
-    from rapo_nb.reproduce import numbered_notebooks
-
     return [p.stem for p in numbered_notebooks(nbs)]
 
 

@@ -10,27 +10,17 @@ import argparse, ast, hashlib, json, os, platform, re, shutil, subprocess, sys, 
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
-from .config import PROFILES, project_root, figures_dir, results_dir, get_device
+from .config import NOTEBOOK_NAME, numbered_notebooks, PROFILES, project_root, figures_dir, results_dir, get_device
 
 # %% auto #0
-__all__ = ['NOTEBOOK_NAME', 'READS_TAG', 'CACHE_SCHEMA', 'numbered_notebooks', 'select_notebooks', 'declared_reads',
-           'dependency_graph', 'ancestors', 'RunPaths', 'run_paths', 'sha256_file', 'sha256_json', 'code_cells',
-           'module_closure', 'package_versions', 'key_components', 'read_entry', 'stale_reason', 'NotebookFailed',
-           'failure_message', 'failure_info', 'run_notebook', 'publish', 'environment_info', 'git_state',
-           'build_manifest', 'write_manifest', 'kernel_env', 'critical_path', 'Plan', 'reproduce', 'collect_verdicts',
-           'verdicts_path', 'compare_verdicts', 'keep_outputs', 'parse_args', 'main', 'verdicts_main',
-           'index_to_markdown', 'readme_main']
+__all__ = ['READS_TAG', 'CACHE_SCHEMA', 'select_notebooks', 'declared_reads', 'dependency_graph', 'ancestors', 'RunPaths',
+           'run_paths', 'sha256_file', 'sha256_json', 'code_cells', 'module_closure', 'package_versions',
+           'key_components', 'read_entry', 'stale_reason', 'NotebookFailed', 'failure_message', 'failure_info',
+           'run_notebook', 'publish', 'environment_info', 'git_state', 'build_manifest', 'write_manifest', 'kernel_env',
+           'critical_path', 'Plan', 'reproduce', 'collect_verdicts', 'verdicts_path', 'compare_verdicts',
+           'keep_outputs', 'parse_args', 'main', 'verdicts_main', 'index_to_markdown', 'readme_main']
 
 # %% ../nbs/reproduce.ipynb #4e9821ab
-NOTEBOOK_NAME = re.compile(r"^(\d{2})_[\w-]+\.ipynb$")
-
-
-def numbered_notebooks(nbs: Path | None = None) -> list[Path]:
-    "The notebooks a reproduction runs, in order: `nbs/NN_*.ipynb`."
-    nbs = Path(nbs or project_root() / "nbs")
-    return sorted((p for p in nbs.iterdir() if NOTEBOOK_NAME.match(p.name)), key=lambda p: p.name)
-
-
 def select_notebooks(notebooks: list[Path], only: str | None = None) -> list[Path]:
     "Keep notebooks whose number or name is in the comma-separated `only` (all when None); unknown names are an error."
     if not only:
