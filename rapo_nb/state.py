@@ -609,6 +609,26 @@ class StateBank:
         sequential_ema_(self.capability_score, agent, outcome, 1.0 - self.decay)
         return self
 
+    def update_one(self, agent: int, task: int, modality: int, outcome: float) -> "StateBank":
+        """One outcome (ints and a float in): bit-equal to `update_capability` with a batch of one, without torch dispatch.
+        The same arithmetic as `_ema_ordered`: the cell in float64, v ← (1−rate)·v + rate·float32(o), rounded once."""
+        m, l = self.M.shape[1:]
+        fast = self.M.device.type == "cpu" and self.M.dtype == self.capability_score.dtype == torch.float32
+        if not (fast and type(agent) is type(task) is type(modality) is int) or self.M.requires_grad:
+            fast = False
+        o = float(np.float32(outcome)) if isinstance(outcome, (int, float)) and not isinstance(outcome, bool) else None
+        if not fast or o is None or not (0 <= agent < self.n and 0 <= task < m and 0 <= modality < l and 0 <= o <= 1):
+            t = lambda x: torch.tensor(
+                [x]
+            )  # off the fast path, or bad input: the batched update decides (and names the field)
+            return self.update_capability(t(agent), t(task), t(modality), t(outcome))
+        M, s = self.M.numpy(), self.capability_score.numpy()
+        rate = self.eta
+        M[agent, task, modality] = (1.0 - rate) * float(M[agent, task, modality]) + rate * o
+        rate = 1.0 - self.decay
+        s[agent] = (1.0 - rate) * float(s[agent]) + rate * o
+        return self
+
     def set_utilisation(self, utilisation) -> "StateBank":
         "Replace utilisation [N] (values in [0, 1]) and recompute ω (§3.5)."
         u = torch.as_tensor(utilisation, device=self.device, dtype=torch.float32)
