@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from .config import Config, load_config, validate, save_table, save_figure, SEED003_CLAIMS
 from .state import StateBank, queue_rank
-from .routing import AgentLoad, NoAgentAvailable, make_router
+from .routing import AgentLoad, NoAgentAvailable, make_router, utilisation_share
 
 # %% auto #0
 __all__ = ['DOMAINS', 'STAGES', 'FAILURE_KINDS', 'SYSTEMS', 'PAPER_COMPLETION', 'Subtask', 'WorkflowPlan', 'UnplannableGoal',
