@@ -6,7 +6,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/routing.html.md"""
 
 # %% ../nbs/04_routing.ipynb #acf5ebce
 from __future__ import annotations
-import math, operator, time
+import math, time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
@@ -14,14 +14,15 @@ from numba import njit
 import torch
 import torch.nn.functional as F
 from .config import Config, RoutingConfig, load_config, get_device
+from .state import NumpyViews
 
 # %% auto #0
 __all__ = ['NO_AGENT', 'ROUTERS', 'load_coefficients', 'load_factor', 'NoAgentAvailable', 'AgentLoad', 'utilisation_share',
            'simulated_load', 'capability_matrix', 'Router', 'greedy_rounds_reference', 'candidate_agents',
-           'greedy_rounds', 'route_one_reference', 'NumpyViews', 'one_coefficients', 'route_one', 'RapoRouter',
-           'SequentialRouter', 'RoundRobinRouter', 'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter',
-           'make_router', 'BoundedWaitQueue', 'route_with_wait', 'replacement_for', 'Handover', 'fail_over',
-           'pools_by_strength', 'TwoLevelScheduler', 'hidden_skill', 'simulate_routing', 'best_agent_probability']
+           'greedy_rounds', 'route_one_reference', 'one_coefficients', 'route_one', 'RapoRouter', 'SequentialRouter',
+           'RoundRobinRouter', 'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter', 'make_router',
+           'BoundedWaitQueue', 'route_with_wait', 'replacement_for', 'Handover', 'fail_over', 'pools_by_strength',
+           'TwoLevelScheduler', 'hidden_skill', 'simulate_routing', 'best_agent_probability']
 
 # %% ../nbs/04_routing.ipynb #db15668f
 # sentinel in `select(..., allow_unassigned=True)`: no eligible agent for this request right now
@@ -615,21 +616,8 @@ def _route_one_kernel(M, cs, alive, active, pending, util, load_alive, task, mod
     return best if best_ok else NO_AGENT
 
 # %% ../nbs/04_routing.ipynb #c3812a2c
-class NumpyViews:
-    "numpy views (no copy) of the tensors a single decision reads; rebuilt only when the bank or load replaces a tensor."
-
-    def __init__(self):
-        self.tensors, self.arrays = (), None
-
-    def get(self, bank, load: AgentLoad):
-        "The seven arrays (M, capability_score, alive, active, pending, utilisation, load alive), or None off the fast path."
-        ts = (bank.M, bank.capability_score, bank.alive, load.active, load.pending, load.utilisation, load.alive)
-        if len(self.tensors) == 7 and all(map(operator.is_, ts, self.tensors)):
-            return self.arrays
-        want = (torch.float32,) * 2 + (torch.bool,) + (torch.float32,) * 3 + (torch.bool,)
-        ok = all(t.device.type == "cpu" and t.dtype == d and not t.requires_grad for t, d in zip(ts, want))
-        self.tensors, self.arrays = ts, (tuple(t.numpy() for t in ts) if ok else None)
-        return self.arrays
+# what the single decision reads: M, capability_score, alive of the bank; active, pending, utilisation, alive of the load
+_ONE_DTYPES = (torch.float32, torch.float32, torch.bool, torch.float32, torch.float32, torch.float32, torch.bool)
 
 
 def one_coefficients(mix: float, cfg, use_load: bool = True) -> np.ndarray:
@@ -643,17 +631,18 @@ def route_one(
 ) -> int:
     """Exactly `route_one_reference` (same arguments), as one numba loop over the agents: the single decision without
     torch dispatch. A caller deciding many times keeps `views` (a `NumpyViews`) and `k` (`one_coefficients`) across calls."""
-    if not isinstance(load, AgentLoad) or load.active.shape[0] != bank.M.shape[0]:
+    if not isinstance(load, AgentLoad):
         _check_bank_load(bank, load)  # raises, naming the field
-    _, m, l = bank.M.shape
-    if type(task) is not int or type(modality) is not int or not (0 <= task < m and 0 <= modality < l):
-        task, modality = (int(t[0]) for t in _check_request(task, modality, bank))  # raises, naming the field
-    arrays = (views or NumpyViews()).get(bank, load)
-    if arrays is not None and 0.0 <= mix <= 1.0 and bank.M.shape[0]:
-        k = one_coefficients(mix, cfg, use_load) if k is None else k
-        a = _route_one_kernel(*arrays, task, modality, k, use_load)
-        if a != -2:
-            return a
+    ts = (bank.M, bank.capability_score, bank.alive, load.active, load.pending, load.utilisation, load.alive)
+    arrays = (views or NumpyViews()).get(ts, _ONE_DTYPES)
+    if arrays is not None and type(task) is int and type(modality) is int and type(mix) is float and 0 <= mix <= 1:
+        N, m, l = arrays[0].shape
+        if N and arrays[3].shape[0] == N and 0 <= task < m and 0 <= modality < l:
+            k = one_coefficients(mix, cfg, use_load) if k is None else k
+            a = _route_one_kernel(*arrays, task, modality, k, use_load)
+            if a != -2:
+                return a
+    # off the fast path (GPU, other dtypes, bad load values) or bad input: the reference decides or names the field
     return route_one_reference(task, modality, bank, load, mix, cfg, use_load)
 
 # %% ../nbs/04_routing.ipynb #2a689c29

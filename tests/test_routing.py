@@ -642,6 +642,6 @@ def test_route_one_errors_and_fallbacks():
         r.select_one(0, 0, bank, dead)
     assert r.select_one(0, 0, bank, dead, allow_unassigned=True) == NO_AGENT
     half = copy.deepcopy(bank); half.M = half.M.double()             # off the fast path (float64 M): the reference decides
-    assert NumpyViews().get(half, ld) is None
+    assert NumpyViews().get((half.M,), (torch.float32,)) is None
     assert route_one(1, 1, half, ld, 0.8, CFG) == route_one_reference(1, 1, bank, ld, 0.8, CFG)
     assert one_coefficients(0.8, CFG).dtype == np.float32 and one_coefficients(0.8, CFG, use_load=False)[2:].tolist() == [0, 0, 0]

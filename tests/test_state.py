@@ -297,3 +297,19 @@ def test_update_one_errors_name_the_field_and_refuse_nan():
         bank.update_one(0, 0, 0, float("nan"))
     assert bank.rejected_updates == 1
     for k in ("M", "capability_score"): assert torch.equal(getattr(bank, k), snap[k])
+
+
+def test_update_one_views_follow_replaced_copied_and_pickled_banks():
+    "The cached numpy views never write into a stale array: a replaced M, a deep copy and a pickled bank each get their own."
+    import copy, pickle
+    bank = StateBank.create(3, CFG, device="cpu")
+    bank.update_one(0, 0, 0, 1.0)
+    twin = copy.deepcopy(bank)
+    twin.update_one(1, 0, 0, 1.0)
+    assert float(twin.M[1, 0, 0]) == np.float32(0.55) and float(bank.M[1, 0, 0]) == 0.5   # the copy writes its own M
+    bank.M = bank.M.clone()                                                           # replaced: views rebuilt
+    bank.update_one(2, 0, 0, 0.0)
+    assert float(bank.M[2, 0, 0]) == np.float32(0.45)
+    back = pickle.loads(pickle.dumps(bank))
+    back.update_one(2, 1, 0, 1.0)
+    assert float(back.M[2, 1, 0]) == np.float32(0.55) and float(bank.M[2, 1, 0]) == 0.5
