@@ -17,6 +17,7 @@ from rapo_nb.state import StateBank
 
 TARGET_BATCH_US = 5.0    # issue #4: batch of 10,000 decisions over 1,000 agents, amortised
 TARGET_SINGLE_US = 50.0  # issue #4: one decision
+TARGET_ONE_US = 10.0     # issue #18: one RAPO decision over 1,000 agents (the turn path), ours, not the paper's
 TARGET_TICK_MS = 25.0    # OURS, not the paper's: routing's share of issue #9's 100 ms control-loop tick at 100,000 agents
 TARGET_TICK_NOTE = "ours (issue #9): a quarter of the 100 ms control-loop tick, leaving the rest to state update + consensus; not a paper number"
 
@@ -78,6 +79,49 @@ def _run(n_agents, batch, single_repeats, batch_repeats, device, seed, policies)
     return df
 
 
+def run_single(n_agents: int = 1000, repeats: int = 2000, seed: int = 0, target_us: float = TARGET_ONE_US) -> pd.DataFrame:
+    """The single RAPO decision three ways on one bank and load (one torch thread): `RapoRouter.select_one` (ints in, the
+    turn path), `RapoRouter.select` on one-element tensors (the same fast path behind the tensor API) and
+    `route_one_reference` (the torch rule). Median µs over `repeats` requests cycling through (τ, μ); every request's
+    agent is checked equal across the three (AssertionError otherwise). The target applies to the fast paths."""
+    from rapo_nb.routing import RapoRouter, route_one_reference
+    for name, v in (("n_agents", n_agents), ("repeats", repeats)):
+        if not isinstance(v, int) or v < 1: raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+    cfg, bank, load, g = _setup(n_agents, "cpu", seed)
+    m, l = bank.M.shape[1:]
+    router = RapoRouter(cfg)
+    reqs = [(i % m, (i // m) % l) for i in range(repeats)]
+    tens = [(torch.tensor([t]), torch.tensor([u])) for t, u in reqs]
+    ref_n = min(repeats, 200)
+    ways = {
+        "RapoRouter.select_one (ints; the turn path)": lambda i: router.select_one(*reqs[i], bank, load),
+        "RapoRouter.select (one-element tensors)": lambda i: int(router.select(*tens[i], bank, load)[0]),
+        "route_one_reference (torch)": lambda i: route_one_reference(*reqs[i], bank, load, router.mix, cfg),
+    }
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows, picks = [], {}
+        for name, f in ways.items():
+            k = ref_n if name.startswith("route_one_reference") else repeats
+            for i in range(min(k, 50)): f(i)                       # warm-up (numba compiles or loads its cache)
+            times, got = [], []
+            for i in range(k):
+                t0 = time.perf_counter(); a = f(i); times.append(time.perf_counter() - t0); got.append(a)
+            picks[name] = got
+            fast = not name.startswith("route_one_reference")
+            med = float(pd.Series(times).median() * 1e6)
+            rows.append(dict(way=name, n_agents=n_agents, decisions=k, median_us=med,
+                             target_us=target_us if fast else float("nan"),
+                             target=("met" if med <= target_us else "not met") if fast else "reference (no target)"))
+    finally:
+        torch.set_num_threads(before)
+    ref = picks["route_one_reference (torch)"]
+    for name, got in picks.items():
+        if got[:len(ref)] != ref: raise AssertionError(f"{name} picked differently from route_one_reference")
+    return pd.DataFrame(rows)
+
+
 def run_tick(n_agents: int = 100_000, batch: int = 1024, repeats: int = 9, threads: int = 2, seed: int = 0,
              reference: bool = True) -> pd.DataFrame:
     """The scaling notebook's control-loop tick routing (`rapo_nb.scaling.control_tick`): `RapoRouter.select` of `batch` requests
@@ -137,6 +181,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     df = run(a.agents, a.batch, a.single_repeats, a.batch_repeats, a.device, threads=a.threads)
     print(df.to_markdown(index=False, floatfmt=".2f"))
+    one = run_single(a.agents)
+    print(f"\nOne RAPO decision over {a.agents:,} agents (target_us = {TARGET_ONE_US:g}: issue #18, ours; same agents checked)")
+    print(one.to_markdown(index=False, floatfmt=".2f"))
     if not a.no_tick:
         tick = run_tick(a.tick_agents, a.tick_batch, a.tick_repeats, a.tick_threads)
         print(f"\nScaling tick routing (target_ms = {TARGET_TICK_MS:g}: {TARGET_TICK_NOTE})")

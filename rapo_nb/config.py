@@ -23,7 +23,8 @@ __all__ = ['FSM_STATES', 'TASK_TYPES', 'SPECIALISTS', 'GROUPS', 'PROFILES', 'PAP
 
 # %% ../nbs/00_config.ipynb #8edb064f
 def cf(default: Any, section: str, lo: float | None = None, hi: float | None = None, doc: str = "", **kw) -> Any:
-    "A config field carrying its paper `section`, allowed range [`lo`, `hi`] and a one-line `doc`."
+    """A config field carrying its paper `section`, allowed range [`lo`, `hi`] and a one-line `doc`; `kw` adds checks:
+    `length=` (a tuple's length), `shape=` (a tuple's shape), `ordered=True` (a pair with lower ≤ upper), `choices=`."""
     meta = dict(section=section, lo=lo, hi=hi, doc=doc, **kw)
     if isinstance(default, (list, dict, tuple)):
         return field(default_factory=lambda d=default: type(d)(d) if not isinstance(d, tuple) else d, metadata=meta)
@@ -123,7 +124,7 @@ class RoutingConfig:
     "Adaptive routing by capability and load (§3.4), failure replacement (§4.4), two-level scheduling (§4.5)."
 
     load_weights: tuple = cf(
-        (0.4, 0.3, 0.3), "§3.4 eq. 6", 0.0, 1.0, "weights of N_a/C_max, Q_a/Q_max, R_a/R_max; sum to 1"
+        (0.4, 0.3, 0.3), "§3.4 eq. 6", 0.0, 1.0, "weights of N_a/C_max, Q_a/Q_max, R_a/R_max; sum to 1", length=3
     )
     c_max: float = cf(10.0, "§3.4 eq. 6", 1e-9, 1e9, "C_max: concurrent conversations per agent")
     q_max: float = cf(50.0, "§3.4 eq. 6", 1e-9, 1e9, "Q_max: pending requests per agent")
@@ -247,15 +248,15 @@ class SyntheticConfig:
     n_query_rules: int = cf(50, "§5.1", 1, 10**6, "CFG production rules for queries")
     n_response_rules: int = cf(30, "§5.1", 1, 10**6, "CFG production rules for responses")
     n_trigger_rules: int = cf(20, "§5.1", 1, 10**6, "CFG production rules for transition triggers")
-    depth_range: tuple = cf((3, 12), "§5.1", 1, 1000, "parse-tree depth range")
-    entity_range: tuple = cf((5, 50), "§5.1", 1, 10**6, "entities per conversation")
-    relation_range: tuple = cf((10, 200), "§5.1", 1, 10**6, "relations per conversation")
-    inference_range: tuple = cf((1, 8), "§5.1", 1, 1000, "inference-chain length")
+    depth_range: tuple = cf((3, 12), "§5.1", 1, 1000, "parse-tree depth range", length=2, ordered=True)
+    entity_range: tuple = cf((5, 50), "§5.1", 1, 10**6, "entities per conversation", length=2, ordered=True)
+    relation_range: tuple = cf((10, 200), "§5.1", 1, 10**6, "relations per conversation", length=2, ordered=True)
+    inference_range: tuple = cf((1, 8), "§5.1", 1, 1000, "inference-chain length", length=2, ordered=True)
     depth_trigger: int = cf(8, "§5.1", 0, 1000, "depth > this → grammar specialist")
     entity_trigger: int = cf(20, "§5.1", 0, 10**6, "entities > this → knowledge specialist")
     inference_trigger: int = cf(4, "§5.1", 0, 1000, "inference length > this → reasoning specialist")
     task_type_probs: tuple = cf(
-        (0.40, 0.35, 0.25), "§5.1", 0.0, 1.0, "task-type probabilities, in TASK_TYPES order; sum to 1"
+        (0.40, 0.35, 0.25), "§5.1", 0.0, 1.0, "task-type probabilities, in TASK_TYPES order; sum to 1", length=3
     )
     length_dispersion: float = cf(
         2.0, "ours (§5.1 gives no length distribution)", 1e-6, 1e6, "negative-binomial shape of the middle-turn count"
@@ -312,7 +313,13 @@ class EvaluationConfig:
         0.2, "ours (verdict tolerance)", 0.0, 100.0, "Cohen's d is reproduced within ± this of the paper's"
     )
     moderate_d_range: tuple = cf(
-        (0.3, 0.8), "§5.5 ('d ≈ 0.5'; our reading)", -100.0, 100.0, "a moderate effect: every d inside this range"
+        (0.3, 0.8),
+        "§5.5 ('d ≈ 0.5'; our reading)",
+        -100.0,
+        100.0,
+        "a moderate effect: every d inside this range",
+        length=2,
+        ordered=True,
     )
 
 # %% ../nbs/00_config.ipynb #a048b903
@@ -412,9 +419,17 @@ class SimulationConfig:
         shape=(len(SPECIALISTS), len(SPECIALISTS)),
     )
     skill_noise: float = cf(0.04, "ours", 0.0, 1.0, "sd of the per-agent modality and per-(agent, task) skill offsets")
-    skill_range: tuple = cf((0.02, 0.99), "ours", 0.0, 1.0, "hidden skill clipped to this range")
+    skill_range: tuple = cf(
+        (0.02, 0.99), "ours", 0.0, 1.0, "hidden skill clipped to this range", length=2, ordered=True
+    )
     speed_range: tuple = cf(
-        (0.8, 1.25), "ours", 1e-6, 1e6, "hidden per-agent speed factor of service time, uniform in this range"
+        (0.8, 1.25),
+        "ours",
+        1e-6,
+        1e6,
+        "hidden per-agent speed factor of service time, uniform in this range",
+        length=2,
+        ordered=True,
     )
     latency_base_s: float = cf(
         0.004, "ours (paper gives no service-time model)", 0.0, 1e3, "fixed cost per simulated call (s)"
@@ -580,8 +595,8 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
         if not isinstance(value, (tuple, list)):
             raise ValueError(f"{name}: expected a sequence, got {value!r}")
         value = tuple(tuple(v) if isinstance(v, (tuple, list)) else v for v in value)
-        if len(default) in (2, 3) and name.endswith(("_range", "load_weights", "probs")) and len(value) != len(default):
-            raise ValueError(f"{name}: expected {len(default)} values, got {len(value)}")
+        if m.get("length") is not None and len(value) != m["length"]:
+            raise ValueError(f"{name}: expected {m['length']} values, got {len(value)}")
         shape = m.get("shape")
         if shape is not None and (
             len(value) != shape[0]
@@ -591,7 +606,7 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
         items = [x for v in value for x in (v if isinstance(v, tuple) else (v,))]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
             raise ValueError(f"{name}: expected numbers, got {value!r}")
-        if (name.endswith("_range") or m.get("ordered")) and value[0] > value[1]:
+        if m.get("ordered") and value[0] > value[1]:
             raise ValueError(f"{name}: lower bound {value[0]} exceeds upper bound {value[1]}")
     elif isinstance(default, str):
         if not isinstance(value, str):

@@ -14,23 +14,19 @@ from numba import njit
 import torch
 import torch.nn.functional as F
 from .config import Config, RoutingConfig, load_config, get_device
+from .state import NumpyViews
 
 # %% auto #0
-__all__ = ['NO_AGENT', 'CAPABILITY_MIX', 'LOAD_FEEDBACK', 'ROUTERS', 'load_coefficients', 'load_factor', 'NoAgentAvailable',
-           'AgentLoad', 'utilisation_share', 'simulated_load', 'capability_matrix', 'Router', 'greedy_rounds_reference',
-           'candidate_agents', 'greedy_rounds', 'RapoRouter', 'SequentialRouter', 'RoundRobinRouter',
-           'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter', 'make_router', 'BoundedWaitQueue',
-           'route_with_wait', 'replacement_for', 'Handover', 'fail_over', 'pools_by_strength', 'TwoLevelScheduler',
-           'hidden_skill', 'simulate_routing', 'best_agent_probability']
+__all__ = ['NO_AGENT', 'ROUTERS', 'load_coefficients', 'load_factor', 'NoAgentAvailable', 'AgentLoad', 'utilisation_share',
+           'simulated_load', 'capability_matrix', 'Router', 'greedy_rounds_reference', 'candidate_agents',
+           'greedy_rounds', 'route_one_reference', 'one_coefficients', 'route_one', 'RapoRouter', 'SequentialRouter',
+           'RoundRobinRouter', 'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter', 'make_router',
+           'BoundedWaitQueue', 'route_with_wait', 'replacement_for', 'Handover', 'fail_over', 'pools_by_strength',
+           'TwoLevelScheduler', 'hidden_skill', 'simulate_routing', 'best_agent_probability']
 
 # %% ../nbs/04_routing.ipynb #db15668f
-NO_AGENT = -1  # sentinel in `select(..., allow_unassigned=True)`: no eligible agent for this request right now
-CAPABILITY_MIX = (
-    RoutingConfig().capability_mix
-)  # §3.4 (our reading), config field routing.capability_mix: weight of M[a, τ, μ] against the agent-wide score
-LOAD_FEEDBACK = (
-    RoutingConfig().load_feedback
-)  # §3.4 (our reading), config field routing.load_feedback: a batch sees the load of its earlier decisions
+# sentinel in `select(..., allow_unassigned=True)`: no eligible agent for this request right now
+NO_AGENT = -1
 
 
 def _routing_cfg(cfg) -> RoutingConfig:
@@ -70,7 +66,7 @@ def _as_vec(x, name: str, dtype=torch.float32, device=None) -> torch.Tensor:
 
 
 def load_factor(active, pending, utilisation, cfg) -> torch.Tensor:
-    "Eq. 6 for every agent at once: L_a = α·N_a/C_max + β·Q_a/Q_max + γ·R_a/R_max (float32 [N])."
+    "Eq. 6 for every agent at once: L_a = α·N_a/C_max + β·Q_a/Q_max + γ·R_a/R_max (float32 [N]; the one implementation)."
     ka, kq, kr = load_coefficients(cfg)
     active = _as_vec(active, "active")
     pending = _as_vec(pending, "pending", device=active.device)
@@ -143,7 +139,7 @@ class AgentLoad:
         add = torch.bincount(agents, minlength=self.n).to(self.active.dtype)
         return AgentLoad(self.active + add, self.pending.clone(), self.utilisation.clone(), self.alive.clone())
 
-
+# %% ../nbs/04_routing.ipynb #fb436c00
 def utilisation_share(active, cfg):
     "R_a of eq. 6 as we read it: the share of an agent's C_max conversation slots in use, capped to [0, 1]."
     c_max = _routing_cfg(cfg).c_max
@@ -195,8 +191,9 @@ def _check_request(task, modality, bank) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
-def capability_matrix(bank, task, modality, mix: float = CAPABILITY_MIX) -> torch.Tensor:
-    "C_a for every request (rows) and agent (columns): mix·M[a, τ, μ] + (1 − mix)·capability_score[a] (float32 [B, N])."
+def capability_matrix(bank, task, modality, mix: float) -> torch.Tensor:
+    """C_a for every request (rows) and agent (columns): mix·M[a, τ, μ] + (1 − mix)·capability_score[a] (float32 [B, N];
+    two float32 products, then their sum). `mix` is the router's `cfg.routing.capability_mix`."""
     if not (isinstance(mix, (int, float)) and 0.0 <= mix <= 1.0):
         raise ValueError(f"mix: expected a number in [0, 1], got {mix!r}")
     task, modality = _check_request(task, modality, bank)
@@ -233,7 +230,7 @@ class Router(Protocol):
         allow_unassigned: bool = False,
     ) -> torch.Tensor: ...
 
-
+# %% ../nbs/04_routing.ipynb #816dd4bb
 def greedy_rounds_reference(
     key_scores: torch.Tensor,
     inv: torch.Tensor,
@@ -281,9 +278,8 @@ def greedy_rounds_reference(
         if not bool(ok.any()):
             break
         req = torch.where(ok, order[nxt.clamp(max=B - 1)], B)
-        winner = never.clone().scatter_reduce_(
-            0, best, req, "amin"
-        )  # an agent wanted by several keys: earliest request
+        # an agent wanted by several keys: earliest request
+        winner = never.clone().scatter_reduce_(0, best, req, "amin")
         acc = ok & (winner[best] == req)
         chosen = best[acc]
         out[req[acc]] = chosen
@@ -299,6 +295,8 @@ def greedy_rounds_reference(
 
 # %% ../nbs/04_routing.ipynb #b0fe62e2
 _CACHE = __name__ != "__main__"  # numba caches compiled kernels on disk for the module, not for notebook cells
+
+
 _NINF = np.float32(-np.inf)
 
 
@@ -332,7 +330,7 @@ def _sift_down(hv, hi, u, i, n, v, a, best_on_top) -> None:
     hv[u, i] = v
     hi[u, i] = a
 
-
+# %% ../nbs/04_routing.ipynb #2022aaf6
 @njit(cache=_CACHE, nogil=True)
 def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
     """One pass over the agent-major scores kt [N, U]: for every key u, the Ks[u] best eligible agents by (v⁰, −id),
@@ -383,7 +381,7 @@ def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
                 nonfinite = True  # −inf, or NaN (NaN fails every comparison)
     return (1 if neg else 0) + (2 if nonfinite else 0)
 
-
+# %% ../nbs/04_routing.ipynb #8b17ddff
 @njit(cache=_CACHE, nogil=True)
 def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out) -> bool:
     """The steps of `greedy_rounds_reference` on the candidates of `_top_candidates` (turned into max-heaps). A candidate's
@@ -479,7 +477,7 @@ def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out)
                 claim[prop[u]] = B
     return True
 
-
+# %% ../nbs/04_routing.ipynb #7b0e62bd
 def _candidates(kt: np.ndarray, L: np.ndarray, elig: np.ndarray, ks: np.ndarray):
     "Run `_top_candidates` with ks[u] candidates for key u; (ids [U, max ks], values, counts [U], flags)."
     U = kt.shape[1]
@@ -536,7 +534,7 @@ def candidate_agents(key_scores: torch.Tensor, L0: torch.Tensor, eligible: torch
         out[u, :n] = torch.from_numpy(ids[np.lexsort((ids, -vals))])
     return out
 
-
+# %% ../nbs/04_routing.ipynb #1d7126f0
 def greedy_rounds(
     key_scores: torch.Tensor,
     inv: torch.Tensor,
@@ -580,7 +578,83 @@ def greedy_rounds(
             return out
     raise AssertionError("greedy_rounds: K = min(B, N) candidates always satisfy the exactness check")
 
+# %% ../nbs/04_routing.ipynb #b8379841
+def route_one_reference(task: int, modality: int, bank, load: AgentLoad, mix: float, cfg, use_load: bool = True) -> int:
+    """The rule for one request in plain torch (the definition `route_one` is proven equal to): argmax over alive,
+    unsaturated agents of C_a·(1 − L_a), ties → lowest id; NO_AGENT if no agent is eligible."""
+    _check_bank_load(bank, load)
+    if bank.M.shape[0] == 0:
+        return NO_AGENT
+    L = load.factor(cfg) if use_load else torch.zeros_like(load.active)  # eq. 6
+    elig = bank.alive & load.alive & (L < 1.0)
+    s = capability_matrix(bank, [task], [modality], mix)[0] * (1.0 - L)
+    best = int(s.masked_fill(~elig, float("-inf")).argmax())
+    return best if bool(elig[best]) else NO_AGENT
+
+
+@njit(cache=_CACHE, nogil=True)
+def _route_one_kernel(M, cs, alive, active, pending, util, load_alive, task, modality, k, use_load) -> int:
+    """`route_one_reference` as one loop; k = float32 (mix, 1 − mix, α/C_max, β/Q_max, γ/R_max).
+    Returns the agent, NO_AGENT, or −2 when a load value is negative or not finite (the caller then asks the reference)."""
+    one, zero, inf = np.float32(1.0), np.float32(0.0), np.float32(np.inf)
+    best, best_v, best_ok = 0, _NINF, False
+    for a in range(M.shape[0]):
+        L = zero
+        if use_load:
+            x, q, r = active[a], pending[a], util[a]
+            if not (0 <= x < inf and 0 <= q < inf and 0 <= r < inf):
+                return -2
+            L = (x * k[2] + q * k[3]) + r * k[4]  # eq. 6, in load_factor's order
+        ok = alive[a] and load_alive[a] and L < one
+        v = (k[0] * M[a, task, modality] + k[1] * cs[a]) * (one - L) if ok else _NINF
+        if a == 0:
+            best_ok = ok
+        if v != v:  # NaN ranks first in torch.argmax (only an eligible agent can hold one)
+            return a
+        if v > best_v:  # strict: the first maximum wins, as torch.argmax
+            best, best_v, best_ok = a, v, ok
+    return best if best_ok else NO_AGENT
+
+# %% ../nbs/04_routing.ipynb #c3812a2c
+# what the single decision reads: M, capability_score, alive of the bank; active, pending, utilisation, alive of the load
+_ONE_DTYPES = (torch.float32, torch.float32, torch.bool, torch.float32, torch.float32, torch.float32, torch.bool)
+
+
+def one_coefficients(mix: float, cfg, use_load: bool = True) -> np.ndarray:
+    "The float32 constants of the single-decision loop: (mix, 1 − mix, α/C_max, β/Q_max, γ/R_max), as torch rounds them."
+    ka, kq, kr = load_coefficients(cfg) if use_load else (0.0, 0.0, 0.0)
+    return np.array([mix, 1.0 - mix, ka, kq, kr], np.float32)
+
+
+def route_one(
+    task: int, modality: int, bank, load: AgentLoad, mix: float, cfg, use_load: bool = True, views=None, k=None
+) -> int:
+    """Exactly `route_one_reference` (same arguments), as one numba loop over the agents: the single decision without
+    torch dispatch. A caller deciding many times keeps `views` (a `NumpyViews`) and `k` (`one_coefficients`) across calls."""
+    if not isinstance(load, AgentLoad):
+        _check_bank_load(bank, load)  # raises, naming the field
+    ts = (bank.M, bank.capability_score, bank.alive, load.active, load.pending, load.utilisation, load.alive)
+    arrays = (views or NumpyViews()).get(ts, _ONE_DTYPES)
+    if arrays is not None and type(task) is int and type(modality) is int and type(mix) is float and 0 <= mix <= 1:
+        N, m, l = arrays[0].shape
+        if N and arrays[3].shape[0] == N and 0 <= task < m and 0 <= modality < l:
+            k = one_coefficients(mix, cfg, use_load) if k is None else k
+            a = _route_one_kernel(*arrays, task, modality, k, use_load)
+            if a != -2:
+                return a
+    # off the fast path (GPU, other dtypes, bad load values) or bad input: the reference decides or names the field
+    return route_one_reference(task, modality, bank, load, mix, cfg, use_load)
+
 # %% ../nbs/04_routing.ipynb #2a689c29
+def _one_request(task, modality):
+    "(τ, μ) as ints when both are one-element integer tensors or ints (the single-decision path), else None."
+    if isinstance(task, torch.Tensor) and isinstance(modality, torch.Tensor):
+        if task.numel() != 1 or modality.numel() != 1 or task.dim() > 1 or modality.dim() > 1:
+            return None
+        task, modality = task.item(), modality.item()  # a float or bool tensor gives a float or bool: not this path
+    return (task, modality) if type(task) is int and type(modality) is int else None
+
+# %% ../nbs/04_routing.ipynb #54de7551
 class RapoRouter:
     "§3.4: A_opt = argmax_a C_a(t)·(1 − L_a(t)) over alive, unsaturated agents, C_a read from M[a, τ, μ] and the capability score."
 
@@ -589,47 +663,52 @@ class RapoRouter:
     def __init__(
         self, cfg, capability_mix: float | None = None, use_load: bool = True, load_feedback: bool | None = None
     ):
-        self.coeffs = load_coefficients(cfg)
-        capability_mix = cfg.routing.capability_mix if capability_mix is None else capability_mix
-        load_feedback = cfg.routing.load_feedback if load_feedback is None else load_feedback
+        self.rc, self.coeffs = _routing_cfg(cfg), load_coefficients(cfg)
+        capability_mix = self.rc.capability_mix if capability_mix is None else capability_mix
+        load_feedback = self.rc.load_feedback if load_feedback is None else load_feedback
         if not (isinstance(capability_mix, (int, float)) and 0.0 <= capability_mix <= 1.0):
             raise ValueError(f"capability_mix: expected a number in [0, 1], got {capability_mix!r}")
         self.mix, self.use_load, self.load_feedback = float(capability_mix), bool(use_load), bool(load_feedback)
+        self._k, self._views = one_coefficients(self.mix, self.rc, self.use_load), NumpyViews()
 
-    def _load(self, load: AgentLoad) -> torch.Tensor:
-        ka, kq, kr = self.coeffs
-        if not self.use_load:
-            return torch.zeros_like(load.active)
-        return (load.active * ka).add_(load.pending, alpha=kq).add_(load.utilisation, alpha=kr)
+    def load_factor(self, load: AgentLoad) -> torch.Tensor:
+        "L_a the rule uses: eq. 6, or zeros for the no-load-term ablation."
+        return load.factor(self.rc) if self.use_load else torch.zeros_like(load.active)
 
     def scores(self, task, modality, bank, load: AgentLoad) -> torch.Tensor:
         "C_a·(1 − L_a) for every request and agent (−inf where the agent is dead or saturated), float32 [B, N]."
         _check_bank_load(bank, load)
-        L = self._load(load)
+        L = self.load_factor(load)
         elig = bank.alive & load.alive & (L < 1.0)
         s = capability_matrix(bank, task, modality, self.mix) * (1.0 - L)[None, :]
         return s.masked_fill(~elig[None, :], float("-inf"))
+
+    def select_one(self, task: int, modality: int, bank, load: AgentLoad, allow_unassigned: bool = False) -> int:
+        "One request (ints in, agent id out): `route_one`, the single decision without torch dispatch."
+        a = route_one(task, modality, bank, load, self.mix, self.rc, self.use_load, self._views, self._k)
+        if a < 0 and not allow_unassigned:
+            _no_agent(torch.tensor([a]), self.name, False)  # raises NoAgentAvailable
+        return a
 
     def select(
         self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
     ) -> torch.Tensor:
         "One agent per request (LongTensor [B]); NoAgentAvailable (or NO_AGENT when allow_unassigned) where none is eligible."
+        one = _one_request(task, modality)
+        if one is not None:  # a single decision
+            a = torch.from_numpy(np.array([self.select_one(*one, bank, load, allow_unassigned)]))
+            return a if bank.M.is_cpu else a.to(bank.M.device)
         task, modality = _check_request(task, modality, bank)
         _check_bank_load(bank, load)
         N, m, l = bank.M.shape
-        L = self._load(load)
+        L = self.load_factor(load)
         elig = bank.alive & load.alive & (L < 1.0)
-        cs = bank.capability_score.float()
-        if task.numel() == 1:  # single decision: one column of M, one argmax
-            C = torch.add(bank.M[:, int(task), int(modality)].float() * self.mix, cs, alpha=1.0 - self.mix)
-            best = torch.where(elig, C * (1.0 - L), float("-inf")).argmax().reshape(1)
-            return _no_agent(torch.where(elig[best], best, NO_AGENT), self.name, allow_unassigned)
         uniq, inv = torch.unique(task * l + modality, return_inverse=True)
         # C for the batch's keys, agent-major [N, U] (the layout of M, which greedy_rounds scans): no gather when every key
-        # occurs (a full tick), no [U, N] transpose copy, one temporary (the same float32 values as capability_matrix)
+        # occurs (a full tick), no [U, N] transpose copy; the float32 values of capability_matrix (two products, one sum)
         M2 = bank.M.reshape(N, m * l)
         Ct = M2.float() * self.mix if uniq.numel() == m * l else M2[:, uniq].float().mul_(self.mix)
-        Ct.add_(cs[:, None], alpha=1.0 - self.mix)
+        Ct.add_((bank.capability_score.float() * (1.0 - self.mix))[:, None])
         inc = self.coeffs[0] if self.use_load else 0.0
         out = greedy_rounds(Ct.T, inv, L, elig, inc, feedback=self.load_feedback and self.use_load)
         return _no_agent(out, self.name, allow_unassigned)
@@ -685,14 +764,14 @@ class RoundRobinRouter:
         self.next_agent = int(out[-1]) + 1
         return out
 
-
+# %% ../nbs/04_routing.ipynb #f8798b2e
 class LeastLoadedRouter:
     "Baseline P4 + load balancing (join the least-loaded queue): argmin_a L_a over alive, unsaturated agents; ties → lowest id."
 
     name = "least_loaded"
 
     def __init__(self, cfg, load_feedback: bool | None = None):
-        self.coeffs = load_coefficients(cfg)
+        self.rc, self.coeffs = _routing_cfg(cfg), load_coefficients(cfg)
         self.load_feedback = bool(cfg.routing.load_feedback if load_feedback is None else load_feedback)
 
     def select(
@@ -700,8 +779,8 @@ class LeastLoadedRouter:
     ) -> torch.Tensor:
         task, modality = _check_request(task, modality, bank)
         _check_bank_load(bank, load)
-        ka, kq, kr = self.coeffs
-        L = load.active * ka + load.pending * kq + load.utilisation * kr
+        ka = self.coeffs[0]
+        L = load_factor(load.active, load.pending, load.utilisation, self.rc)
         elig = bank.alive & load.alive & (L < 1.0)
         B, N, dev = task.numel(), L.numel(), L.device
         out = torch.full((B,), NO_AGENT, dtype=torch.long, device=dev)
@@ -717,7 +796,7 @@ class LeastLoadedRouter:
                 out[:k] = torch.where(torch.isfinite(vals[:k]), idx[:k] // K, torch.full_like(idx[:k], NO_AGENT))
         return _no_agent(out, self.name, allow_unassigned)
 
-
+# %% ../nbs/04_routing.ipynb #570c6fa9
 class SimilarityRouter:
     "Baseline Yao et al. + similarity matching: argmax cosine(query, P_a); without a query vector, the agent whose M profile is most concentrated on (τ, μ)."
 
@@ -777,7 +856,7 @@ class RandomRouter:
 
 ROUTERS = ("rapo", "sequential", "round_robin", "least_loaded", "similarity", "random")
 
-
+# %% ../nbs/04_routing.ipynb #bfde55d7
 def make_router(name: str, cfg, seed: int = 0, **kw) -> Router:
     "The router called `name` (one of ROUTERS), built from `cfg` (and `seed` for the random one)."
     if name == "rapo":
@@ -856,7 +935,7 @@ class BoundedWaitQueue:
             )
         return served
 
-
+# %% ../nbs/04_routing.ipynb #e5c3cb11
 def route_with_wait(
     router: Router,
     task,
@@ -938,7 +1017,7 @@ def pools_by_strength(bank, n_pools: int) -> torch.Tensor:
     pool[order] = torch.arange(N, device=bank.M.device) * n_pools // max(N, 1)
     return pool
 
-
+# %% ../nbs/04_routing.ipynb #92292483
 class TwoLevelScheduler:
     """§4.5: a global scheduler sends each conversation to a pool by predicted complexity in [0, 1] (pool k for the k-th band of
     `boundaries`); a local router picks inside the pool. With `overflow`, requests a pool cannot serve fall back to all agents."""
@@ -1023,7 +1102,7 @@ def hidden_skill(
     skill[np.arange(n_agents), spec, :] = rng.uniform(*high, size=(n_agents, l))
     return torch.as_tensor(skill, dtype=torch.float32)
 
-
+# %% ../nbs/04_routing.ipynb #f425a685
 def simulate_routing(
     router: Router,
     bank,
@@ -1075,8 +1154,8 @@ def simulate_routing(
         busy[r % hold] = torch.bincount(a, minlength=N).float()
     return pd.DataFrame(rows)
 
-
-def best_agent_probability(bank, skill: torch.Tensor, mix: float = CAPABILITY_MIX, tol: float = 0.0) -> float:
+# %% ../nbs/04_routing.ipynb #312568c2
+def best_agent_probability(bank, skill: torch.Tensor, mix: float, tol: float = 0.0) -> float:
     "Share of (τ, μ) cells where the idle-load routing choice argmax_a C_a has true skill within `tol` of the best agent's."
     N, m, l = skill.shape
     C = capability_matrix(bank, torch.arange(m).repeat_interleave(l), torch.arange(l).repeat(m), mix)

@@ -29,15 +29,16 @@ from rapo_nb.config import (
 # %% auto #0
 __all__ = ['GB', 'MB', 'TICK_ROUTING_BATCH', 'OPTIMISATION_AGENTS', 'BENCH_THREADS', 'GOALS', 'PAPER_MEMORY_SAVING',
            'COUNT_COLUMNS', 'HISTORY_POOL', 'SUCCESS_CONVERSATIONS', 'TABLE2_PAPER_COLUMNS', 'COMM_SCHEMES',
-           'SCHEDULER_COUNTS', 'COMPLETE_MAX_EDGES', 'DOMINANCE_COUNTS', 'LANGGRAPH_CONVERSATIONS', 'SCALING_PARTS',
-           'table_floatfmt', 'rss_bytes', 'peak_rss_bytes', 'cpu_seconds', 'timed', 'tensor_bytes', 'season_bank',
-           'build_deployment', 'activate_contexts', 'tick_requests', 'tick_batch', 'control_tick', 'measure_size',
-           'measure_size_subprocess', 'build_history_store', 'history_bytes', 'scaling_sweep', 'fit_memory_law',
-           'memory_law', 'success_at_scale', 'build_table2', 'pool_sizes', 'messages_per_tick', 'scheduler_reads',
-           'communication_table', 'scheduler_timing', 'consensus_share_sweep', 'dominance_point',
-           'optimisation_variants', 'measure_optimisations', 'goal_verdicts', 'langgraph_available', 'fake_model',
-           'conversation_plans', 'count_handoffs', 'run_langgraph', 'run_rapo_orchestration', 'runtime_coordination',
-           'handoff_overhead_table', 'scaling_claims', 'scaling_tables']
+           'SCHEDULER_COUNTS', 'COMPLETE_MAX_EDGES', 'DOMINANCE_COUNTS', 'TURN_OVERHEAD_RATIO_TARGET',
+           'LANGGRAPH_CONVERSATIONS', 'SCALING_PARTS', 'table_floatfmt', 'rss_bytes', 'peak_rss_bytes', 'cpu_seconds',
+           'timed', 'tensor_bytes', 'season_bank', 'build_deployment', 'activate_contexts', 'tick_requests',
+           'tick_batch', 'control_tick', 'measure_size', 'measure_size_subprocess', 'build_history_store',
+           'history_bytes', 'scaling_sweep', 'fit_memory_law', 'memory_law', 'success_at_scale', 'build_table2',
+           'pool_sizes', 'messages_per_tick', 'scheduler_reads', 'communication_table', 'scheduler_timing',
+           'consensus_share_sweep', 'dominance_point', 'optimisation_variants', 'measure_optimisations',
+           'goal_verdicts', 'langgraph_available', 'fake_model', 'conversation_plans', 'count_handoffs',
+           'run_langgraph', 'run_rapo_orchestration', 'runtime_coordination', 'handoff_overhead_table',
+           'turn_overhead_verdict', 'scaling_claims', 'scaling_tables']
 
 # %% ../nbs/17_scaling.ipynb #f54a70fc
 GB = 1e9  # the paper's "GB" read as 10^9 bytes
@@ -836,48 +837,52 @@ def run_langgraph(conversations: list, repeats: int = 3) -> dict:
         handoffs=count_handoffs(conversations),
     )
 
-
+# %% ../nbs/17_scaling.ipynb #7903fc75
 def run_rapo_orchestration(conversations: list, cfg: Config, seed: int = 0, repeats: int = 3) -> dict:
-    "Drive `conversations` through rapo_nb's router, state bank, context hand-over and consensus with instant fake models."
+    """Drive `conversations` through rapo_nb's turn path with instant fake models: per turn one RAPO decision
+    (`RapoRouter.select_one`, no torch dispatch), N_a updated in place, the context window handed over on a handoff,
+    one capability cell updated (`StateBank.update_one`), the history pruned; one consensus step per conversation.
+    The bank, topology, engine and router are built once, outside the timed runs (as LangGraph's graph is compiled once);
+    each run starts from the same bank snapshot. `engine_share`: the share of the wall time spent in `ConsensusEngine.step`."""
     from rapo_nb.state import StateBank, prune_history
     from rapo_nb.consensus import make_topology, ConsensusEngine
-    from rapo_nb.routing import AgentLoad, make_router
+    from rapo_nb.routing import AgentLoad, RapoRouter
 
     n = cfg.evaluation.n_agents
     k, keep = cfg.state.context_window, cfg.state.history_turns
     plans = [[(t.specialist, int(t.task), int(t.modality)) for t in c.turns] for c in conversations]
+    engine_s: list[float] = []
+
+    bank = StateBank.create(n, cfg, device="cpu", seed=seed)
+    topo = make_topology(cfg.consensus.topology, n, degree=min(cfg.consensus.degree, n - 1), seed=seed, device="cpu")
+    engine, router = ConsensusEngine(cfg, topo, torch.device("cpu")), RapoRouter(cfg)
+    load = AgentLoad.idle(n)
+    active = load.active.numpy()  # N_a, updated in place (the router reads the same memory)
+    start = bank.snapshot()
 
     def drive():
-        bank = StateBank.create(n, cfg, device="cpu", seed=seed)
-        topo = make_topology(
-            cfg.consensus.topology, n, degree=min(cfg.consensus.degree, n - 1), seed=seed, device="cpu"
-        )
-        engine, router = ConsensusEngine(cfg, topo, torch.device("cpu")), make_router("rapo", cfg, seed)
-        load = AgentLoad(
-            active=torch.zeros(n),
-            pending=torch.zeros(n),
-            utilisation=torch.zeros(n),
-            alive=torch.ones(n, dtype=torch.bool),
-        )
-        turns = 0
+        bank.restore(start)
+        turns, in_engine = 0, 0.0
         for plan in plans:
             history, prev = [], None
             for i, (spec, task, mod) in enumerate(plan):
-                tt, mm = torch.tensor([task]), torch.tensor([mod])
-                agent = int(router.select(tt, mm, bank, load)[0])
-                if prev is not None and agent != prev:
-                    load.active[prev] -= 1
-                    context = "\n".join(history[-k:])  # the context window handed to the receiving agent
+                agent = router.select_one(task, mod, bank, load)
                 if agent != prev:
-                    load.active[agent] += 1
+                    if prev is not None:
+                        active[prev] -= 1
+                        context = "\n".join(history[-k:])  # the context window handed to the receiving agent
+                    active[agent] += 1
                 history.append(fake_model(spec, i))
                 history = prune_history(history, keep)
-                bank.update_capability(torch.tensor([agent]), tt, mm, torch.ones(1))
+                bank.update_one(agent, task, mod, 1.0)
                 prev, turns = agent, turns + 1
-            load.active[prev] -= 1
+            active[prev] -= 1
+            t0 = time.perf_counter()
             engine.step(bank)
-        if turns != sum(len(p) for p in plans):
+            in_engine += time.perf_counter() - t0
+        if turns != sum(len(p) for p in plans) or active.any():
             raise RuntimeError("rapo: turns lost")
+        engine_s.append(in_engine)
 
     r = timed(drive, repeats=repeats, warmup=1)
     return dict(
@@ -885,7 +890,12 @@ def run_rapo_orchestration(conversations: list, cfg: Config, seed: int = 0, repe
         seconds=r["median_s"],
         turns=sum(len(p) for p in plans),
         handoffs=count_handoffs(conversations),
+        engine_share=sum(engine_s[-repeats:]) / sum(r["times_s"]),
     )
+
+# %% ../nbs/17_scaling.ipynb #c0b5e41a
+# issue #18 (ours, not the paper's): rapo_nb's per-turn orchestration overhead at least 10× below LangGraph's
+TURN_OVERHEAD_RATIO_TARGET = 10.0
 
 
 def runtime_coordination(conversations: list, cfg: Config, seed: int = 0) -> dict:
@@ -915,6 +925,24 @@ def handoff_overhead_table(
     df["us_per_turn"] = 1e6 * df.seconds / df.turns
     df["ratio_to_rapo_nb"] = df.us_per_handoff / df.us_per_handoff.iloc[0]
     return df
+
+
+def turn_overhead_verdict(df: pd.DataFrame, target: float = TURN_OVERHEAD_RATIO_TARGET) -> pd.DataFrame:
+    "LangGraph's per-turn overhead over rapo_nb's, from one `handoff_overhead_table` run, against `target` (met / not met)."
+    per_turn = df.set_index("framework").us_per_turn
+    ratio = per_turn["langgraph"] / per_turn["rapo_nb"] if "langgraph" in per_turn else float("nan")
+    verdict = "not measured" if math.isnan(ratio) else ("met" if ratio >= target else "not met")
+    return pd.DataFrame(
+        [
+            dict(
+                rapo_nb_us_per_turn=per_turn["rapo_nb"],
+                langgraph_us_per_turn=per_turn.get("langgraph", float("nan")),
+                langgraph_over_rapo_nb=ratio,
+                target_ratio=target,
+                target=verdict,
+            )
+        ]
+    )
 
 # %% ../nbs/17_scaling.ipynb #640268c6
 LANGGRAPH_CONVERSATIONS = {"quick": 40, "full": 200}  # conversations in the side-by-side (ours)

@@ -6,7 +6,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/state.html.md"""
 
 # %% ../nbs/01_state.ipynb #31ef13e6
 from __future__ import annotations
-import functools, re, zlib
+import functools, operator, re, zlib
 from dataclasses import dataclass, field
 from typing import Sequence
 import numba
@@ -18,7 +18,7 @@ from .config import Config, load_config, get_device, SPECIALISTS
 # %% auto #0
 __all__ = ['ROLE_TEMPLATES', 'PROMPT_JITTER', 'HashedTextEncoder', 'default_encoder', 'cosine_rows', 'encode_pairs',
            'text_cosine', 'prompt_pca', 'role_prompt_vectors', 'init_prompts', 'prune_history', 'SlidingWindowContext',
-           'encode_histories', 'sequential_ema_', 'sequential_ema', 'queue_rank', 'NonFiniteUpdate',
+           'encode_histories', 'sequential_ema_', 'sequential_ema', 'queue_rank', 'NumpyViews', 'NonFiniteUpdate',
            'importance_weights', 'StateBank', 'memory_table']
 
 # %% ../nbs/01_state.ipynb #7c63d780
@@ -377,6 +377,29 @@ def queue_rank(key: np.ndarray) -> np.ndarray:
     rank[order] = np.arange(a.size) - np.repeat(starts, np.diff(np.r_[starts, a.size]))
     return rank
 
+# %% ../nbs/01_state.ipynb #5e7a1c0d
+class NumpyViews:
+    """numpy views (no copy) of CPU tensors for the single-item fast paths (one capability cell, one routing decision),
+    rebuilt only when one of the tensors is replaced. Copies and pickles start empty: a copied array would not share
+    memory with the copied tensor."""
+
+    def __init__(self):
+        self.tensors, self.arrays = (), None
+
+    def get(self, tensors: tuple, dtypes: tuple):
+        "numpy views of `tensors`, or None unless all are CPU tensors of `dtypes` without grad."
+        if len(tensors) == len(self.tensors) and all(map(operator.is_, tensors, self.tensors)):
+            return self.arrays
+        ok = all(t.device.type == "cpu" and t.dtype == d and not t.requires_grad for t, d in zip(tensors, dtypes))
+        self.tensors, self.arrays = tensors, (tuple(t.numpy() for t in tensors) if ok else None)
+        return self.arrays
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return (type(self), ())
+
 # %% ../nbs/01_state.ipynb #1e091796
 class NonFiniteUpdate(ValueError):
     "An update contained NaN or Inf; the bank kept its previous values."
@@ -607,6 +630,27 @@ class StateBank:
             self.capability_score = self.capability_score.contiguous()
         sequential_ema_(self.M.view(-1), keys, outcome, self.eta)  # in place: O(B), not a copy of M
         sequential_ema_(self.capability_score, agent, outcome, 1.0 - self.decay)
+        return self
+
+    def update_one(self, agent: int, task: int, modality: int, outcome: float) -> "StateBank":
+        """One outcome (ints and a float in): bit-equal to `update_capability` with a batch of one, without torch dispatch.
+        The same arithmetic as `_ema_ordered`: the cell in float64, v ← (1−rate)·v + rate·float32(o), rounded once."""
+        views = self.__dict__.get("_views") or self.__dict__.setdefault("_views", NumpyViews())
+        M, s = views.get((self.M, self.capability_score), (torch.float32, torch.float32)) or (None, None)
+        o = float(outcome) if type(outcome) in (float, int) else None
+        ints = type(agent) is int and type(task) is int and type(modality) is int
+        if M is None or o is None or not ints or not 0 <= o <= 1:
+            M = None
+        elif not (0 <= agent < M.shape[0] and 0 <= task < M.shape[1] and 0 <= modality < M.shape[2]):
+            M = None
+        if M is None:  # off the fast path, or bad input: the batched update decides (and names the field)
+            t = lambda x: torch.tensor([x])
+            return self.update_capability(t(agent), t(task), t(modality), t(outcome))
+        o = float(np.float32(o))  # update_capability reads the outcome as float32
+        rate = self.eta
+        M[agent, task, modality] = (1.0 - rate) * float(M[agent, task, modality]) + rate * o
+        rate = 1.0 - self.decay
+        s[agent] = (1.0 - rate) * float(s[agent]) + rate * o
         return self
 
     def set_utilisation(self, utilisation) -> "StateBank":

@@ -541,6 +541,7 @@ from rapo_nb.state import (
 )
 from .synthetic import generate_conversations, Conversation
 from .agents import SimulatedAgentPool, full_history
+from .routing import utilisation_share
 
 # %% ../nbs/12_training.ipynb #24a02d00
 def task_reward(success: torch.Tensor, coherence: torch.Tensor, coherence_lambda: float) -> torch.Tensor:
@@ -647,8 +648,8 @@ def collect_transitions(
             modality = torch.tensor([tr.modality for tr in turns], dtype=torch.long, device=dev)
             alive_ids = torch.nonzero(bank.alive).flatten().cpu().numpy()
             agents = alive_ids[policy_rng.integers(len(alive_ids), size=B)]
-            share = np.bincount(agents, minlength=n_agents) / cfg.routing.c_max
-            bank.set_utilisation(torch.tensor(np.minimum(share, 1.0), dtype=torch.float32))
+            share = utilisation_share(np.bincount(agents, minlength=n_agents), cfg)  # R_a of eq. 6
+            bank.set_utilisation(torch.tensor(share, dtype=torch.float32))
             contexts = [full_history(histories[i]) for i in active]
             success = np.zeros((T, B), dtype=np.float32)
             texts: list[list[str]] = []

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from .config import Config, load_config, validate, save_table, save_figure, SEED003_CLAIMS
 from .state import StateBank, queue_rank
-from .routing import AgentLoad, NoAgentAvailable, make_router
+from .routing import AgentLoad, NoAgentAvailable, make_router, utilisation_share
 
 # %% auto #0
 __all__ = ['DOMAINS', 'STAGES', 'FAILURE_KINDS', 'SYSTEMS', 'PAPER_COMPLETION', 'Subtask', 'WorkflowPlan', 'UnplannableGoal',
@@ -324,7 +324,7 @@ def route(pool: ExecutorPool, task: np.ndarray, modality: np.ndarray, excluded: 
         load = AgentLoad(
             active=torch.tensor(active, dtype=torch.float32, device=dev),
             pending=torch.zeros(N, device=dev),
-            utilisation=torch.tensor(np.minimum(active / cfg.routing.c_max, 1.0), dtype=torch.float32, device=dev),
+            utilisation=torch.tensor(utilisation_share(active, cfg), dtype=torch.float32, device=dev),
             alive=torch.ones(N, dtype=torch.bool, device=dev),
         )
         try:

@@ -93,3 +93,19 @@ def test_simulated_world_is_config():
     assert back.simulation == c.simulation
     from rapo_nb.config import PAPER_TABLE3, PAPER_TABLE3_CI
     assert set(PAPER_TABLE3_CI) == set(PAPER_TABLE3) and all(lo < PAPER_TABLE3[b]["mean_diff"] < hi for b, (lo, hi) in PAPER_TABLE3_CI.items())
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(routing__load_weights=(0.5, 0.5)), "routing.load_weights: expected 3 values, got 2"),
+    (dict(synthetic__task_type_probs=(0.5, 0.5)), "synthetic.task_type_probs: expected 3 values, got 2"),
+    (dict(simulation__speed_range=(1.0, 2.0, 3.0)), "simulation.speed_range: expected 2 values, got 3"),
+    (dict(synthetic__depth_range=(5, 3)), "synthetic.depth_range: lower bound 5 exceeds upper bound 3"),
+    (dict(evaluation__moderate_d_range=(0.8, 0.3)), "evaluation.moderate_d_range: lower bound 0.8 exceeds upper bound 0.3"),
+])
+def test_length_and_order_come_from_field_metadata(kw, msg):
+    "Length and order checks are declared on the field (cf(..., length=, ordered=True)), not inferred from its name."
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+        load_config("quick", **kw)
+    group, key = msg.split(":")[0].split(".")
+    meta = {f.name: f.metadata for f in dataclasses.fields(getattr(load_config("quick"), group))}[key]
+    assert "length" in meta or meta.get("ordered")

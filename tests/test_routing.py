@@ -137,7 +137,7 @@ def test_rapo_picks_argmax_capability_times_headroom():
     task, mod = torch.randint(0, M_, (1,)), torch.randint(0, L_, (1,))
     r = RapoRouter(CFG)
     L = ld.factor(CFG)
-    want = torch.where(L < 1, capability_matrix(bank, task, mod)[0] * (1 - L), torch.tensor(float("-inf"))).argmax()
+    want = torch.where(L < 1, capability_matrix(bank, task, mod, CFG.routing.capability_mix)[0] * (1 - L), torch.tensor(float("-inf"))).argmax()
     assert int(r.select(task, mod, bank, ld)) == int(want)
     assert r.scores(task, mod, bank, ld).argmax() == want
 
@@ -356,7 +356,7 @@ def test_rapo_learns_specialists_from_outcomes_and_beats_random():
         d = simulate_routing(make_router(name, CFG, 0), bank, skill, 60, 20, CFG, seed=1)
         res[name] = (d.success.iloc[30:].mean(), bank)
     assert res["rapo"][0] > res["random"][0] + 0.15
-    assert best_agent_probability(res["rapo"][1], skill, tol=0.15) > 0.5
+    assert best_agent_probability(res["rapo"][1], skill, CFG.routing.capability_mix, tol=0.15) > 0.5
 
 
 def test_simulation_helpers_reject_bad_input():
@@ -561,3 +561,87 @@ def test_greedy_rounds_equals_reference_idle_tied_bank(case):
     "Here the small first try often fails its check (keys share their best agents); the answer must still be the reference's."
     ks, inv, L0, elig, inc, fb = case
     assert torch.equal(greedy_rounds(ks, inv, L0, elig, inc, feedback=fb), greedy_rounds_reference(ks, inv, L0, elig, inc, feedback=fb))
+
+
+
+# ---------------------------------------------------------------- the single decision: route_one == route_one_reference (hypothesis)
+from rapo_nb.routing import NumpyViews, one_coefficients, route_one, route_one_reference
+
+CELL_SETS = {"equal": [0.5], "levels": [0.0, 0.25, 0.5, 1.0]}
+
+
+@st.composite
+def one_request_inputs(draw, max_agents=40):
+    "A bank and load for one request: heavy ties, float values, dead agents (bank or load), saturated agents, odd mixes."
+    N = draw(st.integers(1, max_agents))
+    bank = make_bank(N, random_caps=False)
+    kind = draw(st.sampled_from(["equal", "levels", "float"]))
+    size = int(bank.M.numel())
+    if kind == "float":
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        bank.M, bank.capability_score = torch.rand(bank.M.shape, generator=g), torch.rand(N, generator=g)
+    else:
+        vals = st.sampled_from(CELL_SETS[kind])
+        bank.M = torch.tensor(draw(st.lists(vals, min_size=size, max_size=size)), dtype=torch.float32).reshape(bank.M.shape)
+        bank.capability_score = torch.tensor(draw(st.lists(vals, min_size=N, max_size=N)), dtype=torch.float32)
+    if draw(st.booleans()):
+        bank.alive = torch.tensor(draw(st.lists(st.booleans(), min_size=N, max_size=N)))
+    floats = lambda hi: st.one_of(st.integers(0, int(hi)).map(float), st.floats(0.0, hi, width=32))
+    ld = AgentLoad(torch.tensor(draw(st.lists(floats(30), min_size=N, max_size=N)), dtype=torch.float32),
+                   torch.tensor(draw(st.lists(floats(80), min_size=N, max_size=N)), dtype=torch.float32),
+                   torch.tensor(draw(st.lists(floats(1.0), min_size=N, max_size=N)), dtype=torch.float32),
+                   torch.tensor(draw(st.lists(st.booleans(), min_size=N, max_size=N)) if draw(st.booleans()) else [True] * N))
+    if draw(st.booleans()):
+        ld = AgentLoad.idle(N)                                    # idle: every score ties on C alone
+    mix = draw(st.sampled_from([0.0, 0.3, CFG.routing.capability_mix, 1.0]) | st.floats(0.0, 1.0))
+    return bank, ld, draw(st.integers(0, M_ - 1)), draw(st.integers(0, L_ - 1)), mix, draw(st.booleans())
+
+
+@PROPERTY
+@given(one_request_inputs())
+def test_route_one_equals_reference_and_select(case):
+    bank, ld, t, u, mix, use_load = case
+    want = route_one_reference(t, u, bank, ld, mix, CFG, use_load)
+    assert route_one(t, u, bank, ld, mix, CFG, use_load) == want
+    r = RapoRouter(CFG, capability_mix=mix, use_load=use_load)
+    assert r.select_one(t, u, bank, ld, allow_unassigned=True) == want
+    assert r.select(torch.tensor([t]), torch.tensor([u]), bank, ld, allow_unassigned=True).tolist() == [want]
+    # the batch rule's first pick is the single decision (its C and L are the same float32 numbers)
+    two = r.select(torch.tensor([t, t]), torch.tensor([u, u]), bank, ld, allow_unassigned=True)
+    assert int(two[0]) == want
+
+
+def test_route_one_nan_and_views_follow_in_place_and_replaced_tensors():
+    bank, ld = make_bank(6, random_caps=False), AgentLoad.idle(6)
+    r = RapoRouter(CFG)
+    assert r.select_one(0, 0, bank, ld) == 0                       # all tie → lowest id
+    bank.M[3, 0, 0] = 0.9                                          # in place: the cached numpy view sees it
+    assert r.select_one(0, 0, bank, ld) == 3
+    ld.active[3] = 30.0                                            # saturated in place
+    assert r.select_one(0, 0, bank, ld) == 0
+    bank.M = bank.M.clone(); bank.M[4, 0, 0] = 0.95                # a replaced tensor: the views are rebuilt
+    assert r.select_one(0, 0, bank, ld) == 4
+    bank.M[5, 0, 0] = float("nan")                                  # torch.argmax ranks NaN first; so does the loop
+    assert r.select_one(0, 0, bank, ld) == route_one_reference(0, 0, bank, ld, r.mix, CFG) == 5
+    ld.active[1] = -1.0                                            # a bad load value: the reference's error, naming the field
+    with pytest.raises(ValueError, match="active"):
+        r.select_one(0, 0, bank, ld)
+
+
+def test_route_one_errors_and_fallbacks():
+    bank, ld = make_bank(4, seed=2), AgentLoad.idle(4)
+    r = RapoRouter(CFG)
+    with pytest.raises(ValueError, match="task"):
+        r.select_one(M_, 0, bank, ld)
+    with pytest.raises(ValueError, match="modality"):
+        r.select(torch.tensor([0]), torch.tensor([L_]), bank, ld)
+    with pytest.raises(ValueError, match="load"):
+        r.select_one(0, 0, bank, AgentLoad.idle(5))
+    dead = AgentLoad(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(NoAgentAvailable):
+        r.select_one(0, 0, bank, dead)
+    assert r.select_one(0, 0, bank, dead, allow_unassigned=True) == NO_AGENT
+    half = copy.deepcopy(bank); half.M = half.M.double()             # off the fast path (float64 M): the reference decides
+    assert NumpyViews().get((half.M,), (torch.float32,)) is None
+    assert route_one(1, 1, half, ld, 0.8, CFG) == route_one_reference(1, 1, bank, ld, 0.8, CFG)
+    assert one_coefficients(0.8, CFG).dtype == np.float32 and one_coefficients(0.8, CFG, use_load=False)[2:].tolist() == [0, 0, 0]

@@ -183,6 +183,16 @@ def test_rapo_orchestration_counts_turns_and_handoffs(cfg):
     convs = _fake_conversations()
     r = sc.run_rapo_orchestration(convs, cfg, repeats=1)
     assert r["turns"] == 21 and r["handoffs"] == sc.count_handoffs(convs) == 9 and r["seconds"] > 0
+    assert 0 < r["engine_share"] < 1                                   # the consensus step's share of the timed runs
+
+
+def test_turn_overhead_verdict_is_computed_from_the_same_table():
+    df = pd.DataFrame(dict(framework=["rapo_nb", "langgraph"], us_per_turn=[20.0, 220.0]))
+    v = sc.turn_overhead_verdict(df)
+    assert v.langgraph_over_rapo_nb.iloc[0] == 11.0 and v.target.iloc[0] == "met"
+    assert sc.turn_overhead_verdict(df.assign(us_per_turn=[30.0, 220.0])).target.iloc[0] == "not met"
+    assert sc.turn_overhead_verdict(df.iloc[:1]).target.iloc[0] == "not measured"
+    assert sc.turn_overhead_verdict(df, target=12.0).target.iloc[0] == "not met"
 
 
 def test_handoff_table_with_or_without_langgraph(cfg):

@@ -260,3 +260,56 @@ def test_lazy_bank_saves_memory_and_rejects_bad_slots():
         bank.validate()
     with pytest.raises(ValueError, match="ids"):
         StateBank.create(5, cfg).release_context(torch.tensor([7]))
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 9), st.sampled_from(["binary", "float", "mixed"]),
+       st.booleans())
+def test_update_one_is_bit_equal_to_a_batch_of_one(seed, n, kind, fp16):
+    "StateBank.update_one (numpy scalars) == update_capability with a batch of one, outcome after outcome, M and the score."
+    cfg = load_config("quick", device="cpu", state__fp16_capability=fp16)
+    a_bank = StateBank.create(n, cfg, device="cpu")
+    rng = np.random.default_rng(seed)
+    if not fp16:
+        a_bank.M = torch.as_tensor(rng.random(a_bank.M.shape), dtype=torch.float32)
+        a_bank.capability_score = torch.as_tensor(rng.random(n), dtype=torch.float32)
+    b_bank = StateBank.create(n, cfg, device="cpu")
+    b_bank.M, b_bank.capability_score = a_bank.M.clone(), a_bank.capability_score.clone()
+    m, l = a_bank.M.shape[1:]
+    for i in range(60):
+        a, t, u = int(rng.integers(n)), int(rng.integers(m)), int(rng.integers(l))
+        o = float(rng.integers(2)) if kind == "binary" or (kind == "mixed" and i % 2) else float(rng.random())
+        a_bank.update_one(a, t, u, o)
+        b_bank.update_capability(torch.tensor([a]), torch.tensor([t]), torch.tensor([u]), torch.tensor([o]))
+    assert torch.equal(a_bank.M, b_bank.M) and torch.equal(a_bank.capability_score, b_bank.capability_score)
+
+
+def test_update_one_errors_name_the_field_and_refuse_nan():
+    bank = StateBank.create(4, CFG, device="cpu")
+    snap = bank.snapshot()
+    with pytest.raises(ValueError, match="agent"):
+        bank.update_one(4, 0, 0, 1.0)
+    with pytest.raises(ValueError, match="task"):
+        bank.update_one(0, CFG.state.n_tasks, 0, 1.0)
+    with pytest.raises(ValueError, match="outcome"):
+        bank.update_one(0, 0, 0, 1.5)
+    with pytest.raises(NonFiniteUpdate, match="outcome"):
+        bank.update_one(0, 0, 0, float("nan"))
+    assert bank.rejected_updates == 1
+    for k in ("M", "capability_score"): assert torch.equal(getattr(bank, k), snap[k])
+
+
+def test_update_one_views_follow_replaced_copied_and_pickled_banks():
+    "The cached numpy views never write into a stale array: a replaced M, a deep copy and a pickled bank each get their own."
+    import copy, pickle
+    bank = StateBank.create(3, CFG, device="cpu")
+    bank.update_one(0, 0, 0, 1.0)
+    twin = copy.deepcopy(bank)
+    twin.update_one(1, 0, 0, 1.0)
+    assert float(twin.M[1, 0, 0]) == np.float32(0.55) and float(bank.M[1, 0, 0]) == 0.5   # the copy writes its own M
+    bank.M = bank.M.clone()                                                           # replaced: views rebuilt
+    bank.update_one(2, 0, 0, 0.0)
+    assert float(bank.M[2, 0, 0]) == np.float32(0.45)
+    back = pickle.loads(pickle.dumps(bank))
+    back.update_one(2, 1, 0, 1.0)
+    assert float(back.M[2, 1, 0]) == np.float32(0.55) and float(bank.M[2, 1, 0]) == 0.5
