@@ -107,7 +107,8 @@ def rouge_l_f(
     else:
         chunks = [uniq[i::jobs] for i in range(jobs)]
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:  # never fork a torch process
-            import rapo_nb.evaluation as _module  # workers import the exported function: a notebook's own cannot be pickled by reference
+            # workers import the exported function: a notebook's own cannot be pickled by reference
+            import rapo_nb.evaluation as _module
 
             parts = list(pool.map(_module._score_pairs, [(method, c) for c in chunks]))
         scores = [0.0] * len(uniq)
@@ -417,7 +418,8 @@ def evaluate_benchmark(
     n_workers: int = 1,
     progress: bool = False,
 ):
-    "Run `systems` over the synthetic benchmark for `seeds`; per-conversation metrics (and turns if asked); run counters in `.attrs['runs']`."
+    """Run `systems` over the synthetic benchmark for `seeds`; per-conversation metrics (and turns if asked); run
+    counters in `.attrs['runs']`."""
     seeds = tuple(cfg.evaluation.seeds if seeds is None else seeds)
     n = cfg.synthetic.n_conversations if n_conversations is None else int(n_conversations)
     if n < 1:
@@ -440,7 +442,8 @@ def evaluate_benchmark(
         results = map(_run_job, jobs)
     else:  # spawn: never fork a process that holds torch's thread pools
         pool = ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=mp.get_context("spawn"))
-        import rapo_nb.evaluation as _module  # workers import the exported function: a notebook's own cannot be pickled by reference
+        # workers import the exported function: a notebook's own cannot be pickled by reference
+        import rapo_nb.evaluation as _module
 
         results = pool.map(_module._run_job, jobs)
     if progress:

@@ -192,7 +192,8 @@ class LiveAgent(OpenAIChatAgent):
         return min(wait, self.max_backoff_s)
 
     async def ask(self, messages: list[dict], meta: dict) -> dict:
-        "The ok record for these messages (replayed or fresh), else the last error record; BudgetExceeded: none may start."
+        """The ok record for these messages (replayed or fresh), else the last error record; BudgetExceeded: none may
+        start."""
         key = request_key(
             meta["system"], meta["seed"], meta["conv_id"], meta["turn"], self.model, self.params, messages
         )
@@ -672,7 +673,8 @@ class LiveResult:
 def make_agents(
     base_urls, models, n_agents: int, ledger: Ledger, budget: Budget, semaphore, agent_map: dict | None = None, **kw
 ) -> list[LiveAgent]:
-    "n_agents LiveAgents: endpoint i mod len(base_urls), model i mod len(models); agent_map overrides per specialist role."
+    """n_agents LiveAgents: endpoint i mod len(base_urls), model i mod len(models); agent_map overrides per specialist
+    role."""
     from rapo_nb.config import SPECIALISTS
 
     base_urls, models = list(np.atleast_1d(base_urls)), list(np.atleast_1d(models))

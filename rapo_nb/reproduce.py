@@ -10,7 +10,15 @@ import argparse, ast, hashlib, json, os, platform, re, shutil, subprocess, sys, 
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
-from .config import NOTEBOOK_NAME, numbered_notebooks, PROFILES, project_root, figures_dir, results_dir, get_device
+from rapo_nb.config import (
+    NOTEBOOK_NAME,
+    numbered_notebooks,
+    PROFILES,
+    project_root,
+    figures_dir,
+    results_dir,
+    get_device,
+)
 
 # %% auto #0
 __all__ = ['READS_TAG', 'CACHE_SCHEMA', 'select_notebooks', 'declared_reads', 'dependency_graph', 'ancestors', 'RunPaths',
@@ -54,7 +62,8 @@ def _cells(nb: Path) -> list[dict]:
 
 
 def declared_reads(nb: Path) -> list[str]:
-    "What `nb` declares it reads: the names in its cell tags `reads:<notebook>`, one tag each (`reads:all`: every other)."
+    """What `nb` declares it reads: the names in its cell tags `reads:<notebook>`, one tag each (`reads:all`: every
+    other)."""
     tags = [t for c in _cells(nb) for t in c.get("metadata", {}).get("tags", [])]
     return sorted({t[len(READS_TAG) :].strip() for t in tags if t.startswith(READS_TAG)} - {""})
 

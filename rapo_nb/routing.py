@@ -66,7 +66,8 @@ def _as_vec(x, name: str, dtype=torch.float32, device=None) -> torch.Tensor:
 
 
 def load_factor(active, pending, utilisation, cfg) -> torch.Tensor:
-    "Eq. 6 for every agent at once: L_a = α·N_a/C_max + β·Q_a/Q_max + γ·R_a/R_max (float32 [N]; the one implementation)."
+    """Eq. 6 for every agent at once: L_a = α·N_a/C_max + β·Q_a/Q_max + γ·R_a/R_max (float32 [N]; the one
+    implementation)."""
     ka, kq, kr = load_coefficients(cfg)
     active = _as_vec(active, "active")
     pending = _as_vec(pending, "pending", device=active.device)
@@ -149,7 +150,8 @@ def utilisation_share(active, cfg):
 
 
 def simulated_load(in_flight: torch.Tensor, cfg) -> AgentLoad:
-    "Load of a simulated deployment: N_a = conversations in flight, Q_a = 0, R_a = share of the C_max slots in use (capped at 1)."
+    """Load of a simulated deployment: N_a = conversations in flight, Q_a = 0, R_a = share of the C_max slots in use
+    (capped at 1)."""
     rc = _routing_cfg(cfg)
     active = torch.as_tensor(in_flight).float()
     return AgentLoad(
@@ -240,9 +242,12 @@ def greedy_rounds_reference(
     feedback: bool = True,
 ) -> torch.Tensor:
     """The readable definition of the batch rule (`greedy_rounds` computes the same, fast). Batch argmax of
-    key_scores[u, a]·(1 − L_a) with load feedback: each step, the oldest waiting request of every key picks its best agent;
-    an agent wanted by several keys goes to the earliest request (the others retry next step); each pick adds `inc` to the
-    agent's load. Saturated agents (L ≥ 1, from the start or after picks) are never picked, even where `eligible` is True.
+    key_scores[u, a]·(1 − L_a) with load feedback: each step, the oldest waiting request of every key picks its best
+    agent;
+    an agent wanted by several keys goes to the earliest request (the others retry next step); each pick adds `inc` to
+    the
+    agent's load. Saturated agents (L ≥ 1, from the start or after picks) are never picked, even where `eligible` is
+    True.
     Ties → lowest agent id. Returns LongTensor [B] (NO_AGENT if none)."""
     B, dev = inv.numel(), inv.device
     out = torch.full((B,), NO_AGENT, dtype=torch.long, device=dev)
@@ -302,19 +307,22 @@ _NINF = np.float32(-np.inf)
 
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _worse(v, a, w, b) -> bool:
-    "(value v, agent a) ranks below (w, b): a lower value, or the same value and a higher id (the argmax prefers lower ids)."
+    """(value v, agent a) ranks below (w, b): a lower value, or the same value and a higher id (the argmax prefers lower
+    ids)."""
     return v < w or (v == w and a > b)
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _above(v, a, w, b, best_on_top) -> bool:
-    "(v, a) belongs nearer the root than (w, b): the better of the two in a max-heap (best_on_top), the worse in a min-heap."
+    """(v, a) belongs nearer the root than (w, b): the better of the two in a max-heap (best_on_top), the worse in a
+    min-heap."""
     return _worse(w, b, v, a) if best_on_top else _worse(v, a, w, b)
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _sift_down(hv, hi, u, i, n, v, a, best_on_top) -> None:
-    "Put (v, a) into the hole at position i of key u's heap (n entries: values hv[u], ids hi[u]) and move it down to its place."
+    """Put (v, a) into the hole at position i of key u's heap (n entries: values hv[u], ids hi[u]) and move it down to
+    its place."""
     while True:
         c = 2 * i + 1
         if c >= n:
@@ -335,7 +343,8 @@ def _sift_down(hv, hi, u, i, n, v, a, best_on_top) -> None:
 def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
     """One pass over the agent-major scores kt [N, U]: for every key u, the Ks[u] best eligible agents by (v⁰, −id),
     v⁰ = kt[a, u]·(1 − L0[a]) in float32, kept as a min-heap (worst at the root) in cid[u], cval[u]; ccnt[u] how many.
-    Returns flags: 1 if some score is negative or NaN, 2 if some eligible v⁰ is not finite (then the caller falls back)."""
+    Returns flags: 1 if some score is negative or NaN, 2 if some eligible v⁰ is not finite (then the caller falls
+    back)."""
     N, U = kt.shape
     one = np.float32(1.0)
     neg, nonfinite = False, False
@@ -384,7 +393,8 @@ def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
 # %% ../nbs/04_routing.ipynb #8b17ddff
 @njit(cache=_CACHE, nogil=True)
 def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out) -> bool:
-    """The steps of `greedy_rounds_reference` on the candidates of `_top_candidates` (turned into max-heaps). A candidate's
+    """The steps of `greedy_rounds_reference` on the candidates of `_top_candidates` (turned into max-heaps). A
+    candidate's
     value after p picks is kt[a, u]·(1 − (L0[a] + p·inc)) in float32, −inf once L ≥ 1 or p ≥ cap; stale heap tops are
     re-valued lazily (values only fall, so a top whose stored value is current is the key's argmax). Writes `out` [B].
     Checks the exactness condition at every step: a waiting key whose candidates are not all its eligible agents
@@ -488,13 +498,15 @@ def _candidates(kt: np.ndarray, L: np.ndarray, elig: np.ndarray, ks: np.ndarray)
 
 
 def _as_numpy(key_scores: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor):
-    "Agent-major scores [N, U] (select passes that layout as a transposed view: no copy), L0 and the mask as numpy arrays."
+    """Agent-major scores [N, U] (select passes that layout as a transposed view: no copy), L0 and the mask as numpy
+    arrays."""
     kt = key_scores.T.contiguous()
     return kt.numpy(), L0.contiguous().numpy(), eligible.contiguous().numpy()
 
 
 def _fast_inputs_ok(key_scores, inv, L0, eligible, inc) -> bool:
-    "The fast path handles CPU float32 scores and loads, a bool mask, at least one agent, key ids in range and a finite inc ≥ 0."
+    """The fast path handles CPU float32 scores and loads, a bool mask, at least one agent, key ids in range and a
+    finite inc ≥ 0."""
     if not (
         key_scores.ndim == 2
         and key_scores.shape[0] >= 1
@@ -517,7 +529,8 @@ def _fast_inputs_ok(key_scores, inv, L0, eligible, inc) -> bool:
 
 
 def candidate_agents(key_scores: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
-    """The k best eligible agents of every key by key_scores[u, a]·(1 − L0_a), best first, ties → lowest id (LongTensor [U, k],
+    """The k best eligible agents of every key by key_scores[u, a]·(1 − L0_a), best first, ties → lowest id (LongTensor
+    [U, k],
     NO_AGENT where a key has fewer than k eligible agents). The candidate set `greedy_rounds` restricts each key to."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k: expected an integer >= 1, got {k!r}")
@@ -543,10 +556,14 @@ def greedy_rounds(
     inc: float,
     feedback: bool = True,
 ) -> torch.Tensor:
-    """Exactly the assignments of `greedy_rounds_reference` (same arguments), computed on each key's best candidates with
-    numba kernels: one O(U·N) pass, then steps that cost O(U·log K). With many agents per request (N ≥ 4B) it first tries
-    K_u = 2·B_u + 8 candidates per key, checking the exactness condition at every step, and reruns with K = min(B, N) (always
-    exact) if the check fails. Inputs outside the fast path's conditions (GPU, non-float32, negative or non-finite scores,
+    """Exactly the assignments of `greedy_rounds_reference` (same arguments), computed on each key's best candidates
+    with
+    numba kernels: one O(U·N) pass, then steps that cost O(U·log K). With many agents per request (N ≥ 4B) it first
+    tries
+    K_u = 2·B_u + 8 candidates per key, checking the exactness condition at every step, and reruns with K = min(B, N)
+    (always
+    exact) if the check fails. Inputs outside the fast path's conditions (GPU, non-float32, negative or non-finite
+    scores,
     inc < 0) go to the reference. Returns LongTensor [B]."""
     B = inv.numel()
     if B == 0 or not _fast_inputs_ok(key_scores, inv, L0, eligible, inc):
@@ -595,7 +612,8 @@ def route_one_reference(task: int, modality: int, bank, load: AgentLoad, mix: fl
 @njit(cache=_CACHE, nogil=True)
 def _route_one_kernel(M, cs, alive, active, pending, util, load_alive, task, modality, k, use_load) -> int:
     """`route_one_reference` as one loop; k = float32 (mix, 1 − mix, α/C_max, β/Q_max, γ/R_max).
-    Returns the agent, NO_AGENT, or −2 when a load value is negative or not finite (the caller then asks the reference)."""
+    Returns the agent, NO_AGENT, or −2 when a load value is negative or not finite (the caller then asks the
+    reference)."""
     one, zero, inf = np.float32(1.0), np.float32(0.0), np.float32(np.inf)
     best, best_v, best_ok = 0, _NINF, False
     for a in range(M.shape[0]):
@@ -616,12 +634,14 @@ def _route_one_kernel(M, cs, alive, active, pending, util, load_alive, task, mod
     return best if best_ok else NO_AGENT
 
 # %% ../nbs/04_routing.ipynb #c3812a2c
-# what the single decision reads: M, capability_score, alive of the bank; active, pending, utilisation, alive of the load
+# what the single decision reads: M, capability_score, alive of the bank; active, pending, utilisation, alive of the
+# load
 _ONE_DTYPES = (torch.float32, torch.float32, torch.bool, torch.float32, torch.float32, torch.float32, torch.bool)
 
 
 def one_coefficients(mix: float, cfg, use_load: bool = True) -> np.ndarray:
-    "The float32 constants of the single-decision loop: (mix, 1 − mix, α/C_max, β/Q_max, γ/R_max), as torch rounds them."
+    """The float32 constants of the single-decision loop: (mix, 1 − mix, α/C_max, β/Q_max, γ/R_max), as torch rounds
+    them."""
     ka, kq, kr = load_coefficients(cfg) if use_load else (0.0, 0.0, 0.0)
     return np.array([mix, 1.0 - mix, ka, kq, kr], np.float32)
 
@@ -630,7 +650,8 @@ def route_one(
     task: int, modality: int, bank, load: AgentLoad, mix: float, cfg, use_load: bool = True, views=None, k=None
 ) -> int:
     """Exactly `route_one_reference` (same arguments), as one numba loop over the agents: the single decision without
-    torch dispatch. A caller deciding many times keeps `views` (a `NumpyViews`) and `k` (`one_coefficients`) across calls."""
+    torch dispatch. A caller deciding many times keeps `views` (a `NumpyViews`) and `k` (`one_coefficients`) across
+    calls."""
     if not isinstance(load, AgentLoad):
         _check_bank_load(bank, load)  # raises, naming the field
     ts = (bank.M, bank.capability_score, bank.alive, load.active, load.pending, load.utilisation, load.alive)
@@ -656,7 +677,8 @@ def _one_request(task, modality):
 
 # %% ../nbs/04_routing.ipynb #54de7551
 class RapoRouter:
-    "§3.4: A_opt = argmax_a C_a(t)·(1 − L_a(t)) over alive, unsaturated agents, C_a read from M[a, τ, μ] and the capability score."
+    """§3.4: A_opt = argmax_a C_a(t)·(1 − L_a(t)) over alive, unsaturated agents, C_a read from M[a, τ, μ] and the
+    capability score."""
 
     name = "rapo"
 
@@ -693,7 +715,8 @@ class RapoRouter:
     def select(
         self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
     ) -> torch.Tensor:
-        "One agent per request (LongTensor [B]); NoAgentAvailable (or NO_AGENT when allow_unassigned) where none is eligible."
+        """One agent per request (LongTensor [B]); NoAgentAvailable (or NO_AGENT when allow_unassigned) where none is
+        eligible."""
         one = _one_request(task, modality)
         if one is not None:  # a single decision
             a = torch.from_numpy(np.array([self.select_one(*one, bank, load, allow_unassigned)]))
@@ -704,8 +727,10 @@ class RapoRouter:
         L = self.load_factor(load)
         elig = bank.alive & load.alive & (L < 1.0)
         uniq, inv = torch.unique(task * l + modality, return_inverse=True)
-        # C for the batch's keys, agent-major [N, U] (the layout of M, which greedy_rounds scans): no gather when every key
-        # occurs (a full tick), no [U, N] transpose copy; the float32 values of capability_matrix (two products, one sum)
+        # C for the batch's keys, agent-major [N, U] (the layout of M, which greedy_rounds scans): no gather
+        # when every key
+        # occurs (a full tick), no [U, N] transpose copy; the float32 values of capability_matrix (two
+        # products, one sum)
         M2 = bank.M.reshape(N, m * l)
         Ct = M2.float() * self.mix if uniq.numel() == m * l else M2[:, uniq].float().mul_(self.mix)
         Ct.add_((bank.capability_score.float() * (1.0 - self.mix))[:, None])
@@ -720,7 +745,8 @@ def _eligible_ids(bank, load: AgentLoad) -> torch.Tensor:
 
 
 class SequentialRouter:
-    "Baseline 'sequential selection without coordination': a fixed table (τ, μ) → agent (τ·l + μ) mod N, next alive agent on failure."
+    """Baseline 'sequential selection without coordination': a fixed table (τ, μ) → agent (τ·l + μ) mod N, next alive
+    agent on failure."""
 
     name = "sequential"
 
@@ -766,7 +792,8 @@ class RoundRobinRouter:
 
 # %% ../nbs/04_routing.ipynb #f8798b2e
 class LeastLoadedRouter:
-    "Baseline P4 + load balancing (join the least-loaded queue): argmin_a L_a over alive, unsaturated agents; ties → lowest id."
+    """Baseline P4 + load balancing (join the least-loaded queue): argmin_a L_a over alive, unsaturated agents; ties →
+    lowest id."""
 
     name = "least_loaded"
 
@@ -787,7 +814,9 @@ class LeastLoadedRouter:
         if B and bool(elig.any()):
             if not self.load_feedback or B == 1:
                 out[:] = L.masked_fill(~elig, float("inf")).argmin()
-            else:  # exact one-by-one greedy: the j-th request takes the j-th smallest of {L_a + k·inc} (ties: lower id, then k)
+            # exact one-by-one greedy: the j-th request takes the j-th smallest of {L_a + k·inc} (ties:
+            # lower id, then k)
+            else:
                 K = int(math.ceil(1.0 / ka)) + 1
                 V = L[:, None] + torch.arange(K, device=dev, dtype=L.dtype)[None, :] * ka
                 V = V.masked_fill(~(elig[:, None] & (V < 1.0)), float("inf")).reshape(-1)
@@ -798,7 +827,8 @@ class LeastLoadedRouter:
 
 # %% ../nbs/04_routing.ipynb #570c6fa9
 class SimilarityRouter:
-    "Baseline Yao et al. + similarity matching: argmax cosine(query, P_a); without a query vector, the agent whose M profile is most concentrated on (τ, μ)."
+    """Baseline Yao et al. + similarity matching: argmax cosine(query, P_a); without a query vector, the agent whose M
+    profile is most concentrated on (τ, μ)."""
 
     name = "similarity"
 
@@ -907,7 +937,8 @@ class BoundedWaitQueue:
         return ids
 
     def dispatch(self, router: Router, bank, load: AgentLoad, now: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route every waiting request (oldest first); return (request ids, agents) served. Requests still unserved after
+        """Route every waiting request (oldest first); return (request ids, agents) served. Requests still unserved
+        after
         `max_wait_s` leave the queue in a NoAgentAvailable (which carries this call's served pairs in `.served`)."""
         if len(self) == 0:
             return self.ids.clone(), self.ids.clone()
@@ -947,7 +978,8 @@ def route_with_wait(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> torch.Tensor:
-    "Route a batch, waiting (polling `load_fn()` every `poll_s`) for saturated agents to free up; NoAgentAvailable after `max_wait_s`."
+    """Route a batch, waiting (polling `load_fn()` every `poll_s`) for saturated agents to free up; NoAgentAvailable
+    after `max_wait_s`."""
     if not (poll_s > 0):
         raise ValueError(f"poll_s: expected a positive number, got {poll_s!r}")
     q = BoundedWaitQueue(max_wait_s, device=bank.M.device)
@@ -962,7 +994,8 @@ def route_with_wait(
 
 # %% ../nbs/04_routing.ipynb #e002467f
 def replacement_for(failed: int, bank, load: AgentLoad) -> int:
-    "§4.4: the alive agent whose flattened capability matrix M is most cosine-similar to the failed agent's (load ignored; ties → lowest id)."
+    """§4.4: the alive agent whose flattened capability matrix M is most cosine-similar to the failed agent's (load
+    ignored; ties → lowest id)."""
     N = bank.M.shape[0]
     if isinstance(failed, bool) or not isinstance(failed, (int, np.integer)) or not 0 <= int(failed) < N:
         raise ValueError(f"failed: expected an agent id in [0, {N}), got {failed!r}")
@@ -989,7 +1022,8 @@ class Handover:
 def fail_over(
     failed: int, bank, load: AgentLoad, stable: dict, history: Sequence[str], adopt: Sequence[str] = ("C",)
 ) -> Handover:
-    """Mark `failed` dead, pick its replacement by capability similarity, and hand over the full `history` plus the failed agent's
+    """Mark `failed` dead, pick its replacement by capability similarity, and hand over the full `history` plus the
+    failed agent's
     row of the last stable snapshot `stable` (fields in `adopt` are written into the replacement's row)."""
     N = bank.M.shape[0]
     rep = replacement_for(failed, bank, load)
@@ -1008,7 +1042,8 @@ def fail_over(
 
 # %% ../nbs/04_routing.ipynb #07557e9f
 def pools_by_strength(bank, n_pools: int) -> torch.Tensor:
-    "Split agents into `n_pools` equal pools by capability score: pool 0 the weakest, pool n_pools−1 the strongest (LongTensor [N])."
+    """Split agents into `n_pools` equal pools by capability score: pool 0 the weakest, pool n_pools−1 the strongest
+    (LongTensor [N])."""
     N = bank.M.shape[0]
     if isinstance(n_pools, bool) or not isinstance(n_pools, (int, np.integer)) or not 1 <= n_pools <= max(N, 1):
         raise ValueError(f"n_pools: expected an integer in [1, {max(N, 1)}], got {n_pools!r}")
@@ -1019,8 +1054,10 @@ def pools_by_strength(bank, n_pools: int) -> torch.Tensor:
 
 # %% ../nbs/04_routing.ipynb #92292483
 class TwoLevelScheduler:
-    """§4.5: a global scheduler sends each conversation to a pool by predicted complexity in [0, 1] (pool k for the k-th band of
-    `boundaries`); a local router picks inside the pool. With `overflow`, requests a pool cannot serve fall back to all agents."""
+    """§4.5: a global scheduler sends each conversation to a pool by predicted complexity in [0, 1] (pool k for the
+    k-th band of
+    `boundaries`); a local router picks inside the pool. With `overflow`, requests a pool cannot serve fall back to all
+    agents."""
 
     name = "two_level"
 
@@ -1065,7 +1102,8 @@ class TwoLevelScheduler:
     def select(
         self, task, modality, bank, load: AgentLoad, complexity=None, query_vec=None, allow_unassigned: bool = False
     ) -> torch.Tensor:
-        "Local level: route each request inside its pool (one masked call per pool), then overflow to all agents if allowed."
+        """Local level: route each request inside its pool (one masked call per pool), then overflow to all agents if
+        allowed."""
         task, modality = _check_request(task, modality, bank)
         _check_bank_load(bank, load)
         if complexity is None:
@@ -1093,7 +1131,8 @@ class TwoLevelScheduler:
 def hidden_skill(
     n_agents: int, m: int, l: int, seed: int = 0, high: tuple = (0.8, 0.95), low: tuple = (0.2, 0.5)
 ) -> torch.Tensor:
-    "Simulated ground truth [N, m, l]: agent a is a specialist of task a mod m (skill in `high`), weak elsewhere (skill in `low`)."
+    """Simulated ground truth [N, m, l]: agent a is a specialist of task a mod m (skill in `high`), weak elsewhere
+    (skill in `low`)."""
     if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
         raise ValueError(f"n_agents: expected an integer >= 1, got {n_agents!r}")
     rng = np.random.default_rng(seed)
@@ -1114,8 +1153,9 @@ def simulate_routing(
     hold: int = 1,
     learn: bool = True,
 ) -> "pd.DataFrame":
-    """Simulated deployment: each round `batch` requests (uniform τ, μ) are routed under the current load, succeed with probability
-    skill[a, τ, μ], feed the outcome back into the bank (EMA, §3.4) and keep their agent busy for `hold` rounds. One row per round."""
+    """Simulated deployment: each round `batch` requests (uniform τ, μ) are routed under the current load,
+    succeed with probability skill[a, τ, μ], feed the outcome back into the bank (EMA, §3.4) and keep their agent
+    busy for `hold` rounds. One row per round."""
     import pandas as pd
 
     N, m, l = skill.shape
@@ -1156,7 +1196,8 @@ def simulate_routing(
 
 # %% ../nbs/04_routing.ipynb #312568c2
 def best_agent_probability(bank, skill: torch.Tensor, mix: float, tol: float = 0.0) -> float:
-    "Share of (τ, μ) cells where the idle-load routing choice argmax_a C_a has true skill within `tol` of the best agent's."
+    """Share of (τ, μ) cells where the idle-load routing choice argmax_a C_a has true skill within `tol` of the best
+    agent's."""
     N, m, l = skill.shape
     C = capability_matrix(bank, torch.arange(m).repeat_interleave(l), torch.arange(l).repeat(m), mix)
     C = C.masked_fill(~bank.alive[None, :], float("-inf"))

@@ -71,7 +71,8 @@ def table_floatfmt(df: pd.DataFrame, fmt: str = ".4g") -> tuple:
 
 # %% ../nbs/17_scaling.ipynb #dd0e88f7
 def rss_bytes(trim: bool = True) -> int:
-    "Resident set size of this process in bytes, after garbage collection and (glibc) returning freed heap pages to the OS."
+    """Resident set size of this process in bytes, after garbage collection and (glibc) returning freed heap pages to
+    the OS."""
     if trim:
         gc.collect()
         if sys.platform.startswith("linux"):
@@ -91,12 +92,14 @@ def peak_rss_bytes() -> int:
 
 
 def cpu_seconds() -> float:
-    "User + system CPU seconds of this process (all threads) so far, at nanosecond resolution (psutil's cpu_times counts 10 ms clock ticks)."
+    """User + system CPU seconds of this process (all threads) so far, at nanosecond resolution (psutil's cpu_times
+    counts 10 ms clock ticks)."""
     return time.process_time()
 
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
-    "Run `fn` `warmup` + `repeats` times; median and all wall seconds of the timed runs, and CPU time / wall time over them."
+    """Run `fn` `warmup` + `repeats` times; median and all wall seconds of the timed runs, and CPU time / wall time over
+    them."""
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats: expected an integer ≥ 1, got {repeats!r}")
     if warmup < 0:
@@ -153,7 +156,8 @@ def tensor_bytes(*objs: Any) -> int:
 
 # %% ../nbs/17_scaling.ipynb #47a9c621
 def season_bank(bank, cfg: Config, seed: int = 0):
-    "Give every agent one seeded outcome (random task, modality, success), so capabilities differ as in a running system."
+    """Give every agent one seeded outcome (random task, modality, success), so capabilities differ as in a running
+    system."""
     n = bank.n
     if n == 0:
         return bank
@@ -267,7 +271,8 @@ def measure_size(
     torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     cfg = load_config(profile, seed=seed, device="cpu", overrides=overrides or {})
     repeats = cfg.scaling.repeats if repeats is None else repeats
-    import rapo_nb.state, rapo_nb.consensus, rapo_nb.routing  # imports and one-off caches are not the deployment's memory
+    # imports and one-off caches are not the deployment's memory
+    import rapo_nb.state, rapo_nb.consensus, rapo_nb.routing
 
     if histories:
         import rapo_nb.synthetic
@@ -375,7 +380,8 @@ HISTORY_POOL = 50  # distinct synthetic conversations generated for a history st
 
 
 def build_history_store(n_conversations: int, cfg: Config, seed: int = 0, prune: bool = False) -> list[list[str]]:
-    "Turn texts of `n_conversations` active conversations (own string copies), pruned to the last history_turns if `prune`."
+    """Turn texts of `n_conversations` active conversations (own string copies), pruned to the last history_turns if
+    `prune`."""
     from rapo_nb.synthetic import generate_conversations
 
     if n_conversations < 0:
@@ -486,7 +492,8 @@ TABLE2_PAPER_COLUMNS = {"memory_gb": "paper: memory (GB)", "cpu_pct": "paper: CP
 
 
 def build_table2(sweep: pd.DataFrame, success: pd.DataFrame | None = None, paper: dict | None = None) -> pd.DataFrame:
-    "Table 2: our measurements per agent count, with the paper's rows in columns labelled 'paper' (empty where it has none)."
+    """Table 2: our measurements per agent count, with the paper's rows in columns labelled 'paper' (empty where it has
+    none)."""
     paper = PAPER_TABLE2 if paper is None else paper
     need = {"agents", "rss_delta_mb", "tensor_mb", "cpu_pct", "tick_ms", "consensus_share"}
     if missing := need - set(sweep.columns):
@@ -631,7 +638,8 @@ def consensus_share_sweep(
     repeats: int = 3,
     batch: int = TICK_ROUTING_BATCH,
 ) -> pd.DataFrame:
-    "Tick phases for `topology` at each agent count, in this process (median of `repeats`); consensus share of the tick."
+    """Tick phases for `topology` at each agent count, in this process (median of `repeats`); consensus share of the
+    tick."""
     rows = []
     for n in agent_counts:
         if topology == "complete" and n * (n - 1) > COMPLETE_MAX_EDGES:
@@ -656,7 +664,8 @@ def consensus_share_sweep(
 
 
 def dominance_point(df: pd.DataFrame, threshold: float = 0.5) -> float:
-    "Smallest agent count from which on (it and every larger count) consensus takes more than `threshold` of the tick; NaN if none."
+    """Smallest agent count from which on (it and every larger count) consensus takes more than `threshold` of the tick;
+    NaN if none."""
     if not 0 < threshold < 1:
         raise ValueError(f"threshold: expected in (0, 1), got {threshold!r}")
     d = df.sort_values("agents")
@@ -796,7 +805,8 @@ def count_handoffs(conversations: list) -> int:
 
 
 def run_langgraph(conversations: list, repeats: int = 3) -> dict:
-    "Drive `conversations` through a LangGraph StateGraph with instant fake models; median wall seconds of `repeats` runs."
+    """Drive `conversations` through a LangGraph StateGraph with instant fake models; median wall seconds of `repeats`
+    runs."""
     from typing import TypedDict
     from langgraph.graph import StateGraph, START, END
 
@@ -842,8 +852,10 @@ def run_rapo_orchestration(conversations: list, cfg: Config, seed: int = 0, repe
     """Drive `conversations` through rapo_nb's turn path with instant fake models: per turn one RAPO decision
     (`RapoRouter.select_one`, no torch dispatch), N_a updated in place, the context window handed over on a handoff,
     one capability cell updated (`StateBank.update_one`), the history pruned; one consensus step per conversation.
-    The bank, topology, engine and router are built once, outside the timed runs (as LangGraph's graph is compiled once);
-    each run starts from the same bank snapshot. `engine_share`: the share of the wall time spent in `ConsensusEngine.step`."""
+    The bank, topology, engine and router are built once, outside the timed runs (as LangGraph's graph is compiled
+    once);
+    each run starts from the same bank snapshot. `engine_share`: the share of the wall time spent in
+    `ConsensusEngine.step`."""
     from rapo_nb.state import StateBank, prune_history
     from rapo_nb.consensus import make_topology, ConsensusEngine
     from rapo_nb.routing import AgentLoad, RapoRouter
@@ -899,7 +911,8 @@ TURN_OVERHEAD_RATIO_TARGET = 10.0
 
 
 def runtime_coordination(conversations: list, cfg: Config, seed: int = 0) -> dict:
-    "Coordination time the orchestrator itself measures (`overhead_ms` of run_conversations, system 'rapo', simulated agents)."
+    """Coordination time the orchestrator itself measures (`overhead_ms` of run_conversations, system 'rapo', simulated
+    agents)."""
     from rapo_nb.runtime import run_conversations
 
     turns, _ = run_conversations(list(conversations), "rapo", cfg, seed)
@@ -928,7 +941,8 @@ def handoff_overhead_table(
 
 
 def turn_overhead_verdict(df: pd.DataFrame, target: float = TURN_OVERHEAD_RATIO_TARGET) -> pd.DataFrame:
-    "LangGraph's per-turn overhead over rapo_nb's, from one `handoff_overhead_table` run, against `target` (met / not met)."
+    """LangGraph's per-turn overhead over rapo_nb's, from one `handoff_overhead_table` run, against `target` (met / not
+    met)."""
     per_turn = df.set_index("framework").us_per_turn
     ratio = per_turn["langgraph"] / per_turn["rapo_nb"] if "langgraph" in per_turn else float("nan")
     verdict = "not measured" if math.isnan(ratio) else ("met" if ratio >= target else "not met")
@@ -1025,9 +1039,11 @@ def scaling_claims(
         "§4.5 optimisations save ≈ 40 % memory",
         "§4.5",
         f"{PAPER_MEMORY_SAVING:.0%}",
-        f"{allv.saving_accounted:.1%} of accounted bytes, {allv.saving_rss:.1%} of RSS (each optimisation measured in a fresh process)",
+        f"{allv.saving_accounted:.1%} of accounted bytes, {allv.saving_rss:.1%} of RSS (each optimisation measured in "
+        f"a fresh process)",
         bool(abs(allv.saving_accounted - PAPER_MEMORY_SAVING) <= 0.10),
-        "reproduced within ±10 points (accounted bytes); most of it is lazy agents, whose saving grows with the idle share "
+        "reproduced within ±10 points (accounted bytes); most of it is lazy agents, whose saving grows with the idle "
+        "share "
         "(cfg.scaling.active_share, ours); our deployment holds no model weights",
     )
     if len(success) and 1000 in success.agents.values:

@@ -297,7 +297,8 @@ def encode_histories(
 # %% ../nbs/01_state.ipynb #dd799dc1
 @numba.njit(cache=True, nogil=True)
 def _ema_ordered(values, keys, updates, rate):  # pragma: no cover (compiled)
-    "values[key] ← (1−rate)·values[key] + rate·u for each (key, u) in order, in place; each touched cell carried in float64 and rounded once."
+    """values[key] ← (1−rate)·values[key] + rate·u for each (key, u) in order, in place; each touched cell carried
+    in float64 and rounded once."""
     size = 2
     while size < 2 * keys.shape[0]:
         size *= 2
@@ -321,7 +322,8 @@ def _ema_ordered(values, keys, updates, rate):  # pragma: no cover (compiled)
 
 
 def sequential_ema_(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tensor, rate: float) -> torch.Tensor:
-    "In place: v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order (values: a flat contiguous tensor); returns `values`."
+    """In place: v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order (values: a flat contiguous
+    tensor); returns `values`."""
     if values.ndim != 1 or not values.is_contiguous():
         raise ValueError(f"values: expected a flat contiguous tensor, got shape {tuple(values.shape)}")
     if keys.shape != updates.shape or keys.ndim != 1:
@@ -361,12 +363,14 @@ def sequential_ema_(values: torch.Tensor, keys: torch.Tensor, updates: torch.Ten
 
 
 def sequential_ema(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tensor, rate: float) -> torch.Tensor:
-    "Return `values` (flat) after v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order (a new tensor; `values` untouched)."
+    """Return `values` (flat) after v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order (a new tensor;
+    `values` untouched)."""
     return sequential_ema_(values.clone(), keys, updates, rate)
 
 
 def queue_rank(key: np.ndarray) -> np.ndarray:
-    "Position of each item among the earlier items with the same key (0 = first), e.g. in an agent's FIFO queue; vectorised with a stable sort."
+    """Position of each item among the earlier items with the same key (0 = first), e.g. in an agent's FIFO queue;
+    vectorised with a stable sort."""
     key = np.asarray(key)
     if key.size == 0:
         return np.zeros(0, np.int64)
@@ -441,7 +445,8 @@ class StateBank:
 
     @classmethod
     def create(cls, n: int, cfg: Config, device=None, seed: int = 0) -> "StateBank":
-        "N agents: P from the role PCA (roles round-robin over SPECIALISTS), C = 0 (no rows when lazy), M = 0.5, uniform ω."
+        """N agents: P from the role PCA (roles round-robin over SPECIALISTS), C = 0 (no rows when lazy), M = 0.5,
+        uniform ω."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise ValueError(f"n: expected an integer >= 0, got {n!r}")
         dev = get_device(cfg.device) if device is None else torch.device(device)
@@ -510,12 +515,14 @@ class StateBank:
             slot = self.c_slot
             if not torch.is_tensor(slot) or slot.dtype != torch.long or slot.shape != (n,):
                 raise ValueError(
-                    f"c_slot: expected int64 [{n}], got {getattr(slot, 'dtype', type(slot))} {tuple(getattr(slot, 'shape', ()))}"
+                    f"c_slot: expected int64 [{n}], got "
+                    f"{getattr(slot, 'dtype', type(slot))} {tuple(getattr(slot, 'shape', ()))}"
                 )
             used = slot[slot >= 0]
             if self.C.ndim != 2 or self.C.shape[0] != used.numel():
                 raise ValueError(
-                    f"C: a lazy bank with {used.numel()} materialised agents needs [{used.numel()}, c] rows, got {tuple(self.C.shape)}"
+                    f"C: a lazy bank with {used.numel()} materialised agents needs [{used.numel()}, c] rows, "
+                    f"got {tuple(self.C.shape)}"
                 )
             if (slot < -1).any() or (
                 used.numel() and (int(used.max()) >= used.numel() or used.unique().numel() != used.numel())
@@ -574,7 +581,8 @@ class StateBank:
             cur, new = getattr(self, k), snap[k]
             if not torch.is_tensor(new) or new.dtype != cur.dtype or new.shape[1:] != cur.shape[1:]:
                 raise ValueError(
-                    f"{k}: snapshot tensor {getattr(new, 'dtype', type(new))} {tuple(getattr(new, 'shape', ()))} does not fit {cur.dtype} {tuple(cur.shape)}"
+                    f"{k}: snapshot tensor {getattr(new, 'dtype', type(new))} {tuple(getattr(new, 'shape', ()))} "
+                    f"does not fit {cur.dtype} {tuple(cur.shape)}"
                 )
         sizes_ = {snap[k].shape[0] for k in names if not (self.lazy and k == "C")}
         if len(sizes_) != 1:
@@ -603,7 +611,8 @@ class StateBank:
             raise NonFiniteUpdate(f"{name}: update contains NaN or Inf; refused, the bank keeps its last good values")
 
     def update_capability(self, agent, task, modality, outcome) -> "StateBank":
-        "Batched §3.4 EMA, in place: M[a, τ, μ] ← (1−η)M + η·o and capability_score[a] ← decay·s + (1−decay)·o, in batch order."
+        """Batched §3.4 EMA, in place: M[a, τ, μ] ← (1−η)M + η·o and capability_score[a] ← decay·s + (1−decay)·o, in
+        batch order."""
         agent = self._ids(agent, "agent")
         B = agent.numel()
         task = torch.as_tensor(task, device=self.device)
@@ -633,7 +642,8 @@ class StateBank:
         return self
 
     def update_one(self, agent: int, task: int, modality: int, outcome: float) -> "StateBank":
-        """One outcome (ints and a float in): bit-equal to `update_capability` with a batch of one, without torch dispatch.
+        """One outcome (ints and a float in): bit-equal to `update_capability` with a batch of one, without torch
+        dispatch.
         The same arithmetic as `_ema_ordered`: the cell in float64, v ← (1−rate)·v + rate·float32(o), rounded once."""
         views = self.__dict__.get("_views") or self.__dict__.setdefault("_views", NumpyViews())
         M, s = views.get((self.M, self.capability_score), (torch.float32, torch.float32)) or (None, None)
@@ -666,7 +676,8 @@ class StateBank:
         return self
 
     def set_rows(self, name: str, ids, values: torch.Tensor) -> "StateBank":
-        "Overwrite rows `ids` of field `name` ('P' or 'C') with `values`; NaN/Inf refused. A lazy bank materialises new C rows."
+        """Overwrite rows `ids` of field `name` ('P' or 'C') with `values`; NaN/Inf refused. A lazy bank materialises
+        new C rows."""
         if name not in ("P", "C"):
             raise ValueError(f"name: expected 'P' or 'C', got {name!r}")
         ids = self._ids(ids, "ids")
@@ -694,7 +705,8 @@ class StateBank:
         return self
 
     def context(self, ids=None) -> torch.Tensor:
-        "C as dense rows [len(ids), c] (all agents when `ids` is None; the bank's own tensor for a dense bank); C never written reads as 0."
+        """C as dense rows [len(ids), c] (all agents when `ids` is None; the bank's own tensor for a dense bank); C
+        never written reads as 0."""
         if not self.lazy:
             return self.C if ids is None else self.C[self._ids(ids, "ids")]
         slot = self.c_slot if ids is None else self.c_slot[self._ids(ids, "ids")]
@@ -704,7 +716,8 @@ class StateBank:
         return out
 
     def release_context(self, ids) -> "StateBank":
-        "Agents `ids` left their conversations: their C reads as 0 again; a lazy bank frees the rows (§4.5 lazy agents)."
+        """Agents `ids` left their conversations: their C reads as 0 again; a lazy bank frees the rows (§4.5 lazy
+        agents)."""
         ids = self._ids(ids, "ids")
         if not self.lazy:
             new = self.C.clone()
@@ -785,7 +798,8 @@ class StateBank:
 
 # %% ../nbs/01_state.ipynb #77dff699
 def memory_table(cfg: Config, n: int = 1000, active_share: float | None = None) -> "pd.DataFrame":
-    "Bytes per agent of the bank, measured: fp32, fp16 M, and fp16 M + lazy agents with `active_share` of them in a conversation."
+    """Bytes per agent of the bank, measured: fp32, fp16 M, and fp16 M + lazy agents with `active_share` of them in a
+    conversation."""
     import pandas as pd
 
     share = cfg.scaling.active_share if active_share is None else active_share

@@ -823,7 +823,8 @@ def dataset_card(conversations: list[Conversation], cfg: Config) -> "pd.DataFram
         dict(
             quantity="query / response / trigger rules",
             paper=f"{s.n_query_rules} / {s.n_response_rules} / {s.n_trigger_rules}",
-            ours=f"{n_productions(QUERY_GRAMMAR)} / {n_productions(RESPONSE_GRAMMAR)} / {n_productions(TRIGGER_GRAMMAR)}",
+            ours=f"{n_productions(QUERY_GRAMMAR)} / {n_productions(RESPONSE_GRAMMAR)} / "
+            f"{n_productions(TRIGGER_GRAMMAR)}",
         )
     )
     sp = tf.specialist.value_counts(normalize=True)
@@ -845,7 +846,8 @@ def dataset_card(conversations: list[Conversation], cfg: Config) -> "pd.DataFram
         dict(
             quantity="handoffs per conversation",
             paper="analysed at 5–8 and > 15 transitions (§5.5)",
-            ours=f"{cf_.n_handoffs.min()}–{cf_.n_handoffs.max()} (mean {cf_.n_handoffs.mean():.1f}; 5–8 in {cf_.n_handoffs.between(5, 8).mean():.1%}, "
+            ours=f"{cf_.n_handoffs.min()}–{cf_.n_handoffs.max()} (mean {cf_.n_handoffs.mean():.1f}; 5–8 in "
+            f"{cf_.n_handoffs.between(5, 8).mean():.1%}, "
             f">10 in {(cf_.n_handoffs > 10).mean():.1%}, >15 in {(cf_.n_handoffs > 15).mean():.1%})",
         )
     )

@@ -179,7 +179,8 @@ class TransitionModel(nn.Module):
         "The MLP's input [.., input_dim] from raw features [.., F]."
         if features.shape[-1] != self.feature_dim:
             raise ValueError(
-                f"features: expected last dimension {self.feature_dim} (m={self.dims['n_tasks']}, l={self.dims['n_modalities']}, p={self.dims['prompt_dim']}), got {features.shape[-1]}"
+                f"features: expected last dimension {self.feature_dim} (m={self.dims['n_tasks']}, "
+                f"l={self.dims['n_modalities']}, p={self.dims['prompt_dim']}), got {features.shape[-1]}"
             )
         L, m, l = self.layout, self.dims["n_tasks"], self.dims["n_modalities"]
         a = self.consensus_alpha()
@@ -301,7 +302,8 @@ def train_step(
     params: list[nn.Parameter],
     grad_clip: float,
 ) -> dict[str, float]:
-    "One optimiser step on (x, y); returns loss, its state and reward parts (standardised MSE) and the pre-clip grad norm."
+    """One optimiser step on (x, y); returns loss, its state and reward parts (standardised MSE) and the pre-clip grad
+    norm."""
     model.train()
     err = (model(x) - model.standardise(y)) ** 2
     loss = err.mean()
@@ -377,11 +379,13 @@ def train_phases(
     eval_every: int | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
-    "Run the three training phases on `buffer`; return the per-step history (held-out columns every `eval_every` steps, default `cfg.training.eval_every`)."
+    """Run the three training phases on `buffer`; return the per-step history (held-out columns every `eval_every`
+    steps, default `cfg.training.eval_every`)."""
     tc = cfg.training
     if len(tc.steps_per_phase) != len(PHASES):
         raise ValueError(
-            f"training.steps_per_phase: expected {len(PHASES)} values (one per phase {PHASES}), got {tc.steps_per_phase!r}"
+            f"training.steps_per_phase: expected {len(PHASES)} values (one per phase {PHASES}), "
+            f"got {tc.steps_per_phase!r}"
         )
     if len(buffer) == 0:
         raise ValueError("buffer: the replay buffer is empty; collect transitions first")
@@ -489,7 +493,8 @@ def _load_tensors(model: nn.Module, state: dict, path: str | Path) -> None:
             raise CheckpointError(f"{k}: missing from the checkpoint {Path(path).name}")
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(
-                f"{k}: the checkpoint {Path(path).name} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}"
+                f"{k}: the checkpoint {Path(path).name} has shape {tuple(state[k].shape)}, the model expects "
+                f"{tuple(v.shape)}"
             )
     extra_keys = set(state) - set(own)
     if extra_keys:
@@ -520,7 +525,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, cfg: Config, device: str | torch.device | None = None) -> TransitionModel:
-    "Load a checkpoint saved by `save_checkpoint`; refuse (CheckpointError naming the field) one from another config/shape."
+    """Load a checkpoint saved by `save_checkpoint`; refuse (CheckpointError naming the field) one from another
+    config/shape."""
     ck = _read_checked(path, TRANSITION_KIND)
     _check_fields(ck, cfg, SHAPE_FIELDS, path)
     model = model_from_config(cfg, 0, "cpu")  # the shape the caller's config asks for; weights come from the file
@@ -552,12 +558,14 @@ def task_reward(success: torch.Tensor, coherence: torch.Tensor, coherence_lambda
 
 
 def coherence_penalty(responses: list[str], contexts: list[str], encoder: HashedTextEncoder) -> np.ndarray:
-    "r_coherence = cos(response, context) − 1 ∈ [−1, 0] per pair, cos under the evaluation's hashed `encoder` (`rapo_nb.state`); 0 where the context is empty."
+    """r_coherence = cos(response, context) − 1 ∈ [−1, 0] per pair, cos under the evaluation's hashed `encoder`
+    (`rapo_nb.state`); 0 where the context is empty."""
     if len(responses) != len(contexts):
         raise ValueError(f"contexts: expected {len(responses)} contexts (one per response), got {len(contexts)}")
     if not callable(getattr(encoder, "encode", None)):
         raise ValueError(
-            f"encoder: expected the evaluation's text encoder (`HashedTextEncoder.from_config(cfg)`), got {type(encoder).__name__}"
+            f"encoder: expected the evaluation's text encoder (`HashedTextEncoder.from_config(cfg)`), got "
+            f"{type(encoder).__name__}"
         )
     if not responses:
         return np.zeros(0, dtype=np.float32)
@@ -590,7 +598,8 @@ class TransitionData:
 
 
 def heldout_mask(n: int, seed: int, fraction: float | None = None) -> np.ndarray:
-    "Which of n conversations are held out: a seeded random subset of round(fraction·n), at least one of each side when n ≥ 2."
+    """Which of n conversations are held out: a seeded random subset of round(fraction·n), at least one of each side
+    when n ≥ 2."""
     if fraction is None:
         fraction = TrainingConfig().heldout_fraction
     if not 0.0 <= fraction < 1.0:
@@ -754,7 +763,8 @@ def train_transition_model(
 
 # %% ../nbs/12_training.ipynb #5fd5378f
 def least_squares_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    "Slope and intercept (a, b) of the least-squares line y ≈ a·x + b, in float64 (closed form; deterministic); a = 0 for constant x."
+    """Slope and intercept (a, b) of the least-squares line y ≈ a·x + b, in float64 (closed form; deterministic); a = 0
+    for constant x."""
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape or x.size == 0:
         raise ValueError(f"y: expected {x.size} values (one per x, at least one), got {y.size}")
@@ -786,7 +796,8 @@ class ContextData:
 def encode_conversations(
     cfg: Config, seed: int, conversations: list[Conversation] | None = None, encoder: HashedTextEncoder | None = None
 ) -> ContextData:
-    "Encode every turn of the benchmark's conversations (`encode_histories`) and mark the held-out ones (`heldout_mask`)."
+    """Encode every turn of the benchmark's conversations (`encode_histories`) and mark the held-out ones
+    (`heldout_mask`)."""
     t0 = time.perf_counter()
     convs = (
         conversations if conversations is not None else generate_conversations(cfg.synthetic.n_conversations, seed, cfg)
@@ -821,7 +832,8 @@ def pair_embeddings(
     model: nn.Module | None = None,
     window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "(context of turns [t − k, t), embedding of turn t + horizon − 1) per pair: `model`'s, or with model=None the mean of the raw window."
+    """(context of turns [t − k, t), embedding of turn t + horizon − 1) per pair: `model`'s, or with model=None the mean
+    of the raw window."""
     X = data.turns
     dev = X.device
     conv, t = conv.to(dev), t.to(dev)
@@ -863,7 +875,8 @@ def retrieval_ranks(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def retrieval_queries(
     data: ContextData, cfg: Config, seed: int, rounds: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    "Held-out retrieval groups: each round shuffles the usable held-out conversations into full groups of `context_eval_candidates` with one window end each."
+    """Held-out retrieval groups: each round shuffles the usable held-out conversations into full groups of
+    `context_eval_candidates` with one window end each."""
     tc = cfg.training
     rounds = tc.context_eval_rounds if rounds is None else rounds
     pool = data.usable(True, tc.context_horizon)
@@ -887,7 +900,8 @@ def retrieval_queries(
 def retrieval_metrics(
     data: ContextData, groups: list, horizon: int, model: nn.Module | None = None, window: int | None = None
 ) -> dict[str, float]:
-    "Top-1 accuracy and mean reciprocal rank of the true target over retrieval `groups` (module `model`, or the mean-of-window baseline)."
+    """Top-1 accuracy and mean reciprocal rank of the true target over retrieval `groups` (module `model`, or the
+    mean-of-window baseline)."""
     if model is not None:
         model.eval()
     ranks = torch.cat(
@@ -904,14 +918,17 @@ def retrieval_metrics(
 def train_context_module(
     cfg: Config, seed: int, data: ContextData, device: str | torch.device | None = None, progress: bool = False
 ) -> tuple[nn.Module, pd.DataFrame]:
-    "Train `SlidingWindowContext` (seeded init) by InfoNCE next-turn prediction on the training conversations; return (module, history)."
+    """Train `SlidingWindowContext` (seeded init) by InfoNCE next-turn prediction on the training conversations; return
+    (module, history)."""
     dev = get_device(cfg.device) if device is None else torch.device(device)
     with torch_threads(cfg.training.train_threads if dev.type == "cpu" else None):
         tc = cfg.training
         data = data.to(dev)
         with torch.random.fork_rng(
             devices=[]
-        ):  # nn.Linear's default init draws from the global RNG before the seeded init overwrites it: keep the caller's stream untouched
+            # nn.Linear's default init draws from the global RNG before the seeded init overwrites it: keep the
+            # caller's stream untouched
+        ):
             model = SlidingWindowContext.from_config(cfg, seed=seed).to(dev)
         pool = data.usable(False, tc.context_horizon)
         rng = np.random.default_rng([seed, 83])
@@ -985,7 +1002,8 @@ def save_context_module(model: nn.Module, path: str | Path, cfg: Config, seed: i
 
 
 def load_context_module(path: str | Path, cfg: Config, device: str | torch.device | None = None) -> nn.Module:
-    "Load a context module saved by `save_context_module`; refuse (CheckpointError naming the problem) a corrupt or mismatched file."
+    """Load a context module saved by `save_context_module`; refuse (CheckpointError naming the problem) a corrupt or
+    mismatched file."""
     ck = _read_checked(path, CONTEXT_KIND)
     _check_fields(ck, cfg, CONTEXT_MATCH_FIELDS, path)
     model = SlidingWindowContext.from_config(

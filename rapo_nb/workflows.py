@@ -47,7 +47,8 @@ DOMAINS: dict[str, dict] = {
         recovery_s=0.0,
         keywords=("document", "invoice", "contract", "receipt", "classify", "extract", "validate", "process"),
         items=("invoice", "contract", "receipt", "form", "letter", "statement"),
-        template="Process the {items} received this week: classify each document, extract its fields and validate them.",
+        template="Process the {items} received this week: classify each document, extract its fields and validate "
+        "them.",
     ),
     "robotics": dict(
         stages=("navigate", "manipulate", "report"),
@@ -123,7 +124,8 @@ def detect_domain(goal: str) -> str:
 
 
 def plan_goal(goal: str, max_items: int | None = None) -> WorkflowPlan:
-    "Planner: decompose `goal` into one chain build→test→deploy (etc.) per named item, ≤ `max_items` (default cfg.workflows.max_items)."
+    """Planner: decompose `goal` into one chain build→test→deploy (etc.) per named item, ≤ `max_items` (default
+    cfg.workflows.max_items)."""
     if max_items is None:
         max_items = load_config().workflows.max_items
     domain = detect_domain(goal)
@@ -142,7 +144,8 @@ def plan_goal(goal: str, max_items: int | None = None) -> WorkflowPlan:
 
 
 def generate_goals(domain: str, n: int, seed: int = 0, max_items: int | None = None) -> list[str]:
-    "`n` synthetic goals of `domain`, each naming 1..`max_items` (default cfg.workflows.max_items) distinct items (simulated workload)."
+    """`n` synthetic goals of `domain`, each naming 1..`max_items` (default cfg.workflows.max_items) distinct items
+    (simulated workload)."""
     if max_items is None:
         max_items = load_config().workflows.max_items
     if domain not in DOMAINS:
@@ -182,7 +185,8 @@ class WorkflowBatch:
 def plans_to_batch(
     plans: list[WorkflowPlan], seed: int = 0, service_sigma: float | None = None, max_items: int | None = None
 ) -> WorkflowBatch:
-    "Stack plans of one domain into a `WorkflowBatch` [B, max_items, S]; service times ~ nominal·LogNormal(0, `service_sigma`) (defaults: cfg.workflows)."
+    """Stack plans of one domain into a `WorkflowBatch` [B, max_items, S]; service times ~ nominal·LogNormal(0,
+    `service_sigma`) (defaults: cfg.workflows)."""
     if service_sigma is None or max_items is None:
         wf = load_config().workflows
         service_sigma = wf.service_sigma if service_sigma is None else service_sigma
@@ -226,7 +230,8 @@ def find_deadlocks(wait_for: torch.Tensor) -> torch.Tensor:
 
 
 def break_deadlocks(wait_for: torch.Tensor, priority: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "Hierarchical arbiter: drop the wait edges of the lowest-`priority` slot of each cycle until none is left; (graph, victims)."
+    """Hierarchical arbiter: drop the wait edges of the lowest-`priority` slot of each cycle until none is left; (graph,
+    victims)."""
     if priority.shape != wait_for.shape[:2]:
         raise ValueError(f"priority: expected shape {tuple(wait_for.shape[:2])}, got {tuple(priority.shape)}")
     wf, K = wait_for.bool().clone(), wait_for.shape[1]
@@ -249,7 +254,8 @@ FAILURE_KINDS = ("transient", "crash", "bad_output")
 
 
 def make_true_skill(n_agents: int, cfg: Config, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    "Hidden skill [N, m, l] (simulated; uniform in cfg.workflows.skill_specialist / skill_other) and each executor's specialty domain [N]."
+    """Hidden skill [N, m, l] (simulated; uniform in cfg.workflows.skill_specialist / skill_other) and each executor's
+    specialty domain [N]."""
     wf = cfg.workflows
     m, l = cfg.state.n_tasks, cfg.state.n_modalities
     if m < 10:
@@ -288,7 +294,8 @@ class ExecutorPool:
     def create(
         cls, cfg: Config, seed: int = 0, n_agents: int | None = None, router: Any = "rapo", device: Any = None
     ) -> "ExecutorPool":
-        "N = `n_agents` (default cfg.evaluation.n_agents) executors in the world of `cfg` (checked), a fresh StateBank and `router`."
+        """N = `n_agents` (default cfg.evaluation.n_agents) executors in the world of `cfg` (checked), a fresh StateBank
+        and `router`."""
         validate(cfg)  # ValueError naming the field, also for a Config built or edited by hand
         n = n_agents or cfg.evaluation.n_agents
         skill, specialty = make_true_skill(n, cfg, seed)
@@ -313,7 +320,8 @@ def capability_replacement(chosen: np.ndarray, excluded: np.ndarray, M_flat: np.
 
 
 def route(pool: ExecutorPool, task: np.ndarray, modality: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-    "Executor per subtask from the pool's router (chunks of C_max, load updated between chunks); `excluded` [P, N] → §4.4 replacement."
+    """Executor per subtask from the pool's router (chunks of C_max, load updated between chunks); `excluded` [P, N] →
+    §4.4 replacement."""
     cfg, N, dev = pool.cfg, pool.n, pool.bank.device
     if excluded.shape != (len(task), N):
         raise ValueError(f"excluded: expected shape {(len(task), N)}, got {excluded.shape}")
@@ -376,7 +384,8 @@ def _bincount(idx: np.ndarray, B: int, weights: np.ndarray | None = None) -> np.
 def simulate_wave(
     batch: WorkflowBatch, system: str, pool: ExecutorPool, failure_rate: float, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    "Run one wave of workflows under `system` in the pool's simulated world (`pool.cfg.workflows`); per-workflow arrays."
+    """Run one wave of workflows under `system` in the pool's simulated world (`pool.cfg.workflows`); per-workflow
+    arrays."""
     if system not in SYSTEMS:
         raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
     if not 0 <= failure_rate <= 1:
@@ -509,7 +518,8 @@ def simulate_wave(
 def run_workflows(
     cfg: Config, seed: int = 0, systems: tuple = SYSTEMS, router: Any = "rapo", progress: bool = False
 ) -> pd.DataFrame:
-    "Every system × failure rate × domain on the same simulated goals, in the world of `cfg.workflows`; one row per workflow."
+    """Every system × failure rate × domain on the same simulated goals, in the world of `cfg.workflows`; one row per
+    workflow."""
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
         raise ValueError(f"systems: {bad} not in {list(SYSTEMS)}")
@@ -580,7 +590,8 @@ def metrics_table(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS) -> pd.Da
 def execute_subtask(
     pool: ExecutorPool, task: int, modality: int, nominal_s: float, failure_rate: float, rng: np.random.Generator
 ) -> dict:
-    "Executor + Monitor for one subtask in the pool's simulated world: route, run, check, re-route on failure; a JSON-able record."
+    """Executor + Monitor for one subtask in the pool's simulated world: route, run, check, re-route on failure; a
+    JSON-able record."""
     wf = pool.cfg.workflows
     if not 0 <= failure_rate <= 1:
         raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
@@ -645,7 +656,8 @@ def check_results(plan: WorkflowPlan, steps: dict) -> dict:
 
 # %% ../nbs/18_workflows.ipynb #9fb9f584
 def workflow_claims(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS, tol: float | None = None) -> pd.DataFrame:
-    "Seed 003's claims beside our simulated numbers, with a verdict computed from them (|ours − paper| ≤ `tol`, default cfg.workflows.claim_tolerance)."
+    """Seed 003's claims beside our simulated numbers, with a verdict computed from them (|ours − paper| ≤ `tol`,
+    default cfg.workflows.claim_tolerance)."""
     if tol is None:
         tol = load_config().workflows.claim_tolerance
     o = overall.set_index("system")
