@@ -501,6 +501,7 @@ def create_app(
             running=len(runner.tasks),
             queued=queued,
             active=active,
+            stats=runner.stats,  # this instance: claimed, finished, requeued, discarded (lease lost), redis_errors
         )
 
     @app.post("/goal", status_code=202)

@@ -255,12 +255,13 @@ def test_two_instances_on_one_redis_never_run_a_goal_twice(redis_url, tmp_path):
     "Issue #22: two instances on one Redis ran the same goal twice (the second resumed the first's running goals)."
     r = redis.Redis.from_url(redis_url)
     a, base_a = start_service(redis_url, tmp_path, "--max-running", "4")
-    try:
-        first = asyncio.run(post_many(base_a, [dict(goal=DOCS3, seed=i, step_delay_s=2.0) for i in range(12)]))
-        b, base_b = start_service(redis_url, tmp_path, "--max-running", "4")  # starts while A runs its goals
+    try:  # 4 slow goals (3 levels × 8 s) on A: still running when B has imported and started
+        launched_b = launch(redis_url, tmp_path, "--max-running", "4")  # B imports while A takes its goals
+        first = asyncio.run(post_many(base_a, [dict(goal=DEVOPS, seed=i, step_delay_s=8.0) for i in range(4)]))
+        b, base_b = ready(*launched_b)
         try:
             running_at_b = sum(r.hget(goal_key(x.json()["id"]), "status") == b"running" for x in first)
-            second = asyncio.run(post_many(base_b, [dict(goal=DEVOPS, seed=i, step_delay_s=0.2) for i in range(12)]))
+            second = asyncio.run(post_many(base_b, [dict(goal=DOCS3, seed=i, step_delay_s=0.2) for i in range(12)]))
             ids = [x.json()["id"] for x in first + second]
             wait_all_terminal(r, ids, timeout_s=90)
         finally:
