@@ -54,7 +54,8 @@ def start_services(url: str, n: int, tmpdir: str, flags: tuple = ()) -> list[tup
     out = []
     for _ in range(n):
         port = free_port()
-        cmd = [sys.executable, "-c", "from rapo_nb.service import main; main()", "--redis-url", url, "--port", str(port), *flags]
+        cmd = [sys.executable, "-c", "from rapo_nb.service import main; main()"]
+        cmd += ["--redis-url", url, "--port", str(port), *flags]
         log = open(Path(tmpdir) / f"service_{port}.log", "w")
         proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, RAPO_DEVICE="cpu"), stdout=log, stderr=log)
         out.append((proc, f"http://127.0.0.1:{port}"))

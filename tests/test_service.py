@@ -11,10 +11,11 @@ import redis
 from fastapi.testclient import TestClient
 from rapo_nb.config import load_config
 from rapo_nb.runtime import StoreUnavailable
-from rapo_nb.service import ACTIVE, CHANNEL_ALL, create_app, events_key, goal_key, main, steps_key
+from rapo_nb.service import ACTIVE, CHANNEL_ALL, app_from_env, create_app, events_key, goal_key, main, steps_key
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICE = [sys.executable, "-c", "from rapo_nb.service import main; main()"]
+_CLI = Path(sys.executable).with_name("rapo-service")  # the console script of the installed package
+SERVICE = [str(_CLI)] if _CLI.exists() else [sys.executable, "-c", "from rapo_nb.service import main; main()"]
 DEVOPS = "Deploy the api and web services to staging: build them, run the tests, and roll back on failure."
 DOCS3 = "Process the invoice, contract and receipt received this week: classify, extract and validate them."
 
@@ -403,9 +404,21 @@ def test_unreachable_redis_names_host_and_port(tmp_path):
         main(["--redis-url", "localhost:6379"])
 
 
+def test_the_factory_reads_the_environment_when_called(monkeypatch):
+    "`uvicorn --factory rapo_nb.service:app_from_env`: RAPO_REDIS_URL and RAPO_API_KEY are read by the factory only."
+    monkeypatch.setenv("RAPO_REDIS_URL", "localhost:6379")
+    with pytest.raises(ValueError, match="redis_url"):
+        app_from_env()
+    monkeypatch.setenv("RAPO_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("RAPO_API_KEY", "k")
+    app = app_from_env()
+    guard = [m for m in app.user_middleware if m.cls.__name__ == "Guard"]
+    assert len(guard) == 1 and guard[0].kwargs["api_key"] == "k"
+
+
 @pytest.mark.redis
 def test_resume_replays_the_same_outcomes(redis_url):
-    "Outcome draws depend on (seed, goal, subtask), not on which process runs them: a resumed step draws what it would have."
+    "Outcome draws depend on (seed, goal, subtask), not on which process runs them: a resumed step draws the same."
     cfg_goal = dict(goal=DEVOPS, failure_rate=0.5, seed=7)
     with TestClient(create_app(redis_url)) as c:
         gid = c.post("/goal", json=cfg_goal).json()["id"]
