@@ -151,6 +151,7 @@ def test_goal_runs_with_results_in_redis_and_progress_on_pubsub(service):
             e = json.loads(m["data"])
             if e["id"] == gid:
                 events.append(e)
+    sub.close()
     kinds = [e["event"] for e in events]
     assert kinds[0] == "queued" and kinds[1] == "planned" and kinds[-1] == st["status"]
     assert sorted(e["subtask"] for e in events if e["event"] == "step") == sorted(stored)
@@ -201,6 +202,9 @@ def test_200_concurrent_goals_are_all_accepted_and_finished_once(service):
     codes = Counter(x.status_code for x in resps)
     assert codes == {202: 200}, (codes, [x.text for x in resps if x.status_code != 202][:3])
     ids = [x.json()["id"] for x in resps]
+    pool_size = load_config("quick").workflows.service_pool_size
+    clients = r.info("clients")["connected_clients"]  # the service's pool + its startup check + this test's client
+    assert clients <= pool_size + 2, (clients, pool_size)
     status = wait_all_terminal(r, ids, timeout_s=60)
     for gid in ids:  # `failed` only from simulated step outcomes, never from a Redis error
         assert_ran_once(r, gid)
