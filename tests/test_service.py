@@ -256,6 +256,46 @@ def test_a_killed_instance_goals_are_finished_by_the_other_exactly_once(redis_ur
 
 
 @pytest.mark.redis
+def test_a_paused_instance_loses_its_goals_and_its_late_writes_are_refused(redis_url, tmp_path):
+    "A paused worker (SIGSTOP) outlives its leases: B takes its goals; when A wakes, its stale writes are refused."
+    r = redis.Redis.from_url(redis_url)
+    flags = ("--lease-s", "1.5", "--max-running", "8")
+    launched = [launch(redis_url, tmp_path, *flags) for _ in range(2)]
+    (a, base_a), (b, base_b) = [ready(*x) for x in launched]
+    try:
+        resps = asyncio.run(post_many(base_a, [dict(goal=DEVOPS, seed=i, step_delay_s=0.5) for i in range(16)]))
+        ids = [x.json()["id"] for x in resps]
+        b_id = httpx.get(base_b + "/health", timeout=5).json().get("instance")
+
+        def owner(g: str) -> str:
+            return (r.hget(goal_key(g), "owner") or b"").decode()
+
+        def held_by_a() -> list[str]:  # running, and not by B
+            return [g for g in ids if r.hget(goal_key(g), "status") == b"running" and owner(g) != b_id]
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(r.hlen(steps_key(g)) for g in held_by_a()):
+            time.sleep(0.05)
+        os.kill(a.pid, signal.SIGSTOP)  # A freezes mid-goal: no renewals, no writes
+        paused = held_by_a()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(owner(g) != b_id for g in paused):
+            time.sleep(0.05)
+        taken = [g for g in paused if owner(g) == b_id]
+        os.kill(a.pid, signal.SIGCONT)  # A wakes up and carries on with runs that are no longer its own
+        wait_all_terminal(r, ids, timeout_s=60)
+        for gid in ids:
+            assert_ran_once(r, gid)
+        assert paused and taken == paused, (len(paused), len(taken))
+        stats = httpx.get(base_a + "/health", timeout=10).json()["stats"]
+        assert stats["discarded"] >= 1, stats  # A's late work was refused by Redis, not recorded
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                stop(p)
+
+
+@pytest.mark.redis
 def test_two_instances_on_one_redis_never_run_a_goal_twice(redis_url, tmp_path):
     "Issue #22: two instances on one Redis ran the same goal twice (the second resumed the first's running goals)."
     r = redis.Redis.from_url(redis_url)
