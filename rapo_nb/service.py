@@ -132,6 +132,10 @@ if redis.call('GET', g .. ':lease') ~= ARGV[6] then return -1 end
 if redis.call('HSETNX', g .. ':steps', ARGV[7], ARGV[8]) == 0 then return 0 end
 emit(id, ARGV[9])
 return 1""",
+)
+
+# %% ../nbs/19_service.ipynb #bf9573e3
+LUA.update(
     # ARGV[5..] = id, token, status, result, error, now, event → 1 finished, 0 finished before, -1 lease lost
     finish="""
 local id, g = ARGV[5], prefix .. ARGV[5]
