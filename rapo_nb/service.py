@@ -465,6 +465,9 @@ def create_app(
         runner = GoalRunner(r, cfg, ExecutorPool.create(cfg, seed, router="rapo", device="cpu"))
         app.state.runner = runner
         app.state.resumed = await runner.reap() if resume else []  # goals of dead instances, queued again
+        with contextlib.suppress(redis.exceptions.ResponseError):  # CONFIG may be disabled on a managed Redis
+            aof = (await r.config_get("appendonly")).get("appendonly")  # redis-py decodes CONFIG GET replies
+            app.state.persistence = "append-only file" if aof == "yes" else "no append-only file: a restart loses goals"
         loop = asyncio.create_task(runner.serve_forever(recover=resume))
         try:
             yield
@@ -506,6 +509,7 @@ def create_app(
             queued=queued,
             active=active,
             stats=runner.stats,  # this instance: claimed, finished, requeued, discarded (lease lost), redis_errors
+            persistence=getattr(app.state, "persistence", "unknown"),
         )
 
     @app.post("/goal", status_code=202)

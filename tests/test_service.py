@@ -330,6 +330,7 @@ def test_a_redis_blip_loses_no_goal_and_fails_none(tmp_path):
     flags = ("--lease-s", "1.5", "--retries", "2")  # gives up on a call after ~0.3 s: the re-queue path is taken
     proc, base = start_service(url, tmp_path, *flags)
     try:
+        assert httpx.get(base + "/health", timeout=10).json()["persistence"] == "append-only file"
         resps = asyncio.run(post_many(base, [dict(goal=DOCS3, seed=i, step_delay_s=0.3) for i in range(16)]))
         assert [x.status_code for x in resps] == [202] * 16
         ids = [x.json()["id"] for x in resps]
@@ -431,7 +432,9 @@ def test_the_flag_wins_over_a_bad_environment_variable(service):
     "Issue #22: `RAPO_REDIS_URL=… rapo-service --redis-url …` crashed at import (the app was built from the env)."
     base, r = service  # started with RAPO_REDIS_URL=localhost:6379 (malformed) in its environment
     kw = r.connection_pool.connection_kwargs
-    assert httpx.get(base + "/health", timeout=10).json()["redis"] == f"{kw['host']}:{kw['port']}"
+    health = httpx.get(base + "/health", timeout=10).json()
+    assert health["redis"] == f"{kw['host']}:{kw['port']}"
+    assert health["persistence"].startswith("no append-only file")  # this Redis does not persist: /health says so
 
 
 def test_unreachable_redis_names_host_and_port(tmp_path):
