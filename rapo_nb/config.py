@@ -404,6 +404,25 @@ class WorkflowConfig:
         1.0,
         "|ours − seed 003| within this counts as reproduced for rates and shares",
     )
+    service_pool_size: int = cf(
+        32, "ours (seed 004 §5.2 opens one Redis client)", 1, 10_000, "Redis connections per goal-service instance"
+    )
+    service_pool_wait_s: float = cf(10.0, "ours", 0.0, 3600.0, "wait for a free pooled Redis connection before a 503")
+    service_max_running: int = cf(
+        64, "ours", 1, 10**6, "goals one service instance runs at once (the others wait, queued in Redis)"
+    )
+    service_lease_s: float = cf(
+        10.0,
+        "ours (seed 004 §4.3 'TTL')",
+        0.1,
+        86400.0,
+        "lease of a running goal: a Redis lock with this expiry, renewed every third of it by its instance",
+    )
+    service_retries: int = cf(5, "ours", 0, 100, "retries of a Redis call after a connection error, then re-queue")
+    service_backoff_s: float = cf(0.1, "ours", 0.0, 60.0, "base of the jittered exponential backoff between retries")
+    service_backoff_cap_s: float = cf(2.0, "ours", 0.0, 600.0, "longest wait between two retries")
+    service_body_limit: int = cf(65_536, "ours", 1, 1 << 30, "largest request body in bytes (413 above it)")
+    service_poll_s: float = cf(0.05, "ours", 0.001, 60.0, "period at which an idle instance looks at the goal queue")
 
 # %% ../nbs/00_config.ipynb #b2c4d6e8
 @dataclass

@@ -1,4 +1,4 @@
-"""Seed 004's orchestrator service: `POST /goal` runs planner → executors → checker in the background, with every intermediate result in Redis and progress on pub/sub; `GET /goal/{id}` returns status and result; goals survive a restart.
+"""Seed 004's orchestrator service: `POST /goal` queues a goal in Redis; service instances run planner → executors → checker under a lease, with every intermediate result in Redis and progress on pub/sub; `GET /goal/{id}` returns status and result. Goals survive a restart, a killed instance and a Redis blip, and run once.
 
 Docs: https://rapo-nb.github.io/rapo_nb/service.html.md"""
 
@@ -6,16 +6,18 @@ Docs: https://rapo-nb.github.io/rapo_nb/service.html.md"""
 
 # %% ../nbs/19_service.ipynb #cf060a54
 from __future__ import annotations
-import asyncio, contextlib, json, os, time, uuid
+import argparse, asyncio, concurrent.futures, contextlib, dataclasses, hmac, ipaddress, json, os, time, uuid
 from typing import Any
-import numpy as np
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field
-from .config import Config, load_config
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from .config import Config, WorkflowConfig, load_config
 from .store import redis_address, connect_redis, StoreUnavailable
 from rapo_nb.workflows import (
     DOMAINS,
@@ -29,12 +31,14 @@ from rapo_nb.workflows import (
 )
 
 # %% auto #0
-__all__ = ['PREFIX', 'ACTIVE', 'CHANNEL_ALL', 'TERMINAL', 'app', 'GoalRequest', 'goal_key', 'steps_key', 'events_key',
-           'GoalRunner', 'create_app', 'main']
+__all__ = ['PREFIX', 'ACTIVE', 'QUEUE', 'CHANNEL_ALL', 'TERMINAL', 'LUA', 'TRANSIENT', 'GoalRequest', 'goal_key', 'steps_key',
+           'events_key', 'lease_key', 'LeaseLost', 'service_redis', 'GoalRunner', 'BodyTooLarge', 'Guard',
+           'is_loopback', 'create_app', 'parse_args', 'app_from_args', 'app_from_env', 'main']
 
 # %% ../nbs/19_service.ipynb #8fb2f316
 PREFIX = "rapo:goal:"
 ACTIVE = "rapo:goals:active"
+QUEUE = "rapo:goals:queue"
 CHANNEL_ALL = "rapo:goals"
 TERMINAL = ("done", "failed")
 
@@ -61,6 +65,10 @@ def events_key(goal_id: str) -> str:
     return PREFIX + goal_id + ":events"
 
 
+def lease_key(goal_id: str) -> str:
+    return PREFIX + goal_id + ":lease"
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     "One line per problem: 'field: message'."
     parts = []
@@ -70,168 +78,439 @@ def _validation_message(exc: RequestValidationError) -> str:
         parts.append(f"{loc}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)
 
+# %% ../nbs/19_service.ipynb #47da7e26
+# Every script gets ARGV[1..4] = PREFIX, ACTIVE, QUEUE, CHANNEL_ALL; the goal keys are built inside (standalone Redis).
+_LUA_HEAD = """
+local prefix, active, queue, chan = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local function emit(id, msg)
+  redis.call('RPUSH', prefix .. id .. ':events', msg)
+  redis.call('PUBLISH', prefix .. id, msg)
+  redis.call('PUBLISH', chan, msg)
+end
+local function terminal(st) return st == 'done' or st == 'failed' end
+"""
+LUA = dict(
+    # ARGV[5..] = id, request, plan, now, queued-event → 1 stored, 0 the id exists already (a retried call)
+    submit="""
+local id, g = ARGV[5], prefix .. ARGV[5]
+if redis.call('EXISTS', g) == 1 then return 0 end
+redis.call('HSET', g, 'request', ARGV[6], 'status', 'queued', 'plan', ARGV[7], 'created', ARGV[8],
+           'updated', ARGV[8], 'runs', 0)
+redis.call('SADD', active, id)
+redis.call('ZADD', queue, ARGV[8], id)
+emit(id, ARGV[9])
+return 1""",
+    # ARGV[5..] = n, token prefix, lease ms, now, instance → {id, runs, ...} of the goals this instance now holds
+    claim="""
+local out, popped = {}, redis.call('ZPOPMIN', queue, tonumber(ARGV[5]))
+for i = 1, #popped, 2 do
+  local id = popped[i]
+  local g = prefix .. id
+  local st = redis.call('HGET', g, 'status')
+  if (not st) or terminal(st) then
+    redis.call('SREM', active, id)
+  elseif redis.call('SET', g .. ':lease', ARGV[6] .. ':' .. id, 'NX', 'PX', ARGV[7]) then
+    local runs = redis.call('HINCRBY', g, 'runs', 1)
+    redis.call('HSET', g, 'status', 'running', 'updated', ARGV[8], 'owner', ARGV[9])
+    local done = redis.call('HKEYS', g .. ':steps')
+    table.sort(done)
+    local names = {}
+    for j, k in ipairs(done) do names[j] = cjson.encode(k) end
+    local ev = 'planned'
+    if runs > 1 then ev = 'resumed' end
+    emit(id, '{"id":' .. cjson.encode(id) .. ',"event":"' .. ev .. '","t":' .. ARGV[8] .. ',"run":' .. runs ..
+         ',"instance":' .. cjson.encode(ARGV[9]) .. ',"already_done":[' .. table.concat(names, ',') .. ']}')
+    table.insert(out, id)
+    table.insert(out, runs)
+  end
+end
+return out""",
+    # ARGV[5..] = id, token, subtask, record, step-event → 1 recorded, 0 recorded before, -1 lease lost
+    step="""
+local id, g = ARGV[5], prefix .. ARGV[5]
+if redis.call('GET', g .. ':lease') ~= ARGV[6] then return -1 end
+if redis.call('HSETNX', g .. ':steps', ARGV[7], ARGV[8]) == 0 then return 0 end
+emit(id, ARGV[9])
+return 1""",
+)
+
+# %% ../nbs/19_service.ipynb #bf9573e3
+LUA.update(
+    # ARGV[5..] = id, token, status, result, error, now, event → 1 finished, 0 finished before, -1 lease lost
+    finish="""
+local id, g = ARGV[5], prefix .. ARGV[5]
+if redis.call('GET', g .. ':lease') ~= ARGV[6] then
+  if terminal(redis.call('HGET', g, 'status')) then return 0 end
+  return -1
+end
+redis.call('HSET', g, 'status', ARGV[7], 'result', ARGV[8], 'updated', ARGV[10])
+if ARGV[9] ~= '' then redis.call('HSET', g, 'error', ARGV[9]) end
+redis.call('SREM', active, id)
+redis.call('DEL', g .. ':lease')
+emit(id, ARGV[11])
+return 1""",
+    # ARGV[5..] = id, token, now, requeued-event → 1 back in the queue, 0 the lease was not ours any more
+    release="""
+local id, g = ARGV[5], prefix .. ARGV[5]
+if redis.call('GET', g .. ':lease') ~= ARGV[6] then return 0 end
+redis.call('HSET', g, 'status', 'queued', 'updated', ARGV[7])
+redis.call('ZADD', queue, 'NX', ARGV[7], id)
+redis.call('DEL', g .. ':lease')
+emit(id, ARGV[8])
+return 1""",
+    # ARGV[5..] = lease ms, id1, token1, id2, token2, … → the tokens whose lease is no longer ours
+    renew="""
+local lost = {}
+for i = 6, #ARGV, 2 do
+  local lk = prefix .. ARGV[i] .. ':lease'
+  if redis.call('GET', lk) == ARGV[i + 1] then
+    redis.call('PEXPIRE', lk, ARGV[5])
+  else
+    table.insert(lost, ARGV[i + 1])
+  end
+end
+return lost""",
+    # ARGV[5..] = now → ids of unfinished goals with neither a live lease nor a queue entry, now queued again
+    reap="""
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', active)) do
+  local g = prefix .. id
+  if redis.call('EXISTS', g .. ':lease') == 0 and not redis.call('ZSCORE', queue, id) then
+    local st = redis.call('HGET', g, 'status')
+    if (not st) or terminal(st) then
+      redis.call('SREM', active, id)
+    else
+      redis.call('HSET', g, 'status', 'queued', 'updated', ARGV[5])
+      redis.call('ZADD', queue, ARGV[5], id)
+      emit(id, cjson.encode({id = id, event = 'requeued', t = tonumber(ARGV[5]), reason = 'lease expired'}))
+      table.insert(out, id)
+    end
+  end
+end
+return out""",
+)
+
+# %% ../nbs/19_service.ipynb #16c83d19
+TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class LeaseLost(Exception):
+    "This instance no longer holds the goal's lease: its work on the goal is discarded (fenced)."
+
+
+def service_redis(redis_url: str, cfg: Config) -> aioredis.Redis:
+    "An asyncio client over a bounded pool: at most `service_pool_size` connections, a wait for a free one, retries."
+    wf = cfg.workflows
+    retry = Retry(
+        ExponentialWithJitterBackoff(cap=wf.service_backoff_cap_s, base=wf.service_backoff_s), wf.service_retries
+    )
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_url,
+        max_connections=wf.service_pool_size,
+        timeout=wf.service_pool_wait_s,
+        socket_connect_timeout=cfg.runtime.redis_timeout_s,
+        socket_timeout=max(cfg.runtime.redis_timeout_s, 5.0),
+        retry=retry,
+        retry_on_error=list(TRANSIENT),
+    )
+    return aioredis.Redis(connection_pool=pool)
+
 # %% ../nbs/19_service.ipynb #c3878fa9
+def _event(goal_id: str, event: str, **data) -> str:
+    return json.dumps(dict(id=goal_id, event=event, t=time.time(), **data))
+
+
 class GoalRunner:
-    "Runs goals: planner → executors (level by level) → checker, with every intermediate result in Redis."
+    "One service instance's worker: planner → executors (level by level) → checker, every result in Redis."
 
-    def __init__(self, r: aioredis.Redis, cfg: Config, pool: ExecutorPool):
+    def __init__(self, r: aioredis.Redis, cfg: Config, pool: ExecutorPool, instance: str | None = None):
         self.r, self.cfg, self.pool = r, cfg, pool  # the simulated world is the pool's: pool.cfg.workflows
+        self.instance = instance or uuid.uuid4().hex[:12]
+        self.tokens: dict[str, str] = {}  # goal id → the lease token of this instance's current run of it
         self.tasks: set[asyncio.Task] = set()
+        self.lost: set[str] = set()  # tokens of runs whose lease expired under them (their writes are refused)
+        self.stats = dict(claimed=0, finished=0, requeued=0, discarded=0, redis_errors=0)
+        self.scripts = {k: r.register_script(_LUA_HEAD + v) for k, v in LUA.items()}
+        # the simulated steps run in one thread (the pool's state is not thread-safe): the event loop stays free
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rapo-steps")
 
-    async def publish(self, goal_id: str, event: str, **data) -> None:
-        "Append to the goal's event log and publish on its channel and the all-goals channel."
-        msg = json.dumps(dict(id=goal_id, event=event, t=time.time(), **data))
-        async with self.r.pipeline(transaction=True) as p:
-            p.rpush(events_key(goal_id), msg)
-            p.publish(goal_key(goal_id), msg)
-            p.publish(CHANNEL_ALL, msg)
-            await p.execute()
+    async def call(self, name: str, *args) -> Any:
+        "Run one of the `LUA` scripts (ARGV: the key names, then `args`)."
+        argv = [PREFIX, ACTIVE, QUEUE, CHANNEL_ALL, *[a if isinstance(a, (str, bytes)) else repr(a) for a in args]]
+        return await self.scripts[name](keys=[], args=argv)
 
     async def submit(self, req: GoalRequest) -> dict:
-        "Plan `req` (UnplannableGoal → caller's 422), store it as queued, start its run; return id and plan."
+        "Plan `req` (UnplannableGoal → caller's 422), store it queued in one atomic step; return id and plan."
         plan = plan_goal(req.goal, self.cfg.workflows.max_items)
-        goal_id = uuid.uuid4().hex
-        now = time.time()
-        await self.r.hset(
-            goal_key(goal_id),
-            mapping=dict(
-                request=req.model_dump_json(),
-                status="queued",
-                plan=json.dumps(plan.to_dict()),
-                created=now,
-                updated=now,
-                runs=0,
-            ),
-        )
-        await self.r.sadd(ACTIVE, goal_id)
-        await self.publish(goal_id, "queued", domain=plan.domain, n_subtasks=len(plan.subtasks))
-        self.start(goal_id)
+        goal_id, now = uuid.uuid4().hex, time.time()
+        queued = _event(goal_id, "queued", domain=plan.domain, n_subtasks=len(plan.subtasks))
+        await self.call("submit", goal_id, req.model_dump_json(), json.dumps(plan.to_dict()), now, queued)
         return dict(id=goal_id, status="queued", domain=plan.domain, n_subtasks=len(plan.subtasks))
 
-    def start(self, goal_id: str) -> None:
+    async def claim(self, n: int) -> list[str]:
+        "Take up to `n` queued goals, each under a lease (a Redis lock with expiry); start their runs."
+        lease_ms, prefix = int(self.cfg.workflows.service_lease_s * 1000), f"{self.instance}/{uuid.uuid4().hex[:8]}"
+        out = await self.call("claim", n, prefix, lease_ms, time.time(), self.instance)
+        ids = [x.decode() if isinstance(x, bytes) else x for x in out[0::2]]
+        for goal_id in ids:
+            if goal_id in self.tokens:  # an earlier run here outlived its lease: it stops at its next write
+                self.lost.add(self.tokens[goal_id])
+            self.tokens[goal_id] = f"{prefix}:{goal_id}"
+            self.start(goal_id, self.tokens[goal_id])
+        self.stats["claimed"] += len(ids)
+        return ids
+
+    def start(self, goal_id: str, token: str) -> None:
         "Run the goal in a background task (kept referenced until it ends)."
-        task = asyncio.create_task(self.run(goal_id))
+        task = asyncio.create_task(self.run(goal_id, token), name=goal_id)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def resume_all(self) -> list[str]:
-        "Restart every goal left unfinished by an earlier process."
-        ids = sorted(m.decode() if isinstance(m, bytes) else m for m in await self.r.smembers(ACTIVE))
-        for goal_id in ids:
-            self.start(goal_id)
-        return ids
+    async def release(self, goal_id: str, token: str, reason: str) -> None:
+        "Give the goal back to the queue (status `queued`); if Redis cannot be told, its lease expires instead."
+        with contextlib.suppress(*TRANSIENT):
+            ok = await self.call("release", goal_id, token, time.time(), _event(goal_id, "requeued", reason=reason))
+            self.stats["requeued"] += int(ok)
 
-    async def run(self, goal_id: str) -> None:
-        "Planner → executors → checker for one goal, skipping subtasks whose records are already stored."
+# %% ../nbs/19_service.ipynb #d348fee5
+@patch
+async def run(self: GoalRunner, goal_id: str, token: str) -> None:
+    "Executors (level by level) → checker for a goal held under `token`; steps already stored are kept, not re-run."
+    try:
         h = {k.decode(): v.decode() for k, v in (await self.r.hgetall(goal_key(goal_id))).items()}
-        if not h or h.get("status") in TERMINAL:
-            await self.r.srem(ACTIVE, goal_id)
-            return
         req, plan = GoalRequest.model_validate_json(h["request"]), WorkflowPlan.from_dict(json.loads(h["plan"]))
-        run = await self.r.hincrby(goal_key(goal_id), "runs", 1)
+        run = int(h.get("runs", 1))
         done = {k.decode(): json.loads(v) for k, v in (await self.r.hgetall(steps_key(goal_id))).items()}
-        await self.r.hset(goal_key(goal_id), mapping=dict(status="running", updated=time.time()))
-        await self.publish(goal_id, "resumed" if run > 1 else "planned", run=run, already_done=sorted(done))
+        for level in plan.levels():
+            todo = [t for t in level if t.id not in done]
+            records = await asyncio.gather(*(self.run_step(goal_id, token, plan, t, req, run) for t in todo))
+            done.update(zip([t.id for t in todo], records))
+            if any(not rec["success"] for rec in records):
+                break  # a dependency failed: later levels cannot run
+        verdict = check_results(plan, done)
+        await self.finish(goal_id, token, "done" if verdict["valid"] else "failed", verdict)
+    except LeaseLost:
+        self.stats["discarded"] += 1  # another run holds the goal now; what this one did is not recorded
+    except asyncio.CancelledError:
+        await self.release(goal_id, token, "service stopped")  # shutdown: straight back to the queue
+        raise
+    except TRANSIENT as e:  # Redis still failing after the client's retries: queued again, never `failed`
+        self.stats["redis_errors"] += 1
+        await self.release(goal_id, token, f"Redis error: {type(e).__name__}: {e}")
+    except Exception as e:  # a real error of this goal: recorded on it instead of lost in a background task
+        with contextlib.suppress(*TRANSIENT, LeaseLost):
+            await self.finish(goal_id, token, "failed", None, error=f"{type(e).__name__}: {e}")
+    finally:
+        if self.tokens.get(goal_id) == token:
+            del self.tokens[goal_id]
+        self.lost.discard(token)
+
+
+@patch
+async def run_step(self: GoalRunner, goal_id: str, token: str, plan: WorkflowPlan, t, req: GoalRequest, run: int):
+    "Execute one subtask (simulated, in the step thread); record it only while the lease is ours (fencing)."
+    if req.step_delay_s:
+        await asyncio.sleep(req.step_delay_s)
+    if token in self.lost:
+        raise LeaseLost(goal_id)
+    nominal = DOMAINS[plan.domain]["service_s"][t.stage]
+    args = (self.pool, t.task, t.modality, nominal, req.failure_rate, step_rng(req.seed, goal_id, t.id))
+    rec = await asyncio.get_running_loop().run_in_executor(self.executor, execute_subtask, *args)
+    rec.update(subtask=t.id, run=run, simulated=True)
+    ev = _event(goal_id, "step", subtask=t.id, success=rec["success"], attempts=rec["attempts"], agent=rec["agent"])
+    got = await self.call("step", goal_id, token, t.id, json.dumps(rec), ev)
+    if got == -1:
+        raise LeaseLost(goal_id)
+    if got == 0:  # recorded before (a retried call whose first reply was lost): the stored record stands
+        rec = json.loads(await self.r.hget(steps_key(goal_id), t.id))
+    return rec
+
+
+@patch
+async def finish(self: GoalRunner, goal_id: str, token: str, status: str, verdict: dict | None, error: str = ""):
+    "Store the checker's verdict (or the error) and leave the active set, if the lease is still ours."
+    data = dict(summary=verdict["summary"]) if verdict else dict(error=error)
+    result = json.dumps(verdict) if verdict else "null"
+    event = _event(goal_id, status, **data)
+    got = await self.call("finish", goal_id, token, status, result, error, time.time(), event)
+    if got == -1:
+        raise LeaseLost(goal_id)
+    self.stats["finished"] += 1
+
+# %% ../nbs/19_service.ipynb #9b7836a3
+@patch
+async def renew(self: GoalRunner) -> None:
+    "Extend the lease of every goal this instance runs; a goal whose lease is gone is marked lost (its run stops)."
+    if self.tokens:
+        pairs = [x for gid, tok in self.tokens.items() for x in (gid, tok)]
+        lost = await self.call("renew", int(self.cfg.workflows.service_lease_s * 1000), *pairs)
+        self.lost.update(x.decode() if isinstance(x, bytes) else x for x in lost)
+
+
+@patch
+async def reap(self: GoalRunner) -> list[str]:
+    "Queue again every unfinished goal with neither a live lease nor a queue entry (its instance died)."
+    return [x.decode() if isinstance(x, bytes) else x for x in await self.call("reap", time.time())]
+
+
+@patch
+async def serve_forever(self: GoalRunner, recover: bool = True) -> None:
+    "The instance's background loop: claim queued goals up to `service_max_running`, renew leases, reap dead ones."
+    wf = self.cfg.workflows
+    last_renew = last_reap = 0.0
+    while True:
         try:
-            for level in plan.levels():
-                todo = [t for t in level if t.id not in done]
-                records = await asyncio.gather(*(self.run_step(goal_id, plan, t, req, run) for t in todo))
-                done.update(zip([t.id for t in todo], records))
-                if any(not rec["success"] for rec in records):
-                    break  # a dependency failed: later levels cannot run
-            verdict = check_results(plan, done)
-            status = "done" if verdict["valid"] else "failed"
-            await self.r.hset(
-                goal_key(goal_id), mapping=dict(status=status, result=json.dumps(verdict), updated=time.time())
-            )
-            await self.r.srem(ACTIVE, goal_id)
-            await self.publish(goal_id, status, summary=verdict["summary"])
-        except asyncio.CancelledError:
-            raise  # shutdown: the goal stays active and is resumed by the next process
-        except Exception as e:  # record the error on the goal instead of losing it in a background task
-            await self.r.hset(
-                goal_key(goal_id), mapping=dict(status="failed", error=f"{type(e).__name__}: {e}", updated=time.time())
-            )
-            await self.r.srem(ACTIVE, goal_id)
-            await self.publish(goal_id, "failed", error=f"{type(e).__name__}: {e}")
+            now = time.monotonic()
+            if now - last_renew >= wf.service_lease_s / 3:
+                await self.renew()
+                last_renew = now
+            if recover and now - last_reap >= wf.service_lease_s / 2:
+                await self.reap()
+                last_reap = now
+            free = wf.service_max_running - len(self.tasks)
+            if free > 0 and await self.claim(free):
+                continue
+        except TRANSIENT:
+            self.stats["redis_errors"] += 1  # Redis away: keep trying; leases and the queue live in Redis
+        await asyncio.sleep(wf.service_poll_s)
 
-    async def run_step(self, goal_id: str, plan: WorkflowPlan, t, req: GoalRequest, run: int) -> dict:
-        "Execute one subtask (simulated), store its record in the scratchpad hash, publish progress."
-        if req.step_delay_s:
-            await asyncio.sleep(req.step_delay_s)
-        nominal = DOMAINS[plan.domain]["service_s"][t.stage]
-        rec = execute_subtask(
-            self.pool, t.task, t.modality, nominal, req.failure_rate, step_rng(req.seed, goal_id, t.id)
-        )
-        rec.update(subtask=t.id, run=run, simulated=True)
-        await self.r.hset(steps_key(goal_id), t.id, json.dumps(rec))
-        await self.publish(
-            goal_id, "step", subtask=t.id, success=rec["success"], attempts=rec["attempts"], agent=rec["agent"]
-        )
-        return rec
+# %% ../nbs/19_service.ipynb #88c627c5
+@patch
+async def status(self: GoalRunner, goal_id: str) -> dict | None:
+    "The goal's status, plan, finished steps and result; None if unknown."
+    h = {k.decode(): v.decode() for k, v in (await self.r.hgetall(goal_key(goal_id))).items()}
+    if not h:
+        return None
+    steps = {k.decode(): json.loads(v) for k, v in (await self.r.hgetall(steps_key(goal_id))).items()}
+    plan = json.loads(h["plan"])
+    return dict(
+        id=goal_id,
+        goal=plan["goal"],
+        domain=plan["domain"],
+        status=h["status"],
+        runs=int(h.get("runs", 0)),
+        owner=h.get("owner"),
+        plan=plan,
+        steps=steps,
+        n_done=len(steps),
+        n_subtasks=len(plan["subtasks"]),
+        result=json.loads(h["result"]) if "result" in h else None,
+        error=h.get("error"),
+        request=json.loads(h["request"]),
+        simulated=True,
+    )
 
-    async def status(self, goal_id: str) -> dict | None:
-        "The goal's status, plan, finished steps and result; None if unknown."
-        h = {k.decode(): v.decode() for k, v in (await self.r.hgetall(goal_key(goal_id))).items()}
-        if not h:
-            return None
-        steps = {k.decode(): json.loads(v) for k, v in (await self.r.hgetall(steps_key(goal_id))).items()}
-        plan = json.loads(h["plan"])
-        return dict(
-            id=goal_id,
-            goal=plan["goal"],
-            domain=plan["domain"],
-            status=h["status"],
-            runs=int(h.get("runs", 0)),
-            plan=plan,
-            steps=steps,
-            n_done=len(steps),
-            n_subtasks=len(plan["subtasks"]),
-            result=json.loads(h["result"]) if "result" in h else None,
-            error=h.get("error"),
-            request=json.loads(h["request"]),
-            simulated=True,
-        )
+# %% ../nbs/19_service.ipynb #4f4834b6
+class BodyTooLarge(HTTPException):
+    "A request body over the limit, noticed while it streams in (no Content-Length): answered 413."
+
+
+class Guard:
+    "ASGI middleware: API key on every path but /health; request bodies over `body_limit` bytes refused with 413."
+
+    def __init__(self, app, body_limit: int, api_key: str | None = None):
+        self.app, self.body_limit, self.api_key = app, body_limit, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"] != "/health":
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                msg = "missing or wrong API key: send it in the X-API-Key header (the service's RAPO_API_KEY)"
+                return await self.refuse(send, 401, msg, [(b"www-authenticate", b"ApiKey")])
+        size = headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.body_limit):
+            code = 413 if size.isdigit() else 400
+            return await self.refuse(send, code, f"body: {size} bytes; the limit is {self.body_limit} bytes")
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.body_limit:
+                raise BodyTooLarge(413, f"body: more than {self.body_limit} bytes (the limit)")
+            return msg
+
+        await self.app(scope, limited, send)
+
+    @staticmethod
+    async def refuse(send, code: int, detail: str, extra: list | None = None) -> None:
+        body = json.dumps(dict(detail=detail)).encode()
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
+        await send(dict(type="http.response.start", status=code, headers=head))
+        await send(dict(type="http.response.body", body=body))
+
+
+def is_loopback(host: str) -> bool:
+    "True for localhost and loopback addresses (127.0.0.0/8, ::1): nothing beyond this machine can connect."
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    return host == "localhost"
 
 # %% ../nbs/19_service.ipynb #b88639a3
-def create_app(redis_url: str, cfg: Config | None = None, seed: int = 0, resume: bool = True) -> FastAPI:
-    "The goal service over the Redis at `redis_url` (checked at startup; unreachable → StoreUnavailable naming host:port)."
+def create_app(
+    redis_url: str, cfg: Config | None = None, seed: int = 0, resume: bool = True, api_key: str | None = None
+) -> FastAPI:
+    "The goal service over the Redis at `redis_url` (checked at startup: unreachable → StoreUnavailable naming it)."
     address = redis_address(redis_url)  # ValueError on a malformed URL, before anything starts
     cfg = cfg or load_config("quick")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         connect_redis(redis_url, cfg.runtime.redis_timeout_s).close()  # fail fast, naming host:port
-        r = aioredis.Redis.from_url(redis_url, socket_connect_timeout=cfg.runtime.redis_timeout_s)
+        r = service_redis(redis_url, cfg)
         runner = GoalRunner(r, cfg, ExecutorPool.create(cfg, seed, router="rapo", device="cpu"))
         app.state.runner = runner
-        app.state.resumed = await runner.resume_all() if resume else []
+        app.state.resumed = await runner.reap() if resume else []  # goals of dead instances, queued again
+        with contextlib.suppress(redis.exceptions.ResponseError):  # CONFIG may be disabled on a managed Redis
+            aof = (await r.config_get("appendonly")).get("appendonly")  # redis-py decodes CONFIG GET replies
+            app.state.persistence = "append-only file" if aof == "yes" else "no append-only file: a restart loses goals"
+        loop = asyncio.create_task(runner.serve_forever(recover=resume))
         try:
             yield
         finally:
+            loop.cancel()
             for task in list(runner.tasks):
-                task.cancel()
-            await asyncio.gather(*runner.tasks, return_exceptions=True)
+                task.cancel()  # each gives its goal back to the queue
+            await asyncio.gather(loop, *runner.tasks, return_exceptions=True)
             await r.aclose()
 
     app = FastAPI(
         title="rapo_nb goal service",
         lifespan=lifespan,
         description="Planner → executors → checker over simulated executors; state and progress in Redis.",
+        docs_url=None,  # FastAPI's /docs and /redoc load their scripts from a CDN: not served (see /openapi.json)
+        redoc_url=None,
     )
+    app.add_middleware(Guard, body_limit=cfg.workflows.service_body_limit, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         return JSONResponse(status_code=422, content=dict(detail=_validation_message(exc)))
 
     @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
     async def _redis_down(request: Request, exc: Exception):
-        return JSONResponse(status_code=503, content=dict(detail=f"Redis at {address} is unreachable: {exc}"))
+        detail = f"Redis at {address} is unreachable: {exc}; nothing was stored, retry later"
+        return JSONResponse(status_code=503, content=dict(detail=detail), headers={"Retry-After": "1"})
 
     @app.get("/health")
     async def health() -> dict:
-        await app.state.runner.r.ping()
-        return dict(status="ok", redis=address, running=len(app.state.runner.tasks))
+        runner = app.state.runner
+        queued, active = await asyncio.gather(runner.r.zcard(QUEUE), runner.r.scard(ACTIVE))
+        return dict(
+            status="ok",
+            redis=address,
+            instance=runner.instance,
+            running=len(runner.tasks),
+            queued=queued,
+            active=active,
+            stats=runner.stats,  # this instance: claimed, finished, requeued, discarded (lease lost), redis_errors
+            persistence=getattr(app.state, "persistence", "unknown"),
+        )
 
     @app.post("/goal", status_code=202)
     async def post_goal(req: GoalRequest) -> dict:
@@ -253,17 +532,59 @@ def create_app(redis_url: str, cfg: Config | None = None, seed: int = 0, resume:
 
     return app
 
+# %% ../nbs/19_service.ipynb #ba20e319
+_FLAGS = dict(  # CLI flag → config field (cfg.workflows)
+    pool_size="service_pool_size",
+    pool_wait_s="service_pool_wait_s",
+    max_running="service_max_running",
+    lease_s="service_lease_s",
+    body_limit="service_body_limit",
+    retries="service_retries",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    "The service's flags; a flag wins over its environment variable, which is read only when the flag is absent."
+    ap = argparse.ArgumentParser(description="rapo_nb goal service (seed 004): POST /goal, GET /goal/{id}")
+    ap.add_argument(
+        "--redis-url", help="redis://host:port/db (default: env RAPO_REDIS_URL, else cfg.runtime.redis_url)"
+    )
+    ap.add_argument("--host", default="127.0.0.1", help="beyond loopback only with an API key (env RAPO_API_KEY)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--profile", default="quick")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the simulated executors")
+    ap.add_argument("--log-level", default="warning")
+    for flag, name in _FLAGS.items():
+        f = next(f for f in dataclasses.fields(WorkflowConfig) if f.name == name)
+        ap.add_argument(
+            "--" + flag.replace("_", "-"), type=type(f.default), help=f"{f.metadata['doc']} (cfg.workflows.{name})"
+        )
+    return ap.parse_args(argv)
+
+
+def app_from_args(a: argparse.Namespace, env: dict | None = None) -> FastAPI:
+    "Build the app from parsed flags (and, where a flag is absent, the environment)."
+    env = os.environ if env is None else env
+    url = a.redis_url or env.get("RAPO_REDIS_URL") or load_config(a.profile).runtime.redis_url
+    overrides = {f"workflows.{name}": getattr(a, flag) for flag, name in _FLAGS.items() if getattr(a, flag) is not None}
+    key = env.get("RAPO_API_KEY") or None
+    if not is_loopback(a.host) and not key:
+        raise ValueError(f"--host {a.host}: binding beyond loopback needs an API key; set RAPO_API_KEY")
+    return create_app(url, load_config(a.profile, overrides), seed=a.seed, api_key=key)
+
+
+def app_from_env() -> FastAPI:
+    "Factory for `uvicorn --factory rapo_nb.service:app_from_env` (flags' defaults; env RAPO_REDIS_URL, RAPO_API_KEY)."
+    return app_from_args(parse_args([]))
+
 
 def main(argv: list[str] | None = None) -> None:
-    "Console entry: serve the goal service with uvicorn (Redis from --redis-url or env RAPO_REDIS_URL)."
-    import argparse, uvicorn
+    "Console entry `rapo-service`: build the app from the flags, then serve it with uvicorn."
+    import uvicorn
 
-    ap = argparse.ArgumentParser(description="rapo_nb goal service (seed 004): POST /goal, GET /goal/{id}")
-    ap.add_argument("--redis-url", default=os.environ.get("RAPO_REDIS_URL", load_config("quick").runtime.redis_url))
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    a = ap.parse_args(argv)
-    uvicorn.run(create_app(a.redis_url), host=a.host, port=a.port)
-
-# %% ../nbs/19_service.ipynb #ba20e319
-app = create_app(os.environ.get("RAPO_REDIS_URL", load_config("quick").runtime.redis_url))
+    a = parse_args(argv)
+    try:
+        app = app_from_args(a)
+    except ValueError as e:  # a bad flag or variable: one line naming it, no traceback
+        raise SystemExit(f"rapo-service: {e}") from None
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)

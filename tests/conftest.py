@@ -24,12 +24,14 @@ def _isolated_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("RAPO_RESULTS_DIR", str(tmp_path / "results"))
 
 
-def start_redis(tmp_path: Path):
-    "Start redis-server on a free port; return (process, url)."
+def start_redis(tmp_path: Path, port: int | None = None, persist: bool = False):
+    """Start redis-server on a free port (or `port`: a restart on the same port); return (process, url).
+    `persist`: an append-only file fsynced on every write, in tmp_path, so a restarted server has every acknowledged write."""
     exe = shutil.which("redis-server")
     if exe is None: pytest.skip("redis-server not installed (apt-get install redis-server); Redis tests skipped")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    port = port or free_port()
+    aof = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import redis
     client = redis.Redis(host="127.0.0.1", port=port)
