@@ -99,6 +99,13 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
         "stats_gain_by_transitions.png",
         "claims_14_statistics.md",
     ],
+    "15_routellm": [
+        "routellm_task_types.md",
+        "routellm_routers.md",
+        "routellm_capacity.md",
+        "routellm_quality_vs_strong_share.png",
+        "claims_15_routellm.md",
+    ],
     "17_scaling": [
         "table2_scaling.md",
         "scaling_table2.png",
