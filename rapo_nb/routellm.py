@@ -30,7 +30,8 @@ from rapo_nb.routing import (
 __all__ = ['OUTCOMES_FILE', 'BENCHMARKS', 'data_path', 'load_outcomes', 'plain_accuracy', 'request_state', 'outcome01',
            'split_by_prompt', 'subsample', 'apgr', 'cpt', 'curve_metrics', 'threshold_curve', 'cell_gap_scores',
            'ModelPools', 'warm_pools', 'price_config', 'price_load', 'route_stream', 'rapo_price_curve',
-           'prompt_features', 'fit_prompt_router', 'prompt_router_scores', 'PoolCoinRouter', 'capacity_run']
+           'bootstrap_apgr', 'prompt_features', 'fit_prompt_router', 'prompt_router_scores', 'PoolCoinRouter',
+           'capacity_run']
 
 # %% ../nbs/15_routellm.ipynb #96e9cd22
 OUTCOMES_FILE = "routellm_outcomes.csv.gz"  # shipped in rapo_nb/data/ (Apache 2.0, derived from RouteLLM; see NOTICE)
@@ -252,18 +253,34 @@ def route_stream(pools: ModelPools, router, task, modality, weak01, strong01, ti
 # %% ../nbs/15_routellm.ipynb #b9809f54
 def rapo_price_curve(
     pools: ModelPools, cfg: Config, task, modality, weak01, strong01, weak, strong, prices
-) -> pd.DataFrame:
-    "RAPO (eq. 6, capability × headroom) on one request stream for each standing load λ of the strong pool: share of strong calls and quality."
+) -> tuple[pd.DataFrame, np.ndarray]:
+    "RAPO (eq. 6, capability × headroom) on one request stream for each standing load λ of the strong pool: the curve (share of strong calls, quality) and the strong-call flags [λ, request]."
     router = RapoRouter(price_config(cfg))
-    rows = []
+    rows, flags = [], []
     for price in prices:
         p = copy.deepcopy(pools)  # every λ starts from the same warmed bank
         agents = route_stream(
             p, router, task, modality, weak01, strong01, cfg.routellm.tick_requests, price_load(p, price)
         )
         s = p.is_strong.numpy()[agents]
+        flags.append(s)
         rows.append(dict(price=float(price), share=float(s.mean()), quality=float(np.where(s, strong, weak).mean())))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), np.stack(flags)
+
+
+def bootstrap_apgr(flags, weak, strong, n_boot: int, seed: int = 0, chunk: int = 500) -> np.ndarray:
+    "APGR of a router's curve (row k of `flags`: its strong calls at sweep point k) on `n_boot` Poisson-bootstrap resamples of the prompts."
+    flags = np.asarray(flags, dtype=bool)
+    weak, strong = np.asarray(weak, dtype=np.float64), np.asarray(strong, dtype=np.float64)
+    got, f = np.where(flags, strong, weak).T, flags.T.astype(np.float64)  # [n, K]
+    rng, out = np.random.default_rng(seed), []
+    for start in range(0, n_boot, chunk):
+        w = rng.poisson(1.0, size=(min(chunk, n_boot - start), flags.shape[1])).astype(np.float64)
+        tot = w.sum(1)
+        q, share = (w @ got) / tot[:, None], (w @ f) / tot[:, None]
+        qw, qs = (w @ weak) / tot, (w @ strong) / tot
+        out += [apgr(share[i], q[i], qw[i], qs[i]) for i in range(len(w))]
+    return np.array(out)
 
 # %% ../nbs/15_routellm.ipynb #5cc5297f
 def prompt_features(texts, task, modality, cfg: Config, encoder: HashedTextEncoder | None = None) -> np.ndarray:
