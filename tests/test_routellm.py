@@ -117,3 +117,25 @@ def test_future_outcomes_do_change_later_decisions():
     pools = warm_pools(cfg, t[n:], m[n:], w[n:], s[n:])
     flipped = route_stream(pools, RapoRouter(pc), t[:n], m[:n], 1 - w[:n], 1 - s[:n], 32, price_load(pools, 0.1))
     assert (base != flipped).any()
+
+
+def test_capacity_run_reads_outcomes_only_after_completion():
+    "In the capacity run an outcome reaches the bank when its request completes: permuting later outcomes changes no earlier decision."
+    from rapo_nb.routellm import capacity_run
+
+    cfg, t, m, w, s = _stream()
+    n, k = 600, 240
+    arrivals, hold = cfg.routellm.arrivals_per_tick, cfg.routellm.hold_ticks
+    perm = np.concatenate([np.arange(k), k + np.random.default_rng(7).permutation(n - k)])
+
+    def run(wn, sn):
+        pools = warm_pools(cfg, t[n:], m[n:], w[n:], s[n:])
+        return capacity_run(pools, RapoRouter(cfg), cfg, t[:n], m[:n], wn, sn)
+
+    base, shuffled = run(w[:n], s[:n]), run(w[:n][perm], s[:n][perm])
+    start = np.arange(n) // arrivals + base.wait_ticks.to_numpy()
+    # requests from k on arrive at tick k // arrivals; their outcomes can steer nothing decided before they complete
+    early = start < k // arrivals + hold
+    assert early.sum() > k // 2
+    np.testing.assert_array_equal(base.agent.to_numpy()[early], shuffled.agent.to_numpy()[early])
+    assert (base.agent.to_numpy() != shuffled.agent.to_numpy()).any()
