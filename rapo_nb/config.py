@@ -507,6 +507,9 @@ class RouteLLMConfig:
     )
     price_points: int = cf(41, "ours", 3, 10**4, "values of the strong pool's standing load λ swept in [0, 1]")
     curve_points: int = cf(21, "ours", 3, 10**4, "strong-call shares swept for threshold routers, in [0, 1]")
+    random_repeats: int = cf(
+        200, "ours", 1, 10**6, "seeded tie-breaks averaged for the random router and the category oracle"
+    )
     eta_variant: float = cf(0.02, "ours (sensitivity)", 1e-6, 1.0, "a slower capability EMA shown beside §3.4's η")
     mt_score_range: tuple = cf(
         (1.0, 10.0), "MT-Bench judge scale", 0.0, 100.0, "judge scores mapped to outcomes in [0, 1]", ordered=True
@@ -518,6 +521,13 @@ class RouteLLMConfig:
     gap_targets: tuple = cf((0.5, 0.8), "RouteLLM §5 CPT(50 %), CPT(80 %)", 0.0, 1.0, "shares of the quality gap")
     arrivals_per_tick: int = cf(12, "ours (simulated arrivals)", 1, 10**6, "requests arriving per tick, capacity run")
     hold_ticks: int = cf(4, "ours (simulated service)", 1, 10**6, "ticks a routed request occupies its replica")
+    split_seeds: tuple = cf(
+        (1, 2, 3, 4, 5),
+        "ours",
+        0,
+        2**31 - 1,
+        "further train/test splits of the small benchmarks (GSM8K, MT-Bench), for the spread of APGR over splits",
+    )
 
 
 PAPER_ROUTELLM = {  # RouteLLM (Ong et al., arXiv 2406.18665), GPT-4-1106 vs Mixtral-8x7B; None = not found (never guessed)

@@ -102,6 +102,7 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
     "15_routellm": [
         "routellm_task_types.md",
         "routellm_routers.md",
+        "routellm_split_spread.md",
         "routellm_capacity.md",
         "routellm_quality_vs_strong_share.png",
         "claims_15_routellm.md",

@@ -28,10 +28,10 @@ from rapo_nb.routing import (
 
 # %% auto #0
 __all__ = ['OUTCOMES_FILE', 'BENCHMARKS', 'data_path', 'load_outcomes', 'plain_accuracy', 'request_state', 'outcome01',
-           'split_by_prompt', 'subsample', 'apgr', 'cpt', 'curve_metrics', 'threshold_curve', 'cell_gap_scores',
-           'ModelPools', 'warm_pools', 'price_config', 'price_load', 'route_stream', 'rapo_price_curve',
-           'bootstrap_apgr', 'prompt_features', 'fit_prompt_router', 'prompt_router_scores', 'PoolCoinRouter',
-           'capacity_run']
+           'split_by_prompt', 'subsample', 'apgr', 'cpt', 'curve_metrics', 'threshold_curve', 'mean_threshold_curve',
+           'cell_gap_scores', 'ModelPools', 'warm_pools', 'price_config', 'price_load', 'route_stream',
+           'rapo_price_curve', 'bootstrap_apgr', 'prompt_features', 'fit_prompt_router', 'prompt_router_scores',
+           'PoolCoinRouter', 'capacity_run', 'rapo_names', 'compare_routers', 'router_metrics']
 
 # %% ../nbs/15_routellm.ipynb #96e9cd22
 OUTCOMES_FILE = "routellm_outcomes.csv.gz"  # shipped in rapo_nb/data/ (Apache 2.0, derived from RouteLLM; see NOTICE)
@@ -165,6 +165,12 @@ def threshold_curve(score, weak, strong, shares, seed: int = 0, at_most: bool = 
     k = np.rint(np.asarray(shares, dtype=np.float64) * n).astype(np.int64).clip(0, n)
     g = np.maximum.accumulate(gain)[k] if at_most else gain[k]
     return pd.DataFrame(dict(share=k / n, quality=(weak.sum() + g) / n))
+
+
+def mean_threshold_curve(score, weak, strong, shares, repeats: int, seed: int = 0) -> pd.DataFrame:
+    "`threshold_curve` averaged over `repeats` seeded tie-breaks: a random router's (constant score) or a cell-level router's expected curve."
+    runs = [threshold_curve(score, weak, strong, shares, seed=seed + k) for k in range(repeats)]
+    return pd.concat(runs).groupby("share", as_index=False).quality.mean()
 
 
 def cell_gap_scores(task, modality, weak, strong) -> np.ndarray:
@@ -379,3 +385,58 @@ def capacity_run(pools: ModelPools, router, cfg: Config, task, modality, weak01,
         queue, t = queue[~ok], t + 1
     strong = pools.is_strong.numpy()[agent]
     return pd.DataFrame(dict(agent=agent, strong=strong, wait_ticks=start - arrive, diverted=diverted))
+
+# %% ../nbs/15_routellm.ipynb #f0784679
+def rapo_names(cfg: Config) -> tuple[str, str]:
+    "Labels of RAPO with the paper's η and with the slower η of the sensitivity run."
+    return f"RAPO (eq. 6, η = {cfg.state.capability_eta:g})", f"RAPO (eq. 6, η = {cfg.routellm.eta_variant:g})"
+
+
+def compare_routers(data: pd.DataFrame, benchmark: str, cfg: Config, X: np.ndarray, train, order_seed: int) -> dict:
+    "Every router of this notebook on one benchmark's test prompts (seeded arrival order), warmed on its train prompts: curves, one-point routers, RAPO's strong-call flags, the split."
+    rc = cfg.routellm
+    task, modality = request_state(data, cfg)
+    w01, s01 = outcome01(data.weak, data.benchmark, cfg), outcome01(data.strong, data.benchmark, cfg)
+    rng, on = np.random.default_rng(order_seed), data.benchmark.to_numpy() == benchmark
+    tr = rng.permutation(np.flatnonzero(on & train))
+    te = rng.permutation(np.flatnonzero(on & ~np.asarray(train)))  # the test stream's arrival order
+    W, S = data.weak.to_numpy()[te], data.strong.to_numpy()[te]
+    stream, warm = (task[te], modality[te], w01[te], s01[te]), (task[tr], modality[tr], w01[tr], s01[tr])
+    shares, prices = np.linspace(0, 1, rc.curve_points), np.linspace(0, 1, rc.price_points) ** 2
+    curves, flags = {}, {}
+    for name, eta in zip(rapo_names(cfg), (cfg.state.capability_eta, rc.eta_variant)):
+        curves[name], flags[name] = rapo_price_curve(warm_pools(cfg, *warm, eta=eta), cfg, *stream, W, S, prices)
+    model = fit_prompt_router(X[tr], w01[tr], s01[tr], cfg)
+    curves["prompt-level LR (hashed text)"] = threshold_curve(prompt_router_scores(model, X[te]), W, S, shares)
+    curves["random (matched share)"] = mean_threshold_curve(np.zeros(len(te)), W, S, shares, rc.random_repeats)
+    cells = cell_gap_scores(*stream[:2], W, S)
+    curves["category oracle (hindsight)"] = mean_threshold_curve(cells, W, S, shares, rc.random_repeats)
+    curves["per-prompt oracle"] = threshold_curve(S - W, W, S, shares, at_most=True)
+    pools = warm_pools(cfg, *warm)
+    idle = AgentLoad.idle(pools.n_strong + pools.n_weak)
+    ll = pools.is_strong.numpy()[route_stream(pools, LeastLoadedRouter(cfg), *stream, rc.tick_requests, idle)]
+    points = [
+        ("strong only", 1.0, S.mean()),
+        ("weak only", 0.0, W.mean()),
+        ("least loaded", ll.mean(), np.where(ll, S, W).mean()),
+    ]
+    return dict(
+        curves=pd.concat([c.assign(benchmark=benchmark, router=r) for r, c in curves.items()], ignore_index=True)[
+            ["benchmark", "router", "share", "quality"]
+        ],
+        points=pd.DataFrame(
+            [dict(benchmark=benchmark, router=r, share=float(x), quality=float(q)) for r, x, q in points]
+        ),
+        flags=flags,
+        split=(tr, te),
+    )
+
+
+def router_metrics(curves: pd.DataFrame, points: pd.DataFrame, gaps=(0.5, 0.8)) -> pd.DataFrame:
+    "APGR and CPT of every router's curve, per benchmark, against that benchmark's weak-only and strong-only points."
+    ends = points.pivot(index="benchmark", columns="router", values="quality")
+    rows = []
+    for (b, router), c in curves.groupby(["benchmark", "router"], sort=False):
+        m = curve_metrics(c.share, c.quality, ends.loc[b, "weak only"], ends.loc[b, "strong only"], gaps)
+        rows.append(dict(benchmark=b, router=router, **m))
+    return pd.DataFrame(rows)
