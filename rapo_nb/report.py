@@ -17,7 +17,7 @@ __all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'REPORT_ARTIFACTS', 'HEADLINE_TABLES', '
 
 # %% ../nbs/21_report.ipynb #c77ca9aa
 CLAIM_COLUMNS = ["claim", "section", "paper", "ours", "verdict", "note"]
-VERDICTS = ("reproduced", "differs", "not measured")
+VERDICTS = ("implemented as specified", "reproduced", "differs", "not comparable", "not measured")
 
 
 def collect_claims(figdir: Path | None = None) -> pd.DataFrame:
