@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['FSM_STATES', 'TASK_TYPES', 'SPECIALISTS', 'GROUPS', 'PROFILES', 'PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_MEMORY_LAW_GB',
-           'PAPER_TABLE3', 'PAPER_TABLE3_CI', 'PAPER_TABLE3_P', 'PAPER_CLAIMS', 'SEED003_CLAIMS', 'SUM_TO_ONE_TOL',
-           'NOTEBOOK_NAME', 'cf', 'StateConfig', 'ConsensusConfig', 'RoutingConfig', 'RuntimeConfig', 'TrainingConfig',
-           'SyntheticConfig', 'EvaluationConfig', 'ScalingConfig', 'WorkflowConfig', 'SimulationConfig', 'Config',
-           'validate', 'load_config', 'constants_table', 'seed_everything', 'get_device', 'project_root',
-           'numbered_notebooks', 'figures_dir', 'results_dir', 'save_table', 'save_figure']
+__all__ = ['FSM_STATES', 'TASK_TYPES', 'SPECIALISTS', 'ROUTELLM_TASK_TYPES', 'PAPER_ROUTELLM', 'GROUPS', 'PROFILES',
+           'PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_MEMORY_LAW_GB', 'PAPER_TABLE3', 'PAPER_TABLE3_CI', 'PAPER_TABLE3_P',
+           'PAPER_CLAIMS', 'SEED003_CLAIMS', 'SUM_TO_ONE_TOL', 'NOTEBOOK_NAME', 'cf', 'StateConfig', 'ConsensusConfig',
+           'RoutingConfig', 'RuntimeConfig', 'TrainingConfig', 'SyntheticConfig', 'EvaluationConfig', 'ScalingConfig',
+           'WorkflowConfig', 'SimulationConfig', 'RouteLLMConfig', 'Config', 'validate', 'load_config',
+           'constants_table', 'seed_everything', 'get_device', 'project_root', 'numbered_notebooks', 'figures_dir',
+           'results_dir', 'save_table', 'save_figure']
 
 # %% ../nbs/00_config.ipynb #8edb064f
 def cf(default: Any, section: str, lo: float | None = None, hi: float | None = None, doc: str = "", **kw) -> Any:
@@ -481,6 +482,102 @@ class SimulationConfig:
         0.5, "ours", 0.0, 1.0, "true skill below which a routing decision counts as an agent-selection error"
     )
 
+# %% ../nbs/00_config.ipynb #5e1a7c21
+ROUTELLM_TASK_TYPES = (  # our documented grouping of MMLU subjects, GSM8K and MT-Bench categories into the paper's m = 10
+    "mathematics",
+    "physical_science_engineering",
+    "computing_logic",
+    "life_science_medicine",
+    "social_science",
+    "humanities",
+    "law",
+    "business_general",
+    "reasoning_word_problems",
+    "open_ended_writing",
+)
+_ROUTELLM_GROUPS = {
+    0: "abstract_algebra college_mathematics elementary_mathematics high_school_mathematics high_school_statistics "
+    "econometrics mt:math",
+    1: "astronomy college_chemistry college_physics conceptual_physics high_school_chemistry high_school_physics "
+    "electrical_engineering mt:stem",
+    2: "college_computer_science computer_security high_school_computer_science machine_learning formal_logic "
+    "logical_fallacies mt:coding",
+    3: "anatomy clinical_knowledge college_biology college_medicine high_school_biology medical_genetics nutrition "
+    "professional_medicine virology human_aging",
+    4: "high_school_macroeconomics high_school_microeconomics high_school_geography high_school_government_and_politics "
+    "high_school_psychology professional_psychology sociology human_sexuality public_relations security_studies "
+    "us_foreign_policy",
+    5: "high_school_european_history high_school_us_history high_school_world_history prehistory philosophy "
+    "world_religions moral_disputes moral_scenarios mt:humanities",
+    6: "international_law jurisprudence professional_law",
+    7: "business_ethics management marketing professional_accounting global_facts miscellaneous mt:extraction",
+    8: "gsm8k mt:reasoning",
+    9: "mt:writing mt:roleplay",
+}
+
+
+@dataclass
+class RouteLLMConfig:
+    "Routing on real LLM outcomes (issue #20, notebook 15): the RouteLLM tables read as the paper's (τ, μ) requests."
+
+    task_groups: dict = cf(
+        {s: t for t, names in _ROUTELLM_GROUPS.items() for s in names.split()},
+        "§3.2 m = 10 (grouping ours)",
+        doc="subject (MMLU), 'gsm8k' or 'mt:<category>' (MT-Bench) → task type index into ROUTELLM_TASK_TYPES",
+    )
+    modalities: dict = cf(
+        {"mmlu": 0, "gsm8k": 1, "mt_bench": 2},
+        "§3.2 l = 5 (reading ours)",
+        doc="benchmark → modality: multiple choice, free-form math, multi-turn chat",
+    )
+    train_fraction: float = cf(
+        0.3, "ours (split by prompt)", 0.01, 0.99, "share of each benchmark's prompts whose outcomes warm the routers"
+    )
+    split_seed: int = cf(0, "ours", 0, 2**31 - 1, "seed of the train/test split and the request order")
+    quick_prompts: int = cf(2000, "ours (quick profile)", 50, 10**6, "prompts per benchmark under the quick profile")
+    n_strong: int = cf(2, "ours (pool sizes)", 1, 10**4, "replicas of the strong model (gpt-4-1106-preview)")
+    n_weak: int = cf(4, "ours (pool sizes)", 1, 10**4, "replicas of the weak model (Mixtral-8x7B-Instruct)")
+    tick_requests: int = cf(
+        32, "§3.5 (batch per tick; size ours)", 1, 10**6, "requests routed per tick; outcomes feed M after the tick"
+    )
+    price_points: int = cf(41, "ours", 3, 10**4, "values of the strong pool's standing load λ swept in [0, 1]")
+    curve_points: int = cf(21, "ours", 3, 10**4, "strong-call shares swept for threshold routers, in [0, 1]")
+    random_repeats: int = cf(
+        200, "ours", 1, 10**6, "seeded tie-breaks averaged for the random router and the category oracle"
+    )
+    eta_variant: float = cf(0.02, "ours (sensitivity)", 1e-6, 1.0, "a slower capability EMA shown beside §3.4's η")
+    mt_score_range: tuple = cf(
+        (1.0, 10.0), "MT-Bench judge scale", 0.0, 100.0, "judge scores mapped to outcomes in [0, 1]", ordered=True
+    )
+    encoder_max_chars: int = cf(1000, "ours", 16, 10**7, "characters of a prompt fed to the hashed text encoder")
+    logreg_c: float = cf(
+        1.0, "ours (scikit-learn default)", 1e-6, 1e6, "inverse L2 strength of the prompt-level router"
+    )
+    gap_targets: tuple = cf((0.5, 0.8), "RouteLLM §5 CPT(50 %), CPT(80 %)", 0.0, 1.0, "shares of the quality gap")
+    arrivals_per_tick: int = cf(12, "ours (simulated arrivals)", 1, 10**6, "requests arriving per tick, capacity run")
+    hold_ticks: int = cf(4, "ours (simulated service)", 1, 10**6, "ticks a routed request occupies its replica")
+    split_seeds: tuple = cf(
+        (1, 2, 3, 4, 5),
+        "ours",
+        0,
+        2**31 - 1,
+        "further train/test splits of the small benchmarks (GSM8K, MT-Bench), for the spread of APGR over splits",
+    )
+
+
+PAPER_ROUTELLM = {  # RouteLLM (Ong et al., arXiv 2406.18665), GPT-4-1106 vs Mixtral-8x7B; None = not found (never guessed)
+    "source": "RouteLLM paper (arXiv 2406.18665), MT Bench and MMLU results tables, as quoted by secondary summaries "
+    "(the tables themselves were not retrieved here); GSM8K table not found",
+    "mt_bench": {
+        "random": dict(cpt50=0.4903, cpt80=None, apgr=None),
+        "matrix_factorization (D_arena + D_judge)": dict(cpt50=0.1340, cpt80=0.313, apgr=0.802),
+    },
+    "mmlu": {
+        "best of its routers trained on D_arena + D_gold, per column": dict(cpt50=0.354, cpt80=0.703, apgr=0.603),
+    },
+    "gsm8k": None,
+}
+
 # %% ../nbs/00_config.ipynb #f1ec5f80
 @dataclass
 class Config:
@@ -499,6 +596,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     workflows: WorkflowConfig = field(default_factory=WorkflowConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    routellm: RouteLLMConfig = field(default_factory=RouteLLMConfig)
 
     def to_dict(self) -> dict:
         "Plain-dict view (JSON-serialisable) for checkpoints and reports."
@@ -516,6 +614,7 @@ GROUPS = (
     "scaling",
     "workflows",
     "simulation",
+    "routellm",
 )
 
 # %% ../nbs/00_config.ipynb #af2d9088

@@ -17,7 +17,7 @@ __all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'REPORT_ARTIFACTS', 'HEADLINE_TABLES', '
 
 # %% ../nbs/21_report.ipynb #c77ca9aa
 CLAIM_COLUMNS = ["claim", "section", "paper", "ours", "verdict", "note"]
-VERDICTS = ("reproduced", "differs", "not measured")
+VERDICTS = ("implemented as specified", "reproduced", "differs", "not comparable", "not measured")
 
 
 def collect_claims(figdir: Path | None = None) -> pd.DataFrame:
@@ -98,6 +98,14 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
         "table3_transition_quartiles.md",
         "stats_gain_by_transitions.png",
         "claims_14_statistics.md",
+    ],
+    "15_routellm": [
+        "routellm_task_types.md",
+        "routellm_routers.md",
+        "routellm_split_spread.md",
+        "routellm_capacity.md",
+        "routellm_quality_vs_strong_share.png",
+        "claims_15_routellm.md",
     ],
     "16_fast_paths": [
         "consensus_pull_kernels_{profile}.md",
