@@ -483,7 +483,8 @@ class SimulationConfig:
     )
 
 # %% ../nbs/00_config.ipynb #5e1a7c21
-ROUTELLM_TASK_TYPES = (  # our documented grouping of MMLU subjects, GSM8K and MT-Bench categories into the paper's m = 10
+# our documented grouping of MMLU subjects, GSM8K and MT-Bench categories into the paper's m = 10
+ROUTELLM_TASK_TYPES = (
     "mathematics",
     "physical_science_engineering",
     "computing_logic",
@@ -504,7 +505,8 @@ _ROUTELLM_GROUPS = {
     "logical_fallacies mt:coding",
     3: "anatomy clinical_knowledge college_biology college_medicine high_school_biology medical_genetics nutrition "
     "professional_medicine virology human_aging",
-    4: "high_school_macroeconomics high_school_microeconomics high_school_geography high_school_government_and_politics "
+    4: "high_school_macroeconomics high_school_microeconomics high_school_geography "
+    "high_school_government_and_politics "
     "high_school_psychology professional_psychology sociology human_sexuality public_relations security_studies "
     "us_foreign_policy",
     5: "high_school_european_history high_school_us_history high_school_world_history prehistory philosophy "
@@ -565,7 +567,8 @@ class RouteLLMConfig:
     )
 
 
-PAPER_ROUTELLM = {  # RouteLLM (Ong et al., arXiv 2406.18665), GPT-4-1106 vs Mixtral-8x7B; None = not found (never guessed)
+# RouteLLM (Ong et al., arXiv 2406.18665), GPT-4-1106 vs Mixtral-8x7B; None = not found (never guessed)
+PAPER_ROUTELLM = {
     "source": "RouteLLM paper (arXiv 2406.18665), MT Bench and MMLU results tables, as quoted by secondary summaries "
     "(the tables themselves were not retrieved here); GSM8K table not found",
     "mt_bench": {

@@ -83,7 +83,8 @@ def request_state(df: pd.DataFrame, cfg: Config) -> tuple[np.ndarray, np.ndarray
 
 
 def outcome01(values, benchmark, cfg: Config) -> np.ndarray:
-    "Outcomes as the §3.4 EMA needs them, in [0, 1]: correctness as is, MT-Bench judge scores rescaled from `mt_score_range`."
+    """Outcomes as the §3.4 EMA needs them, in [0, 1]: correctness as is, MT-Bench judge scores rescaled from
+    `mt_score_range`."""
     lo, hi = cfg.routellm.mt_score_range
     v = np.asarray(values, dtype=np.float64)
     return np.where(np.asarray(benchmark) == "mt_bench", (v - lo) / (hi - lo), v)
@@ -131,7 +132,8 @@ def apgr(share, quality, q_weak: float, q_strong: float) -> float:
 
 
 def cpt(share, quality, q_weak: float, q_strong: float, gap: float) -> float:
-    "RouteLLM's CPT(gap): the least strong share at which the (linearly interpolated) curve reaches q_w + gap·(q_s − q_w); NaN if never."
+    """RouteLLM's CPT(gap): the least strong share at which the (linearly interpolated) curve reaches q_w + gap·(q_s −
+    q_w); NaN if never."""
     x, y = _sorted_curve(share, quality)
     target = q_weak + gap * (q_strong - q_weak)
     if y[0] >= target:
@@ -152,7 +154,8 @@ def curve_metrics(share, quality, q_weak: float, q_strong: float, gaps=(0.5, 0.8
 
 # %% ../nbs/15_routellm.ipynb #8aef89f5
 def threshold_curve(score, weak, strong, shares, seed: int = 0, at_most: bool = False) -> pd.DataFrame:
-    "Quality when the top round(p·n) prompts by `score` go to the strong model, for each share p (ties broken at random, seeded); `at_most`: best quality with at most that share."
+    """Quality when the top round(p·n) prompts by `score` go to the strong model, for each share p (ties broken at
+    random, seeded); `at_most`: best quality with at most that share."""
     score, weak, strong = (np.asarray(a, dtype=np.float64) for a in (score, weak, strong))
     n = score.size
     if weak.shape != (n,) or strong.shape != (n,) or n == 0:
@@ -168,13 +171,15 @@ def threshold_curve(score, weak, strong, shares, seed: int = 0, at_most: bool = 
 
 
 def mean_threshold_curve(score, weak, strong, shares, repeats: int, seed: int = 0) -> pd.DataFrame:
-    "`threshold_curve` averaged over `repeats` seeded tie-breaks: a random router's (constant score) or a cell-level router's expected curve."
+    """`threshold_curve` averaged over `repeats` seeded tie-breaks: a random router's (constant score) or a cell-level
+    router's expected curve."""
     runs = [threshold_curve(score, weak, strong, shares, seed=seed + k) for k in range(repeats)]
     return pd.concat(runs).groupby("share", as_index=False).quality.mean()
 
 
 def cell_gap_scores(task, modality, weak, strong) -> np.ndarray:
-    "The per-category hindsight oracle's score: the mean strong − weak gap of each prompt's (τ, μ) cell, from the very outcomes routed."
+    """The per-category hindsight oracle's score: the mean strong − weak gap of each prompt's (τ, μ) cell, from the very
+    outcomes routed."""
     key = np.asarray(task) * 1000 + np.asarray(modality)
     d = pd.Series(np.asarray(strong, dtype=np.float64) - np.asarray(weak, dtype=np.float64))
     return d.groupby(key).transform("mean").to_numpy()
@@ -227,7 +232,8 @@ def warm_pools(cfg: Config, task, modality, weak01, strong01, eta: float | None 
 
 # %% ../nbs/15_routellm.ipynb #e94b1df6
 def price_config(cfg: Config) -> Config:
-    "The config of the price sweep: eq. 6 with weights (0, 0, 1) and R_max = 1, so L_a = R_a, the pool's standing utilisation."
+    """The config of the price sweep: eq. 6 with weights (0, 0, 1) and R_max = 1, so L_a = R_a, the pool's standing
+    utilisation."""
     return replace(cfg, routing=replace(cfg.routing, load_weights=(0.0, 0.0, 1.0), r_max=1.0))
 
 
@@ -240,7 +246,8 @@ def price_load(pools: ModelPools, price: float) -> AgentLoad:
 
 
 def route_stream(pools: ModelPools, router, task, modality, weak01, strong01, tick: int, load: AgentLoad) -> np.ndarray:
-    "Route the requests in arrival order, `tick` per control-loop tick; after each tick only the chosen models' outcomes feed the EMA. The agent per request."
+    """Route the requests in arrival order, `tick` per control-loop tick; after each tick only the chosen models'
+    outcomes feed the EMA. The agent per request."""
     task, modality = (
         torch.tensor(np.asarray(task), dtype=torch.long),
         torch.tensor(np.asarray(modality), dtype=torch.long),
@@ -260,7 +267,8 @@ def route_stream(pools: ModelPools, router, task, modality, weak01, strong01, ti
 def rapo_price_curve(
     pools: ModelPools, cfg: Config, task, modality, weak01, strong01, weak, strong, prices
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    "RAPO (eq. 6, capability × headroom) on one request stream for each standing load λ of the strong pool: the curve (share of strong calls, quality) and the strong-call flags [λ, request]."
+    """RAPO (eq. 6, capability × headroom) on one request stream for each standing load λ of the strong pool: the curve
+    (share of strong calls, quality) and the strong-call flags [λ, request]."""
     router = RapoRouter(price_config(cfg))
     rows, flags = [], []
     for price in prices:
@@ -275,7 +283,8 @@ def rapo_price_curve(
 
 
 def bootstrap_apgr(flags, weak, strong, n_boot: int, seed: int = 0, chunk: int = 500) -> np.ndarray:
-    "APGR of a router's curve (row k of `flags`: its strong calls at sweep point k) on `n_boot` Poisson-bootstrap resamples of the prompts."
+    """APGR of a router's curve (row k of `flags`: its strong calls at sweep point k) on `n_boot` Poisson-bootstrap
+    resamples of the prompts."""
     flags = np.asarray(flags, dtype=bool)
     weak, strong = np.asarray(weak, dtype=np.float64), np.asarray(strong, dtype=np.float64)
     got, f = np.where(flags, strong, weak).T, flags.T.astype(np.float64)  # [n, K]
@@ -290,7 +299,8 @@ def bootstrap_apgr(flags, weak, strong, n_boot: int, seed: int = 0, chunk: int =
 
 # %% ../nbs/15_routellm.ipynb #5cc5297f
 def prompt_features(texts, task, modality, cfg: Config, encoder: HashedTextEncoder | None = None) -> np.ndarray:
-    "Features a prompt-level router may read: hashed n-grams of the text (01_state's encoder), one-hot τ and μ, log length."
+    """Features a prompt-level router may read: hashed n-grams of the text (01_state's encoder), one-hot τ and μ, log
+    length."""
     enc = encoder or HashedTextEncoder.from_config(cfg)
     n = cfg.routellm.encoder_max_chars
     texts = [str(t) for t in texts]
@@ -302,7 +312,8 @@ def prompt_features(texts, task, modality, cfg: Config, encoder: HashedTextEncod
 
 
 def fit_prompt_router(X: np.ndarray, weak01, strong01, cfg: Config):
-    "Logistic regression (scikit-learn) of 'the strong model does strictly better on this prompt' on the train prompts; a constant if one class."
+    """Logistic regression (scikit-learn) of 'the strong model does strictly better on this prompt' on the train
+    prompts; a constant if one class."""
     y = (np.asarray(strong01) > np.asarray(weak01)).astype(int)
     if y.min() == y.max():
         return DummyClassifier(strategy="prior").fit(X, y)
@@ -316,7 +327,8 @@ def prompt_router_scores(model, X: np.ndarray) -> np.ndarray:
 
 # %% ../nbs/15_routellm.ipynb #8272e91f
 class PoolCoinRouter:
-    "Random at a given strong share: each request picks the strong pool with probability `p` (seeded), then its least-loaded replica."
+    """Random at a given strong share: each request picks the strong pool with probability `p` (seeded), then its
+    least-loaded replica."""
 
     name = "random_pool"
 
@@ -345,10 +357,10 @@ class PoolCoinRouter:
 
 # %% ../nbs/15_routellm.ipynb #9dca0d40
 def capacity_run(pools: ModelPools, router, cfg: Config, task, modality, weak01, strong01, alive=None) -> pd.DataFrame:
-    """Simulated arrivals (`arrivals_per_tick`) routed each tick under the eq. 6 load of the requests in flight (`simulated_load`);
-    a routed request holds its replica `hold_ticks` ticks, its outcome reaches the EMA when it completes, and a request no
-    replica can take waits in a FIFO. One row per request: agent, strong, wait (ticks), diverted (the idle-load choice was
-    the strong pool, the load term sent it to the weak one)."""
+    """Simulated arrivals (`arrivals_per_tick`) routed each tick under the eq. 6 load of the requests in flight
+    (`simulated_load`); a routed request holds its replica `hold_ticks` ticks, its outcome reaches the EMA when it
+    completes, and a request no replica can take waits in a FIFO. One row per request: agent, strong, wait (ticks),
+    diverted (the idle-load choice was the strong pool, the load term sent it to the weak one)."""
     rc, n, N = cfg.routellm, len(task), pools.n_strong + pools.n_weak
     task, modality = (
         torch.tensor(np.asarray(task), dtype=torch.long),
@@ -393,7 +405,8 @@ def rapo_names(cfg: Config) -> tuple[str, str]:
 
 
 def compare_routers(data: pd.DataFrame, benchmark: str, cfg: Config, X: np.ndarray, train, order_seed: int) -> dict:
-    "Every router of this notebook on one benchmark's test prompts (seeded arrival order), warmed on its train prompts: curves, one-point routers, RAPO's strong-call flags, the split."
+    """Every router of this notebook on one benchmark's test prompts (seeded arrival order), warmed on its train
+    prompts: curves, one-point routers, RAPO's strong-call flags, the split."""
     rc = cfg.routellm
     task, modality = request_state(data, cfg)
     w01, s01 = outcome01(data.weak, data.benchmark, cfg), outcome01(data.strong, data.benchmark, cfg)
