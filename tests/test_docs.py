@@ -29,11 +29,29 @@ def test_every_notebook_has_title_and_subtitle():
         assert len(lines) > 1 and lines[1].startswith("> "), f"{p.name}: '> subtitle' must follow the title"
 
 
+def _flatten(contents: list) -> list[str]:
+    "Sidebar entries in order, sections opened."
+    out = []
+    for c in contents:
+        if isinstance(c, str):
+            out.append(c)
+        elif "contents" in c:
+            out.extend(_flatten(c["contents"]))
+        else:
+            out.append(c.get("href"))
+    return out
+
+
 def test_sidebar_lists_every_notebook_in_reading_order():
     side = yaml.safe_load((NBS / "sidebar.yml").read_text())
     contents = side["website"]["sidebar"]["contents"]
-    flat = [c if isinstance(c, str) else c.get("href") for c in contents]
-    assert flat == reading_order()
+    assert _flatten(contents) == reading_order()
+
+
+def test_sidebar_puts_the_neighbouring_systems_under_extensions():
+    side = yaml.safe_load((NBS / "sidebar.yml").read_text())
+    sections = {c["section"]: c["contents"] for c in side["website"]["sidebar"]["contents"] if isinstance(c, dict)}
+    assert {"18_workflows.ipynb", "19_service.ipynb"} <= set(sections.get("Extensions", [])), sections.keys()
 
 
 def test_links_between_notebooks_resolve():
