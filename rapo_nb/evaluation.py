@@ -15,6 +15,7 @@ import pandas as pd
 from rouge_score import rouge_scorer, tokenizers, scoring
 from .config import load_config, results_dir, save_table, save_figure, Config, PAPER_TABLE1, PAPER_CLAIMS
 from .state import HashedTextEncoder, encode_pairs
+from .synthetic import generate_conversations
 
 # %% auto #0
 __all__ = ['RESPONSE_TIME_NOTE', 'METRICS', 'check_frames', 'rouge_tokens', 'lcs_length', 'rouge_l_pair', 'rouge_l_f',
@@ -430,7 +431,6 @@ def evaluate_benchmark(
     if n_workers < 1:
         raise ValueError(f"n_workers: {n_workers!r} must be at least 1")
     n_agents = cfg.evaluation.n_agents if n_agents is None else n_agents
-    from rapo_nb.synthetic import generate_conversations
 
     bench = {s: generate_conversations(n, s, cfg) for s in seeds}
     jobs = [

@@ -35,6 +35,9 @@ from rapo_nb.systems import (
 )
 from .runtime import run_conversations
 from .evaluation import conversation_metrics, table1, rouge_l_f, SYSTEM_LABELS
+from .config import SPECIALISTS
+from .routing import ROUTERS
+from .synthetic import turn_passes
 
 # %% auto #0
 __all__ = ['LEDGER_VERSION', 'EXIT_BUDGET', 'CONTEXT_POLICY_NAMES', 'PROMPT_STYLES', 'TABLE_COLUMNS', 'messages_hash',
@@ -379,8 +382,6 @@ PROMPT_STYLES = ("plain", "ampo_branched", "p4_persona", "yao_optimised", "rapo_
 
 def parse_systems(text: str) -> list[SystemSpec]:
     "Comma-separated system names (systems.SYSTEMS) or factor combinations `name=router/context/prompt`."
-    from rapo_nb.routing import ROUTERS
-
     out = []
     for item in [s.strip() for s in str(text).split(",") if s.strip()]:
         if "=" not in item:
@@ -555,8 +556,6 @@ def _absorb(self: LiveDriver, s: _ConvState, k: int, rec: dict, res: dict, overh
 
 def turn_passes_focus(turn: Turn, text: str) -> bool:
     "The turn was answered on focus: every focus entity is named (synthetic.turn_passes of agents.turn_focus)."
-    from rapo_nb.synthetic import turn_passes
-
     return turn_passes(turn_focus(turn), text)
 
 
@@ -675,8 +674,6 @@ def make_agents(
 ) -> list[LiveAgent]:
     """n_agents LiveAgents: endpoint i mod len(base_urls), model i mod len(models); agent_map overrides per specialist
     role."""
-    from rapo_nb.config import SPECIALISTS
-
     base_urls, models = list(np.atleast_1d(base_urls)), list(np.atleast_1d(models))
     agents = []
     for i in range(n_agents):

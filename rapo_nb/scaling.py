@@ -25,6 +25,12 @@ from rapo_nb.config import (
     PAPER_CLAIMS,
     SPECIALISTS,
 )
+from .state import StateBank, prune_history
+from .consensus import make_topology, ConsensusEngine
+from .fastpaths import fast_step
+from .routing import AgentLoad, RapoRouter, TwoLevelScheduler, make_router, pools_by_strength
+from .synthetic import generate_conversations
+
 
 # %% auto #0
 __all__ = ['GB', 'MB', 'TICK_ROUTING_BATCH', 'OPTIMISATION_AGENTS', 'BENCH_THREADS', 'GOALS', 'PAPER_MEMORY_SAVING',
@@ -169,11 +175,6 @@ def build_deployment(
     n: int, cfg: Config, seed: int = 0, device: str | torch.device = "cpu", topology: str | None = None
 ) -> dict:
     "The orchestrator's in-memory state for `n` agents: state bank, topology, consensus engine, load and router."
-    from rapo_nb.state import StateBank
-    from rapo_nb.consensus import make_topology, ConsensusEngine
-    from rapo_nb.fastpaths import fast_step
-    from rapo_nb.routing import AgentLoad, make_router
-
     if not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"n: expected an integer ≥ 2 agents, got {n!r}")
     dev = torch.device(device)
@@ -382,8 +383,6 @@ HISTORY_POOL = 50  # distinct synthetic conversations generated for a history st
 def build_history_store(n_conversations: int, cfg: Config, seed: int = 0, prune: bool = False) -> list[list[str]]:
     """Turn texts of `n_conversations` active conversations (own string copies), pruned to the last history_turns if
     `prune`."""
-    from rapo_nb.synthetic import generate_conversations
-
     if n_conversations < 0:
         raise ValueError(f"n_conversations: expected ≥ 0, got {n_conversations!r}")
     if n_conversations == 0:
@@ -586,9 +585,6 @@ def scheduler_timing(
     agent_counts: Iterable[int], cfg: Config, seed: int = 0, repeats: int = 3, batch: int = TICK_ROUTING_BATCH
 ) -> pd.DataFrame:
     "Median ms per batch of routing decisions: flat RAPO router vs the two-level scheduler (§4.5), same bank and load."
-    from rapo_nb.state import StateBank
-    from rapo_nb.routing import AgentLoad, TwoLevelScheduler, make_router, pools_by_strength
-
     rows = []
     for n in agent_counts:
         n = int(n)
@@ -856,10 +852,6 @@ def run_rapo_orchestration(conversations: list, cfg: Config, seed: int = 0, repe
     once);
     each run starts from the same bank snapshot. `engine_share`: the share of the wall time spent in
     `ConsensusEngine.step`."""
-    from rapo_nb.state import StateBank, prune_history
-    from rapo_nb.consensus import make_topology, ConsensusEngine
-    from rapo_nb.routing import AgentLoad, RapoRouter
-
     n = cfg.evaluation.n_agents
     k, keep = cfg.state.context_window, cfg.state.history_turns
     plans = [[(t.specialist, int(t.task), int(t.modality)) for t in c.turns] for c in conversations]

@@ -22,6 +22,7 @@ from rapo_nb.config import (
     PAPER_TABLE3_P,
     PAPER_CLAIMS,
 )
+from .evaluation import evaluate_benchmark
 
 # %% auto #0
 __all__ = ['BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'welch_test', 'bonferroni',
@@ -263,8 +264,6 @@ def load_eval_conversations(profile: str = "quick", seed: int = 0, device: str =
     path = results_dir(profile) / "eval_conversations.csv"
     if path.exists():
         return pd.read_csv(path), f"read from {path}"
-    from rapo_nb.evaluation import evaluate_benchmark
-
     cfg = load_config(profile, seed=seed, device=device)
     size = STANDALONE_SIZES[profile]
     conv = evaluate_benchmark(cfg, n_conversations=size["n_conversations"], seeds=size["seeds"])

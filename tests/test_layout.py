@@ -59,6 +59,30 @@ def test_imports_point_down():
     assert not bad, "imports that point up or sideways:\n" + "\n".join(bad)
 
 
+# Function-level imports of our own modules, each with its reason; any other one belongs in the module's import cell.
+LAZY_IMPORTS = {
+    ("evaluation", "evaluation"): "spawned pool workers import the exported function (a notebook's own cannot be pickled)",
+    ("evaluation", "runtime"): "the pool worker `_run_job` imports what it runs in the child process",
+    ("scaling", "scaling"): "forkserver children import the exported functions",
+    ("scaling", "state"): "the memory measurement imports first, so imports are not counted as the deployment's memory",
+    ("scaling", "consensus"): "as above (memory measurement baseline)",
+    ("scaling", "routing"): "as above (memory measurement baseline)",
+    ("scaling", "synthetic"): "memory baseline; and success_at_scale's guarded import of the runtime's pieces",
+    ("scaling", "runtime"): "the runtime (simpy, redis, prometheus) stays out of the memory-measurement children",
+    ("scaling", "agents"): "as above",
+    ("training", "__version__"): "the package's version, read when a checkpoint is written",
+}
+
+
+def test_function_level_imports_have_a_reason():
+    mods, bad = modules(), []
+    for name in mods:
+        for target, line, nested in own_imports(PKG / f"{name}.py"):
+            if nested and (name, target) not in LAZY_IMPORTS:
+                bad.append(f"rapo_nb/{name}.py:{line} imports {target} inside a function")
+    assert not bad, "move these to the module's import cell, or give the reason in LAZY_IMPORTS:\n" + "\n".join(bad)
+
+
 def test_no_semicolon_statements_or_long_lines():
     bad = []
     for p in sorted(PKG.glob("*.py")):
