@@ -243,12 +243,9 @@ def greedy_rounds_reference(
 ) -> torch.Tensor:
     """The readable definition of the batch rule (`greedy_rounds` computes the same, fast). Batch argmax of
     key_scores[u, a]·(1 − L_a) with load feedback: each step, the oldest waiting request of every key picks its best
-    agent;
-    an agent wanted by several keys goes to the earliest request (the others retry next step); each pick adds `inc` to
-    the
-    agent's load. Saturated agents (L ≥ 1, from the start or after picks) are never picked, even where `eligible` is
-    True.
-    Ties → lowest agent id. Returns LongTensor [B] (NO_AGENT if none)."""
+    agent; an agent wanted by several keys goes to the earliest request (the others retry next step); each pick adds
+    `inc` to the agent's load. Saturated agents (L ≥ 1, from the start or after picks) are never picked, even where
+    `eligible` is True. Ties → lowest agent id. Returns LongTensor [B] (NO_AGENT if none)."""
     B, dev = inv.numel(), inv.device
     out = torch.full((B,), NO_AGENT, dtype=torch.long, device=dev)
     if B == 0:
@@ -394,11 +391,11 @@ def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
 @njit(cache=_CACHE, nogil=True)
 def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out) -> bool:
     """The steps of `greedy_rounds_reference` on the candidates of `_top_candidates` (turned into max-heaps). A
-    candidate's
-    value after p picks is kt[a, u]·(1 − (L0[a] + p·inc)) in float32, −inf once L ≥ 1 or p ≥ cap; stale heap tops are
-    re-valued lazily (values only fall, so a top whose stored value is current is the key's argmax). Writes `out` [B].
-    Checks the exactness condition at every step: a waiting key whose candidates are not all its eligible agents
-    (complete[u] False) must still have an untouched candidate; returns False (out unusable) the moment one has none."""
+    candidate's value after p picks is kt[a, u]·(1 − (L0[a] + p·inc)) in float32, −inf once L ≥ 1 or p ≥ cap; stale
+    heap tops are re-valued lazily (values only fall, so a top whose stored value is current is the key's argmax).
+    Writes `out` [B]. Checks the exactness condition at every step: a waiting key whose candidates are not all its
+    eligible agents (complete[u] False) must still have an untouched candidate; returns False (out unusable) the
+    moment one has none."""
     N, U = kt.shape
     B = inv.shape[0]
     one = np.float32(1.0)
@@ -530,8 +527,8 @@ def _fast_inputs_ok(key_scores, inv, L0, eligible, inc) -> bool:
 
 def candidate_agents(key_scores: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
     """The k best eligible agents of every key by key_scores[u, a]·(1 − L0_a), best first, ties → lowest id (LongTensor
-    [U, k],
-    NO_AGENT where a key has fewer than k eligible agents). The candidate set `greedy_rounds` restricts each key to."""
+    [U, k], NO_AGENT where a key has fewer than k eligible agents). The candidate set `greedy_rounds` restricts each
+    key to."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k: expected an integer >= 1, got {k!r}")
     if not _fast_inputs_ok(key_scores, torch.zeros(1, dtype=torch.long), L0, eligible, 0.0):
@@ -557,14 +554,10 @@ def greedy_rounds(
     feedback: bool = True,
 ) -> torch.Tensor:
     """Exactly the assignments of `greedy_rounds_reference` (same arguments), computed on each key's best candidates
-    with
-    numba kernels: one O(U·N) pass, then steps that cost O(U·log K). With many agents per request (N ≥ 4B) it first
-    tries
-    K_u = 2·B_u + 8 candidates per key, checking the exactness condition at every step, and reruns with K = min(B, N)
-    (always
-    exact) if the check fails. Inputs outside the fast path's conditions (GPU, non-float32, negative or non-finite
-    scores,
-    inc < 0) go to the reference. Returns LongTensor [B]."""
+    with numba kernels: one O(U·N) pass, then steps that cost O(U·log K). With many agents per request (N ≥ 4B) it
+    first tries K_u = 2·B_u + 8 candidates per key, checking the exactness condition at every step, and reruns with K
+    = min(B, N) (always exact) if the check fails. Inputs outside the fast path's conditions (GPU, non-float32,
+    negative or non-finite scores, inc < 0) go to the reference. Returns LongTensor [B]."""
     B = inv.numel()
     if B == 0 or not _fast_inputs_ok(key_scores, inv, L0, eligible, inc):
         return greedy_rounds_reference(key_scores, inv, L0, eligible, inc, feedback)
@@ -938,8 +931,8 @@ class BoundedWaitQueue:
 
     def dispatch(self, router: Router, bank, load: AgentLoad, now: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Route every waiting request (oldest first); return (request ids, agents) served. Requests still unserved
-        after
-        `max_wait_s` leave the queue in a NoAgentAvailable (which carries this call's served pairs in `.served`)."""
+        after `max_wait_s` leave the queue in a NoAgentAvailable (which carries this call's served pairs in
+        `.served`)."""
         if len(self) == 0:
             return self.ids.clone(), self.ids.clone()
         agents = router.select(self.task, self.modality, bank, load, allow_unassigned=True).to(self.ids.device)
@@ -1023,8 +1016,8 @@ def fail_over(
     failed: int, bank, load: AgentLoad, stable: dict, history: Sequence[str], adopt: Sequence[str] = ("C",)
 ) -> Handover:
     """Mark `failed` dead, pick its replacement by capability similarity, and hand over the full `history` plus the
-    failed agent's
-    row of the last stable snapshot `stable` (fields in `adopt` are written into the replacement's row)."""
+    failed agent's row of the last stable snapshot `stable` (fields in `adopt` are written into the replacement's
+    row)."""
     N = bank.M.shape[0]
     rep = replacement_for(failed, bank, load)
     if not isinstance(stable, dict):
@@ -1054,10 +1047,9 @@ def pools_by_strength(bank, n_pools: int) -> torch.Tensor:
 
 # %% ../nbs/04_routing.ipynb #92292483
 class TwoLevelScheduler:
-    """§4.5: a global scheduler sends each conversation to a pool by predicted complexity in [0, 1] (pool k for the
-    k-th band of
-    `boundaries`); a local router picks inside the pool. With `overflow`, requests a pool cannot serve fall back to all
-    agents."""
+    """§4.5: a global scheduler sends each conversation to a pool by predicted complexity in [0, 1] (pool k for the k-th
+    band of `boundaries`); a local router picks inside the pool. With `overflow`, requests a pool cannot serve fall
+    back to all agents."""
 
     name = "two_level"
 

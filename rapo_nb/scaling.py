@@ -849,8 +849,7 @@ def run_rapo_orchestration(conversations: list, cfg: Config, seed: int = 0, repe
     (`RapoRouter.select_one`, no torch dispatch), N_a updated in place, the context window handed over on a handoff,
     one capability cell updated (`StateBank.update_one`), the history pruned; one consensus step per conversation.
     The bank, topology, engine and router are built once, outside the timed runs (as LangGraph's graph is compiled
-    once);
-    each run starts from the same bank snapshot. `engine_share`: the share of the wall time spent in
+    once); each run starts from the same bank snapshot. `engine_share`: the share of the wall time spent in
     `ConsensusEngine.step`."""
     n = cfg.evaluation.n_agents
     k, keep = cfg.state.context_window, cfg.state.history_turns

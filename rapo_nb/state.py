@@ -643,8 +643,8 @@ class StateBank:
 
     def update_one(self, agent: int, task: int, modality: int, outcome: float) -> "StateBank":
         """One outcome (ints and a float in): bit-equal to `update_capability` with a batch of one, without torch
-        dispatch.
-        The same arithmetic as `_ema_ordered`: the cell in float64, v ← (1−rate)·v + rate·float32(o), rounded once."""
+        dispatch. The same arithmetic as `_ema_ordered`: the cell in float64, v ← (1−rate)·v + rate·float32(o),
+        rounded once."""
         views = self.__dict__.get("_views") or self.__dict__.setdefault("_views", NumpyViews())
         M, s = views.get((self.M, self.capability_score), (torch.float32, torch.float32)) or (None, None)
         o = float(outcome) if type(outcome) in (float, int) else None
