@@ -31,14 +31,13 @@ from .fastpaths import fast_step
 from .routing import AgentLoad, RapoRouter, TwoLevelScheduler, make_router, pools_by_strength
 from .synthetic import generate_conversations
 
-
 # %% auto #0
 __all__ = ['GB', 'MB', 'TICK_ROUTING_BATCH', 'OPTIMISATION_AGENTS', 'BENCH_THREADS', 'GOALS', 'PAPER_MEMORY_SAVING',
            'COUNT_COLUMNS', 'HISTORY_POOL', 'SUCCESS_CONVERSATIONS', 'TABLE2_PAPER_COLUMNS', 'COMM_SCHEMES',
            'SCHEDULER_COUNTS', 'COMPLETE_MAX_EDGES', 'DOMINANCE_COUNTS', 'TURN_OVERHEAD_RATIO_TARGET',
            'LANGGRAPH_CONVERSATIONS', 'SCALING_PARTS', 'table_floatfmt', 'rss_bytes', 'peak_rss_bytes', 'cpu_seconds',
-           'timed', 'tensor_bytes', 'season_bank', 'build_deployment', 'activate_contexts', 'tick_requests',
-           'tick_batch', 'control_tick', 'measure_size', 'measure_size_subprocess', 'build_history_store',
+           'timed', 'tensor_bytes', 'tick_requests', 'tick_batch', 'season_bank', 'build_deployment',
+           'activate_contexts', 'control_tick', 'measure_size', 'measure_size_subprocess', 'build_history_store',
            'history_bytes', 'scaling_sweep', 'fit_memory_law', 'memory_law', 'success_at_scale', 'build_table2',
            'pool_sizes', 'messages_per_tick', 'scheduler_reads', 'communication_table', 'scheduler_timing',
            'consensus_share_sweep', 'dominance_point', 'optimisation_variants', 'measure_optimisations',
@@ -126,7 +125,7 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
         cpu_util=cpu / wall if wall > 0 else float("nan"),
     )
 
-
+# %% ../nbs/17_scaling.ipynb #bf2aa026
 def tensor_bytes(*objs: Any) -> int:
     "Bytes of the distinct tensor storages reachable from `objs` (attributes, dicts, lists; each storage counted once)."
     seen, total, stack, visited = set(), 0, list(objs), set()
@@ -160,7 +159,29 @@ def tensor_bytes(*objs: Any) -> int:
             stack.extend(vars(o).values())
     return total
 
-# %% ../nbs/17_scaling.ipynb #47a9c621
+# %% ../nbs/17_scaling.ipynb #aff20c2b
+def tick_requests(n: int, batch: int = TICK_ROUTING_BATCH) -> int:
+    "Requests in one tick: `batch`, but at most one new request per agent (small deployments are not flooded)."
+    return max(1, min(int(batch), int(n)))
+
+
+def tick_batch(
+    n: int, cfg: Config, batch: int = TICK_ROUTING_BATCH, seed: int = 0, device: str | torch.device = "cpu"
+) -> dict:
+    "One tick's seeded work: `batch` outcomes (agent, task, modality, outcome) and `batch` routing requests."
+    if batch < 1:
+        raise ValueError(f"batch: expected ≥ 1, got {batch!r}")
+    g = torch.Generator().manual_seed(seed)
+    m, l = cfg.state.n_tasks, cfg.state.n_modalities
+    out = dict(
+        agent=torch.randint(0, n, (batch,), generator=g),
+        task=torch.randint(0, m, (batch,), generator=g),
+        modality=torch.randint(0, l, (batch,), generator=g),
+        outcome=(torch.rand(batch, generator=g) < 0.8).float(),
+    )
+    return {k: v.to(device) for k, v in out.items()}
+
+# %% ../nbs/17_scaling.ipynb #a1db4962
 def season_bank(bank, cfg: Config, seed: int = 0):
     """Give every agent one seeded outcome (random task, modality, success), so capabilities differ as in a running
     system."""
@@ -193,7 +214,7 @@ def build_deployment(
     router = make_router("rapo", cfg, seed)
     return dict(n=int(n), topology=kind, bank=bank, topo=topo, engine=engine, load=load, router=router)
 
-
+# %% ../nbs/17_scaling.ipynb #c0789db2
 def activate_contexts(bank, share: float, seed: int = 0, chunk: int = 4096) -> int:
     """A running deployment's steady state: every agent has been in a conversation once (its C written), and the first
     `share` of the agents are in one now (their C kept; the others' released). Returns how many are active."""
@@ -219,28 +240,6 @@ def activate_contexts(bank, share: float, seed: int = 0, chunk: int = 4096) -> i
     return k
 
 
-def tick_requests(n: int, batch: int = TICK_ROUTING_BATCH) -> int:
-    "Requests in one tick: `batch`, but at most one new request per agent (small deployments are not flooded)."
-    return max(1, min(int(batch), int(n)))
-
-
-def tick_batch(
-    n: int, cfg: Config, batch: int = TICK_ROUTING_BATCH, seed: int = 0, device: str | torch.device = "cpu"
-) -> dict:
-    "One tick's seeded work: `batch` outcomes (agent, task, modality, outcome) and `batch` routing requests."
-    if batch < 1:
-        raise ValueError(f"batch: expected ≥ 1, got {batch!r}")
-    g = torch.Generator().manual_seed(seed)
-    m, l = cfg.state.n_tasks, cfg.state.n_modalities
-    out = dict(
-        agent=torch.randint(0, n, (batch,), generator=g),
-        task=torch.randint(0, m, (batch,), generator=g),
-        modality=torch.randint(0, l, (batch,), generator=g),
-        outcome=(torch.rand(batch, generator=g) < 0.8).float(),
-    )
-    return {k: v.to(device) for k, v in out.items()}
-
-
 def control_tick(dep: dict, work: dict) -> dict:
     "One control-loop tick in the paper's order (state update → consensus → routing); seconds spent in each phase."
     t0 = time.perf_counter()
@@ -255,6 +254,39 @@ def control_tick(dep: dict, work: dict) -> dict:
     return dict(state_s=t1 - t0, consensus_s=t2 - t1, routing_s=t3 - t2, tick_s=t3 - t0)
 
 # %% ../nbs/17_scaling.ipynb #0426d75f
+def _baseline_rss(cfg: Config, seed: int, histories: int) -> int:
+    "RSS after the imports and a 2-agent warm-up deployment and tick: the deployment's memory is measured from here."
+    # imports and one-off caches are not the deployment's memory
+    import rapo_nb.state, rapo_nb.consensus, rapo_nb.routing
+
+    if histories:
+        import rapo_nb.synthetic
+
+        build_history_store(1, cfg, seed=seed)
+    warm = build_deployment(2, cfg, seed=seed)
+    control_tick(warm, tick_batch(2, cfg, batch=2, seed=seed))
+    del warm
+    gc.collect()
+    return rss_bytes()
+
+
+def _tick_stats(dep: dict, cfg: Config, n: int, batch: int, repeats: int, seed: int) -> dict:
+    "Median tick and phase times over `repeats` ticks after one warm-up, CPU utilisation, consensus share, loop load."
+    work = tick_batch(n, cfg, batch=tick_requests(n, batch), seed=seed)
+    phases = []
+    r = timed(lambda: phases.append(control_tick(dep, work)), repeats=repeats, warmup=1)
+    ph = pd.DataFrame(phases[1:])  # drop the warm-up tick
+    return dict(
+        tick_ms=1e3 * r["median_s"],
+        state_ms=1e3 * ph.state_s.median(),
+        consensus_ms=1e3 * ph.consensus_s.median(),
+        routing_ms=1e3 * ph.routing_s.median(),
+        cpu_pct=100 * r["cpu_util"] / torch.get_num_threads(),
+        consensus_share=float((ph.consensus_s / ph.tick_s).median()),
+        loop_load_pct=100 * r["median_s"] * 1e3 / cfg.runtime.tick_ms,
+    )
+
+# %% ../nbs/17_scaling.ipynb #01a1b5a4
 def measure_size(
     n: int,
     profile: str = "quick",
@@ -272,18 +304,7 @@ def measure_size(
     torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     cfg = load_config(profile, seed=seed, device="cpu", overrides=overrides or {})
     repeats = cfg.scaling.repeats if repeats is None else repeats
-    # imports and one-off caches are not the deployment's memory
-    import rapo_nb.state, rapo_nb.consensus, rapo_nb.routing
-
-    if histories:
-        import rapo_nb.synthetic
-
-        build_history_store(1, cfg, seed=seed)
-    warm = build_deployment(2, cfg, seed=seed)
-    control_tick(warm, tick_batch(2, cfg, batch=2, seed=seed))
-    del warm
-    gc.collect()
-    rss0 = rss_bytes()
+    rss0 = _baseline_rss(cfg, seed, histories)
     t = time.perf_counter()
     dep = build_deployment(n, cfg, seed=seed)
     build_s = time.perf_counter() - t
@@ -305,25 +326,13 @@ def measure_size(
         n_edges=int(dep["topo"].n_edges),
     )
     if ticks:
-        work = tick_batch(n, cfg, batch=tick_requests(n, batch), seed=seed)
-        phases = []
-        r = timed(lambda: phases.append(control_tick(dep, work)), repeats=repeats, warmup=1)
-        ph = pd.DataFrame(phases[1:])  # drop the warm-up tick
-        res.update(
-            tick_ms=1e3 * r["median_s"],
-            state_ms=1e3 * ph.state_s.median(),
-            consensus_ms=1e3 * ph.consensus_s.median(),
-            routing_ms=1e3 * ph.routing_s.median(),
-            cpu_pct=100 * r["cpu_util"] / torch.get_num_threads(),
-            consensus_share=float((ph.consensus_s / ph.tick_s).median()),
-            loop_load_pct=100 * r["median_s"] * 1e3 / cfg.runtime.tick_ms,
-        )
+        res.update(_tick_stats(dep, cfg, n, batch, repeats, seed))
     gc.collect()
     rss2 = rss_bytes()
     res.update(rss_delta_mb=(max(rss1, rss2) - rss0) / MB, peak_rss_mb=peak_rss_bytes() / MB)
     return res
 
-
+# %% ../nbs/17_scaling.ipynb #0358a132
 _FORK_CONTEXT = None
 
 
@@ -799,7 +808,7 @@ def count_handoffs(conversations: list) -> int:
     "Handoffs in the conversations' plans (synthetic benchmark's handoff turns)."
     return int(sum(len(c.handoff_turns) for c in conversations))
 
-
+# %% ../nbs/17_scaling.ipynb #1b41c1cc
 def run_langgraph(conversations: list, repeats: int = 3) -> dict:
     """Drive `conversations` through a LangGraph StateGraph with instant fake models; median wall seconds of `repeats`
     runs."""
@@ -1062,6 +1071,37 @@ def scaling_claims(
 SCALING_PARTS = ("sweep", "law", "table2", "communication", "scheduler", "consensus", "optimisations", "goals")
 
 
+def _table2_part(
+    sweep: pd.DataFrame, counts: list, cfg: Config, seed: int, profile: str, success: bool, progress: bool
+) -> pd.DataFrame:
+    "Table 2 from the sweep, with the success rate (simulated agents) up to `success_max_agents` if `success`."
+    succ = (
+        success_at_scale(
+            [n for n in counts if n <= cfg.scaling.success_max_agents],
+            cfg,
+            seed,
+            SUCCESS_CONVERSATIONS.get(profile, 40),
+            progress=progress,
+        )
+        if success
+        else None
+    )
+    return build_table2(sweep, succ)
+
+
+def _consensus_part(sweep: pd.DataFrame, cfg: Config, seed: int, profile: str, repeats: int | None) -> pd.DataFrame:
+    "The consensus share of the tick on the complete graph (the dominance sweep), beside the sweep's own topology."
+    torch.set_num_threads(BENCH_THREADS)
+    dom = consensus_share_sweep(
+        DOMINANCE_COUNTS.get(profile, DOMINANCE_COUNTS["quick"]),
+        cfg,
+        "complete",
+        seed,
+        repeats or cfg.scaling.repeats,
+    )
+    return pd.concat([dom, sweep.assign(topology=cfg.consensus.topology)[list(dom.columns)]], ignore_index=True)
+
+# %% ../nbs/17_scaling.ipynb #6da2e3cc
 def scaling_tables(
     profile: str = "quick",
     seed: int = 0,
@@ -1089,18 +1129,7 @@ def scaling_tables(
             ]
         )
     if "table2" in parts:
-        succ = (
-            success_at_scale(
-                [n for n in counts if n <= cfg.scaling.success_max_agents],
-                cfg,
-                seed,
-                SUCCESS_CONVERSATIONS.get(profile, 40),
-                progress=progress,
-            )
-            if success
-            else None
-        )
-        out["table2"] = build_table2(sweep, succ)
+        out["table2"] = _table2_part(sweep, counts, cfg, seed, profile, success, progress)
     if "communication" in parts:
         out["communication"] = communication_table(sorted(set(counts)), cfg)
     if "scheduler" in parts:
@@ -1108,17 +1137,7 @@ def scaling_tables(
             SCHEDULER_COUNTS.get(profile, SCHEDULER_COUNTS["quick"]), cfg, seed, repeats or cfg.scaling.repeats
         )
     if "consensus" in parts:
-        torch.set_num_threads(BENCH_THREADS)
-        dom = consensus_share_sweep(
-            DOMINANCE_COUNTS.get(profile, DOMINANCE_COUNTS["quick"]),
-            cfg,
-            "complete",
-            seed,
-            repeats or cfg.scaling.repeats,
-        )
-        out["consensus"] = pd.concat(
-            [dom, sweep.assign(topology=cfg.consensus.topology)[list(dom.columns)]], ignore_index=True
-        )
+        out["consensus"] = _consensus_part(sweep, cfg, seed, profile, repeats)
     if "optimisations" in parts:
         out["optimisations"] = measure_optimisations(OPTIMISATION_AGENTS, cfg, seed, progress=progress)
     if "goals" in parts and fit is not None:
