@@ -730,7 +730,7 @@ def _runner_failure(s: str, e: Exception, executed: Path) -> dict:
 
 @patch
 def _publish(self: _Run, s: str, comp: dict, why: str, job: dict) -> None:
-    "Move the files of notebook `s` into place and write its cache entry (and its outputs into nbs/ with --keep-outputs)."
+    "Move the files of notebook `s` into place and write its cache entry (its outputs into nbs/ with --keep-outputs)."
     plan, paths = self.plan, self.plan.paths
     publish(job, paths)
     self.entries[s] = dict(
