@@ -84,7 +84,7 @@ def pack_state(obj: Any, where: str = "state") -> tuple[dict[str, torch.Tensor],
 
     return tensors, walk(obj, where)
 
-
+# %% ../nbs/08_checkpoints.ipynb #da94dc2b
 def unpack_state(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
     "Inverse of `pack_state`."
 

@@ -19,7 +19,7 @@ from .config import load_config, Config, results_dir
 from .state import StateBank, HashedTextEncoder, SlidingWindowContext
 from .consensus import make_topology, ConsensusEngine
 from .routing import make_router, AgentLoad, replacement_for, NoAgentAvailable, load_factor, utilisation_share
-from .synthetic import check_expected, generate_conversations, jsonl_sha256
+from .synthetic import check_expected, generate_conversations
 from .agents import SimulatedAgentPool
 from .store import StateStore, StoreUnavailable, call_with_retries, make_store
 from .checkpoints import atomic_write, save_numbered_checkpoint, load_latest_checkpoint, CheckpointError
@@ -751,14 +751,24 @@ def config_identity(cfg: Config) -> dict:
         flat.update({f"{k}.{f}": x for f, x in v.items()} if isinstance(v, dict) else {k: v})
     return {k: v for k, v in flat.items() if k not in BOOKKEEPING_FIELDS}
 
+# %% ../nbs/11_runtime.ipynb #fa000017
+def _conversation_fingerprint(c) -> bytes:
+    "What the simulation reads of a conversation, as bytes (a `Conversation`; other objects: their id)."
+    try:
+        turns = [(t.text, t.task, t.modality, t.specialist, t.fsm_state) for t in c.turns]
+        return repr(
+            (c.id, c.task_type, list(c.handoff_turns), list(c.facts), sorted(c.expected.items()), turns)
+        ).encode()
+    except AttributeError:
+        return repr(str(c.id)).encode()
+
 
 def conversations_identity(conversations: list) -> dict:
-    "How many conversations, and a SHA-256 of their JSONL form (of their ids, for objects that have no JSONL form)."
-    try:
-        digest = jsonl_sha256(conversations)
-    except TypeError:
-        digest = hashlib.sha256("\n".join(str(c.id) for c in conversations).encode()).hexdigest()
-    return dict(n_conversations=len(conversations), conversations_sha256=digest)
+    "How many conversations, and a SHA-256 of what the run reads of them (ids, turns, facts, expected outputs)."
+    h = hashlib.sha256()
+    for c in conversations:
+        h.update(_conversation_fingerprint(c))
+    return dict(n_conversations=len(conversations), conversations_sha256=h.hexdigest())
 
 
 def first_difference(saved: dict, now: dict, prefix: str = "") -> str | None:
