@@ -6,7 +6,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/runtime.html.md"""
 
 # %% ../nbs/11_runtime.ipynb #375819ea
 from __future__ import annotations
-import argparse, asyncio, hashlib, json, os, re, shutil, sys, time
+import argparse, asyncio, fcntl, hashlib, json, os, re, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -1021,13 +1021,22 @@ def default_checkpoint_dir(orch: Orchestrator, conversations: list) -> Path:
         [orch.run_identity(), config_identity(orch.cfg), conversations_identity(conversations)], sort_keys=True
     )
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", orch.spec.name)
-    return (
-        results_dir(orch.cfg.profile)
-        / "checkpoints"
-        / f"{name}-s{orch.seed}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return results_dir(orch.cfg.profile) / "checkpoints" / f"{name}-s{orch.seed}-{digest}"
 
 
+def _claim(folder: Path):
+    "An exclusive lock on `folder`/.lock, released when the process ends; None while another live process holds it."
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+# %% ../nbs/11_runtime.ipynb #fa000018
 def run_conversations(
     conversations: list,
     system: str,
@@ -1044,7 +1053,8 @@ def run_conversations(
     """Run the benchmark through the simulated orchestrator with `system`; return (turns_df, conversations_df).
 
     `checkpoint_dir=None` checkpoints into `default_checkpoint_dir` (a rerun after a crash resumes from it; removed once
-    the run completes); a path keeps its checkpoints; `False` writes none."""
+    the run completes; skipped while the same run goes on in another process); a path keeps its checkpoints; `False`
+    writes none."""
     if not isinstance(conversations, (list, tuple)) or not conversations:
         raise ValueError("conversations: expected a non-empty list of synthetic.Conversation")
     if not all(hasattr(c, "turns") and hasattr(c, "id") for c in conversations):
@@ -1053,6 +1063,7 @@ def run_conversations(
         raise ValueError("conversations: conversation ids must be unique")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed: expected an integer ≥ 0, got {seed!r}")
+    store = store if store is not None else make_store(cfg)
     orch = Orchestrator(
         cfg,
         system,
@@ -1060,17 +1071,24 @@ def run_conversations(
         n_agents,
         ablation,
         transition_model,
-        store=store if store is not None else make_store(cfg),
+        store=store,
         metrics=metrics,
         failure_rate=failure_rate,
     )
-    if checkpoint_dir is not False:
-        auto = checkpoint_dir is None
-        orch.checkpoint_dir = default_checkpoint_dir(orch, list(conversations)) if auto else Path(checkpoint_dir)
-        orch.resume()
-    out = orch.run(list(conversations))
+    lock = None
     if checkpoint_dir is None:
-        shutil.rmtree(orch.checkpoint_dir, ignore_errors=True)
+        lock = _claim(default_checkpoint_dir(orch, list(conversations)))
+        orch.checkpoint_dir = default_checkpoint_dir(orch, list(conversations)) if lock is not None else None
+    elif checkpoint_dir is not False:
+        orch.checkpoint_dir = Path(checkpoint_dir)
+    try:
+        orch.resume()
+        out = orch.run(list(conversations))
+        if lock is not None:
+            shutil.rmtree(orch.checkpoint_dir, ignore_errors=True)
+    finally:
+        if lock is not None:
+            lock.close()
     return out
 
 # %% ../nbs/11_runtime.ipynb #88c54c45

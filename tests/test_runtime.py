@@ -527,3 +527,21 @@ def test_redis_that_stays_down_stops_the_run_with_a_clear_error_and_a_resumable_
     assert w.returncode == 0, w.stderr[-2000:]
     for name, cols in (("conversations", OUTCOME_CONV), ("turns", OUTCOME_TURN)):
         pd.testing.assert_frame_equal(pd.read_csv(out / f"{name}.csv")[cols], pd.read_csv(whole / f"{name}.csv")[cols])
+
+
+def test_the_same_run_in_two_processes_does_not_share_a_default_folder(tmp_path):
+    "While another live process holds a run's default folder, this process runs without checkpoints and leaves it be."
+    import rapo_nb.runtime as R
+    convs = CONVS[:4]
+    folder = R.default_checkpoint_dir(Orchestrator(CFG, "rapo", 1), convs)
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a');"
+                               " fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(folder / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (folder / "marker").write_text("theirs")
+        turns, conv_df = run_conversations(convs, "rapo", CFG, seed=1)
+        assert len(conv_df) == 4 and (folder / "marker").exists() and not checkpoint_paths(folder)
+    finally:
+        holder.kill(); holder.wait(timeout=10)
