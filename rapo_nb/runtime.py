@@ -8,6 +8,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/runtime.html.md"""
 from __future__ import annotations
 import argparse, asyncio, fcntl, hashlib, json, os, re, shutil, sys, time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -368,7 +369,7 @@ def _store_write(self: Orchestrator) -> None:
         return
     rc, arrays = self.cfg.runtime, dict(self.bank.tensors())
     url = getattr(self.store, "url", "memory://")
-    put = lambda: self.store.put("bank", arrays)  # noqa: E731 (a put without expected version: safe to repeat)
+    put = partial(self.store.put, "bank", arrays)  # a put without an expected version: safe to repeat
     call_with_retries(put, "orchestrator bank write", url, rc.store_retries, rc.store_backoff_s, rc.store_backoff_max_s)
 
 
