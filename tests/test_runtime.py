@@ -145,8 +145,8 @@ def test_kill_9_orchestrator_and_resume(tmp_path):
     r = subprocess.run(PY + ["--out", str(killed), *common], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed_from={it} done={len(done_before)}" in r.stdout
-    w = subprocess.run(PY + ["--out", str(whole), *common], capture_output=True, text=True, env=env, timeout=120)
-    assert w.returncode == 0, w.stderr[-2000:]
+    from rapo_nb.runtime import orchestrator_main
+    assert orchestrator_main(["--out", str(whole), *common]) == 0                           # uninterrupted, in this process
     convs = pd.read_csv(killed / "conversations.csv"); turns = pd.read_csv(killed / "turns.csv")
     ids = [c.id for c in generate_conversations(n, 2, load_config("quick", seed=2))]
     assert list(convs.conv_id) == ids and not convs.conv_id.duplicated().any()                # none lost, none twice
@@ -523,8 +523,8 @@ def test_redis_that_stays_down_stops_the_run_with_a_clear_error_and_a_resumable_
     finally:
         proc.kill(); proc.wait(timeout=10)
     assert r.returncode == 0 and "resumed_from=0 " not in r.stdout and "resumed_from=" in r.stdout, (r.stdout, r.stderr[-2000:])
-    w = subprocess.run(PY + ["--out", str(whole), *common], capture_output=True, text=True, env=env, timeout=120)
-    assert w.returncode == 0, w.stderr[-2000:]
+    from rapo_nb.runtime import orchestrator_main
+    assert orchestrator_main(["--out", str(whole), *common]) == 0                           # uninterrupted, memory store
     for name, cols in (("conversations", OUTCOME_CONV), ("turns", OUTCOME_TURN)):
         pd.testing.assert_frame_equal(pd.read_csv(out / f"{name}.csv")[cols], pd.read_csv(whole / f"{name}.csv")[cols])
 
