@@ -152,8 +152,24 @@ class RuntimeConfig:
     checkpoint_every: int = cf(1000, "§4.4", 1, 10**9, "iterations between checkpoints")
     checkpoints_kept: int = cf(3, "ours", 1, 1000, "checkpoints kept on disk")
     store: str = cf("memory", "§4.1", doc="state store backend", choices=("memory", "redis"))
-    redis_url: str = cf("redis://127.0.0.1:6379/0", "§4.1", doc="Redis URL when store='redis'")
-    redis_timeout_s: float = cf(2.0, "ours", 0.0, 600.0, "connect timeout before a clear error")
+    redis_url: str = cf(
+        "redis://127.0.0.1:6379/0",
+        "§4.1",
+        doc="Redis URL when store='redis'",
+        pattern=r"(redis|rediss)://[^\s/]+(:\d+)?(/\d+)?|unix:///\S+",
+        example="redis://host:port/db, rediss://user:password@host:port/db or unix:///path/to/redis.sock",
+    )
+    redis_timeout_s: float = cf(2.0, "ours", 1e-3, 600.0, "connect timeout before a clear error (> 0)")
+    store_retries: int = cf(5, "ours", 0, 100, "retries of a failed store write before a clear error")
+    store_backoff_s: float = cf(0.2, "ours", 1e-3, 60.0, "first wait before a store retry (doubles each retry)")
+    store_backoff_max_s: float = cf(5.0, "ours", 1e-3, 600.0, "longest wait between two store retries")
+    segment_conversations: int = cf(
+        250,
+        "ours (§4.4 checkpoints; our reading)",
+        1,
+        10**8,
+        "conversations per segment: a segment starts when the previous one has drained; checkpoints fall between",
+    )
     metrics_port: int = cf(0, "§4.3", 0, 65535, "Prometheus HTTP port (0: metrics not served)")
     summary_max_words: int = cf(
         80,
@@ -295,7 +311,7 @@ class EvaluationConfig:
     n_comparisons: int = cf(4, "§5.5", 1, 1000, "Bonferroni comparisons (RAPO vs each baseline)")
     bootstrap_resamples: int = cf(10_000, "§5.5", 1, 10**8, "bootstrap resamples for CIs")
     seeds: tuple = cf((0, 1, 2, 3, 4), "ours", 0, 2**31 - 1, "seeds of repeated runs")
-    n_agents: int = cf(12, "§5.1 (agent count unspecified; our reading)", 1, 10**7, "agents in the evaluation pool")
+    n_agents: int = cf(12, "§5.1 (agent count unspecified; our reading)", 2, 10**7, "agents in the evaluation pool")
     share_tolerance: float = cf(
         0.05,
         "ours (verdict tolerance)",
@@ -697,6 +713,18 @@ SUM_TO_ONE_TOL: float = (
 )
 
 
+def _integral(name: str, default: tuple, value: tuple, items: list) -> tuple[tuple, list]:
+    "A tuple whose default holds only integers (seeds, ranges, sizes) takes integers: 2.0 becomes 2, 2.5 is refused."
+    flat = [x for v in default for x in (v if isinstance(v, tuple) else (v,))]
+    if not flat or not all(isinstance(x, int) for x in flat):
+        return value, items
+    bad = [v for v in items if not float(v).is_integer()]
+    if bad:
+        raise ValueError(f"{name}: expected integers, got {bad[0]!r} in {value!r}")
+    value = tuple(tuple(int(x) for x in v) if isinstance(v, tuple) else int(v) for v in value)
+    return value, [int(v) for v in items]
+
+# %% ../nbs/00_config.ipynb #3ea91f3d
 def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
     "Check one field's type and range; return the (possibly widened) value."
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -727,6 +755,7 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
         items = [x for v in value for x in (v if isinstance(v, tuple) else (v,))]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
             raise ValueError(f"{name}: expected numbers, got {value!r}")
+        value, items = _integral(name, default, value, items)
         if m.get("ordered") and value[0] > value[1]:
             raise ValueError(f"{name}: lower bound {value[0]} exceeds upper bound {value[1]}")
     elif isinstance(default, str):
@@ -734,6 +763,8 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
             raise ValueError(f"{name}: expected a string, got {value!r}")
         if m.get("choices") and value not in m["choices"]:
             raise ValueError(f"{name}: {value!r} is not one of {list(m['choices'])}")
+        if m.get("pattern") and not re.fullmatch(m["pattern"], value):
+            raise ValueError(f"{name}: expected {m.get('example', m['pattern'])}, got {value!r}")
         return value
     else:
         return value
@@ -745,7 +776,7 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
             )
     return value
 
-
+# %% ../nbs/00_config.ipynb #3ea91f3e
 def validate(cfg: Config) -> Config:
     "Check every field of `cfg`; raise `ValueError` naming the first bad field. Returns `cfg`."
     if cfg.profile not in PROFILES:

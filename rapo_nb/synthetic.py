@@ -646,7 +646,7 @@ class LoadedConversations(list):
 
     errors: list
 
-
+# %% ../nbs/05_synthetic.ipynb #f30c856b
 def _typed(d: dict, name: str, typ: type, where: str) -> Any:
     if name not in d:
         raise SchemaError(f"{where}{name}", "missing")
@@ -696,7 +696,7 @@ def conversation_from_dict(d: Any, cfg: Config | None = None) -> Conversation:
     vals["turns"] = turns
     return Conversation(**vals)
 
-
+# %% ../nbs/05_synthetic.ipynb #f30c856d
 def conversation_to_json(c: Conversation) -> str:
     "One JSONL line (keys sorted, compact) for conversation `c`."
     return json.dumps(
@@ -715,25 +715,41 @@ def save_jsonl(conversations: list[Conversation], path: str | Path) -> Path:
     os.replace(tmp, path)
     return path
 
+# %% ../nbs/05_synthetic.ipynb #f30c856f
+def _read_line(raw: bytes, cfg: Config, seen: dict[str, int], ln: int) -> Conversation:
+    "One JSONL line → a Conversation; SchemaError for bad UTF-8, bad JSON, a bad field or an id already read."
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SchemaError("encoding", f"not valid UTF-8 (byte {e.start + 1} of the line)") from None
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SchemaError("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    c = conversation_from_dict(d, cfg)
+    if c.id in seen:
+        raise SchemaError("id", f"{c.id!r} repeats the conversation of line {seen[c.id]}")
+    seen[c.id] = ln
+    return c
+
 
 def load_jsonl(path: str | Path, errors: str = "raise", cfg: Config | None = None) -> LoadedConversations:
-    "Read and validate a JSONL file; errors='raise' stops at the first bad line, 'collect' skips and records it."
+    """Read and validate a JSONL file; errors='raise' stops at the first bad line, 'collect' skips and records it.
+
+    Every bad line (not UTF-8, not JSON, a bad field, a repeated conversation id) is named by file:line."""
     if errors not in ("raise", "collect"):
         raise ValueError(f"errors: {errors!r} is not one of ['raise', 'collect']")
     path = Path(path)
     cfg = cfg or load_config("full")
     out = LoadedConversations()
     out.errors = []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
+    seen: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SchemaError("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
-                out.append(conversation_from_dict(d, cfg))
+                out.append(_read_line(raw, cfg, seen, ln))
             except SchemaError as e:
                 err = JsonlError(path, ln, str(e), list(out))
                 if errors == "raise":
