@@ -157,11 +157,8 @@ LONG_CELLS_NOT_YET_SPLIT = {
     ("00_config", "_check_value"): "as above (validation helpers)",
     ("02_consensus", "step"): "02_consensus belongs to the conv helper this wave",
     ("03_convergence", "transpose_matvec"): "03_convergence belongs to the conv helper this wave",
-    ("05_synthetic", "depth_bounds"): "05_synthetic: not in this wave's split set (faults owns its JSONL/loader cells)",
-    ("05_synthetic", "Turn"): "as above",
-    ("05_synthetic", "_fill_entities"): "as above",
-    ("05_synthetic", "SchemaError"): "as above (the faults helper's JSONL/loader cell)",
-    ("05_synthetic", "conversations_frame"): "as above",
+    ("05_synthetic", "SchemaError"): "05_synthetic's JSONL/loader cell: the faults helper's this wave",
+    ("05_synthetic", "conversations_frame"): "the benchmark frames and dataset card: not split yet",
     ("06_agents", "turn_focus"): "06_agents belongs to the world helper this wave",
     ("06_agents", "LLMError"): "as above",
     ("08_checkpoints", "CheckpointError"): "08_checkpoints belongs to the faults helper this wave",
@@ -227,7 +224,6 @@ def undemonstrated_runs() -> list[tuple[str, str, int]]:
 # Runs of export cells without their demonstration yet, by (notebook, first name of the run): each with its reason.
 RUNS_NOT_YET_DEMONSTRATED = {
     ("00_config", "cf"): "17 config dataclasses in a row, checked together after them; not in this wave's split set",
-    ("05_synthetic", "QUERY_GRAMMAR"): "the grammar cells, checked after the last one; not in this wave's split set",
 }
 
 
