@@ -827,13 +827,9 @@ def turns_frame(conversations: list[Conversation]) -> "pd.DataFrame":
         ]
     )
 
-
-def dataset_card(conversations: list[Conversation], cfg: Config) -> "pd.DataFrame":
-    "Realised distributions of the benchmark beside §5.1's (column 'paper'); ours are computed."
-    import pandas as pd
-
-    cf_, tf = conversations_frame(conversations), turns_frame(conversations)
-    s = cfg.synthetic
+# %% ../nbs/05_synthetic.ipynb #912cd281
+def _card_shares(cf_: "pd.DataFrame", tf: "pd.DataFrame", s) -> list[dict]:
+    "The dataset card's rows for §5.1's shares (FSM states, task types) and complexity ranges, beside the paper's."
     rows = []
     fsm = tf.fsm_state.value_counts(normalize=True)
     for st, p in zip(FSM_STATES, s.fsm_probs):
@@ -854,6 +850,16 @@ def dataset_card(conversations: list[Conversation], cfg: Config) -> "pd.DataFram
                 ours=f"{cf_[col].min()}–{cf_[col].max()} (mean {cf_[col].mean():.1f})",
             )
         )
+    return rows
+
+# %% ../nbs/05_synthetic.ipynb #8a663f59
+def dataset_card(conversations: list[Conversation], cfg: Config) -> "pd.DataFrame":
+    "Realised distributions of the benchmark beside §5.1's (column 'paper'); ours are computed."
+    import pandas as pd
+
+    cf_, tf = conversations_frame(conversations), turns_frame(conversations)
+    s = cfg.synthetic
+    rows = _card_shares(cf_, tf, s)
     rows.append(
         dict(
             quantity="query / response / trigger rules",

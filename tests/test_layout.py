@@ -158,7 +158,6 @@ LONG_CELLS_NOT_YET_SPLIT = {
     ("02_consensus", "step"): "02_consensus belongs to the conv helper this wave",
     ("03_convergence", "transpose_matvec"): "03_convergence belongs to the conv helper this wave",
     ("05_synthetic", "SchemaError"): "05_synthetic's JSONL/loader cell: the faults helper's this wave",
-    ("05_synthetic", "conversations_frame"): "the benchmark frames and dataset card: not split yet",
     ("06_agents", "turn_focus"): "06_agents belongs to the world helper this wave",
     ("06_agents", "LLMError"): "as above",
     ("08_checkpoints", "CheckpointError"): "08_checkpoints belongs to the faults helper this wave",
