@@ -157,16 +157,7 @@ LONG_CELLS_NOT_YET_SPLIT = {
     ("00_config", "_check_value"): "as above (validation helpers)",
     ("02_consensus", "step"): "02_consensus belongs to the conv helper this wave",
     ("03_convergence", "transpose_matvec"): "03_convergence belongs to the conv helper this wave",
-    ("04_routing", "greedy_rounds_reference"): "04_routing is not in this wave's split set",
-    ("04_routing", "_rounds_on_candidates"): "as above",
-    ("04_routing", "RapoRouter"): "as above",
-    ("04_routing", "BoundedWaitQueue"): "as above",
-    ("04_routing", "TwoLevelScheduler"): "as above",
-    ("05_synthetic", "depth_bounds"): "05_synthetic: not in this wave's split set (faults owns its JSONL/loader cells)",
-    ("05_synthetic", "Turn"): "as above",
-    ("05_synthetic", "_fill_entities"): "as above",
-    ("05_synthetic", "SchemaError"): "as above (the faults helper's JSONL/loader cell)",
-    ("05_synthetic", "conversations_frame"): "as above",
+    ("05_synthetic", "SchemaError"): "05_synthetic's JSONL/loader cell: the faults helper's this wave",
     ("06_agents", "turn_focus"): "06_agents belongs to the world helper this wave",
     ("06_agents", "LLMError"): "as above",
     ("08_checkpoints", "CheckpointError"): "08_checkpoints belongs to the faults helper this wave",
@@ -232,9 +223,6 @@ def undemonstrated_runs() -> list[tuple[str, str, int]]:
 # Runs of export cells without their demonstration yet, by (notebook, first name of the run): each with its reason.
 RUNS_NOT_YET_DEMONSTRATED = {
     ("00_config", "cf"): "17 config dataclasses in a row, checked together after them; not in this wave's split set",
-    ("04_routing", "Router"): "the router classes, checked after the last one; 04_routing is not in this wave's set",
-    ("04_routing", "_eligible_ids"): "as above (the batched rule's helpers)",
-    ("05_synthetic", "QUERY_GRAMMAR"): "the grammar cells, checked after the last one; not in this wave's split set",
 }
 
 
