@@ -682,6 +682,7 @@ PAPER_CLAIMS = {  # §5–6 discussion claims
     "quartile_loss_beyond": 15,
     "response_time_d_above": 0.8,
     "context_score_d": 0.5,  # §5.5: large effect on response time, moderate on context
+    "training_compute_hours": 72,  # §4.6: 8×A100 for 72 h (three phases of 24 h)
     "abstract_task_success": 0.89,  # Abstract: "an 89% success rate for task completion without context loss"
     "convergence_cv": 2.3,  # §6: "converges ... but with high variance (CV=2.3)"
     "metadata_to_state_memory": 60,  # §6: "memory consumption is dominated by coordination metadata (60× agent state)"
