@@ -99,6 +99,10 @@ def claims_cell_problems(src: str, env: dict[str, bool]) -> list[str]:
             bad.append(f"line {n.value.lineno}: `verdict=` typed by hand (use claim_row)")
         if isinstance(n, ast.Dict) and any(isinstance(k, ast.Constant) and k.value == "verdict" for k in n.keys):
             bad.append(f"line {n.lineno}: a row dict with a 'verdict' key (use claim_row)")
+        if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store):
+            key = n.slice
+            if isinstance(key, ast.Constant) and key.value in ("verdict", "kind"):
+                bad.append(f"line {n.lineno}: column {key.value!r} assigned by hand (use claim_row)")
         if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "claim_row"):
             continue
         kind, source = _kw(n, "kind"), _kw(n, "paper_source")
@@ -154,6 +158,7 @@ BAD_SNIPPETS = {
     "verdict typed": 'rows.append(dict(claim="x", paper=1, ours=1, verdict="reproduced"))',
     "verdict string typed": 'v = "reproduced" if ok else "differs"',
     "kind not literal": 'claim_row("x", "§1", 1, 1, kind=k, ok=True)',
+    "verdict column assigned": 'claims["verdict"] = np.where(ok, a, b)',
 }
 
 
