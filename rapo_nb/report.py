@@ -159,9 +159,9 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
     "21_report": ["run_{profile}.md"],  # the run manifest: provenance of every artifact (written by rapo-reproduce)
 }
 HEADLINE_TABLES = [
-    ("Table 1 (§5.2): systems compared", "table1_systems.md"),
-    ("Table 2 (§5.4): scaling", "table2_scaling.md"),
-    ("Table 3 (§5.5): statistics against each baseline", "table3_statistics.md"),
+    ("Table 1 (§5.2): systems compared (results)", "table1_systems.md"),
+    ("Table 2 (§5.4): scaling (results)", "table2_scaling.md"),
+    ("Table 3 (§5.5): statistics against each baseline (results)", "table3_statistics.md"),
 ]
 
 

@@ -63,3 +63,22 @@ def test_tables_without_kind_get_the_documented_default_and_are_named(tmp_path):
 def test_count_lines_of_no_claims():
     lines = count_lines(pd.DataFrame(columns=["verdict", "kind"]))
     assert lines[0].startswith("**Results** (0 claims)") and lines[1].startswith("**Conformance** (0 claims)")
+
+
+def test_readme_counts_line_reads_both_kinds_from_the_report(tmp_path):
+    "index.ipynb's show_verdicts (README's counts) takes the results line and the conformance line of REPORT.md."
+    import json
+    from pathlib import Path
+
+    from IPython.display import Markdown
+
+    root = Path(__file__).resolve().parents[1]
+    cells = json.loads((root / "nbs" / "index.ipynb").read_text())["cells"]
+    src = next("".join(c["source"]) for c in cells if "def show_verdicts" in "".join(c["source"]))
+    (tmp_path / "figures").mkdir()
+    _tables(tmp_path / "figures")
+    (tmp_path / "figures" / "REPORT.md").write_text(build_report("quick", tmp_path / "figures"))
+    ns = {"Markdown": Markdown, "project_root": lambda: tmp_path}
+    exec(src, ns)
+    text = ns["show_verdicts"]().data
+    assert "**Results** (4 claims): reproduced: 1" in text and "**Conformance** (2 claims): implemented" in text
