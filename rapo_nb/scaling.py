@@ -24,6 +24,8 @@ from rapo_nb.config import (
     PAPER_MEMORY_LAW_GB,
     PAPER_CLAIMS,
     SPECIALISTS,
+    claim_row,
+    claims_frame,
 )
 from .state import StateBank, prune_history
 from .consensus import make_topology, ConsensusEngine
@@ -962,110 +964,174 @@ def turn_overhead_verdict(df: pd.DataFrame, target: float = TURN_OVERHEAD_RATIO_
 LANGGRAPH_CONVERSATIONS = {"quick": 40, "full": 200}  # conversations in the side-by-side (ours)
 
 # %% ../nbs/17_scaling.ipynb #51b83677
-def scaling_claims(
-    sweep: pd.DataFrame, fit_rss: dict, dominance: pd.DataFrame, opt: pd.DataFrame, success: pd.DataFrame
-) -> pd.DataFrame:
-    "The §4.5/§5.4 claims next to our measurements, with computed verdicts (columns of the report's claims tables)."
-    rows = []
+def _growth(comm: pd.DataFrame, scheme: str) -> tuple[float, int, int]:
+    "Growth exponent of messages per tick for `scheme` between the smallest count ≥ 100 and the largest."
+    c = comm[comm.scheme == scheme].set_index("agents").messages
+    lo, hi = min(n for n in c.index if n >= 100), max(c.index)
+    return math.log(c[hi] / c[lo]) / math.log(hi / lo), lo, hi
 
-    def add(claim, section, paper, ours, ok, note=""):
-        verdict = "not measured" if ok is None else ("reproduced" if ok else "differs")
-        rows.append(dict(claim=claim, section=section, paper=paper, ours=ours, verdict=verdict, note=note))
 
-    s = sweep.set_index(sweep.agents.astype(int))
-    add(
-        "memory grows linearly in n",
-        "§5.4",
-        f"M(n) = {PAPER_MEMORY_LAW_GB[0]} + {PAPER_MEMORY_LAW_GB[1]} n GB",
-        f"M(n) = {fit_rss['a_gb']:.3g} + {fit_rss['b_gb_per_agent']:.3g} n GB (R² {fit_rss['r2']:.4f})",
-        fit_rss["r2"] > 0.99,
-        "reproduced when a straight line explains > 99 % of the variance of our RSS delta; the level differs by design "
-        "(our deployment holds no model weights)",
+def _memory_claims(rows: list, s: pd.DataFrame, fit_rss: dict, opt: pd.DataFrame) -> None:
+    "The memory rows of `scaling_claims` (§4.5, §5.4, §6), appended to `rows`."
+    rows.append(
+        claim_row(
+            "memory grows linearly in n",
+            "§5.4",
+            f"M(n) = {PAPER_MEMORY_LAW_GB[0]} + {PAPER_MEMORY_LAW_GB[1]} n GB",
+            f"M(n) = {fit_rss['a_gb']:.3g} + {fit_rss['b_gb_per_agent']:.3g} n GB (R² {fit_rss['r2']:.4f})",
+            kind="result",
+            ok=bool(fit_rss["r2"] > 0.99),
+            note="reproduced when a straight line explains > 99 % of the variance of our RSS delta; the level "
+            "differs by design (our deployment holds no model weights)",
+        )
     )
     if 1000 in s.index:
-        gb = s.loc[1000, "rss_delta_mb"] * MB / GB
-        add(
-            "memory at 1,000 agents",
-            "§5.4 Table 2",
-            f"{PAPER_TABLE2[1000]['memory_gb']} GB",
-            f"{gb:.3g} GB",
-            abs(gb - PAPER_TABLE2[1000]["memory_gb"]) <= 0.25 * PAPER_TABLE2[1000]["memory_gb"],
-            "RSS delta of the orchestrator state (no model weights); reproduced only within ±25 % of the paper's level",
+        gb, paper_gb = s.loc[1000, "rss_delta_mb"] * MB / GB, PAPER_TABLE2[1000]["memory_gb"]
+        rows.append(
+            claim_row(
+                "memory at 1,000 agents",
+                "§5.4 Table 2",
+                f"{paper_gb} GB",
+                f"{gb:.3g} GB",
+                kind="result",
+                ok=bool(abs(gb - paper_gb) <= 0.25 * paper_gb),
+                note="RSS delta of the orchestrator state (no model weights); reproduced only within ±25 % of the "
+                "paper's level",
+            )
         )
+    ratio_paper = PAPER_CLAIMS["metadata_to_state_memory"]
+    if "bank_mb" in s.columns:
+        n = int(s.index.max())
+        ratio = float((s.loc[n, "rss_delta_mb"] - s.loc[n, "bank_mb"]) / s.loc[n, "bank_mb"])
+        ours = (
+            f"{ratio:.3g}× ({n:,} agents: RSS delta {s.loc[n, 'rss_delta_mb']:.4g} MB, state bank "
+            f"{s.loc[n, 'bank_mb']:.4g} MB)"
+        )
+        ok = bool(ratio_paper / 2 <= ratio <= 2 * ratio_paper)
+    else:
+        ours, ok = "—", None
+    rows.append(
+        claim_row(
+            "memory dominated by coordination metadata (60× agent state)",
+            "§6",
+            f"{ratio_paper}× agent state",
+            ours,
+            kind="result",
+            ok=ok,
+            note="metadata = RSS delta of the deployment minus its state bank (P, C, M, ω, counters) at the largest "
+            "count measured; reproduced within a factor 2 of 60×; our deployment holds no model weights",
+        )
+    )
+    allv = opt.set_index("variant").loc["all three"]
+    close = bool(abs(allv.saving_accounted - PAPER_MEMORY_SAVING) <= 0.10)
+    rows.append(
+        claim_row(
+            "§4.5 optimisations save ≈ 40 % memory",
+            "§4.5",
+            f"{PAPER_MEMORY_SAVING:.0%}",
+            f"{allv.saving_accounted:.1%} of accounted bytes, {allv.saving_rss:.1%} of RSS (each optimisation "
+            "measured in a fresh process)",
+            kind="result",
+            ok=close,
+            comparable=False,
+            note="not comparable: most of the saving is lazy agents, and it grows with the idle share, "
+            f"cfg.scaling.active_share (ours); within ±10 points of the paper's: {close}; our deployment holds no "
+            "model weights; the one verdict of this claim (01_state shows the state bank's share only)",
+        )
+    )
+
+# %% ../nbs/17_scaling.ipynb #480ea670
+def scaling_claims(
+    sweep: pd.DataFrame,
+    fit_rss: dict,
+    dominance: pd.DataFrame,
+    opt: pd.DataFrame,
+    success: pd.DataFrame,
+    comm: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    "The §4.5/§5.4/§6 claims next to our measurements, with verdicts from `claim_row` (a checked claims table)."
+    rows = []
+    s = sweep.set_index(sweep.agents.astype(int))
+    _memory_claims(rows, s, fit_rss, opt)
     small = s[s.index <= 500]
     if len(small) >= 2:
-        per_agent = small.tick_ms / small.index
-        ok = bool(
-            s.loc[small.index.max(), "tick_ms"] / s.loc[small.index.min(), "tick_ms"]
-            <= 2 * small.index.max() / small.index.min()
-        )
-        add(
-            "near-linear scaling up to 500 agents",
-            "§5.4",
-            "near-linear",
-            f"tick {s.loc[small.index.min(), 'tick_ms']:.3g} → "
-            f"{s.loc[small.index.max(), 'tick_ms']:.3g} ms from {small.index.min()} to {small.index.max()} agents",
-            ok,
-            "reproduced when the tick grows no faster than 2× linear",
+        lo, hi = small.index.min(), small.index.max()
+        rows.append(
+            claim_row(
+                "near-linear scaling up to 500 agents",
+                "§5.4",
+                "near-linear",
+                f"tick {s.loc[lo, 'tick_ms']:.3g} → {s.loc[hi, 'tick_ms']:.3g} ms from {lo} to {hi} agents",
+                kind="result",
+                ok=bool(s.loc[hi, "tick_ms"] / s.loc[lo, "tick_ms"] <= 2 * hi / lo),
+                note="reproduced when the tick grows no faster than 2× linear",
+            )
         )
     upto = success[success.agents <= 500] if len(success) else success
     if len(upto):
-        add(
-            "coordination overhead < 10 % up to 500 agents",
-            "§5.4",
-            "< 10 %",
-            f"max {upto.overhead_share.max():.1%} (≤ {upto.agents.max()} agents)",
-            bool(upto.overhead_share.max() < 0.10),
-            "measured coordination time / (coordination + simulated service time), run_conversations",
+        rows.append(
+            claim_row(
+                "coordination overhead < 10 % up to 500 agents",
+                "§5.4",
+                "< 10 %",
+                f"max {upto.overhead_share.max():.1%} (≤ {upto.agents.max()} agents)",
+                kind="result",
+                ok=bool(upto.overhead_share.max() < 0.10),
+                note="measured coordination time / (coordination + simulated service time), run_conversations",
+            )
         )
     dc = dominance[dominance.topology == "complete"]
-    at = dominance_point(dc)
-    add(
-        "consensus dominates beyond 500 agents",
-        "§5.4",
-        "beyond 500 agents",
-        "complete graph: "
-        + (f"from {at:.0f} agents" if not math.isnan(at) else f"not within {dc.agents.max()} agents")
-        + f"; sparse: "
-        + (lambda a: f"from {a:.0f} agents" if not math.isnan(a) else "never in the sweep")(
-            dominance_point(dominance[dominance.topology != "complete"])
-        ),
-        None if math.isnan(at) else bool(at > 500),
-        "share of the tick spent in the consensus step > 50 %",
+    at, at_sparse = dominance_point(dc), dominance_point(dominance[dominance.topology != "complete"])
+    rows.append(
+        claim_row(
+            "consensus dominates beyond 500 agents",
+            "§5.4",
+            "beyond 500 agents",
+            "complete graph: "
+            + (f"from {at:.0f} agents" if not math.isnan(at) else f"not within {dc.agents.max()} agents")
+            + "; sparse: "
+            + (f"from {at_sparse:.0f} agents" if not math.isnan(at_sparse) else "never in the sweep"),
+            kind="result",
+            ok=None if math.isnan(at) else bool(at > 500),
+            note="share of the tick spent in the consensus step > 50 %",
+        )
     )
-    o = opt.set_index("variant")
-    allv = o.loc["all three"]
-    add(
-        "§4.5 optimisations save ≈ 40 % memory",
-        "§4.5",
-        f"{PAPER_MEMORY_SAVING:.0%}",
-        f"{allv.saving_accounted:.1%} of accounted bytes, {allv.saving_rss:.1%} of RSS (each optimisation measured in "
-        f"a fresh process)",
-        bool(abs(allv.saving_accounted - PAPER_MEMORY_SAVING) <= 0.10),
-        "reproduced within ±10 points (accounted bytes); most of it is lazy agents, whose saving grows with the idle "
-        "share "
-        "(cfg.scaling.active_share, ours); our deployment holds no model weights",
-    )
+    if comm is not None:
+        e_full, lo, hi = _growth(comm, "complete")
+        e_sparse = _growth(comm, "sparse")[0]
+        e_nlogn = math.log(hi * math.log(hi) / (lo * math.log(lo))) / math.log(hi / lo)
+        rows.append(
+            claim_row(
+                "communication O(n²) when all agents interact, O(n log n) typical",
+                "§5.4",
+                f"{PAPER_CLAIMS['communication_worst']} worst case, {PAPER_CLAIMS['communication_typical']} typical",
+                f"messages per tick grow as n^{e_full:.2f} (complete graph) and n^{e_sparse:.2f} (our sparse graph of "
+                f"fixed degree) from {lo:,} to {hi:,} agents; n log n would be n^{e_nlogn:.2f}",
+                kind="conformance",
+                ok=abs(e_full - 2) <= 0.05 and e_sparse <= e_nlogn + 0.01,
+                note="message counts of the graphs we build (formulas checked against make_topology above), not "
+                "measured network traffic: a property of our design, so conformance",
+            )
+        )
     if len(success) and 1000 in success.agents.values:
         v = float(success.set_index("agents").loc[1000, "success_simulated"])
-        add(
-            "success at 1,000 agents",
-            "§5.4 Table 2",
-            f"{PAPER_TABLE2[1000]['success']}",
-            f"{v:.3f} (simulated)",
-            abs(v - PAPER_TABLE2[1000]["success"]) <= 0.05,
-            "rule success with simulated agents; reproduced within ±0.05",
-        )
+        ours, ok = f"{v:.3f} (simulated)", bool(abs(v - PAPER_TABLE2[1000]["success"]) <= 0.05)
+        note = "rule success with simulated agents; reproduced within ±0.05"
     else:
-        add(
+        ours, ok = "—", None
+        note = "success measured only up to cfg.scaling.success_max_agents in this profile"
+    rows.append(
+        claim_row(
             "success at 1,000 agents",
             "§5.4 Table 2",
             f"{PAPER_TABLE2[1000]['success']}",
-            "—",
-            None,
-            "success measured only up to cfg.scaling.success_max_agents in this profile",
+            ours,
+            kind="result",
+            ok=ok,
+            note=note,
         )
-    return pd.DataFrame(rows)
+    )
+    return claims_frame(rows, "claims_17_scaling")
 
 # %% ../nbs/17_scaling.ipynb #f3e84b9c
 SCALING_PARTS = ("sweep", "law", "table2", "communication", "scheduler", "consensus", "optimisations", "goals")

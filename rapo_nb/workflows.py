@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from .config import Config, load_config, validate, save_table, save_figure, SEED003_CLAIMS
+from .config import claim_row, claims_frame
 from .state import StateBank, queue_rank
 from .routing import AgentLoad, NoAgentAvailable, make_router, utilisation_share
 
@@ -735,67 +736,78 @@ def check_results(plan: WorkflowPlan, steps: dict) -> dict:
 
 # %% ../nbs/18_workflows.ipynb #9fb9f584
 def workflow_claims(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS, tol: float | None = None) -> pd.DataFrame:
-    """Seed 003's claims beside our simulated numbers, with a verdict computed from them (|ours − paper| ≤ `tol`,
-    default cfg.workflows.claim_tolerance)."""
+    """Seed 003's claims beside our simulated numbers. Levels set by our `cfg.workflows` are `not comparable` (the
+    |ours − paper| ≤ `tol` comparison is kept in the note); the ordering of the systems is a result."""
     if tol is None:
         tol = load_config().workflows.claim_tolerance
     o = overall.set_index("system")
 
-    def close(p, x):
-        return "reproduced" if abs(p - x) <= tol else "differs"
-
-    rows = []
-    for s, key in PAPER_COMPLETION.items():
-        x = float(o.loc[s, "completion_rate"])
-        rows.append(
-            dict(claim=f"task completion rate, {s}", paper=claims[key], ours=round(x, 3), verdict=close(claims[key], x))
+    def level(claim, paper, x, why):
+        return claim_row(
+            claim,
+            "seed 003 §VI",
+            paper,
+            round(x, 3),
+            kind="result",
+            ok=abs(paper - x) <= tol,
+            comparable=False,
+            note=f"{why}; within ±{tol}: {abs(paper - x) <= tol}; simulated",
         )
+
+    rows = [
+        level(
+            f"task completion rate, {s}",
+            claims[key],
+            float(o.loc[s, "completion_rate"]),
+            "absolute level set by our cfg.workflows",
+        )
+        for s, key in PAPER_COMPLETION.items()
+    ]
     ours_order = sorted(PAPER_COMPLETION, key=lambda s: -o.loc[s, "completion_rate"])
     paper_order = sorted(PAPER_COMPLETION, key=lambda s: -claims[PAPER_COMPLETION[s]])
     rows.append(
-        dict(
-            claim="completion ordering",
-            paper=" > ".join(paper_order),
-            ours=" > ".join(ours_order),
-            verdict="reproduced" if ours_order == paper_order else "differs",
+        claim_row(
+            "completion ordering",
+            "seed 003 §VI",
+            " > ".join(paper_order),
+            " > ".join(ours_order),
+            kind="result",
+            ok=ours_order == paper_order,
+            note="simulated",
         )
     )
-    x = float(o.loc["multi_agent", "error_recovery_efficiency"])
     rows.append(
-        dict(
-            claim="failed tasks re-routed or retried successfully (multi-agent)",
-            paper=claims["failures_recovered"],
-            ours=round(x, 3),
-            verdict=close(claims["failures_recovered"], x),
+        level(
+            "failed tasks re-routed or retried successfully (multi-agent)",
+            claims["failures_recovered"],
+            float(o.loc["multi_agent", "error_recovery_efficiency"]),
+            "level set by our failure mix and checker recall",
         )
     )
     change = float(o.loc["multi_agent", "planning_latency_s"] / o.loc["single_agent", "planning_latency_s"] - 1)
     rows.append(
-        dict(
-            claim="planning latency change, multi-agent vs single agent",
-            paper=claims["planning_latency_change"],
-            ours=round(change, 3),
-            verdict=close(claims["planning_latency_change"], change),
-            note="follows from our streamed-planning model, not measured on LLMs",
+        level(
+            "planning latency change, multi-agent vs single agent",
+            claims["planning_latency_change"],
+            change,
+            "follows from our streamed-planning model, not measured on LLMs",
         )
     )
     if "multi_agent_no_arbiter" in o.index:
         d = float(o.loc["multi_agent_no_arbiter", "deadlocks_per_workflow"])
         gain = float(o.loc["multi_agent", "completion_rate"] - o.loc["multi_agent_no_arbiter", "completion_rate"])
         rows.append(
-            dict(
-                claim="communication loops occasionally deadlock (no arbiter)",
-                paper="occasional",
-                ours=f"{d:.3f} per workflow",
-                verdict="reproduced" if d > 0 else "differs",
-                note=f"the arbiter changes completion by {gain:+.3f}",
+            claim_row(
+                "communication loops occasionally deadlock (no arbiter)",
+                "seed 003 §VI",
+                "occasional",
+                f"{d:.3f} per workflow; the arbiter changes completion by {gain:+.3f}",
+                kind="result",
+                ok=None,
+                comparable=False,
+                note="not comparable: our simulation injects the waits that form the loops (cfg.workflows.p_clarify, "
+                "ours), so a rate > 0 holds by design; what it measures is the arbiter's effect on completion; "
+                "simulated",
             )
         )
-    df = pd.DataFrame(rows)
-    df.insert(1, "section", "seed 003 §VI")
-    if "note" not in df:
-        df["note"] = ""
-    df.loc[df.claim.str.startswith("task completion rate"), "note"] = "absolute level set by our cfg.workflows"
-    df["note"] = df["note"].fillna("") + "; simulated"
-    df["note"] = df["note"].str.lstrip("; ")
-    return df[["claim", "section", "paper", "ours", "verdict", "note"]]
+    return claims_frame(rows, "claims_18_workflows")
