@@ -313,6 +313,20 @@ class EvaluationConfig:
     d_tolerance: float = cf(
         0.2, "ours (verdict tolerance)", 0.0, 100.0, "Cohen's d is reproduced within ± this of the paper's"
     )
+    factorial_conversations: int = cf(
+        80,
+        "ours (issue 19 factorial design)",
+        1,
+        10**7,
+        "conversations per factorial cell and seed (the first ones of the seed's benchmark)",
+    )
+    factorial_seeds: tuple = cf((0, 1, 2, 3, 4), "ours (issue 19: 5 seeds)", 0, 2**31 - 1, "seeds of the factorial")
+    factorial_fraction: int = cf(
+        1, "ours (issue 19 factorial design)", 1, 2, "1: full factorial; 2: its resolution-V half fraction"
+    )
+    factorial_workers: int = cf(
+        2, "ours", 1, 1024, "processes running the factorial cells and the one-context-policy Table 1"
+    )
     moderate_d_range: tuple = cf(
         (0.3, 0.8),
         "§5.5 ('d ≈ 0.5'; our reading)",
@@ -658,6 +672,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "training.time_budget_s": 60.0,
         "evaluation.seeds": (0, 1, 2),
         "evaluation.bootstrap_resamples": 2000,
+        "evaluation.factorial_conversations": 8,
+        "evaluation.factorial_fraction": 2,
+        "evaluation.factorial_seeds": (0, 1),
         "scaling.agent_counts": (10, 50, 100, 500, 1000, 10_000, 100_000),
         "scaling.success_max_agents": 100,
         "scaling.repeats": 3,
