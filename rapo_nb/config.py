@@ -330,6 +330,20 @@ class EvaluationConfig:
     d_tolerance: float = cf(
         0.2, "ours (verdict tolerance)", 0.0, 100.0, "Cohen's d is reproduced within ± this of the paper's"
     )
+    factorial_conversations: int = cf(
+        80,
+        "ours (issue 19 factorial design)",
+        1,
+        10**7,
+        "conversations per factorial cell and seed (the first ones of the seed's benchmark)",
+    )
+    factorial_seeds: tuple = cf((0, 1, 2, 3, 4), "ours (issue 19: 5 seeds)", 0, 2**31 - 1, "seeds of the factorial")
+    factorial_fraction: int = cf(
+        1, "ours (issue 19 factorial design)", 1, 2, "1: full factorial; 2: its resolution-V half fraction"
+    )
+    factorial_workers: int = cf(
+        2, "ours", 1, 1024, "processes running the factorial cells and the one-context-policy Table 1"
+    )
     moderate_d_range: tuple = cf(
         (0.3, 0.8),
         "§5.5 ('d ≈ 0.5'; our reading)",
@@ -498,6 +512,34 @@ class SimulationConfig:
     low_skill: float = cf(
         0.5, "ours", 0.0, 1.0, "true skill below which a routing decision counts as an agent-selection error"
     )
+    reception_alignment: float = cf(
+        1.0,
+        "ours (simulated world; issue 19)",
+        0.0,
+        1.0,
+        "a in q = f + (1 − f)·a·max(0, cos(P_out, P_in)): 1 = reception follows prompt alignment, 0 = it does not",
+    )
+    skill_visible_share: float = cf(
+        1.0,
+        "ours (simulated world; issue 19)",
+        0.0,
+        1.0,
+        "share of a turn's success probability given by the (agent, task, modality) cell; rest: latent, unseen by M",
+    )
+    latent_kinds: int = cf(4, "ours (simulated world)", 1, 1000, "latent turn kinds of the agent × latent interaction")
+    latent_skill_spread: float = cf(
+        0.3, "ours (simulated world)", 0.0, 1.0, "agent × latent-kind skill offsets span ±spread/2 (a permutation each)"
+    )
+    latent_difficulty_sd: float = cf(
+        0.1, "ours (simulated world)", 0.0, 1.0, "sd of a turn's latent difficulty (same for every agent)"
+    )
+    speed_skill_tradeoff: float = cf(
+        0.0,
+        "ours (simulated world; issue 19)",
+        0.0,
+        10.0,
+        "t in service time × exp(t·(p − mean skill)): > 0 makes an agent slower on turns it is likelier to get right",
+    )
 
 # %% ../nbs/00_config.ipynb #5e1a7c21
 # our documented grouping of MMLU subjects, GSM8K and MT-Bench categories into the paper's m = 10
@@ -647,6 +689,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "training.time_budget_s": 60.0,
         "evaluation.seeds": (0, 1, 2),
         "evaluation.bootstrap_resamples": 2000,
+        "evaluation.factorial_conversations": 8,
+        "evaluation.factorial_fraction": 2,
+        "evaluation.factorial_seeds": (0, 1),
         "scaling.agent_counts": (10, 50, 100, 500, 1000, 10_000, 100_000),
         "scaling.success_max_agents": 100,
         "scaling.repeats": 3,
