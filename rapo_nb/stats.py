@@ -25,9 +25,10 @@ from rapo_nb.config import (
 from .evaluation import evaluate_benchmark
 
 # %% auto #0
-__all__ = ['BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'welch_test', 'bonferroni',
-           'cohens_d', 'binary_d_bound', 'bootstrap_ci', 'bootstrap_coverage', 'compare_systems', 'table3',
-           'transition_groups', 'gains_by_transitions', 'load_eval_conversations', 'per_seed_table']
+__all__ = ['BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'T3_COLUMNS', 'welch_test',
+           'bonferroni', 'cohens_d', 'binary_d_bound', 'bootstrap_ci', 'bootstrap_coverage', 'compare_systems',
+           'table3', 'transition_groups', 'gains_by_transitions', 'load_eval_conversations', 'table3_by_handoffs',
+           'per_seed_table', 'hinge_fit', 'gain_by_handoffs', 'knee_test']
 
 # %% ../nbs/14_statistics.ipynb #05519a0f
 def _sample(x, name: str, min_n: int = 2) -> np.ndarray:
@@ -269,6 +270,28 @@ def load_eval_conversations(profile: str = "quick", seed: int = 0, device: str =
     conv = evaluate_benchmark(cfg, n_conversations=size["n_conversations"], seeds=size["seeds"])
     return conv, f"computed now (no {path}): {size['n_conversations']} conversations x seeds {list(size['seeds'])}"
 
+# %% ../nbs/14_statistics.ipynb #90c3d096
+T3_COLUMNS = ("n_ours", "n_base", "mean_ours", "mean_base", "mean_diff", "ci_low", "ci_high", "p", "significant", "d")
+
+
+def table3_by_handoffs(
+    df: pd.DataFrame,
+    cfg: Config,
+    metric: str = "task_success",
+    min_handoffs: int = 1,
+    seed: int = 0,
+    n_resamples: int | None = None,
+) -> pd.DataFrame:
+    "Table 3 on all conversations and on those with ≥ `min_handoffs` handoffs, side by side (one row per baseline)."
+    if "n_handoffs" not in df.columns:
+        raise ValueError("df: missing column 'n_handoffs'")
+    pooled = table3(df, cfg, metric, seed=seed, n_resamples=n_resamples)
+    sub = table3(df[df.n_handoffs >= min_handoffs], cfg, metric, seed=seed, n_resamples=n_resamples)
+    tag = f" (≥{min_handoffs} handoff)"
+    out = pooled[["comparison", "paper name", *T3_COLUMNS]]
+    out = pd.concat([out, sub[list(T3_COLUMNS)].add_suffix(tag)], axis=1)
+    return pd.concat([out, pooled[["paper mean diff", "paper 95% CI"]]], axis=1)
+
 # %% ../nbs/14_statistics.ipynb #1beca19f
 def per_seed_table(
     df: pd.DataFrame, cfg: Config, metric: str = "task_success", n_resamples: int = 1000, higher_is_better: bool = True
@@ -294,3 +317,133 @@ def per_seed_table(
     )
     agg["holds_every_seed"] = agg.seeds_holds == agg.n_seeds
     return agg.reset_index()
+
+# %% ../nbs/14_statistics.ipynb #082f49e9
+def _hinge_sse(x: np.ndarray, Y: np.ndarray, W: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "Weighted least squares of each row of Y (R, n), weights W (R, n), per breakpoint k: coef (R, K, 3), SSE (R, K)."
+    hinge = np.maximum(x - ks[:, None], 0)
+    X = np.stack([np.ones_like(hinge), np.broadcast_to(x, hinge.shape), hinge], -1)  # (K, n, 3)
+    A = np.einsum("kni,rn,knj->rkij", X, W, X) + 1e-12 * np.eye(3)
+    coef = np.linalg.solve(A, np.einsum("kni,rn,rn->rki", X, W, Y)[..., None])[..., 0]
+    resid = Y[:, None, :] - np.einsum("kni,rki->rkn", X, coef)
+    return coef, np.einsum("rn,rkn->rk", W, resid**2)
+
+
+def _hinge_grid(x: np.ndarray, step: float) -> np.ndarray:
+    "Breakpoint candidates: from the second to the second-to-last distinct x, every `step`."
+    u = np.unique(x)
+    if u.size < 4:
+        raise ValueError(f"x: need at least 4 distinct values for a one-breakpoint fit, got {u.size}")
+    return np.arange(u[1], u[-2] + step / 2, step)
+
+
+def hinge_fit(x, y, weights=None, step: float = 0.5, candidates=None) -> dict:
+    "Continuous one-breakpoint fit y = a + b·x + c·max(0, x − k), k on a grid (least weighted SSE), beside one line."
+    x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    w = np.ones_like(x) if weights is None else np.asarray(weights, float).ravel()
+    if not x.size == y.size == w.size:
+        raise ValueError(f"x, y, weights: lengths differ ({x.size}, {y.size}, {w.size})")
+    if not np.all(np.isfinite(np.r_[x, y, w])) or np.any(w < 0):
+        raise ValueError("x, y, weights: need finite values and weights ≥ 0")
+    ks = _hinge_grid(x, step) if candidates is None else np.asarray(candidates, float).ravel()
+    coef, sse = (v[0] for v in _hinge_sse(x, y[None], w[None], ks))
+    j = int(np.argmin(sse))
+    X1 = np.column_stack([np.ones_like(x), x]) * np.sqrt(w)[:, None]
+    line = np.linalg.lstsq(X1, y * np.sqrt(w), rcond=None)[0]
+    sse1 = float(((y * np.sqrt(w) - X1 @ line) ** 2).sum())
+    df2 = x.size - 4  # a, b, c and k
+    f = ((sse1 - sse[j]) / 2) / (sse[j] / df2) if df2 > 0 and sse[j] > 0 else math.nan
+    return dict(
+        breakpoint=float(ks[j]),
+        intercept=float(coef[j, 0]),
+        slope_before=float(coef[j, 1]),
+        slope_after=float(coef[j, 1] + coef[j, 2]),
+        slope_change=float(coef[j, 2]),
+        sse=float(sse[j]),
+        sse_one_line=sse1,
+        line_intercept=float(line[0]),
+        line_slope=float(line[1]),
+        f_stat=float(f),
+        n_points=int(x.size),
+    )
+
+# %% ../nbs/14_statistics.ipynb #26d8466a
+def _check_binary(df: pd.DataFrame, metric: str, cols=("system", "n_handoffs")) -> None:
+    "ValueError naming the column when `df` lacks a column or `metric` is not a 0/1 outcome."
+    for col in (*cols, metric):
+        if col not in df.columns:
+            raise ValueError(f"df: missing column {col!r}")
+    if not df[metric].dropna().isin([0, 1]).all():
+        raise ValueError(f"{metric}: the knee test needs a binary (0/1) outcome")
+
+
+def gain_by_handoffs(
+    df: pd.DataFrame, metric: str = "task_success", ours: str = "rapo", baselines=BASELINES, min_n: int = 10
+) -> pd.DataFrame:
+    "Per handoff count: `ours`' rate, the pooled baselines' rate, gain, weight 1/(1/n_ours + 1/n_base), `fitted`."
+    _check_binary(df, metric)
+    d = df.dropna(subset=[metric])
+    side = np.where(d.system == ours, "ours", np.where(d.system.isin(list(baselines)), "base", ""))
+    g = d[side != ""].assign(side=side[side != ""]).groupby(["n_handoffs", "side"])[metric].agg(["size", "mean"])
+    g = g.unstack("side").fillna(0)
+    out = pd.DataFrame(
+        dict(
+            n_ours=g["size"]["ours"], n_base=g["size"]["base"], rate_ours=g["mean"]["ours"], rate_base=g["mean"]["base"]
+        )
+    ).reset_index()
+    out["gain"] = out.rate_ours - out.rate_base
+    both = (out.n_ours > 0) & (out.n_base > 0)
+    out["weight"] = np.where(both, 1 / (1 / out.n_ours.clip(lower=1) + 1 / out.n_base.clip(lower=1)), 0.0)
+    out["fitted"] = (out.n_ours >= min_n) & (out.n_base >= min_n)
+    return out.astype(dict(n_ours=int, n_base=int))
+
+# %% ../nbs/14_statistics.ipynb #af0d582d
+def _resampled_counts(h: np.ndarray, y: np.ndarray, cols: np.ndarray, R: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    "Bootstrap of one system's conversations as multinomial counts: (R, len(cols)) conversations and successes."
+    H = int(max(h.max(), cols.max())) + 1
+    m = rng.multinomial(h.size, np.bincount(h * 2 + y, minlength=2 * H) / h.size, size=R)
+    return (m[:, 0::2] + m[:, 1::2])[:, cols], m[:, 1::2][:, cols]
+
+
+def knee_test(
+    df: pd.DataFrame,
+    metric: str = "task_success",
+    ours: str = "rapo",
+    baselines=BASELINES,
+    min_n: int = 10,
+    step: float = 0.5,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    "`hinge_fit` of gain on handoff count, with percentile bootstrap CIs (conversations resampled per system)."
+    g = gain_by_handoffs(df, metric, ours, baselines, min_n)
+    pts = g[g.fitted]
+    x, cols = pts.n_handoffs.to_numpy(float), pts.n_handoffs.to_numpy(int)
+    fit, ks = hinge_fit(x, pts.gain, pts.weight, step), _hinge_grid(x, step)
+    rng, d = np.random.default_rng(seed), df.dropna(subset=[metric])
+
+    def counts(system: str) -> tuple[np.ndarray, np.ndarray]:
+        s = d[d.system == system]
+        return _resampled_counts(s.n_handoffs.to_numpy(int), s[metric].to_numpy(int), cols, n_resamples, rng)
+
+    n_o, s_o = counts(ours)
+    n_b, s_b = (sum(v) for v in zip(*(counts(b) for b in baselines)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        G = np.nan_to_num(s_o / n_o - s_b / n_b)
+    W = np.where((n_o > 0) & (n_b > 0), 1 / (1 / np.maximum(n_o, 1) + 1 / np.maximum(n_b, 1)), 0.0)
+    coef, sse = _hinge_sse(x, G, W, ks)
+    j = sse.argmin(axis=1)
+    q = [(1 - confidence) / 2, (1 + confidence) / 2]
+    (bl, bh), (cl, ch) = np.quantile(ks[j], q), np.quantile(coef[np.arange(n_resamples), j, 2], q)
+    return dict(
+        fit,
+        breakpoint_low=float(bl),
+        breakpoint_high=float(bh),
+        slope_change_low=float(cl),
+        slope_change_high=float(ch),
+        two_segments=bool(cl > 0 or ch < 0),
+        n_resamples=int(n_resamples),
+        fitted_range=(int(cols.min()), int(cols.max())),
+        points=g,
+    )

@@ -6,7 +6,9 @@ import pytest
 import scipy.stats
 from rapo_nb.config import load_config
 from rapo_nb.stats import (welch_test, bonferroni, cohens_d, binary_d_bound, bootstrap_ci, bootstrap_coverage,
-                           compare_systems, table3, transition_groups, gains_by_transitions, per_seed_table, SYSTEMS)
+                           compare_systems, table3, transition_groups, gains_by_transitions, per_seed_table, SYSTEMS,
+                           BASELINES, hinge_fit, knee_test, table3_by_handoffs)
+from rapo_nb.evaluation import breakpoint_fit
 
 
 @pytest.mark.parametrize("n1,n2,s2", [(30, 30, 1.0), (30, 30, 3.0), (12, 80, 0.5), (200, 50, 2.0)])
@@ -132,3 +134,41 @@ def test_transition_bands_by_hand():
     assert g.groupby(counts).nunique().max() == 1          # tied counts never split across groups
     assert g[counts == 0].iloc[0].endswith("(0-0)")
     with pytest.raises(ValueError, match="kind"): transition_groups(counts, "decile")
+
+
+def _planted(gain_at, n=300, seed=0):
+    "Conversations at 0–20 handoffs: baselines succeed with 0.3, RAPO with 0.3 + gain_at(h)."
+    rng = np.random.default_rng(seed)
+    return pd.concat([pd.DataFrame(dict(system=s, n_handoffs=h, task_success=(rng.random(n) < p).astype(int)))
+                      for h in range(21) for s, p in [("rapo", 0.3 + gain_at(h))] + [(b, 0.3) for b in BASELINES]],
+                     ignore_index=True)
+
+
+@pytest.mark.parametrize("knee", [6, 10, 14])
+def test_knee_recovers_a_planted_breakpoint_and_its_ci_covers_it(knee):
+    k = knee_test(_planted(lambda h: 0.3 - 0.05 * max(0, h - knee), seed=knee), n_resamples=400, seed=1)
+    assert k["breakpoint_low"] <= knee <= k["breakpoint_high"]
+    assert abs(k["breakpoint"] - knee) <= 1.5
+    assert k["two_segments"] and k["slope_change_high"] < 0
+    assert k["breakpoint_high"] - k["breakpoint_low"] <= 6
+
+
+def test_knee_finds_none_on_a_straight_line_and_hinge_matches_breakpoint_fit():
+    assert not knee_test(_planted(lambda h: 0.3 - 0.01 * h, seed=3), n_resamples=400, seed=1)["two_segments"]
+    x = np.arange(15.0)
+    y = 2 - 0.05 * x + 0.2 * np.maximum(x - 4, 0) + np.random.default_rng(0).normal(0, 0.1, x.size)
+    h, b = hinge_fit(x, y, candidates=np.unique(x)[1:-1]), breakpoint_fit(x, y)
+    assert h["breakpoint"] == b["breakpoint"] and math.isclose(h["sse"], b["sse"], rel_tol=1e-9)
+    with pytest.raises(ValueError, match="binary"):
+        knee_test(_planted(lambda h: 0.1).assign(task_success=0.5))
+
+
+def test_table3_conditional_equals_table3_on_the_subset():
+    cfg = load_config("quick")
+    rng = np.random.default_rng(0)
+    df = pd.concat([pd.DataFrame(dict(system=s, n_handoffs=h, task_success=rng.random(200) < p))
+                    for s in SYSTEMS for h, p in ((0, 0.8), (3, 0.4 if s == "rapo" else 0.1))], ignore_index=True)
+    t = table3_by_handoffs(df, cfg, n_resamples=200)
+    sub = table3(df[df.n_handoffs >= 1], cfg, n_resamples=200)
+    np.testing.assert_allclose(t["mean_diff (≥1 handoff)"], sub.mean_diff)
+    assert (t["mean_diff (≥1 handoff)"] > t.mean_diff).all()
