@@ -481,6 +481,34 @@ class SimulationConfig:
     low_skill: float = cf(
         0.5, "ours", 0.0, 1.0, "true skill below which a routing decision counts as an agent-selection error"
     )
+    reception_alignment: float = cf(
+        1.0,
+        "ours (simulated world; issue 19)",
+        0.0,
+        1.0,
+        "a in q = f + (1 − f)·a·max(0, cos(P_out, P_in)): 1 = reception follows prompt alignment, 0 = it does not",
+    )
+    skill_visible_share: float = cf(
+        1.0,
+        "ours (simulated world; issue 19)",
+        0.0,
+        1.0,
+        "share of a turn's success probability given by the (agent, task, modality) cell; rest: latent, unseen by M",
+    )
+    latent_kinds: int = cf(4, "ours (simulated world)", 1, 1000, "latent turn kinds of the agent × latent interaction")
+    latent_skill_spread: float = cf(
+        0.3, "ours (simulated world)", 0.0, 1.0, "agent × latent-kind skill offsets span ±spread/2 (a permutation each)"
+    )
+    latent_difficulty_sd: float = cf(
+        0.1, "ours (simulated world)", 0.0, 1.0, "sd of a turn's latent difficulty (same for every agent)"
+    )
+    speed_skill_tradeoff: float = cf(
+        0.0,
+        "ours (simulated world; issue 19)",
+        0.0,
+        10.0,
+        "t in service time × exp(t·(p − mean skill)): > 0 makes an agent slower on turns it is likelier to get right",
+    )
 
 # %% ../nbs/00_config.ipynb #c0a5e7f2
 _POLICIES = ("last_turn", "last_k", "summary", "full_history")

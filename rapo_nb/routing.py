@@ -20,7 +20,7 @@ from .state import NumpyViews
 __all__ = ['NO_AGENT', 'ROUTERS', 'load_coefficients', 'load_factor', 'NoAgentAvailable', 'AgentLoad', 'utilisation_share',
            'simulated_load', 'capability_matrix', 'Router', 'greedy_rounds_reference', 'candidate_agents',
            'greedy_rounds', 'route_one_reference', 'one_coefficients', 'route_one', 'RapoRouter', 'SequentialRouter',
-           'RoundRobinRouter', 'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter', 'make_router',
+           'RoundRobinRouter', 'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter', 'OracleRouter', 'make_router',
            'BoundedWaitQueue', 'route_with_wait', 'replacement_for', 'Handover', 'fail_over', 'pools_by_strength',
            'TwoLevelScheduler', 'hidden_skill', 'simulate_routing', 'best_agent_probability']
 
@@ -879,9 +879,34 @@ class RandomRouter:
 
 ROUTERS = ("rapo", "sequential", "round_robin", "least_loaded", "similarity", "random")
 
+
+class OracleRouter:
+    """Hindsight **ceiling**, not a compared system: the alive, unsaturated agent with the highest simulated success
+    probability for each request (its `query_vec` is that [B, N] probability matrix, read from the simulated world)."""
+
+    name = "oracle"
+
+    def __init__(self, cfg):
+        self.rc = _routing_cfg(cfg)
+
+    def select(
+        self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
+    ) -> torch.Tensor:
+        task, modality = _check_request(task, modality, bank)
+        _check_bank_load(bank, load)
+        B, N = task.numel(), bank.P.shape[0]
+        if query_vec is None or tuple(torch.as_tensor(query_vec).shape) != (B, N):
+            raise ValueError(f"query_vec: the oracle needs the [{B}, {N}] success probabilities of the requests")
+        p = torch.as_tensor(query_vec, device=bank.M.device).float()
+        L = load_factor(load.active, load.pending, load.utilisation, self.rc)
+        elig = bank.alive & load.alive & (L < 1.0)
+        out = p.masked_fill(~elig[None, :], float("-inf")).argmax(1) if B else task.clone()
+        out = torch.where(elig[out], out, NO_AGENT) if B else out
+        return _no_agent(out, self.name, allow_unassigned)
+
 # %% ../nbs/04_routing.ipynb #bfde55d7
 def make_router(name: str, cfg, seed: int = 0, **kw) -> Router:
-    "The router called `name` (one of ROUTERS), built from `cfg` (and `seed` for the random one)."
+    "The router called `name` (one of ROUTERS, or the hindsight `oracle` ceiling), from `cfg` (`seed`: random's)."
     if name == "rapo":
         return RapoRouter(cfg, **kw)
     if name == "sequential":
@@ -894,7 +919,9 @@ def make_router(name: str, cfg, seed: int = 0, **kw) -> Router:
         return SimilarityRouter(cfg)
     if name == "random":
         return RandomRouter(seed)
-    raise ValueError(f"name: unknown router {name!r}; expected one of {list(ROUTERS)}")
+    if name == "oracle":
+        return OracleRouter(cfg)
+    raise ValueError(f"name: unknown router {name!r}; expected one of {list(ROUTERS) + ['oracle']}")
 
 # %% ../nbs/04_routing.ipynb #687cc550
 class BoundedWaitQueue:

@@ -25,6 +25,8 @@ from .checkpoints import atomic_write, save_numbered_checkpoint, load_latest_che
 from rapo_nb.systems import (
     SYSTEM_SPECS,
     SYSTEMS,
+    SystemSpec,
+    resolve_system,
     TURN_COLUMNS,
     CONV_COLUMNS,
     prompt_header,
@@ -91,7 +93,7 @@ class Orchestrator:
     def __init__(
         self,
         cfg: Config,
-        system: str = "rapo",
+        system: str | SystemSpec = "rapo",
         seed: int = 0,
         n_agents: int | None = None,
         ablation: dict | None = None,
@@ -105,8 +107,7 @@ class Orchestrator:
         arrivals_per_agent_s: float | None = None,
         update_context: bool = False,
     ):
-        if system not in SYSTEM_SPECS:
-            raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
+        spec = resolve_system(system)  # a paper name, a factor name or a SystemSpec
         n = cfg.evaluation.n_agents if n_agents is None else n_agents
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
             raise ValueError(f"n_agents: expected an integer ≥ 2, got {n_agents!r}")
@@ -118,7 +119,7 @@ class Orchestrator:
             )
         if not (isinstance(arrivals_per_agent_s, (int, float)) and arrivals_per_agent_s > 0):
             raise ValueError(f"arrivals_per_agent_s: expected > 0, got {arrivals_per_agent_s!r}")
-        self.cfg, self.spec, self.seed, self.n = cfg, SYSTEM_SPECS[system], int(seed), int(n)
+        self.cfg, self.spec, self.seed, self.n = cfg, spec, int(seed), int(n)
         self.arrivals_per_agent_s = float(arrivals_per_agent_s)
         self.ablation = check_ablation(ablation)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -276,7 +277,8 @@ def _route(self: Orchestrator) -> list[dict]:
     if normal:
         task = torch.tensor([r["turn"].task for r in normal], dtype=torch.long, device=self.device)
         mod = torch.tensor([r["turn"].modality for r in normal], dtype=torch.long, device=self.device)
-        picked = self.router.select(task, mod, self.bank, load, allow_unassigned=True)
+        query = self._query([r["turn"] for r in normal])
+        picked = self.router.select(task, mod, self.bank, load, query_vec=query, allow_unassigned=True)
         if self.transition_model is not None:
             ok = picked >= 0
             if bool(ok.any()):
@@ -286,7 +288,7 @@ def _route(self: Orchestrator) -> list[dict]:
     for r in reqs:
         if r["failed"] >= 0:
             try:
-                if self.spec.name == "rapo":
+                if self.spec.router == "rapo":
                     a = int(replacement_for(r["failed"], self.bank, load))
                 else:
                     a = int(
@@ -295,6 +297,7 @@ def _route(self: Orchestrator) -> list[dict]:
                             torch.tensor([r["turn"].modality], device=self.device),
                             self.bank,
                             load,
+                            query_vec=self._query([r["turn"]]),
                             allow_unassigned=True,
                         )[0]
                     )
@@ -314,6 +317,14 @@ def _route(self: Orchestrator) -> list[dict]:
         r["event"].succeed(a)
         served.append(r["record"])
     return served
+
+
+@patch
+def _query(self: Orchestrator, turns: list):
+    "The router's query for these turns: the oracle ceiling's [B, N] simulated success probabilities, else None."
+    if self.router.name == "oracle":
+        return torch.from_numpy(np.stack([self.pool.turn_skill(t) for t in turns])).float()
+    return None
 
 # %% ../nbs/11_runtime.ipynb #29a2a8f3
 @patch
@@ -415,14 +426,15 @@ def _serve(self: Orchestrator, target: int, memory: list[str], context: str, tur
 @patch
 def _receive(self: Orchestrator, context: str, facts: list[str], src: int, dst: int, rng: np.random.Generator) -> str:
     "The handed context as `dst` receives it: each fact survives with q(cos(P_src, P_dst)) (simulated reception model)."
-    q = reception_from_cosine(float(self._Pn[src] @ self._Pn[dst]), self.cfg.simulation.reception_floor)
+    sim = self.cfg.simulation
+    q = reception_from_cosine(float(self._Pn[src] @ self._Pn[dst]), sim.reception_floor, sim.reception_alignment)
     return drop_facts(context, facts, rng.random(len(facts)) < q)[0]
 
 
 @patch
 def _low_skill(self: Orchestrator, agent: int, turn) -> bool:
-    "Was `agent` a poor pick for `turn`? Its hidden (simulated) true skill is below cfg.simulation.low_skill."
-    return bool(self.pool.true_skill[agent, turn.task, turn.modality] < self.cfg.simulation.low_skill)
+    "Was `agent` a poor pick for `turn`? Its hidden (simulated) success probability is below cfg.simulation.low_skill."
+    return bool(self.pool.turn_skill(turn)[agent] < self.cfg.simulation.low_skill)
 
 
 @patch
@@ -765,7 +777,7 @@ def frames(self: Orchestrator, order: list[str] | None = None) -> tuple[pd.DataF
 # %% ../nbs/11_runtime.ipynb #742f15e6
 def run_conversations(
     conversations: list,
-    system: str,
+    system: str | SystemSpec,
     cfg: Config,
     seed: int = 0,
     n_agents: int | None = None,
@@ -775,7 +787,9 @@ def run_conversations(
     metrics: RuntimeMetrics | None = None,
     failure_rate: float = 0.0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Run the benchmark through the simulated orchestrator with `system`; return (turns_df, conversations_df)."
+    """Run the benchmark through the simulated orchestrator with `system` (a name or a `SystemSpec`).
+
+    Returns (turns_df, conversations_df); their `system` column holds the spec's name."""
     if not isinstance(conversations, (list, tuple)) or not conversations:
         raise ValueError("conversations: expected a non-empty list of synthetic.Conversation")
     if not all(hasattr(c, "turns") and hasattr(c, "id") for c in conversations):
