@@ -16,11 +16,12 @@ import torch
 # %% auto #0
 __all__ = ['FSM_STATES', 'TASK_TYPES', 'SPECIALISTS', 'ROUTELLM_TASK_TYPES', 'PAPER_ROUTELLM', 'GROUPS', 'PROFILES',
            'PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_MEMORY_LAW_GB', 'PAPER_TABLE3', 'PAPER_TABLE3_CI', 'PAPER_TABLE3_P',
-           'PAPER_CLAIMS', 'SEED003_CLAIMS', 'SUM_TO_ONE_TOL', 'NOTEBOOK_NAME', 'cf', 'StateConfig', 'ConsensusConfig',
-           'RoutingConfig', 'RuntimeConfig', 'TrainingConfig', 'SyntheticConfig', 'EvaluationConfig', 'ScalingConfig',
-           'WorkflowConfig', 'SimulationConfig', 'SweepConfig', 'RouteLLMConfig', 'Config', 'validate', 'load_config',
-           'constants_table', 'seed_everything', 'get_device', 'project_root', 'numbered_notebooks', 'figures_dir',
-           'results_dir', 'save_table', 'save_figure']
+           'PAPER_CLAIMS', 'SEED003_CLAIMS', 'SUM_TO_ONE_TOL', 'PAPER_SPEC', 'CLAIM_COLUMNS', 'VERDICTS', 'CLAIM_KINDS',
+           'PAPER_SOURCES', 'NOTEBOOK_NAME', 'cf', 'StateConfig', 'ConsensusConfig', 'RoutingConfig', 'RuntimeConfig',
+           'TrainingConfig', 'SyntheticConfig', 'EvaluationConfig', 'ScalingConfig', 'WorkflowConfig',
+           'SimulationConfig', 'SweepConfig', 'RouteLLMConfig', 'Config', 'validate', 'load_config', 'paper_spec',
+           'claim_row', 'check_claims', 'claims_frame', 'constants_table', 'seed_everything', 'get_device',
+           'project_root', 'numbered_notebooks', 'figures_dir', 'results_dir', 'save_table', 'save_figure']
 
 # %% ../nbs/00_config.ipynb #8edb064f
 def cf(default: Any, section: str, lo: float | None = None, hi: float | None = None, doc: str = "", **kw) -> Any:
@@ -745,6 +746,11 @@ PAPER_CLAIMS = {  # §5–6 discussion claims
     "quartile_loss_beyond": 15,
     "response_time_d_above": 0.8,
     "context_score_d": 0.5,  # §5.5: large effect on response time, moderate on context
+    "abstract_task_success": 0.89,  # Abstract: "an 89% success rate for task completion without context loss"
+    "convergence_cv": 2.3,  # §6: "converges ... but with high variance (CV=2.3)"
+    "metadata_to_state_memory": 60,  # §6: "memory consumption is dominated by coordination metadata (60× agent state)"
+    "communication_worst": "O(n²)",  # §5.4: "in worst-case scenarios where all agents interact"
+    "communication_typical": "O(n log n)",  # §5.4: "typical communication patterns"
 }
 SEED003_CLAIMS = dict(
     completion_multi_agent=0.91,
@@ -856,6 +862,120 @@ def load_config(profile: str = "quick", overrides: dict | None = None, **kw) -> 
     for k, v in {**PROFILES[profile], **(overrides or {}), **kw}.items():
         _set(cfg, k, v)
     return validate(cfg)
+
+# %% ../nbs/00_config.ipynb #05066c4f
+PAPER_SPEC: dict[str, Any] = {  # the paper's constants as stated, keyed by the config field that implements each
+    "state.prompt_dim": 512,  # §3.2
+    "state.context_dim": 768,  # §3.2
+    "state.n_tasks": 10,  # §3.2
+    "state.n_modalities": 5,  # §3.2
+    "state.history_turns": 20,  # §4.5
+    "state.capability_eta": 0.1,  # §3.4
+    "state.capability_decay": 0.95,  # §3.4
+    "consensus.trust_region": 0.1,  # §3.3
+    "consensus.e_min": 0.7,  # §3.3
+    "consensus.grad_clip": 5.0,  # §3.5
+    "consensus.rollback_after": 10,  # §3.5
+    "runtime.tick_ms": 100.0,  # §3.5
+    "runtime.checkpoint_every": 1000,  # §4.4
+    "training.hidden": (256, 128),  # §4.2
+    "training.buffer_size": 10_000,  # §4.2
+    "training.batch_size": 32,  # §4.2
+    "training.lr": 1e-4,  # §4.2
+    "training.grad_clip": 5.0,  # §4.2
+    "training.mc_trajectories": 10,  # §4.2
+    "synthetic.n_conversations": 1000,  # §5.1
+    "synthetic.fsm_probs": (0.10, 0.20, 0.40, 0.20, 0.10),  # §5.1, in FSM_STATES order
+    "synthetic.task_type_probs": (0.40, 0.35, 0.25),  # §5.1, in TASK_TYPES order
+    "synthetic.n_query_rules": 50,  # §5.1
+    "synthetic.n_response_rules": 30,  # §5.1
+    "synthetic.n_trigger_rules": 20,  # §5.1
+    "synthetic.depth_range": (3, 12),  # §5.1
+    "synthetic.entity_range": (5, 50),  # §5.1
+    "synthetic.relation_range": (10, 200),  # §5.1
+    "synthetic.inference_range": (1, 8),  # §5.1
+    "synthetic.depth_trigger": 8,  # §5.1
+    "synthetic.entity_trigger": 20,  # §5.1
+    "synthetic.inference_trigger": 4,  # §5.1
+}
+CLAIM_COLUMNS = ["claim", "section", "paper", "ours", "verdict", "kind", "paper_source", "note"]
+VERDICTS = ("implemented as specified", "reproduced", "differs", "not comparable", "not measured")
+CLAIM_KINDS = {"conformance": ("implemented as specified", "differs"), "result": VERDICTS[1:]}
+PAPER_SOURCES = ("paper", "config")  # the paper's text (PAPER_* tables, quoted words) / our own config
+
+
+def paper_spec(key: str) -> Any:
+    "The paper's value of the constant implemented by config field `key` (KeyError naming the known fields)."
+    if key not in PAPER_SPEC:
+        raise KeyError(f"{key!r}: not in PAPER_SPEC; known: {sorted(PAPER_SPEC)}")
+    return PAPER_SPEC[key]
+
+
+def claim_row(
+    claim: str,
+    section: str,
+    paper: Any,
+    ours: Any,
+    *,
+    kind: str,
+    ok: bool | None,
+    note: str = "",
+    paper_source: str = "paper",
+    comparable: bool = True,
+) -> dict:
+    """One claims-table row with its verdict computed: conformance → `implemented as specified` if `ok` else `differs`;
+    result → `not comparable` (our parameters set the level), `not measured` (`ok` None), `reproduced` or `differs`."""
+    if kind == "conformance":
+        if not isinstance(ok, (bool, np.bool_)) or not comparable:
+            raise ValueError(f"{claim!r}: a conformance row needs ok=True/False (equal or not), got ok={ok!r}")
+        verdict = VERDICTS[0] if ok else "differs"
+    elif kind == "result":
+        if paper_source == "config":
+            raise ValueError(f"{claim!r}: its paper value is read from our config, so it is conformance, not a result")
+        verdict = "not comparable" if not comparable else "not measured" if ok is None else VERDICTS[1 if ok else 2]
+    else:
+        raise ValueError(f"{claim!r}: kind must be one of {list(CLAIM_KINDS)}, got {kind!r}")
+    if paper_source not in PAPER_SOURCES:
+        raise ValueError(f"{claim!r}: paper_source must be one of {list(PAPER_SOURCES)}, got {paper_source!r}")
+    return dict(
+        claim=claim,
+        section=section,
+        paper=str(paper),
+        ours=str(ours),
+        verdict=verdict,
+        kind=kind,
+        paper_source=paper_source,
+        note=note,
+    )
+
+# %% ../nbs/00_config.ipynb #607e81bf
+def check_claims(df: "pd.DataFrame", name: str = "claims") -> "pd.DataFrame":
+    """Raise ValueError naming `name` and the claim when a row breaks the rules: known columns, verdicts, kinds and
+    sources; conformance rows only `implemented as specified`/`differs`; result rows never `implemented as specified`;
+    a paper value read from our config only in a conformance row. Returns `df`."""
+    missing = [c for c in CLAIM_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name}: missing columns {missing}; expected {CLAIM_COLUMNS}")
+    for r in df.itertuples():
+        where = f"{name}: claim {r.claim!r}"
+        if r.verdict not in VERDICTS:
+            raise ValueError(f"{where}: unknown verdict {r.verdict!r}; allowed {list(VERDICTS)}")
+        if r.kind not in CLAIM_KINDS:
+            raise ValueError(f"{where}: unknown kind {r.kind!r}; allowed {list(CLAIM_KINDS)}")
+        if r.verdict not in CLAIM_KINDS[r.kind]:
+            raise ValueError(f"{where}: a {r.kind} row cannot be {r.verdict!r}; allowed {list(CLAIM_KINDS[r.kind])}")
+        if r.paper_source not in PAPER_SOURCES:
+            raise ValueError(f"{where}: unknown paper_source {r.paper_source!r}; allowed {list(PAPER_SOURCES)}")
+        if r.paper_source == "config" and r.kind != "conformance":
+            raise ValueError(f"{where}: its paper value is read from our config, so it must be conformance")
+    return df
+
+
+def claims_frame(rows: list[dict], name: str = "claims") -> "pd.DataFrame":
+    "The rows of `claim_row` as a checked claims table with the columns CLAIM_COLUMNS."
+    import pandas as pd
+
+    return check_claims(pd.DataFrame(rows, columns=CLAIM_COLUMNS), name)
 
 # %% ../nbs/00_config.ipynb #bddd9a65
 def constants_table(cfg: Config | None = None) -> "pd.DataFrame":
