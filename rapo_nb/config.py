@@ -531,8 +531,8 @@ class SweepConfig:
     context_policy: str = cf(
         "full_history", "ours", doc="the one handoff context policy of every system on the map", choices=_POLICIES
     )
-    n_conversations: int = cf(120, "ours", 1, 10**6, "conversations per cell and seed")
-    seeds: tuple = cf((0, 1), "ours", 0, 2**31 - 1, "seeds per cell (each seed its own benchmark and world)")
+    n_conversations: int = cf(70, "ours", 1, 10**6, "conversations per cell and seed")
+    seeds: tuple = cf((0, 1, 2), "ours", 0, 2**31 - 1, "seeds per cell (each seed its own benchmark and world)")
     n_workers: int = cf(2, "ours", 1, 1024, "processes running the map's (cell, seed, system) jobs (spawn)")
     knee_min_conversations: int = cf(
         10, "ours", 1, 10**6, "a handoff count enters the knee fit only with this many conversations on each side"
@@ -697,7 +697,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sweep.reception_alignment": (0.0, 1.0),
         "sweep.skill_visible_share": (0.0, 1.0),
         "sweep.speed_skill_tradeoff": (0.0,),
-        "sweep.n_conversations": 80,
+        "sweep.n_conversations": 40,
+        "sweep.seeds": (0, 1),
         "sweep.knee_resamples": 400,
     },
 }

@@ -6,11 +6,15 @@ Docs: https://rapo-nb.github.io/rapo_nb/statistics.html.md"""
 
 # %% ../nbs/14_statistics.ipynb #eb174e2b
 from __future__ import annotations
-import math, warnings
+import dataclasses, itertools, math, time, warnings
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import pingouin as pg
+import torch
+from tqdm.auto import tqdm
 from rapo_nb.config import (
     load_config,
     results_dir,
@@ -21,14 +25,20 @@ from rapo_nb.config import (
     PAPER_TABLE3_CI,
     PAPER_TABLE3_P,
     PAPER_CLAIMS,
+    validate,
 )
-from .evaluation import evaluate_benchmark
+from .systems import SYSTEM_SPECS, CEILING_ROUTERS, SystemSpec, factor_spec
+from .synthetic import generate_conversations
+from .runtime import run_conversations
+from .evaluation import evaluate_benchmark, conversation_metrics
 
 # %% auto #0
-__all__ = ['BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'T3_COLUMNS', 'welch_test',
-           'bonferroni', 'cohens_d', 'binary_d_bound', 'bootstrap_ci', 'bootstrap_coverage', 'compare_systems',
-           'table3', 'transition_groups', 'gains_by_transitions', 'load_eval_conversations', 'table3_by_handoffs',
-           'per_seed_table', 'hinge_fit', 'gain_by_handoffs', 'knee_test']
+__all__ = ['BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'T3_COLUMNS', 'MAP_AXES',
+           'MAP_BASELINE_ROUTERS', 'welch_test', 'bonferroni', 'cohens_d', 'binary_d_bound', 'bootstrap_ci',
+           'bootstrap_coverage', 'compare_systems', 'table3', 'transition_groups', 'gains_by_transitions',
+           'load_eval_conversations', 'table3_by_handoffs', 'per_seed_table', 'hinge_fit', 'gain_by_handoffs',
+           'knee_test', 'map_systems', 'map_cells', 'world_config', 'run_advantage_map', 'advantage_table',
+           'region_condition']
 
 # %% ../nbs/14_statistics.ipynb #05519a0f
 def _sample(x, name: str, min_n: int = 2) -> np.ndarray:
@@ -447,3 +457,142 @@ def knee_test(
         fitted_range=(int(cols.min()), int(cols.max())),
         points=g,
     )
+
+# %% ../nbs/14_statistics.ipynb #c5206c00
+MAP_AXES = ("reception_alignment", "skill_visible_share", "speed_skill_tradeoff")
+MAP_BASELINE_ROUTERS = tuple(
+    SYSTEM_SPECS[b].router for b in BASELINES
+)  # sequential, round_robin, least_loaded, similarity
+
+
+def map_systems(policy: str) -> list[SystemSpec]:
+    "RAPO (consensus and state hand-over on) and the baselines' routers (both off), all with handoff context `policy`."
+    rapo = factor_spec("rapo", policy, True, True)
+    return [rapo] + [factor_spec(r, policy, False, False) for r in MAP_BASELINE_ROUTERS]
+
+
+def map_cells(cfg: Config) -> pd.DataFrame:
+    "The grid of world assumptions in `cfg.sweep`: one row per cell, columns `MAP_AXES`."
+    sw = cfg.sweep
+    grid = itertools.product(sw.reception_alignment, sw.skill_visible_share, sw.speed_skill_tradeoff)
+    return pd.DataFrame(list(grid), columns=list(MAP_AXES))
+
+
+def world_config(cfg: Config, **assumptions) -> Config:
+    "A validated copy of `cfg` whose simulated world takes `assumptions` (fields of `cfg.simulation`)."
+    unknown = [k for k in assumptions if not hasattr(cfg.simulation, k)]
+    if unknown:
+        raise ValueError(f"assumptions: {unknown} are not fields of cfg.simulation")
+    return validate(dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, **assumptions)))
+
+# %% ../nbs/14_statistics.ipynb #d30cb7df
+def _run_map_job(args: tuple) -> pd.DataFrame:
+    "Worker: every system of `specs` on one seed's benchmark in one cell's world; per-conversation rows."
+    cfg, cell, seed, specs, n = args
+    torch.set_num_threads(1)
+    wcfg = world_config(cfg, **cell)
+    bench = generate_conversations(n, seed, wcfg)
+    runs = [run_conversations(bench, spec, wcfg, seed, n_agents=cfg.evaluation.n_agents) for spec in specs]
+    turns, convs = (pd.concat(list(v), ignore_index=True) for v in zip(*runs))
+    m = conversation_metrics(turns, convs, wcfg)[["system", "seed", "conv_id", "n_handoffs", "task_success"]]
+    by_name = {s.name: s for s in specs}
+    return m.assign(
+        router=m.system.map(lambda s: by_name[s].router),
+        context_policy=m.system.map(lambda s: by_name[s].context_policy),
+        task_success=m.task_success.astype(int),
+        **cell,
+    )
+
+
+def run_advantage_map(cfg: Config, n_workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    "Every (cell, seed) of the map (`cfg.sweep`), all systems each, across `n_workers` spawned processes."
+    sw = cfg.sweep
+    n_workers = sw.n_workers if n_workers is None else int(n_workers)
+    if n_workers < 1:
+        raise ValueError(f"n_workers: {n_workers!r} must be at least 1")
+    specs = map_systems(sw.context_policy)
+    jobs = [(cfg, c, s, specs, sw.n_conversations) for c in map_cells(cfg).to_dict("records") for s in sw.seeds]
+    pool = None
+    if n_workers == 1:
+        results = map(_run_map_job, jobs)
+    else:  # spawn, as evaluate_benchmark: never fork a process that holds torch's thread pools
+        import rapo_nb.stats as _module  # workers import the exported function: a notebook's own cannot be pickled
+
+        pool = ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=mp.get_context("spawn"))
+        results = pool.map(_module._run_map_job, jobs)
+    try:
+        out = list(tqdm(results, total=len(jobs), desc="advantage map: cells x seeds", disable=not progress))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return pd.concat(out, ignore_index=True)
+
+# %% ../nbs/14_statistics.ipynb #c2354088
+def advantage_table(
+    df: pd.DataFrame,
+    metric: str = "task_success",
+    min_handoffs: int = 0,
+    ours: str = "rapo",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    axes=MAP_AXES,
+) -> pd.DataFrame:
+    """Per cell and context policy: `ours` − the best baseline router *of the same policy* (versus='best') and − each
+    baseline router, on conversations with ≥ `min_handoffs` handoffs: bootstrap CI, per-seed differences, `holds`."""
+    for col in (*axes, "context_policy", "router", "seed", "n_handoffs", metric):
+        if col not in df.columns:
+            raise ValueError(f"df: missing column {col!r}")
+    d = df[(df.n_handoffs >= min_handoffs) & ~df.router.isin(CEILING_ROUTERS)]
+    rows = []
+    for key, cell in d.groupby([*axes, "context_policy"], sort=True):
+        rates = cell.groupby("router")[metric].mean()
+        if ours not in rates.index or len(rates) < 2:
+            continue
+        base, x = rates.drop(ours), cell[cell.router == ours]
+        for versus in ("best", *base.index):
+            b = str(base.idxmax()) if versus == "best" else versus
+            y = cell[cell.router == b]
+            ci = bootstrap_ci(x[metric], y[metric], n_resamples=n_resamples, seed=seed)
+            per_seed = (x.groupby("seed")[metric].mean() - y.groupby("seed")[metric].mean()).dropna()
+            row = dict(zip((*axes, "context_policy"), key), versus=versus, baseline=b, metric=metric)
+            row |= dict(
+                min_handoffs=min_handoffs, n_ours=len(x), n_base=len(y), rate_ours=rates[ours], rate_base=rates[b]
+            )
+            row |= dict(diff=ci["estimate"], ci_low=ci["low"], ci_high=ci["high"], seeds=per_seed.size)
+            row |= dict(seeds_better=int((per_seed > 0).sum()), holds=bool(ci["low"] > 0 and (per_seed > 0).all()))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+# %% ../nbs/14_statistics.ipynb #9ade9af5
+def _clauses(values) -> list:
+    "Half-line clauses on one axis: None (any value), ('≥', v) and ('≤', v) for the grid's inner values."
+    v = sorted(set(float(a) for a in values))
+    return [None] + [("≥", a) for a in v[1:]] + [("≤", a) for a in v[:-1]]
+
+
+def region_condition(cells: pd.DataFrame, holds: str = "holds", axes=MAP_AXES, what: str = "RAPO's advantage") -> dict:
+    """The conjunction of half-lines on `axes` (≥ or ≤ a grid value) that best matches the cells where `holds` is true
+    (most cells agreeing, then fewest clauses), as a sentence stating its agreement with the grid."""
+    c = cells.reset_index(drop=True)
+    h, n = c[holds].astype(bool).to_numpy(), len(c)
+    grid = "; ".join(f"{a} ∈ {{{', '.join(f'{v:g}' for v in sorted(c[a].unique()))}}}" for a in axes)
+    if not h.any() or h.all():
+        where = "no cell" if not h.any() else "every cell"
+        return dict(condition=f"{what} holds in {where} of the grid ({grid})", agreement=n, n_cells=n, clauses=())
+    best = None
+    for combo in itertools.product(*(_clauses(c[a]) for a in axes)):
+        inside = np.ones(n, bool)
+        for a, cl in zip(axes, combo):
+            if cl is not None:
+                inside &= (c[a] >= cl[1] - 1e-12).to_numpy() if cl[0] == "≥" else (c[a] <= cl[1] + 1e-12).to_numpy()
+        used = tuple((a, *cl) for a, cl in zip(axes, combo) if cl is not None)
+        score = (int((inside == h).sum()), -len(used))
+        if best is None or score > best[0]:
+            best = (score, used)
+    (agree, _), used = best
+    text = (
+        "when " + " and ".join(f"{a} {op} {v:g}" for a, op, v in used) if used else "on the whole grid bar exceptions"
+    )
+    fit = "exactly" if agree == n else f"{agree} of {n} cells agree"
+    sentence = f"{what} holds {text} ({fit}; {int(h.sum())}/{n} cells hold; grid: {grid})"
+    return dict(condition=sentence, agreement=agree, n_cells=n, clauses=used)
