@@ -1,4 +1,4 @@
-"""§5.5 of the paper: Welch's t-test, Bonferroni over four comparisons, Cohen's d, bootstrap CIs with 10,000 resamples, Table 3, and the quartile analysis by number of transitions.
+"""§5.5 of the paper: Welch's t-test, Bonferroni over four comparisons, Cohen's d, bootstrap CIs with 10,000 resamples, Table 3 (pooled and on conversations with a handoff), the quartile analysis and the knee by number of transitions, and the advantage map: where in the simulated world's assumptions RAPO's advantage holds.
 
 Docs: https://rapo-nb.github.io/rapo_nb/statistics.html.md"""
 
@@ -198,7 +198,7 @@ def compare_systems(
     out["p_bonferroni"], out["significant"] = bf["p_adjusted"], bf["reject"]
     return out
 
-
+# %% ../nbs/14_statistics.ipynb #a1c0de02
 def table3(
     df: pd.DataFrame, cfg: Config, metric: str = "task_success", seed: int = 0, n_resamples: int | None = None
 ) -> pd.DataFrame:
