@@ -19,9 +19,9 @@ __all__ = ['FSM_STATES', 'TASK_TYPES', 'SPECIALISTS', 'ROUTELLM_TASK_TYPES', 'PA
            'PAPER_CLAIMS', 'SEED003_CLAIMS', 'SUM_TO_ONE_TOL', 'PAPER_SPEC', 'CLAIM_COLUMNS', 'VERDICTS', 'CLAIM_KINDS',
            'PAPER_SOURCES', 'NOTEBOOK_NAME', 'cf', 'StateConfig', 'ConsensusConfig', 'RoutingConfig', 'RuntimeConfig',
            'TrainingConfig', 'SyntheticConfig', 'EvaluationConfig', 'ScalingConfig', 'WorkflowConfig',
-           'SimulationConfig', 'RouteLLMConfig', 'Config', 'validate', 'load_config', 'paper_spec', 'claim_row',
-           'check_claims', 'claims_frame', 'constants_table', 'seed_everything', 'get_device', 'project_root',
-           'numbered_notebooks', 'figures_dir', 'results_dir', 'save_table', 'save_figure']
+           'SimulationConfig', 'SweepConfig', 'RouteLLMConfig', 'Config', 'validate', 'load_config', 'paper_spec',
+           'claim_row', 'check_claims', 'claims_frame', 'constants_table', 'seed_everything', 'get_device',
+           'project_root', 'numbered_notebooks', 'figures_dir', 'results_dir', 'save_table', 'save_figure']
 
 # %% ../nbs/00_config.ipynb #8edb064f
 def cf(default: Any, section: str, lo: float | None = None, hi: float | None = None, doc: str = "", **kw) -> Any:
@@ -541,6 +541,35 @@ class SimulationConfig:
         "t in service time × exp(t·(p − mean skill)): > 0 makes an agent slower on turns it is likelier to get right",
     )
 
+# %% ../nbs/00_config.ipynb #c0a5e7f2
+_POLICIES = ("last_turn", "last_k", "summary", "full_history")
+
+
+@dataclass
+class SweepConfig:
+    "The advantage map and the knee fit of notebook 14 (issue 19; ours, the paper has no simulated world)."
+
+    reception_alignment: tuple = cf(
+        (0.0, 0.33, 0.67, 1.0), "ours (simulated world)", 0.0, 1.0, "grid of simulation.reception_alignment"
+    )
+    skill_visible_share: tuple = cf(
+        (0.0, 0.33, 0.67, 1.0), "ours (simulated world)", 0.0, 1.0, "grid of simulation.skill_visible_share"
+    )
+    speed_skill_tradeoff: tuple = cf(
+        (0.0, 1.0), "ours (simulated world)", 0.0, 1e3, "grid of simulation.speed_skill_tradeoff (one panel each)"
+    )
+    context_policy: str = cf(
+        "full_history", "ours", doc="the one handoff context policy of every system on the map", choices=_POLICIES
+    )
+    n_conversations: int = cf(70, "ours", 1, 10**6, "conversations per cell and seed")
+    seeds: tuple = cf((0, 1, 2), "ours", 0, 2**31 - 1, "seeds per cell (each seed its own benchmark and world)")
+    n_workers: int = cf(2, "ours", 1, 1024, "processes running the map's (cell, seed, system) jobs (spawn)")
+    knee_min_conversations: int = cf(
+        10, "ours", 1, 10**6, "a handoff count enters the knee fit only with this many conversations on each side"
+    )
+    knee_step: float = cf(0.5, "ours", 1e-3, 100.0, "grid step of the knee fit's breakpoint (handoffs)")
+    knee_resamples: int = cf(1000, "ours", 1, 10**7, "bootstrap resamples of the knee fit")
+
 # %% ../nbs/00_config.ipynb #5e1a7c21
 # our documented grouping of MMLU subjects, GSM8K and MT-Bench categories into the paper's m = 10
 ROUTELLM_TASK_TYPES = (
@@ -659,6 +688,7 @@ class Config:
     workflows: WorkflowConfig = field(default_factory=WorkflowConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     routellm: RouteLLMConfig = field(default_factory=RouteLLMConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict:
         "Plain-dict view (JSON-serialisable) for checkpoints and reports."
@@ -677,6 +707,7 @@ GROUPS = (
     "workflows",
     "simulation",
     "routellm",
+    "sweep",
 )
 
 # %% ../nbs/00_config.ipynb #af2d9088
@@ -696,6 +727,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "scaling.success_max_agents": 100,
         "scaling.repeats": 3,
         "workflows.n_workflows": 60,
+        "sweep.reception_alignment": (0.0, 1.0),
+        "sweep.skill_visible_share": (0.0, 1.0),
+        "sweep.speed_skill_tradeoff": (0.0,),
+        "sweep.n_conversations": 40,
+        "sweep.seeds": (0, 1),
+        "sweep.knee_resamples": 400,
     },
 }
 

@@ -64,6 +64,7 @@ LAZY_IMPORTS = {
     ("evaluation", "evaluation"): "spawned pool workers import the exported function (a notebook's own cannot be pickled)",
     ("evaluation", "runtime"): "the pool worker `_run_job` imports what it runs in the child process",
     ("scaling", "scaling"): "forkserver children import the exported functions",
+    ("stats", "stats"): "spawned pool workers of the advantage map import the exported `_run_map_job`",
     ("scaling", "state"): "the memory measurement imports first, so imports are not counted as the deployment's memory",
     ("scaling", "consensus"): "as above (memory measurement baseline)",
     ("scaling", "routing"): "as above (memory measurement baseline)",
