@@ -1088,8 +1088,11 @@ def numbered_notebooks(nbs: Path | None = None) -> list[Path]:
 
 
 def figures_dir() -> Path:
-    "Folder for figures and tables (env RAPO_FIGURES_DIR, else <root>/figures); created if missing."
-    d = Path(os.environ.get("RAPO_FIGURES_DIR") or project_root() / "figures")
+    """Folder for figures and tables; created if missing.
+
+    `rapo-reproduce` sets env RAPO_FIGURES_DIR (the committed `figures/` only for the full profile). Without it (a
+    notebook opened by hand, `nbdev-test`) tables go to `<root>/runs/interactive/figures`, so a clone stays clean."""
+    d = Path(os.environ.get("RAPO_FIGURES_DIR") or project_root() / "runs" / "interactive" / "figures")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
