@@ -6,7 +6,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/runtime.html.md"""
 
 # %% ../nbs/11_runtime.ipynb #375819ea
 from __future__ import annotations
-import argparse, asyncio, json, os, time
+import argparse, asyncio, json, os, time, zlib
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -129,7 +129,11 @@ class Orchestrator:
         self.windows: dict[int, list[np.ndarray]] = {}  # per agent: embeddings of its last k answers (for C_i)
         self.update_context = bool(update_context)
         self.pool = pool if pool is not None else SimulatedAgentPool(self.n, cfg, seed, failure_rate=failure_rate)
-        self.router = make_router("random" if self.ablation["random_routing"] else self.spec.router, cfg, seed)
+        router = "random" if self.ablation["random_routing"] else self.spec.router
+        # the similarity router matches the turn's encoded text against its agents' text profiles
+        kw = dict(text_dim=self.text_encoder.dim) if router == "similarity" else {}
+        self.router = make_router(router, cfg, seed, **kw)
+        self._queries: dict[int, np.ndarray] = {}  # id(turn record) → its encoded text, until the outcome is absorbed
         self.use_consensus = self.spec.consensus and not self.ablation["no_consensus"]
         self.engine = None
         if self.use_consensus:
@@ -202,6 +206,8 @@ def _state_update(self: Orchestrator) -> list[dict]:
         self.bank.update_capability(ag.long(), ta.long(), mo.long(), oc.float())
     if self.absorb and self.update_context:
         self._update_context()
+    if self.absorb and self._queries:
+        self._observe()
     self.absorb = []
     util = utilisation_share(torch.tensor([r.count for r in self.resources], dtype=torch.float32), self.cfg)
     self.bank.alive = torch.from_numpy(self.alive.copy()).to(self.device)
@@ -277,7 +283,7 @@ def _route(self: Orchestrator) -> list[dict]:
     if normal:
         task = torch.tensor([r["turn"].task for r in normal], dtype=torch.long, device=self.device)
         mod = torch.tensor([r["turn"].modality for r in normal], dtype=torch.long, device=self.device)
-        query = self._query([r["turn"] for r in normal])
+        query = self._query(normal)
         picked = self.router.select(task, mod, self.bank, load, query_vec=query, allow_unassigned=True)
         if self.transition_model is not None:
             ok = picked >= 0
@@ -297,7 +303,7 @@ def _route(self: Orchestrator) -> list[dict]:
                             torch.tensor([r["turn"].modality], device=self.device),
                             self.bank,
                             load,
-                            query_vec=self._query([r["turn"]]),
+                            query_vec=self._query([r]),
                             allow_unassigned=True,
                         )[0]
                     )
@@ -320,11 +326,25 @@ def _route(self: Orchestrator) -> list[dict]:
 
 
 @patch
-def _query(self: Orchestrator, turns: list):
-    "The router's query for these turns: the oracle ceiling's [B, N] simulated success probabilities, else None."
+def _query(self: Orchestrator, reqs: list[dict]):
+    """The router's query for these requests: the encoded turn texts for similarity (kept until their outcome
+    reaches the router), the oracle ceiling's [B, N] simulated success probabilities, else None."""
+    if self.router.name == "similarity":
+        q = self.text_encoder.encode([r["turn"].text for r in reqs])
+        self._queries.update((id(r["record"]), row) for r, row in zip(reqs, q))
+        return torch.from_numpy(q)
     if self.router.name == "oracle":
-        return torch.from_numpy(np.stack([self.pool.turn_skill(t) for t in turns])).float()
+        return torch.from_numpy(np.stack([self.pool.turn_skill(r["turn"]) for r in reqs])).float()
     return None
+
+
+@patch
+def _observe(self: Orchestrator) -> None:
+    "Outcomes absorbed this tick, passed to a router that learns from them (similarity: its text profiles)."
+    seen = [(a[0], self._queries.pop(id(a[4]), None), a[3]) for a in self.absorb]
+    seen = [s for s in seen if s[1] is not None]
+    if seen and hasattr(self.router, "observe"):
+        self.router.observe([s[0] for s in seen], np.stack([s[1] for s in seen]), [s[2] for s in seen])
 
 # %% ../nbs/11_runtime.ipynb #29a2a8f3
 @patch
@@ -509,7 +529,8 @@ def _conversation(self: Orchestrator, conv, arrival: float):
     cfg, spec = self.cfg, self.spec
     yield self._sleep(arrival)
     try:
-        rng = np.random.default_rng([self.seed, int(conv.seed) % 2**63, 7])
+        # one stream per conversation: conv.seed is the generation seed, shared by every conversation of a benchmark
+        rng = np.random.default_rng([self.seed, int(conv.seed) % 2**63, zlib.crc32(conv.id.encode("utf-8")), 7])
         handoffs, facts = set(conv.handoff_turns), list(conv.facts)
         history, memory, responses, records, traj = [], [], [], [], []
         agent, last_response = -1, ""
