@@ -345,6 +345,7 @@ def _route(self: Orchestrator) -> list[dict]:
     return served
 
 
+# %% ../nbs/11_runtime.ipynb #b7c8d9e0f1a2
 @patch
 def _query(self: Orchestrator, reqs: list[dict]):
     """The router's query for these requests: the encoded turn texts for similarity (kept until their outcome
