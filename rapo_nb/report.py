@@ -70,6 +70,8 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
         "convergence_alpha_sweep.md",
         "convergence_limits.md",
         "convergence_slopes.md",
+        "convergence_full_step.png",
+        "convergence_full_step.md",
         "claims_03_convergence.md",
     ],
     "04_routing": [
@@ -113,6 +115,10 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
         "eval_ablations.md",
         "eval_handoff_count.png",
         "eval_per_seed.md",
+        "table1_context_policies.md",
+        "eval_factorial_effects.png",
+        "eval_factorial_effects.md",
+        "eval_factorial_anova.md",
         "claims_13_evaluation.md",
     ],
     "14_statistics": [
@@ -120,6 +126,12 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
         "table3_per_seed.md",
         "table3_transition_quartiles.md",
         "stats_gain_by_transitions.png",
+        "table3_conditional.md",
+        "table3_knee.md",
+        "stats_knee.png",
+        "advantage_map.md",
+        "advantage_conditions.md",
+        "stats_advantage_map.png",
         "claims_14_statistics.md",
     ],
     "15_routellm": [
@@ -160,8 +172,11 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
 }
 HEADLINE_TABLES = [
     ("Table 1 (§5.2): systems compared (results)", "table1_systems.md"),
+    ("Table 1 again, one context policy for every system (results; issue 19)", "table1_context_policies.md"),
     ("Table 2 (§5.4): scaling (results)", "table2_scaling.md"),
     ("Table 3 (§5.5): statistics against each baseline (results)", "table3_statistics.md"),
+    ("Table 3 on conversations with at least one handoff (results)", "table3_conditional.md"),
+    ("When RAPO's advantage holds: conditions from the advantage map (simulated world)", "advantage_conditions.md"),
 ]
 
 
