@@ -1133,13 +1133,24 @@ def write_failure_log(failure_log: list[dict], path: str | Path) -> Path:
     return atomic_write(Path(path), lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in failure_log)))
 
 
+def _system_arg(name: str) -> str:
+    "argparse type of --system: a name `resolve_system` accepts (the error names the choices)."
+    try:
+        resolve_system(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def _orchestrator_parser() -> argparse.ArgumentParser:
     "The command line of `rapo-orchestrator`."
     p = argparse.ArgumentParser(
         prog="rapo-orchestrator", description="Simulated RAPO orchestrator with checkpoints (resumes from --out)."
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--system", default="rapo", choices=list(SYSTEMS))
+    p.add_argument(
+        "--system", default="rapo", type=_system_arg, help="a paper system name or a factor name router/policy/c0|1/h0|1"
+    )
     p.add_argument("--n-conversations", type=int, default=40)
     p.add_argument("--n-agents", type=int, default=None)
     p.add_argument("--profile", default="quick")

@@ -545,3 +545,15 @@ def test_the_same_run_in_two_processes_does_not_share_a_default_folder(tmp_path)
         assert len(conv_df) == 4 and (folder / "marker").exists() and not checkpoint_paths(folder)
     finally:
         holder.kill(); holder.wait(timeout=10)
+
+
+def test_orchestrator_cli_takes_factor_names_and_refuses_unknown_systems(capsys):
+    "rapo-orchestrator --system accepts a paper name or a factor name; anything else exits 2 naming the choices."
+    from rapo_nb.runtime import _orchestrator_parser
+
+    p = _orchestrator_parser()
+    assert p.parse_args(["--out", "x", "--system", "rapo/full_history/c1/h1"]).system == "rapo/full_history/c1/h1"
+    assert p.parse_args(["--out", "x", "--system", "yao_sim"]).system == "yao_sim"
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--out", "x", "--system", "rapo/full_history/c2/h1"])
+    assert e.value.code == 2 and "factor name" in capsys.readouterr().err
