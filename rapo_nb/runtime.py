@@ -831,10 +831,15 @@ def run_identity(self: Orchestrator) -> dict:
 
 # %% ../nbs/11_runtime.ipynb #fa00000b
 def router_state(router) -> dict:
-    "The mutable part of a router: its integer counters and its random generators (torch or numpy)."
+    """The mutable part of a router: integer counters, floats, tensors (e.g. the similarity router's text profiles)
+    and random generators (torch or numpy)."""
     out = {}
     for k, v in vars(router).items():
-        if isinstance(v, torch.Generator):
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().cpu().clone()
+        elif isinstance(v, float):
+            out[k] = float(v)
+        elif isinstance(v, torch.Generator):
             out[k] = {"torch_generator": v.get_state()}
         elif isinstance(v, np.random.Generator):
             out[k] = {"numpy_generator": json.dumps(v.bit_generator.state)}
@@ -850,6 +855,9 @@ def load_router_state(router, state: dict):
             getattr(router, k).set_state(v["torch_generator"])
         elif isinstance(v, dict) and "numpy_generator" in v:
             getattr(router, k).bit_generator.state = json.loads(v["numpy_generator"])
+        elif isinstance(v, torch.Tensor):
+            old = getattr(router, k, None)
+            setattr(router, k, v.to(old.device) if isinstance(old, torch.Tensor) else v)
         else:
             setattr(router, k, v)
     return router

@@ -357,7 +357,7 @@ def _same_outcomes(a, b):
     pd.testing.assert_frame_equal(a[1][OUTCOME_CONV], b[1][OUTCOME_CONV])
 
 
-@pytest.mark.parametrize("system", ["rapo", "ampo_rr"])
+@pytest.mark.parametrize("system", ["rapo", "ampo_rr", "yao_sim"])
 def test_resumed_run_gives_the_same_outcomes_as_an_uninterrupted_one(tmp_path, system):
     "Stopped mid-run and resumed: every turn and conversation as in one uninterrupted run with the same seed."
     cfg = load_config("quick", **SEG)
