@@ -221,3 +221,53 @@ def test_a_task_the_worker_refuses_fails_the_run_at_once_naming_the_reason(redis
     with pytest.raises(NoWorker, match="payload.pool"):
         orch.run(generate_conversations(2, 0, CFG))
     assert time.monotonic() - t0 - orch.startup_s < 10
+
+
+def test_worker_joins_over_tls_with_an_acl_user_and_password(tmp_path, capsys):
+    "A worker on another host: rediss:// with a CA file, an ACL user limited to the rapo:v1:* keys, a password."
+    import shutil
+    from conftest import free_port
+    exe, ossl = shutil.which("redis-server"), shutil.which("openssl")
+    if exe is None or ossl is None:
+        pytest.skip("redis-server or openssl not installed: the TLS + ACL test is skipped")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([ossl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen([exe, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", tmp_path, "--tls-cert-file", cert, "--tls-key-file", key,
+                               "--tls-ca-cert-file", cert, "--tls-auth-clients", "no", "--user", "default", "off",
+                               "--user", "rapo", "on", ">s3cret", "~rapo:v1:*", "+@all", "-@dangerous"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"rediss://rapo:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    worker = None
+    try:
+        client = None
+        for _ in range(100):
+            if server.poll() is not None:
+                pytest.fail(f"redis-server with TLS did not start: {server.stderr.read().decode()[-300:]}")
+            try:
+                client = connect_redis(url, 0.5)
+                break
+            except Exception:
+                time.sleep(0.05)
+        assert client is not None, "could not connect over TLS with the ACL user"
+        with pytest.raises(Exception, match="no permissions"):
+            client.set("elsewhere", 1)  # the ACL user reaches only the rapo:v1:* keys
+        from rapo_nb.workers import agent_main  # a wrong password: refused before serving, naming the address
+        assert agent_main(["--redis-url", url.replace("s3cret", "wrong"), "--agent", "0", "--n-agents", "4"]) == 2
+        assert f"127.0.0.1:{port}" in capsys.readouterr().err
+        d = RedisDispatcher(client, 4)
+        ids = _submit_tasks(d, 3, agent=2)
+        worker = subprocess.Popen(AGENT + ["--agent", "0-3", "--n-agents", "4", "--max-messages", "3", "--block-ms", "20"],
+                                  env={**os.environ, "RAPO_REDIS_URL": url}, stderr=subprocess.PIPE, text=True)
+        got = []
+        _wait(lambda: got.extend(d.poll(block_ms=50)) or len(got) >= 3, what="three answers over TLS")
+        assert sorted(r["task_id"] for r in got) == sorted(ids) and {r["agent"] for r in got} == {2}
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
+        server.kill()
+        server.wait(timeout=10)
