@@ -280,6 +280,7 @@ class AgentWorker:
         heartbeat_ttl_ms: int | None = None,
         batch: int = 8,
         sleep_scale: float = 0.0,
+        retry_s: float = 30.0,
     ):
         agents = list(agent) if isinstance(agent, (list, tuple, range)) else [agent]
         for a in agents:
@@ -296,7 +297,7 @@ class AgentWorker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.heartbeat_ms, self.ttl_ms = heartbeat_ms, heartbeat_ttl_ms or 3 * heartbeat_ms
         self.claim_idle_ms = heartbeat_ms if claim_idle_ms is None else claim_idle_ms
-        self.block_ms, self.batch, self.sleep_scale = block_ms, batch, sleep_scale
+        self.block_ms, self.batch, self.sleep_scale, self.retry_s = block_ms, batch, sleep_scale, float(retry_s)
         self.processed = self.rejected = self.reclaimed = self.discarded = self.duplicates = 0
         self._stop, self._checked = threading.Event(), 0.0
         self._publish = client.register_script(PUBLISH_LUA)
@@ -312,11 +313,15 @@ class AgentWorker:
         pipe.execute()
 
     def _beat(self):
+        failed = False
         while not self._stop.wait(self.heartbeat_ms / 1000):
             try:
                 self.beat()
+                failed = False
             except redis.RedisError as e:
-                log.warning("heartbeat failed: %s", e)
+                if not failed:  # once per outage, not once per beat
+                    log.warning("heartbeat failed: %s", e)
+                failed = True
 
     def stop(self) -> None:
         self._stop.set()
@@ -403,26 +408,54 @@ def step(self: AgentWorker) -> int:
 
 @patch
 def run(self: AgentWorker, max_messages: int | None = None, idle_exit_s: float | None = None) -> None:
-    "Loop until stopped, `max_messages` handled, or `idle_exit_s` without work; a clean stop frees its entries at once."
-    self.beat()
+    """Loop until stopped, `max_messages` handled, or `idle_exit_s` without work (a clean stop frees its entries).
+    Redis unreachable: retried with backoff for `retry_s`, then `StoreUnavailable` (the work waits in Redis)."""
     beat = threading.Thread(target=self._beat, daemon=True)
-    beat.start()
-    last = time.monotonic()
+    last, failing, k = time.monotonic(), None, 0
     try:
+        self._guarded(self.beat)
+        beat.start()
         while not self._stop.is_set():
-            if self.step():
-                last = time.monotonic()
+            try:
+                if self.step():
+                    last = time.monotonic()
+                failing, k = None, 0
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                failing, k = failing or time.monotonic(), k + 1
+                if time.monotonic() - failing > self.retry_s:
+                    raise StoreUnavailable(f"Redis unreachable for {self.retry_s} s (retried {k} times): {e}") from None
+                log.warning("Redis unreachable (%s); retry %d in %.1f s", e, k, min(0.1 * 2**k, 2.0))
+                self._stop.wait(min(0.1 * 2**k, 2.0))
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                for s in self.streams:  # Redis restarted without its data: the groups come back, empty
+                    ensure_group(self.client, s)
             if max_messages is not None and self.processed + self.rejected >= max_messages:
                 break
             if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
                 break
     finally:
         self._stop.set()
-        beat.join(timeout=2)
+        if beat.is_alive():
+            beat.join(timeout=2)
         try:
             self.client.delete(*[consumer_key(self.prefix, a, self.consumer) for a in self.agents])
         except redis.RedisError:
             pass
+
+
+@patch
+def _guarded(self: AgentWorker, fn) -> None:
+    "Call `fn`, retrying while Redis is unreachable for up to `retry_s`."
+    t0 = time.monotonic()
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if time.monotonic() - t0 > self.retry_s:
+                raise StoreUnavailable(f"Redis unreachable for {self.retry_s} s: {e}") from None
+            self._stop.wait(0.2)
 
 # %% ../nbs/10_workers.ipynb #3d3ae8b3
 def parse_agents(spec: str, n: int) -> list[int]:
@@ -467,6 +500,7 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-ttl-ms", type=int, default=None, help="default 3 × heartbeat")
     p.add_argument("--batch", type=int, default=8, help="entries read at once per stream")
     p.add_argument("--sleep-scale", type=float, default=0.0, help="sleep latency_s × this per answer (service time)")
+    p.add_argument("--redis-retry-s", type=float, default=30.0, help="how long Redis may be unreachable before exit 3")
     p.add_argument("--max-messages", type=int, default=None)
     p.add_argument("--idle-exit-s", type=float, default=None)
     p.add_argument(
@@ -508,10 +542,18 @@ def agent_main(argv: list[str] | None = None) -> int:
         a.heartbeat_ttl_ms,
         a.batch,
         a.sleep_scale,
+        a.redis_retry_s,
     )
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     log.info("serving agents %s as consumer %s of group %s", agents, w.consumer, GROUP)
-    w.run(max_messages=a.max_messages, idle_exit_s=a.idle_exit_s)
+    try:
+        w.run(max_messages=a.max_messages, idle_exit_s=a.idle_exit_s)
+    except StoreUnavailable as e:
+        print(
+            f"rapo-agent: {e} ({url.split('@')[-1]}); its unanswered turns wait in Redis for another worker",
+            file=sys.stderr,
+        )
+        return 3
     log.info(
         "stopped: %d answered, %d rejected, %d re-claimed, %d discarded",
         w.processed,

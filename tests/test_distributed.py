@@ -23,13 +23,14 @@ def _wait(cond, timeout=40.0, what=""):
 
 
 @pytest.fixture
-def spawn(redis_url):
-    "Start `rapo-agent` processes (stopped by pid afterwards, SIGCONT first in case one is paused)."
+def spawn(redis_url, tmp_path):
+    "Start `rapo-agent` processes (logs in tmp_path; stopped by pid afterwards, SIGCONT first in case one is paused)."
     procs = []
 
     def start(agents, consumer, *extra):
+        log = open(tmp_path / f"{consumer}.log", "w")
         p = subprocess.Popen(AGENT + ["--redis-url", redis_url, "--agent", str(agents), "--consumer", consumer,
-                                      "--block-ms", "20", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      "--block-ms", "20", *extra], stdout=subprocess.DEVNULL, stderr=log)
         procs.append(p)
         return p
 
@@ -82,9 +83,9 @@ def _freeze_then_kill(client, procs, held) -> dict:
     return {}
 
 
-def _submit_tasks(d, k, agent=0):
+def _submit_tasks(d, k, agent=0, tag="t"):
     turns = [t for c in generate_conversations(4, 0, CFG) for t in c.turns][:k]
-    ids = [f"t{i}" for i in range(k)]
+    ids = [f"{tag}{i}" for i in range(k)]
     for i, t in zip(ids, turns):
         d.submit(agent, i, "c", 0, _payload(t))
     return ids
@@ -94,8 +95,8 @@ def test_two_healthy_workers_on_one_agent_answer_each_task_once(redis_url, spawn
     "Today's code: the second worker XAUTOCLAIMs entries still waiting in the first one's batch; both answer them."
     client = connect_redis(redis_url)
     d = RedisDispatcher(client, 4)
-    for c in ("a", "b"):  # ~0.05–0.5 s per answer (10 × the simulated latency)
-        spawn(0, c, "--n-agents", "4", "--sleep-scale", "10", "--heartbeat-ms", "100")
+    for c in ("a", "b"):  # ~0.03–0.3 s per answer (5 × the simulated latency)
+        spawn(0, c, "--n-agents", "4", "--sleep-scale", "5", "--heartbeat-ms", "100")
     _wait(lambda: d.alive()[0], what="the workers to start")
     time.sleep(1.0)  # both workers reading
     ids = _submit_tasks(d, 30)
@@ -211,16 +212,23 @@ def test_all_workers_of_agents_gone_turns_move_to_the_most_similar_agent(redis_u
     assert all(m["replacement"] >= N // 2 for m in orch.pool.moved) and orch.replacements >= 1
 
 
-def test_a_task_the_worker_refuses_fails_the_run_at_once_naming_the_reason(redis_url, spawn):
+def test_a_task_the_worker_refuses_fails_the_run_at_once_naming_the_reason(redis_url):
     "A worker whose simulated pool differs (another seed) rejects the turn; the orchestrator says so, it does not hang."
     from rapo_nb.runtime import RedisOrchestrator
     from rapo_nb.workers import NoWorker
-    spawn(f"0-{N - 1}", "other-seed", "--seed", "1", "--heartbeat-ms", "100")
-    orch = RedisOrchestrator(CFG, "rapo", 0, redis_url=redis_url, wait_s=30)
-    t0 = time.monotonic()
-    with pytest.raises(NoWorker, match="payload.pool"):
-        orch.run(generate_conversations(2, 0, CFG))
-    assert time.monotonic() - t0 - orch.startup_s < 10
+    from rapo_nb.workers import AgentWorker, simulated_handler
+    other = AgentWorker(connect_redis(redis_url), range(N), simulated_handler(N, CFG, seed=1), block_ms=20)
+    th = threading.Thread(target=other.run, daemon=True)  # the worker loop in a thread: the point is the orchestrator
+    th.start()
+    try:
+        orch = RedisOrchestrator(CFG, "rapo", 0, redis_url=redis_url, wait_s=30)
+        t0 = time.monotonic()
+        with pytest.raises(NoWorker, match="payload.pool"):
+            orch.run(generate_conversations(2, 0, CFG))
+        assert time.monotonic() - t0 < 10 and other.rejected >= 1
+    finally:
+        other.stop()
+        th.join(timeout=10)
 
 
 def test_worker_joins_over_tls_with_an_acl_user_and_password(tmp_path, capsys):
@@ -271,3 +279,36 @@ def test_worker_joins_over_tls_with_an_acl_user_and_password(tmp_path, capsys):
             worker.wait(timeout=10)
         server.kill()
         server.wait(timeout=10)
+
+
+def test_worker_rides_out_a_redis_restart_then_gives_up_naming_the_address(tmp_path):
+    "Redis killed and restarted (append-only file): the worker retries and goes on; Redis gone for good: exit 3."
+    from conftest import start_redis
+    proc, url = start_redis(tmp_path, persist=True)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    worker = subprocess.Popen(AGENT + ["--redis-url", url, "--agent", "0", "--n-agents", "4", "--block-ms", "20",
+                                       "--heartbeat-ms", "100", "--redis-retry-s", "3"], stderr=open(tmp_path / "err", "w"))
+    try:
+        d = RedisDispatcher(connect_redis(url), 4)
+        ids, got = _submit_tasks(d, 2), []
+        _wait(lambda: got.extend(d.poll(block_ms=50)) or len(got) >= 2, what="two answers")
+        proc.kill()
+        proc.wait(timeout=10)
+        time.sleep(1.0)  # Redis down for a second
+        assert worker.poll() is None, f"the worker exited while Redis was down: {(tmp_path / 'err').read_text()[-300:]}"
+        proc, _ = start_redis(tmp_path, port=port, persist=True)
+        d = RedisDispatcher(connect_redis(url), 4)
+        more, got = _submit_tasks(d, 2, tag="u"), []
+        _wait(lambda: got.extend(d.poll(block_ms=50)) or len(got) >= 2, what="answers after the restart")
+        assert sorted(r["task_id"] for r in got) == more
+        proc.kill()
+        proc.wait(timeout=10)
+        assert worker.wait(timeout=30) == 3
+        assert f"127.0.0.1:{port}" in (tmp_path / "err").read_text().splitlines()[-1]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
