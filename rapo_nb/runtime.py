@@ -929,6 +929,7 @@ async def arun(self: LiveOrchestrator, conversations: list, agents: list) -> tup
     return self.frames([c.id for c in conversations])
 
 # %% ../nbs/11_runtime.ipynb #27a7d0bc
+import sys
 from .workers import RedisDispatcher, RedisAgentPool, pool_fingerprint
 from .store import connect_redis
 
