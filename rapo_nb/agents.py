@@ -6,11 +6,12 @@ Docs: https://rapo-nb.github.io/rapo_nb/agents.html.md"""
 
 # %% ../nbs/06_agents.ipynb #697c7f7e
 from __future__ import annotations
-import asyncio, os, re, time
+import asyncio, os, re, time, zlib
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 import httpx
+from fastcore.basics import patch
 from .config import Config, load_config, SPECIALISTS
 from rapo_nb.synthetic import (
     Turn,
@@ -28,8 +29,9 @@ from rapo_nb.synthetic import (
 # %% auto #0
 __all__ = ['OUTCOMES', 'CONTEXT_POLICIES', 'FAILURE_KINDS', 'SYSTEM_PROMPT', 'AgentResponse', 'Agent', 'full_history', 'last_k',
            'summary', 'handover', 'make_true_skill', 'service_time', 'turn_focus', 'thread_facts', 'thread_topic',
-           'compose_response', 'SimulatedAgentPool', 'SimulatedAgent', 'drop_facts_from', 'run_policy', 'LLMError',
-           'LLMTimeout', 'LLMConnectionError', 'LLMBadResponse', 'LLMHTTPError', 'OpenAIChatAgent']
+           'compose_response', 'latent_affinity', 'turn_latent', 'turn_success_probability', 'skill_slowdown',
+           'SimulatedAgentPool', 'SimulatedAgent', 'drop_facts_from', 'run_policy', 'LLMError', 'LLMTimeout',
+           'LLMConnectionError', 'LLMBadResponse', 'LLMHTTPError', 'OpenAIChatAgent']
 
 # %% ../nbs/06_agents.ipynb #36197cf5
 OUTCOMES = ("ok", "error", "timeout", "crash")
@@ -183,7 +185,7 @@ def thread_topic(turn: Turn, context: str) -> list[str]:
     )
     return entities_in(m.group(1)) if m else []
 
-
+# %% ../nbs/06_agents.ipynb #46804835
 def compose_response(turn: Turn, context: str, u: Uniforms, ok: bool, cfg: Config | None = None) -> str:
     """Response text from the response grammar: focus entities, topic and facts found in `context` (and the turn) fill
     the slots."""
@@ -206,7 +208,39 @@ def compose_response(turn: Turn, context: str, u: Uniforms, ok: bool, cfg: Confi
     derive(RESPONSE_GRAMMAR, branch, 2, u, _RESP_BOUNDS, toks, cfg.synthetic.side_slack)
     return " ".join(toks).replace("{FOCUS}", " and ".join(focus) or "your request").replace("{FACTS}", facts)
 
+# %% ../nbs/06_agents.ipynb #a949a0d2
+def latent_affinity(n_agents: int, cfg: Config, rng: np.random.Generator) -> np.ndarray:
+    "h [N, K]: each agent's row is a permutation of the same K evenly spaced levels in ±latent_skill_spread/2."
+    sim = cfg.simulation
+    levels = np.linspace(-sim.latent_skill_spread / 2, sim.latent_skill_spread / 2, sim.latent_kinds)
+    if sim.latent_kinds == 1:
+        levels = np.zeros(1)
+    return np.stack([rng.permutation(levels) for _ in range(n_agents)]) if n_agents else np.zeros((0, len(levels)))
 
+
+def turn_latent(turn: Turn, kinds: int, difficulty_sd: float, salt: int = 0) -> tuple[int, float]:
+    "A turn's latent kind k_t (uniform) and difficulty δ_t ~ N(0, sd): a fixed function of its text, index and `salt`."
+    g = np.random.default_rng([zlib.crc32(turn.text.encode("utf-8")), int(turn.index), int(salt), 19])
+    return int(g.integers(kinds)), float(g.normal(0.0, difficulty_sd))
+
+
+def turn_success_probability(
+    visible: np.ndarray, cell_mean: float, affinity: np.ndarray, difficulty: float, share: float, clip=(0.0, 1.0)
+) -> np.ndarray:
+    "p = s·V[a, τ, μ] + (1 − s)·clip(V̄[τ, μ] + h[a, k_t] − δ_t) for every agent a (vectors over agents)."
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"skill_visible_share: expected a number in [0, 1], got {share!r}")
+    latent = np.clip(cell_mean + np.asarray(affinity) - difficulty, *clip)
+    return share * np.asarray(visible) + (1.0 - share) * latent
+
+
+def skill_slowdown(p, mean_skill: float, tradeoff: float):
+    "Service-time factor exp(θ·(p − p̄)): > 1 on turns an agent is likelier than average to get right (θ > 0)."
+    if not tradeoff >= 0:
+        raise ValueError(f"speed_skill_tradeoff: expected ≥ 0, got {tradeoff!r}")
+    return np.exp(tradeoff * (np.asarray(p) - mean_skill))
+
+# %% ../nbs/06_agents.ipynb #c1d64617
 class SimulatedAgentPool:
     "N simulated agents (specialties, hidden true skill, speeds) answering turns; every response is labelled simulated."
 
@@ -241,40 +275,67 @@ class SimulatedAgentPool:
         self.specialty = rng.permutation(np.arange(self.n) % len(SPECIALISTS))
         self.true_skill = make_true_skill(self.specialty, cfg.state.n_tasks, cfg.state.n_modalities, rng, cfg)
         self.speed = rng.uniform(*cfg.simulation.speed_range, self.n)
+        # the world's latent side (issue 19): its own stream, so the draws above are those of the visible-only world
+        self.affinity = latent_affinity(self.n, cfg, np.random.default_rng([seed, 607]))
+        self.cell_mean = self.true_skill.mean(0)  # [m, l]: what every agent gets in expectation when nothing is visible
+        self.mean_skill = float(self.true_skill.mean())
 
     def specialty_name(self, agent: int) -> str:
         return SPECIALISTS[int(self.specialty[agent])]
 
     def success_prob(self, agents, tasks, modalities) -> np.ndarray:
-        "Hidden success probabilities true_skill[agent, task, modality] (vectorised; for analysis, never for routing)."
+        """The visible part of skill, true_skill[agent, task, modality] (vectorised; for analysis, never for routing).
+
+        A turn's success probability is `turn_skill` (equal to this when cfg.simulation.skill_visible_share = 1)."""
         return self.true_skill[np.asarray(agents), np.asarray(tasks), np.asarray(modalities)]
 
-    def respond(
-        self, agent: int, history: Sequence[str], context: str, turn: Turn, rng: np.random.Generator
-    ) -> AgentResponse:
-        "Simulated answer of `agent` to `turn` given the handed `context` (history is read, never modified)."
-        if isinstance(agent, bool) or not isinstance(agent, (int, np.integer)) or not 0 <= agent < self.n:
-            raise ValueError(f"agent: expected an index in [0, {self.n}), got {agent!r}")
-        if not 0 <= turn.task < self.true_skill.shape[1]:
-            raise ValueError(f"turn.task: {turn.task} not in [0, {self.true_skill.shape[1]})")
-        if not 0 <= turn.modality < self.true_skill.shape[2]:
-            raise ValueError(f"turn.modality: {turn.modality} not in [0, {self.true_skill.shape[2]})")
-        draws = rng.random(3)  # failure?, failure kind, success?
-        noise = float(rng.lognormal(0.0, self.cfg.simulation.latency_sigma))
-        if draws[0] < self.failure_rate:
-            kind = FAILURE_KINDS[int(np.searchsorted(np.cumsum(self.failure_mix), draws[1], side="right").clip(0, 2))]
-            lat = self.timeout_s if kind == "timeout" else float(service_time(0, 0, self.speed[agent], noise, self.cfg))
-            return AgentResponse(
-                "", lat, kind, False, True, error=f"simulated {kind} (injected, rate {self.failure_rate})"
-            )
-        ok = bool(draws[2] < self.true_skill[agent, turn.task, turn.modality])
-        text = compose_response(turn, context, Uniforms(rng, 16), ok, self.cfg)
-        lat = float(service_time(len(text.split()), len(context.split()), self.speed[agent], noise, self.cfg))
-        return AgentResponse(text, lat, "ok", ok, True)
+    def turn_skill(self, turn: Turn) -> np.ndarray:
+        "Every agent's hidden success probability on `turn` (`turn_success_probability`; the oracle ceiling reads it)."
+        sim = self.cfg.simulation
+        visible = self.true_skill[:, turn.task, turn.modality]
+        if sim.skill_visible_share == 1.0:
+            return visible.copy()
+        kind, difficulty = turn_latent(turn, sim.latent_kinds, sim.latent_difficulty_sd, self.seed)
+        return turn_success_probability(
+            visible,
+            self.cell_mean[turn.task, turn.modality],
+            self.affinity[:, kind],
+            difficulty,
+            sim.skill_visible_share,
+            sim.skill_range,
+        )
 
-    def agent(self, i: int, seed: int | None = None) -> "SimulatedAgent":
-        "Agent `i` of the pool behind the `Agent` protocol, with its own random stream."
-        return SimulatedAgent(self, i, np.random.default_rng([self.seed if seed is None else seed, 7, i]))
+# %% ../nbs/06_agents.ipynb #aeabfe13
+@patch
+def respond(
+    self: SimulatedAgentPool, agent: int, history: Sequence[str], context: str, turn: Turn, rng: np.random.Generator
+) -> AgentResponse:
+    "Simulated answer of `agent` to `turn` given the handed `context` (history is read, never modified)."
+    if isinstance(agent, bool) or not isinstance(agent, (int, np.integer)) or not 0 <= agent < self.n:
+        raise ValueError(f"agent: expected an index in [0, {self.n}), got {agent!r}")
+    if not 0 <= turn.task < self.true_skill.shape[1]:
+        raise ValueError(f"turn.task: {turn.task} not in [0, {self.true_skill.shape[1]})")
+    if not 0 <= turn.modality < self.true_skill.shape[2]:
+        raise ValueError(f"turn.modality: {turn.modality} not in [0, {self.true_skill.shape[2]})")
+    draws = rng.random(3)  # failure?, failure kind, success?
+    noise = float(rng.lognormal(0.0, self.cfg.simulation.latency_sigma))
+    if draws[0] < self.failure_rate:
+        kind = FAILURE_KINDS[int(np.searchsorted(np.cumsum(self.failure_mix), draws[1], side="right").clip(0, 2))]
+        lat = self.timeout_s if kind == "timeout" else float(service_time(0, 0, self.speed[agent], noise, self.cfg))
+        return AgentResponse("", lat, kind, False, True, error=f"simulated {kind} (injected, rate {self.failure_rate})")
+    p = float(self.turn_skill(turn)[agent])
+    ok = bool(draws[2] < p)
+    text = compose_response(turn, context, Uniforms(rng, 16), ok, self.cfg)
+    lat = float(service_time(len(text.split()), len(context.split()), self.speed[agent], noise, self.cfg))
+    if self.cfg.simulation.speed_skill_tradeoff:
+        lat *= skill_slowdown(p, self.mean_skill, self.cfg.simulation.speed_skill_tradeoff)
+    return AgentResponse(text, lat, "ok", ok, True)
+
+
+@patch
+def agent(self: SimulatedAgentPool, i: int, seed: int | None = None) -> "SimulatedAgent":
+    "Agent `i` of the pool behind the `Agent` protocol, with its own random stream."
+    return SimulatedAgent(self, i, np.random.default_rng([self.seed if seed is None else seed, 7, i]))
 
 
 @dataclass

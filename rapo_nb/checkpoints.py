@@ -84,7 +84,7 @@ def pack_state(obj: Any, where: str = "state") -> tuple[dict[str, torch.Tensor],
 
     return tensors, walk(obj, where)
 
-
+# %% ../nbs/08_checkpoints.ipynb #da94dc2b
 def unpack_state(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
     "Inverse of `pack_state`."
 
@@ -174,8 +174,8 @@ log = logging.getLogger("rapo_nb.checkpoints")
 
 
 def checkpoint_paths(directory: str | Path) -> list[Path]:
-    "Numbered checkpoint files `ckpt-<iteration>.rapo` in `directory`, oldest first (valid or not)."
-    return sorted(Path(directory).glob("ckpt-*.rapo"))
+    "Numbered checkpoint files `ckpt-<digits>.rapo` in `directory`, oldest first (valid or not; other names ignored)."
+    return sorted(p for p in Path(directory).glob("ckpt-*.rapo") if p.stem[5:].isdigit())
 
 
 def _iteration(path: Path) -> int:
@@ -203,10 +203,21 @@ def save_numbered_checkpoint(directory: str | Path, iteration: int, state: dict,
 
 
 def load_latest_checkpoint(directory: str | Path, kind: str | None = None) -> tuple[int, dict] | None:
-    "(iteration, state) of the newest valid checkpoint, refusing (and logging) corrupt ones; None if there is none."
-    for path in reversed(checkpoint_paths(directory)):
+    """(iteration, state) of the newest valid checkpoint, refusing (and logging) corrupt ones; None if there is none.
+
+    A folder whose checkpoint files are *all* refused raises `CheckpointError`: starting again from 0 would silently
+    redo (and, with side effects, repeat) the work they recorded."""
+    paths = checkpoint_paths(directory) if Path(directory).is_dir() else []
+    last = None
+    for path in reversed(paths):
         try:
             return _iteration(path), read_checkpoint(path, kind)
         except CheckpointError as e:
             log.warning("refused checkpoint: %s; trying the previous one", e)
+            last = e
+    if paths:
+        raise CheckpointError(
+            f"cannot resume: none of the {len(paths)} checkpoint files in {directory} is valid (newest: {last});"
+            " move them away to start the run afresh"
+        )
     return None

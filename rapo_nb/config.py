@@ -16,11 +16,12 @@ import torch
 # %% auto #0
 __all__ = ['FSM_STATES', 'TASK_TYPES', 'SPECIALISTS', 'ROUTELLM_TASK_TYPES', 'PAPER_ROUTELLM', 'GROUPS', 'PROFILES',
            'PAPER_TABLE1', 'PAPER_TABLE2', 'PAPER_MEMORY_LAW_GB', 'PAPER_TABLE3', 'PAPER_TABLE3_CI', 'PAPER_TABLE3_P',
-           'PAPER_CLAIMS', 'SEED003_CLAIMS', 'SUM_TO_ONE_TOL', 'NOTEBOOK_NAME', 'cf', 'StateConfig', 'ConsensusConfig',
-           'RoutingConfig', 'RuntimeConfig', 'TrainingConfig', 'SyntheticConfig', 'EvaluationConfig', 'ScalingConfig',
-           'WorkflowConfig', 'SimulationConfig', 'RouteLLMConfig', 'Config', 'validate', 'load_config',
-           'constants_table', 'seed_everything', 'get_device', 'project_root', 'numbered_notebooks', 'figures_dir',
-           'results_dir', 'save_table', 'save_figure']
+           'PAPER_CLAIMS', 'SEED003_CLAIMS', 'SUM_TO_ONE_TOL', 'PAPER_SPEC', 'CLAIM_COLUMNS', 'VERDICTS', 'CLAIM_KINDS',
+           'PAPER_SOURCES', 'NOTEBOOK_NAME', 'cf', 'StateConfig', 'ConsensusConfig', 'RoutingConfig', 'RuntimeConfig',
+           'TrainingConfig', 'SyntheticConfig', 'EvaluationConfig', 'ScalingConfig', 'WorkflowConfig',
+           'SimulationConfig', 'SweepConfig', 'RouteLLMConfig', 'Config', 'validate', 'load_config', 'paper_spec',
+           'claim_row', 'check_claims', 'claims_frame', 'constants_table', 'seed_everything', 'get_device',
+           'project_root', 'numbered_notebooks', 'figures_dir', 'results_dir', 'save_table', 'save_figure']
 
 # %% ../nbs/00_config.ipynb #8edb064f
 def cf(default: Any, section: str, lo: float | None = None, hi: float | None = None, doc: str = "", **kw) -> Any:
@@ -152,8 +153,24 @@ class RuntimeConfig:
     checkpoint_every: int = cf(1000, "§4.4", 1, 10**9, "iterations between checkpoints")
     checkpoints_kept: int = cf(3, "ours", 1, 1000, "checkpoints kept on disk")
     store: str = cf("memory", "§4.1", doc="state store backend", choices=("memory", "redis"))
-    redis_url: str = cf("redis://127.0.0.1:6379/0", "§4.1", doc="Redis URL when store='redis'")
-    redis_timeout_s: float = cf(2.0, "ours", 0.0, 600.0, "connect timeout before a clear error")
+    redis_url: str = cf(
+        "redis://127.0.0.1:6379/0",
+        "§4.1",
+        doc="Redis URL when store='redis'",
+        pattern=r"(redis|rediss)://[^\s/]+(:\d+)?(/\d+)?|unix:///\S+",
+        example="redis://host:port/db, rediss://user:password@host:port/db or unix:///path/to/redis.sock",
+    )
+    redis_timeout_s: float = cf(2.0, "ours", 1e-3, 600.0, "connect timeout before a clear error (> 0)")
+    store_retries: int = cf(5, "ours", 0, 100, "retries of a failed store write before a clear error")
+    store_backoff_s: float = cf(0.2, "ours", 1e-3, 60.0, "first wait before a store retry (doubles each retry)")
+    store_backoff_max_s: float = cf(5.0, "ours", 1e-3, 600.0, "longest wait between two store retries")
+    segment_conversations: int = cf(
+        250,
+        "ours (§4.4 checkpoints; our reading)",
+        1,
+        10**8,
+        "conversations per segment: a segment starts when the previous one has drained; checkpoints fall between",
+    )
     metrics_port: int = cf(0, "§4.3", 0, 65535, "Prometheus HTTP port (0: metrics not served)")
     summary_max_words: int = cf(
         80,
@@ -295,7 +312,7 @@ class EvaluationConfig:
     n_comparisons: int = cf(4, "§5.5", 1, 1000, "Bonferroni comparisons (RAPO vs each baseline)")
     bootstrap_resamples: int = cf(10_000, "§5.5", 1, 10**8, "bootstrap resamples for CIs")
     seeds: tuple = cf((0, 1, 2, 3, 4), "ours", 0, 2**31 - 1, "seeds of repeated runs")
-    n_agents: int = cf(12, "§5.1 (agent count unspecified; our reading)", 1, 10**7, "agents in the evaluation pool")
+    n_agents: int = cf(12, "§5.1 (agent count unspecified; our reading)", 2, 10**7, "agents in the evaluation pool")
     share_tolerance: float = cf(
         0.05,
         "ours (verdict tolerance)",
@@ -312,6 +329,20 @@ class EvaluationConfig:
     )
     d_tolerance: float = cf(
         0.2, "ours (verdict tolerance)", 0.0, 100.0, "Cohen's d is reproduced within ± this of the paper's"
+    )
+    factorial_conversations: int = cf(
+        80,
+        "ours (issue 19 factorial design)",
+        1,
+        10**7,
+        "conversations per factorial cell and seed (the first ones of the seed's benchmark)",
+    )
+    factorial_seeds: tuple = cf((0, 1, 2, 3, 4), "ours (issue 19: 5 seeds)", 0, 2**31 - 1, "seeds of the factorial")
+    factorial_fraction: int = cf(
+        1, "ours (issue 19 factorial design)", 1, 2, "1: full factorial; 2: its resolution-V half fraction"
+    )
+    factorial_workers: int = cf(
+        2, "ours", 1, 1024, "processes running the factorial cells and the one-context-policy Table 1"
     )
     moderate_d_range: tuple = cf(
         (0.3, 0.8),
@@ -481,6 +512,63 @@ class SimulationConfig:
     low_skill: float = cf(
         0.5, "ours", 0.0, 1.0, "true skill below which a routing decision counts as an agent-selection error"
     )
+    reception_alignment: float = cf(
+        1.0,
+        "ours (simulated world; issue 19)",
+        0.0,
+        1.0,
+        "a in q = f + (1 − f)·a·max(0, cos(P_out, P_in)): 1 = reception follows prompt alignment, 0 = it does not",
+    )
+    skill_visible_share: float = cf(
+        1.0,
+        "ours (simulated world; issue 19)",
+        0.0,
+        1.0,
+        "share of a turn's success probability given by the (agent, task, modality) cell; rest: latent, unseen by M",
+    )
+    latent_kinds: int = cf(4, "ours (simulated world)", 1, 1000, "latent turn kinds of the agent × latent interaction")
+    latent_skill_spread: float = cf(
+        0.3, "ours (simulated world)", 0.0, 1.0, "agent × latent-kind skill offsets span ±spread/2 (a permutation each)"
+    )
+    latent_difficulty_sd: float = cf(
+        0.1, "ours (simulated world)", 0.0, 1.0, "sd of a turn's latent difficulty (same for every agent)"
+    )
+    speed_skill_tradeoff: float = cf(
+        0.0,
+        "ours (simulated world; issue 19)",
+        0.0,
+        10.0,
+        "t in service time × exp(t·(p − mean skill)): > 0 makes an agent slower on turns it is likelier to get right",
+    )
+
+# %% ../nbs/00_config.ipynb #c0a5e7f2
+_POLICIES = ("last_turn", "last_k", "summary", "full_history")
+
+
+@dataclass
+class SweepConfig:
+    "The advantage map and the knee fit of notebook 14 (issue 19; ours, the paper has no simulated world)."
+
+    reception_alignment: tuple = cf(
+        (0.0, 0.33, 0.67, 1.0), "ours (simulated world)", 0.0, 1.0, "grid of simulation.reception_alignment"
+    )
+    skill_visible_share: tuple = cf(
+        (0.0, 0.33, 0.67, 1.0), "ours (simulated world)", 0.0, 1.0, "grid of simulation.skill_visible_share"
+    )
+    speed_skill_tradeoff: tuple = cf(
+        (0.0, 1.0), "ours (simulated world)", 0.0, 1e3, "grid of simulation.speed_skill_tradeoff (one panel each)"
+    )
+    context_policy: str = cf(
+        "full_history", "ours", doc="the one handoff context policy of every system on the map", choices=_POLICIES
+    )
+    n_conversations: int = cf(70, "ours", 1, 10**6, "conversations per cell and seed")
+    seeds: tuple = cf((0, 1, 2), "ours", 0, 2**31 - 1, "seeds per cell (each seed its own benchmark and world)")
+    n_workers: int = cf(2, "ours", 1, 1024, "processes running the map's (cell, seed, system) jobs (spawn)")
+    knee_min_conversations: int = cf(
+        10, "ours", 1, 10**6, "a handoff count enters the knee fit only with this many conversations on each side"
+    )
+    knee_step: float = cf(0.5, "ours", 1e-3, 100.0, "grid step of the knee fit's breakpoint (handoffs)")
+    knee_resamples: int = cf(1000, "ours", 1, 10**7, "bootstrap resamples of the knee fit")
 
 # %% ../nbs/00_config.ipynb #5e1a7c21
 # our documented grouping of MMLU subjects, GSM8K and MT-Bench categories into the paper's m = 10
@@ -600,6 +688,7 @@ class Config:
     workflows: WorkflowConfig = field(default_factory=WorkflowConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     routellm: RouteLLMConfig = field(default_factory=RouteLLMConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict:
         "Plain-dict view (JSON-serialisable) for checkpoints and reports."
@@ -618,6 +707,7 @@ GROUPS = (
     "workflows",
     "simulation",
     "routellm",
+    "sweep",
 )
 
 # %% ../nbs/00_config.ipynb #af2d9088
@@ -630,10 +720,19 @@ PROFILES: dict[str, dict[str, Any]] = {
         "training.time_budget_s": 60.0,
         "evaluation.seeds": (0, 1, 2),
         "evaluation.bootstrap_resamples": 2000,
+        "evaluation.factorial_conversations": 8,
+        "evaluation.factorial_fraction": 2,
+        "evaluation.factorial_seeds": (0, 1),
         "scaling.agent_counts": (10, 50, 100, 500, 1000, 10_000, 100_000),
         "scaling.success_max_agents": 100,
         "scaling.repeats": 3,
         "workflows.n_workflows": 60,
+        "sweep.reception_alignment": (0.0, 1.0),
+        "sweep.skill_visible_share": (0.0, 1.0),
+        "sweep.speed_skill_tradeoff": (0.0,),
+        "sweep.n_conversations": 40,
+        "sweep.seeds": (0, 1),
+        "sweep.knee_resamples": 400,
     },
 }
 
@@ -681,6 +780,12 @@ PAPER_CLAIMS = {  # §5–6 discussion claims
     "quartile_loss_beyond": 15,
     "response_time_d_above": 0.8,
     "context_score_d": 0.5,  # §5.5: large effect on response time, moderate on context
+    "training_compute_hours": 72,  # §4.6: 8×A100 for 72 h (three phases of 24 h)
+    "abstract_task_success": 0.89,  # Abstract: "an 89% success rate for task completion without context loss"
+    "convergence_cv": 2.3,  # §6: "converges ... but with high variance (CV=2.3)"
+    "metadata_to_state_memory": 60,  # §6: "memory consumption is dominated by coordination metadata (60× agent state)"
+    "communication_worst": "O(n²)",  # §5.4: "in worst-case scenarios where all agents interact"
+    "communication_typical": "O(n log n)",  # §5.4: "typical communication patterns"
 }
 SEED003_CLAIMS = dict(
     completion_multi_agent=0.91,
@@ -697,6 +802,18 @@ SUM_TO_ONE_TOL: float = (
 )
 
 
+def _integral(name: str, default: tuple, value: tuple, items: list) -> tuple[tuple, list]:
+    "A tuple whose default holds only integers (seeds, ranges, sizes) takes integers: 2.0 becomes 2, 2.5 is refused."
+    flat = [x for v in default for x in (v if isinstance(v, tuple) else (v,))]
+    if not flat or not all(isinstance(x, int) for x in flat):
+        return value, items
+    bad = [v for v in items if not float(v).is_integer()]
+    if bad:
+        raise ValueError(f"{name}: expected integers, got {bad[0]!r} in {value!r}")
+    value = tuple(tuple(int(x) for x in v) if isinstance(v, tuple) else int(v) for v in value)
+    return value, [int(v) for v in items]
+
+# %% ../nbs/00_config.ipynb #3ea91f3d
 def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
     "Check one field's type and range; return the (possibly widened) value."
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -727,6 +844,7 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
         items = [x for v in value for x in (v if isinstance(v, tuple) else (v,))]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
             raise ValueError(f"{name}: expected numbers, got {value!r}")
+        value, items = _integral(name, default, value, items)
         if m.get("ordered") and value[0] > value[1]:
             raise ValueError(f"{name}: lower bound {value[0]} exceeds upper bound {value[1]}")
     elif isinstance(default, str):
@@ -734,6 +852,8 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
             raise ValueError(f"{name}: expected a string, got {value!r}")
         if m.get("choices") and value not in m["choices"]:
             raise ValueError(f"{name}: {value!r} is not one of {list(m['choices'])}")
+        if m.get("pattern") and not re.fullmatch(m["pattern"], value):
+            raise ValueError(f"{name}: expected {m.get('example', m['pattern'])}, got {value!r}")
         return value
     else:
         return value
@@ -745,7 +865,7 @@ def _check_value(name: str, value: Any, f: dataclasses.Field) -> Any:
             )
     return value
 
-
+# %% ../nbs/00_config.ipynb #3ea91f3e
 def validate(cfg: Config) -> Config:
     "Check every field of `cfg`; raise `ValueError` naming the first bad field. Returns `cfg`."
     if cfg.profile not in PROFILES:
@@ -792,6 +912,120 @@ def load_config(profile: str = "quick", overrides: dict | None = None, **kw) -> 
     for k, v in {**PROFILES[profile], **(overrides or {}), **kw}.items():
         _set(cfg, k, v)
     return validate(cfg)
+
+# %% ../nbs/00_config.ipynb #05066c4f
+PAPER_SPEC: dict[str, Any] = {  # the paper's constants as stated, keyed by the config field that implements each
+    "state.prompt_dim": 512,  # §3.2
+    "state.context_dim": 768,  # §3.2
+    "state.n_tasks": 10,  # §3.2
+    "state.n_modalities": 5,  # §3.2
+    "state.history_turns": 20,  # §4.5
+    "state.capability_eta": 0.1,  # §3.4
+    "state.capability_decay": 0.95,  # §3.4
+    "consensus.trust_region": 0.1,  # §3.3
+    "consensus.e_min": 0.7,  # §3.3
+    "consensus.grad_clip": 5.0,  # §3.5
+    "consensus.rollback_after": 10,  # §3.5
+    "runtime.tick_ms": 100.0,  # §3.5
+    "runtime.checkpoint_every": 1000,  # §4.4
+    "training.hidden": (256, 128),  # §4.2
+    "training.buffer_size": 10_000,  # §4.2
+    "training.batch_size": 32,  # §4.2
+    "training.lr": 1e-4,  # §4.2
+    "training.grad_clip": 5.0,  # §4.2
+    "training.mc_trajectories": 10,  # §4.2
+    "synthetic.n_conversations": 1000,  # §5.1
+    "synthetic.fsm_probs": (0.10, 0.20, 0.40, 0.20, 0.10),  # §5.1, in FSM_STATES order
+    "synthetic.task_type_probs": (0.40, 0.35, 0.25),  # §5.1, in TASK_TYPES order
+    "synthetic.n_query_rules": 50,  # §5.1
+    "synthetic.n_response_rules": 30,  # §5.1
+    "synthetic.n_trigger_rules": 20,  # §5.1
+    "synthetic.depth_range": (3, 12),  # §5.1
+    "synthetic.entity_range": (5, 50),  # §5.1
+    "synthetic.relation_range": (10, 200),  # §5.1
+    "synthetic.inference_range": (1, 8),  # §5.1
+    "synthetic.depth_trigger": 8,  # §5.1
+    "synthetic.entity_trigger": 20,  # §5.1
+    "synthetic.inference_trigger": 4,  # §5.1
+}
+CLAIM_COLUMNS = ["claim", "section", "paper", "ours", "verdict", "kind", "paper_source", "note"]
+VERDICTS = ("implemented as specified", "reproduced", "differs", "not comparable", "not measured")
+CLAIM_KINDS = {"conformance": ("implemented as specified", "differs"), "result": VERDICTS[1:]}
+PAPER_SOURCES = ("paper", "config")  # the paper's text (PAPER_* tables, quoted words) / our own config
+
+
+def paper_spec(key: str) -> Any:
+    "The paper's value of the constant implemented by config field `key` (KeyError naming the known fields)."
+    if key not in PAPER_SPEC:
+        raise KeyError(f"{key!r}: not in PAPER_SPEC; known: {sorted(PAPER_SPEC)}")
+    return PAPER_SPEC[key]
+
+
+def claim_row(
+    claim: str,
+    section: str,
+    paper: Any,
+    ours: Any,
+    *,
+    kind: str,
+    ok: bool | None,
+    note: str = "",
+    paper_source: str = "paper",
+    comparable: bool = True,
+) -> dict:
+    """One claims-table row with its verdict computed: conformance → `implemented as specified` if `ok` else `differs`;
+    result → `not comparable` (our parameters set the level), `not measured` (`ok` None), `reproduced` or `differs`."""
+    if kind == "conformance":
+        if not isinstance(ok, (bool, np.bool_)) or not comparable:
+            raise ValueError(f"{claim!r}: a conformance row needs ok=True/False (equal or not), got ok={ok!r}")
+        verdict = VERDICTS[0] if ok else "differs"
+    elif kind == "result":
+        if paper_source == "config":
+            raise ValueError(f"{claim!r}: its paper value is read from our config, so it is conformance, not a result")
+        verdict = "not comparable" if not comparable else "not measured" if ok is None else VERDICTS[1 if ok else 2]
+    else:
+        raise ValueError(f"{claim!r}: kind must be one of {list(CLAIM_KINDS)}, got {kind!r}")
+    if paper_source not in PAPER_SOURCES:
+        raise ValueError(f"{claim!r}: paper_source must be one of {list(PAPER_SOURCES)}, got {paper_source!r}")
+    return dict(
+        claim=claim,
+        section=section,
+        paper=str(paper),
+        ours=str(ours),
+        verdict=verdict,
+        kind=kind,
+        paper_source=paper_source,
+        note=note,
+    )
+
+# %% ../nbs/00_config.ipynb #607e81bf
+def check_claims(df: "pd.DataFrame", name: str = "claims") -> "pd.DataFrame":
+    """Raise ValueError naming `name` and the claim when a row breaks the rules: known columns, verdicts, kinds and
+    sources; conformance rows only `implemented as specified`/`differs`; result rows never `implemented as specified`;
+    a paper value read from our config only in a conformance row. Returns `df`."""
+    missing = [c for c in CLAIM_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name}: missing columns {missing}; expected {CLAIM_COLUMNS}")
+    for r in df.itertuples():
+        where = f"{name}: claim {r.claim!r}"
+        if r.verdict not in VERDICTS:
+            raise ValueError(f"{where}: unknown verdict {r.verdict!r}; allowed {list(VERDICTS)}")
+        if r.kind not in CLAIM_KINDS:
+            raise ValueError(f"{where}: unknown kind {r.kind!r}; allowed {list(CLAIM_KINDS)}")
+        if r.verdict not in CLAIM_KINDS[r.kind]:
+            raise ValueError(f"{where}: a {r.kind} row cannot be {r.verdict!r}; allowed {list(CLAIM_KINDS[r.kind])}")
+        if r.paper_source not in PAPER_SOURCES:
+            raise ValueError(f"{where}: unknown paper_source {r.paper_source!r}; allowed {list(PAPER_SOURCES)}")
+        if r.paper_source == "config" and r.kind != "conformance":
+            raise ValueError(f"{where}: its paper value is read from our config, so it must be conformance")
+    return df
+
+
+def claims_frame(rows: list[dict], name: str = "claims") -> "pd.DataFrame":
+    "The rows of `claim_row` as a checked claims table with the columns CLAIM_COLUMNS."
+    import pandas as pd
+
+    return check_claims(pd.DataFrame(rows, columns=CLAIM_COLUMNS), name)
 
 # %% ../nbs/00_config.ipynb #bddd9a65
 def constants_table(cfg: Config | None = None) -> "pd.DataFrame":
@@ -854,8 +1088,11 @@ def numbered_notebooks(nbs: Path | None = None) -> list[Path]:
 
 
 def figures_dir() -> Path:
-    "Folder for figures and tables (env RAPO_FIGURES_DIR, else <root>/figures); created if missing."
-    d = Path(os.environ.get("RAPO_FIGURES_DIR") or project_root() / "figures")
+    """Folder for figures and tables; created if missing.
+
+    `rapo-reproduce` sets env RAPO_FIGURES_DIR (the committed `figures/` only for the full profile). Without it (a
+    notebook opened by hand, `nbdev-test`) tables go to `<root>/runs/interactive/figures`, so a clone stays clean."""
+    d = Path(os.environ.get("RAPO_FIGURES_DIR") or project_root() / "runs" / "interactive" / "figures")
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -554,15 +554,20 @@ def _count_nonconverging(self: ConsensusEngine, bank: StateBank, info: dict) -> 
         self.nonconverged = 0
         info["rolled_back"] = True
 
-# %% ../nbs/02_consensus.ipynb #c77d3fa8
+# %% ../nbs/02_consensus.ipynb #97a390df
 @patch
-def step(self: ConsensusEngine, bank: StateBank, grad_q: torch.Tensor | None = None) -> dict:
-    """One consensus iteration on `bank.P` by `self.kernel`; returns dict(converged, delta, rolled_back, gate,
-    rejected, residual (of the P it started from), update_norm)."""
+def _start_round(self: ConsensusEngine, bank: StateBank) -> dict:
+    """Count a round on `bank` and return its fresh result dict; keep the stable P current (a first or resized bank,
+    or an in-place edit of the stable P, becomes the stable configuration)."""
     if bank.n != self.topo.n:
         raise ValueError(f"bank: has {bank.n} agents but the topology has {self.topo.n}")
     self.rounds += 1
-    info = dict(
+    if self.stable is None or self.stable.shape != bank.P.shape:
+        self._set_stable(bank.P.clone())
+    elif self.stable is bank.P and bank.P._version != self._stable_version:
+        self.stable_edits += 1
+        self._set_stable(bank.P.clone())  # P was edited in place: the edit becomes the stable state
+    return dict(
         converged=False,
         delta=0.0,
         rolled_back=False,
@@ -571,11 +576,43 @@ def step(self: ConsensusEngine, bank: StateBank, grad_q: torch.Tensor | None = N
         residual=float("nan"),
         update_norm=float("nan"),
     )
-    if self.stable is None or self.stable.shape != bank.P.shape:
-        self._set_stable(bank.P.clone())
-    elif self.stable is bank.P and bank.P._version != self._stable_version:
-        self.stable_edits += 1
-        self._set_stable(bank.P.clone())  # P was edited in place: the edit becomes the stable state
+
+
+@patch
+def _book_step(self: ConsensusEngine, bank: StateBank, P: torch.Tensor, result: StepResult, info: dict) -> dict:
+    """Book the kernel's step from `P`: refuse a non-finite one; else take it, test whether it settled or made
+    progress, and save it as stable (E_min gate) or count it as non-converging (rollback)."""
+    cc = self.cc
+    if not all(math.isfinite(x) for x in (result.change, result.update_norm, result.norm_P)):
+        self.rejected += 1
+        bank.rejected_updates += 1
+        info["rejected"] = True
+        self._count_nonconverging(bank, info)
+        return info
+    delta = result.change / max(result.norm_P, 1e-12)
+    bank.P = result.P
+    self._spare = P
+    info.update(
+        delta=delta, residual=result.residual, update_norm=result.update_norm, converged=delta < cc.converge_tol
+    )
+    prev, self._prev_update = self._prev_update, result.update_norm
+    if info["converged"] or (self.rollback_rule == "progress" and prev is not None and result.update_norm < prev):
+        self.nonconverged = 0
+        rate = self.effectiveness_rate()
+        if rate is None or rate >= cc.e_min:
+            self._set_stable(result.P)
+        else:
+            info["gate"] = "effectiveness"
+    elif self.rollback_rule == "settle" or prev is not None:
+        self._count_nonconverging(bank, info)
+    return info
+
+# %% ../nbs/02_consensus.ipynb #c77d3fa8
+@patch
+def step(self: ConsensusEngine, bank: StateBank, grad_q: torch.Tensor | None = None) -> dict:
+    """One consensus iteration on `bank.P` by `self.kernel`; returns dict(converged, delta, rolled_back, gate,
+    rejected, residual (of the P it started from), update_norm)."""
+    info = self._start_round(bank)
     if self.resource > self.cc.resource_max:
         self.resource_skips += 1
         info["gate"] = "resource"
@@ -602,25 +639,4 @@ def step(self: ConsensusEngine, bank: StateBank, grad_q: torch.Tensor | None = N
         self.trust_scope,
         out=self._out_buffer(P),
     )
-    if not all(math.isfinite(x) for x in (result.change, result.update_norm, result.norm_P)):
-        self.rejected += 1
-        bank.rejected_updates += 1
-        info["rejected"] = True
-        self._count_nonconverging(bank, info)
-        return info
-    delta = result.change / max(result.norm_P, 1e-12)
-    bank.P = result.P
-    self._spare = P
-    converged = delta < cc.converge_tol
-    info.update(delta=delta, residual=result.residual, update_norm=result.update_norm, converged=converged)
-    prev, self._prev_update = self._prev_update, result.update_norm
-    if info["converged"] or (self.rollback_rule == "progress" and prev is not None and result.update_norm < prev):
-        self.nonconverged = 0
-        rate = self.effectiveness_rate()
-        if rate is None or rate >= cc.e_min:
-            self._set_stable(result.P)
-        else:
-            info["gate"] = "effectiveness"
-    elif self.rollback_rule == "settle" or prev is not None:
-        self._count_nonconverging(bank, info)
-    return info
+    return self._book_step(bank, P, result, info)

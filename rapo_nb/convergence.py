@@ -6,15 +6,30 @@ Docs: https://rapo-nb.github.io/rapo_nb/convergence.html.md"""
 
 # %% ../nbs/03_convergence.ipynb #cff5ebd2
 from __future__ import annotations
+import math
 import numpy as np
 import torch
-from .consensus import Topology, adaptive_weights, make_topology, segment_sum
+from .config import Config
+from rapo_nb.consensus import (
+    ConsensusEngine,
+    Objective,
+    Topology,
+    adaptive_weights,
+    consensus_step,
+    make_topology,
+    segment_sum,
+)
 
 # %% auto #0
-__all__ = ['transpose_matvec', 'lipschitz_estimate', 'stationary_distribution', 'dense_spectrum', 'simulate_consensus',
-           'worst_step_growth', 'iterations_to_eps', 'geometric_prediction']
+__all__ = ['DENSE_PI_MAX', 'transpose_matvec', 'lipschitz_estimate', 'stationary_distribution', 'dense_spectrum',
+           'simulate_consensus', 'worst_step_growth', 'iterations_to_eps', 'geometric_prediction', 'runtime_topology',
+           'simulate_exchanges', 'lipschitz_upper_bound', 'step_spectrum', 'stability_limit', 'eq4_fixed_point',
+           'run_eq4']
 
-# %% ../nbs/03_convergence.ipynb #e21daba9
+# %% ../nbs/03_convergence.ipynb #7655a006
+DENSE_PI_MAX: int = 256  # ours: up to this many agents π is solved densely (exact); above, by power iteration
+
+
 def transpose_matvec(topo: Topology, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     "Wᵀx for the CSR matrix W (edge weights on (row, col)), via index_add: O(E·k)."
     out = torch.zeros_like(x)
@@ -49,10 +64,17 @@ def lipschitz_estimate(
 
 
 def stationary_distribution(
-    topo: Topology, weights: torch.Tensor, iters: int = 5000, tol: float = 1e-13
+    topo: Topology, weights: torch.Tensor, iters: int = 5000, tol: float = 1e-13, dense: bool | None = None
 ) -> torch.Tensor:
-    "π with πᵀW = πᵀ, Σπ = 1 (left Perron vector), by lazy power iteration π ← ½(π + Wᵀπ)."
+    """π with πᵀW = πᵀ, Σπ = 1 (left Perron vector): a dense solve of (I − W)ᵀπ = 0 with its last equation replaced by
+    Σπ = 1, up to `DENSE_PI_MAX` agents (or when `dense`), else lazy power iteration π ← ½(π + Wᵀπ), sparse."""
     w = weights.double()
+    if topo.n <= DENSE_PI_MAX if dense is None else dense:
+        A = np.eye(topo.n) - topo.to_dense(w).numpy().T
+        A[-1] = 1.0  # the n equations are dependent (columns of I − W sum to 0): one makes room for Σπ = 1
+        b = np.zeros(topo.n)
+        b[-1] = 1.0
+        return torch.from_numpy(np.linalg.solve(A, b))
     pi = torch.full((topo.n,), 1.0 / topo.n, dtype=torch.float64)
     for _ in range(iters):
         new = 0.5 * (pi + transpose_matvec(topo, w, pi))
@@ -62,7 +84,7 @@ def stationary_distribution(
         pi = new
     return pi
 
-
+# %% ../nbs/03_convergence.ipynb #ed9d2156
 def dense_spectrum(topo: Topology, weights: torch.Tensor) -> np.ndarray:
     "Sorted real parts of the eigenvalues μ_k of I − W (dense; small graphs only)."
     M = np.eye(topo.n) - topo.to_dense(weights.double()).numpy()
@@ -98,21 +120,20 @@ def simulate_consensus(
         out[k][~np.isfinite(out[k])] = np.inf  # diverged runs overflow: report them as ∞
     return out
 
-
+# %% ../nbs/03_convergence.ipynb #678845c2
 def worst_step_growth(
     topo: Topology, weights: torch.Tensor, alpha: float, pi: torch.Tensor | None = None
 ) -> tuple[float, float]:
-    "Largest one-step growth of the error ‖e_{t+1}‖/‖e_t‖ over starts with πᵀe = 0: (Euclidean, π-weighted). Dense."
+    """Largest one-step growth of the error ‖e_{t+1}‖/‖e_t‖ over starts with πᵀe = 0: (Euclidean, π-weighted). Dense.
+    On that subspace ‖M e‖/‖e‖ peaks at ‖M Π‖₂, Π the orthogonal projector onto it (one SVD per norm)."""
     n = topo.n
-    pi = stationary_distribution(topo, weights) if pi is None else pi.double()
+    pi = (stationary_distribution(topo, weights) if pi is None else pi.double()).numpy()
     M = np.eye(n) - alpha * (np.eye(n) - topo.to_dense(weights.double()).numpy())
-    # orthonormal basis of {e : πᵀe = 0} (Euclidean), and of the same space in the π inner product
-    Q = np.linalg.svd(np.eye(n) - np.outer(np.ones(n), pi.numpy()))[0][:, : n - 1]
-    euclid = np.linalg.norm(M @ Q, 2)
-    s = np.sqrt(pi.numpy())
+    u = pi / np.linalg.norm(pi)  # {e : πᵀe = 0} is the Euclidean complement of π
+    euclid = np.linalg.norm(M - np.outer(M @ u, u), 2)  # ‖M (I − uuᵀ)‖₂
+    s = np.sqrt(pi)  # in π-coordinates x = D^{1/2} e the subspace is ⊥ √π (a unit vector, Σπ = 1)
     Ms = (s[:, None] * M) / s[None, :]  # M in π-coordinates: D^{1/2} M D^{-1/2}
-    Qs = np.linalg.svd(np.eye(n) - np.outer(s, s))[0][:, : n - 1]  # ⊥ to √π in π-coordinates
-    return float(euclid), float(np.linalg.norm(Ms @ Qs, 2))
+    return float(euclid), float(np.linalg.norm(Ms - np.outer(Ms @ s, s), 2))
 
 # %% ../nbs/03_convergence.ipynb #5dedc389
 def iterations_to_eps(V: np.ndarray, eps: float) -> int:
@@ -121,7 +142,112 @@ def iterations_to_eps(V: np.ndarray, eps: float) -> int:
     return int(hit[0]) if len(hit) else -1
 
 
-def geometric_prediction(mu: np.ndarray, alpha: float, eps: float) -> float:
-    "Steps for V to fall by ε at the asymptotic rate ρ(α)² = max_{k≥2} (1 − αμ_k)²."
-    rho = np.max(np.abs(1 - alpha * mu[1:]))
+def geometric_prediction(mu: np.ndarray, alpha: float, eps: float, beta: float = 0.0) -> float:
+    """Steps for V to fall by ε at the asymptotic rate ρ² of the linear step P ← P − (α(I − W) + βI)(P − P*):
+    ρ = max_k |1 − αμ_k − β| over every mode when β > 0, over all but the consensus mode μ_1 = 0 when β = 0
+    (μ sorted with μ_1 first; complex μ allowed)."""
+    mu = np.asarray(mu)
+    rho = np.max(np.abs(1 - beta - alpha * (mu if beta > 0 else mu[1:])))
     return float(np.log(eps) / (2 * np.log(rho))) if 0 < rho < 1 else np.inf
+
+# %% ../nbs/03_convergence.ipynb #f5de5eb1
+def runtime_topology(cfg: Config, n: int, seed: int = 0) -> Topology:
+    "The graph the runtime's orchestrator builds for `n` agents: cfg's topology, degree min(cfg's degree, n − 1)."
+    return make_topology(
+        cfg.consensus.topology, n, degree=min(cfg.consensus.degree, n - 1), seed=seed, rewire_p=cfg.consensus.rewire_p
+    )
+
+
+def simulate_exchanges(
+    engine: ConsensusEngine, receiver_success: torch.Tensor, rounds: int, batch: int, seed: int = 0
+) -> torch.Tensor:
+    """Feed `engine` `rounds` batches of `batch` simulated handoffs through `record_exchanges`, as the runtime does
+    once per tick (an edge i → j drawn uniformly, successful with probability `receiver_success[j]`); return the
+    eq. 5 weights the engine then steps with."""
+    t = engine.topo
+    p = torch.as_tensor(receiver_success, dtype=torch.float64).cpu()
+    if p.shape != (t.n,) or not bool(((p >= 0) & (p <= 1)).all()):
+        raise ValueError(f"receiver_success: expected {t.n} probabilities, got shape {tuple(p.shape)}")
+    if rounds < 0 or batch < 1:
+        raise ValueError(f"rounds, batch: expected rounds >= 0 and batch >= 1, got {rounds}, {batch}")
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = t.rows.cpu(), t.indices.cpu()
+    for _ in range(rounds):
+        e = torch.randint(0, t.n_edges, (batch,), generator=g)
+        ok = torch.rand(batch, generator=g, dtype=torch.float64) < p[cols[e]]
+        engine.record_exchanges(rows[e], cols[e], ok.float())
+    return engine.weights()
+
+
+def lipschitz_upper_bound(topo: Topology, weights: torch.Tensor | None = None) -> float:
+    """Certified bound L = ‖I − W‖₂ ≤ 1 + √(max_j Σ_i w_ij) for eq. 5 weights (rows summing to ≤ 1), O(E) at any
+    size; `weights=None`: the bound for every eq. 5 weighting at once, 1 + √(largest in-degree)."""
+    w = torch.ones(topo.n_edges, dtype=torch.float64) if weights is None else weights.detach().double().cpu()
+    if w.shape != (topo.n_edges,) or bool((w < 0).any()):
+        raise ValueError(f"weights: expected {topo.n_edges} non-negative edge weights, got shape {tuple(w.shape)}")
+    if weights is not None and bool((segment_sum(w, topo.to("cpu")) > 1 + 1e-6).any()):
+        raise ValueError("weights: eq. 5 rows sum to at most 1")
+    cols = torch.zeros(topo.n, dtype=torch.float64).index_add_(0, topo.indices.cpu(), w)
+    return 1.0 + math.sqrt(float(cols.max())) if topo.n_edges else 1.0
+
+# %% ../nbs/03_convergence.ipynb #981ba85d
+def step_spectrum(topo: Topology, weights: torch.Tensor) -> np.ndarray:
+    """Eigenvalues μ_k of I − W, complex (learnt eq. 5 weights need not be symmetric), sorted by |μ| so that μ_1 = 0
+    on a connected graph (dense; small graphs only)."""
+    mu = np.linalg.eigvals(np.eye(topo.n) - topo.to_dense(weights.double()).numpy())
+    return mu[np.argsort(np.abs(mu), kind="stable")]
+
+
+def stability_limit(mu: np.ndarray) -> float:
+    """The exact limit of the linear step: |1 − αμ_k| < 1 for every mode but the consensus one iff
+    α < min_{k≥2} 2 Re μ_k / |μ_k|² (= 2/μ_max for real μ)."""
+    m = np.asarray(mu)[1:]
+    return float(np.min(2 * m.real / np.abs(m) ** 2))
+
+# %% ../nbs/03_convergence.ipynb #38f04696
+def eq4_fixed_point(
+    topo: Topology, weights: torch.Tensor, alpha: float, beta: float, targets: torch.Tensor
+) -> torch.Tensor:
+    """Fixed point of eq. 4 with Q_i = −½‖P_i − y_i‖² and no clipping active:
+    α Σ_j w_ij (P*_j − P*_i) + β(y_i − P*_i) = 0, i.e. (α(D_r − W) + βI) P* = βY (D_r: row sums of W), a dense solve."""
+    if not beta > 0:
+        raise ValueError(f"beta: the fixed point is unique only for beta > 0, got {beta!r}")
+    W = topo.to_dense(weights.double())
+    A = alpha * (torch.diag(W.sum(1)) - W) + beta * torch.eye(topo.n, dtype=torch.float64)
+    return torch.linalg.solve(A, beta * targets.double())
+
+
+def run_eq4(
+    P0: torch.Tensor,
+    topo: Topology,
+    weights: torch.Tensor,
+    alpha: float,
+    iters: int,
+    P_star: torch.Tensor,
+    pi: torch.Tensor | None = None,
+    objective: Objective | None = None,
+    beta: float = 0.0,
+    trust_region: float | None = 0.1,
+    grad_clip: float | None = 5.0,
+) -> dict:
+    """Iterate `consensus_step` (eq. 4 in the trust region, ∇Q of `objective` clipped) `iters` times from P0. Returns
+    V = ½‖P − P*‖² per iteration (`V_euclid`; `V_pi` weighted by n·π, equal for uniform π), per step whether the
+    trust region bound (`trust_binds`) and how many gradient rows were clipped (`clipped_rows`), and the last P."""
+    n = P0.shape[0]
+    pi = torch.full((n,), 1.0 / n, dtype=P0.dtype) if pi is None else pi.to(P0.dtype)
+    out = dict(V_euclid=np.zeros(iters + 1), V_pi=np.zeros(iters + 1))
+    out.update(trust_binds=np.zeros(iters, dtype=bool), clipped_rows=np.zeros(iters, dtype=np.int64))
+    P = P0
+    for t in range(iters + 1):
+        sq = ((P - P_star) ** 2).sum(1)
+        out["V_euclid"][t], out["V_pi"][t] = 0.5 * float(sq.sum()), 0.5 * n * float(pi @ sq)
+        if t == iters:
+            break
+        g = objective.grad(P) if objective is not None else None
+        if g is not None and grad_clip is not None:
+            out["clipped_rows"][t] = int((torch.linalg.vector_norm(g, dim=1) > grad_clip).sum())
+        s = consensus_step(P, topo, weights, alpha, g, beta, trust_region, grad_clip)
+        out["trust_binds"][t] = trust_region is not None and s.update_norm > trust_region * s.norm_P
+        P = s.P
+    out["P"] = P
+    return out

@@ -6,7 +6,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/evaluation.html.md"""
 
 # %% ../nbs/13_evaluation.ipynb #b06c5fe7
 from __future__ import annotations
-import functools, math, os, time
+import dataclasses, functools, itertools, math, os, time
 from concurrent.futures import ProcessPoolExecutor
 import multiprocessing as mp
 from typing import Sequence
@@ -16,14 +16,19 @@ from rouge_score import rouge_scorer, tokenizers, scoring
 from .config import load_config, results_dir, save_table, save_figure, Config, PAPER_TABLE1, PAPER_CLAIMS
 from .state import HashedTextEncoder, encode_pairs
 from .synthetic import generate_conversations
+from tqdm import tqdm
 
 # %% auto #0
-__all__ = ['RESPONSE_TIME_NOTE', 'METRICS', 'check_frames', 'rouge_tokens', 'lcs_length', 'rouge_l_pair', 'rouge_l_f',
-           'handoff_metrics', 'conversation_metrics', 'toy_frames', 'summarise', 'sliding_windows', 'table1',
-           'error_shares', 'context_by_turn', 'breakpoint_fit', 'evaluate_benchmark']
+__all__ = ['RESPONSE_TIME_NOTE', 'TOY_ROWS', 'HANDOFF_COLUMNS', 'METRICS', 'FACTOR_COLUMNS', 'EQUALISED_POLICIES',
+           'FACTORIAL_FACTORS', 'FACTORIAL_OUTCOMES', 'FACTORIAL_REFERENCE', 'check_frames', 'rouge_tokens',
+           'lcs_length', 'rouge_l_pair', 'rouge_l_f', 'toy_frames', 'handoff_metrics', 'conversation_metrics',
+           'summarise', 'sliding_windows', 'table1', 'error_shares', 'context_by_turn', 'breakpoint_fit',
+           'resolve_systems', 'equalised_specs', 'factor_frame', 'evaluate_benchmark', 'factorial_specs', 'cell_rates',
+           'contrast_weights', 'factorial_effects', 'factorial_anova']
 
 # %% ../nbs/13_evaluation.ipynb #3c9e70ec
 from .systems import TURN_COLUMNS, CONV_COLUMNS, SYSTEMS, SYSTEM_LABELS, ERROR_TYPES
+from .systems import SYSTEM_SPECS, SystemSpec, FACTORS, factor_spec, resolve_system
 
 RESPONSE_TIME_NOTE = (
     "response time = simulated agent service time + measured coordination overhead of our "
@@ -40,7 +45,7 @@ def check_frames(turns: pd.DataFrame, convs: pd.DataFrame) -> None:
         if missing:
             raise ValueError(f"{name}: missing columns {missing}")
 
-# %% ../nbs/13_evaluation.ipynb #d6472033
+# %% ../nbs/13_evaluation.ipynb #927d5332
 _TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=False)
 
 
@@ -78,7 +83,7 @@ def rouge_l_pair(target: str, prediction: str) -> float:
     lcs = lcs_length(t, p)
     return scoring.fmeasure(lcs / len(p), lcs / len(t))
 
-
+# %% ../nbs/13_evaluation.ipynb #8c71c99d
 def _score_pairs(args: tuple[str, list[tuple[str, str]]]) -> list[float]:
     "Score a chunk of pairs with `method` (process-pool worker)."
     method, pairs = args
@@ -118,7 +123,64 @@ def rouge_l_f(
     table = dict(zip(uniq, scores))
     return np.fromiter((table[k] for k in keys), dtype=float, count=len(keys))
 
-# %% ../nbs/13_evaluation.ipynb #4d873df0
+# %% ../nbs/13_evaluation.ipynb #1f30daa3
+_GOOD = "entity alpha relates to beta and beta relates to gamma so alpha reaches gamma"
+_LOST = "could you clarify which entities you mean"
+# conv, turn, fsm state, agent, specialist, handoff, prev agent, prev response, response, service ms, overhead ms,
+# clarification
+TOY_ROWS = (
+    (0, 0, "greeting", 1, "general", False, -1, "", "hello alpha beta gamma question", 10.0, 1.0, False),
+    (0, 1, "information_exchange", 1, "general", False, -1, "", _GOOD, 12.0, 1.0, False),
+    (
+        0,
+        2,
+        "information_exchange",
+        2,
+        "reasoning",
+        True,
+        1,
+        _GOOD,
+        _GOOD + " therefore the answer is gamma",
+        15.0,
+        2.0,
+        False,
+    ),
+    (1, 0, "greeting", 3, "general", False, -1, "", "hello delta epsilon question", 11.0, 1.0, False),
+    (1, 1, "information_exchange", 3, "general", False, -1, "", _GOOD, 9.0, 1.0, False),
+    (1, 2, "clarification", 4, "knowledge", True, 3, _GOOD, _LOST, 20.0, 3.0, True),
+)
+
+# %% ../nbs/13_evaluation.ipynb #e0f21f98
+def toy_frames(system: str = "rapo", seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Two hand-made conversations (`TOY_ROWS`: one clean handoff, one context break) in the runtime's table format."
+    names = ("conv_id", "turn", "fsm_state", "agent", "specialist", "handoff", "prev_agent", "prev_response")
+    names += ("response", "service_ms", "overhead_ms", "clarification")
+    turns = pd.DataFrame([dict(zip(names, r)) for r in TOY_ROWS]).assign(system=system, seed=seed, outcome="ok")
+    turns["context_given"] = turns.prev_response
+    turns = turns[list(TURN_COLUMNS)]
+    rt = turns.assign(t=turns.service_ms + turns.overhead_ms).groupby("conv_id").t.sum()
+    convs = pd.DataFrame(
+        dict(
+            system=system,
+            seed=seed,
+            conv_id=[0, 1],
+            task_type=["information_retrieval", "problem_solving"],
+            n_turns=[3, 3],
+            n_handoffs=[1, 1],
+            depth=[5, 9],
+            n_entities=[10, 25],
+            inference_steps=[2, 5],
+            response_time_ms=rt.to_numpy(),
+            rule_success=[True, True],
+            failure_type=[None, None],
+        )
+    )
+    return turns, convs
+
+# %% ../nbs/13_evaluation.ipynb #df5bc8f2
+HANDOFF_COLUMNS = ("system", "seed", "conv_id", "turn", "agent", "prev_agent")  # then the scores below
+
+
 def _history_reference(turns: pd.DataFrame) -> pd.Series:
     "For each turn, all earlier responses of its conversation joined by spaces."
     t = turns.sort_values(["system", "seed", "conv_id", "turn"])
@@ -155,23 +217,10 @@ def handoff_metrics(
     ev = cfg.evaluation
     h["handoff_ok"] = (h.cosine > ev.handoff_cosine) & ~h.clarification.astype(bool)
     h["context_break"] = h.cosine < ev.context_break_cosine
-    return h[
-        [
-            "system",
-            "seed",
-            "conv_id",
-            "turn",
-            "agent",
-            "prev_agent",
-            "context_score",
-            "cosine",
-            "clarification",
-            "handoff_ok",
-            "context_break",
-        ]
-    ].reset_index(drop=True)
+    scores = ["context_score", "cosine", "clarification", "handoff_ok", "context_break"]
+    return h[[*HANDOFF_COLUMNS, *scores]].reset_index(drop=True)
 
-
+# %% ../nbs/13_evaluation.ipynb #34bd8cf6
 def conversation_metrics(
     turns: pd.DataFrame,
     convs: pd.DataFrame,
@@ -218,85 +267,25 @@ def conversation_metrics(
     out["error_type"] = err.where(~out.task_success, None)
     return out
 
-# %% ../nbs/13_evaluation.ipynb #4ec22ff8
-def toy_frames(system: str = "rapo", seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Two hand-made conversations (one clean handoff, one context break) in the runtime's table format."
-    good = "entity alpha relates to beta and beta relates to gamma so alpha reaches gamma"
-    lost = "could you clarify which entities you mean"
-    rows = [
-        (0, 0, "greeting", 1, "general", False, -1, "", "hello alpha beta gamma question", 10.0, 1.0, False),
-        (0, 1, "information_exchange", 1, "general", False, -1, "", good, 12.0, 1.0, False),
-        (
-            0,
-            2,
-            "information_exchange",
-            2,
-            "reasoning",
-            True,
-            1,
-            good,
-            good + " therefore the answer is gamma",
-            15.0,
-            2.0,
-            False,
-        ),
-        (1, 0, "greeting", 3, "general", False, -1, "", "hello delta epsilon question", 11.0, 1.0, False),
-        (1, 1, "information_exchange", 3, "general", False, -1, "", good, 9.0, 1.0, False),
-        (1, 2, "clarification", 4, "knowledge", True, 3, good, lost, 20.0, 3.0, True),
-    ]
-    turns = pd.DataFrame(
-        [
-            dict(
-                system=system,
-                seed=seed,
-                conv_id=c,
-                turn=t,
-                fsm_state=f,
-                agent=a,
-                specialist=sp,
-                handoff=h,
-                prev_agent=pa,
-                prev_response=pr,
-                response=r,
-                context_given=pr,
-                service_ms=s,
-                overhead_ms=o,
-                clarification=cl,
-                outcome="ok",
-            )
-            for c, t, f, a, sp, h, pa, pr, r, s, o, cl in rows
-        ]
-    )
-    rt = turns.assign(t=turns.service_ms + turns.overhead_ms).groupby("conv_id").t.sum()
-    convs = pd.DataFrame(
-        dict(
-            system=system,
-            seed=seed,
-            conv_id=[0, 1],
-            task_type=["information_retrieval", "problem_solving"],
-            n_turns=[3, 3],
-            n_handoffs=[1, 1],
-            depth=[5, 9],
-            n_entities=[10, 25],
-            inference_steps=[2, 5],
-            response_time_ms=rt.to_numpy(),
-            rule_success=[True, True],
-            failure_type=[None, None],
-        )
-    )
-    return turns, convs
-
-# %% ../nbs/13_evaluation.ipynb #334431f5
+# %% ../nbs/13_evaluation.ipynb #f4ce9b82
 def summarise(conv: pd.DataFrame, by: Sequence[str] = ("system", "seed")) -> pd.DataFrame:
-    "Per group: n, response time mean/p95 (ms), context score, handoff success (pooled), task success, overhead share."
+    """Per group: n, response time mean/p95 (ms), context score, handoff success (pooled), task success pooled and
+    conditional on at least one handoff / on none, the share of conversations with a handoff, overhead share."""
     by = list(by)
-    g = conv.groupby(by, sort=False)
-    out = g.agg(
+    if "n_handoffs" not in conv.columns:
+        raise ValueError("conv: missing column 'n_handoffs' (needed for success conditional on a handoff)")
+    has = conv.n_handoffs > 0
+    ok = conv.task_success.astype(float)
+    c = conv.assign(_has=has.astype(float), _ok_h=ok.where(has), _ok_0=ok.where(~has))
+    out = c.groupby(by, sort=False).agg(
         n=("conv_id", "size"),
         response_time_ms=("response_time_ms", "mean"),
         response_time_p95_ms=("response_time_ms", lambda v: float(np.percentile(v, 95))),
         context_score=("context_score", "mean"),
         task_success=("task_success", "mean"),
+        task_success_handoff=("_ok_h", "mean"),
+        task_success_no_handoff=("_ok_0", "mean"),
+        share_with_handoff=("_has", "mean"),
         handoffs=("handoffs_scored", "sum"),
         handoffs_ok=("handoffs_ok", "sum"),
         overhead_ms=("overhead_ms", "sum"),
@@ -320,12 +309,25 @@ def sliding_windows(
         parts.append(r.assign(system=s, seed=sd, window_size=w, window_end=np.arange(w, len(g) + 1)))
     return pd.concat(parts, ignore_index=True)
 
-# %% ../nbs/13_evaluation.ipynb #71e1a79d
-METRICS = ("response_time_ms", "response_time_p95_ms", "context_score", "handoff_success", "task_success")
+# %% ../nbs/13_evaluation.ipynb #a43f2f8b
+METRICS = (
+    "response_time_ms",
+    "response_time_p95_ms",
+    "context_score",
+    "handoff_success",
+    "task_success",
+    "task_success_handoff",
+    "task_success_no_handoff",
+    "share_with_handoff",
+)
 
 
-def table1(conv: pd.DataFrame, cfg: Config, systems: Sequence[str] = SYSTEMS) -> pd.DataFrame:
-    "Table 1: per system mean ± sd over seeds of each metric, window sd, and the paper's values labelled 'paper'."
+def table1(
+    conv: pd.DataFrame, cfg: Config, systems: Sequence[str] = SYSTEMS, base: dict[str, str] | None = None
+) -> pd.DataFrame:
+    """Table 1: per system mean ± sd over seeds of each metric (task success pooled and conditional on a handoff),
+    window sd, and the paper's values labelled 'paper'; `base` maps a system to the paper's system it stands for."""
+    base = dict(base or {})
     per_seed = summarise(conv)
     win = sliding_windows(conv, cfg.evaluation.window).groupby("system").task_success.std()
     rows = []
@@ -333,19 +335,20 @@ def table1(conv: pd.DataFrame, cfg: Config, systems: Sequence[str] = SYSTEMS) ->
         ps = per_seed[per_seed.system == s]
         if ps.empty:
             raise ValueError(f"conv: no rows for system {s!r}")
-        r = dict(system=s, method=SYSTEM_LABELS.get(s, s), seeds=len(ps), conversations=int(ps.n.sum()))
+        b = base.get(s, s)
+        r = dict(system=s, method=SYSTEM_LABELS.get(b, b), seeds=len(ps), conversations=int(ps.n.sum()))
         for m in METRICS:
             r[m] = ps[m].mean()
             r[f"{m} sd"] = ps[m].std(ddof=1) if len(ps) > 1 else float("nan")
         r["task_success window sd"] = win.get(s, float("nan"))
         r["overhead_share"] = ps.overhead_share.mean()
-        p = PAPER_TABLE1.get(s, {})
+        p = PAPER_TABLE1.get(b, {})
         for m in ("response_time_ms", "context_score", "handoff_success", "task_success"):
             r[f"paper {m}"] = p.get(m, float("nan"))
         rows.append(r)
     return pd.DataFrame(rows)
 
-
+# %% ../nbs/13_evaluation.ipynb #3f64f6f8
 def error_shares(conv: pd.DataFrame) -> pd.DataFrame:
     "Per system: count and share of each error type among failed conversations."
     failed = conv[~conv.task_success.astype(bool)]
@@ -366,7 +369,7 @@ def context_by_turn(turns: pd.DataFrame, max_turn: int = 14, n_jobs: int = 1) ->
     out["rouge_l"] = rouge_l_f(t.response[keep].astype(str).tolist(), nxt[keep].astype(str).tolist(), n_jobs=n_jobs)
     return out.reset_index(drop=True)
 
-
+# %% ../nbs/13_evaluation.ipynb #8ada29d5
 def breakpoint_fit(x, y, weights=None, candidates=None) -> dict:
     "Continuous two-segment linear fit of y on x; the integer breakpoint with least weighted SSE and both slopes."
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -390,10 +393,48 @@ def breakpoint_fit(x, y, weights=None, candidates=None) -> dict:
     best["sse_one_line"] = float((w * (y - X1 @ c1) ** 2).sum())
     return best
 
-# %% ../nbs/13_evaluation.ipynb #4ce52d03
-def _run_job(args: tuple) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    "Worker: run one system on one seed's benchmark."
-    cfg, system, s, bench, n_agents, ablation, transition_model, threads = args
+# %% ../nbs/13_evaluation.ipynb #5018e7b4
+FACTOR_COLUMNS = ("router", "context_policy", "consensus", "hand_over_state", "prompt_style")
+EQUALISED_POLICIES = ("full_history", "summary")  # issue 19: Table 1 again with one context policy for every system
+
+
+def resolve_systems(systems: Sequence) -> dict[str, SystemSpec]:
+    """Paper names, factor names or `SystemSpec`s (`rapo_nb.systems.resolve_system`) → {name: spec}; unknown ones,
+    one name for two specs, and a spec under a paper system's name that is not that system are refused."""
+    out: dict[str, SystemSpec] = {}
+    for s in systems:
+        try:
+            spec = resolve_system(s)
+        except ValueError as e:
+            raise ValueError(f"systems: unknown {s!r} ({e})") from None
+        if out.get(spec.name, SYSTEM_SPECS.get(spec.name, spec)) != spec:
+            raise ValueError(f"systems: name {spec.name!r} names two different specs")
+        out[spec.name] = spec
+    return out
+
+
+def equalised_specs(policy: str, systems: Sequence[str] = SYSTEMS) -> list[SystemSpec]:
+    """The named systems with one context policy for all: router, consensus, prompt style and state hand-over kept;
+    a system whose own policy is `policy` keeps its name (it is the same system)."""
+    if policy not in FACTORS["context_policy"]:
+        raise ValueError(f"policy: {policy!r} is not one of {list(FACTORS['context_policy'])}")
+    out = []
+    for s in systems:
+        spec = SYSTEM_SPECS[s]
+        name = s if spec.context_policy == policy else f"{s}@{policy}"
+        out.append(dataclasses.replace(spec, name=name, context_policy=policy))
+    return out
+
+
+def factor_frame(specs: dict[str, SystemSpec]) -> pd.DataFrame:
+    "One row per system name: its spec's factor columns (router, context policy, consensus, hand-over, prompt style)."
+    return pd.DataFrame([dict(system=n, **{f: getattr(s, f) for f in FACTOR_COLUMNS}) for n, s in specs.items()])
+
+# %% ../nbs/13_evaluation.ipynb #8ea01843
+def _run_job(args: tuple) -> tuple[pd.DataFrame | None, pd.DataFrame, dict]:
+    """Worker: run one system (a name or a `SystemSpec`) on one seed's benchmark. With `score` it returns the
+    per-conversation metrics and drops the turns (the texts of a large run need not cross processes)."""
+    cfg, system, s, bench, n_agents, ablation, transition_model, threads, score = args
     import torch
     from rapo_nb.runtime import run_conversations
 
@@ -402,12 +443,28 @@ def _run_job(args: tuple) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     turns, convs = run_conversations(
         bench, system, cfg, s, n_agents=n_agents, ablation=ablation, transition_model=transition_model
     )
-    return turns, convs, dict(convs.attrs.get("run", {}))
+    info = dict(convs.attrs.get("run", {}))
+    if score:
+        return None, conversation_metrics(turns, convs, cfg, HashedTextEncoder.from_config(cfg)), info
+    return turns, convs, info
 
 
+def _map_jobs(jobs: list, n_workers: int, progress: bool, desc: str) -> list:
+    "`_run_job` over `jobs`, in order; in a spawned process pool when `n_workers` > 1 (never fork a torch process)."
+    if n_workers == 1:
+        results = map(_run_job, jobs)
+        return list(tqdm(results, total=len(jobs), desc=desc, leave=False) if progress else results)
+    # workers import the exported function: a notebook's own cannot be pickled by reference
+    import rapo_nb.evaluation as _module
+
+    with ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+        results = pool.map(_module._run_job, jobs)
+        return list(tqdm(results, total=len(jobs), desc=desc, leave=False) if progress else results)
+
+# %% ../nbs/13_evaluation.ipynb #a8eac615
 def evaluate_benchmark(
     cfg: Config,
-    systems: Sequence[str] = SYSTEMS,
+    systems: Sequence = SYSTEMS,
     seeds: Sequence[int] | None = None,
     n_conversations: int | None = None,
     ablation: dict | None = None,
@@ -419,49 +476,140 @@ def evaluate_benchmark(
     n_workers: int = 1,
     progress: bool = False,
 ):
-    """Run `systems` over the synthetic benchmark for `seeds`; per-conversation metrics (and turns if asked); run
-    counters in `.attrs['runs']`."""
+    """Run `systems` (names or `SystemSpec`s) over the synthetic benchmark for `seeds`; per-conversation metrics with
+    each system's factor columns (and turns if asked); run counters in `.attrs['runs']`."""
     seeds = tuple(cfg.evaluation.seeds if seeds is None else seeds)
     n = cfg.synthetic.n_conversations if n_conversations is None else int(n_conversations)
     if n < 1:
         raise ValueError(f"n_conversations: {n!r} must be at least 1")
-    bad = [s for s in systems if s not in SYSTEMS]
-    if bad:
-        raise ValueError(f"systems: unknown {bad}; known {list(SYSTEMS)}")
+    specs = resolve_systems(systems)
     if n_workers < 1:
         raise ValueError(f"n_workers: {n_workers!r} must be at least 1")
     n_agents = cfg.evaluation.n_agents if n_agents is None else n_agents
-
     bench = {s: generate_conversations(n, s, cfg) for s in seeds}
-    jobs = [
-        (cfg, system, s, bench[s], n_agents, ablation, transition_model, 1 if n_workers > 1 else 0)
-        for s in seeds
-        for system in systems
+    # a named system runs by its name (the runtime's table), any other spec as the spec itself; without turns
+    # wanted, each worker scores its own run
+    args = (n_agents, ablation, transition_model, 1 if n_workers > 1 else 0, not return_turns)
+    runs_by = [(s, name if SYSTEM_SPECS.get(name) == spec else spec) for s in seeds for name, spec in specs.items()]
+    jobs = [(cfg, system, s, bench[s], *args) for s, system in runs_by]
+    results = _map_jobs(jobs, n_workers, progress, f"{variant}: systems x seeds")
+    runs = [
+        dict(variant=variant, system=getattr(sy, "name", sy), seed=s, **r[2]) for (s, sy), r in zip(runs_by, results)
     ]
-    if n_workers == 1:
-        results = map(_run_job, jobs)
-    else:  # spawn: never fork a process that holds torch's thread pools
-        pool = ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=mp.get_context("spawn"))
-        # workers import the exported function: a notebook's own cannot be pickled by reference
-        import rapo_nb.evaluation as _module
-
-        results = pool.map(_module._run_job, jobs)
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=len(jobs), desc=f"{variant}: systems x seeds", leave=False)
-    turns_all, conv_all, runs = [], [], []
-    try:
-        for job, (turns, convs, info) in zip(jobs, results):
-            turns_all.append(turns)
-            conv_all.append(convs)
-            runs.append(dict(variant=variant, system=job[1], seed=job[2], **info))
-    finally:
-        if n_workers > 1:
-            pool.shutdown()
-    turns, convs = pd.concat(turns_all, ignore_index=True), pd.concat(conv_all, ignore_index=True)
-    metrics = conversation_metrics(turns, convs, cfg, HashedTextEncoder.from_config(cfg), n_jobs=n_jobs).assign(
-        variant=variant
-    )
+    convs = pd.concat([r[1] for r in results], ignore_index=True)
+    if return_turns:
+        turns = pd.concat([r[0] for r in results], ignore_index=True)
+        convs = conversation_metrics(turns, convs, cfg, HashedTextEncoder.from_config(cfg), n_jobs=n_jobs)
+    metrics = convs.merge(factor_frame(specs), on="system", how="left").assign(variant=variant)
     metrics.attrs["runs"] = runs
     return (metrics, turns.assign(variant=variant)) if return_turns else metrics
+
+# %% ../nbs/13_evaluation.ipynb #291d54bc
+FACTORIAL_FACTORS = ("router", "context_policy", "consensus", "hand_over_state")
+FACTORIAL_OUTCOMES = ("task_success", "task_success_handoff", "handoff_success")
+FACTORIAL_REFERENCE = dict(router="random", context_policy="last_turn", consensus=False, hand_over_state=False)
+
+
+def factorial_specs(
+    routers: Sequence[str] | None = None,
+    policies: Sequence[str] | None = None,
+    consensus: Sequence[bool] = (False, True),
+    hand_over: Sequence[bool] = (False, True),
+    fraction: int = 1,
+) -> list[SystemSpec]:
+    """Every combination router × context policy × consensus × state hand-over (`rapo_nb.systems.factor_spec`), or
+    with `fraction=2` the half fraction hand_over = consensus ⊕ policy bits ⊕ router's low bit (defining word of
+    length 5 over the two-level (pseudo-)factors: resolution V, main effects and two-way interactions clean of
+    each other)."""
+    routers = FACTORS["router"] if routers is None else routers
+    policies = FACTORS["context_policy"] if policies is None else policies
+    if fraction not in (1, 2):
+        raise ValueError(f"fraction: {fraction!r} is not 1 (full factorial) or 2 (half fraction)")
+    out = []
+    for (i, r), (j, p), c, h in itertools.product(enumerate(routers), enumerate(policies), consensus, hand_over):
+        if fraction == 2 and bool(h) != bool((int(c) + j % 2 + j // 2 + i % 2) % 2):
+            continue
+        out.append(factor_spec(r, p, c, h))
+    return out
+
+# %% ../nbs/13_evaluation.ipynb #576a561f
+def cell_rates(conv: pd.DataFrame, factors: Sequence[str] = FACTORIAL_FACTORS) -> pd.DataFrame:
+    "One row per (system, seed): its factor levels and the outcomes of `summarise` (pooled and given a handoff)."
+    missing = [f for f in factors if f not in conv.columns]
+    if missing:
+        raise ValueError(f"conv: missing factor columns {missing}")
+    levels = conv.drop_duplicates("system")[["system", *factors]]
+    return summarise(conv).merge(levels, on="system", how="left")
+
+
+def contrast_weights(cells: pd.DataFrame, terms: dict) -> np.ndarray:
+    """Weights over the rows of `cells` (one per factor combination) of the contrast 'level − reference' of each
+    factor in `terms` ({factor: (level, reference)}), each side averaged over the other factors; two factors give
+    the interaction (difference of differences)."""
+    w = np.zeros(len(cells))
+    for choice in itertools.product((0, 1), repeat=len(terms)):
+        mask, sign = np.ones(len(cells), dtype=bool), 1.0
+        for (f, levels), c in zip(terms.items(), choice):
+            mask &= cells[f].astype(str).to_numpy() == str(levels[c])
+            sign *= (1.0, -1.0)[c]
+        if not mask.any():
+            raise ValueError(f"cells: no cell with {dict(zip(terms, choice))} for terms {terms}")
+        w[mask] += sign / mask.sum()
+    return w
+
+# %% ../nbs/13_evaluation.ipynb #b5f6253e
+def factorial_effects(
+    rates: pd.DataFrame,
+    outcome: str,
+    factors: Sequence[str] = FACTORIAL_FACTORS,
+    reference: dict | None = None,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Main effects (each level vs the reference level) and two-way interactions (difference of differences) of
+    `outcome`, one row of `rates` per cell × seed: a cell-means OLS (statsmodels) whose contrasts give estimate,
+    CI and p; the residual is the spread between seeds within a cell."""
+    import statsmodels.api as sm  # here, not in the import cell: the process-pool workers need not load it
+
+    ref = {**FACTORIAL_REFERENCE, **(reference or {})}
+    d = rates.dropna(subset=[outcome])
+    key = d[list(factors)].astype(str).agg(" | ".join, axis=1)
+    X = pd.get_dummies(key, dtype=float)
+    cells = pd.DataFrame([k.split(" | ") for k in X.columns], columns=list(factors))
+    fit = sm.OLS(d[outcome].astype(float).to_numpy(), X.to_numpy()).fit()
+    levels = {f: [v for v in cells[f].unique() if v != str(ref[f])] for f in factors}
+    rows, W = [], []
+    for f in factors:
+        for a in levels[f]:
+            rows.append(dict(kind="main", term=f, contrast=f"{a} vs {ref[f]}"))
+            W.append(contrast_weights(cells, {f: (a, str(ref[f]))}))
+    for f, g in itertools.combinations(factors, 2):
+        for a, b in itertools.product(levels[f], levels[g]):
+            contrast = f"({a} vs {ref[f]}) × ({b} vs {ref[g]})"
+            rows.append(dict(kind="interaction", term=f"{f} × {g}", contrast=contrast))
+            W.append(contrast_weights(cells, {f: (a, str(ref[f])), g: (b, str(ref[g]))}))
+    tt = fit.t_test(np.vstack(W))
+    ci = np.asarray(tt.conf_int(alpha=alpha))
+    out = pd.DataFrame(rows).assign(outcome=outcome, estimate=np.ravel(tt.effect), ci_low=ci[:, 0], ci_high=ci[:, 1])
+    out["p"] = np.ravel(tt.pvalue)
+    out["cells"], out["replicates"], out["resid_df"] = len(cells), len(d), int(fit.df_resid)
+    return out
+
+
+def factorial_anova(
+    rates: pd.DataFrame, outcome: str, factors: Sequence[str] = FACTORIAL_FACTORS, order: int | None = None
+) -> pd.DataFrame:
+    """Type-II ANOVA (statsmodels) of `outcome` on `factors` with their interactions up to `order` (default: all;
+    2 for a half fraction, whose higher interactions are aliased): SS, df, F, p and partial η²."""
+    import statsmodels.api as sm  # here, not in the import cell: the process-pool workers need not load it
+    import statsmodels.formula.api as smf
+
+    d = rates.dropna(subset=[outcome])
+    varying = [f for f in factors if d[f].nunique() > 1]
+    d = d.assign(**{f"f{i}": d[f].astype(str) for i, f in enumerate(varying)}, y=d[outcome].astype(float))
+    terms = " + ".join(f"C(f{i})" for i in range(len(varying)))
+    fit = smf.ols(f"y ~ ({terms})**{order or len(varying)}", d).fit()
+    a = sm.stats.anova_lm(fit, typ=2)
+    names = {f"C(f{i})": f for i, f in enumerate(varying)}
+    a.index = [" × ".join(names[t] for t in k.split(":")) if k != "Residual" else k for k in a.index]
+    a["np2"] = a.sum_sq / (a.sum_sq + a.loc["Residual", "sum_sq"])
+    return a.rename(columns={"PR(>F)": "p"}).rename_axis("term").reset_index().assign(outcome=outcome)

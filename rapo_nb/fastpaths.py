@@ -122,7 +122,7 @@ def _block_ok(P, indices, w, out) -> bool:
         and w.ndim == 1
     )
 
-
+# %% ../nbs/16_fast_paths.ipynb #1d62e2f4
 @intrinsic
 def _gather_block(typingctx, P, indices, w, lo, hi, c0, out, i):
     """out[i, c0:c0+B] = Σ_{k=lo}^{hi−1} w[k] · P[indices[k], c0:c0+B] (B = PULL_BLOCK_BYTES / itemsize), the sum held
@@ -156,7 +156,7 @@ def _lane_sum(builder, vec: ir.Value, lanes: int) -> ir.Value:
         lanes = half
     return builder.extract_element(vec, ir.Constant(i32, 0))
 
-
+# %% ../nbs/16_fast_paths.ipynb #41b6e2e5
 def _make_step_block(stream: bool):
     """The intrinsic `_step_block` (stream=False) or `_step_block_stream` (non-temporal stores; out rows must be 64-byte
     aligned)."""
@@ -591,32 +591,6 @@ def spin_after_ms(fn: Callable[[], object], window_s: float = 0.05, repeats: int
         burnt.append(time.process_time() - c0)
     return 1000 * float(np.median(burnt))
 
-# %% ../nbs/16_fast_paths.ipynb #9029c1e2
-def tick_benchmark(
-    sizes: tuple[int, ...] = (1000, 100_000),
-    degree: int = 16,
-    repeats: int = 15,
-    device: str = "cpu",
-    kind: str = "small_world",
-    seed: int = 0,
-    profile: str = "full",
-    threads: int | None = None,
-    reuse_buffers: bool = True,
-    kernels: tuple[str, ...] = ("numba",),
-) -> "pd.DataFrame":
-    """Median tick time (capability update + consensus step) per size and step kernel (`STEP_KERNELS`), two plain
-    copies of P (one timed in blocks alternating with blocks of ticks), ratios, bytes per agent."""
-    for k in kernels:
-        if k not in STEP_KERNELS:
-            raise ValueError(f"kernels: {k!r} is not one of {list(STEP_KERNELS)}")
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers, kernels)
-    finally:
-        torch.set_num_threads(old_threads)
-
 # %% ../nbs/16_fast_paths.ipynb #223cc6a3
 def _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers, kernels) -> "pd.DataFrame":
     "The rows of `tick_benchmark` (one per size and kernel)."
@@ -672,6 +646,32 @@ def _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffer
             )
             del bank, engine, spare
     return pd.DataFrame(rows)
+
+# %% ../nbs/16_fast_paths.ipynb #9029c1e2
+def tick_benchmark(
+    sizes: tuple[int, ...] = (1000, 100_000),
+    degree: int = 16,
+    repeats: int = 15,
+    device: str = "cpu",
+    kind: str = "small_world",
+    seed: int = 0,
+    profile: str = "full",
+    threads: int | None = None,
+    reuse_buffers: bool = True,
+    kernels: tuple[str, ...] = ("numba",),
+) -> "pd.DataFrame":
+    """Median tick time (capability update + consensus step) per size and step kernel (`STEP_KERNELS`), two plain
+    copies of P (one timed in blocks alternating with blocks of ticks), ratios, bytes per agent."""
+    for k in kernels:
+        if k not in STEP_KERNELS:
+            raise ValueError(f"kernels: {k!r} is not one of {list(STEP_KERNELS)}")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _tick_rows(sizes, degree, repeats, device, kind, seed, profile, reuse_buffers, kernels)
+    finally:
+        torch.set_num_threads(old_threads)
 
 # %% ../nbs/16_fast_paths.ipynb #c89c2a33
 def engine_step_us(

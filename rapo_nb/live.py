@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from fastcore.basics import patch
 import numpy as np
 import pandas as pd
 import torch
@@ -61,7 +62,7 @@ def request_key(system: str, seed: int, conv_id: str, turn: int, model: str, par
     blob["messages"] = messages
     return hashlib.sha256(json.dumps(blob, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
-
+# %% ../nbs/20_live.ipynb #267cbde0
 class Ledger:
     "Append-only JSONL of requests and responses (fsync per record); `answered` maps key → the ok record."
 
@@ -194,53 +195,53 @@ class LiveAgent(OpenAIChatAgent):
             pass
         return min(wait, self.max_backoff_s)
 
-    async def ask(self, messages: list[dict], meta: dict) -> dict:
-        """The ok record for these messages (replayed or fresh), else the last error record; BudgetExceeded: none may
-        start."""
-        key = request_key(
-            meta["system"], meta["seed"], meta["conv_id"], meta["turn"], self.model, self.params, messages
-        )
-        if key in self.ledger.answered:
-            return {**self.ledger.answered[key], "replayed": True}
-        base = dict(v=LEDGER_VERSION, key=key, **meta, model=self.model, base_url=self.base_url)
-        base["request"] = dict(messages=messages, **self.params)
-        async with self.semaphore or _nullcontext():
-            async with httpx.AsyncClient(timeout=self.timeout) as client:
-                return await self._attempts(client, base, messages, time.perf_counter())
+# %% ../nbs/20_live.ipynb #d9e2e709
+@patch
+async def ask(self: LiveAgent, messages: list[dict], meta: dict) -> dict:
+    """The ok record for these messages (replayed or fresh), else the last error record; BudgetExceeded: none may
+    start."""
+    key = request_key(meta["system"], meta["seed"], meta["conv_id"], meta["turn"], self.model, self.params, messages)
+    if key in self.ledger.answered:
+        return {**self.ledger.answered[key], "replayed": True}
+    base = dict(v=LEDGER_VERSION, key=key, **meta, model=self.model, base_url=self.base_url)
+    base["request"] = dict(messages=messages, **self.params)
+    async with self.semaphore or _nullcontext():
+        async with httpx.AsyncClient(timeout=self.timeout) as client:
+            return await self._attempts(client, base, messages, time.perf_counter())
 
-    async def _attempts(self, client, base: dict, messages: list[dict], t_first: float) -> dict:
-        for attempt in range(1, self.retries + 2):
-            self.budget.admit()
-            t0, resp, exc = time.perf_counter(), None, None
+
+@patch
+async def _attempts(self: LiveAgent, client, base: dict, messages: list[dict], t_first: float) -> dict:
+    for attempt in range(1, self.retries + 2):
+        self.budget.admit()
+        t0, resp, exc = time.perf_counter(), None, None
+        try:
+            resp = await client.post(self.url, json=self._payload(messages), headers=self._headers())
+        except httpx.HTTPError as e:
+            exc = e
+        rec = dict(base, attempt=attempt, latency_ms=(time.perf_counter() - t0) * 1000.0, t=time.time())
+        rec["http_status"] = resp.status_code if resp is not None else None
+        rec["turn_ms"] = (time.perf_counter() - t_first) * 1000.0  # all attempts and backoffs so far
+        if exc is None and 200 <= resp.status_code < 300:
             try:
-                resp = await client.post(self.url, json=self._payload(messages), headers=self._headers())
-            except httpx.HTTPError as e:
-                exc = e
-            rec = dict(base, attempt=attempt, latency_ms=(time.perf_counter() - t0) * 1000.0, t=time.time())
-            rec["http_status"] = resp.status_code if resp is not None else None
-            rec["turn_ms"] = (time.perf_counter() - t_first) * 1000.0  # all attempts and backoffs so far
-            if exc is None and 200 <= resp.status_code < 300:
-                try:
-                    text = self._parse(resp, attempt)
-                except LLMBadResponse as e:
-                    rec.update(status="error", error=str(e), retryable=False)
-                    self.ledger.append(rec)
-                    return rec
-                usage = resp.json().get("usage") or {}
-                tokens = usage.get("total_tokens") or len(json.dumps(messages).split()) + len(text.split())
-                self.budget.charge(tokens)
-                rec.update(status="ok", response=text, usage=usage, tokens=int(tokens))
+                text = self._parse(resp, attempt)
+            except LLMBadResponse as e:
+                rec.update(status="error", error=str(e), retryable=False)
                 self.ledger.append(rec)
                 return rec
-            err = self._classify(exc, resp, attempt)
-            final = not self._retryable(err) or attempt > self.retries
-            rec.update(
-                status="error", error=str(err), retryable=not final, timeout=isinstance(exc, httpx.TimeoutException)
-            )
+            usage = resp.json().get("usage") or {}
+            tokens = usage.get("total_tokens") or len(json.dumps(messages).split()) + len(text.split())
+            self.budget.charge(tokens)
+            rec.update(status="ok", response=text, usage=usage, tokens=int(tokens))
             self.ledger.append(rec)
-            if final:
-                return rec
-            await asyncio.sleep(self._wait_s(resp, attempt))
+            return rec
+        err = self._classify(exc, resp, attempt)
+        final = not self._retryable(err) or attempt > self.retries
+        rec.update(status="error", error=str(err), retryable=not final, timeout=isinstance(exc, httpx.TimeoutException))
+        self.ledger.append(rec)
+        if final:
+            return rec
+        await asyncio.sleep(self._wait_s(resp, attempt))
 
 
 class _nullcontext:
@@ -287,7 +288,7 @@ class ScriptedState:
     answered: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-
+# %% ../nbs/20_live.ipynb #c1d5b4bb
 class _ScriptedHandler(BaseHTTPRequestHandler):
     state: ScriptedState  # set on a subclass per server
 
@@ -338,7 +339,7 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
-
+# %% ../nbs/20_live.ipynb #b5319ede
 def start_scripted_server(
     port: int = 0, host: str = "127.0.0.1", **behaviour
 ) -> tuple[ThreadingHTTPServer, ScriptedState]:
@@ -686,6 +687,53 @@ def make_agents(
     return agents
 
 # %% ../nbs/20_live.ipynb #0f4cb2d3
+def _check_counts(**counts) -> None:
+    "Each count must be an integer ≥ 1 (not a bool): ValueError naming the first that is not."
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an integer ≥ 1, got {v!r}")
+
+
+def _live_models(model, agent_map: dict | None) -> str:
+    "The model names of a live run in order of first use: the label of its rows."
+    return ", ".join(
+        dict.fromkeys(np.atleast_1d(model).tolist() + [v["model"] for v in (agent_map or {}).values() if "model" in v])
+    )
+
+
+def _combined_table(
+    turns: pd.DataFrame,
+    conv_df: pd.DataFrame,
+    stopped: str,
+    judge_col: pd.Series | None,
+    specs: list,
+    cfg: Config,
+    convs: list,
+    models: str,
+    judge: bool,
+    simulated: bool,
+    seed: int,
+    n: int,
+) -> pd.DataFrame:
+    "Live rows (partial if the budget stopped the run), the simulated world's on the same conversations, the paper's."
+    partial = " (partial)" if stopped else ""
+    parts = [judge_table(turns, conv_df, cfg, [s.name for s in specs], f"live: {models}{partial}")]
+    parts[0]["partial"] = bool(stopped)
+    if judge and len(conv_df):
+        parts[0][f"llm_judge_fact_recall (LLM judge: {models})"] = parts[0].system.map(
+            conv_df.assign(j=judge_col).groupby("system").j.mean()
+        )
+    if simulated:
+        sim = [s.name for s in specs if s.name in SYSTEMS]
+        sim_runs = [run_conversations(convs, s, cfg, seed=seed, n_agents=n) for s in sim]
+        if sim_runs:
+            st, sc = (pd.concat(x, ignore_index=True) for x in zip(*sim_runs))
+            sc["final_fact_recall"] = final_fact_recall(st, sc, {c.id: c for c in convs})
+            parts.append(judge_table(st, sc, cfg, sim, "simulated agents").assign(partial=False))
+    parts.append(paper_rows([s.name for s in specs]).assign(partial=False))
+    return pd.concat([p for p in parts if len(p)], ignore_index=True)
+
+# %% ../nbs/20_live.ipynb #6e4131ee
 def run_live(
     base_url: str | list[str],
     model: str | list[str],
@@ -708,10 +756,7 @@ def run_live(
     progress: bool = True,
 ) -> LiveResult:
     "Run the systems on `conversations` synthetic conversations against the endpoint(s); judge; write the outputs."
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency: expected an integer ≥ 1, got {concurrency!r}")
-    if isinstance(conversations, bool) or not isinstance(conversations, int) or conversations < 1:
-        raise ValueError(f"conversations: expected an integer ≥ 1, got {conversations!r}")
+    _check_counts(concurrency=concurrency, conversations=conversations)
     cfg = load_config(profile, seed=seed, device="cpu")
     specs = parse_systems(systems)
     n = cfg.evaluation.n_agents if n_agents is None else int(n_agents)
@@ -739,25 +784,8 @@ def run_live(
             )
         )
     ledger.close()
-    models = ", ".join(
-        dict.fromkeys(np.atleast_1d(model).tolist() + [v["model"] for v in (agent_map or {}).values() if "model" in v])
-    )
-    partial = " (partial)" if stopped else ""
-    parts = [judge_table(turns, conv_df, cfg, [s.name for s in specs], f"live: {models}{partial}")]
-    parts[0]["partial"] = bool(stopped)
-    if judge and len(conv_df):
-        parts[0][f"llm_judge_fact_recall (LLM judge: {models})"] = parts[0].system.map(
-            conv_df.assign(j=judge_col).groupby("system").j.mean()
-        )
-    if simulated:
-        sim = [s.name for s in specs if s.name in SYSTEMS]
-        sim_runs = [run_conversations(convs, s, cfg, seed=seed, n_agents=n) for s in sim]
-        if sim_runs:
-            st, sc = (pd.concat(x, ignore_index=True) for x in zip(*sim_runs))
-            sc["final_fact_recall"] = final_fact_recall(st, sc, {c.id: c for c in convs})
-            parts.append(judge_table(st, sc, cfg, sim, "simulated agents").assign(partial=False))
-    parts.append(paper_rows([s.name for s in specs]).assign(partial=False))
-    table = pd.concat([p for p in parts if len(p)], ignore_index=True)
+    models = _live_models(model, agent_map)
+    table = _combined_table(turns, conv_df, stopped, judge_col, specs, cfg, convs, models, judge, simulated, seed, n)
     paths = write_outputs(out, table, turns, conv_df, stopped, models, len(convs))
     paths["ledger"] = out / "requests.jsonl"
     return LiveResult(
@@ -857,9 +885,13 @@ def write_outputs(
     plt.close(fig)
     return paths
 
-# %% ../nbs/20_live.ipynb #9fa1ddb3
-def main(argv: list[str] | None = None) -> int:
-    "rapo-live: the scaled-down Table 1 against OpenAI-compatible endpoints (exit 3: stopped by the budget)."
+# %% ../nbs/20_live.ipynb #d45d1533
+__doc_cli__ = """Run the paper's systems against OpenAI-compatible endpoints and write runs/live/.
+The API key is read from RAPO_LLM_API_KEY. Exit codes: 0 done, 3 stopped by the budget (partial tables)."""
+
+
+def _cli_parser() -> argparse.ArgumentParser:
+    "The flags of `rapo-live`."
     p = argparse.ArgumentParser(
         prog="rapo-live", description=__doc_cli__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -890,6 +922,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-simulated", action="store_true", help="skip the simulated run beside the live one")
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+# %% ../nbs/20_live.ipynb #9fa1ddb3
+def main(argv: list[str] | None = None) -> int:
+    "rapo-live: the scaled-down Table 1 against OpenAI-compatible endpoints (exit 3: stopped by the budget)."
+    p = _cli_parser()
     a = p.parse_args(argv)
     base_url = a.base_url or [os.environ.get("RAPO_LLM_BASE_URL", "")]
     model = a.model or [os.environ.get("RAPO_LLM_MODEL", "")]
@@ -928,7 +966,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rapo-live: stopped by the budget: {res.stopped}; the tables are partial. Re-run to resume.", flush=True)
         return EXIT_BUDGET
     return 0
-
-
-__doc_cli__ = """Run the paper's systems against OpenAI-compatible endpoints and write runs/live/.
-The API key is read from RAPO_LLM_API_KEY. Exit codes: 0 done, 3 stopped by the budget (partial tables)."""

@@ -10,30 +10,53 @@ import json, os
 from pathlib import Path
 import pandas as pd
 from .config import numbered_notebooks, load_config, figures_dir, PAPER_TABLE1
+from .config import CLAIM_COLUMNS, CLAIM_KINDS, VERDICTS, check_claims
 
 # %% auto #0
-__all__ = ['CLAIM_COLUMNS', 'VERDICTS', 'REPORT_ARTIFACTS', 'HEADLINE_TABLES', 'collect_claims', 'present_notebooks',
+__all__ = ['KIND_TITLES', 'REPORT_ARTIFACTS', 'HEADLINE_TABLES', 'collect_claims', 'count_lines', 'present_notebooks',
            'artifacts_of', 'missing_artifacts', 'check_artifacts', 'compute_table', 'build_report', 'write_report']
 
 # %% ../nbs/21_report.ipynb #c77ca9aa
-CLAIM_COLUMNS = ["claim", "section", "paper", "ours", "verdict", "note"]
-VERDICTS = ("implemented as specified", "reproduced", "differs", "not comparable", "not measured")
+def _declared(df: pd.DataFrame) -> pd.DataFrame:
+    "Fill `kind`/`paper_source` of a table written before those columns existed (the documented default)."
+    if "kind" not in df.columns:
+        df = df.assign(kind=["conformance" if v == VERDICTS[0] else "result" for v in df.verdict])
+    if "paper_source" not in df.columns:
+        df = df.assign(paper_source="paper")
+    return df
 
 
 def collect_claims(figdir: Path | None = None) -> pd.DataFrame:
-    "Concatenate every figures/claims_*.csv, adding the notebook each came from; bad files raise naming the file."
+    """Concatenate every figures/claims_*.csv, adding the notebook each came from; a bad table raises naming the file
+    and the claim. `attrs["undeclared"]` lists the tables that did not declare `kind` (kind inferred)."""
     figdir = Path(figdir or figures_dir())
-    frames = []
+    frames, undeclared = [], []
     for p in sorted(figdir.glob("claims_*.csv")):
         df = pd.read_csv(p, dtype=str, keep_default_na=False)
-        missing = [c for c in CLAIM_COLUMNS if c not in df.columns]
-        if missing:
-            raise ValueError(f"{p.name}: missing columns {missing}; expected {CLAIM_COLUMNS}")
-        bad = sorted(set(df.verdict) - set(VERDICTS))
-        if bad:
-            raise ValueError(f"{p.name}: unknown verdicts {bad}; allowed {list(VERDICTS)}")
+        if "verdict" in df.columns and "kind" not in df.columns:
+            undeclared.append(p.name)
+        df = check_claims(_declared(df) if "verdict" in df.columns else df, p.name)
         frames.append(df[CLAIM_COLUMNS].assign(notebook=p.stem.removeprefix("claims_")))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CLAIM_COLUMNS + ["notebook"])
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CLAIM_COLUMNS + ["notebook"])
+    out.attrs["undeclared"] = undeclared
+    return out
+
+
+KIND_TITLES = {
+    "result": "Results (measured in this run, compared with the paper's value)",
+    "conformance": "Conformance (a constant, shape or rule of ours checked against the paper's)",
+}
+
+
+def count_lines(claims: pd.DataFrame) -> list[str]:
+    "One line of verdict counts per kind (results first), each saying which kind it counts."
+    out = []
+    for kind in ("result", "conformance"):
+        sub = claims[claims.kind == kind] if len(claims) else claims
+        counts = sub.verdict.value_counts().reindex(list(CLAIM_KINDS[kind]), fill_value=0)
+        head = KIND_TITLES[kind].split(" (")[0]
+        out.append(f"**{head}** ({len(sub)} claims): " + " · ".join(f"{k}: {int(v)}" for k, v in counts.items()))
+    return out
 
 # %% ../nbs/21_report.ipynb #babc1a31
 REPORT_ARTIFACTS: dict[str, list[str]] = {
@@ -136,9 +159,9 @@ REPORT_ARTIFACTS: dict[str, list[str]] = {
     "21_report": ["run_{profile}.md"],  # the run manifest: provenance of every artifact (written by rapo-reproduce)
 }
 HEADLINE_TABLES = [
-    ("Table 1 (§5.2): systems compared", "table1_systems.md"),
-    ("Table 2 (§5.4): scaling", "table2_scaling.md"),
-    ("Table 3 (§5.5): statistics against each baseline", "table3_statistics.md"),
+    ("Table 1 (§5.2): systems compared (results)", "table1_systems.md"),
+    ("Table 2 (§5.4): scaling (results)", "table2_scaling.md"),
+    ("Table 3 (§5.5): statistics against each baseline (results)", "table3_statistics.md"),
 ]
 
 
@@ -184,15 +207,11 @@ def _md(df: pd.DataFrame) -> str:
 
 
 def build_report(profile: str, figdir: Path | None = None) -> str:
-    "The text of REPORT.md: verdict summary, every claim, the named figures and tables, compute and environment."
+    """The text of REPORT.md: verdict counts per kind, every claim (results, then conformance), the named figures and
+    tables, compute and environment."""
     figdir = Path(figdir or figures_dir())
     claims = collect_claims(figdir)
     times, env = compute_table(profile, figdir)
-    counts = (
-        claims.verdict.value_counts().reindex(list(VERDICTS), fill_value=0)
-        if len(claims)
-        else pd.Series(0, index=list(VERDICTS))
-    )
     parts = [
         f"# rapo_nb reproduction report (profile `{profile}`)",
         "",
@@ -202,13 +221,17 @@ def build_report(profile: str, figdir: Path | None = None) -> str:
         "",
         "## Verdicts",
         "",
-        " · ".join(f"{k}: {int(v)}" for k, v in counts.items()),
-        "",
-        "## Every claim",
-        "",
-        _md(claims),
+        "Results and conformance are counted apart: a result is an experiment of this run compared with the paper's "
+        "value; a conformance check says a constant, shape or rule of ours equals the paper's.",
         "",
     ]
+    for line in count_lines(claims):
+        parts += [line, ""]
+    if claims.attrs.get("undeclared"):
+        undeclared = ", ".join(claims.attrs["undeclared"])
+        parts += [f"Tables that declare no kind (kind inferred from the verdict): {undeclared}", ""]
+    for kind in ("result", "conformance"):
+        parts += [f"## {KIND_TITLES[kind]}", "", _md(claims[claims.kind == kind].drop(columns="kind")), ""]
     for title, f in HEADLINE_TABLES:
         if (figdir / f).exists():
             parts += [f"## {title}", "", (figdir / f).read_text().strip(), ""]

@@ -10,6 +10,7 @@ import argparse, ast, hashlib, json, os, platform, re, shutil, subprocess, sys, 
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
+from fastcore.basics import patch
 from rapo_nb.config import (
     NOTEBOOK_NAME,
     numbered_notebooks,
@@ -88,7 +89,7 @@ def dependency_graph(notebooks: list[Path]) -> dict[str, list[str]]:
     _check_acyclic(graph)
     return graph
 
-
+# %% ../nbs/reproduce.ipynb #23aaf819
 def _check_acyclic(graph: dict[str, list[str]]) -> None:
     "Raise ValueError naming a cycle of `reads:` declarations."
     state = {}
@@ -187,7 +188,7 @@ def _imported_modules(code: str, pkg: str = "rapo_nb", here: str | None = None) 
                 found.add(mod.split(".")[1])
     return found
 
-
+# %% ../nbs/reproduce.ipynb #a2e59ebc
 _FILE_IMPORTS: dict[str, set[str]] = {}  # SHA-256 of a source file -> the modules it imports
 
 
@@ -269,7 +270,7 @@ def _changed(old: dict, new: dict) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k} {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys if old.get(k) != new.get(k)]
 
-
+# %% ../nbs/reproduce.ipynb #546db01c
 def stale_reason(entry: dict, components: dict, paths: RunPaths) -> str | None:
     "None when `entry` matches `components` and its artifacts are in place; else the first input that changed."
     old = entry["components"]
@@ -527,7 +528,7 @@ def build_manifest(profile: str, seed: int, device: str, env: dict, entries: dic
         failures=failures,
     )
 
-
+# %% ../nbs/reproduce.ipynb #96c0b241
 def write_manifest(manifest: dict, profile: str, figdir: Path | None = None) -> Path:
     "Write the run manifest as `run_<profile>.json` and a readable `run_<profile>.md` in the figures folder."
     d = Path(figdir or figures_dir())
@@ -580,7 +581,7 @@ def critical_path(graph: dict[str, list[str]], seconds: dict[str, float]) -> dic
 
     return {s: cp(s) for s in graph}
 
-
+# %% ../nbs/reproduce.ipynb #f29d97cb
 class Plan:
     "What one invocation works on: notebooks, their graph, the run's folders, parameters and the cache key parts."
 
@@ -610,35 +611,40 @@ class Plan:
         entry, why = read_entry(self.entry_path(stem))
         return comp, why or stale_reason(entry, comp, self.paths)
 
-    def status(self) -> list[tuple[str, str]]:
-        "Every notebook with 'up to date' or the input that changed (a notebook after a stale one waits for it)."
-        entries, stale, out = {}, set(), []
-        for s in self._topological():
-            after = [d for d in self.graph[s] if d in stale]
-            if after:
-                why = f"after {', '.join(after)} (stale): re-checked once they ran"
-            else:
-                _, why = self.check(s, entries)
-                if why is None:
-                    entries[s] = read_entry(self.entry_path(s))[0]
-            if why is not None:
-                stale.add(s)
-            out.append((s, why or "up to date"))
-        return sorted(out)
+# %% ../nbs/reproduce.ipynb #492c3a2a
+@patch
+def status(self: Plan) -> list[tuple[str, str]]:
+    "Every notebook with 'up to date' or the input that changed (a notebook after a stale one waits for it)."
+    entries, stale, out = {}, set(), []
+    for s in self._topological():
+        after = [d for d in self.graph[s] if d in stale]
+        if after:
+            why = f"after {', '.join(after)} (stale): re-checked once they ran"
+        else:
+            _, why = self.check(s, entries)
+            if why is None:
+                entries[s] = read_entry(self.entry_path(s))[0]
+        if why is not None:
+            stale.add(s)
+        out.append((s, why or "up to date"))
+    return sorted(out)
 
-    def _topological(self) -> list[str]:
-        order, seen = [], set()
 
-        def visit(s):
-            if s not in seen:
-                seen.add(s)
-                for d in self.graph[s]:
-                    visit(d)
-                order.append(s)
+@patch
+def _topological(self: Plan) -> list[str]:
+    "The notebooks, each after every notebook it reads."
+    order, seen = [], set()
 
-        for s in sorted(self.by):
-            visit(s)
-        return order
+    def visit(s):
+        if s not in seen:
+            seen.add(s)
+            for d in self.graph[s]:
+                visit(d)
+            order.append(s)
+
+    for s in sorted(self.by):
+        visit(s)
+    return order
 
 # %% ../nbs/reproduce.ipynb #42b05baf
 def _now() -> str:
@@ -652,7 +658,159 @@ def _write_entry(path: Path, entry: dict) -> None:
     tmp.write_text(json.dumps(entry, indent=1))
     os.replace(tmp, path)
 
+# %% ../nbs/reproduce.ipynb #8c3e054b
+class _Run:
+    "The state of one `reproduce` call: pending, running and finished notebooks, cache entries, failures."
 
+    def __init__(
+        self, plan: Plan, jobs: int, timeout: int | None, keep: bool, force: bool, keep_going: bool, verbose: bool
+    ):
+        from tqdm.auto import tqdm
+
+        self.plan, self.jobs, self.timeout, self.keep, self.keep_going = plan, jobs, timeout, keep, keep_going
+        self.kenv, self.git = kernel_env(jobs, plan.root), git_state(plan.root)
+        self.entries = {s: e for s in plan.by if (e := read_entry(plan.entry_path(s))[0])}
+        self.state, self.failures, self.forced = {}, {}, set(plan.chosen) if force else set()
+        prio = critical_path(plan.graph, {s: e["seconds"] for s, e in self.entries.items()})
+        self.pending = sorted(plan.targets, key=lambda s: (-prio[s], s))
+        self.running, self.stop, self.t0 = {}, False, time.perf_counter()
+        self.bar = tqdm(
+            total=len(self.pending), unit="nb", disable=None if verbose else True, file=sys.stderr, leave=False
+        )
+        self.say = (lambda m: tqdm.write(m, file=sys.stdout)) if verbose else (lambda m: None)
+
+    def _settle(self, s: str, state: str, message: str) -> None:
+        "Mark pending notebook `s` as `state` without running it."
+        self.state[s] = state
+        self.pending.remove(s)
+        self.bar.update()
+        self.say(message)
+
+# %% ../nbs/reproduce.ipynb #93f567fd
+@patch
+def _start_ready(self: _Run, pool) -> None:
+    "Start the pending notebooks whose inputs are done (up to `jobs` at once); mark the up-to-date and blocked ones."
+    plan = self.plan
+    for s in list(self.pending):
+        deps = plan.graph[s]
+        bad = [d for d in deps if self.state.get(d) in ("failed", "blocked")]
+        if bad:
+            self._settle(s, "blocked", f"  blocked {s}: needs {', '.join(bad)}, which did not run")
+            continue
+        if self.stop or any(self.state.get(d) not in ("ran", "up to date") for d in deps):
+            continue
+        comp, why = plan.check(s, self.entries)
+        if why is None and s not in self.forced:
+            self._settle(s, "up to date", f"  up to date {s}")
+            continue
+        if len(self.running) >= self.jobs:
+            continue
+        seeds = [r for d in deps for r in self.entries[d]["artifacts"]] + [
+            f"figures/run_{plan.profile}.{x}" for x in ("json", "md")
+        ]
+        fut = pool.submit(_scratch_run, plan.by[s], plan.paths, plan.params, self.timeout, self.kenv, seeds)
+        self.running[fut] = (s, comp, why or "--force")
+        self.pending.remove(s)
+
+# %% ../nbs/reproduce.ipynb #db78702b
+def _runner_failure(s: str, e: Exception, executed: Path) -> dict:
+    "A failure of the runner itself (papermill, the file system) while running `s`: still a named failure."
+    return dict(
+        notebook=s,
+        kind="error",
+        ename=type(e).__name__,
+        evalue=str(e)[:500],
+        cell_id=None,
+        source_index=None,
+        source="",
+        executed=str(executed),
+        finished=_now(),
+    )
+
+
+@patch
+def _publish(self: _Run, s: str, comp: dict, why: str, job: dict) -> None:
+    "Move the files of notebook `s` into place and write its cache entry (its outputs into nbs/ with --keep-outputs)."
+    plan, paths = self.plan, self.plan.paths
+    publish(job, paths)
+    self.entries[s] = dict(
+        schema=CACHE_SCHEMA,
+        key=sha256_json(comp),
+        components=comp,
+        artifacts=job["outputs"],
+        seconds=job["seconds"],
+        finished=_now(),
+        git=self.git,
+        executed=str(paths.run / plan.by[s].name),
+    )
+    _write_entry(plan.entry_path(s), self.entries[s])
+    self.state[s] = "ran"
+    if self.keep:
+        keep_outputs(paths.run / plan.by[s].name, plan.by[s])
+    self.say(f"  ran {s} in {job['seconds']:.1f} s ({why}; {len(job['outputs'])} files)")
+
+
+@patch
+def _record(self: _Run, s: str, comp: dict, why: str, fut) -> None:
+    "File the finished run of `s` (its files and entry, or its failure) and rewrite the manifest."
+    plan = self.plan
+    try:
+        job = fut.result()
+    except NotebookFailed as e:
+        self.failures[s] = dict(e.info, finished=_now())
+    except Exception as e:  # the runner itself (papermill, the file system): still a named failure
+        self.failures[s] = _runner_failure(s, e, plan.paths.run / plan.by[s].name)
+    else:
+        self._publish(s, comp, why, job)
+    if s in self.failures:
+        self.state[s] = "failed"
+        self.stop = self.stop or not self.keep_going
+        f = self.failures[s]
+        self.say(f"  FAILED {s}: {f['kind']} in cell {f['cell_id']} (index {f['source_index']}); details below")
+    self.bar.update()
+    manifest = build_manifest(plan.profile, plan.seed, plan.device, plan.env, self.entries, self.failures)
+    write_manifest(manifest, plan.profile, plan.paths.figures)
+
+# %% ../nbs/reproduce.ipynb #3f8e933c
+@patch
+def loop(self: _Run) -> None:
+    "Run until nothing is pending or running (or what is pending waits for a failed notebook)."
+    with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+        while self.pending or self.running:
+            self._start_ready(pool)
+            self.bar.set_description("running " + ", ".join(sorted(v[0] for v in self.running.values())))
+            if not self.running:
+                break  # what is left waits for a notebook that failed (without --keep-going)
+            done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                s, comp, why = self.running.pop(fut)
+                self._record(s, comp, why, fut)
+    self.bar.close()
+    for s in self.pending:
+        self.state[s] = "not run"
+
+
+@patch
+def result(self: _Run) -> dict:
+    "What happened: notebooks by state, the run's folders, failures, wall time, the manifest."
+    plan = self.plan
+    manifest_path = plan.paths.figures / f"run_{plan.profile}.json"
+    if not manifest_path.exists():
+        manifest = build_manifest(plan.profile, plan.seed, plan.device, plan.env, self.entries, self.failures)
+        write_manifest(manifest, plan.profile, plan.paths.figures)
+    by_state = {
+        k: sorted(s for s, v in self.state.items() if v == k)
+        for k in ("ran", "up to date", "failed", "blocked", "not run")
+    }
+    return dict(
+        by_state,
+        paths=plan.paths,
+        failures=self.failures,
+        seconds=round(time.perf_counter() - self.t0, 1),
+        manifest=json.loads(manifest_path.read_text()),
+    )
+
+# %% ../nbs/reproduce.ipynb #1167ed86
 def reproduce(
     profile: str = "quick",
     seed: int = 0,
@@ -668,110 +826,10 @@ def reproduce(
     keep_going: bool = False,
 ) -> dict:
     "Run the stale notebooks (and what they need), independent ones in parallel; return what happened."
-    from tqdm.auto import tqdm
-
     plan = Plan(profile, seed, device, out, only, figures)
-    paths, graph, by = plan.paths, plan.graph, plan.by
-    jobs = max(1, jobs or os.cpu_count() or 1)
-    kenv, git = kernel_env(jobs, plan.root), git_state(plan.root)
-    entries = {s: e for s in by if (e := read_entry(plan.entry_path(s))[0])}
-    state, failures, forced = {}, {}, set(plan.chosen) if force else set()
-    prio = critical_path(graph, {s: e["seconds"] for s, e in entries.items()})
-    pending = sorted(plan.targets, key=lambda s: (-prio[s], s))
-    running, stop, t0 = {}, False, time.perf_counter()
-    bar = tqdm(total=len(pending), unit="nb", disable=None if verbose else True, file=sys.stderr, leave=False)
-    say = (lambda m: tqdm.write(m, file=sys.stdout)) if verbose else (lambda m: None)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        while pending or running:
-            for s in list(pending):
-                deps = graph[s]
-                bad = [d for d in deps if state.get(d) in ("failed", "blocked")]
-                if bad:
-                    state[s] = "blocked"
-                    pending.remove(s)
-                    bar.update()
-                    say(f"  blocked {s}: needs {', '.join(bad)}, which did not run")
-                    continue
-                if stop or any(state.get(d) not in ("ran", "up to date") for d in deps):
-                    continue
-                comp, why = plan.check(s, entries)
-                if why is None and s not in forced:
-                    state[s] = "up to date"
-                    pending.remove(s)
-                    bar.update()
-                    say(f"  up to date {s}")
-                    continue
-                if len(running) >= jobs:
-                    continue
-                seeds = [r for d in deps for r in entries[d]["artifacts"]] + [
-                    f"figures/run_{profile}.{x}" for x in ("json", "md")
-                ]
-                fut = pool.submit(_scratch_run, by[s], paths, plan.params, timeout, kenv, seeds)
-                running[fut] = (s, comp, why or "--force")
-                pending.remove(s)
-            bar.set_description("running " + ", ".join(sorted(v[0] for v in running.values())))
-            if not running:
-                break  # what is left waits for a notebook that failed (without --keep-going)
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                s, comp, why = running.pop(fut)
-                try:
-                    job = fut.result()
-                except NotebookFailed as e:
-                    failures[s] = dict(e.info, finished=_now())
-                except Exception as e:  # the runner itself (papermill, the file system): still a named failure
-                    failures[s] = dict(
-                        notebook=s,
-                        kind="error",
-                        ename=type(e).__name__,
-                        evalue=str(e)[:500],
-                        cell_id=None,
-                        source_index=None,
-                        source="",
-                        executed=str(paths.run / by[s].name),
-                        finished=_now(),
-                    )
-                else:
-                    publish(job, paths)
-                    entries[s] = dict(
-                        schema=CACHE_SCHEMA,
-                        key=sha256_json(comp),
-                        components=comp,
-                        artifacts=job["outputs"],
-                        seconds=job["seconds"],
-                        finished=_now(),
-                        git=git,
-                        executed=str(paths.run / by[s].name),
-                    )
-                    _write_entry(plan.entry_path(s), entries[s])
-                    state[s] = "ran"
-                    if keep:
-                        keep_outputs(paths.run / by[s].name, by[s])
-                    say(f"  ran {s} in {job['seconds']:.1f} s ({why}; {len(job['outputs'])} files)")
-                if s in failures:
-                    state[s] = "failed"
-                    stop = stop or not keep_going
-                    f = failures[s]
-                    say(f"  FAILED {s}: {f['kind']} in cell {f['cell_id']} (index {f['source_index']}); details below")
-                bar.update()
-                manifest = build_manifest(profile, seed, device, plan.env, entries, failures)
-                write_manifest(manifest, profile, paths.figures)
-    bar.close()
-    for s in pending:
-        state[s] = "not run"
-    manifest_path = paths.figures / f"run_{profile}.json"
-    if not manifest_path.exists():
-        write_manifest(build_manifest(profile, seed, device, plan.env, entries, failures), profile, paths.figures)
-    by_state = {
-        k: sorted(s for s, v in state.items() if v == k) for k in ("ran", "up to date", "failed", "blocked", "not run")
-    }
-    return dict(
-        by_state,
-        paths=paths,
-        failures=failures,
-        seconds=round(time.perf_counter() - t0, 1),
-        manifest=json.loads(manifest_path.read_text()),
-    )
+    run = _Run(plan, max(1, jobs or os.cpu_count() or 1), timeout, keep, force, keep_going, verbose)
+    run.loop()
+    return run.result()
 
 # %% ../nbs/reproduce.ipynb #1ca0ec93
 def collect_verdicts(figdir: Path) -> dict[str, str]:
@@ -864,7 +922,7 @@ def _rel(p: Path) -> str:
     except ValueError:
         return str(p)
 
-
+# %% ../nbs/reproduce.ipynb #cdcac060
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `rapo-reproduce`; returns the exit code."
     a = parse_args(argv)
@@ -906,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return verdicts_main(a.profile, p.figures, a.write_verdicts, a.check_verdicts)
 
-
+# %% ../nbs/reproduce.ipynb #c71fb1e1
 def verdicts_main(profile: str, figdir: Path, write: bool, check: bool) -> int:
     "Write and/or check the verdict snapshot of `profile` against the claims in `figdir`; 1 when a verdict moved."
     now, snap = collect_verdicts(figdir), verdicts_path(profile)

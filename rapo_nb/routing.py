@@ -10,6 +10,7 @@ import math, time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
+from fastcore.basics import patch
 from numba import njit
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from .state import NumpyViews
 __all__ = ['NO_AGENT', 'ROUTERS', 'load_coefficients', 'load_factor', 'NoAgentAvailable', 'AgentLoad', 'utilisation_share',
            'simulated_load', 'capability_matrix', 'Router', 'greedy_rounds_reference', 'candidate_agents',
            'greedy_rounds', 'route_one_reference', 'one_coefficients', 'route_one', 'RapoRouter', 'SequentialRouter',
-           'RoundRobinRouter', 'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter', 'make_router',
+           'RoundRobinRouter', 'LeastLoadedRouter', 'SimilarityRouter', 'RandomRouter', 'OracleRouter', 'make_router',
            'BoundedWaitQueue', 'route_with_wait', 'replacement_for', 'Handover', 'fail_over', 'pools_by_strength',
            'TwoLevelScheduler', 'hidden_skill', 'simulate_routing', 'best_agent_probability']
 
@@ -232,6 +233,20 @@ class Router(Protocol):
         allow_unassigned: bool = False,
     ) -> torch.Tensor: ...
 
+# %% ../nbs/04_routing.ipynb #dcc98275
+def _greedy_one_key(scores: torch.Tensor, L0: torch.Tensor, eligible: torch.Tensor, inc: float, out: torch.Tensor):
+    """One key (scores [N] ≥ 0, inc > 0): exact one-by-one greedy as a merge. The k-th extra pick of agent a is worth
+    C_a·(1 − L_a − k·inc), a non-increasing sequence in k, so the j-th request takes the j-th largest value (stable
+    sort: ties → lower id). Fills `out` [B] (NO_AGENT where every agent is saturated) and returns it."""
+    B, dev = out.numel(), L0.device
+    K = int(math.ceil(1.0 / inc)) + 1
+    L = L0[:, None] + torch.arange(K, device=dev, dtype=L0.dtype)[None, :] * inc
+    V = torch.where(eligible[:, None] & (L < 1.0), scores[:, None] * (1.0 - L), float("-inf")).reshape(-1)
+    vals, idx = torch.sort(V, descending=True, stable=True)
+    k = min(B, V.numel())
+    out[:k] = torch.where(torch.isfinite(vals[:k]), idx[:k] // K, NO_AGENT)
+    return out
+
 # %% ../nbs/04_routing.ipynb #816dd4bb
 def greedy_rounds_reference(
     key_scores: torch.Tensor,
@@ -258,15 +273,7 @@ def greedy_rounds_reference(
         return torch.where(eligible[best], best, NO_AGENT)[inv]
     U, N = key_scores.shape
     if U == 1 and inc > 0 and bool((key_scores >= 0).all()):
-        # one key: exact one-by-one greedy as a merge. The k-th extra pick of agent a is worth C_a·(1 − L_a − k·inc), a
-        # non-increasing sequence in k, so the j-th request takes the j-th largest value (stable sort: ties → lower id).
-        K = int(math.ceil(1.0 / inc)) + 1
-        L = L0[:, None] + torch.arange(K, device=dev, dtype=L0.dtype)[None, :] * inc
-        V = torch.where(eligible[:, None] & (L < 1.0), key_scores[0][:, None] * (1.0 - L), float("-inf")).reshape(-1)
-        vals, idx = torch.sort(V, descending=True, stable=True)
-        k = min(B, V.numel())
-        out[:k] = torch.where(torch.isfinite(vals[:k]), idx[:k] // K, NO_AGENT)
-        return out
+        return _greedy_one_key(key_scores[0], L0, eligible, inc, out)
     counts = torch.bincount(inv, minlength=U)
     order = torch.argsort(inv, stable=True)  # requests grouped by key, arrival order inside a key
     starts = torch.cumsum(counts, 0) - counts
@@ -387,18 +394,12 @@ def _top_candidates(kt, L0, elig, Ks, cid, cval, ccnt) -> int:
                 nonfinite = True  # −inf, or NaN (NaN fails every comparison)
     return (1 if neg else 0) + (2 if nonfinite else 0)
 
-# %% ../nbs/04_routing.ipynb #8b17ddff
+# %% ../nbs/04_routing.ipynb #3122f4e6
 @njit(cache=_CACHE, nogil=True)
-def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out) -> bool:
-    """The steps of `greedy_rounds_reference` on the candidates of `_top_candidates` (turned into max-heaps). A
-    candidate's value after p picks is kt[a, u]·(1 − (L0[a] + p·inc)) in float32, −inf once L ≥ 1 or p ≥ cap; stale
-    heap tops are re-valued lazily (values only fall, so a top whose stored value is current is the key's argmax).
-    Writes `out` [B]. Checks the exactness condition at every step: a waiting key whose candidates are not all its
-    eligible agents (complete[u] False) must still have an untouched candidate; returns False (out unusable) the
-    moment one has none."""
-    N, U = kt.shape
+def _group_by_key(inv, U):
+    """Requests grouped by key (a counting sort): order[nxt[u]:ends[u]] are key u's requests in arrival order. Returns
+    (order, nxt, ends); nxt[u] is then the position in `order` of key u's oldest waiting request."""
     B = inv.shape[0]
-    one = np.float32(1.0)
     counts = np.zeros(U, np.int64)
     for r in range(B):
         counts[inv[r]] += 1
@@ -408,16 +409,20 @@ def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out)
         nxt[u] = s
         s += counts[u]
         ends[u] = s
-    order, fill = np.empty(B, np.int64), nxt.copy()  # requests grouped by key, arrival order inside a key
+    order, fill = np.empty(B, np.int64), nxt.copy()
     for r in range(B):
         u = inv[r]
         order[fill[u]] = r
         fill[u] += 1
-    hn = ccnt.copy()
-    for u in range(U):  # min-heaps (worst first) → max-heaps (best first)
-        for i in range(hn[u] // 2 - 1, -1, -1):
-            _sift_down(cval, cid, u, i, hn[u], cval[u, i], cid[u, i], True)
-    start = np.zeros(N + 1, np.int64)  # keys_of[start[a]:start[a + 1]]: the keys having agent a as a candidate
+    return order, nxt, ends
+
+
+@njit(cache=_CACHE, nogil=True)
+def _keys_of_agents(cid, hn, N):
+    """The candidate lists turned around: keys_of[start[a]:start[a + 1]] are the keys having agent a among their
+    hn[u] candidates cid[u, :hn[u]] (ascending keys). Returns (start, keys_of)."""
+    U = hn.shape[0]
+    start = np.zeros(N + 1, np.int64)
     for u in range(U):
         for j in range(hn[u]):
             start[cid[u, j] + 1] += 1
@@ -429,6 +434,51 @@ def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out)
             a = cid[u, j]
             keys_of[fill[a]] = u
             fill[a] += 1
+    return start, keys_of
+
+# %% ../nbs/04_routing.ipynb #8b17ddff
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _current_top(kt, L0, inc, cap, picks, cid, cval, hn, u) -> None:
+    """Bring the top of key u's max-heap up to date: a candidate picked p times since its value was stored is worth
+    kt[a, u]·(1 − (L0[a] + p·inc)) in float32, −inf once L ≥ 1 or p ≥ cap (then it is dropped). Values only fall, so
+    a top whose stored value is current is the key's argmax."""
+    one = np.float32(1.0)
+    while hn[u] > 0:
+        a = cid[u, 0]
+        p = picks[a]
+        if p == 0:
+            break  # never picked: its stored value v⁰ is current
+        v = _NINF
+        if p < cap:
+            Lc = L0[a] + np.float32(p) * inc
+            if Lc < one:
+                v = kt[a, u] * (one - Lc)
+        if v == cval[u, 0]:
+            break  # stored value is current
+        if v == _NINF:  # saturated: drop it
+            hn[u] -= 1
+            cval[u, 0] = cval[u, hn[u]]
+            cid[u, 0] = cid[u, hn[u]]
+        else:
+            cval[u, 0] = v
+        if hn[u] > 0:
+            _sift_down(cval, cid, u, 0, hn[u], cval[u, 0], cid[u, 0], True)
+
+# %% ../nbs/04_routing.ipynb #16271bde
+@njit(cache=_CACHE, nogil=True)
+def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out) -> bool:
+    """The steps of `greedy_rounds_reference` on the candidates of `_top_candidates` (turned into max-heaps, their tops
+    re-valued lazily by `_current_top`). Writes `out` [B]. Checks the exactness condition at every step: a waiting key
+    whose candidates are not all its eligible agents (complete[u] False) must still have an untouched candidate;
+    returns False (out unusable) the moment one has none."""
+    N, U = kt.shape
+    B = inv.shape[0]
+    order, nxt, ends = _group_by_key(inv, U)
+    hn = ccnt.copy()
+    for u in range(U):  # min-heaps (worst first) → max-heaps (best first)
+        for i in range(hn[u] // 2 - 1, -1, -1):
+            _sift_down(cval, cid, u, i, hn[u], cval[u, i], cid[u, i], True)
+    start, keys_of = _keys_of_agents(cid, hn, N)
     untouched = hn.copy()  # candidates of each key that nobody has picked yet
     picks = np.zeros(N, np.int64)
     claim = np.full(N, B, np.int64)  # earliest request wanting each agent in this step
@@ -441,26 +491,7 @@ def _rounds_on_candidates(kt, L0, inc, cap, inv, cid, cval, ccnt, complete, out)
                 continue  # every request of this key is served
             if untouched[u] == 0 and not complete[u]:
                 return False  # the pruning argument no longer covers this key
-            while hn[u] > 0:
-                a = cid[u, 0]
-                p = picks[a]
-                if p == 0:
-                    break  # never picked: its stored value v⁰ is current
-                v = _NINF
-                if p < cap:
-                    Lc = L0[a] + np.float32(p) * inc
-                    if Lc < one:
-                        v = kt[a, u] * (one - Lc)
-                if v == cval[u, 0]:
-                    break  # stored value is current
-                if v == _NINF:  # saturated: drop it
-                    hn[u] -= 1
-                    cval[u, 0] = cval[u, hn[u]]
-                    cid[u, 0] = cid[u, hn[u]]
-                else:
-                    cval[u, 0] = v
-                if hn[u] > 0:
-                    _sift_down(cval, cid, u, 0, hn[u], cval[u, 0], cid[u, 0], True)
+            _current_top(kt, L0, inc, cap, picks, cid, cval, hn, u)
             if hn[u] == 0:
                 continue  # no eligible candidate left (values never come back)
             a, r = cid[u, 0], order[nxt[u]]
@@ -705,31 +736,32 @@ class RapoRouter:
             _no_agent(torch.tensor([a]), self.name, False)  # raises NoAgentAvailable
         return a
 
-    def select(
-        self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
-    ) -> torch.Tensor:
-        """One agent per request (LongTensor [B]); NoAgentAvailable (or NO_AGENT when allow_unassigned) where none is
-        eligible."""
-        one = _one_request(task, modality)
-        if one is not None:  # a single decision
-            a = torch.from_numpy(np.array([self.select_one(*one, bank, load, allow_unassigned)]))
-            return a if bank.M.is_cpu else a.to(bank.M.device)
-        task, modality = _check_request(task, modality, bank)
-        _check_bank_load(bank, load)
-        N, m, l = bank.M.shape
-        L = self.load_factor(load)
-        elig = bank.alive & load.alive & (L < 1.0)
-        uniq, inv = torch.unique(task * l + modality, return_inverse=True)
-        # C for the batch's keys, agent-major [N, U] (the layout of M, which greedy_rounds scans): no gather
-        # when every key
-        # occurs (a full tick), no [U, N] transpose copy; the float32 values of capability_matrix (two
-        # products, one sum)
-        M2 = bank.M.reshape(N, m * l)
-        Ct = M2.float() * self.mix if uniq.numel() == m * l else M2[:, uniq].float().mul_(self.mix)
-        Ct.add_((bank.capability_score.float() * (1.0 - self.mix))[:, None])
-        inc = self.coeffs[0] if self.use_load else 0.0
-        out = greedy_rounds(Ct.T, inv, L, elig, inc, feedback=self.load_feedback and self.use_load)
-        return _no_agent(out, self.name, allow_unassigned)
+# %% ../nbs/04_routing.ipynb #6a7b2d35
+@patch
+def select(
+    self: RapoRouter, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
+) -> torch.Tensor:
+    """One agent per request (LongTensor [B]); NoAgentAvailable (or NO_AGENT when allow_unassigned) where none is
+    eligible."""
+    one = _one_request(task, modality)
+    if one is not None:  # a single decision
+        a = torch.from_numpy(np.array([self.select_one(*one, bank, load, allow_unassigned)]))
+        return a if bank.M.is_cpu else a.to(bank.M.device)
+    task, modality = _check_request(task, modality, bank)
+    _check_bank_load(bank, load)
+    N, m, l = bank.M.shape
+    L = self.load_factor(load)
+    elig = bank.alive & load.alive & (L < 1.0)
+    uniq, inv = torch.unique(task * l + modality, return_inverse=True)
+    # C for the batch's keys, agent-major [N, U] (the layout of M, which greedy_rounds scans): no gather when every
+    # key occurs (a full tick), no [U, N] transpose copy; the float32 values of capability_matrix (two products,
+    # one sum)
+    M2 = bank.M.reshape(N, m * l)
+    Ct = M2.float() * self.mix if uniq.numel() == m * l else M2[:, uniq].float().mul_(self.mix)
+    Ct.add_((bank.capability_score.float() * (1.0 - self.mix))[:, None])
+    inc = self.coeffs[0] if self.use_load else 0.0
+    out = greedy_rounds(Ct.T, inv, L, elig, inc, feedback=self.load_feedback and self.use_load)
+    return _no_agent(out, self.name, allow_unassigned)
 
 # %% ../nbs/04_routing.ipynb #fe24a8f2
 def _eligible_ids(bank, load: AgentLoad) -> torch.Tensor:
@@ -879,9 +911,34 @@ class RandomRouter:
 
 ROUTERS = ("rapo", "sequential", "round_robin", "least_loaded", "similarity", "random")
 
+
+class OracleRouter:
+    """Hindsight **ceiling**, not a compared system: the alive, unsaturated agent with the highest simulated success
+    probability for each request (its `query_vec` is that [B, N] probability matrix, read from the simulated world)."""
+
+    name = "oracle"
+
+    def __init__(self, cfg):
+        self.rc = _routing_cfg(cfg)
+
+    def select(
+        self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
+    ) -> torch.Tensor:
+        task, modality = _check_request(task, modality, bank)
+        _check_bank_load(bank, load)
+        B, N = task.numel(), bank.P.shape[0]
+        if query_vec is None or tuple(torch.as_tensor(query_vec).shape) != (B, N):
+            raise ValueError(f"query_vec: the oracle needs the [{B}, {N}] success probabilities of the requests")
+        p = torch.as_tensor(query_vec, device=bank.M.device).float()
+        L = load_factor(load.active, load.pending, load.utilisation, self.rc)
+        elig = bank.alive & load.alive & (L < 1.0)
+        out = p.masked_fill(~elig[None, :], float("-inf")).argmax(1) if B else task.clone()
+        out = torch.where(elig[out], out, NO_AGENT) if B else out
+        return _no_agent(out, self.name, allow_unassigned)
+
 # %% ../nbs/04_routing.ipynb #bfde55d7
 def make_router(name: str, cfg, seed: int = 0, **kw) -> Router:
-    "The router called `name` (one of ROUTERS), built from `cfg` (and `seed` for the random one)."
+    "The router called `name` (one of ROUTERS, or the hindsight `oracle` ceiling), from `cfg` (`seed`: random's)."
     if name == "rapo":
         return RapoRouter(cfg, **kw)
     if name == "sequential":
@@ -894,7 +951,9 @@ def make_router(name: str, cfg, seed: int = 0, **kw) -> Router:
         return SimilarityRouter(cfg)
     if name == "random":
         return RandomRouter(seed)
-    raise ValueError(f"name: unknown router {name!r}; expected one of {list(ROUTERS)}")
+    if name == "oracle":
+        return OracleRouter(cfg)
+    raise ValueError(f"name: unknown router {name!r}; expected one of {list(ROUTERS) + ['oracle']}")
 
 # %% ../nbs/04_routing.ipynb #687cc550
 class BoundedWaitQueue:
@@ -929,35 +988,39 @@ class BoundedWaitQueue:
         )
         return ids
 
-    def dispatch(self, router: Router, bank, load: AgentLoad, now: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route every waiting request (oldest first); return (request ids, agents) served. Requests still unserved
-        after `max_wait_s` leave the queue in a NoAgentAvailable (which carries this call's served pairs in
-        `.served`)."""
-        if len(self) == 0:
-            return self.ids.clone(), self.ids.clone()
-        agents = router.select(self.task, self.modality, bank, load, allow_unassigned=True).to(self.ids.device)
-        done = agents >= 0
-        served = (self.ids[done], agents[done])
-        keep = ~done
-        waited = float(now) - self.since
-        expired = keep & (waited > self.max_wait_s)
-        gone_ids, gone_wait = self.ids[expired], waited[expired]
-        keep = keep & ~expired
-        self.ids, self.task, self.modality, self.since = (
-            self.ids[keep],
-            self.task[keep],
-            self.modality[keep],
-            self.since[keep],
+# %% ../nbs/04_routing.ipynb #570242a4
+@patch
+def dispatch(
+    self: BoundedWaitQueue, router: Router, bank, load: AgentLoad, now: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route every waiting request (oldest first); return (request ids, agents) served. Requests still unserved
+    after `max_wait_s` leave the queue in a NoAgentAvailable (which carries this call's served pairs in
+    `.served`)."""
+    if len(self) == 0:
+        return self.ids.clone(), self.ids.clone()
+    agents = router.select(self.task, self.modality, bank, load, allow_unassigned=True).to(self.ids.device)
+    done = agents >= 0
+    served = (self.ids[done], agents[done])
+    keep = ~done
+    waited = float(now) - self.since
+    expired = keep & (waited > self.max_wait_s)
+    gone_ids, gone_wait = self.ids[expired], waited[expired]
+    keep = keep & ~expired
+    self.ids, self.task, self.modality, self.since = (
+        self.ids[keep],
+        self.task[keep],
+        self.modality[keep],
+        self.since[keep],
+    )
+    if gone_ids.numel():
+        raise NoAgentAvailable(
+            f"{router.name}: every agent failed or saturated; {gone_ids.numel()} request(s) waited more than "
+            f"max_wait_s={self.max_wait_s:g} s (ids {gone_ids[:8].tolist()}{' …' if gone_ids.numel() > 8 else ''})",
+            request_ids=gone_ids,
+            waited_s=float(gone_wait.max()),
+            served=served,
         )
-        if gone_ids.numel():
-            raise NoAgentAvailable(
-                f"{router.name}: every agent failed or saturated; {gone_ids.numel()} request(s) waited more than "
-                f"max_wait_s={self.max_wait_s:g} s (ids {gone_ids[:8].tolist()}{' …' if gone_ids.numel() > 8 else ''})",
-                request_ids=gone_ids,
-                waited_s=float(gone_wait.max()),
-                served=served,
-            )
-        return served
+    return served
 
 # %% ../nbs/04_routing.ipynb #e5c3cb11
 def route_with_wait(
@@ -1091,33 +1154,42 @@ class TwoLevelScheduler:
             raise ValueError("complexity: predicted complexity must lie in [0, 1]")
         return torch.bucketize(c, self.boundaries.to(c.device), right=True)
 
-    def select(
-        self, task, modality, bank, load: AgentLoad, complexity=None, query_vec=None, allow_unassigned: bool = False
-    ) -> torch.Tensor:
-        """Local level: route each request inside its pool (one masked call per pool), then overflow to all agents if
-        allowed."""
-        task, modality = _check_request(task, modality, bank)
-        _check_bank_load(bank, load)
-        if complexity is None:
-            raise ValueError("complexity: the two-level scheduler needs a predicted complexity per request")
-        pool = self.pool_for(complexity).to(task.device)
-        if pool.numel() != task.numel():
-            raise ValueError(f"complexity: length {pool.numel()} does not match task length {task.numel()}")
-        if self.pool_of_agent.numel() != load.n:
-            raise ValueError(f"pool_of_agent: describes {self.pool_of_agent.numel()} agents but the bank has {load.n}")
-        agent_pool = self.pool_of_agent.to(task.device)
-        out = torch.full_like(task, NO_AGENT)
-        for k in range(self.n_pools):
-            rows = (pool == k).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            sub = AgentLoad(load.active, load.pending, load.utilisation, load.alive & (agent_pool == k))
-            out[rows] = self.local.select(task[rows], modality[rows], bank, sub, allow_unassigned=True)
-        miss = (out < 0).nonzero().flatten()
-        if self.overflow and miss.numel():
-            busy = load.assign(out[out >= 0])
-            out[miss] = self.flat.select(task[miss], modality[miss], bank, busy, allow_unassigned=True)
-        return _no_agent(out, self.name, allow_unassigned)
+# %% ../nbs/04_routing.ipynb #df39dc4d
+@patch
+def select(
+    self: TwoLevelScheduler,
+    task,
+    modality,
+    bank,
+    load: AgentLoad,
+    complexity=None,
+    query_vec=None,
+    allow_unassigned: bool = False,
+) -> torch.Tensor:
+    """Local level: route each request inside its pool (one masked call per pool), then overflow to all agents if
+    allowed."""
+    task, modality = _check_request(task, modality, bank)
+    _check_bank_load(bank, load)
+    if complexity is None:
+        raise ValueError("complexity: the two-level scheduler needs a predicted complexity per request")
+    pool = self.pool_for(complexity).to(task.device)
+    if pool.numel() != task.numel():
+        raise ValueError(f"complexity: length {pool.numel()} does not match task length {task.numel()}")
+    if self.pool_of_agent.numel() != load.n:
+        raise ValueError(f"pool_of_agent: describes {self.pool_of_agent.numel()} agents but the bank has {load.n}")
+    agent_pool = self.pool_of_agent.to(task.device)
+    out = torch.full_like(task, NO_AGENT)
+    for k in range(self.n_pools):
+        rows = (pool == k).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        sub = AgentLoad(load.active, load.pending, load.utilisation, load.alive & (agent_pool == k))
+        out[rows] = self.local.select(task[rows], modality[rows], bank, sub, allow_unassigned=True)
+    miss = (out < 0).nonzero().flatten()
+    if self.overflow and miss.numel():
+        busy = load.assign(out[out >= 0])
+        out[miss] = self.flat.select(task[miss], modality[miss], bank, busy, allow_unassigned=True)
+    return _no_agent(out, self.name, allow_unassigned)
 
 # %% ../nbs/04_routing.ipynb #a8bf2bb8
 def hidden_skill(

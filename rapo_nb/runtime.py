@@ -6,7 +6,9 @@ Docs: https://rapo-nb.github.io/rapo_nb/runtime.html.md"""
 
 # %% ../nbs/11_runtime.ipynb #375819ea
 from __future__ import annotations
-import argparse, asyncio, json, os, time
+import argparse, asyncio, fcntl, hashlib, json, os, re, shutil, sys, time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -14,17 +16,19 @@ import torch
 import simpy
 from fastcore.basics import patch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from .config import load_config, Config
+from .config import load_config, Config, results_dir
 from .state import StateBank, HashedTextEncoder, SlidingWindowContext
 from .consensus import make_topology, ConsensusEngine
 from .routing import make_router, AgentLoad, replacement_for, NoAgentAvailable, load_factor, utilisation_share
 from .synthetic import check_expected, generate_conversations
 from .agents import SimulatedAgentPool
-from .store import StateStore, make_store
-from .checkpoints import atomic_write, save_numbered_checkpoint, load_latest_checkpoint
+from .store import StateStore, StoreUnavailable, call_with_retries, make_store
+from .checkpoints import atomic_write, save_numbered_checkpoint, load_latest_checkpoint, CheckpointError
 from rapo_nb.systems import (
     SYSTEM_SPECS,
     SYSTEMS,
+    SystemSpec,
+    resolve_system,
     TURN_COLUMNS,
     CONV_COLUMNS,
     prompt_header,
@@ -36,7 +40,9 @@ from rapo_nb.systems import (
 )
 
 # %% auto #0
-__all__ = ['CHECKPOINT_KIND', 'ENGINE_COUNTERS', 'RuntimeMetrics', 'Orchestrator', 'engine_state', 'load_engine_state',
+__all__ = ['RECEPTION_STREAM', 'SERVE_STREAM', 'CHECKPOINT_KIND', 'ENGINE_COUNTERS', 'BOOKKEEPING_FIELDS', 'RuntimeMetrics',
+           'Orchestrator', 'conversation_key', 'turn_rng', 'engine_state', 'load_engine_state', 'config_identity',
+           'conversations_identity', 'first_difference', 'router_state', 'load_router_state', 'default_checkpoint_dir',
            'run_conversations', 'write_failure_log', 'orchestrator_main', 'LiveOrchestrator', 'RedisOrchestrator']
 
 # %% ../nbs/11_runtime.ipynb #16c9f3cc
@@ -91,7 +97,7 @@ class Orchestrator:
     def __init__(
         self,
         cfg: Config,
-        system: str = "rapo",
+        system: str | SystemSpec = "rapo",
         seed: int = 0,
         n_agents: int | None = None,
         ablation: dict | None = None,
@@ -105,8 +111,7 @@ class Orchestrator:
         arrivals_per_agent_s: float | None = None,
         update_context: bool = False,
     ):
-        if system not in SYSTEM_SPECS:
-            raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
+        spec = resolve_system(system)  # a paper name, a factor name or a SystemSpec
         n = cfg.evaluation.n_agents if n_agents is None else n_agents
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
             raise ValueError(f"n_agents: expected an integer ≥ 2, got {n_agents!r}")
@@ -118,48 +123,64 @@ class Orchestrator:
             )
         if not (isinstance(arrivals_per_agent_s, (int, float)) and arrivals_per_agent_s > 0):
             raise ValueError(f"arrivals_per_agent_s: expected > 0, got {arrivals_per_agent_s!r}")
-        self.cfg, self.spec, self.seed, self.n = cfg, SYSTEM_SPECS[system], int(seed), int(n)
+        self.cfg, self.spec, self.seed, self.n = cfg, spec, int(seed), int(n)
         self.arrivals_per_agent_s = float(arrivals_per_agent_s)
         self.ablation = check_ablation(ablation)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.bank = StateBank.create(self.n, cfg, device=self.device, seed=seed)
-        self.text_encoder = HashedTextEncoder.from_config(cfg)
-        self.context_model = SlidingWindowContext.from_config(cfg, seed=seed).to(self.device).eval()
-        self.windows: dict[int, list[np.ndarray]] = {}  # per agent: embeddings of its last k answers (for C_i)
-        self.update_context = bool(update_context)
-        self.pool = pool if pool is not None else SimulatedAgentPool(self.n, cfg, seed, failure_rate=failure_rate)
-        self.router = make_router("random" if self.ablation["random_routing"] else self.spec.router, cfg, seed)
-        self.use_consensus = self.spec.consensus and not self.ablation["no_consensus"]
-        self.engine = None
-        if self.use_consensus:
-            topo = make_topology(
-                cfg.consensus.topology,
-                self.n,
-                degree=min(cfg.consensus.degree, self.n - 1),
-                seed=seed,
-                device=self.device,
-            )
-            self.engine = ConsensusEngine(cfg, topo, self.device)
+        self.failure_rate, self.update_context = float(failure_rate), bool(update_context)
         self.transition_model, self.store, self.metrics = transition_model, store, metrics
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.env = simpy.Environment()
-        self.resources = [simpy.Resource(self.env, capacity=int(cfg.routing.c_max)) for _ in range(self.n)]
-        self.alive = np.ones(self.n, dtype=bool)
-        self.stable_C = self.bank.context().clone()  # dense [N, c] copy (also for a lazy bank)
-        self.route_queue: list = []
-        self.absorb: list = []  # (agent, task, modality, outcome, record) finished since the last tick
-        # (outgoing agent, receiving agent, first answer succeeded) of handoffs since the last tick
-        self.exchanges: list = []
-        self.finished: list = []  # rule-based outcomes of conversations finished since the last tick
-        self.turn_records: list[dict] = []
-        self.conv_records: list[dict] = []
-        self.failure_log: list[dict] = []
-        self.done_ids: set[str] = set()
-        self.ticks = self.rollbacks = self.consensus_rounds = self.replacements = 0
-        self.coordination_s = 0.0
-        self._carry_s = 0.0
-        self._open = 0
-        self._refresh_views()
+        self._build(pool)
+        self._reset()
+
+# %% ../nbs/11_runtime.ipynb #fa000001
+@patch
+def _build(self: Orchestrator, pool=None) -> None:
+    "The agents' state bank, encoders, simulated pool, router and consensus engine (all seeded by `self.seed`)."
+    cfg, seed = self.cfg, self.seed
+    self.bank = StateBank.create(self.n, cfg, device=self.device, seed=seed)
+    self.text_encoder = HashedTextEncoder.from_config(cfg)
+    self.context_model = SlidingWindowContext.from_config(cfg, seed=seed).to(self.device).eval()
+    self.pool = pool if pool is not None else SimulatedAgentPool(self.n, cfg, seed, failure_rate=self.failure_rate)
+    self.router = make_router("random" if self.ablation["random_routing"] else self.spec.router, cfg, seed)
+    self.use_consensus = self.spec.consensus and not self.ablation["no_consensus"]
+    self.engine = None
+    if self.use_consensus:
+        topo = make_topology(
+            cfg.consensus.topology,
+            self.n,
+            degree=min(cfg.consensus.degree, self.n - 1),
+            seed=seed,
+            device=self.device,
+        )
+        self.engine = ConsensusEngine(cfg, topo, self.device)
+
+
+@patch
+def _reset(self: Orchestrator) -> None:
+    "The run's state: clock, agent slots, queues, records, counters (what a checkpoint saves and `resume` restores)."
+    self.env = simpy.Environment()
+    self.resources = [simpy.Resource(self.env, capacity=int(self.cfg.routing.c_max)) for _ in range(self.n)]
+    self.alive = np.ones(self.n, dtype=bool)
+    self.restarts: list[list] = []  # [due time, agent] of crashed agents not yet back
+    self.windows: dict[int, list[np.ndarray]] = {}  # per agent: embeddings of its last k answers (for C_i)
+    self.stable_C = self.bank.context().clone()  # dense [N, c] copy (also for a lazy bank)
+    self.route_queue: list = []
+    self.absorb: list = []  # (agent, task, modality, outcome, record) finished since the last tick
+    # (outgoing agent, receiving agent, first answer succeeded) of handoffs since the last tick
+    self.exchanges: list = []
+    self.finished: list = []  # rule-based outcomes of conversations finished since the last tick
+    self.turn_records: list[dict] = []
+    self.conv_records: list[dict] = []
+    self.failure_log: list[dict] = []
+    self.done_ids: set[str] = set()
+    self.ticks = self.rollbacks = self.consensus_rounds = self.replacements = 0
+    self.checkpoint_ticks = 0  # tick of the last checkpoint written or resumed from
+    self.coordination_s = self.sim_time_s = 0.0
+    self._carry_s = 0.0
+    self._open = 0
+    self._conversations_seen = self._conversations_saved = None
+    self._refresh_views()
 
 # %% ../nbs/11_runtime.ipynb #beb39db5
 @patch
@@ -276,7 +297,8 @@ def _route(self: Orchestrator) -> list[dict]:
     if normal:
         task = torch.tensor([r["turn"].task for r in normal], dtype=torch.long, device=self.device)
         mod = torch.tensor([r["turn"].modality for r in normal], dtype=torch.long, device=self.device)
-        picked = self.router.select(task, mod, self.bank, load, allow_unassigned=True)
+        query = self._query([r["turn"] for r in normal])
+        picked = self.router.select(task, mod, self.bank, load, query_vec=query, allow_unassigned=True)
         if self.transition_model is not None:
             ok = picked >= 0
             if bool(ok.any()):
@@ -286,7 +308,7 @@ def _route(self: Orchestrator) -> list[dict]:
     for r in reqs:
         if r["failed"] >= 0:
             try:
-                if self.spec.name == "rapo":
+                if self.spec.router == "rapo":
                     a = int(replacement_for(r["failed"], self.bank, load))
                 else:
                     a = int(
@@ -295,6 +317,7 @@ def _route(self: Orchestrator) -> list[dict]:
                             torch.tensor([r["turn"].modality], device=self.device),
                             self.bank,
                             load,
+                            query_vec=self._query([r["turn"]]),
                             allow_unassigned=True,
                         )[0]
                     )
@@ -315,22 +338,27 @@ def _route(self: Orchestrator) -> list[dict]:
         served.append(r["record"])
     return served
 
+
+@patch
+def _query(self: Orchestrator, turns: list):
+    "The router's query for these turns: the oracle ceiling's [B, N] simulated success probabilities, else None."
+    if self.router.name == "oracle":
+        return torch.from_numpy(np.stack([self.pool.turn_skill(t) for t in turns])).float()
+    return None
+
 # %% ../nbs/11_runtime.ipynb #29a2a8f3
 @patch
 def _tick(self: Orchestrator) -> None:
-    """One control-loop iteration, measured: state update → consensus → routing, store write, checkpoint.
+    """One control-loop iteration, measured: state update → consensus → routing, store write.
 
     Its wall time is charged to the turns it touched."""
     t0 = time.perf_counter()
     touched = self._state_update()
     self._consensus()
     touched += self._route()
-    if self.store is not None:
-        self.store.put("bank", {k: v for k, v in self.bank.tensors().items()})
+    self._store_write()
     self._refresh_views()
     self.ticks += 1
-    if self.checkpoint_dir is not None and self.ticks % self.cfg.runtime.checkpoint_every == 0:
-        self.checkpoint()
     spent = time.perf_counter() - t0 + self._carry_s
     self.coordination_s += time.perf_counter() - t0
     if touched:
@@ -343,6 +371,17 @@ def _tick(self: Orchestrator) -> None:
     if self.metrics:
         self.metrics.queue_length.labels("routing").set(len(self.route_queue))
         self.metrics.queue_length.labels("agents").set(sum(len(r.queue) for r in self.resources))
+
+
+@patch
+def _store_write(self: Orchestrator) -> None:
+    "Write the bank to the state store; a Redis blip is retried (cfg.runtime.store_retries, doubling backoff)."
+    if self.store is None:
+        return
+    rc, arrays = self.cfg.runtime, dict(self.bank.tensors())
+    url = getattr(self.store, "url", "memory://")
+    put = partial(self.store.put, "bank", arrays)  # a put without an expected version: safe to repeat
+    call_with_retries(put, "orchestrator bank write", url, rc.store_retries, rc.store_backoff_s, rc.store_backoff_max_s)
 
 
 @patch
@@ -390,10 +429,14 @@ def _request(self: Orchestrator, turn, rec: dict, failed: int = -1):
 
 
 @patch
-def _restart(self: Orchestrator, agent: int):
-    "Process: a crashed agent comes back after cfg.simulation.agent_restart_s seconds of the orchestrator's clock."
-    yield self._sleep(self.cfg.simulation.agent_restart_s)
+def _restart(self: Orchestrator, agent: int, delay: float | None = None):
+    "Process: a crashed agent comes back after cfg.simulation.agent_restart_s (or `delay`) seconds of the clock."
+    delay = self.cfg.simulation.agent_restart_s if delay is None else delay
+    entry = [self._now() + delay, int(agent)]
+    self.restarts.append(entry)  # checkpointed: a restart still due carries over to the next segment
+    yield self._sleep(delay)
     self.alive[agent] = True
+    self.restarts.remove(entry)
 
 # %% ../nbs/11_runtime.ipynb #d97597f2
 @patch
@@ -415,14 +458,15 @@ def _serve(self: Orchestrator, target: int, memory: list[str], context: str, tur
 @patch
 def _receive(self: Orchestrator, context: str, facts: list[str], src: int, dst: int, rng: np.random.Generator) -> str:
     "The handed context as `dst` receives it: each fact survives with q(cos(P_src, P_dst)) (simulated reception model)."
-    q = reception_from_cosine(float(self._Pn[src] @ self._Pn[dst]), self.cfg.simulation.reception_floor)
+    sim = self.cfg.simulation
+    q = reception_from_cosine(float(self._Pn[src] @ self._Pn[dst]), sim.reception_floor, sim.reception_alignment)
     return drop_facts(context, facts, rng.random(len(facts)) < q)[0]
 
 
 @patch
 def _low_skill(self: Orchestrator, agent: int, turn) -> bool:
-    "Was `agent` a poor pick for `turn`? Its hidden (simulated) true skill is below cfg.simulation.low_skill."
-    return bool(self.pool.true_skill[agent, turn.task, turn.modality] < self.cfg.simulation.low_skill)
+    "Was `agent` a poor pick for `turn`? Its hidden (simulated) success probability is below cfg.simulation.low_skill."
+    return bool(self.pool.turn_skill(turn)[agent] < self.cfg.simulation.low_skill)
 
 
 @patch
@@ -490,85 +534,131 @@ def _trajectory_point(self: Orchestrator, k: int, agent: int, turn, outcome: str
         success=success,
     )
 
+# %% ../nbs/11_runtime.ipynb #fa000004
+RECEPTION_STREAM, SERVE_STREAM = 0, 1
+
+
+def conversation_key(conv_id: str) -> int:
+    "A stable 63-bit integer for a conversation id: the first 8 bytes of its SHA-256 (the same in every process)."
+    return int.from_bytes(hashlib.sha256(str(conv_id).encode()).digest()[:8], "little") >> 1
+
+
+def turn_rng(seed: int, conv_id: str, turn: int, stream: int) -> np.random.Generator:
+    "The generator of one use in one turn: `SeedSequence([seed, conversation_key(conv_id), turn, stream])`."
+    return np.random.default_rng(np.random.SeedSequence([int(seed), conversation_key(conv_id), int(turn), int(stream)]))
+
 # %% ../nbs/11_runtime.ipynb #48fdfeba
+@dataclass
+class _ConvState:
+    "What one conversation carries from turn to turn: its agent, what was said, its records and failure flags."
+
+    agent: int = -1
+    last_response: str = ""
+    history: list = field(default_factory=list)
+    memory: list = field(default_factory=list)
+    responses: list = field(default_factory=list)
+    records: list = field(default_factory=list)
+    traj: list = field(default_factory=list)
+    resource_fail: bool = False
+    lost_any: bool = False
+    low_skill: bool = False
+    first_fail_shift: bool | None = None
+
+
 @patch
 def _conversation(self: Orchestrator, conv, arrival: float):
-    "Process of one conversation: route, hand over context, serve every turn (`_serve`), then `_finish_conversation`."
-    cfg, spec = self.cfg, self.spec
+    "Process of one conversation: wait for its arrival, run every turn (`_turn`), then `_finish_conversation`."
     yield self._sleep(arrival)
     try:
-        rng = np.random.default_rng([self.seed, int(conv.seed) % 2**63, 7])
-        handoffs, facts = set(conv.handoff_turns), list(conv.facts)
-        history, memory, responses, records, traj = [], [], [], [], []
-        agent, last_response = -1, ""
-        resource_fail = lost_any = low_skill = False
-        first_fail_shift = None
+        st, handoffs = _ConvState(), set(conv.handoff_turns)
         for k, turn in enumerate(conv.turns):
-            rec = self._turn_record(conv, k, turn)
-            t_req = self._now()
-            if agent >= 0 and not self.alive[agent]:
-                target = yield self._request(turn, rec, agent)  # §4.4 replacement
-            elif agent < 0 or k in handoffs:
-                target = yield self._request(turn, rec, -1)
-            else:
-                target = agent
-            text, success = "", False
-            for attempt in range(2):
-                if target < 0:
-                    resource_fail = True
-                    break
-                if agent >= 0 and target != agent:  # handoff
-                    memory, lost = self._hand_over(history, facts, agent, target, rec, last_response, rng)
-                    lost_any |= lost
-                context = prompt_header(
-                    spec.prompt_style, target, turn.specialist, conv.task_type, self.consensus_rounds
-                ) + "\n".join(memory[-cfg.state.history_turns :])
-                r = yield from self._serve(target, memory, context, turn, rng)
-                if r is None:
-                    rec.update(agent=target, outcome="timeout", context_given=context)
-                    resource_fail = True
-                    agent = target
-                    break
-                success = bool(r.success) and r.outcome == "ok"
-                rec.update(
-                    agent=target,
-                    response=r.text,
-                    context_given=context,
-                    outcome=r.outcome,
-                    clarification=bool(r.outcome == "ok" and not r.success),
-                )
-                # capability EMA (next tick)
-                self.absorb.append((target, int(turn.task), int(turn.modality), float(success), rec))
-                low_skill |= self._low_skill(target, turn)
-                if rec["handoff"] and rec["prev_agent"] >= 0:
-                    self.exchanges.append((rec["prev_agent"], target, float(success)))  # E_ij
-                agent, text = target, r.text
-                if r.outcome != "ok":
-                    resource_fail = True
-                if r.outcome == "crash" and attempt == 0:  # agent died mid-turn
-                    self.alive[target] = False
-                    self._spawn(self._restart(target))
-                    target = yield self._request(turn, rec, target)
-                    continue
-                break
-            if not success and first_fail_shift is None:
-                first_fail_shift = bool(rec["handoff"] and k > 0 and conv.turns[k - 1].specialist != turn.specialist)
-            history += [turn.text, text]
-            memory += [turn.text, text]
-            responses.append(text)
-            last_response = text
-            rec["service_ms"] = (self._now() - t_req) * 1000.0
-            records.append(rec)
-            if self.metrics:
-                self.metrics.turns.labels(rec["outcome"]).inc()
-                self.metrics.response_time.observe(rec["service_ms"])
-            if agent >= 0:
-                traj.append(self._trajectory_point(k, agent, turn, rec["outcome"], success))
+            yield from self._turn(conv, k, turn, k in handoffs, st)
         self._finish_conversation(
-            conv, records, responses, traj, resource_fail, lost_any, low_skill, bool(first_fail_shift)
+            conv,
+            st.records,
+            st.responses,
+            st.traj,
+            st.resource_fail,
+            st.lost_any,
+            st.low_skill,
+            bool(st.first_fail_shift),
         )
     finally:
         self._open -= 1
+
+# %% ../nbs/11_runtime.ipynb #fa000015
+@patch
+def _turn(self: Orchestrator, conv, k: int, turn, handoff_due: bool, st: _ConvState):
+    "Process of turn `k`: its agent (kept, routed, or a replacement), up to two attempts (`_attempt`), its record."
+    rec, t_req = self._turn_record(conv, k, turn), self._now()
+    if st.agent >= 0 and not self.alive[st.agent]:
+        target = yield self._request(turn, rec, st.agent)  # §4.4 replacement
+    elif st.agent < 0 or handoff_due:
+        target = yield self._request(turn, rec, -1)
+    else:
+        target = st.agent
+    text, success = "", False
+    for attempt in range(2):
+        if target < 0:
+            st.resource_fail = True
+            break
+        r, target = yield from self._attempt(conv, k, turn, target, attempt, rec, st)
+        if r is not None:
+            text, success = r.text, bool(r.success) and r.outcome == "ok"
+        if target is None:
+            break
+    if not success and st.first_fail_shift is None:
+        st.first_fail_shift = bool(rec["handoff"] and k > 0 and conv.turns[k - 1].specialist != turn.specialist)
+    st.history += [turn.text, text]
+    st.memory += [turn.text, text]
+    st.responses.append(text)
+    st.last_response = text
+    rec["service_ms"] = (self._now() - t_req) * 1000.0
+    st.records.append(rec)
+    if self.metrics:
+        self.metrics.turns.labels(rec["outcome"]).inc()
+        self.metrics.response_time.observe(rec["service_ms"])
+    if st.agent >= 0:
+        st.traj.append(self._trajectory_point(k, st.agent, turn, rec["outcome"], success))
+
+# %% ../nbs/11_runtime.ipynb #fa000007
+@patch
+def _attempt(self: Orchestrator, conv, k: int, turn, target: int, attempt: int, rec: dict, st: _ConvState):
+    """Process: attempt `attempt` of turn `k` on `target` — hand over if the agent changes, serve, absorb the outcome.
+
+    Returns (the response, None on a timeout; the agent to retry on after a crash, else None)."""
+    if st.agent >= 0 and target != st.agent:  # handoff
+        rng = turn_rng(self.seed, conv.id, k, 2 * attempt + RECEPTION_STREAM)
+        st.memory, lost = self._hand_over(st.history, list(conv.facts), st.agent, target, rec, st.last_response, rng)
+        st.lost_any |= lost
+    context = prompt_header(
+        self.spec.prompt_style, target, turn.specialist, conv.task_type, self.consensus_rounds
+    ) + "\n".join(st.memory[-self.cfg.state.history_turns :])
+    rng = turn_rng(self.seed, conv.id, k, 2 * attempt + SERVE_STREAM)
+    r = yield from self._serve(target, st.memory, context, turn, rng)
+    st.agent = target
+    if r is None:
+        rec.update(agent=target, outcome="timeout", context_given=context)
+        st.resource_fail = True
+        return None, None
+    success = bool(r.success) and r.outcome == "ok"
+    rec.update(
+        agent=target,
+        response=r.text,
+        context_given=context,
+        outcome=r.outcome,
+        clarification=bool(r.outcome == "ok" and not r.success),
+    )
+    self.absorb.append((target, int(turn.task), int(turn.modality), float(success), rec))  # capability EMA (next tick)
+    st.low_skill |= self._low_skill(target, turn)
+    if rec["handoff"] and rec["prev_agent"] >= 0:
+        self.exchanges.append((rec["prev_agent"], target, float(success)))  # E_ij
+    st.resource_fail |= r.outcome != "ok"
+    if r.outcome == "crash" and attempt == 0:  # the agent died mid-turn: a replacement tries again
+        self.alive[target] = False
+        self._spawn(self._restart(target))
+        return r, (yield self._request(turn, rec, target))
+    return r, None
 
 # %% ../nbs/11_runtime.ipynb #658e52be
 @patch
@@ -648,18 +738,120 @@ def load_engine_state(engine: ConsensusEngine, state: dict) -> ConsensusEngine:
         engine._set_stable(state["stable"].to(engine.device))
     return engine
 
-# %% ../nbs/11_runtime.ipynb #988be98e
+# %% ../nbs/11_runtime.ipynb #fa000009
+BOOKKEEPING_FIELDS = frozenset(
+    {
+        "profile",
+        "device",
+        "seed",  # the orchestrator's own seed is compared (run_identity); cfg.seed does not reach the run
+        "runtime.checkpoint_every",
+        "runtime.checkpoints_kept",
+        "runtime.store",
+        "runtime.redis_url",
+        "runtime.redis_timeout_s",
+        "runtime.metrics_port",
+        "runtime.store_retries",
+        "runtime.store_backoff_s",
+        "runtime.store_backoff_max_s",
+    }
+)
+
+
+def config_identity(cfg: Config) -> dict:
+    "The config fields that decide a run's outcomes ('group.field' → JSON value); bookkeeping fields left out."
+    flat = {}
+    for k, v in cfg.to_dict().items():
+        flat.update({f"{k}.{f}": x for f, x in v.items()} if isinstance(v, dict) else {k: v})
+    return {k: v for k, v in flat.items() if k not in BOOKKEEPING_FIELDS}
+
+# %% ../nbs/11_runtime.ipynb #fa000017
+def _conversation_fingerprint(c) -> bytes:
+    "What the simulation reads of a conversation, as bytes (a `Conversation`; other objects: their id)."
+    try:
+        turns = [(t.text, t.task, t.modality, t.specialist, t.fsm_state) for t in c.turns]
+        return repr(
+            (c.id, c.task_type, list(c.handoff_turns), list(c.facts), sorted(c.expected.items()), turns)
+        ).encode()
+    except AttributeError:
+        return repr(str(c.id)).encode()
+
+
+def conversations_identity(conversations: list) -> dict:
+    "How many conversations, and a SHA-256 of what the run reads of them (ids, turns, facts, expected outputs)."
+    h = hashlib.sha256()
+    for c in conversations:
+        h.update(_conversation_fingerprint(c))
+    return dict(n_conversations=len(conversations), conversations_sha256=h.hexdigest())
+
+
+def first_difference(saved: dict, now: dict, prefix: str = "") -> str | None:
+    "'<prefix><field> is <saved>, this run has <now>' for the first field that differs; None if none does."
+    for k in list(saved) + [k for k in now if k not in saved]:
+        if saved.get(k) != now.get(k):
+            return f"{prefix}{k} is {saved.get(k)!r}, this run has {now.get(k)!r}"
+    return None
+
+
 @patch
-def checkpoint(self: Orchestrator) -> Path:
-    "Checkpoint bank, consensus engine, counters and completed conversations (§4.4)."
-    payload = dict(
+def run_identity(self: Orchestrator) -> dict:
+    "What makes two orchestrators one run, besides config and conversations: a checkpoint resumes only its own run."
+    tm = self.transition_model
+    return dict(
         system=self.spec.name,
         seed=self.seed,
         n=self.n,
+        ablation=dict(self.ablation),
+        failure_rate=self.failure_rate,
+        arrivals_per_agent_s=self.arrivals_per_agent_s,
+        update_context=self.update_context,
+        transition_model=None if tm is None else type(tm).__name__,
+        pool=type(self.pool).__name__,
+    )
+
+# %% ../nbs/11_runtime.ipynb #fa00000b
+def router_state(router) -> dict:
+    "The mutable part of a router: its integer counters and its random generators (torch or numpy)."
+    out = {}
+    for k, v in vars(router).items():
+        if isinstance(v, torch.Generator):
+            out[k] = {"torch_generator": v.get_state()}
+        elif isinstance(v, np.random.Generator):
+            out[k] = {"numpy_generator": json.dumps(v.bit_generator.state)}
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out[k] = int(v)
+    return out
+
+
+def load_router_state(router, state: dict):
+    "Put `router_state` back into a router of the same kind; returns the router."
+    for k, v in state.items():
+        if isinstance(v, dict) and "torch_generator" in v:
+            getattr(router, k).set_state(v["torch_generator"])
+        elif isinstance(v, dict) and "numpy_generator" in v:
+            getattr(router, k).bit_generator.state = json.loads(v["numpy_generator"])
+        else:
+            setattr(router, k, v)
+    return router
+
+# %% ../nbs/11_runtime.ipynb #988be98e
+@patch
+def checkpoint(self: Orchestrator) -> Path:
+    "Checkpoint what a segment boundary holds (§4.4): the run's identity, state, random generators and records."
+    payload = dict(
+        run=self.run_identity(),
+        config=config_identity(self.cfg),
+        conversations=self._conversations_seen,
         ticks=self.ticks,
+        sim_time_s=self.sim_time_s,
         bank=self.bank.snapshot(),
         engine=None if self.engine is None else engine_state(self.engine),
         stable_C=self.stable_C,
+        router=router_state(self.router),
+        alive=self.alive.copy(),
+        restarts=[list(r) for r in self.restarts],
+        windows={int(a): np.stack(w) for a, w in self.windows.items()},
+        finished=list(self.finished),
+        exchanges=[list(e) for e in self.exchanges],
         turn_records=self.turn_records,
         conv_records=self.conv_records,
         failure_log=self.failure_log,
@@ -671,62 +863,135 @@ def checkpoint(self: Orchestrator) -> Path:
             coordination_s=self.coordination_s,
         ),
     )
-    return save_numbered_checkpoint(
+    path = save_numbered_checkpoint(
         self.checkpoint_dir, self.ticks, payload, CHECKPOINT_KIND, keep=self.cfg.runtime.checkpoints_kept
     )
+    self.checkpoint_ticks = self.ticks
+    return path
 
 
 @patch
 def resume(self: Orchestrator) -> int:
-    "Restore from the newest valid checkpoint in checkpoint_dir; return its iteration (0: none)."
+    "Restore the newest valid checkpoint in checkpoint_dir (0: none); another run's is refused, naming the difference."
     if self.checkpoint_dir is None:
         return 0
     got = load_latest_checkpoint(self.checkpoint_dir, CHECKPOINT_KIND)
     if got is None:
         return 0
     it, p = got
-    for k, want in (("system", self.spec.name), ("seed", self.seed), ("n", self.n)):
-        if p[k] != want:
-            raise ValueError(f"checkpoint: {k} is {p[k]!r}, this run has {want!r}")
+    if "run" not in p:
+        raise CheckpointError(f"checkpoint in {self.checkpoint_dir}: written by an older rapo_nb (no run identity)")
+    diff = first_difference(p["run"], self.run_identity()) or first_difference(
+        p["config"], config_identity(self.cfg), "config "
+    )
+    if diff:
+        raise ValueError(
+            f"checkpoint in {self.checkpoint_dir}: {diff} (a checkpoint resumes only the run that wrote it)"
+        )
+    self._restore(p)
+    return it
+
+# %% ../nbs/11_runtime.ipynb #fa00000d
+@patch
+def _restore(self: Orchestrator, p: dict) -> None:
+    "Put a checkpoint's state back (after `resume` checked it is this run's)."
     self.bank.restore(p["bank"])
     if self.engine is not None and p["engine"] is not None:
         load_engine_state(self.engine, p["engine"])
     self.stable_C = p["stable_C"].to(self.device)
+    load_router_state(self.router, p["router"])
+    self.alive = np.asarray(p["alive"], dtype=bool).copy()
+    self.bank.alive = torch.from_numpy(self.alive.copy()).to(self.device)
+    self.restarts = [[float(due), int(a)] for due, a in p["restarts"]]
+    self.windows = {int(a): list(w) for a, w in p["windows"].items()}
+    self.finished = [float(x) for x in p["finished"]]
+    self.exchanges = [(int(s), int(d), float(ok)) for s, d, ok in p["exchanges"]]
     self.turn_records, self.conv_records, self.failure_log = (
         list(p["turn_records"]),
         list(p["conv_records"]),
         list(p["failure_log"]),
     )
     self.done_ids = set(p["done_ids"])
-    self.ticks = int(p["ticks"])
+    self.ticks = self.checkpoint_ticks = int(p["ticks"])
+    self.sim_time_s = float(p["sim_time_s"])
+    self._conversations_saved = p["conversations"]
     for k, v in p["counters"].items():
         setattr(self, k, v)
     self._refresh_views()
-    return it
+
+
+@patch
+def _check_conversations(self: Orchestrator, conversations: list) -> None:
+    "A resumed run must be given the conversations of the run that wrote the checkpoint (named if not)."
+    if not all(hasattr(c, "turns") and hasattr(c, "id") for c in conversations):
+        raise ValueError("conversations: every item must be a synthetic.Conversation")
+    seen = conversations_identity(conversations)
+    if self._conversations_saved is not None:
+        diff = first_difference(self._conversations_saved, seen)
+        if diff:
+            raise ValueError(
+                f"checkpoint in {self.checkpoint_dir}: {diff} (a checkpoint resumes only the run that wrote it)"
+            )
+    self._conversations_seen = seen
 
 # %% ../nbs/11_runtime.ipynb #90970508
 @patch
 def run(self: Orchestrator, conversations: list, pace_s: float = 0.0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Run every conversation not yet done; return (turns_df, conversations_df) of all completed conversations."
-    todo = [c for c in conversations if c.id not in self.done_ids]
-    rng = np.random.default_rng([self.seed, self.ticks, 11])
-    arrivals = np.cumsum(rng.exponential(1.0 / (self.arrivals_per_agent_s * self.n), len(todo)))
-    self._open = len(todo)
-    for c, t in zip(todo, arrivals):
-        self.env.process(self._conversation(c, float(t)))
-    self.pace_s = pace_s
+    "Run every conversation not yet done, segment by segment; return (turns_df, conversations_df) of all completed."
+    conversations = list(conversations)
+    self._check_conversations(conversations)
+    size, self.pace_s = self.cfg.runtime.segment_conversations, pace_s
+    starts = [
+        j
+        for j in range(0, len(conversations), size)
+        if any(c.id not in self.done_ids for c in conversations[j : j + size])
+    ]
     threads = torch.get_num_threads()
     # tiny tensors: intra-op threads only add contention (measured: 100× slower sparse products on a busy 2-core box)
     torch.set_num_threads(1)
     try:
-        if todo:
-            self.env.run(until=self.env.process(self._loop_with_pace()))
-        self._final_update()
+        for j in starts:
+            self._segment(j // size, [c for c in conversations[j : j + size] if c.id not in self.done_ids])
+            due = self.ticks - self.checkpoint_ticks >= self.cfg.runtime.checkpoint_every
+            if self.checkpoint_dir is not None and due and j != starts[-1]:
+                self.checkpoint()
+    except StoreUnavailable as e:
+        raise StoreUnavailable(f"{e}; {self._progress_note()}") from None
     finally:
         torch.set_num_threads(threads)
     return self.frames([c.id for c in conversations])
 
 
+@patch
+def _segment(self: Orchestrator, j: int, todo: list) -> None:
+    "Run segment `j` (conversations `todo`) until it drains, on a fresh clock starting where the last one stopped."
+    self.env = simpy.Environment(initial_time=self.sim_time_s)
+    self.resources = [simpy.Resource(self.env, capacity=int(self.cfg.routing.c_max)) for _ in range(self.n)]
+    pending, self.restarts = sorted(self.restarts), []
+    for due, agent in pending:  # crashed agents still restarting carry over
+        self._spawn(self._restart(agent, max(due - self.sim_time_s, 0.0)))
+    rng = np.random.default_rng([self.seed, j, 11])
+    arrivals = np.cumsum(rng.exponential(1.0 / (self.arrivals_per_agent_s * self.n), len(todo)))
+    self._open = len(todo)
+    for c, t in zip(todo, arrivals):
+        self.env.process(self._conversation(c, float(t)))
+    self.env.run(until=self.env.process(self._loop_with_pace()))
+    self._final_update()
+
+
+@patch
+def _progress_note(self: Orchestrator) -> str:
+    "Where the progress of a run that stopped is kept (for error messages)."
+    if self.checkpoint_dir is None:
+        return "this run had no checkpoint folder: its progress is lost"
+    if self.checkpoint_ticks == 0:
+        return f"no checkpoint was written yet in {self.checkpoint_dir}: a rerun starts from the beginning"
+    return (
+        f"progress is checkpointed in {self.checkpoint_dir} at tick {self.checkpoint_ticks}:"
+        " rerun with the same arguments to resume"
+    )
+
+# %% ../nbs/11_runtime.ipynb #fa00000f
 @patch
 def _loop_with_pace(self: Orchestrator):
     "The control loop, optionally slowed down in wall-clock time (crash tests need time to kill it)."
@@ -763,9 +1028,31 @@ def frames(self: Orchestrator, order: list[str] | None = None) -> tuple[pd.DataF
     return turns, convs
 
 # %% ../nbs/11_runtime.ipynb #742f15e6
+def default_checkpoint_dir(orch: Orchestrator, conversations: list) -> Path:
+    "results/<profile>/checkpoints/<system>-s<seed>-<SHA-256 of the run's identity and conversations>: one per run."
+    key = json.dumps(
+        [orch.run_identity(), config_identity(orch.cfg), conversations_identity(conversations)], sort_keys=True
+    )
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", orch.spec.name)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return results_dir(orch.cfg.profile) / "checkpoints" / f"{name}-s{orch.seed}-{digest}"
+
+
+def _claim(folder: Path):
+    "An exclusive lock on `folder`/.lock, released when the process ends; None while another live process holds it."
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+# %% ../nbs/11_runtime.ipynb #fa000018
 def run_conversations(
     conversations: list,
-    system: str,
+    system: str | SystemSpec,
     cfg: Config,
     seed: int = 0,
     n_agents: int | None = None,
@@ -774,8 +1061,15 @@ def run_conversations(
     store: StateStore | None = None,
     metrics: RuntimeMetrics | None = None,
     failure_rate: float = 0.0,
+    checkpoint_dir: str | Path | None | bool = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Run the benchmark through the simulated orchestrator with `system`; return (turns_df, conversations_df)."
+    """Run the benchmark through the simulated orchestrator with `system` (a name or a `SystemSpec`).
+
+    Returns (turns_df, conversations_df); their `system` column holds the spec's name.
+
+    `checkpoint_dir=None` checkpoints into `default_checkpoint_dir` (a rerun after a crash resumes from it; removed once
+    the run completes; skipped while the same run goes on in another process); a path keeps its checkpoints; `False`
+    writes none."""
     if not isinstance(conversations, (list, tuple)) or not conversations:
         raise ValueError("conversations: expected a non-empty list of synthetic.Conversation")
     if not all(hasattr(c, "turns") and hasattr(c, "id") for c in conversations):
@@ -784,6 +1078,7 @@ def run_conversations(
         raise ValueError("conversations: conversation ids must be unique")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed: expected an integer ≥ 0, got {seed!r}")
+    store = store if store is not None else make_store(cfg)
     orch = Orchestrator(
         cfg,
         system,
@@ -791,11 +1086,25 @@ def run_conversations(
         n_agents,
         ablation,
         transition_model,
-        store=store if store is not None else make_store(cfg),
+        store=store,
         metrics=metrics,
         failure_rate=failure_rate,
     )
-    return orch.run(list(conversations))
+    lock = None
+    if checkpoint_dir is None:
+        lock = _claim(default_checkpoint_dir(orch, list(conversations)))
+        orch.checkpoint_dir = default_checkpoint_dir(orch, list(conversations)) if lock is not None else None
+    elif checkpoint_dir is not False:
+        orch.checkpoint_dir = Path(checkpoint_dir)
+    try:
+        orch.resume()
+        out = orch.run(list(conversations))
+        if lock is not None:
+            shutil.rmtree(orch.checkpoint_dir, ignore_errors=True)
+    finally:
+        if lock is not None:
+            lock.close()
+    return out
 
 # %% ../nbs/11_runtime.ipynb #88c54c45
 def write_failure_log(failure_log: list[dict], path: str | Path) -> Path:
@@ -803,8 +1112,8 @@ def write_failure_log(failure_log: list[dict], path: str | Path) -> Path:
     return atomic_write(Path(path), lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in failure_log)))
 
 
-def orchestrator_main(argv: list[str] | None = None) -> int:
-    "Run (or resume) a checkpointed simulated orchestrator over generated conversations; write CSVs to --out."
+def _orchestrator_parser() -> argparse.ArgumentParser:
+    "The command line of `rapo-orchestrator`."
     p = argparse.ArgumentParser(
         prog="rapo-orchestrator", description="Simulated RAPO orchestrator with checkpoints (resumes from --out)."
     )
@@ -816,15 +1125,62 @@ def orchestrator_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=None, help="ticks between checkpoints (default: config)")
     p.add_argument(
+        "--segment-conversations", type=int, default=None, help="conversations per segment (default: config)"
+    )
+    p.add_argument("--store", choices=["memory", "redis"], default=None, help="state store (default: config)")
+    p.add_argument("--redis-url", default=None, help="Redis URL of --store redis (default: config)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="GROUP.FIELD=VALUE", help="any config field (JSON value)"
+    )
+    p.add_argument(
         "--pace-s", type=float, default=0.0, help="wall-clock sleep per tick (lets a test kill the process mid-run)"
     )
-    a = p.parse_args(argv)
-    over = {} if a.checkpoint_every is None else {"runtime.checkpoint_every": a.checkpoint_every}
-    cfg = load_config(a.profile, overrides=over, seed=a.seed)
+    return p
+
+
+def _overrides(a: argparse.Namespace) -> dict:
+    "Config overrides from the flags (`--set` values are JSON, else strings)."
+    over = {}
+    for item in a.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set: expected GROUP.FIELD=VALUE, got {item!r}")
+        try:
+            over[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            over[key] = raw
+    flags = {
+        "runtime.checkpoint_every": a.checkpoint_every,
+        "runtime.segment_conversations": a.segment_conversations,
+        "runtime.store": a.store,
+        "runtime.redis_url": a.redis_url,
+    }
+    return {**over, **{k: v for k, v in flags.items() if v is not None}}
+
+# %% ../nbs/11_runtime.ipynb #fa000013
+def orchestrator_main(argv: list[str] | None = None) -> int:
+    """Run (or resume) a checkpointed simulated orchestrator over generated conversations; write CSVs to --out.
+
+    Exit codes: 0 done; 1 the state store stayed unreachable (progress kept: rerun to resume); 2 bad input, or a
+    folder that cannot be resumed (another run's, or only damaged checkpoints)."""
+    a = _orchestrator_parser().parse_args(argv)
+    try:
+        return _orchestrate(a, load_config(a.profile, overrides=_overrides(a), seed=a.seed))
+    except StoreUnavailable as e:
+        print(f"rapo-orchestrator: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except ValueError as e:  # CheckpointError is a ValueError
+        print(f"rapo-orchestrator: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _orchestrate(a: argparse.Namespace, cfg: Config) -> int:
+    "The run behind `orchestrator_main`: resume from --out/checkpoints, run, write the tables and the failure log."
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     convs = generate_conversations(a.n_conversations, a.seed, cfg)
-    orch = Orchestrator(cfg, a.system, a.seed, a.n_agents, checkpoint_dir=out / "checkpoints")
+    store = make_store(cfg) if cfg.runtime.store == "redis" else None
+    orch = Orchestrator(cfg, a.system, a.seed, a.n_agents, store=store, checkpoint_dir=out / "checkpoints")
     start = orch.resume()
     print(f"resumed_from={start} done={len(orch.done_ids)}", flush=True)
     turns, conv_df = orch.run(convs, pace_s=a.pace_s)
@@ -959,7 +1315,7 @@ class RedisOrchestrator(Orchestrator):
         url = redis_url or cfg.runtime.redis_url
         client = client if client is not None else connect_redis(url, cfg.runtime.redis_timeout_s)
         self.dispatcher = RedisDispatcher(client, self.n, prefix=prefix, metrics=self.metrics)
-        fp = pool_fingerprint(self.n, cfg, self.seed, kwargs.get("failure_rate", 0.0))
+        fp = pool_fingerprint(self.n, cfg, self.seed, self.failure_rate)
         truth = self.pool if simulated_workers else None
         self.pool = RedisAgentPool(
             self.dispatcher, truth, f"{self.spec.name}:{self.seed}", fp, wait_s, on_dead=self._workers_lost
@@ -968,17 +1324,18 @@ class RedisOrchestrator(Orchestrator):
         self.startup_s = float(startup_s)
 
     def _workers_lost(self, agent: int) -> int:
-        "Every worker of `agent` is gone: route around it, and name the replacement by capability similarity (§4.4)."
+        "All workers of `agent` are gone: route around it and any agent without a worker; its replacement (§4.4)."
         self.alive[agent] = False
         self.workers_down.add(agent)
+        self._refresh_workers()
         rep = int(replacement_for(agent, self.bank, self.load()))
         self.replacements += 1
         if self.metrics:
             self.metrics.replacements.inc()
         return rep
 
-    def _tick(self) -> None:
-        "Before each tick: agents whose workers stopped beating are routed around; those back are routed to again."
+    def _refresh_workers(self) -> None:
+        "Agents whose workers stopped beating are routed around; those back are routed to again."
         up = self.dispatcher.alive()
         for a in np.flatnonzero(~up & self.alive):
             self.alive[a] = False
@@ -986,23 +1343,33 @@ class RedisOrchestrator(Orchestrator):
         for a in [a for a in self.workers_down if up[a]]:
             self.alive[a] = True
             self.workers_down.discard(a)
-        super()._tick()
 
-    def _low_skill(self, agent: int, turn) -> bool:
-        "Live agents behind Redis: their true skill is unknown (never counted as an agent-selection error)."
-        return self.pool.simulated and Orchestrator._low_skill(self, agent, turn)
+# %% ../nbs/11_runtime.ipynb #1362f865
+@patch
+def _tick(self: RedisOrchestrator) -> None:
+    "Each tick starts from the workers' heartbeats (`_refresh_workers`)."
+    self._refresh_workers()
+    Orchestrator._tick(self)
 
-    def run(self, conversations: list, pace_s: float = 0.0):
-        "As `Orchestrator.run`; the run's `attrs` add the dispatch counts."
-        self.pool.conv_of = {id(t): c.id for c in conversations for t in c.turns}
-        t0 = time.monotonic()
-        while not self.dispatcher.alive().all() and time.monotonic() - t0 < self.startup_s:
-            time.sleep(0.1)  # workers start in seconds (they import torch)
-        turns, convs = super().run(conversations, pace_s)
-        convs.attrs["run"] |= dict(
-            dispatched=self.pool.dispatched,
-            duplicates_ignored=self.dispatcher.duplicates,
-            moved_turns=len(self.pool.moved),
-            workers_down=sorted(self.workers_down),
-        )
-        return turns, convs
+
+@patch
+def _low_skill(self: RedisOrchestrator, agent: int, turn) -> bool:
+    "Live agents behind Redis: their true skill is unknown (never counted as an agent-selection error)."
+    return self.pool.simulated and Orchestrator._low_skill(self, agent, turn)
+
+
+@patch
+def run(self: RedisOrchestrator, conversations: list, pace_s: float = 0.0):
+    "As `Orchestrator.run`; the run's `attrs` add the dispatch counts."
+    self.pool.conv_of = {id(t): c.id for c in conversations for t in c.turns}
+    t0 = time.monotonic()
+    while not self.dispatcher.alive().all() and time.monotonic() - t0 < self.startup_s:
+        time.sleep(0.1)  # workers start in seconds (they import torch)
+    turns, convs = Orchestrator.run(self, conversations, pace_s)
+    convs.attrs["run"] |= dict(
+        dispatched=self.pool.dispatched,
+        duplicates_ignored=self.dispatcher.duplicates,
+        moved_turns=len(self.pool.moved),
+        workers_down=sorted(self.workers_down),
+    )
+    return turns, convs

@@ -24,6 +24,8 @@ from rapo_nb.config import (
     PAPER_MEMORY_LAW_GB,
     PAPER_CLAIMS,
     SPECIALISTS,
+    claim_row,
+    claims_frame,
 )
 from .state import StateBank, prune_history
 from .consensus import make_topology, ConsensusEngine
@@ -31,14 +33,13 @@ from .fastpaths import fast_step
 from .routing import AgentLoad, RapoRouter, TwoLevelScheduler, make_router, pools_by_strength
 from .synthetic import generate_conversations
 
-
 # %% auto #0
 __all__ = ['GB', 'MB', 'TICK_ROUTING_BATCH', 'OPTIMISATION_AGENTS', 'BENCH_THREADS', 'GOALS', 'PAPER_MEMORY_SAVING',
            'COUNT_COLUMNS', 'HISTORY_POOL', 'SUCCESS_CONVERSATIONS', 'TABLE2_PAPER_COLUMNS', 'COMM_SCHEMES',
            'SCHEDULER_COUNTS', 'COMPLETE_MAX_EDGES', 'DOMINANCE_COUNTS', 'TURN_OVERHEAD_RATIO_TARGET',
            'LANGGRAPH_CONVERSATIONS', 'SCALING_PARTS', 'table_floatfmt', 'rss_bytes', 'peak_rss_bytes', 'cpu_seconds',
-           'timed', 'tensor_bytes', 'season_bank', 'build_deployment', 'activate_contexts', 'tick_requests',
-           'tick_batch', 'control_tick', 'measure_size', 'measure_size_subprocess', 'build_history_store',
+           'timed', 'tensor_bytes', 'tick_requests', 'tick_batch', 'season_bank', 'build_deployment',
+           'activate_contexts', 'control_tick', 'measure_size', 'measure_size_subprocess', 'build_history_store',
            'history_bytes', 'scaling_sweep', 'fit_memory_law', 'memory_law', 'success_at_scale', 'build_table2',
            'pool_sizes', 'messages_per_tick', 'scheduler_reads', 'communication_table', 'scheduler_timing',
            'consensus_share_sweep', 'dominance_point', 'optimisation_variants', 'measure_optimisations',
@@ -126,7 +127,7 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
         cpu_util=cpu / wall if wall > 0 else float("nan"),
     )
 
-
+# %% ../nbs/17_scaling.ipynb #bf2aa026
 def tensor_bytes(*objs: Any) -> int:
     "Bytes of the distinct tensor storages reachable from `objs` (attributes, dicts, lists; each storage counted once)."
     seen, total, stack, visited = set(), 0, list(objs), set()
@@ -160,7 +161,29 @@ def tensor_bytes(*objs: Any) -> int:
             stack.extend(vars(o).values())
     return total
 
-# %% ../nbs/17_scaling.ipynb #47a9c621
+# %% ../nbs/17_scaling.ipynb #aff20c2b
+def tick_requests(n: int, batch: int = TICK_ROUTING_BATCH) -> int:
+    "Requests in one tick: `batch`, but at most one new request per agent (small deployments are not flooded)."
+    return max(1, min(int(batch), int(n)))
+
+
+def tick_batch(
+    n: int, cfg: Config, batch: int = TICK_ROUTING_BATCH, seed: int = 0, device: str | torch.device = "cpu"
+) -> dict:
+    "One tick's seeded work: `batch` outcomes (agent, task, modality, outcome) and `batch` routing requests."
+    if batch < 1:
+        raise ValueError(f"batch: expected ≥ 1, got {batch!r}")
+    g = torch.Generator().manual_seed(seed)
+    m, l = cfg.state.n_tasks, cfg.state.n_modalities
+    out = dict(
+        agent=torch.randint(0, n, (batch,), generator=g),
+        task=torch.randint(0, m, (batch,), generator=g),
+        modality=torch.randint(0, l, (batch,), generator=g),
+        outcome=(torch.rand(batch, generator=g) < 0.8).float(),
+    )
+    return {k: v.to(device) for k, v in out.items()}
+
+# %% ../nbs/17_scaling.ipynb #a1db4962
 def season_bank(bank, cfg: Config, seed: int = 0):
     """Give every agent one seeded outcome (random task, modality, success), so capabilities differ as in a running
     system."""
@@ -193,7 +216,7 @@ def build_deployment(
     router = make_router("rapo", cfg, seed)
     return dict(n=int(n), topology=kind, bank=bank, topo=topo, engine=engine, load=load, router=router)
 
-
+# %% ../nbs/17_scaling.ipynb #c0789db2
 def activate_contexts(bank, share: float, seed: int = 0, chunk: int = 4096) -> int:
     """A running deployment's steady state: every agent has been in a conversation once (its C written), and the first
     `share` of the agents are in one now (their C kept; the others' released). Returns how many are active."""
@@ -219,28 +242,6 @@ def activate_contexts(bank, share: float, seed: int = 0, chunk: int = 4096) -> i
     return k
 
 
-def tick_requests(n: int, batch: int = TICK_ROUTING_BATCH) -> int:
-    "Requests in one tick: `batch`, but at most one new request per agent (small deployments are not flooded)."
-    return max(1, min(int(batch), int(n)))
-
-
-def tick_batch(
-    n: int, cfg: Config, batch: int = TICK_ROUTING_BATCH, seed: int = 0, device: str | torch.device = "cpu"
-) -> dict:
-    "One tick's seeded work: `batch` outcomes (agent, task, modality, outcome) and `batch` routing requests."
-    if batch < 1:
-        raise ValueError(f"batch: expected ≥ 1, got {batch!r}")
-    g = torch.Generator().manual_seed(seed)
-    m, l = cfg.state.n_tasks, cfg.state.n_modalities
-    out = dict(
-        agent=torch.randint(0, n, (batch,), generator=g),
-        task=torch.randint(0, m, (batch,), generator=g),
-        modality=torch.randint(0, l, (batch,), generator=g),
-        outcome=(torch.rand(batch, generator=g) < 0.8).float(),
-    )
-    return {k: v.to(device) for k, v in out.items()}
-
-
 def control_tick(dep: dict, work: dict) -> dict:
     "One control-loop tick in the paper's order (state update → consensus → routing); seconds spent in each phase."
     t0 = time.perf_counter()
@@ -255,6 +256,39 @@ def control_tick(dep: dict, work: dict) -> dict:
     return dict(state_s=t1 - t0, consensus_s=t2 - t1, routing_s=t3 - t2, tick_s=t3 - t0)
 
 # %% ../nbs/17_scaling.ipynb #0426d75f
+def _baseline_rss(cfg: Config, seed: int, histories: int) -> int:
+    "RSS after the imports and a 2-agent warm-up deployment and tick: the deployment's memory is measured from here."
+    # imports and one-off caches are not the deployment's memory
+    import rapo_nb.state, rapo_nb.consensus, rapo_nb.routing
+
+    if histories:
+        import rapo_nb.synthetic
+
+        build_history_store(1, cfg, seed=seed)
+    warm = build_deployment(2, cfg, seed=seed)
+    control_tick(warm, tick_batch(2, cfg, batch=2, seed=seed))
+    del warm
+    gc.collect()
+    return rss_bytes()
+
+
+def _tick_stats(dep: dict, cfg: Config, n: int, batch: int, repeats: int, seed: int) -> dict:
+    "Median tick and phase times over `repeats` ticks after one warm-up, CPU utilisation, consensus share, loop load."
+    work = tick_batch(n, cfg, batch=tick_requests(n, batch), seed=seed)
+    phases = []
+    r = timed(lambda: phases.append(control_tick(dep, work)), repeats=repeats, warmup=1)
+    ph = pd.DataFrame(phases[1:])  # drop the warm-up tick
+    return dict(
+        tick_ms=1e3 * r["median_s"],
+        state_ms=1e3 * ph.state_s.median(),
+        consensus_ms=1e3 * ph.consensus_s.median(),
+        routing_ms=1e3 * ph.routing_s.median(),
+        cpu_pct=100 * r["cpu_util"] / torch.get_num_threads(),
+        consensus_share=float((ph.consensus_s / ph.tick_s).median()),
+        loop_load_pct=100 * r["median_s"] * 1e3 / cfg.runtime.tick_ms,
+    )
+
+# %% ../nbs/17_scaling.ipynb #01a1b5a4
 def measure_size(
     n: int,
     profile: str = "quick",
@@ -272,18 +306,7 @@ def measure_size(
     torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     cfg = load_config(profile, seed=seed, device="cpu", overrides=overrides or {})
     repeats = cfg.scaling.repeats if repeats is None else repeats
-    # imports and one-off caches are not the deployment's memory
-    import rapo_nb.state, rapo_nb.consensus, rapo_nb.routing
-
-    if histories:
-        import rapo_nb.synthetic
-
-        build_history_store(1, cfg, seed=seed)
-    warm = build_deployment(2, cfg, seed=seed)
-    control_tick(warm, tick_batch(2, cfg, batch=2, seed=seed))
-    del warm
-    gc.collect()
-    rss0 = rss_bytes()
+    rss0 = _baseline_rss(cfg, seed, histories)
     t = time.perf_counter()
     dep = build_deployment(n, cfg, seed=seed)
     build_s = time.perf_counter() - t
@@ -305,25 +328,13 @@ def measure_size(
         n_edges=int(dep["topo"].n_edges),
     )
     if ticks:
-        work = tick_batch(n, cfg, batch=tick_requests(n, batch), seed=seed)
-        phases = []
-        r = timed(lambda: phases.append(control_tick(dep, work)), repeats=repeats, warmup=1)
-        ph = pd.DataFrame(phases[1:])  # drop the warm-up tick
-        res.update(
-            tick_ms=1e3 * r["median_s"],
-            state_ms=1e3 * ph.state_s.median(),
-            consensus_ms=1e3 * ph.consensus_s.median(),
-            routing_ms=1e3 * ph.routing_s.median(),
-            cpu_pct=100 * r["cpu_util"] / torch.get_num_threads(),
-            consensus_share=float((ph.consensus_s / ph.tick_s).median()),
-            loop_load_pct=100 * r["median_s"] * 1e3 / cfg.runtime.tick_ms,
-        )
+        res.update(_tick_stats(dep, cfg, n, batch, repeats, seed))
     gc.collect()
     rss2 = rss_bytes()
     res.update(rss_delta_mb=(max(rss1, rss2) - rss0) / MB, peak_rss_mb=peak_rss_bytes() / MB)
     return res
 
-
+# %% ../nbs/17_scaling.ipynb #0358a132
 _FORK_CONTEXT = None
 
 
@@ -799,7 +810,7 @@ def count_handoffs(conversations: list) -> int:
     "Handoffs in the conversations' plans (synthetic benchmark's handoff turns)."
     return int(sum(len(c.handoff_turns) for c in conversations))
 
-
+# %% ../nbs/17_scaling.ipynb #1b41c1cc
 def run_langgraph(conversations: list, repeats: int = 3) -> dict:
     """Drive `conversations` through a LangGraph StateGraph with instant fake models; median wall seconds of `repeats`
     runs."""
@@ -953,115 +964,210 @@ def turn_overhead_verdict(df: pd.DataFrame, target: float = TURN_OVERHEAD_RATIO_
 LANGGRAPH_CONVERSATIONS = {"quick": 40, "full": 200}  # conversations in the side-by-side (ours)
 
 # %% ../nbs/17_scaling.ipynb #51b83677
-def scaling_claims(
-    sweep: pd.DataFrame, fit_rss: dict, dominance: pd.DataFrame, opt: pd.DataFrame, success: pd.DataFrame
-) -> pd.DataFrame:
-    "The §4.5/§5.4 claims next to our measurements, with computed verdicts (columns of the report's claims tables)."
-    rows = []
+def _growth(comm: pd.DataFrame, scheme: str) -> tuple[float, int, int]:
+    "Growth exponent of messages per tick for `scheme` between the smallest count ≥ 100 and the largest."
+    c = comm[comm.scheme == scheme].set_index("agents").messages
+    lo, hi = min(n for n in c.index if n >= 100), max(c.index)
+    return math.log(c[hi] / c[lo]) / math.log(hi / lo), lo, hi
 
-    def add(claim, section, paper, ours, ok, note=""):
-        verdict = "not measured" if ok is None else ("reproduced" if ok else "differs")
-        rows.append(dict(claim=claim, section=section, paper=paper, ours=ours, verdict=verdict, note=note))
 
-    s = sweep.set_index(sweep.agents.astype(int))
-    add(
-        "memory grows linearly in n",
-        "§5.4",
-        f"M(n) = {PAPER_MEMORY_LAW_GB[0]} + {PAPER_MEMORY_LAW_GB[1]} n GB",
-        f"M(n) = {fit_rss['a_gb']:.3g} + {fit_rss['b_gb_per_agent']:.3g} n GB (R² {fit_rss['r2']:.4f})",
-        fit_rss["r2"] > 0.99,
-        "reproduced when a straight line explains > 99 % of the variance of our RSS delta; the level differs by design "
-        "(our deployment holds no model weights)",
+def _memory_claims(rows: list, s: pd.DataFrame, fit_rss: dict, opt: pd.DataFrame) -> None:
+    "The memory rows of `scaling_claims` (§4.5, §5.4, §6), appended to `rows`."
+    rows.append(
+        claim_row(
+            "memory grows linearly in n",
+            "§5.4",
+            f"M(n) = {PAPER_MEMORY_LAW_GB[0]} + {PAPER_MEMORY_LAW_GB[1]} n GB",
+            f"M(n) = {fit_rss['a_gb']:.3g} + {fit_rss['b_gb_per_agent']:.3g} n GB (R² {fit_rss['r2']:.4f})",
+            kind="result",
+            ok=bool(fit_rss["r2"] > 0.99),
+            note="reproduced when a straight line explains > 99 % of the variance of our RSS delta; the level "
+            "differs by design (our deployment holds no model weights)",
+        )
     )
     if 1000 in s.index:
-        gb = s.loc[1000, "rss_delta_mb"] * MB / GB
-        add(
-            "memory at 1,000 agents",
-            "§5.4 Table 2",
-            f"{PAPER_TABLE2[1000]['memory_gb']} GB",
-            f"{gb:.3g} GB",
-            abs(gb - PAPER_TABLE2[1000]["memory_gb"]) <= 0.25 * PAPER_TABLE2[1000]["memory_gb"],
-            "RSS delta of the orchestrator state (no model weights); reproduced only within ±25 % of the paper's level",
+        gb, paper_gb = s.loc[1000, "rss_delta_mb"] * MB / GB, PAPER_TABLE2[1000]["memory_gb"]
+        rows.append(
+            claim_row(
+                "memory at 1,000 agents",
+                "§5.4 Table 2",
+                f"{paper_gb} GB",
+                f"{gb:.3g} GB",
+                kind="result",
+                ok=bool(abs(gb - paper_gb) <= 0.25 * paper_gb),
+                note="RSS delta of the orchestrator state (no model weights); reproduced only within ±25 % of the "
+                "paper's level",
+            )
         )
+    ratio_paper = PAPER_CLAIMS["metadata_to_state_memory"]
+    if "bank_mb" in s.columns:
+        n = int(s.index.max())
+        ratio = float((s.loc[n, "rss_delta_mb"] - s.loc[n, "bank_mb"]) / s.loc[n, "bank_mb"])
+        ours = (
+            f"{ratio:.3g}× ({n:,} agents: RSS delta {s.loc[n, 'rss_delta_mb']:.4g} MB, state bank "
+            f"{s.loc[n, 'bank_mb']:.4g} MB)"
+        )
+        ok = bool(ratio_paper / 2 <= ratio <= 2 * ratio_paper)
+    else:
+        ours, ok = "—", None
+    rows.append(
+        claim_row(
+            "memory dominated by coordination metadata (60× agent state)",
+            "§6",
+            f"{ratio_paper}× agent state",
+            ours,
+            kind="result",
+            ok=ok,
+            note="metadata = RSS delta of the deployment minus its state bank (P, C, M, ω, counters) at the largest "
+            "count measured; reproduced within a factor 2 of 60×; our deployment holds no model weights",
+        )
+    )
+    allv = opt.set_index("variant").loc["all three"]
+    close = bool(abs(allv.saving_accounted - PAPER_MEMORY_SAVING) <= 0.10)
+    rows.append(
+        claim_row(
+            "§4.5 optimisations save ≈ 40 % memory",
+            "§4.5",
+            f"{PAPER_MEMORY_SAVING:.0%}",
+            f"{allv.saving_accounted:.1%} of accounted bytes, {allv.saving_rss:.1%} of RSS (each optimisation "
+            "measured in a fresh process)",
+            kind="result",
+            ok=close,
+            comparable=False,
+            note="not comparable: most of the saving is lazy agents, and it grows with the idle share, "
+            f"cfg.scaling.active_share (ours); within ±10 points of the paper's: {close}; our deployment holds no "
+            "model weights; the one verdict of this claim (01_state shows the state bank's share only)",
+        )
+    )
+
+# %% ../nbs/17_scaling.ipynb #480ea670
+def scaling_claims(
+    sweep: pd.DataFrame,
+    fit_rss: dict,
+    dominance: pd.DataFrame,
+    opt: pd.DataFrame,
+    success: pd.DataFrame,
+    comm: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    "The §4.5/§5.4/§6 claims next to our measurements, with verdicts from `claim_row` (a checked claims table)."
+    rows = []
+    s = sweep.set_index(sweep.agents.astype(int))
+    _memory_claims(rows, s, fit_rss, opt)
     small = s[s.index <= 500]
     if len(small) >= 2:
-        per_agent = small.tick_ms / small.index
-        ok = bool(
-            s.loc[small.index.max(), "tick_ms"] / s.loc[small.index.min(), "tick_ms"]
-            <= 2 * small.index.max() / small.index.min()
-        )
-        add(
-            "near-linear scaling up to 500 agents",
-            "§5.4",
-            "near-linear",
-            f"tick {s.loc[small.index.min(), 'tick_ms']:.3g} → "
-            f"{s.loc[small.index.max(), 'tick_ms']:.3g} ms from {small.index.min()} to {small.index.max()} agents",
-            ok,
-            "reproduced when the tick grows no faster than 2× linear",
+        lo, hi = small.index.min(), small.index.max()
+        rows.append(
+            claim_row(
+                "near-linear scaling up to 500 agents",
+                "§5.4",
+                "near-linear",
+                f"tick {s.loc[lo, 'tick_ms']:.3g} → {s.loc[hi, 'tick_ms']:.3g} ms from {lo} to {hi} agents",
+                kind="result",
+                ok=bool(s.loc[hi, "tick_ms"] / s.loc[lo, "tick_ms"] <= 2 * hi / lo),
+                note="reproduced when the tick grows no faster than 2× linear",
+            )
         )
     upto = success[success.agents <= 500] if len(success) else success
     if len(upto):
-        add(
-            "coordination overhead < 10 % up to 500 agents",
-            "§5.4",
-            "< 10 %",
-            f"max {upto.overhead_share.max():.1%} (≤ {upto.agents.max()} agents)",
-            bool(upto.overhead_share.max() < 0.10),
-            "measured coordination time / (coordination + simulated service time), run_conversations",
+        rows.append(
+            claim_row(
+                "coordination overhead < 10 % up to 500 agents",
+                "§5.4",
+                "< 10 %",
+                f"max {upto.overhead_share.max():.1%} (≤ {upto.agents.max()} agents)",
+                kind="result",
+                ok=bool(upto.overhead_share.max() < 0.10),
+                note="measured coordination time / (coordination + simulated service time), run_conversations",
+            )
         )
     dc = dominance[dominance.topology == "complete"]
-    at = dominance_point(dc)
-    add(
-        "consensus dominates beyond 500 agents",
-        "§5.4",
-        "beyond 500 agents",
-        "complete graph: "
-        + (f"from {at:.0f} agents" if not math.isnan(at) else f"not within {dc.agents.max()} agents")
-        + f"; sparse: "
-        + (lambda a: f"from {a:.0f} agents" if not math.isnan(a) else "never in the sweep")(
-            dominance_point(dominance[dominance.topology != "complete"])
-        ),
-        None if math.isnan(at) else bool(at > 500),
-        "share of the tick spent in the consensus step > 50 %",
+    at, at_sparse = dominance_point(dc), dominance_point(dominance[dominance.topology != "complete"])
+    rows.append(
+        claim_row(
+            "consensus dominates beyond 500 agents",
+            "§5.4",
+            "beyond 500 agents",
+            "complete graph: "
+            + (f"from {at:.0f} agents" if not math.isnan(at) else f"not within {dc.agents.max()} agents")
+            + "; sparse: "
+            + (f"from {at_sparse:.0f} agents" if not math.isnan(at_sparse) else "never in the sweep"),
+            kind="result",
+            ok=None if math.isnan(at) else bool(at > 500),
+            note="share of the tick spent in the consensus step > 50 %",
+        )
     )
-    o = opt.set_index("variant")
-    allv = o.loc["all three"]
-    add(
-        "§4.5 optimisations save ≈ 40 % memory",
-        "§4.5",
-        f"{PAPER_MEMORY_SAVING:.0%}",
-        f"{allv.saving_accounted:.1%} of accounted bytes, {allv.saving_rss:.1%} of RSS (each optimisation measured in "
-        f"a fresh process)",
-        bool(abs(allv.saving_accounted - PAPER_MEMORY_SAVING) <= 0.10),
-        "reproduced within ±10 points (accounted bytes); most of it is lazy agents, whose saving grows with the idle "
-        "share "
-        "(cfg.scaling.active_share, ours); our deployment holds no model weights",
-    )
+    if comm is not None:
+        e_full, lo, hi = _growth(comm, "complete")
+        e_sparse = _growth(comm, "sparse")[0]
+        e_nlogn = math.log(hi * math.log(hi) / (lo * math.log(lo))) / math.log(hi / lo)
+        rows.append(
+            claim_row(
+                "communication O(n²) when all agents interact, O(n log n) typical",
+                "§5.4",
+                f"{PAPER_CLAIMS['communication_worst']} worst case, {PAPER_CLAIMS['communication_typical']} typical",
+                f"messages per tick grow as n^{e_full:.2f} (complete graph) and n^{e_sparse:.2f} (our sparse graph of "
+                f"fixed degree) from {lo:,} to {hi:,} agents; n log n would be n^{e_nlogn:.2f}",
+                kind="conformance",
+                ok=abs(e_full - 2) <= 0.05 and e_sparse <= e_nlogn + 0.01,
+                note="message counts of the graphs we build (formulas checked against make_topology above), not "
+                "measured network traffic: a property of our design, so conformance",
+            )
+        )
     if len(success) and 1000 in success.agents.values:
         v = float(success.set_index("agents").loc[1000, "success_simulated"])
-        add(
-            "success at 1,000 agents",
-            "§5.4 Table 2",
-            f"{PAPER_TABLE2[1000]['success']}",
-            f"{v:.3f} (simulated)",
-            abs(v - PAPER_TABLE2[1000]["success"]) <= 0.05,
-            "rule success with simulated agents; reproduced within ±0.05",
-        )
+        ours, ok = f"{v:.3f} (simulated)", bool(abs(v - PAPER_TABLE2[1000]["success"]) <= 0.05)
+        note = "rule success with simulated agents; reproduced within ±0.05"
     else:
-        add(
+        ours, ok = "—", None
+        note = "success measured only up to cfg.scaling.success_max_agents in this profile"
+    rows.append(
+        claim_row(
             "success at 1,000 agents",
             "§5.4 Table 2",
             f"{PAPER_TABLE2[1000]['success']}",
-            "—",
-            None,
-            "success measured only up to cfg.scaling.success_max_agents in this profile",
+            ours,
+            kind="result",
+            ok=ok,
+            note=note,
         )
-    return pd.DataFrame(rows)
+    )
+    return claims_frame(rows, "claims_17_scaling")
 
 # %% ../nbs/17_scaling.ipynb #f3e84b9c
 SCALING_PARTS = ("sweep", "law", "table2", "communication", "scheduler", "consensus", "optimisations", "goals")
 
 
+def _table2_part(
+    sweep: pd.DataFrame, counts: list, cfg: Config, seed: int, profile: str, success: bool, progress: bool
+) -> pd.DataFrame:
+    "Table 2 from the sweep, with the success rate (simulated agents) up to `success_max_agents` if `success`."
+    succ = (
+        success_at_scale(
+            [n for n in counts if n <= cfg.scaling.success_max_agents],
+            cfg,
+            seed,
+            SUCCESS_CONVERSATIONS.get(profile, 40),
+            progress=progress,
+        )
+        if success
+        else None
+    )
+    return build_table2(sweep, succ)
+
+
+def _consensus_part(sweep: pd.DataFrame, cfg: Config, seed: int, profile: str, repeats: int | None) -> pd.DataFrame:
+    "The consensus share of the tick on the complete graph (the dominance sweep), beside the sweep's own topology."
+    torch.set_num_threads(BENCH_THREADS)
+    dom = consensus_share_sweep(
+        DOMINANCE_COUNTS.get(profile, DOMINANCE_COUNTS["quick"]),
+        cfg,
+        "complete",
+        seed,
+        repeats or cfg.scaling.repeats,
+    )
+    return pd.concat([dom, sweep.assign(topology=cfg.consensus.topology)[list(dom.columns)]], ignore_index=True)
+
+# %% ../nbs/17_scaling.ipynb #6da2e3cc
 def scaling_tables(
     profile: str = "quick",
     seed: int = 0,
@@ -1089,18 +1195,7 @@ def scaling_tables(
             ]
         )
     if "table2" in parts:
-        succ = (
-            success_at_scale(
-                [n for n in counts if n <= cfg.scaling.success_max_agents],
-                cfg,
-                seed,
-                SUCCESS_CONVERSATIONS.get(profile, 40),
-                progress=progress,
-            )
-            if success
-            else None
-        )
-        out["table2"] = build_table2(sweep, succ)
+        out["table2"] = _table2_part(sweep, counts, cfg, seed, profile, success, progress)
     if "communication" in parts:
         out["communication"] = communication_table(sorted(set(counts)), cfg)
     if "scheduler" in parts:
@@ -1108,17 +1203,7 @@ def scaling_tables(
             SCHEDULER_COUNTS.get(profile, SCHEDULER_COUNTS["quick"]), cfg, seed, repeats or cfg.scaling.repeats
         )
     if "consensus" in parts:
-        torch.set_num_threads(BENCH_THREADS)
-        dom = consensus_share_sweep(
-            DOMINANCE_COUNTS.get(profile, DOMINANCE_COUNTS["quick"]),
-            cfg,
-            "complete",
-            seed,
-            repeats or cfg.scaling.repeats,
-        )
-        out["consensus"] = pd.concat(
-            [dom, sweep.assign(topology=cfg.consensus.topology)[list(dom.columns)]], ignore_index=True
-        )
+        out["consensus"] = _consensus_part(sweep, cfg, seed, profile, repeats)
     if "optimisations" in parts:
         out["optimisations"] = measure_optimisations(OPTIMISATION_AGENTS, cfg, seed, progress=progress)
     if "goals" in parts and fit is not None:

@@ -305,7 +305,7 @@ async def run(self: GoalRunner, goal_id: str, token: str) -> None:
             del self.tokens[goal_id]
         self.lost.discard(token)
 
-
+# %% ../nbs/19_service.ipynb #87367056
 @patch
 async def run_step(self: GoalRunner, goal_id: str, token: str, plan: WorkflowPlan, t, req: GoalRequest, run: int):
     "Execute one subtask (simulated, in the step thread); record it only while the lease is ours (fencing)."
@@ -451,12 +451,8 @@ def is_loopback(host: str) -> bool:
     return host == "localhost"
 
 # %% ../nbs/19_service.ipynb #b88639a3
-def create_app(
-    redis_url: str, cfg: Config | None = None, seed: int = 0, resume: bool = True, api_key: str | None = None
-) -> FastAPI:
-    "The goal service over the Redis at `redis_url` (checked at startup: unreachable → StoreUnavailable naming it)."
-    address = redis_address(redis_url)  # ValueError on a malformed URL, before anything starts
-    cfg = cfg or load_config("quick")
+def _service_lifespan(redis_url: str, cfg: Config, seed: int, resume: bool):
+    "The app's lifespan: check Redis, start this instance's runner and loop; on shutdown give its goals back."
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -478,14 +474,11 @@ def create_app(
             await asyncio.gather(loop, *runner.tasks, return_exceptions=True)
             await r.aclose()
 
-    app = FastAPI(
-        title="rapo_nb goal service",
-        lifespan=lifespan,
-        description="Planner → executors → checker over simulated executors; state and progress in Redis.",
-        docs_url=None,  # FastAPI's /docs and /redoc load their scripts from a CDN: not served (see /openapi.json)
-        redoc_url=None,
-    )
-    app.add_middleware(Guard, body_limit=cfg.workflows.service_body_limit, api_key=api_key)
+    return lifespan
+
+# %% ../nbs/19_service.ipynb #f9b7bf3f
+def _add_routes(app: FastAPI, address: str) -> None:
+    "Error handlers and endpoints of the goal service (`address`: the Redis host:port named in errors)."
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -530,6 +523,22 @@ def create_app(
             raise HTTPException(status_code=404, detail=f"goal_id: no goal {goal_id!r} in Redis at {address}")
         return st
 
+# %% ../nbs/19_service.ipynb #3a78241f
+def create_app(
+    redis_url: str, cfg: Config | None = None, seed: int = 0, resume: bool = True, api_key: str | None = None
+) -> FastAPI:
+    "The goal service over the Redis at `redis_url` (checked at startup: unreachable → StoreUnavailable naming it)."
+    address = redis_address(redis_url)  # ValueError on a malformed URL, before anything starts
+    cfg = cfg or load_config("quick")
+    app = FastAPI(
+        title="rapo_nb goal service",
+        lifespan=_service_lifespan(redis_url, cfg, seed, resume),
+        description="Planner → executors → checker over simulated executors; state and progress in Redis.",
+        docs_url=None,  # FastAPI's /docs and /redoc load their scripts from a CDN: not served (see /openapi.json)
+        redoc_url=None,
+    )
+    app.add_middleware(Guard, body_limit=cfg.workflows.service_body_limit, api_key=api_key)
+    _add_routes(app, address)
     return app
 
 # %% ../nbs/19_service.ipynb #ba20e319

@@ -13,6 +13,7 @@ import numba
 import numpy as np
 import torch
 from torch import nn
+from fastcore.basics import patch
 from .config import Config, load_config, get_device, SPECIALISTS
 
 # %% auto #0
@@ -38,7 +39,7 @@ def _features(text: str, char_ngrams: tuple[int, int]) -> tuple[list[str], list[
     )
     return words, bigrams, chars
 
-
+# %% ../nbs/01_state.ipynb #e9c7d04c
 class HashedTextEncoder:
     "Deterministic signed feature-hashing encoder: word 1–2-grams + char 3–5-grams → L2-normalised float32 rows."
 
@@ -177,7 +178,7 @@ ROLE_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 PROMPT_JITTER: float = 0.01  # ours: std of the per-agent jitter around the role's PCA vector (relative to its norm)
 
-
+# %% ../nbs/01_state.ipynb #b8e1061f
 def prompt_pca(
     texts: Sequence[str], encoder: HashedTextEncoder, n_components: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -233,7 +234,7 @@ def prune_history(history: Sequence, max_turns: int) -> list:
         raise ValueError(f"max_turns: expected >= 1, got {max_turns}")
     return list(history)[-max_turns:]
 
-
+# %% ../nbs/01_state.ipynb #4c19d1d7
 class SlidingWindowContext(nn.Module):
     "Attention of one learned query over the last k turn embeddings, projected to the context size c."
 
@@ -320,7 +321,7 @@ def _ema_ordered(values, keys, updates, rate):  # pragma: no cover (compiled)
         if slot_key[h] != -1:
             values[slot_key[h]] = slot_val[h]
 
-
+# %% ../nbs/01_state.ipynb #94bfecc2
 def sequential_ema_(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tensor, rate: float) -> torch.Tensor:
     """In place: v[key] ← (1−rate)·v[key] + rate·u for each (key, u) applied in order (values: a flat contiguous
     tensor); returns `values`."""
@@ -367,7 +368,7 @@ def sequential_ema(values: torch.Tensor, keys: torch.Tensor, updates: torch.Tens
     `values` untouched)."""
     return sequential_ema_(values.clone(), keys, updates, rate)
 
-
+# %% ../nbs/01_state.ipynb #8c822632
 def queue_rank(key: np.ndarray) -> np.ndarray:
     """Position of each item among the earlier items with the same key (0 = first), e.g. in an agent's FIFO queue;
     vectorised with a stable sort."""
@@ -421,7 +422,7 @@ def importance_weights(utilisation: torch.Tensor, alive: torch.Tensor) -> torch.
 
 _FIELDS = ("P", "C", "M", "omega", "utilisation", "capability_score", "alive", "role")
 
-
+# %% ../nbs/01_state.ipynb #de843e41
 @dataclass
 class StateBank:
     "All agents' states S_i = (P_i, C_i, M_i) plus ω, utilisation, capability score, alive flag and role."
@@ -474,327 +475,364 @@ class StateBank:
         )
         return bank.validate()
 
-    @property
-    def n(self) -> int:
-        return self.P.shape[0]
+# %% ../nbs/01_state.ipynb #1ceec9ed
+@patch(as_prop=True)
+def n(self: StateBank) -> int:
+    return self.P.shape[0]
 
-    @property
-    def device(self) -> torch.device:
-        return self.P.device
 
-    @property
-    def n_alive(self) -> int:
-        return int(self.alive.sum())
+@patch(as_prop=True)
+def device(self: StateBank) -> torch.device:
+    return self.P.device
 
-    @property
-    def lazy(self) -> bool:
-        return self.c_slot is not None
 
-    @property
-    def n_materialised(self) -> int:
-        "Agents whose C row exists (all agents for a dense bank)."
-        return int((self.c_slot >= 0).sum()) if self.lazy else self.n
+@patch(as_prop=True)
+def n_alive(self: StateBank) -> int:
+    return int(self.alive.sum())
 
-    def _field_names(self) -> tuple[str, ...]:
-        return _FIELDS + (("c_slot",) if self.lazy else ())
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        "The bank's tensors by field name (plus `c_slot` for a lazy bank)."
-        return {k: getattr(self, k) for k in self._field_names()}
+@patch(as_prop=True)
+def lazy(self: StateBank) -> bool:
+    return self.c_slot is not None
 
-    def nbytes(self) -> int:
-        "Bytes held by the bank's tensors."
-        return sum(t.element_size() * t.numel() for t in self.tensors().values())
 
-    def validate(self) -> "StateBank":
-        "Check shapes, dtypes, finiteness and ω; raise ValueError naming the field. Returns self."
-        n = self.n
-        if self.P.ndim != 2:
-            raise ValueError(f"P: expected [N, p], got {tuple(self.P.shape)}")
-        if self.lazy:
-            slot = self.c_slot
-            if not torch.is_tensor(slot) or slot.dtype != torch.long or slot.shape != (n,):
-                raise ValueError(
-                    f"c_slot: expected int64 [{n}], got "
-                    f"{getattr(slot, 'dtype', type(slot))} {tuple(getattr(slot, 'shape', ()))}"
-                )
-            used = slot[slot >= 0]
-            if self.C.ndim != 2 or self.C.shape[0] != used.numel():
-                raise ValueError(
-                    f"C: a lazy bank with {used.numel()} materialised agents needs [{used.numel()}, c] rows, "
-                    f"got {tuple(self.C.shape)}"
-                )
-            if (slot < -1).any() or (
-                used.numel() and (int(used.max()) >= used.numel() or used.unique().numel() != used.numel())
-            ):
-                raise ValueError(
-                    "c_slot: materialised agents must map one-to-one onto the rows of C (−1 for the others)"
-                )
-        elif self.C.ndim != 2 or self.C.shape[0] != n:
-            raise ValueError(f"C: expected [{n}, c], got {tuple(self.C.shape)}")
-        if self.M.ndim != 3 or self.M.shape[0] != n:
-            raise ValueError(f"M: expected [{n}, m, l], got {tuple(self.M.shape)}")
-        if self.cfg is not None:
-            s = self.cfg.state
-            for name, got, want in (
-                ("P", self.P.shape[1:], (s.prompt_dim,)),
-                ("C", self.C.shape[1:], (s.context_dim,)),
-                ("M", self.M.shape[1:], (s.n_tasks, s.n_modalities)),
-            ):
-                if tuple(got) != want:
-                    raise ValueError(f"{name}: expected trailing shape {want}, got {tuple(got)}")
-        for name in ("omega", "utilisation", "capability_score", "alive", "role"):
-            t = getattr(self, name)
-            if t.shape != (n,):
-                raise ValueError(f"{name}: expected shape [{n}], got {tuple(t.shape)}")
-        for name in ("P", "C", "M", "omega", "utilisation", "capability_score"):
-            t = getattr(self, name)
-            if not t.is_floating_point():
-                raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{name}: contains NaN or Inf")
-        if self.alive.dtype != torch.bool:
-            raise ValueError(f"alive: expected bool, got {self.alive.dtype}")
-        if self.role.dtype != torch.long:
-            raise ValueError(f"role: expected int64, got {self.role.dtype}")
-        if (self.omega < 0).any() or (self.omega[~self.alive] != 0).any():
-            raise ValueError("omega: must be >= 0 and 0 for dead agents")
-        if self.n_alive and abs(float(self.omega.sum()) - 1.0) > 1e-4:
-            raise ValueError(f"omega: must sum to 1 over alive agents, sums to {float(self.omega.sum()):.6g}")
-        if ((self.M < 0) | (self.M > 1)).any():
-            raise ValueError("M: capability entries must lie in [0, 1]")
-        return self
+@patch(as_prop=True)
+def n_materialised(self: StateBank) -> int:
+    "Agents whose C row exists (all agents for a dense bank)."
+    return int((self.c_slot >= 0).sum()) if self.lazy else self.n
 
-    def snapshot(self) -> dict:
-        "Deep copy of every tensor (plus counters) for rollback and checkpoints."
-        return {**{k: v.clone() for k, v in self.tensors().items()}, "rejected_updates": self.rejected_updates}
 
-    def restore(self, snap: dict) -> "StateBank":
-        "Restore the tensors of `snap` (from `snapshot`) after checking their shapes and dtypes."
-        names = self._field_names()
-        missing = [k for k in names if k not in snap]
-        if missing:
-            raise ValueError(f"snap: missing fields {missing}")
-        if not self.lazy and "c_slot" in snap:
-            raise ValueError("snap: comes from a lazy bank (has c_slot); this bank is dense")
-        for k in names:
-            cur, new = getattr(self, k), snap[k]
-            if not torch.is_tensor(new) or new.dtype != cur.dtype or new.shape[1:] != cur.shape[1:]:
-                raise ValueError(
-                    f"{k}: snapshot tensor {getattr(new, 'dtype', type(new))} {tuple(getattr(new, 'shape', ()))} "
-                    f"does not fit {cur.dtype} {tuple(cur.shape)}"
-                )
-        sizes_ = {snap[k].shape[0] for k in names if not (self.lazy and k == "C")}
-        if len(sizes_) != 1:
-            raise ValueError(f"snap: fields disagree on N: {sorted(sizes_)}")
-        for k in names:
-            setattr(self, k, snap[k].clone().to(self.device))
-        self.rejected_updates = int(snap.get("rejected_updates", self.rejected_updates))
-        return self
+@patch
+def _field_names(self: StateBank) -> tuple[str, ...]:
+    return _FIELDS + (("c_slot",) if self.lazy else ())
 
-    # --- checked updates -------------------------------------------------------------------------------
-    def _ids(self, ids, name: str = "agent") -> torch.Tensor:
-        "Validate a LongTensor [B] of agent ids."
-        ids = torch.as_tensor(ids, device=self.device)
-        if ids.ndim != 1:
-            raise ValueError(f"{name}: expected a 1-D tensor of agent ids, got shape {tuple(ids.shape)}")
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name}: expected an integer tensor, got {ids.dtype}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.n):
-            raise ValueError(f"{name}: ids must lie in [0, {self.n}), got range [{int(ids.min())}, {int(ids.max())}]")
-        return ids.long()
 
-    def _refuse(self, name: str, t: torch.Tensor) -> None:
-        "Raise NonFiniteUpdate (bank unchanged) when `t` has NaN/Inf."
-        if not torch.isfinite(t).all():
-            self.rejected_updates += 1
-            raise NonFiniteUpdate(f"{name}: update contains NaN or Inf; refused, the bank keeps its last good values")
+@patch
+def tensors(self: StateBank) -> dict[str, torch.Tensor]:
+    "The bank's tensors by field name (plus `c_slot` for a lazy bank)."
+    return {k: getattr(self, k) for k in self._field_names()}
 
-    def update_capability(self, agent, task, modality, outcome) -> "StateBank":
-        """Batched §3.4 EMA, in place: M[a, τ, μ] ← (1−η)M + η·o and capability_score[a] ← decay·s + (1−decay)·o, in
-        batch order."""
-        agent = self._ids(agent, "agent")
-        B = agent.numel()
-        task = torch.as_tensor(task, device=self.device)
-        modality = torch.as_tensor(modality, device=self.device)
-        outcome = torch.as_tensor(outcome, device=self.device)
-        m, l = self.M.shape[1:]
-        for name, t, hi in (("task", task, m), ("modality", modality, l)):
-            if t.shape != (B,):
-                raise ValueError(f"{name}: expected shape [{B}] like agent, got {tuple(t.shape)}")
-            if t.is_floating_point() or t.dtype == torch.bool:
-                raise ValueError(f"{name}: expected an integer tensor, got {t.dtype}")
-            if B and (t.min() < 0 or t.max() >= hi):
-                raise ValueError(f"{name}: values must lie in [0, {hi}), got range [{int(t.min())}, {int(t.max())}]")
-        if outcome.shape != (B,):
-            raise ValueError(f"outcome: expected shape [{B}] like agent, got {tuple(outcome.shape)}")
-        outcome = outcome.float()
-        self._refuse("outcome", outcome)
-        if B and (outcome.min() < 0 or outcome.max() > 1):
-            raise ValueError("outcome: values must lie in [0, 1]")
-        keys = (agent * m + task.long()) * l + modality.long()
-        if not self.M.is_contiguous():
-            self.M = self.M.contiguous()
-        if not self.capability_score.is_contiguous():
-            self.capability_score = self.capability_score.contiguous()
-        sequential_ema_(self.M.view(-1), keys, outcome, self.eta)  # in place: O(B), not a copy of M
-        sequential_ema_(self.capability_score, agent, outcome, 1.0 - self.decay)
-        return self
 
-    def update_one(self, agent: int, task: int, modality: int, outcome: float) -> "StateBank":
-        """One outcome (ints and a float in): bit-equal to `update_capability` with a batch of one, without torch
-        dispatch. The same arithmetic as `_ema_ordered`: the cell in float64, v ← (1−rate)·v + rate·float32(o),
-        rounded once."""
-        views = self.__dict__.get("_views") or self.__dict__.setdefault("_views", NumpyViews())
-        M, s = views.get((self.M, self.capability_score), (torch.float32, torch.float32)) or (None, None)
-        o = float(outcome) if type(outcome) in (float, int) else None
-        ints = type(agent) is int and type(task) is int and type(modality) is int
-        if M is None or o is None or not ints or not 0 <= o <= 1:
-            M = None
-        elif not (0 <= agent < M.shape[0] and 0 <= task < M.shape[1] and 0 <= modality < M.shape[2]):
-            M = None
-        if M is None:  # off the fast path, or bad input: the batched update decides (and names the field)
-            t = lambda x: torch.tensor([x])
-            return self.update_capability(t(agent), t(task), t(modality), t(outcome))
-        o = float(np.float32(o))  # update_capability reads the outcome as float32
-        rate = self.eta
-        M[agent, task, modality] = (1.0 - rate) * float(M[agent, task, modality]) + rate * o
-        rate = 1.0 - self.decay
-        s[agent] = (1.0 - rate) * float(s[agent]) + rate * o
-        return self
+@patch
+def nbytes(self: StateBank) -> int:
+    "Bytes held by the bank's tensors."
+    return sum(t.element_size() * t.numel() for t in self.tensors().values())
 
-    def set_utilisation(self, utilisation) -> "StateBank":
-        "Replace utilisation [N] (values in [0, 1]) and recompute ω (§3.5)."
-        u = torch.as_tensor(utilisation, device=self.device, dtype=torch.float32)
-        if u.shape != (self.n,):
-            raise ValueError(f"utilisation: expected shape [{self.n}], got {tuple(u.shape)}")
-        self._refuse("utilisation", u)
-        if (u < 0).any() or (u > 1).any():
-            raise ValueError("utilisation: values must lie in [0, 1]")
-        self.utilisation = u.clone()
-        self.omega = importance_weights(self.utilisation, self.alive)
-        return self
-
-    def set_rows(self, name: str, ids, values: torch.Tensor) -> "StateBank":
-        """Overwrite rows `ids` of field `name` ('P' or 'C') with `values`; NaN/Inf refused. A lazy bank materialises
-        new C rows."""
-        if name not in ("P", "C"):
-            raise ValueError(f"name: expected 'P' or 'C', got {name!r}")
-        ids = self._ids(ids, "ids")
-        cur = getattr(self, name)
-        values = torch.as_tensor(values, device=self.device)
-        if values.shape != (ids.numel(), cur.shape[1]):
+# %% ../nbs/01_state.ipynb #99effd1f
+@patch
+def validate(self: StateBank) -> "StateBank":
+    "Check shapes, dtypes, finiteness and ω; raise ValueError naming the field. Returns self."
+    n = self.n
+    if self.P.ndim != 2:
+        raise ValueError(f"P: expected [N, p], got {tuple(self.P.shape)}")
+    if self.lazy:
+        slot = self.c_slot
+        if not torch.is_tensor(slot) or slot.dtype != torch.long or slot.shape != (n,):
             raise ValueError(
-                f"{name}: expected values of shape [{ids.numel()}, {cur.shape[1]}], got {tuple(values.shape)}"
+                f"c_slot: expected int64 [{n}], got "
+                f"{getattr(slot, 'dtype', type(slot))} {tuple(getattr(slot, 'shape', ()))}"
             )
-        self._refuse(name, values)
-        if name == "C" and self.lazy:
-            slot = self.c_slot.clone()
-            fresh = ids[slot[ids] < 0].unique()
-            if fresh.numel():
-                slot[fresh] = torch.arange(cur.shape[0], cur.shape[0] + fresh.numel(), device=self.device)
-                new = torch.cat([cur, torch.zeros(fresh.numel(), cur.shape[1], dtype=cur.dtype, device=self.device)])
-            else:
-                new = cur.clone()
-            new[slot[ids]] = values.to(cur.dtype)
-            self.C, self.c_slot = new, slot
-            return self
-        new = cur.clone()
-        new[ids] = values.to(cur.dtype)
-        setattr(self, name, new)
-        return self
+        used = slot[slot >= 0]
+        if self.C.ndim != 2 or self.C.shape[0] != used.numel():
+            raise ValueError(
+                f"C: a lazy bank with {used.numel()} materialised agents needs [{used.numel()}, c] rows, "
+                f"got {tuple(self.C.shape)}"
+            )
+        if (slot < -1).any() or (
+            used.numel() and (int(used.max()) >= used.numel() or used.unique().numel() != used.numel())
+        ):
+            raise ValueError("c_slot: materialised agents must map one-to-one onto the rows of C (−1 for the others)")
+    elif self.C.ndim != 2 or self.C.shape[0] != n:
+        raise ValueError(f"C: expected [{n}, c], got {tuple(self.C.shape)}")
+    if self.M.ndim != 3 or self.M.shape[0] != n:
+        raise ValueError(f"M: expected [{n}, m, l], got {tuple(self.M.shape)}")
+    if self.cfg is not None:
+        s = self.cfg.state
+        for name, got, want in (
+            ("P", self.P.shape[1:], (s.prompt_dim,)),
+            ("C", self.C.shape[1:], (s.context_dim,)),
+            ("M", self.M.shape[1:], (s.n_tasks, s.n_modalities)),
+        ):
+            if tuple(got) != want:
+                raise ValueError(f"{name}: expected trailing shape {want}, got {tuple(got)}")
+    for name in ("omega", "utilisation", "capability_score", "alive", "role"):
+        t = getattr(self, name)
+        if t.shape != (n,):
+            raise ValueError(f"{name}: expected shape [{n}], got {tuple(t.shape)}")
+    for name in ("P", "C", "M", "omega", "utilisation", "capability_score"):
+        t = getattr(self, name)
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: contains NaN or Inf")
+    if self.alive.dtype != torch.bool:
+        raise ValueError(f"alive: expected bool, got {self.alive.dtype}")
+    if self.role.dtype != torch.long:
+        raise ValueError(f"role: expected int64, got {self.role.dtype}")
+    if (self.omega < 0).any() or (self.omega[~self.alive] != 0).any():
+        raise ValueError("omega: must be >= 0 and 0 for dead agents")
+    if self.n_alive and abs(float(self.omega.sum()) - 1.0) > 1e-4:
+        raise ValueError(f"omega: must sum to 1 over alive agents, sums to {float(self.omega.sum()):.6g}")
+    if ((self.M < 0) | (self.M > 1)).any():
+        raise ValueError("M: capability entries must lie in [0, 1]")
+    return self
 
-    def context(self, ids=None) -> torch.Tensor:
-        """C as dense rows [len(ids), c] (all agents when `ids` is None; the bank's own tensor for a dense bank); C
-        never written reads as 0."""
-        if not self.lazy:
-            return self.C if ids is None else self.C[self._ids(ids, "ids")]
-        slot = self.c_slot if ids is None else self.c_slot[self._ids(ids, "ids")]
-        out = torch.zeros(slot.numel(), self.C.shape[1], dtype=self.C.dtype, device=self.device)
-        have = slot >= 0
-        out[have] = self.C[slot[have]]
-        return out
+# %% ../nbs/01_state.ipynb #55c0925d
+@patch
+def snapshot(self: StateBank) -> dict:
+    "Deep copy of every tensor (plus counters) for rollback and checkpoints."
+    return {**{k: v.clone() for k, v in self.tensors().items()}, "rejected_updates": self.rejected_updates}
 
-    def release_context(self, ids) -> "StateBank":
-        """Agents `ids` left their conversations: their C reads as 0 again; a lazy bank frees the rows (§4.5 lazy
-        agents)."""
-        ids = self._ids(ids, "ids")
-        if not self.lazy:
-            new = self.C.clone()
-            new[ids] = 0.0
-            self.C = new
-            return self
+
+@patch
+def restore(self: StateBank, snap: dict) -> "StateBank":
+    "Restore the tensors of `snap` (from `snapshot`) after checking their shapes and dtypes."
+    names = self._field_names()
+    missing = [k for k in names if k not in snap]
+    if missing:
+        raise ValueError(f"snap: missing fields {missing}")
+    if not self.lazy and "c_slot" in snap:
+        raise ValueError("snap: comes from a lazy bank (has c_slot); this bank is dense")
+    for k in names:
+        cur, new = getattr(self, k), snap[k]
+        if not torch.is_tensor(new) or new.dtype != cur.dtype or new.shape[1:] != cur.shape[1:]:
+            raise ValueError(
+                f"{k}: snapshot tensor {getattr(new, 'dtype', type(new))} {tuple(getattr(new, 'shape', ()))} "
+                f"does not fit {cur.dtype} {tuple(cur.shape)}"
+            )
+    sizes_ = {snap[k].shape[0] for k in names if not (self.lazy and k == "C")}
+    if len(sizes_) != 1:
+        raise ValueError(f"snap: fields disagree on N: {sorted(sizes_)}")
+    for k in names:
+        setattr(self, k, snap[k].clone().to(self.device))
+    self.rejected_updates = int(snap.get("rejected_updates", self.rejected_updates))
+    return self
+
+
+@patch
+# --- checked updates -------------------------------------------------------------------------------
+def _ids(self: StateBank, ids, name: str = "agent") -> torch.Tensor:
+    "Validate a LongTensor [B] of agent ids."
+    ids = torch.as_tensor(ids, device=self.device)
+    if ids.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor of agent ids, got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: expected an integer tensor, got {ids.dtype}")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= self.n):
+        raise ValueError(f"{name}: ids must lie in [0, {self.n}), got range [{int(ids.min())}, {int(ids.max())}]")
+    return ids.long()
+
+
+@patch
+def _refuse(self: StateBank, name: str, t: torch.Tensor) -> None:
+    "Raise NonFiniteUpdate (bank unchanged) when `t` has NaN/Inf."
+    if not torch.isfinite(t).all():
+        self.rejected_updates += 1
+        raise NonFiniteUpdate(f"{name}: update contains NaN or Inf; refused, the bank keeps its last good values")
+
+# %% ../nbs/01_state.ipynb #8cf70ae8
+@patch
+def update_capability(self: StateBank, agent, task, modality, outcome) -> "StateBank":
+    """Batched §3.4 EMA, in place: M[a, τ, μ] ← (1−η)M + η·o and capability_score[a] ← decay·s + (1−decay)·o, in
+    batch order."""
+    agent = self._ids(agent, "agent")
+    B = agent.numel()
+    task = torch.as_tensor(task, device=self.device)
+    modality = torch.as_tensor(modality, device=self.device)
+    outcome = torch.as_tensor(outcome, device=self.device)
+    m, l = self.M.shape[1:]
+    for name, t, hi in (("task", task, m), ("modality", modality, l)):
+        if t.shape != (B,):
+            raise ValueError(f"{name}: expected shape [{B}] like agent, got {tuple(t.shape)}")
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"{name}: expected an integer tensor, got {t.dtype}")
+        if B and (t.min() < 0 or t.max() >= hi):
+            raise ValueError(f"{name}: values must lie in [0, {hi}), got range [{int(t.min())}, {int(t.max())}]")
+    if outcome.shape != (B,):
+        raise ValueError(f"outcome: expected shape [{B}] like agent, got {tuple(outcome.shape)}")
+    outcome = outcome.float()
+    self._refuse("outcome", outcome)
+    if B and (outcome.min() < 0 or outcome.max() > 1):
+        raise ValueError("outcome: values must lie in [0, 1]")
+    keys = (agent * m + task.long()) * l + modality.long()
+    if not self.M.is_contiguous():
+        self.M = self.M.contiguous()
+    if not self.capability_score.is_contiguous():
+        self.capability_score = self.capability_score.contiguous()
+    sequential_ema_(self.M.view(-1), keys, outcome, self.eta)  # in place: O(B), not a copy of M
+    sequential_ema_(self.capability_score, agent, outcome, 1.0 - self.decay)
+    return self
+
+
+@patch
+def update_one(self: StateBank, agent: int, task: int, modality: int, outcome: float) -> "StateBank":
+    """One outcome (ints and a float in): bit-equal to `update_capability` with a batch of one, without torch
+    dispatch. The same arithmetic as `_ema_ordered`: the cell in float64, v ← (1−rate)·v + rate·float32(o),
+    rounded once."""
+    views = self.__dict__.get("_views") or self.__dict__.setdefault("_views", NumpyViews())
+    M, s = views.get((self.M, self.capability_score), (torch.float32, torch.float32)) or (None, None)
+    o = float(outcome) if type(outcome) in (float, int) else None
+    ints = type(agent) is int and type(task) is int and type(modality) is int
+    if M is None or o is None or not ints or not 0 <= o <= 1:
+        M = None
+    elif not (0 <= agent < M.shape[0] and 0 <= task < M.shape[1] and 0 <= modality < M.shape[2]):
+        M = None
+    if M is None:  # off the fast path, or bad input: the batched update decides (and names the field)
+        t = lambda x: torch.tensor([x])
+        return self.update_capability(t(agent), t(task), t(modality), t(outcome))
+    o = float(np.float32(o))  # update_capability reads the outcome as float32
+    rate = self.eta
+    M[agent, task, modality] = (1.0 - rate) * float(M[agent, task, modality]) + rate * o
+    rate = 1.0 - self.decay
+    s[agent] = (1.0 - rate) * float(s[agent]) + rate * o
+    return self
+
+# %% ../nbs/01_state.ipynb #78dd370b
+@patch
+def set_utilisation(self: StateBank, utilisation) -> "StateBank":
+    "Replace utilisation [N] (values in [0, 1]) and recompute ω (§3.5)."
+    u = torch.as_tensor(utilisation, device=self.device, dtype=torch.float32)
+    if u.shape != (self.n,):
+        raise ValueError(f"utilisation: expected shape [{self.n}], got {tuple(u.shape)}")
+    self._refuse("utilisation", u)
+    if (u < 0).any() or (u > 1).any():
+        raise ValueError("utilisation: values must lie in [0, 1]")
+    self.utilisation = u.clone()
+    self.omega = importance_weights(self.utilisation, self.alive)
+    return self
+
+
+@patch
+def set_rows(self: StateBank, name: str, ids, values: torch.Tensor) -> "StateBank":
+    """Overwrite rows `ids` of field `name` ('P' or 'C') with `values`; NaN/Inf refused. A lazy bank materialises
+    new C rows."""
+    if name not in ("P", "C"):
+        raise ValueError(f"name: expected 'P' or 'C', got {name!r}")
+    ids = self._ids(ids, "ids")
+    cur = getattr(self, name)
+    values = torch.as_tensor(values, device=self.device)
+    if values.shape != (ids.numel(), cur.shape[1]):
+        raise ValueError(f"{name}: expected values of shape [{ids.numel()}, {cur.shape[1]}], got {tuple(values.shape)}")
+    self._refuse(name, values)
+    if name == "C" and self.lazy:
         slot = self.c_slot.clone()
-        drop = slot[ids]
-        drop = drop[drop >= 0]
-        if drop.numel() == 0:
-            return self
-        keep = torch.ones(self.C.shape[0], dtype=torch.bool, device=self.device)
-        keep[drop] = False
-        remap = torch.cumsum(keep.long(), 0) - 1
-        slot[ids] = -1
-        have = slot >= 0
-        slot[have] = remap[slot[have]]
-        self.C, self.c_slot = self.C[keep], slot
-        return self
-
-    def set_prompts(self, P_new: torch.Tensor) -> "StateBank":
-        "Replace the whole P bank (e.g. after a consensus step); NaN/Inf refused, shape checked."
-        P_new = torch.as_tensor(P_new, device=self.device)
-        if P_new.shape != self.P.shape:
-            raise ValueError(f"P: expected shape {tuple(self.P.shape)}, got {tuple(P_new.shape)}")
-        if P_new.dtype != self.P.dtype:
-            raise ValueError(f"P: expected dtype {self.P.dtype}, got {P_new.dtype}")
-        self._refuse("P", P_new)
-        self.P = P_new
-        return self
-
-    # --- membership ------------------------------------------------------------------------------------
-    def add_agents(self, k: int) -> torch.Tensor:
-        "Append `k` fresh agents (role round-robin, P from the role PCA); return their ids."
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"k: expected an integer >= 0, got {k!r}")
-        cfg = self.cfg or load_config("full")
-        ids = torch.arange(self.n, self.n + k, device=self.device)
-        role = ids % len(SPECIALISTS)
-        fresh = dict(
-            P=init_prompts(role, cfg, seed=self.prompt_seed + self.n, device=self.device).to(self.P.dtype),
-            C=torch.zeros(k, self.C.shape[1], dtype=self.C.dtype, device=self.device),
-            M=torch.full((k, *self.M.shape[1:]), 0.5, dtype=self.M.dtype, device=self.device),
-            omega=torch.zeros(k, device=self.device),
-            utilisation=torch.zeros(k, device=self.device),
-            capability_score=torch.full((k,), 0.5, device=self.device),
-            alive=torch.ones(k, dtype=torch.bool, device=self.device),
-            role=role,
-        )
-        if self.lazy:
-            fresh.pop("C")
-            self.c_slot = torch.cat([self.c_slot, torch.full((k,), -1, dtype=torch.long, device=self.device)])
-        for name, t in fresh.items():
-            setattr(self, name, torch.cat([getattr(self, name), t]))
-        self.omega = importance_weights(self.utilisation, self.alive)
-        return ids
-
-    def remove_agents(self, ids) -> "StateBank":
-        "Mark agents dead (ids stay valid); their ω and utilisation become 0."
-        ids = self._ids(ids, "ids")
-        self.alive = self.alive.clone()
-        self.alive[ids] = False
-        self.utilisation = self.utilisation.clone()
-        self.utilisation[ids] = 0.0
-        self.omega = importance_weights(self.utilisation, self.alive)
-        return self
-
-    # --- eq. 1 -----------------------------------------------------------------------------------------
-    def global_state(self) -> dict[str, torch.Tensor]:
-        "Φ(t) = Σ_i ω_i S_i(t) (eq. 1) per component: {'P': [p], 'C': [c], 'M': [m, l]} (float32)."
-        w = self.omega.float()
-        if self.lazy:
-            have = self.c_slot >= 0
-            C = w[have] @ self.C[self.c_slot[have]].float()
+        fresh = ids[slot[ids] < 0].unique()
+        if fresh.numel():
+            slot[fresh] = torch.arange(cur.shape[0], cur.shape[0] + fresh.numel(), device=self.device)
+            new = torch.cat([cur, torch.zeros(fresh.numel(), cur.shape[1], dtype=cur.dtype, device=self.device)])
         else:
-            C = w @ self.C.float()
-        return {"P": w @ self.P.float(), "C": C, "M": torch.einsum("n,nml->ml", w, self.M.float())}
+            new = cur.clone()
+        new[slot[ids]] = values.to(cur.dtype)
+        self.C, self.c_slot = new, slot
+        return self
+    new = cur.clone()
+    new[ids] = values.to(cur.dtype)
+    setattr(self, name, new)
+    return self
+
+# %% ../nbs/01_state.ipynb #9cc5c4b3
+@patch
+def context(self: StateBank, ids=None) -> torch.Tensor:
+    """C as dense rows [len(ids), c] (all agents when `ids` is None; the bank's own tensor for a dense bank); C
+    never written reads as 0."""
+    if not self.lazy:
+        return self.C if ids is None else self.C[self._ids(ids, "ids")]
+    slot = self.c_slot if ids is None else self.c_slot[self._ids(ids, "ids")]
+    out = torch.zeros(slot.numel(), self.C.shape[1], dtype=self.C.dtype, device=self.device)
+    have = slot >= 0
+    out[have] = self.C[slot[have]]
+    return out
+
+
+@patch
+def release_context(self: StateBank, ids) -> "StateBank":
+    """Agents `ids` left their conversations: their C reads as 0 again; a lazy bank frees the rows (§4.5 lazy
+    agents)."""
+    ids = self._ids(ids, "ids")
+    if not self.lazy:
+        new = self.C.clone()
+        new[ids] = 0.0
+        self.C = new
+        return self
+    slot = self.c_slot.clone()
+    drop = slot[ids]
+    drop = drop[drop >= 0]
+    if drop.numel() == 0:
+        return self
+    keep = torch.ones(self.C.shape[0], dtype=torch.bool, device=self.device)
+    keep[drop] = False
+    remap = torch.cumsum(keep.long(), 0) - 1
+    slot[ids] = -1
+    have = slot >= 0
+    slot[have] = remap[slot[have]]
+    self.C, self.c_slot = self.C[keep], slot
+    return self
+
+
+@patch
+def set_prompts(self: StateBank, P_new: torch.Tensor) -> "StateBank":
+    "Replace the whole P bank (e.g. after a consensus step); NaN/Inf refused, shape checked."
+    P_new = torch.as_tensor(P_new, device=self.device)
+    if P_new.shape != self.P.shape:
+        raise ValueError(f"P: expected shape {tuple(self.P.shape)}, got {tuple(P_new.shape)}")
+    if P_new.dtype != self.P.dtype:
+        raise ValueError(f"P: expected dtype {self.P.dtype}, got {P_new.dtype}")
+    self._refuse("P", P_new)
+    self.P = P_new
+    return self
+
+# %% ../nbs/01_state.ipynb #ae9fe48e
+@patch
+# --- membership ------------------------------------------------------------------------------------
+def add_agents(self: StateBank, k: int) -> torch.Tensor:
+    "Append `k` fresh agents (role round-robin, P from the role PCA); return their ids."
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"k: expected an integer >= 0, got {k!r}")
+    cfg = self.cfg or load_config("full")
+    ids = torch.arange(self.n, self.n + k, device=self.device)
+    role = ids % len(SPECIALISTS)
+    fresh = dict(
+        P=init_prompts(role, cfg, seed=self.prompt_seed + self.n, device=self.device).to(self.P.dtype),
+        C=torch.zeros(k, self.C.shape[1], dtype=self.C.dtype, device=self.device),
+        M=torch.full((k, *self.M.shape[1:]), 0.5, dtype=self.M.dtype, device=self.device),
+        omega=torch.zeros(k, device=self.device),
+        utilisation=torch.zeros(k, device=self.device),
+        capability_score=torch.full((k,), 0.5, device=self.device),
+        alive=torch.ones(k, dtype=torch.bool, device=self.device),
+        role=role,
+    )
+    if self.lazy:
+        fresh.pop("C")
+        self.c_slot = torch.cat([self.c_slot, torch.full((k,), -1, dtype=torch.long, device=self.device)])
+    for name, t in fresh.items():
+        setattr(self, name, torch.cat([getattr(self, name), t]))
+    self.omega = importance_weights(self.utilisation, self.alive)
+    return ids
+
+
+@patch
+def remove_agents(self: StateBank, ids) -> "StateBank":
+    "Mark agents dead (ids stay valid); their ω and utilisation become 0."
+    ids = self._ids(ids, "ids")
+    self.alive = self.alive.clone()
+    self.alive[ids] = False
+    self.utilisation = self.utilisation.clone()
+    self.utilisation[ids] = 0.0
+    self.omega = importance_weights(self.utilisation, self.alive)
+    return self
+
+
+@patch
+# --- eq. 1 -----------------------------------------------------------------------------------------
+def global_state(self: StateBank) -> dict[str, torch.Tensor]:
+    "Φ(t) = Σ_i ω_i S_i(t) (eq. 1) per component: {'P': [p], 'C': [c], 'M': [m, l]} (float32)."
+    w = self.omega.float()
+    if self.lazy:
+        have = self.c_slot >= 0
+        C = w[have] @ self.C[self.c_slot[have]].float()
+    else:
+        C = w @ self.C.float()
+    return {"P": w @ self.P.float(), "C": C, "M": torch.einsum("n,nml->ml", w, self.M.float())}
 
 # %% ../nbs/01_state.ipynb #77dff699
 def memory_table(cfg: Config, n: int = 1000, active_share: float | None = None) -> "pd.DataFrame":

@@ -1,4 +1,4 @@
-"""§5.5 of the paper: Welch's t-test, Bonferroni over four comparisons, Cohen's d, bootstrap CIs with 10,000 resamples, Table 3, and the quartile analysis by number of transitions.
+"""§5.5 of the paper: Welch's t-test, Bonferroni over four comparisons, Cohen's d, bootstrap CIs with 10,000 resamples, Table 3 (pooled and on conversations with a handoff), the quartile analysis and the knee by number of transitions, and the advantage map: where in the simulated world's assumptions RAPO's advantage holds.
 
 Docs: https://rapo-nb.github.io/rapo_nb/statistics.html.md"""
 
@@ -6,11 +6,15 @@ Docs: https://rapo-nb.github.io/rapo_nb/statistics.html.md"""
 
 # %% ../nbs/14_statistics.ipynb #eb174e2b
 from __future__ import annotations
-import math, warnings
+import dataclasses, itertools, math, time, warnings
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import pingouin as pg
+import torch
+from tqdm.auto import tqdm
 from rapo_nb.config import (
     load_config,
     results_dir,
@@ -21,13 +25,20 @@ from rapo_nb.config import (
     PAPER_TABLE3_CI,
     PAPER_TABLE3_P,
     PAPER_CLAIMS,
+    validate,
 )
-from .evaluation import evaluate_benchmark
+from .systems import SYSTEM_SPECS, CEILING_ROUTERS, SystemSpec, factor_spec
+from .synthetic import generate_conversations
+from .runtime import run_conversations
+from .evaluation import evaluate_benchmark, conversation_metrics
 
 # %% auto #0
-__all__ = ['BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'welch_test', 'bonferroni',
-           'cohens_d', 'binary_d_bound', 'bootstrap_ci', 'bootstrap_coverage', 'compare_systems', 'table3',
-           'transition_groups', 'gains_by_transitions', 'load_eval_conversations', 'per_seed_table']
+__all__ = ['BASELINES', 'PAPER_NAMES', 'PAPER_BANDS', 'PAPER_BAND_LABELS', 'STANDALONE_SIZES', 'T3_COLUMNS', 'MAP_AXES',
+           'MAP_BASELINE_ROUTERS', 'welch_test', 'bonferroni', 'cohens_d', 'binary_d_bound', 'bootstrap_ci',
+           'bootstrap_coverage', 'compare_systems', 'table3', 'transition_groups', 'gains_by_transitions',
+           'load_eval_conversations', 'table3_by_handoffs', 'per_seed_table', 'hinge_fit', 'gain_by_handoffs',
+           'knee_test', 'map_systems', 'map_cells', 'world_config', 'run_advantage_map', 'advantage_table',
+           'region_condition']
 
 # %% ../nbs/14_statistics.ipynb #05519a0f
 def _sample(x, name: str, min_n: int = 2) -> np.ndarray:
@@ -187,7 +198,7 @@ def compare_systems(
     out["p_bonferroni"], out["significant"] = bf["p_adjusted"], bf["reject"]
     return out
 
-
+# %% ../nbs/14_statistics.ipynb #a1c0de02
 def table3(
     df: pd.DataFrame, cfg: Config, metric: str = "task_success", seed: int = 0, n_resamples: int | None = None
 ) -> pd.DataFrame:
@@ -269,6 +280,28 @@ def load_eval_conversations(profile: str = "quick", seed: int = 0, device: str =
     conv = evaluate_benchmark(cfg, n_conversations=size["n_conversations"], seeds=size["seeds"])
     return conv, f"computed now (no {path}): {size['n_conversations']} conversations x seeds {list(size['seeds'])}"
 
+# %% ../nbs/14_statistics.ipynb #90c3d096
+T3_COLUMNS = ("n_ours", "n_base", "mean_ours", "mean_base", "mean_diff", "ci_low", "ci_high", "p", "significant", "d")
+
+
+def table3_by_handoffs(
+    df: pd.DataFrame,
+    cfg: Config,
+    metric: str = "task_success",
+    min_handoffs: int = 1,
+    seed: int = 0,
+    n_resamples: int | None = None,
+) -> pd.DataFrame:
+    "Table 3 on all conversations and on those with ≥ `min_handoffs` handoffs, side by side (one row per baseline)."
+    if "n_handoffs" not in df.columns:
+        raise ValueError("df: missing column 'n_handoffs'")
+    pooled = table3(df, cfg, metric, seed=seed, n_resamples=n_resamples)
+    sub = table3(df[df.n_handoffs >= min_handoffs], cfg, metric, seed=seed, n_resamples=n_resamples)
+    tag = f" (≥{min_handoffs} handoff)"
+    out = pooled[["comparison", "paper name", *T3_COLUMNS]]
+    out = pd.concat([out, sub[list(T3_COLUMNS)].add_suffix(tag)], axis=1)
+    return pd.concat([out, pooled[["paper mean diff", "paper 95% CI"]]], axis=1)
+
 # %% ../nbs/14_statistics.ipynb #1beca19f
 def per_seed_table(
     df: pd.DataFrame, cfg: Config, metric: str = "task_success", n_resamples: int = 1000, higher_is_better: bool = True
@@ -294,3 +327,272 @@ def per_seed_table(
     )
     agg["holds_every_seed"] = agg.seeds_holds == agg.n_seeds
     return agg.reset_index()
+
+# %% ../nbs/14_statistics.ipynb #082f49e9
+def _hinge_sse(x: np.ndarray, Y: np.ndarray, W: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "Weighted least squares of each row of Y (R, n), weights W (R, n), per breakpoint k: coef (R, K, 3), SSE (R, K)."
+    hinge = np.maximum(x - ks[:, None], 0)
+    X = np.stack([np.ones_like(hinge), np.broadcast_to(x, hinge.shape), hinge], -1)  # (K, n, 3)
+    A = np.einsum("kni,rn,knj->rkij", X, W, X) + 1e-12 * np.eye(3)
+    coef = np.linalg.solve(A, np.einsum("kni,rn,rn->rki", X, W, Y)[..., None])[..., 0]
+    resid = Y[:, None, :] - np.einsum("kni,rki->rkn", X, coef)
+    return coef, np.einsum("rn,rkn->rk", W, resid**2)
+
+
+def _hinge_grid(x: np.ndarray, step: float) -> np.ndarray:
+    "Breakpoint candidates: from the second to the second-to-last distinct x, every `step`."
+    u = np.unique(x)
+    if u.size < 4:
+        raise ValueError(f"x: need at least 4 distinct values for a one-breakpoint fit, got {u.size}")
+    return np.arange(u[1], u[-2] + step / 2, step)
+
+
+def hinge_fit(x, y, weights=None, step: float = 0.5, candidates=None) -> dict:
+    "Continuous one-breakpoint fit y = a + b·x + c·max(0, x − k), k on a grid (least weighted SSE), beside one line."
+    x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    w = np.ones_like(x) if weights is None else np.asarray(weights, float).ravel()
+    if not x.size == y.size == w.size:
+        raise ValueError(f"x, y, weights: lengths differ ({x.size}, {y.size}, {w.size})")
+    if not np.all(np.isfinite(np.r_[x, y, w])) or np.any(w < 0):
+        raise ValueError("x, y, weights: need finite values and weights ≥ 0")
+    ks = _hinge_grid(x, step) if candidates is None else np.asarray(candidates, float).ravel()
+    coef, sse = (v[0] for v in _hinge_sse(x, y[None], w[None], ks))
+    j = int(np.argmin(sse))
+    X1 = np.column_stack([np.ones_like(x), x]) * np.sqrt(w)[:, None]
+    line = np.linalg.lstsq(X1, y * np.sqrt(w), rcond=None)[0]
+    sse1 = float(((y * np.sqrt(w) - X1 @ line) ** 2).sum())
+    df2 = x.size - 4  # a, b, c and k
+    f = ((sse1 - sse[j]) / 2) / (sse[j] / df2) if df2 > 0 and sse[j] > 0 else math.nan
+    return dict(
+        breakpoint=float(ks[j]),
+        intercept=float(coef[j, 0]),
+        slope_before=float(coef[j, 1]),
+        slope_after=float(coef[j, 1] + coef[j, 2]),
+        slope_change=float(coef[j, 2]),
+        sse=float(sse[j]),
+        sse_one_line=sse1,
+        line_intercept=float(line[0]),
+        line_slope=float(line[1]),
+        f_stat=float(f),
+        n_points=int(x.size),
+    )
+
+# %% ../nbs/14_statistics.ipynb #26d8466a
+def _check_binary(df: pd.DataFrame, metric: str, cols=("system", "n_handoffs")) -> None:
+    "ValueError naming the column when `df` lacks a column or `metric` is not a 0/1 outcome."
+    for col in (*cols, metric):
+        if col not in df.columns:
+            raise ValueError(f"df: missing column {col!r}")
+    if not df[metric].dropna().isin([0, 1]).all():
+        raise ValueError(f"{metric}: the knee test needs a binary (0/1) outcome")
+
+
+def gain_by_handoffs(
+    df: pd.DataFrame, metric: str = "task_success", ours: str = "rapo", baselines=BASELINES, min_n: int = 10
+) -> pd.DataFrame:
+    "Per handoff count: `ours`' rate, the pooled baselines' rate, gain, weight 1/(1/n_ours + 1/n_base), `fitted`."
+    _check_binary(df, metric)
+    d = df.dropna(subset=[metric])
+    side = np.where(d.system == ours, "ours", np.where(d.system.isin(list(baselines)), "base", ""))
+    g = d[side != ""].assign(side=side[side != ""]).groupby(["n_handoffs", "side"])[metric].agg(["size", "mean"])
+    g = g.unstack("side").fillna(0)
+    out = pd.DataFrame(
+        dict(
+            n_ours=g["size"]["ours"], n_base=g["size"]["base"], rate_ours=g["mean"]["ours"], rate_base=g["mean"]["base"]
+        )
+    ).reset_index()
+    out["gain"] = out.rate_ours - out.rate_base
+    both = (out.n_ours > 0) & (out.n_base > 0)
+    out["weight"] = np.where(both, 1 / (1 / out.n_ours.clip(lower=1) + 1 / out.n_base.clip(lower=1)), 0.0)
+    out["fitted"] = (out.n_ours >= min_n) & (out.n_base >= min_n)
+    return out.astype(dict(n_ours=int, n_base=int))
+
+# %% ../nbs/14_statistics.ipynb #af0d582d
+def _resampled_counts(h: np.ndarray, y: np.ndarray, cols: np.ndarray, R: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    "Bootstrap of one system's conversations as multinomial counts: (R, len(cols)) conversations and successes."
+    H = int(max(h.max(), cols.max())) + 1
+    m = rng.multinomial(h.size, np.bincount(h * 2 + y, minlength=2 * H) / h.size, size=R)
+    return (m[:, 0::2] + m[:, 1::2])[:, cols], m[:, 1::2][:, cols]
+
+
+def knee_test(
+    df: pd.DataFrame,
+    metric: str = "task_success",
+    ours: str = "rapo",
+    baselines=BASELINES,
+    min_n: int = 10,
+    step: float = 0.5,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    "`hinge_fit` of gain on handoff count, with percentile bootstrap CIs (conversations resampled per system)."
+    g = gain_by_handoffs(df, metric, ours, baselines, min_n)
+    pts = g[g.fitted]
+    x, cols = pts.n_handoffs.to_numpy(float), pts.n_handoffs.to_numpy(int)
+    fit, ks = hinge_fit(x, pts.gain, pts.weight, step), _hinge_grid(x, step)
+    rng, d = np.random.default_rng(seed), df.dropna(subset=[metric])
+
+    def counts(system: str) -> tuple[np.ndarray, np.ndarray]:
+        s = d[d.system == system]
+        return _resampled_counts(s.n_handoffs.to_numpy(int), s[metric].to_numpy(int), cols, n_resamples, rng)
+
+    n_o, s_o = counts(ours)
+    n_b, s_b = (sum(v) for v in zip(*(counts(b) for b in baselines)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        G = np.nan_to_num(s_o / n_o - s_b / n_b)
+    W = np.where((n_o > 0) & (n_b > 0), 1 / (1 / np.maximum(n_o, 1) + 1 / np.maximum(n_b, 1)), 0.0)
+    coef, sse = _hinge_sse(x, G, W, ks)
+    j = sse.argmin(axis=1)
+    q = [(1 - confidence) / 2, (1 + confidence) / 2]
+    (bl, bh), (cl, ch) = np.quantile(ks[j], q), np.quantile(coef[np.arange(n_resamples), j, 2], q)
+    return dict(
+        fit,
+        breakpoint_low=float(bl),
+        breakpoint_high=float(bh),
+        slope_change_low=float(cl),
+        slope_change_high=float(ch),
+        two_segments=bool(cl > 0 or ch < 0),
+        n_resamples=int(n_resamples),
+        fitted_range=(int(cols.min()), int(cols.max())),
+        points=g,
+    )
+
+# %% ../nbs/14_statistics.ipynb #c5206c00
+MAP_AXES = ("reception_alignment", "skill_visible_share", "speed_skill_tradeoff")
+MAP_BASELINE_ROUTERS = tuple(
+    SYSTEM_SPECS[b].router for b in BASELINES
+)  # sequential, round_robin, least_loaded, similarity
+
+
+def map_systems(policy: str) -> list[SystemSpec]:
+    "RAPO (consensus and state hand-over on) and the baselines' routers (both off), all with handoff context `policy`."
+    rapo = factor_spec("rapo", policy, True, True)
+    return [rapo] + [factor_spec(r, policy, False, False) for r in MAP_BASELINE_ROUTERS]
+
+
+def map_cells(cfg: Config) -> pd.DataFrame:
+    "The grid of world assumptions in `cfg.sweep`: one row per cell, columns `MAP_AXES`."
+    sw = cfg.sweep
+    grid = itertools.product(sw.reception_alignment, sw.skill_visible_share, sw.speed_skill_tradeoff)
+    return pd.DataFrame(list(grid), columns=list(MAP_AXES))
+
+
+def world_config(cfg: Config, **assumptions) -> Config:
+    "A validated copy of `cfg` whose simulated world takes `assumptions` (fields of `cfg.simulation`)."
+    unknown = [k for k in assumptions if not hasattr(cfg.simulation, k)]
+    if unknown:
+        raise ValueError(f"assumptions: {unknown} are not fields of cfg.simulation")
+    return validate(dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, **assumptions)))
+
+# %% ../nbs/14_statistics.ipynb #d30cb7df
+def _run_map_job(args: tuple) -> pd.DataFrame:
+    "Worker: every system of `specs` on one seed's benchmark in one cell's world; per-conversation rows."
+    cfg, cell, seed, specs, n = args
+    torch.set_num_threads(1)
+    wcfg = world_config(cfg, **cell)
+    bench = generate_conversations(n, seed, wcfg)
+    runs = [run_conversations(bench, spec, wcfg, seed, n_agents=cfg.evaluation.n_agents) for spec in specs]
+    turns, convs = (pd.concat(list(v), ignore_index=True) for v in zip(*runs))
+    m = conversation_metrics(turns, convs, wcfg)[["system", "seed", "conv_id", "n_handoffs", "task_success"]]
+    by_name = {s.name: s for s in specs}
+    return m.assign(
+        router=m.system.map(lambda s: by_name[s].router),
+        context_policy=m.system.map(lambda s: by_name[s].context_policy),
+        task_success=m.task_success.astype(int),
+        **cell,
+    )
+
+
+def run_advantage_map(cfg: Config, n_workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    "Every (cell, seed) of the map (`cfg.sweep`), all systems each, across `n_workers` spawned processes."
+    sw = cfg.sweep
+    n_workers = sw.n_workers if n_workers is None else int(n_workers)
+    if n_workers < 1:
+        raise ValueError(f"n_workers: {n_workers!r} must be at least 1")
+    specs = map_systems(sw.context_policy)
+    jobs = [(cfg, c, s, specs, sw.n_conversations) for c in map_cells(cfg).to_dict("records") for s in sw.seeds]
+    pool = None
+    if n_workers == 1:
+        results = map(_run_map_job, jobs)
+    else:  # spawn, as evaluate_benchmark: never fork a process that holds torch's thread pools
+        import rapo_nb.stats as _module  # workers import the exported function: a notebook's own cannot be pickled
+
+        pool = ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=mp.get_context("spawn"))
+        results = pool.map(_module._run_map_job, jobs)
+    try:
+        out = list(tqdm(results, total=len(jobs), desc="advantage map: cells x seeds", disable=not progress))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return pd.concat(out, ignore_index=True)
+
+# %% ../nbs/14_statistics.ipynb #c2354088
+def advantage_table(
+    df: pd.DataFrame,
+    metric: str = "task_success",
+    min_handoffs: int = 0,
+    ours: str = "rapo",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    axes=MAP_AXES,
+) -> pd.DataFrame:
+    """Per cell and context policy: `ours` − the best baseline router *of the same policy* (versus='best') and − each
+    baseline router, on conversations with ≥ `min_handoffs` handoffs: bootstrap CI, per-seed differences, `holds`."""
+    for col in (*axes, "context_policy", "router", "seed", "n_handoffs", metric):
+        if col not in df.columns:
+            raise ValueError(f"df: missing column {col!r}")
+    d = df[(df.n_handoffs >= min_handoffs) & ~df.router.isin(CEILING_ROUTERS)]
+    rows = []
+    for key, cell in d.groupby([*axes, "context_policy"], sort=True):
+        rates = cell.groupby("router")[metric].mean()
+        if ours not in rates.index or len(rates) < 2:
+            continue
+        base, x = rates.drop(ours), cell[cell.router == ours]
+        for versus in ("best", *base.index):
+            b = str(base.idxmax()) if versus == "best" else versus
+            y = cell[cell.router == b]
+            ci = bootstrap_ci(x[metric], y[metric], n_resamples=n_resamples, seed=seed)
+            per_seed = (x.groupby("seed")[metric].mean() - y.groupby("seed")[metric].mean()).dropna()
+            row = dict(zip((*axes, "context_policy"), key), versus=versus, baseline=b, metric=metric)
+            row |= dict(
+                min_handoffs=min_handoffs, n_ours=len(x), n_base=len(y), rate_ours=rates[ours], rate_base=rates[b]
+            )
+            row |= dict(diff=ci["estimate"], ci_low=ci["low"], ci_high=ci["high"], seeds=per_seed.size)
+            row |= dict(seeds_better=int((per_seed > 0).sum()), holds=bool(ci["low"] > 0 and (per_seed > 0).all()))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+# %% ../nbs/14_statistics.ipynb #9ade9af5
+def _clauses(values) -> list:
+    "Half-line clauses on one axis: None (any value), ('≥', v) and ('≤', v) for the grid's inner values."
+    v = sorted(set(float(a) for a in values))
+    return [None] + [("≥", a) for a in v[1:]] + [("≤", a) for a in v[:-1]]
+
+
+def region_condition(cells: pd.DataFrame, holds: str = "holds", axes=MAP_AXES, what: str = "RAPO's advantage") -> dict:
+    """The conjunction of half-lines on `axes` (≥ or ≤ a grid value) that best matches the cells where `holds` is true
+    (most cells agreeing, then fewest clauses), as a sentence stating its agreement with the grid."""
+    c = cells.reset_index(drop=True)
+    h, n = c[holds].astype(bool).to_numpy(), len(c)
+    grid = "; ".join(f"{a} ∈ {{{', '.join(f'{v:g}' for v in sorted(c[a].unique()))}}}" for a in axes)
+    if not h.any() or h.all():
+        where = "no cell" if not h.any() else "every cell"
+        return dict(condition=f"{what} holds in {where} of the grid ({grid})", agreement=n, n_cells=n, clauses=())
+    best = None
+    for combo in itertools.product(*(_clauses(c[a]) for a in axes)):
+        inside = np.ones(n, bool)
+        for a, cl in zip(axes, combo):
+            if cl is not None:
+                inside &= (c[a] >= cl[1] - 1e-12).to_numpy() if cl[0] == "≥" else (c[a] <= cl[1] + 1e-12).to_numpy()
+        used = tuple((a, *cl) for a, cl in zip(axes, combo) if cl is not None)
+        score = (int((inside == h).sum()), -len(used))
+        if best is None or score > best[0]:
+            best = (score, used)
+    (agree, _), used = best
+    text = (
+        "when " + " and ".join(f"{a} {op} {v:g}" for a, op, v in used) if used else "on the whole grid bar exceptions"
+    )
+    fit = "exactly" if agree == n else f"{agree} of {n} cells agree"
+    sentence = f"{what} holds {text} ({fit}; {int(h.sum())}/{n} cells hold; grid: {grid})"
+    return dict(condition=sentence, agreement=agree, n_cells=n, clauses=used)

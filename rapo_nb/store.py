@@ -7,7 +7,7 @@ Docs: https://rapo-nb.github.io/rapo_nb/store.html.md"""
 # %% ../nbs/07_store.ipynb #fad433b8
 from __future__ import annotations
 import json, struct, threading, time
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlparse
 import numpy as np
 import torch
@@ -17,8 +17,9 @@ from redis.backoff import NoBackoff
 from .config import Config
 
 # %% auto #0
-__all__ = ['ARRAY_MAGIC', 'encode_array', 'decode_array', 'VersionConflict', 'StoreUnavailable', 'StateStore', 'MemoryStateStore',
-           'redis_address', 'connect_redis', 'RedisStateStore', 'make_store']
+__all__ = ['ARRAY_MAGIC', 'TRANSIENT_ERRORS', 'encode_array', 'decode_array', 'VersionConflict', 'StoreUnavailable', 'StateStore',
+           'MemoryStateStore', 'redis_address', 'connect_redis', 'public_url', 'call_with_retries', 'RedisStateStore',
+           'make_store']
 
 # %% ../nbs/07_store.ipynb #3c2a086a
 ARRAY_MAGIC = b"RAPOARR1"
@@ -178,6 +179,42 @@ def connect_redis(url: str, timeout_s: float = 2.0) -> redis.Redis:
     except redis.exceptions.RedisError as e:  # something answered, but not a usable Redis (e.g. an HTTP proxy)
         raise StoreUnavailable(f"Redis at {addr} did not answer as a Redis server: {e}") from None
     return client
+
+# %% ../nbs/07_store.ipynb #5b1a0002
+TRANSIENT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, OSError)
+
+
+def public_url(url: str) -> str:
+    "`url` without user and password (for messages and logs)."
+    u = urlparse(url)
+    if u.scheme == "unix":
+        return f"unix://{u.path}"
+    return f"{u.scheme}://{u.hostname or '127.0.0.1'}:{u.port or 6379}{u.path or ''}"
+
+
+def call_with_retries(
+    fn: Callable[[], Any],
+    what: str,
+    url: str,
+    retries: int,
+    backoff_s: float,
+    backoff_max_s: float,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> Any:
+    "`fn()`, retried after connection errors with doubling waits (≤ `backoff_max_s`); then `StoreUnavailable`."
+    t0, wait = time.monotonic(), float(backoff_s)
+    for attempt in range(int(retries) + 1):
+        try:
+            return fn()
+        except TRANSIENT_ERRORS as e:
+            last = e
+        if attempt < retries:
+            sleep(min(wait, backoff_max_s))
+            wait *= 2
+    raise StoreUnavailable(
+        f"{what}: Redis at {public_url(url)} is unreachable after {int(retries) + 1} attempts over"
+        f" {time.monotonic() - t0:.1f}s ({type(last).__name__}: {last})"
+    ) from None
 
 # %% ../nbs/07_store.ipynb #dd43fa15
 class RedisStateStore(StateStore):

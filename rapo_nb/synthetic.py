@@ -160,7 +160,7 @@ def depth_bounds(grammar: dict[str, list[tuple[str, ...]]]) -> dict[str, tuple[i
     hi = {s: (INF if h > len(grammar) else h) for s, h in hi.items()}
     return {s: (lo[s], hi[s]) for s in grammar}
 
-
+# %% ../nbs/05_synthetic.ipynb #34d5e7b5
 class Uniforms:
     "A buffered stream of U(0,1) draws from a numpy Generator: few large numpy calls instead of many small ones."
 
@@ -179,7 +179,7 @@ class Uniforms:
         "A uniform integer in [0, n)."
         return min(int(self() * n), n - 1)
 
-
+# %% ../nbs/05_synthetic.ipynb #76bf204e
 _OPTIONS: dict = {}
 
 
@@ -214,7 +214,7 @@ def _options(grammar: dict, bounds: dict, symbol: str, depth: int, side_slack: i
         _OPTIONS[key] = opts
     return _OPTIONS[key]
 
-
+# %% ../nbs/05_synthetic.ipynb #02a0d58c
 def derive(
     grammar: dict,
     symbol: str,
@@ -343,7 +343,7 @@ TASK_TABLE = {  # task_type -> specialist -> task index
 }
 DIALOGUE_TASK = 9
 
-
+# %% ../nbs/05_synthetic.ipynb #413b8ede
 @dataclass
 class Turn:
     "One user turn: FSM state, text, and the specialist / task / modality it requires."
@@ -471,19 +471,15 @@ def _trigger_phrase(specialist: str, u: Uniforms) -> str:
     branch = TRIGGER_GRAMMAR[TRIGGER_BRANCH[specialist]]
     return branch[u.pick(len(branch))][0]
 
-
-def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = None) -> Conversation:
-    "Conversation `i` of the benchmark generated with `seed` (independent of how many others are generated)."
-    s = cfg.synthetic
-    plan = plan or fsm_plan(cfg)
-    rng = np.random.default_rng([seed, i])
-    m, l = cfg.state.n_tasks, cfg.state.n_modalities
+# %% ../nbs/05_synthetic.ipynb #1f14604b
+def _draw_outline(rng: np.random.Generator, s, plan: dict) -> tuple:
+    """The conversation's outline, drawn first: task type, complexity (depth D, entities E, relations R, inference
+    steps I) and FSM states: greeting, seed query, the middle Markov chain of `fsm_plan`, conclusion."""
     task_type = TASK_TYPES[int(rng.choice(len(TASK_TYPES), p=np.asarray(s.task_type_probs)))]
     D = int(rng.integers(s.depth_range[0], s.depth_range[1] + 1))
     E = int(rng.integers(s.entity_range[0], s.entity_range[1] + 1))
     R = int(rng.integers(s.relation_range[0], s.relation_range[1] + 1))
     I = int(rng.integers(s.inference_range[0], s.inference_range[1] + 1))
-    # FSM: greeting, seed query, middle Markov chain, conclusion
     r = s.length_dispersion
     extra = int(rng.negative_binomial(r, r / (r + plan["extra_mean"])))
     middle = rng.choice(3, size=extra, p=plan["middle_row"])
@@ -492,8 +488,12 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
         + [("query_formulation", "information_exchange", "clarification")[k] for k in middle]
         + ["conclusion"]
     )
-    n = len(states)
-    # knowledge graph: entity names, inference chain (key facts), distractor relations
+    return task_type, D, E, R, I, states
+
+
+def _knowledge_graph(rng: np.random.Generator, E: int, R: int, I: int) -> tuple[list, list, list, list]:
+    """E entity names, the inference chain over them, its I key facts (chain[k] verb chain[k + 1]) and the R − I
+    distractor relations."""
     names = [ENTITY_VOCAB[k] for k in rng.choice(len(ENTITY_VOCAB), size=E, replace=False).tolist()]
     chain = [names[k % E] for k in range(I + 1)]
     verbs = rng.integers(len(RELATION_VERBS), size=R)
@@ -504,7 +504,13 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
         f"{names[h]} {RELATION_VERBS[verbs[I + j]]} {names[(h + 1 + t) % E]}"
         for j, (h, t) in enumerate(zip(dh.tolist(), dt.tolist()))
     ]
-    # per-turn complexity
+    return names, chain, facts, distract
+
+# %% ../nbs/05_synthetic.ipynb #580742f4
+def _turn_complexity(rng: np.random.Generator, states: list[str], D: int, E: int, I: int, s) -> tuple:
+    """Per-turn complexity (depth, entities, inference steps; arrays [n]): drawn up to the conversation's on query and
+    information turns, the conversation's own on the seed query, inherited by a clarification, minimal at both ends."""
+    n = len(states)
     depth = np.full(n, s.depth_range[0])
     ent = np.full(n, s.entity_range[0])
     inf = np.full(n, s.inference_range[0])
@@ -520,32 +526,40 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
     depth[0] = depth[-1] = s.depth_range[0]
     ent[0] = ent[-1] = s.entity_range[0]
     inf[0] = inf[-1] = s.inference_range[0]
-    spec_idx = required_specialist(depth, ent, inf, cfg)
-    spec_idx[0] = spec_idx[-1] = SPECIALISTS.index("general")
-    specs = [SPECIALISTS[j] for j in spec_idx.tolist()]
-    depth, ent, inf = depth.tolist(), ent.tolist(), inf.tolist()
-    handoffs = handoff_positions(specs)
-    hset = set(handoffs)
-    # key facts go to the information-exchange turns in order (the seed query if there are none); one distractor each
+    return depth, ent, inf
+
+
+def _fact_slots(states: list[str], facts: list[str], I: int) -> dict[int, list[str]]:
+    "The key facts, in order, spread over the information-exchange turns (over the seed query if there are none)."
+    n = len(states)
     info = [t for t in range(n) if states[t] == "information_exchange"] or [1]
     fact_slots = {t: [] for t in info}
     for j, chunk in enumerate(np.array_split(np.arange(I), len(info))):
         fact_slots[info[j]] += [facts[c] for c in chunk]
-    d_iter = iter(distract)
-    u = Uniforms(rng)
+    return fact_slots
+
+# %% ../nbs/05_synthetic.ipynb #98fc481f
+def _pick_focus(u: Uniforms, names: list[str]) -> list[str]:
+    "1 to 3 distinct focus entities among the conversation's `names`."
+    E = len(names)
+    kf, focus = 1 + u.pick(min(3, E)), []
+    while len(focus) < kf:
+        e = names[u.pick(E)]
+        if e not in focus:
+            focus.append(e)
+    return focus
+
+
+def _write_turns(states, specs, handoffs, complexity, names, fact_slots, distract, task_type, u, cfg) -> tuple:
+    """The user turns in order: a trigger phrase opens each handoff turn, information turns state their key facts and
+    one distractor, queries are derivations of the query grammar of exactly the turn's depth. Returns (turns, focus
+    entities of each turn, the turns the rule check reads)."""
+    s, m, l = cfg.synthetic, cfg.state.n_tasks, cfg.state.n_modalities
+    depth, ent, inf = complexity
+    hset, d_iter, start = set(handoffs), iter(distract), QUERY_STARTS[task_type]
     turns, focus_all, checked = [], [], []
-    start = QUERY_STARTS[task_type]
     prev_focus, prev_task, prev_mod = [], DIALOGUE_TASK % m, 0
-
-    def pick_focus() -> list[str]:
-        kf, focus = 1 + u.pick(min(3, E)), []
-        while len(focus) < kf:
-            e = names[u.pick(E)]
-            if e not in focus:
-                focus.append(e)
-        return focus
-
-    seed_focus = pick_focus()
+    seed_focus = _pick_focus(u, names)
     for t, st in enumerate(states):
         trig = _trigger_phrase(specs[t], u) + " " if t in hset else ""
         if st == "greeting":
@@ -557,7 +571,7 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
             focus, task, mod = prev_focus, prev_task, prev_mod
             text = f"to clarify , I meant {' and '.join(focus)} . (scope: {ent[t]} entities, {inf[t]} inference steps)"
         else:
-            focus = seed_focus if t == 1 else pick_focus()
+            focus = seed_focus if t == 1 else _pick_focus(u, names)
             toks: list[str] = []
             tree = derive(QUERY_GRAMMAR, start, depth[t], u, _BOUNDS, toks, s.side_slack)
             mod = QUERY_MODALITY[start][tree_rule(tree, QUERY_GRAMMAR)] % l
@@ -575,6 +589,27 @@ def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = No
         turns.append(Turn(t, st, "user", trig + text, specs[t], int(task), int(mod)))
         focus_all.append(list(focus))
         prev_focus, prev_task, prev_mod = focus, task, mod
+    return turns, focus_all, checked
+
+# %% ../nbs/05_synthetic.ipynb #cdd08c8a
+def generate_conversation(i: int, seed: int, cfg: Config, plan: dict | None = None) -> Conversation:
+    "Conversation `i` of the benchmark generated with `seed` (independent of how many others are generated)."
+    s = cfg.synthetic
+    plan = plan or fsm_plan(cfg)
+    rng = np.random.default_rng([seed, i])
+    task_type, D, E, R, I, states = _draw_outline(rng, s, plan)
+    names, chain, facts, distract = _knowledge_graph(rng, E, R, I)
+    depth, ent, inf = _turn_complexity(rng, states, D, E, I, s)
+    spec_idx = required_specialist(depth, ent, inf, cfg)
+    spec_idx[0] = spec_idx[-1] = SPECIALISTS.index("general")
+    specs = [SPECIALISTS[j] for j in spec_idx.tolist()]
+    depth, ent, inf = depth.tolist(), ent.tolist(), inf.tolist()
+    handoffs = handoff_positions(specs)
+    slots = _fact_slots(states, facts, I)
+    u = Uniforms(rng)
+    turns, focus_all, checked = _write_turns(
+        states, specs, handoffs, (depth, ent, inf), names, slots, distract, task_type, u, cfg
+    )
     expected = dict(
         turn_focus=focus_all,
         checked_turns=checked,
@@ -646,7 +681,7 @@ class LoadedConversations(list):
 
     errors: list
 
-
+# %% ../nbs/05_synthetic.ipynb #f30c856b
 def _typed(d: dict, name: str, typ: type, where: str) -> Any:
     if name not in d:
         raise SchemaError(f"{where}{name}", "missing")
@@ -696,7 +731,7 @@ def conversation_from_dict(d: Any, cfg: Config | None = None) -> Conversation:
     vals["turns"] = turns
     return Conversation(**vals)
 
-
+# %% ../nbs/05_synthetic.ipynb #f30c856d
 def conversation_to_json(c: Conversation) -> str:
     "One JSONL line (keys sorted, compact) for conversation `c`."
     return json.dumps(
@@ -715,25 +750,41 @@ def save_jsonl(conversations: list[Conversation], path: str | Path) -> Path:
     os.replace(tmp, path)
     return path
 
+# %% ../nbs/05_synthetic.ipynb #f30c856f
+def _read_line(raw: bytes, cfg: Config, seen: dict[str, int], ln: int) -> Conversation:
+    "One JSONL line → a Conversation; SchemaError for bad UTF-8, bad JSON, a bad field or an id already read."
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SchemaError("encoding", f"not valid UTF-8 (byte {e.start + 1} of the line)") from None
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SchemaError("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    c = conversation_from_dict(d, cfg)
+    if c.id in seen:
+        raise SchemaError("id", f"{c.id!r} repeats the conversation of line {seen[c.id]}")
+    seen[c.id] = ln
+    return c
+
 
 def load_jsonl(path: str | Path, errors: str = "raise", cfg: Config | None = None) -> LoadedConversations:
-    "Read and validate a JSONL file; errors='raise' stops at the first bad line, 'collect' skips and records it."
+    """Read and validate a JSONL file; errors='raise' stops at the first bad line, 'collect' skips and records it.
+
+    Every bad line (not UTF-8, not JSON, a bad field, a repeated conversation id) is named by file:line."""
     if errors not in ("raise", "collect"):
         raise ValueError(f"errors: {errors!r} is not one of ['raise', 'collect']")
     path = Path(path)
     cfg = cfg or load_config("full")
     out = LoadedConversations()
     out.errors = []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
+    seen: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SchemaError("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
-                out.append(conversation_from_dict(d, cfg))
+                out.append(_read_line(raw, cfg, seen, ln))
             except SchemaError as e:
                 err = JsonlError(path, ln, str(e), list(out))
                 if errors == "raise":
@@ -792,13 +843,9 @@ def turns_frame(conversations: list[Conversation]) -> "pd.DataFrame":
         ]
     )
 
-
-def dataset_card(conversations: list[Conversation], cfg: Config) -> "pd.DataFrame":
-    "Realised distributions of the benchmark beside §5.1's (column 'paper'); ours are computed."
-    import pandas as pd
-
-    cf_, tf = conversations_frame(conversations), turns_frame(conversations)
-    s = cfg.synthetic
+# %% ../nbs/05_synthetic.ipynb #912cd281
+def _card_shares(cf_: "pd.DataFrame", tf: "pd.DataFrame", s) -> list[dict]:
+    "The dataset card's rows for §5.1's shares (FSM states, task types) and complexity ranges, beside the paper's."
     rows = []
     fsm = tf.fsm_state.value_counts(normalize=True)
     for st, p in zip(FSM_STATES, s.fsm_probs):
@@ -819,6 +866,16 @@ def dataset_card(conversations: list[Conversation], cfg: Config) -> "pd.DataFram
                 ours=f"{cf_[col].min()}–{cf_[col].max()} (mean {cf_[col].mean():.1f})",
             )
         )
+    return rows
+
+# %% ../nbs/05_synthetic.ipynb #8a663f59
+def dataset_card(conversations: list[Conversation], cfg: Config) -> "pd.DataFrame":
+    "Realised distributions of the benchmark beside §5.1's (column 'paper'); ours are computed."
+    import pandas as pd
+
+    cf_, tf = conversations_frame(conversations), turns_frame(conversations)
+    s = cfg.synthetic
+    rows = _card_shares(cf_, tf, s)
     rows.append(
         dict(
             quantity="query / response / trigger rules",

@@ -13,9 +13,10 @@ from .config import Config, load_config
 from .agents import full_history, last_k, summary
 
 # %% auto #0
-__all__ = ['SYSTEM_SPECS', 'ABLATIONS', 'SYSTEMS', 'SYSTEM_LABELS', 'ERROR_TYPES', 'TURN_COLUMNS', 'CONV_COLUMNS', 'SystemSpec',
-           'prompt_header', 'handed_context', 'reception_from_cosine', 'reception_probability', 'drop_facts',
-           'check_ablation', 'classify_failure']
+__all__ = ['SYSTEM_SPECS', 'ABLATIONS', 'SYSTEMS', 'SYSTEM_LABELS', 'ERROR_TYPES', 'PROMPT_STYLES', 'FACTORS', 'CEILING_ROUTERS',
+           'TURN_COLUMNS', 'CONV_COLUMNS', 'SystemSpec', 'factor_spec', 'resolve_system', 'prompt_header',
+           'handed_context', 'reception_from_cosine', 'reception_probability', 'drop_facts', 'check_ablation',
+           'classify_failure']
 
 # %% ../nbs/09_systems.ipynb #2ad6f18a
 @dataclass(frozen=True)
@@ -47,6 +48,46 @@ SYSTEM_LABELS = {
     "rapo": "RAPO (ours)",
 }
 ERROR_TYPES = ("context_loss", "ambiguous_query", "topic_shift", "resource", "agent_selection")
+PROMPT_STYLES = ("plain", "ampo_branched", "p4_persona", "yao_optimised", "rapo_consensus")
+
+# %% ../nbs/09_systems.ipynb #e071e9d9
+FACTORS: dict[str, tuple] = {
+    "router": ("sequential", "round_robin", "least_loaded", "similarity", "random", "rapo", "oracle"),
+    "context_policy": ("last_turn", "last_k", "summary", "full_history"),
+    "consensus": (False, True),
+    "hand_over_state": (False, True),
+}
+CEILING_ROUTERS = ("oracle",)  # read the simulated world in hindsight: a ceiling, never a compared system
+
+
+def factor_spec(
+    router: str, context_policy: str, consensus: bool, hand_over_state: bool, prompt_style: str = "plain"
+) -> SystemSpec:
+    "The system of one combination of factors, named `router/context_policy/c0|1/h0|1[/prompt_style]`."
+    given = dict(router=router, context_policy=context_policy, consensus=consensus, hand_over_state=hand_over_state)
+    for k, v in given.items():
+        if isinstance(v, bool) != isinstance(FACTORS[k][0], bool) or v not in FACTORS[k]:
+            raise ValueError(f"{k}: {v!r} is not one of {list(FACTORS[k])}")
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style: {prompt_style!r} is not one of {list(PROMPT_STYLES)}")
+    name = f"{router}/{context_policy}/c{int(consensus)}/h{int(hand_over_state)}"
+    name += "" if prompt_style == "plain" else f"/{prompt_style}"
+    return SystemSpec(name, router, context_policy, consensus, prompt_style, hand_over_state)
+
+
+def resolve_system(system: str | SystemSpec) -> SystemSpec:
+    "A `SystemSpec` from a paper system name (`SYSTEMS`), a `factor_spec` name, or a spec (checked)."
+    if isinstance(system, SystemSpec):  # checked factor by factor; its own name is kept
+        factor_spec(system.router, system.context_policy, system.consensus, system.hand_over_state, system.prompt_style)
+        return system
+    if isinstance(system, str) and system in SYSTEM_SPECS:
+        return SYSTEM_SPECS[system]
+    parts = system.split("/") if isinstance(system, str) else []
+    if len(parts) in (4, 5) and parts[2] in ("c0", "c1") and parts[3] in ("h0", "h1"):
+        return factor_spec(parts[0], parts[1], parts[2] == "c1", parts[3] == "h1", *parts[4:])
+    raise ValueError(
+        f"system: {system!r} is not one of {list(SYSTEMS)}, a SystemSpec, or a factor name 'router/policy/c0|1/h0|1'"
+    )
 
 # %% ../nbs/09_systems.ipynb #4c0edd98
 TURN_COLUMNS = (
@@ -107,17 +148,18 @@ def handed_context(history: list[str], policy: str, cfg: Config) -> str:
     raise ValueError(f"context_policy: {policy!r} is not one of ['last_turn', 'last_k', 'summary', 'full_history']")
 
 # %% ../nbs/09_systems.ipynb #4cb49fcb
-def reception_from_cosine(cosine: float, floor: float) -> float:
-    "q = floor + (1 − floor)·max(0, cosine): the simulated fact-survival probability at a handoff."
-    return floor + (1.0 - floor) * max(0.0, cosine)
+def reception_from_cosine(cosine: float, floor: float, alignment: float = 1.0) -> float:
+    "q = floor + (1 − floor)·alignment·max(0, cosine): the simulated fact-survival probability at a handoff."
+    if not 0.0 <= alignment <= 1.0:
+        raise ValueError(f"reception_alignment: expected a number in [0, 1], got {alignment!r}")
+    return floor + (1.0 - floor) * alignment * max(0.0, cosine)
 
 
 def reception_probability(P: torch.Tensor, out_agent: int, in_agent: int, cfg: Config | None = None) -> float:
-    "`reception_from_cosine` of cos(P_out, P_in) (floor: cfg.simulation.reception_floor)."
-    floor = (cfg or load_config()).simulation.reception_floor
-    return reception_from_cosine(
-        torch.nn.functional.cosine_similarity(P[out_agent].float(), P[in_agent].float(), dim=0).item(), floor
-    )
+    "`reception_from_cosine` of cos(P_out, P_in) (cfg.simulation.reception_floor and reception_alignment)."
+    sim = (cfg or load_config()).simulation
+    cos = torch.nn.functional.cosine_similarity(P[out_agent].float(), P[in_agent].float(), dim=0).item()
+    return reception_from_cosine(cos, sim.reception_floor, sim.reception_alignment)
 
 
 def drop_facts(context: str, facts: list[str], keep: np.ndarray) -> tuple[str, list[str]]:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from fastcore.basics import patch
 from rapo_nb.config import (
     Config,
     TrainingConfig,
@@ -111,7 +112,7 @@ def _logit(p: float) -> float:
     p = min(max(float(p), 1e-4), 1 - 1e-4)
     return math.log(p / (1 - p))
 
-
+# %% ../nbs/12_training.ipynb #5a2738a9
 class TransitionModel(nn.Module):
     "Learned state transition of §4.2: features [.., F] → (ΔM_a, Δscore, R) in standardised units."
 
@@ -163,65 +164,85 @@ class TransitionModel(nn.Module):
         self.register_buffer("y_mean", torch.zeros(self.output_dim))
         self.register_buffer("y_std", torch.ones(self.output_dim))
 
-    def groups(self) -> dict[str, list[nn.Parameter]]:
-        "Parameters by training-phase group: prompt_embedding, consensus, mlp."
-        return dict(
-            prompt_embedding=list(self.prompt_embedding.parameters()),
-            consensus=[self.consensus],
-            mlp=list(self.mlp.parameters()),
+# %% ../nbs/12_training.ipynb #651c339b
+@patch
+def groups(self: TransitionModel) -> dict[str, list[nn.Parameter]]:
+    "Parameters by training-phase group: prompt_embedding, consensus, mlp."
+    return dict(
+        prompt_embedding=list(self.prompt_embedding.parameters()),
+        consensus=[self.consensus],
+        mlp=list(self.mlp.parameters()),
+    )
+
+
+@patch
+def consensus_alpha(self: TransitionModel) -> torch.Tensor:
+    "Current consensus pull α per capability cell, [m·l] in (0, 1)."
+    return torch.sigmoid(self.consensus)
+
+
+@patch
+def mlp_input(self: TransitionModel, features: torch.Tensor) -> torch.Tensor:
+    "The MLP's input [.., input_dim] from raw features [.., F]."
+    if features.shape[-1] != self.feature_dim:
+        raise ValueError(
+            f"features: expected last dimension {self.feature_dim} (m={self.dims['n_tasks']}, "
+            f"l={self.dims['n_modalities']}, p={self.dims['prompt_dim']}), got {features.shape[-1]}"
         )
+    L, m, l = self.layout, self.dims["n_tasks"], self.dims["n_modalities"]
+    a = self.consensus_alpha()
+    M_mix = (1 - a) * features[..., L["M_agent"]] + a * features[..., L["M_global"]]
+    oh_t, oh_m = features[..., L["task"]], features[..., L["modality"]]
+    cell = (M_mix.unflatten(-1, (m, l)) * (oh_t[..., :, None] * oh_m[..., None, :])).sum((-1, -2))
+    pe = self.prompt_embedding(features[..., L["prompt"]])
+    return torch.cat([M_mix, cell[..., None], features[..., L["stats"]], oh_t, oh_m, pe], -1)
 
-    def consensus_alpha(self) -> torch.Tensor:
-        "Current consensus pull α per capability cell, [m·l] in (0, 1)."
-        return torch.sigmoid(self.consensus)
 
-    def mlp_input(self, features: torch.Tensor) -> torch.Tensor:
-        "The MLP's input [.., input_dim] from raw features [.., F]."
-        if features.shape[-1] != self.feature_dim:
-            raise ValueError(
-                f"features: expected last dimension {self.feature_dim} (m={self.dims['n_tasks']}, "
-                f"l={self.dims['n_modalities']}, p={self.dims['prompt_dim']}), got {features.shape[-1]}"
-            )
-        L, m, l = self.layout, self.dims["n_tasks"], self.dims["n_modalities"]
-        a = self.consensus_alpha()
-        M_mix = (1 - a) * features[..., L["M_agent"]] + a * features[..., L["M_global"]]
-        oh_t, oh_m = features[..., L["task"]], features[..., L["modality"]]
-        cell = (M_mix.unflatten(-1, (m, l)) * (oh_t[..., :, None] * oh_m[..., None, :])).sum((-1, -2))
-        pe = self.prompt_embedding(features[..., L["prompt"]])
-        return torch.cat([M_mix, cell[..., None], features[..., L["stats"]], oh_t, oh_m, pe], -1)
+@patch
+def forward(self: TransitionModel, features: torch.Tensor) -> torch.Tensor:
+    "Standardised prediction [.., output_dim]."
+    return self.mlp(self.mlp_input(features))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        "Standardised prediction [.., output_dim]."
-        return self.mlp(self.mlp_input(features))
+# %% ../nbs/12_training.ipynb #ec17e281
+@patch
+def standardise(self: TransitionModel, y: torch.Tensor) -> torch.Tensor:
+    "Targets in the model's standardised units."
+    return (y - self.y_mean) / self.y_std
 
-    def standardise(self, y: torch.Tensor) -> torch.Tensor:
-        "Targets in the model's standardised units."
-        return (y - self.y_mean) / self.y_std
 
-    def predict(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        "Predictions in their own units: `state_delta` [.., m·l+1] (ΔM_a, Δscore) and `reward` [..]."
-        y = self(features) * self.y_std + self.y_mean
-        return dict(state_delta=y[..., :-1], reward=y[..., -1])
+@patch
+def predict(self: TransitionModel, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    "Predictions in their own units: `state_delta` [.., m·l+1] (ΔM_a, Δscore) and `reward` [..]."
+    y = self(features) * self.y_std + self.y_mean
+    return dict(state_delta=y[..., :-1], reward=y[..., -1])
 
-    def set_target_stats(self, y: torch.Tensor) -> None:
-        "Fit the target standardisation to training targets y [n, output_dim] (std floored at 1e-3)."
-        if y.dim() != 2 or y.shape[1] != self.output_dim:
-            raise ValueError(f"y: expected [n, {self.output_dim}], got {tuple(y.shape)}")
-        if y.shape[0] < 2:
-            raise ValueError(f"y: need at least 2 targets to standardise, got {y.shape[0]}")
-        self.y_mean.copy_(y.mean(0))
-        self.y_std.copy_(y.std(0).clamp_min(1e-3))
 
-    @torch.no_grad()
-    def predict_reward(self, bank, agent_ids: torch.Tensor, task: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        "Predicted reward R of giving each of B requests to each of its K candidate agents: [B, K]."
-        self.eval()
-        x = transition_features(bank, agent_ids, task, modality)
-        return self.predict(x.to(self.y_mean.device))["reward"]
+@patch
+def set_target_stats(self: TransitionModel, y: torch.Tensor) -> None:
+    "Fit the target standardisation to training targets y [n, output_dim] (std floored at 1e-3)."
+    if y.dim() != 2 or y.shape[1] != self.output_dim:
+        raise ValueError(f"y: expected [n, {self.output_dim}], got {tuple(y.shape)}")
+    if y.shape[0] < 2:
+        raise ValueError(f"y: need at least 2 targets to standardise, got {y.shape[0]}")
+    self.y_mean.copy_(y.mean(0))
+    self.y_std.copy_(y.std(0).clamp_min(1e-3))
 
-    def n_parameters(self) -> int:
-        "Number of trainable parameters."
-        return sum(p.numel() for p in self.parameters())
+
+@patch
+@torch.no_grad()
+def predict_reward(
+    self: TransitionModel, bank, agent_ids: torch.Tensor, task: torch.Tensor, modality: torch.Tensor
+) -> torch.Tensor:
+    "Predicted reward R of giving each of B requests to each of its K candidate agents: [B, K]."
+    self.eval()
+    x = transition_features(bank, agent_ids, task, modality)
+    return self.predict(x.to(self.y_mean.device))["reward"]
+
+
+@patch
+def n_parameters(self: TransitionModel) -> int:
+    "Number of trainable parameters."
+    return sum(p.numel() for p in self.parameters())
 
 
 def model_from_config(cfg: Config, seed: int = 0, device: str | torch.device | None = None) -> TransitionModel:
@@ -353,7 +374,7 @@ def baseline_errors(y_train: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         reward_mae=float((y[:, -1] - r).abs().mean()),
     )
 
-
+# %% ../nbs/12_training.ipynb #d185a970
 from contextlib import contextmanager
 
 
@@ -369,7 +390,76 @@ def torch_threads(n: int | None):
         if n:
             torch.set_num_threads(saved)
 
+# %% ../nbs/12_training.ipynb #164934db
+def _check_training_args(tc: TrainingConfig, buffer: ReplayBuffer, eval_every: int | None) -> int:
+    "Refuse a phase schedule of the wrong length, an empty buffer or a bad `eval_every` (default `tc.eval_every`)."
+    if len(tc.steps_per_phase) != len(PHASES):
+        raise ValueError(
+            f"training.steps_per_phase: expected {len(PHASES)} values (one per phase {PHASES}), "
+            f"got {tc.steps_per_phase!r}"
+        )
+    if len(buffer) == 0:
+        raise ValueError("buffer: the replay buffer is empty; collect transitions first")
+    eval_every = tc.eval_every if eval_every is None else eval_every
+    if eval_every < 1:
+        raise ValueError(f"eval_every: expected a positive int, got {eval_every!r}")
+    return eval_every
 
+
+def _heldout_row(model: TransitionModel, heldout: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    "The held-out errors as history columns `heldout_*` (none without held-out data)."
+    if heldout is None:
+        return {}
+    return {f"heldout_{k}": v for k, v in transition_errors(model, *heldout).items()}
+
+
+@dataclass
+class _TrainRun:
+    "A training run's bookkeeping across phases: history rows, global step, start time, evaluation cadence, bar."
+
+    rows: list
+    t0: float
+    eval_every: int
+    heldout: tuple | None = None
+    bar: Any = None
+    step: int = 0
+
+# %% ../nbs/12_training.ipynb #0eca3471
+def _train_phase(
+    model: TransitionModel,
+    buffer: ReplayBuffer,
+    tc: TrainingConfig,
+    phase: str,
+    n_steps: int,
+    gen: torch.Generator,
+    groups: dict,
+    run: _TrainRun,
+) -> bool:
+    "Train phase `phase` for `n_steps` steps, appending history rows to `run`; True when the time ceiling stopped it."
+    params = [p for g in PHASE_GROUPS[phase] for p in groups[g]]
+    opt = torch.optim.Adam(params, lr=tc.lr)
+    for k in range(n_steps):
+        if time.perf_counter() - run.t0 > tc.time_budget_s:
+            return True
+        xb, yb = buffer.sample(tc.batch_size, gen)
+        r = train_step(model, opt, xb, yb, params, tc.grad_clip)
+        run.step += 1
+        row = dict(
+            step=run.step,
+            phase=phase,
+            **r,
+            batch_reward=float(yb[:, -1].mean()),
+            consensus_alpha=float(model.consensus_alpha().detach().mean()),
+            elapsed_s=time.perf_counter() - run.t0,
+        )
+        if run.step % run.eval_every == 0 or k == n_steps - 1:
+            row.update(_heldout_row(model, run.heldout))
+        run.rows.append(row)
+        if run.bar is not None:
+            run.bar.update(1)
+    return False
+
+# %% ../nbs/12_training.ipynb #3da1e37c
 def train_phases(
     model: TransitionModel,
     buffer: ReplayBuffer,
@@ -382,64 +472,26 @@ def train_phases(
     """Run the three training phases on `buffer`; return the per-step history (held-out columns every `eval_every`
     steps, default `cfg.training.eval_every`)."""
     tc = cfg.training
-    if len(tc.steps_per_phase) != len(PHASES):
-        raise ValueError(
-            f"training.steps_per_phase: expected {len(PHASES)} values (one per phase {PHASES}), "
-            f"got {tc.steps_per_phase!r}"
-        )
-    if len(buffer) == 0:
-        raise ValueError("buffer: the replay buffer is empty; collect transitions first")
-    eval_every = tc.eval_every if eval_every is None else eval_every
-    if eval_every < 1:
-        raise ValueError(f"eval_every: expected a positive int, got {eval_every!r}")
+    eval_every = _check_training_args(tc, buffer, eval_every)
     with torch_threads(tc.train_threads if buffer.device.type == "cpu" else None):
         gen = torch.Generator().manual_seed(int(seed))
         groups = model.groups()
-        rows, step, t0, stopped = [], 0, time.perf_counter(), False
-
-        def evaluate(phase: str) -> dict:
-            if heldout is None:
-                return {}
-            e = transition_errors(model, *heldout)
-            return {f"heldout_{k}": v for k, v in e.items()}
-
-        rows.append(dict(step=0, phase="start", elapsed_s=0.0, **evaluate("start")))
-        total = sum(tc.steps_per_phase)
-        bar = None
+        run = _TrainRun(rows=[], t0=time.perf_counter(), eval_every=eval_every, heldout=heldout)
+        run.rows.append(dict(step=0, phase="start", elapsed_s=0.0, **_heldout_row(model, heldout)))
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, desc="training (simulated benchmark data)", leave=False)
+            run.bar = tqdm(total=sum(tc.steps_per_phase), desc="training (simulated benchmark data)", leave=False)
+        stopped = False
         for phase, n_steps in zip(PHASES, tc.steps_per_phase):
-            params = [p for g in PHASE_GROUPS[phase] for p in groups[g]]
-            opt = torch.optim.Adam(params, lr=tc.lr)
-            for k in range(n_steps):
-                if time.perf_counter() - t0 > tc.time_budget_s:
-                    stopped = True
-                    break
-                xb, yb = buffer.sample(tc.batch_size, gen)
-                r = train_step(model, opt, xb, yb, params, tc.grad_clip)
-                step += 1
-                row = dict(
-                    step=step,
-                    phase=phase,
-                    **r,
-                    batch_reward=float(yb[:, -1].mean()),
-                    consensus_alpha=float(model.consensus_alpha().detach().mean()),
-                    elapsed_s=time.perf_counter() - t0,
-                )
-                if step % eval_every == 0 or k == n_steps - 1:
-                    row.update(evaluate(phase))
-                rows.append(row)
-                if bar is not None:
-                    bar.update(1)
+            stopped = _train_phase(model, buffer, tc, phase, n_steps, gen, groups, run)
             if stopped:
                 break
-        if bar is not None:
-            bar.close()
-        hist = pd.DataFrame(rows)
+        if run.bar is not None:
+            run.bar.close()
+        hist = pd.DataFrame(run.rows)
         hist.attrs["stopped_by_budget"] = stopped
-        hist.attrs["train_seconds"] = time.perf_counter() - t0
+        hist.attrs["train_seconds"] = time.perf_counter() - run.t0
         return hist
 
 # %% ../nbs/12_training.ipynb #86fea296
@@ -484,7 +536,7 @@ def _check_fields(ck: dict, cfg: Config, names: tuple, path: str | Path) -> None
                 f"{name}: the checkpoint {Path(path).name} was trained with {saved!r}, the config has {now!r}"
             )
 
-
+# %% ../nbs/12_training.ipynb #82ef04cc
 def _load_tensors(model: nn.Module, state: dict, path: str | Path) -> None:
     "Load `state` into `model`, naming the first missing, unexpected or mis-shaped tensor."
     own = model.state_dict()
@@ -596,7 +648,7 @@ class TransitionData:
         h = self.heldout.to(self.x.device)
         return (self.x[~h], self.y[~h]), (self.x[h], self.y[h])
 
-
+# %% ../nbs/12_training.ipynb #19216869
 def heldout_mask(n: int, seed: int, fraction: float | None = None) -> np.ndarray:
     """Which of n conversations are held out: a seeded random subset of round(fraction·n), at least one of each side
     when n ≥ 2."""
@@ -611,7 +663,93 @@ def heldout_mask(n: int, seed: int, fraction: float | None = None) -> np.ndarray
     mask[np.random.default_rng([seed, 8]).permutation(n)[:k]] = True
     return mask
 
+# %% ../nbs/12_training.ipynb #74e9f2d2
+@dataclass
+class _Exploration:
+    "What `collect_transitions` carries from turn to turn: the simulated world, the bank, the generators, histories."
 
+    cfg: Config
+    dev: torch.device
+    convs: list
+    n_agents: int
+    enc: HashedTextEncoder
+    pool: SimulatedAgentPool
+    bank: StateBank
+    policy_rng: np.random.Generator
+    traj_rngs: list
+    histories: list
+    out: dict
+
+
+def _explore_turn(e: _Exploration, t: int) -> dict:
+    """Turn `t` of every conversation still running: agents drawn uniformly (exploration), T simulated trajectories
+    each, and their rewards R [T, B]."""
+    cfg, dev, T = e.cfg, e.dev, e.cfg.training.mc_trajectories
+    active = np.array([i for i, c in enumerate(e.convs) if len(c.turns) > t])
+    B = len(active)
+    turns = [e.convs[i].turns[t] for i in active]
+    task = torch.tensor([tr.task for tr in turns], dtype=torch.long, device=dev)
+    modality = torch.tensor([tr.modality for tr in turns], dtype=torch.long, device=dev)
+    alive_ids = torch.nonzero(e.bank.alive).flatten().cpu().numpy()
+    agents = alive_ids[e.policy_rng.integers(len(alive_ids), size=B)]
+    share = utilisation_share(np.bincount(agents, minlength=e.n_agents), cfg)  # R_a of eq. 6
+    e.bank.set_utilisation(torch.tensor(share, dtype=torch.float32))
+    contexts = [full_history(e.histories[i]) for i in active]
+    success = np.zeros((T, B), dtype=np.float32)
+    texts: list[list[str]] = []
+    for k in range(T):
+        resp = [
+            e.pool.respond(int(a), e.histories[i], ctx, tr, e.traj_rngs[k])
+            for a, i, ctx, tr in zip(agents, active, contexts, turns)
+        ]
+        success[k] = [float(r.success) for r in resp]
+        texts.append([r.text for r in resp])
+    windows = ["\n".join(e.histories[i][-cfg.state.context_window :]) for i in active]
+    coh = coherence_penalty([s for row in texts for s in row], windows * T, e.enc).reshape(T, B)
+    R = task_reward(torch.from_numpy(success), torch.from_numpy(coh), cfg.training.coherence_lambda)  # [T, B]
+    return dict(
+        active=active, turns=turns, task=task, modality=modality, agents=agents, success=success, texts=texts, R=R
+    )
+
+# %% ../nbs/12_training.ipynb #07a06719
+def _record_turn(e: _Exploration, t: int, d: dict) -> None:
+    "Append the transitions of turn `t` (from `_explore_turn`) to `e.out` and advance the bank and the histories."
+    bank, dev, out = e.bank, e.dev, e.out
+    agents, task, modality, success, R, active = (
+        d["agents"],
+        d["task"],
+        d["modality"],
+        d["success"],
+        d["R"],
+        d["active"],
+    )
+    rank = queue_rank(agents)
+    for r in range(int(rank.max()) + 1):
+        sel = np.flatnonzero(rank == r)
+        a_sel = torch.as_tensor(agents[sel], dtype=torch.long, device=dev)
+        x = transition_features(bank, a_sel[:, None], task[sel], modality[sel])[:, 0]
+        m_before, s_before = bank.M[a_sel].float().flatten(1), bank.capability_score[a_sel].float()
+        snap = bank.snapshot()
+        bank.update_capability(a_sel, task[sel], modality[sel], torch.from_numpy(success[:, sel].mean(0)).to(dev))
+        d_next = torch.cat(
+            [
+                bank.M[a_sel].float().flatten(1) - m_before,
+                (bank.capability_score[a_sel].float() - s_before)[:, None],
+            ],
+            1,
+        )
+        bank.restore(snap)
+        bank.update_capability(a_sel, task[sel], modality[sel], torch.from_numpy(success[0, sel]).to(dev))
+        out["x"].append(x)
+        out["y"].append(torch.cat([d_next, R[:, sel].mean(0).to(dev)[:, None]], 1))
+        out["conversation"].append(torch.as_tensor(active[sel]))
+        out["turn"].append(torch.full((len(sel),), t))
+        out["agent"].append(torch.as_tensor(agents[sel]))
+        out["reward_std"].append(R[:, sel].std(0, unbiased=False))
+    for j, i in enumerate(active):
+        e.histories[i].extend([d["turns"][j].text, d["texts"][0][j]])
+
+# %% ../nbs/12_training.ipynb #738240d3
 def collect_transitions(
     cfg: Config,
     seed: int,
@@ -634,72 +772,28 @@ def collect_transitions(
         n_agents = int(n_agents or cfg.evaluation.n_agents)
         if n_agents < 1:
             raise ValueError(f"n_agents: expected >= 1, got {n_agents}")
-        T, lam = cfg.training.mc_trajectories, cfg.training.coherence_lambda
-        enc = HashedTextEncoder.from_config(cfg)  # the evaluation's encoder (§4.3 cosine), for r_coherence
-        pool = SimulatedAgentPool(n_agents, cfg, seed)
-        bank = StateBank.create(n_agents, cfg, device=dev, seed=seed)
-        policy_rng = np.random.default_rng([seed, 81])
-        traj_rngs = [np.random.default_rng([seed, 82, k]) for k in range(T)]
+        e = _Exploration(
+            cfg,
+            dev,
+            convs,
+            n_agents,
+            enc=HashedTextEncoder.from_config(cfg),  # the evaluation's encoder (§4.3 cosine), for r_coherence
+            pool=SimulatedAgentPool(n_agents, cfg, seed),
+            bank=StateBank.create(n_agents, cfg, device=dev, seed=seed),
+            policy_rng=np.random.default_rng([seed, 81]),
+            traj_rngs=[np.random.default_rng([seed, 82, k]) for k in range(cfg.training.mc_trajectories)],
+            histories=[[] for _ in convs],
+            out={k: [] for k in ("x", "y", "conversation", "turn", "agent", "reward_std")},
+        )
         held = heldout_mask(len(convs), seed, cfg.training.heldout_fraction)
-        histories: list[list[str]] = [[] for _ in convs]
-        max_turns = max(len(c.turns) for c in convs)
-        out = {k: [] for k in ("x", "y", "conversation", "turn", "agent", "reward_std")}
-        steps = range(max_turns)
+        steps = range(max(len(c.turns) for c in convs))
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc="collecting transitions (simulated agents)", leave=False)
         for t in steps:
-            active = np.array([i for i, c in enumerate(convs) if len(c.turns) > t])
-            B = len(active)
-            turns = [convs[i].turns[t] for i in active]
-            task = torch.tensor([tr.task for tr in turns], dtype=torch.long, device=dev)
-            modality = torch.tensor([tr.modality for tr in turns], dtype=torch.long, device=dev)
-            alive_ids = torch.nonzero(bank.alive).flatten().cpu().numpy()
-            agents = alive_ids[policy_rng.integers(len(alive_ids), size=B)]
-            share = utilisation_share(np.bincount(agents, minlength=n_agents), cfg)  # R_a of eq. 6
-            bank.set_utilisation(torch.tensor(share, dtype=torch.float32))
-            contexts = [full_history(histories[i]) for i in active]
-            success = np.zeros((T, B), dtype=np.float32)
-            texts: list[list[str]] = []
-            for k in range(T):
-                resp = [
-                    pool.respond(int(a), histories[i], ctx, tr, traj_rngs[k])
-                    for a, i, ctx, tr in zip(agents, active, contexts, turns)
-                ]
-                success[k] = [float(r.success) for r in resp]
-                texts.append([r.text for r in resp])
-            windows = ["\n".join(histories[i][-cfg.state.context_window :]) for i in active]
-            coh = coherence_penalty([s for row in texts for s in row], windows * T, enc).reshape(T, B)
-            R = task_reward(torch.from_numpy(success), torch.from_numpy(coh), lam)  # [T, B]
-            rank = queue_rank(agents)
-            for r in range(int(rank.max()) + 1):
-                sel = np.flatnonzero(rank == r)
-                a_sel = torch.as_tensor(agents[sel], dtype=torch.long, device=dev)
-                x = transition_features(bank, a_sel[:, None], task[sel], modality[sel])[:, 0]
-                m_before, s_before = bank.M[a_sel].float().flatten(1), bank.capability_score[a_sel].float()
-                snap = bank.snapshot()
-                bank.update_capability(
-                    a_sel, task[sel], modality[sel], torch.from_numpy(success[:, sel].mean(0)).to(dev)
-                )
-                d_next = torch.cat(
-                    [
-                        bank.M[a_sel].float().flatten(1) - m_before,
-                        (bank.capability_score[a_sel].float() - s_before)[:, None],
-                    ],
-                    1,
-                )
-                bank.restore(snap)
-                bank.update_capability(a_sel, task[sel], modality[sel], torch.from_numpy(success[0, sel]).to(dev))
-                out["x"].append(x)
-                out["y"].append(torch.cat([d_next, R[:, sel].mean(0).to(dev)[:, None]], 1))
-                out["conversation"].append(torch.as_tensor(active[sel]))
-                out["turn"].append(torch.full((len(sel),), t))
-                out["agent"].append(torch.as_tensor(agents[sel]))
-                out["reward_std"].append(R[:, sel].std(0, unbiased=False))
-            for j, i in enumerate(active):
-                histories[i].extend([turns[j].text, texts[0][j]])
-        cat = {k: torch.cat(v) for k, v in out.items()}
+            _record_turn(e, t, _explore_turn(e, t))
+        cat = {k: torch.cat(v) for k, v in e.out.items()}
         conv = cat["conversation"].long()
         return TransitionData(
             x=cat["x"],
@@ -812,7 +906,7 @@ def encode_conversations(
     held = torch.from_numpy(heldout_mask(len(convs), seed, cfg.training.heldout_fraction))
     return ContextData(turns, lengths, held, time.perf_counter() - t0)
 
-
+# %% ../nbs/12_training.ipynb #1c08e553
 def sample_pairs(
     data: ContextData, pool: np.ndarray, n: int, horizon: int, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -853,7 +947,7 @@ def pair_embeddings(
     W = X[conv[:, None], idx.clamp(min=0)] * valid
     return W.sum(1) / valid.sum(1).clamp(min=1), target
 
-
+# %% ../nbs/12_training.ipynb #1898a02d
 def info_nce(c: torch.Tensor, z: torch.Tensor, temperature: float) -> torch.Tensor:
     "Symmetric InfoNCE: row i of c must pick row i of z (and vice versa) by cosine / temperature."
     if c.shape != z.shape or c.dim() != 2:
@@ -914,7 +1008,35 @@ def retrieval_metrics(
         n_candidates=int(groups[0][0].numel()),
     )
 
+# %% ../nbs/12_training.ipynb #7a5ea8f3
+def _heldout_retrieval(data: ContextData, curve: list, tc: TrainingConfig, model: nn.Module) -> dict:
+    "Held-out top-1 and MRR of `model` on the learning-curve queries `curve`, as history columns."
+    return {
+        f"heldout_{k}": v
+        for k, v in retrieval_metrics(data, curve, tc.context_horizon, model).items()
+        if k in ("top1", "mrr")
+    }
 
+
+def _context_step(
+    model: nn.Module, opt: torch.optim.Optimizer, data: ContextData, pool: np.ndarray, tc: TrainingConfig, rng
+) -> dict:
+    "One InfoNCE step on a batch of training pairs: its loss, the batch's top-1 and the gradient norm."
+    model.train()
+    conv, t = sample_pairs(data, pool, tc.context_batch_size, tc.context_horizon, rng)
+    c, z = pair_embeddings(data, conv, t, tc.context_horizon, model)
+    loss = info_nce(c, z, tc.context_temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    opt.step()
+    return dict(
+        loss=float(loss.detach()),
+        batch_top1=float((retrieval_ranks(c.detach(), z.detach()) == 1).float().mean()),
+        grad_norm=float(gn),
+    )
+
+# %% ../nbs/12_training.ipynb #30b1cbf1
 def train_context_module(
     cfg: Config, seed: int, data: ContextData, device: str | torch.device | None = None, progress: bool = False
 ) -> tuple[nn.Module, pd.DataFrame]:
@@ -924,27 +1046,20 @@ def train_context_module(
     with torch_threads(cfg.training.train_threads if dev.type == "cpu" else None):
         tc = cfg.training
         data = data.to(dev)
-        with torch.random.fork_rng(
-            devices=[]
-            # nn.Linear's default init draws from the global RNG before the seeded init overwrites it: keep the
-            # caller's stream untouched
-        ):
+        # nn.Linear's default init draws from the global RNG before the seeded init overwrites it: keep the
+        # caller's stream untouched
+        with torch.random.fork_rng(devices=[]):
             model = SlidingWindowContext.from_config(cfg, seed=seed).to(dev)
         pool = data.usable(False, tc.context_horizon)
         rng = np.random.default_rng([seed, 83])
-        curve = retrieval_queries(
-            data, cfg, cfg.seed, rounds=max(1, tc.context_eval_rounds // 4)
-        )  # learning-curve queries: the same for every training seed
+        # learning-curve queries: the same for every training seed
+        curve = retrieval_queries(data, cfg, cfg.seed, rounds=max(1, tc.context_eval_rounds // 4))
         opt = torch.optim.Adam(model.parameters(), lr=tc.context_lr)
-
-        def evaluate() -> dict:
-            return {
-                f"heldout_{k}": v
-                for k, v in retrieval_metrics(data, curve, tc.context_horizon, model).items()
-                if k in ("top1", "mrr")
-            }
-
-        rows, t0, stopped = [dict(step=0, elapsed_s=0.0, **evaluate())], time.perf_counter(), False
+        rows, t0, stopped = (
+            [dict(step=0, elapsed_s=0.0, **_heldout_retrieval(data, curve, tc, model))],
+            time.perf_counter(),
+            False,
+        )
         steps = range(1, tc.context_steps + 1)
         if progress:
             from tqdm.auto import tqdm
@@ -954,23 +1069,9 @@ def train_context_module(
             if time.perf_counter() - t0 > tc.time_budget_s:
                 stopped = True
                 break
-            model.train()
-            conv, t = sample_pairs(data, pool, tc.context_batch_size, tc.context_horizon, rng)
-            c, z = pair_embeddings(data, conv, t, tc.context_horizon, model)
-            loss = info_nce(c, z, tc.context_temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            row = dict(
-                step=step,
-                loss=float(loss.detach()),
-                batch_top1=float((retrieval_ranks(c.detach(), z.detach()) == 1).float().mean()),
-                grad_norm=float(gn),
-                elapsed_s=time.perf_counter() - t0,
-            )
+            row = dict(step=step, **_context_step(model, opt, data, pool, tc, rng), elapsed_s=time.perf_counter() - t0)
             if step % tc.eval_every == 0 or step == tc.context_steps:
-                row.update(evaluate())
+                row.update(_heldout_retrieval(data, curve, tc, model))
             rows.append(row)
         model.eval()
         hist = pd.DataFrame(rows)

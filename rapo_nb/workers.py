@@ -304,27 +304,33 @@ class AgentWorker:
         for s in self.streams:
             ensure_group(client, s)
 
-    def beat(self) -> None:
-        "Refresh the agent keys and this worker's own keys (time to live `ttl_ms`)."
-        pipe = self.client.pipeline(transaction=False)
-        for a in self.agents:
-            pipe.set(heartbeat_key(self.prefix, a), self.consumer, px=self.ttl_ms)
-            pipe.set(consumer_key(self.prefix, a, self.consumer), 1, px=self.ttl_ms)
-        pipe.execute()
+# %% ../nbs/10_workers.ipynb #01b9287d
+@patch
+def beat(self: AgentWorker) -> None:
+    "Refresh the agent keys and this worker's own keys (time to live `ttl_ms`)."
+    pipe = self.client.pipeline(transaction=False)
+    for a in self.agents:
+        pipe.set(heartbeat_key(self.prefix, a), self.consumer, px=self.ttl_ms)
+        pipe.set(consumer_key(self.prefix, a, self.consumer), 1, px=self.ttl_ms)
+    pipe.execute()
 
-    def _beat(self):
-        failed = False
-        while not self._stop.wait(self.heartbeat_ms / 1000):
-            try:
-                self.beat()
-                failed = False
-            except redis.RedisError as e:
-                if not failed:  # once per outage, not once per beat
-                    log.warning("heartbeat failed: %s", e)
-                failed = True
 
-    def stop(self) -> None:
-        self._stop.set()
+@patch
+def _beat(self: AgentWorker):
+    failed = False
+    while not self._stop.wait(self.heartbeat_ms / 1000):
+        try:
+            self.beat()
+            failed = False
+        except redis.RedisError as e:
+            if not failed:  # once per outage, not once per beat
+                log.warning("heartbeat failed: %s", e)
+            failed = True
+
+
+@patch
+def stop(self: AgentWorker) -> None:
+    self._stop.set()
 
 # %% ../nbs/10_workers.ipynb #2e2b328e
 @patch
@@ -405,7 +411,7 @@ def step(self: AgentWorker) -> int:
         self.handle(s, i, f)
     return len(entries)
 
-
+# %% ../nbs/10_workers.ipynb #e89c4a55
 @patch
 def run(self: AgentWorker, max_messages: int | None = None, idle_exit_s: float | None = None) -> None:
     """Loop until stopped, `max_messages` handled, or `idle_exit_s` without work (a clean stop frees its entries).
@@ -472,7 +478,7 @@ def parse_agents(spec: str, n: int) -> list[int]:
         raise ValueError(f"--agent: {bad or spec} is not in [0, {n})")
     return sorted(set(out))
 
-
+# %% ../nbs/10_workers.ipynb #6a5805ba
 def _agent_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rapo-agent", description="RAPO agent worker: consumes agent streams of Redis.")
     p.add_argument(
@@ -509,6 +515,14 @@ def _agent_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _value(s: str):
+    "A --set value: JSON if it parses (numbers, lists, true/false), else the string."
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+# %% ../nbs/10_workers.ipynb #62682802
 def agent_main(argv: list[str] | None = None) -> int:
     "Console script `rapo-agent`: serve one or more agents from their Redis Streams (see `AgentWorker`)."
     p = _agent_parser()
@@ -562,14 +576,6 @@ def agent_main(argv: list[str] | None = None) -> int:
         w.discarded,
     )
     return 0
-
-
-def _value(s: str):
-    "A --set value: JSON if it parses (numbers, lists, true/false), else the string."
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        return s
 
 # %% ../nbs/10_workers.ipynb #5ead3029
 ORCH_GROUP = "rapo-orchestrator"

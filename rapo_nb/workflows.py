@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from .config import Config, load_config, validate, save_table, save_figure, SEED003_CLAIMS
+from .config import claim_row, claims_frame
 from .state import StateBank, queue_rank
 from .routing import AgentLoad, NoAgentAvailable, make_router, utilisation_share
 
@@ -65,7 +66,7 @@ DOMAINS: dict[str, dict] = {
 }
 STAGES = 3
 
-
+# %% ../nbs/18_workflows.ipynb #6b1d1e48
 @dataclass
 class Subtask:
     "One node of a plan: stage `stage` of item `item`, task row `task` and modality column `modality` of M."
@@ -311,7 +312,7 @@ class ExecutorPool:
         self.router = make_router(spec, self.cfg, seed) if isinstance(spec, str) else spec
         return self
 
-
+# %% ../nbs/18_workflows.ipynb #4a79b97d
 def capability_replacement(chosen: np.ndarray, excluded: np.ndarray, M_flat: np.ndarray) -> np.ndarray:
     "§4.4: per row, the allowed executor whose flattened M is most cosine-similar to `chosen`'s; -1 if none is allowed."
     Mn = M_flat / np.maximum(np.linalg.norm(M_flat, axis=1, keepdims=True), 1e-12)
@@ -380,6 +381,204 @@ def _bincount(idx: np.ndarray, B: int, weights: np.ndarray | None = None) -> np.
         float
     )
 
+# %% ../nbs/18_workflows.ipynb #48f27c51
+class _Wave:
+    "The state of one simulated wave: the system's flags, per-workflow [B] and per-item [B, I] arrays, counters."
+
+    def __init__(
+        self, batch: WorkflowBatch, system: str, pool: ExecutorPool, failure_rate: float, rng: np.random.Generator
+    ):
+        self.batch, self.system, self.pool, self.failure_rate, self.rng = batch, system, pool, failure_rate, rng
+        self.cfg, self.wf = pool.cfg, pool.cfg.workflows
+        self.B, self.I, self.S = batch.task.shape
+        self.N, self.R, self.cmax = pool.n, self.wf.max_retries, max(1, int(self.cfg.routing.c_max))
+        self.multi, self.single = system.startswith("multi_agent"), system == "single_agent"
+        self.checker = system != "rule_based"
+        self.spec = DOMAINS[batch.domain]
+        self.nominal = np.asarray(self.spec["service_s"])
+        self.single_skill = pool.true_skill.mean(0)
+        B, I = self.B, self.I
+        self.alive_wf, self.corrupted, self.crashed = np.ones(B, bool), np.zeros(B, bool), np.zeros((B, self.N), bool)
+        self.item_t, self.stage0_t = np.zeros((B, I)), np.zeros(B)
+        keys = ("messages", "failed_tasks", "recovered_tasks", "ttr_s", "deadlocks", "attempts")
+        self.acc = {k: np.zeros(B) for k in keys}
+        self.rr = 0
+
+    def start_stage(self) -> None:
+        "Per-stage arrays: items still pending, their clocks, first-failure times, failure flags, last executors."
+        B, I = self.B, self.I
+        self.pending = self.batch.items_mask & self.alive_wf[:, None]
+        self.slot_t, self.first_fail = np.zeros((B, I)), np.zeros((B, I))
+        self.ever_failed, self.last = np.zeros((B, I), bool), np.full((B, I), -1)
+
+# %% ../nbs/18_workflows.ipynb #973fd69c
+def _choose_executors(
+    w: _Wave, attempt: int, bi: np.ndarray, ii: np.ndarray, task: np.ndarray, mod: np.ndarray
+) -> np.ndarray:
+    "Executor per pending subtask (workflow `bi`, item `ii`); -1 where the router had none to give."
+    P = bi.size
+    if w.single:
+        return np.zeros(P, np.int64)
+    if w.system == "rule_based":
+        agent = _static_assignment(w.pool, task, w.rr)
+        w.rr += P  # a retry goes to the next pool member
+        return agent
+    excl = w.crashed[bi].copy()
+    if attempt:
+        excl[np.arange(P), w.last[bi, ii]] = True
+    return route(w.pool, task, mod, excl)
+
+# %% ../nbs/18_workflows.ipynb #dfa978dc
+def _draw_outcomes(
+    w: _Wave,
+    s: int,
+    attempt: int,
+    bi: np.ndarray,
+    agent: np.ndarray,
+    task: np.ndarray,
+    mod: np.ndarray,
+    svc: np.ndarray,
+) -> dict:
+    "Crash, error, caught and silent bad output, and simulated duration of each attempt of stage `s`."
+    wf, rng, single, spec, P = w.wf, w.rng, w.single, w.spec, bi.size
+    valid = agent >= 0
+    a0 = np.where(valid, agent, 0)
+    skill = w.single_skill[task, mod] if single else w.pool.true_skill[a0, task, mod]
+    inj = rng.random(P) < w.failure_rate
+    kind = rng.choice(len(FAILURE_KINDS), size=P, p=wf.failure_mix)
+    prior_crash = np.zeros(P, bool) if single else w.crashed[bi, a0]
+    crash = ~valid | prior_crash | (inj & (kind == 1))
+    if not single:
+        w.crashed[bi[crash & valid], a0[crash & valid]] = True
+    error = ~crash & ((inj & (kind == 0)) | (rng.random(P) > skill))
+    dur = svc if single else svc * (1 + queue_rank(np.where(valid, agent, -1 - np.arange(P))) // w.cmax)
+    if spec["recovery"] and s == w.S - 1 and attempt > 0:  # DevOps: roll back before re-deploying
+        rt = spec["recovery_task"]
+        rb_skill = w.single_skill[rt, mod] if single else w.pool.true_skill[a0, rt, mod]
+        error |= ~crash & (rng.random(P) > rb_skill)
+        dur = dur + spec["recovery_s"]
+    bad = ~crash & ~error & inj & (kind == 2)
+    caught = bad & (rng.random(P) < wf.checker_recall) if w.checker else np.zeros(P, bool)
+    dur = np.where(crash, wf.timeout_factor * w.nominal[s], dur) + (wf.check_s if w.checker else 0.0)
+    return dict(valid=valid, crash=crash, error=error, caught=caught, silent=bad & ~caught, dur=dur)
+
+# %% ../nbs/18_workflows.ipynb #5c9c36ca
+def _peer_messages(
+    w: _Wave, s: int, attempt: int, bi: np.ndarray, ii: np.ndarray, crash: np.ndarray, dur: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Messages per attempt, which attempts are lost to an unbroken deadlock, and the durations with messaging."
+    wf, rng, P, B, I = w.wf, w.rng, bi.size, w.B, w.I
+    msgs, dead = np.full(P, 0.0 if w.single else 2.0), np.zeros(P, bool)
+    if not w.multi:
+        return msgs, dead, dur
+    msgs += 2.0 * w.checker + (attempt > 0)
+    asks = (rng.random(P) < wf.p_clarify) & ~crash
+    peer = w.pending[bi].copy()
+    peer[np.arange(P), ii] = False
+    scores = np.where(peer, rng.random((P, I)), -1.0)
+    target = scores.argmax(1)
+    asks &= scores.max(1) >= 0
+    W = torch.zeros(B, I, I, dtype=torch.bool)
+    W[bi[asks], ii[asks], target[asks]] = True
+    on = find_deadlocks(W).numpy()[bi, ii]
+    _, victims = break_deadlocks(W, torch.as_tensor(-rng.random((B, I))))  # latest request loses
+    v = victims.numpy()[bi, ii]
+    w.acc["deadlocks"] += _bincount(bi[v], B)
+    msgs += 2.0 * asks
+    dur = dur + 2 * wf.msg_s * asks
+    if w.system == "multi_agent":
+        msgs += 2.0 * v
+        dur = np.where(on, dur + wf.heartbeat_s + wf.arbiter_s, dur)
+    else:
+        dead = on
+        dur = np.where(dead, np.maximum(dur, wf.timeout_factor * w.nominal[s]), dur)
+    return msgs, dead, dur + wf.msg_s * msgs
+
+# %% ../nbs/18_workflows.ipynb #836897cc
+def _book_attempts(
+    w: _Wave,
+    bi: np.ndarray,
+    ii: np.ndarray,
+    agent: np.ndarray,
+    task: np.ndarray,
+    mod: np.ndarray,
+    o: dict,
+    msgs: np.ndarray,
+    dead: np.ndarray,
+    dur: np.ndarray,
+) -> None:
+    "Advance the items' clocks, count failures, recoveries, messages and attempts, learn from the outcomes."
+    B, silent = w.B, o["silent"]
+    success = ~o["crash"] & ~o["error"] & ~o["caught"] & ~dead
+    start = w.slot_t[bi, ii].copy()
+    w.slot_t[bi, ii] = start + dur
+    prev_failed = w.ever_failed[bi, ii]
+    newly = ~success & ~prev_failed
+    w.first_fail[bi[newly], ii[newly]] = start[newly]
+    w.ever_failed[bi, ii] = prev_failed | ~success | silent
+    rec = success & ~silent & prev_failed
+    w.acc["recovered_tasks"] += _bincount(bi[rec], B)
+    w.acc["ttr_s"] += _bincount(bi[rec], B, (start + dur - w.first_fail[bi, ii])[rec])
+    w.acc["messages"] += _bincount(bi, B, msgs)
+    w.acc["attempts"] += _bincount(bi, B)
+    w.corrupted[bi[silent]] = True
+    w.last[bi, ii] = agent
+    w.pending[bi[success], ii[success]] = False
+    valid = o["valid"]
+    if w.multi and valid.any():
+        w.pool.bank.update_capability(
+            torch.as_tensor(agent[valid]),
+            torch.as_tensor(task[valid]),
+            torch.as_tensor(mod[valid]),
+            torch.as_tensor(success[valid].astype(np.float32)),
+        )
+
+
+def _run_stage(w: _Wave, s: int) -> None:
+    "Stage `s` of every live workflow: attempts until each item succeeded or its retries are used up."
+    b = w.batch
+    w.start_stage()
+    for attempt in range(w.R + 1):
+        bi, ii = np.nonzero(w.pending)
+        if bi.size == 0:
+            break
+        task, mod, svc = b.task[bi, ii, s], b.modality[bi, ii, s], b.service_s[bi, ii, s]
+        agent = _choose_executors(w, attempt, bi, ii, task, mod)
+        o = _draw_outcomes(w, s, attempt, bi, agent, task, mod, svc)
+        msgs, dead, dur = _peer_messages(w, s, attempt, bi, ii, o["crash"], o["dur"])
+        _book_attempts(w, bi, ii, agent, task, mod, o, msgs, dead, dur)
+    w.alive_wf &= ~w.pending.any(1)
+    w.acc["failed_tasks"] += w.ever_failed.sum(1)
+    w.item_t += w.slot_t
+    if s == 0:
+        w.stage0_t = w.slot_t.sum(1) if w.single else w.slot_t.max(1)
+
+# %% ../nbs/18_workflows.ipynb #c9ae787c
+def _wave_result(w: _Wave) -> dict[str, np.ndarray]:
+    "Per-workflow arrays of the finished wave: system, domain, rate, goal, completion, times and counters."
+    wf, B = w.wf, w.B
+    n_items = w.batch.items_mask.sum(1)
+    n_sub = n_items * w.S
+    exec_s = (w.item_t.sum(1) if w.single else w.item_t.max(1)) + (wf.check_s if w.checker else 0.0)
+    if w.multi:
+        planning = wf.plan_s * n_items + np.maximum(0.0, wf.plan_s * (n_sub - n_items) - w.stage0_t)
+        w.acc["messages"] += 3  # plan hand-off + final check request and verdict
+    else:
+        planning = wf.plan_s * n_sub if w.single else np.zeros(B)
+    return dict(
+        system=np.full(B, w.system),
+        domain=np.full(B, w.batch.domain),
+        failure_rate=np.full(B, float(w.failure_rate)),
+        goal=np.asarray(w.batch.goals, dtype=object),
+        n_items=n_items,
+        completed=w.alive_wf & ~w.corrupted,
+        silent_bad_output=w.corrupted,
+        planning_s=planning,
+        execution_s=exec_s,
+        total_s=planning + exec_s,
+        **w.acc,
+    )
+
 
 def simulate_wave(
     batch: WorkflowBatch, system: str, pool: ExecutorPool, failure_rate: float, rng: np.random.Generator
@@ -390,129 +589,10 @@ def simulate_wave(
         raise ValueError(f"system: {system!r} is not one of {list(SYSTEMS)}")
     if not 0 <= failure_rate <= 1:
         raise ValueError(f"failure_rate: expected a probability in [0, 1], got {failure_rate}")
-    cfg, wf = pool.cfg, pool.cfg.workflows
-    B, I, S = batch.task.shape
-    N, R, cmax = pool.n, wf.max_retries, max(1, int(cfg.routing.c_max))
-    multi, single, checker = system.startswith("multi_agent"), system == "single_agent", system != "rule_based"
-    spec = DOMAINS[batch.domain]
-    nominal = np.asarray(spec["service_s"])
-    single_skill = pool.true_skill.mean(0)
-    alive_wf, corrupted, crashed = np.ones(B, bool), np.zeros(B, bool), np.zeros((B, N), bool)
-    item_t, stage0_t = np.zeros((B, I)), np.zeros(B)
-    acc = {k: np.zeros(B) for k in ("messages", "failed_tasks", "recovered_tasks", "ttr_s", "deadlocks", "attempts")}
-    rr = 0
-    for s in range(S):
-        pending = batch.items_mask & alive_wf[:, None]
-        slot_t, first_fail = np.zeros((B, I)), np.zeros((B, I))
-        ever_failed, last = np.zeros((B, I), bool), np.full((B, I), -1)
-        for attempt in range(R + 1):
-            bi, ii = np.nonzero(pending)
-            P = bi.size
-            if P == 0:
-                break
-            task, mod, svc = batch.task[bi, ii, s], batch.modality[bi, ii, s], batch.service_s[bi, ii, s]
-            if single:
-                agent = np.zeros(P, np.int64)
-            elif system == "rule_based":
-                agent = _static_assignment(pool, task, rr)
-                rr += P  # a retry goes to the next pool member
-            else:
-                excl = crashed[bi].copy()
-                if attempt:
-                    excl[np.arange(P), last[bi, ii]] = True
-                agent = route(pool, task, mod, excl)
-            valid = agent >= 0
-            a0 = np.where(valid, agent, 0)
-            skill = single_skill[task, mod] if single else pool.true_skill[a0, task, mod]
-            inj = rng.random(P) < failure_rate
-            kind = rng.choice(len(FAILURE_KINDS), size=P, p=wf.failure_mix)
-            prior_crash = np.zeros(P, bool) if single else crashed[bi, a0]
-            crash = ~valid | prior_crash | (inj & (kind == 1))
-            if not single:
-                crashed[bi[crash & valid], a0[crash & valid]] = True
-            error = ~crash & ((inj & (kind == 0)) | (rng.random(P) > skill))
-            dur = svc if single else svc * (1 + queue_rank(np.where(valid, agent, -1 - np.arange(P))) // cmax)
-            if spec["recovery"] and s == S - 1 and attempt > 0:  # DevOps: roll back before re-deploying
-                rt = spec["recovery_task"]
-                rb_skill = single_skill[rt, mod] if single else pool.true_skill[a0, rt, mod]
-                error |= ~crash & (rng.random(P) > rb_skill)
-                dur = dur + spec["recovery_s"]
-            bad = ~crash & ~error & inj & (kind == 2)
-            caught = bad & (rng.random(P) < wf.checker_recall) if checker else np.zeros(P, bool)
-            silent = bad & ~caught
-            dur = np.where(crash, wf.timeout_factor * nominal[s], dur) + (wf.check_s if checker else 0.0)
-            msgs, dead = np.full(P, 0.0 if single else 2.0), np.zeros(P, bool)
-            if multi:
-                msgs += 2.0 * checker + (attempt > 0)
-                asks = (rng.random(P) < wf.p_clarify) & ~crash
-                peer = pending[bi].copy()
-                peer[np.arange(P), ii] = False
-                scores = np.where(peer, rng.random((P, I)), -1.0)
-                target = scores.argmax(1)
-                asks &= scores.max(1) >= 0
-                W = torch.zeros(B, I, I, dtype=torch.bool)
-                W[bi[asks], ii[asks], target[asks]] = True
-                on = find_deadlocks(W).numpy()[bi, ii]
-                _, victims = break_deadlocks(W, torch.as_tensor(-rng.random((B, I))))  # latest request loses
-                v = victims.numpy()[bi, ii]
-                acc["deadlocks"] += _bincount(bi[v], B)
-                msgs += 2.0 * asks
-                dur = dur + 2 * wf.msg_s * asks
-                if system == "multi_agent":
-                    msgs += 2.0 * v
-                    dur = np.where(on, dur + wf.heartbeat_s + wf.arbiter_s, dur)
-                else:
-                    dead = on
-                    dur = np.where(dead, np.maximum(dur, wf.timeout_factor * nominal[s]), dur)
-                dur = dur + wf.msg_s * msgs
-            success = ~crash & ~error & ~caught & ~dead
-            start = slot_t[bi, ii].copy()
-            slot_t[bi, ii] = start + dur
-            prev_failed = ever_failed[bi, ii]
-            newly = ~success & ~prev_failed
-            first_fail[bi[newly], ii[newly]] = start[newly]
-            ever_failed[bi, ii] = prev_failed | ~success | silent
-            rec = success & ~silent & prev_failed
-            acc["recovered_tasks"] += _bincount(bi[rec], B)
-            acc["ttr_s"] += _bincount(bi[rec], B, (start + dur - first_fail[bi, ii])[rec])
-            acc["messages"] += _bincount(bi, B, msgs)
-            acc["attempts"] += _bincount(bi, B)
-            corrupted[bi[silent]] = True
-            last[bi, ii] = agent
-            pending[bi[success], ii[success]] = False
-            if multi and valid.any():
-                pool.bank.update_capability(
-                    torch.as_tensor(agent[valid]),
-                    torch.as_tensor(task[valid]),
-                    torch.as_tensor(mod[valid]),
-                    torch.as_tensor(success[valid].astype(np.float32)),
-                )
-        alive_wf &= ~pending.any(1)
-        acc["failed_tasks"] += ever_failed.sum(1)
-        item_t += slot_t
-        if s == 0:
-            stage0_t = slot_t.sum(1) if single else slot_t.max(1)
-    n_items = batch.items_mask.sum(1)
-    n_sub = n_items * S
-    exec_s = (item_t.sum(1) if single else item_t.max(1)) + (wf.check_s if checker else 0.0)
-    if multi:
-        planning = wf.plan_s * n_items + np.maximum(0.0, wf.plan_s * (n_sub - n_items) - stage0_t)
-        acc["messages"] += 3  # plan hand-off + final check request and verdict
-    else:
-        planning = wf.plan_s * n_sub if single else np.zeros(B)
-    return dict(
-        system=np.full(B, system),
-        domain=np.full(B, batch.domain),
-        failure_rate=np.full(B, float(failure_rate)),
-        goal=np.asarray(batch.goals, dtype=object),
-        n_items=n_items,
-        completed=alive_wf & ~corrupted,
-        silent_bad_output=corrupted,
-        planning_s=planning,
-        execution_s=exec_s,
-        total_s=planning + exec_s,
-        **acc,
-    )
+    w = _Wave(batch, system, pool, failure_rate, rng)
+    for s in range(w.S):
+        _run_stage(w, s)
+    return _wave_result(w)
 
 # %% ../nbs/18_workflows.ipynb #01af14e2
 def run_workflows(
@@ -630,7 +710,7 @@ def execute_subtask(
         log=log,
     )
 
-
+# %% ../nbs/18_workflows.ipynb #41ec7313
 def step_rng(seed: int, goal_id: str, subtask_id: str) -> np.random.Generator:
     "A generator determined by (seed, goal, subtask), so a resumed goal re-draws identically."
     return np.random.default_rng([seed, zlib.crc32(goal_id.encode()), zlib.crc32(subtask_id.encode())])
@@ -656,67 +736,78 @@ def check_results(plan: WorkflowPlan, steps: dict) -> dict:
 
 # %% ../nbs/18_workflows.ipynb #9fb9f584
 def workflow_claims(overall: pd.DataFrame, claims: dict = SEED003_CLAIMS, tol: float | None = None) -> pd.DataFrame:
-    """Seed 003's claims beside our simulated numbers, with a verdict computed from them (|ours − paper| ≤ `tol`,
-    default cfg.workflows.claim_tolerance)."""
+    """Seed 003's claims beside our simulated numbers. Levels set by our `cfg.workflows` are `not comparable` (the
+    |ours − paper| ≤ `tol` comparison is kept in the note); the ordering of the systems is a result."""
     if tol is None:
         tol = load_config().workflows.claim_tolerance
     o = overall.set_index("system")
 
-    def close(p, x):
-        return "reproduced" if abs(p - x) <= tol else "differs"
-
-    rows = []
-    for s, key in PAPER_COMPLETION.items():
-        x = float(o.loc[s, "completion_rate"])
-        rows.append(
-            dict(claim=f"task completion rate, {s}", paper=claims[key], ours=round(x, 3), verdict=close(claims[key], x))
+    def level(claim, paper, x, why):
+        return claim_row(
+            claim,
+            "seed 003 §VI",
+            paper,
+            round(x, 3),
+            kind="result",
+            ok=abs(paper - x) <= tol,
+            comparable=False,
+            note=f"{why}; within ±{tol}: {abs(paper - x) <= tol}; simulated",
         )
+
+    rows = [
+        level(
+            f"task completion rate, {s}",
+            claims[key],
+            float(o.loc[s, "completion_rate"]),
+            "absolute level set by our cfg.workflows",
+        )
+        for s, key in PAPER_COMPLETION.items()
+    ]
     ours_order = sorted(PAPER_COMPLETION, key=lambda s: -o.loc[s, "completion_rate"])
     paper_order = sorted(PAPER_COMPLETION, key=lambda s: -claims[PAPER_COMPLETION[s]])
     rows.append(
-        dict(
-            claim="completion ordering",
-            paper=" > ".join(paper_order),
-            ours=" > ".join(ours_order),
-            verdict="reproduced" if ours_order == paper_order else "differs",
+        claim_row(
+            "completion ordering",
+            "seed 003 §VI",
+            " > ".join(paper_order),
+            " > ".join(ours_order),
+            kind="result",
+            ok=ours_order == paper_order,
+            note="simulated",
         )
     )
-    x = float(o.loc["multi_agent", "error_recovery_efficiency"])
     rows.append(
-        dict(
-            claim="failed tasks re-routed or retried successfully (multi-agent)",
-            paper=claims["failures_recovered"],
-            ours=round(x, 3),
-            verdict=close(claims["failures_recovered"], x),
+        level(
+            "failed tasks re-routed or retried successfully (multi-agent)",
+            claims["failures_recovered"],
+            float(o.loc["multi_agent", "error_recovery_efficiency"]),
+            "level set by our failure mix and checker recall",
         )
     )
     change = float(o.loc["multi_agent", "planning_latency_s"] / o.loc["single_agent", "planning_latency_s"] - 1)
     rows.append(
-        dict(
-            claim="planning latency change, multi-agent vs single agent",
-            paper=claims["planning_latency_change"],
-            ours=round(change, 3),
-            verdict=close(claims["planning_latency_change"], change),
-            note="follows from our streamed-planning model, not measured on LLMs",
+        level(
+            "planning latency change, multi-agent vs single agent",
+            claims["planning_latency_change"],
+            change,
+            "follows from our streamed-planning model, not measured on LLMs",
         )
     )
     if "multi_agent_no_arbiter" in o.index:
         d = float(o.loc["multi_agent_no_arbiter", "deadlocks_per_workflow"])
         gain = float(o.loc["multi_agent", "completion_rate"] - o.loc["multi_agent_no_arbiter", "completion_rate"])
         rows.append(
-            dict(
-                claim="communication loops occasionally deadlock (no arbiter)",
-                paper="occasional",
-                ours=f"{d:.3f} per workflow",
-                verdict="reproduced" if d > 0 else "differs",
-                note=f"the arbiter changes completion by {gain:+.3f}",
+            claim_row(
+                "communication loops occasionally deadlock (no arbiter)",
+                "seed 003 §VI",
+                "occasional",
+                f"{d:.3f} per workflow; the arbiter changes completion by {gain:+.3f}",
+                kind="result",
+                ok=None,
+                comparable=False,
+                note="not comparable: our simulation injects the waits that form the loops (cfg.workflows.p_clarify, "
+                "ours), so a rate > 0 holds by design; what it measures is the arbiter's effect on completion; "
+                "simulated",
             )
         )
-    df = pd.DataFrame(rows)
-    df.insert(1, "section", "seed 003 §VI")
-    if "note" not in df:
-        df["note"] = ""
-    df.loc[df.claim.str.startswith("task completion rate"), "note"] = "absolute level set by our cfg.workflows"
-    df["note"] = df["note"].fillna("") + "; simulated"
-    df["note"] = df["note"].str.lstrip("; ")
-    return df[["claim", "section", "paper", "ours", "verdict", "note"]]
+    return claims_frame(rows, "claims_18_workflows")

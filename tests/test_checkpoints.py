@@ -92,3 +92,23 @@ def test_training_and_runtime_share_the_format(tmp_path):
     cfg = load_config("quick")
     p = save_model(model_from_config(cfg, 0, "cpu"), tmp_path / "tm.pt", cfg, seed=0)
     assert p.read_bytes().startswith(MAGIC) and verify_checkpoint(p)["kind"] == "transition-model"
+
+
+def test_corrupt_high_numbered_file_never_evicts_new_valid_ones(tmp_path):
+    "Issue 22: a damaged ckpt-999… is skipped; new valid checkpoints are kept (and win), however low their number."
+    (tmp_path / "ckpt-999999999999.rapo").write_bytes(b"RAPO-CHECKPOINT v2\n{damaged")
+    (tmp_path / "ckpt-notanumber.rapo").write_bytes(b"junk")          # not a series name: ignored, never parsed
+    for it in (1, 2, 3): save_checkpoint(tmp_path, it, {"it": it}, keep=2)
+    names = [p.name for p in checkpoint_paths(tmp_path)]
+    assert names == ["ckpt-000000000002.rapo", "ckpt-000000000003.rapo", "ckpt-999999999999.rapo"]
+    assert load_latest_checkpoint(tmp_path) == (3, {"it": 3})
+
+
+def test_a_folder_of_only_corrupt_checkpoints_cannot_be_resumed(tmp_path):
+    "Issue 22: files that are all damaged are not 'no checkpoint' (which would silently start again from 0)."
+    assert load_latest_checkpoint(tmp_path) is None                 # empty: a fresh start
+    assert load_latest_checkpoint(tmp_path / "missing") is None
+    for it in (1, 2): save_checkpoint(tmp_path, it, {"it": it})
+    for p in checkpoint_paths(tmp_path): p.write_bytes(p.read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match=r"cannot resume: none of the 2 checkpoint files in .* is valid"):
+        load_latest_checkpoint(tmp_path)

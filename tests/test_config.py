@@ -45,6 +45,18 @@ def test_profiles_change_sizes_not_constants():
     (dict(synthetic__side_slack=1.5), "synthetic.side_slack"),
     (dict(evaluation__moderate_d_range=(0.8, 0.3)), "evaluation.moderate_d_range"),
     (dict(runtime__rerank_k=0), "runtime.rerank_k"),
+    # issue 22: holes that were accepted
+    (dict(runtime__redis_timeout_s=0), "runtime.redis_timeout_s"),
+    (dict(runtime__redis_url="not a url"), "runtime.redis_url"),
+    (dict(runtime__redis_url="http://127.0.0.1:6379/0"), "runtime.redis_url"),
+    (dict(evaluation__n_agents=1), "evaluation.n_agents"),
+    (dict(evaluation__seeds=(0, 1.5, 2)), "evaluation.seeds"),
+    (dict(routellm__split_seeds=(1, 2.5)), "routellm.split_seeds"),
+    (dict(synthetic__depth_range=(3, 8.5)), "synthetic.depth_range"),
+    (dict(synthetic__entity_range=(5.5, 50)), "synthetic.entity_range"),
+    (dict(runtime__segment_conversations=0), "runtime.segment_conversations"),
+    (dict(runtime__store_retries=-1), "runtime.store_retries"),
+    (dict(runtime__store_backoff_s=0), "runtime.store_backoff_s"),
 ])
 def test_bad_values_name_the_field(kw, field):
     with pytest.raises(ValueError) as e: load_config("quick", **kw)
@@ -109,3 +121,11 @@ def test_length_and_order_come_from_field_metadata(kw, msg):
     group, key = msg.split(":")[0].split(".")
     meta = {f.name: f.metadata for f in dataclasses.fields(getattr(load_config("quick"), group))}[key]
     assert "length" in meta or meta.get("ordered")
+
+
+def test_good_redis_urls_and_integral_floats_accepted():
+    for url in ("redis://127.0.0.1:6379/0", "rediss://user:pw@redis.example.org:6380/2", "unix:///tmp/redis.sock"):
+        assert load_config(runtime__redis_url=url).runtime.redis_url == url
+    c = load_config(evaluation__seeds=(0, 1.0, 2), synthetic__depth_range=[3.0, 8])
+    assert c.evaluation.seeds == (0, 1, 2) and all(type(s) is int for s in c.evaluation.seeds)
+    assert c.synthetic.depth_range == (3, 8) and all(type(s) is int for s in c.synthetic.depth_range)

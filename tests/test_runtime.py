@@ -113,43 +113,51 @@ def test_store_receives_the_bank_every_tick():
     np.testing.assert_array_equal(arrays["P"], orch.bank.P.numpy())
 
 def test_orchestrator_checkpoint_resume_in_process(tmp_path):
-    cfg = load_config("quick", overrides={"runtime.checkpoint_every": 20})
+    cfg = load_config("quick", overrides={"runtime.checkpoint_every": 20, "runtime.segment_conversations": 6})
     orch = Orchestrator(cfg, "rapo", 0, checkpoint_dir=tmp_path)
     orch.run(CONVS)
     assert 1 <= len(checkpoint_paths(tmp_path)) <= cfg.runtime.checkpoints_kept
     it, payload = load_latest_checkpoint(tmp_path)
     fresh = Orchestrator(cfg, "rapo", 0, checkpoint_dir=tmp_path)
     assert fresh.resume() == it and fresh.done_ids == set(payload["done_ids"])
-    with pytest.raises(ValueError, match="checkpoint: system"):
+    with pytest.raises(ValueError, match="system is 'rapo', this run has 'sequential'"):
         Orchestrator(cfg, "sequential", 0, checkpoint_dir=tmp_path).resume()
 
 @pytest.mark.slow
 def test_kill_9_orchestrator_and_resume(tmp_path):
-    "kill -9 mid-run; the restarted process resumes from the last checkpoint; every conversation exactly once."
+    """kill -9 mid-run; the restarted process resumes from the last checkpoint: every conversation exactly once, each
+    with the outcome of an uninterrupted run with the same seed (issue 22: 4 of 40 rule_success values differed)."""
     n = 40
-    args = ["--out", str(tmp_path), "--n-conversations", str(n), "--checkpoint-every", "10", "--pace-s", "0.02", "--seed", "2"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    common = ["--n-conversations", str(n), "--segment-conversations", "8", "--checkpoint-every", "1", "--seed", "2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(PY + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    ck = tmp_path / "checkpoints"
+    p = subprocess.Popen(PY + ["--out", str(killed), *common, "--pace-s", "0.02"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, text=True)
+    ck = killed / "checkpoints"
     deadline = time.time() + 60
     while time.time() < deadline and len(checkpoint_paths(ck)) < 2 and p.poll() is None: time.sleep(0.05)
     assert p.poll() is None, "orchestrator finished before it could be killed: " + p.stderr.read()[-2000:]
     os.kill(p.pid, signal.SIGKILL); p.wait(timeout=10)
-    assert p.returncode == -signal.SIGKILL and not (tmp_path / "conversations.csv").exists()
+    assert p.returncode == -signal.SIGKILL and not (killed / "conversations.csv").exists()
     it, payload = load_latest_checkpoint(ck)
     done_before = set(payload["done_ids"])
     assert 0 < len(done_before) < n
-    r = subprocess.run(PY + args[:-4] + ["--pace-s", "0", "--seed", "2"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(PY + ["--out", str(killed), *common], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed_from={it} done={len(done_before)}" in r.stdout
-    convs = pd.read_csv(tmp_path / "conversations.csv"); turns = pd.read_csv(tmp_path / "turns.csv")
+    from rapo_nb.runtime import orchestrator_main
+    assert orchestrator_main(["--out", str(whole), *common]) == 0                           # uninterrupted, in this process
+    convs = pd.read_csv(killed / "conversations.csv"); turns = pd.read_csv(killed / "turns.csv")
     ids = [c.id for c in generate_conversations(n, 2, load_config("quick", seed=2))]
-    assert sorted(convs.conv_id) == sorted(ids) and not convs.conv_id.duplicated().any()     # none lost, none twice
+    assert list(convs.conv_id) == ids and not convs.conv_id.duplicated().any()                # none lost, none twice
     assert not turns.duplicated(["conv_id", "turn"]).any()
     before = pd.DataFrame(payload["conv_records"]).set_index("conv_id")
     after = convs.set_index("conv_id").loc[before.index]
     assert (after.rule_success.values == before.rule_success.values).all()                  # checkpointed results kept as they were
-    failures = [json.loads(l) for l in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    w_convs, w_turns = pd.read_csv(whole / "conversations.csv"), pd.read_csv(whole / "turns.csv")
+    pd.testing.assert_frame_equal(convs[OUTCOME_CONV], w_convs[OUTCOME_CONV])              # the same run, every row
+    pd.testing.assert_frame_equal(turns[OUTCOME_TURN], w_turns[OUTCOME_TURN])
+    failures = [json.loads(l) for l in (killed / "failures.jsonl").read_text().splitlines()]
     assert sorted(f["conv_id"] for f in failures) == sorted(convs.conv_id[~convs.rule_success])    # §4.4 failure log
     assert all(f["trajectory"] and {"agent", "capability", "capability_score"} <= set(f["trajectory"][0]) for f in failures)
 
@@ -323,3 +331,217 @@ def test_checkpoint_holds_the_engine_state_not_the_object(tmp_path):
     torch.testing.assert_close(a.bank.P, b.bank.P, rtol=0, atol=0)
     with pytest.raises(ValueError, match="engine.effectiveness"):
         load_engine_state(Orchestrator(cfg, "rapo", 0, n_agents=cfg.evaluation.n_agents + 3).engine, state["engine"])
+
+
+# ---- issue 22: resume is the same run; faults survived -----------------------------------------------------------
+
+OUTCOME_TURN = [c for c in TURN_COLUMNS if c != "overhead_ms"]          # overhead_ms is measured wall time
+OUTCOME_CONV = [c for c in CONV_COLUMNS if c != "response_time_ms"]    # (response_time_ms adds overhead_ms)
+SEG = dict(overrides={"runtime.segment_conversations": 8, "runtime.checkpoint_every": 1})
+
+
+class _Stop(Exception):
+    "Stands for the process dying: raised from inside the control loop."
+
+
+class _StopsAt(Orchestrator):
+    "An orchestrator whose control loop dies at tick `stop_at` (its checkpoints stay on disk)."
+    stop_at = 10**9
+    def _tick(self):
+        if self.ticks >= self.stop_at: raise _Stop()
+        super()._tick()
+
+
+def _same_outcomes(a, b):
+    pd.testing.assert_frame_equal(a[0][OUTCOME_TURN], b[0][OUTCOME_TURN])
+    pd.testing.assert_frame_equal(a[1][OUTCOME_CONV], b[1][OUTCOME_CONV])
+
+
+@pytest.mark.parametrize("system", ["rapo", "ampo_rr"])
+def test_resumed_run_gives_the_same_outcomes_as_an_uninterrupted_one(tmp_path, system):
+    "Stopped mid-run and resumed: every turn and conversation as in one uninterrupted run with the same seed."
+    cfg = load_config("quick", **SEG)
+    convs = generate_conversations(40, 2, cfg)
+    whole = Orchestrator(cfg, system, 2, failure_rate=0.05).run(convs)
+    stopped = _StopsAt(cfg, system, 2, failure_rate=0.05, checkpoint_dir=tmp_path)
+    stopped.stop_at = whole[1].attrs["run"]["ticks"] // 2
+    with pytest.raises(_Stop): stopped.run(convs)
+    again = Orchestrator(cfg, system, 2, failure_rate=0.05, checkpoint_dir=tmp_path)
+    assert again.resume() > 0 and 0 < len(again.done_ids) < len(convs)
+    resumed = again.run(convs)
+    _same_outcomes(resumed, whole)
+    assert resumed[1].attrs["run"]["ticks"] == whole[1].attrs["run"]["ticks"]
+    assert resumed[1].attrs["run"]["sim_time_s"] == whole[1].attrs["run"]["sim_time_s"]
+
+
+def test_checkpointing_does_not_change_the_run(tmp_path):
+    "Segments are part of the run, not of checkpointing: with or without a folder, the same outcomes."
+    cfg = load_config("quick", **SEG)
+    convs = generate_conversations(24, 4, cfg)
+    _same_outcomes(Orchestrator(cfg, "rapo", 4).run(convs), Orchestrator(cfg, "rapo", 4, checkpoint_dir=tmp_path).run(convs))
+    assert len(checkpoint_paths(tmp_path)) >= 1
+
+
+def test_turn_random_stream_depends_only_on_seed_conversation_turn_and_attempt():
+    "The simulated agent draws from turn_rng(seed, conversation id, turn, 2·attempt + 1): nothing else moves it."
+    from rapo_nb.runtime import turn_rng
+    seen = []
+    class Recording(type(Orchestrator(CFG, "rapo", 0).pool)):
+        def respond(self, agent, history, context, turn, rng):
+            seen.append((turn.text, rng.bit_generator.state["state"]["state"]))
+            return super().respond(agent, history, context, turn, rng)
+    cfg = load_config("quick")
+    convs = CONVS[:6]
+    for n_other in (0, 5):                                # other conversations running alongside change nothing
+        seen.clear()
+        orch = Orchestrator(cfg, "rapo", 9, pool=Recording(cfg.evaluation.n_agents, cfg, 9))
+        orch.run(convs[:1] + generate_conversations(n_other, 77, cfg) if n_other else convs[:1])
+        mine = [s for t, s in seen if any(t == u.text for u in convs[0].turns)]
+        want = [turn_rng(9, convs[0].id, k, 1).bit_generator.state["state"]["state"] for k in range(len(convs[0].turns))]
+        assert mine[:len(want)] == want[:len(mine)] and len(mine) >= len(want)
+    a, b = turn_rng(1, "c1", 0, 1).random(4), turn_rng(1, "c1", 0, 1).random(4)
+    assert (a == b).all() and not (a == turn_rng(1, "c2", 0, 1).random(4)).all()
+    assert not (a == turn_rng(1, "c1", 1, 1).random(4)).all() and not (a == turn_rng(2, "c1", 0, 1).random(4)).all()
+
+
+def test_resume_into_another_runs_folder_is_refused_naming_the_difference(tmp_path):
+    cfg = load_config("quick", **SEG)
+    convs = generate_conversations(16, 2, cfg)
+    Orchestrator(cfg, "rapo", 2, checkpoint_dir=tmp_path).run(convs)
+    o = Orchestrator(cfg, "rapo", 2, checkpoint_dir=tmp_path); o.resume()
+    with pytest.raises(ValueError, match="n_conversations is 16, this run has 10"): o.run(convs[:10])
+    o = Orchestrator(cfg, "rapo", 2, checkpoint_dir=tmp_path); o.resume()
+    with pytest.raises(ValueError, match="conversations"): o.run(generate_conversations(16, 3, cfg))
+    with pytest.raises(ValueError, match="seed is 2, this run has 3"):
+        Orchestrator(cfg, "rapo", 3, checkpoint_dir=tmp_path).resume()
+    with pytest.raises(ValueError, match="system is 'rapo', this run has 'sequential'"):
+        Orchestrator(cfg, "sequential", 2, checkpoint_dir=tmp_path).resume()
+    other = load_config("quick", overrides={**SEG["overrides"], "routing.c_max": 7})
+    with pytest.raises(ValueError, match=f"config routing.c_max is {cfg.routing.c_max!r}, this run has 7.0"):
+        Orchestrator(other, "rapo", 2, checkpoint_dir=tmp_path).resume()
+    with pytest.raises(ValueError, match="failure_rate"):
+        Orchestrator(cfg, "rapo", 2, failure_rate=0.1, checkpoint_dir=tmp_path).resume()
+    kept = load_config("quick", overrides={**SEG["overrides"], "runtime.checkpoints_kept": 9, "runtime.store_retries": 1})
+    assert Orchestrator(kept, "rapo", 2, checkpoint_dir=tmp_path).resume() > 0   # bookkeeping fields may change
+
+
+def test_orchestrator_main_refuses_another_runs_folder_and_a_damaged_one(tmp_path, capsys):
+    "Exit code 2 with the difference named; a folder of damaged checkpoints is 'cannot resume', not a fresh start."
+    from rapo_nb.runtime import orchestrator_main
+    base = ["--out", str(tmp_path), "--seed", "2", "--segment-conversations", "8", "--checkpoint-every", "1"]
+    assert orchestrator_main(base + ["--n-conversations", "16"]) == 0
+    capsys.readouterr()
+    assert orchestrator_main(base + ["--n-conversations", "10"]) == 2
+    assert "n_conversations is 16, this run has 10" in capsys.readouterr().err
+    for p in checkpoint_paths(tmp_path / "checkpoints"): p.write_bytes(p.read_bytes()[:-7])
+    assert orchestrator_main(base + ["--n-conversations", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume: none of the" in err and "Traceback" not in err
+
+
+def test_run_conversations_keeps_progress_in_a_default_folder(tmp_path, monkeypatch):
+    "A run that dies leaves its checkpoint under results/checkpoints; the rerun resumes from it; success removes it."
+    import rapo_nb.runtime as R
+    from rapo_nb.config import results_dir
+    cfg = load_config("quick", **SEG)
+    convs = generate_conversations(32, 5, cfg)
+    whole = run_conversations(convs, "rapo", cfg, seed=5, checkpoint_dir=False)
+    root = results_dir(cfg.profile) / "checkpoints"
+    assert not root.exists() or not any(root.iterdir())
+    monkeypatch.setattr(R, "Orchestrator", type("Dies", (_StopsAt,), {"stop_at": whole[1].attrs["run"]["ticks"] // 2}))
+    with pytest.raises(_Stop): run_conversations(convs, "rapo", cfg, seed=5)
+    (folder,) = list(root.iterdir())
+    it, payload = load_latest_checkpoint(folder)
+    assert 0 < len(payload["done_ids"]) < len(convs)
+    monkeypatch.setattr(R, "Orchestrator", Orchestrator)
+    _same_outcomes(run_conversations(convs, "rapo", cfg, seed=5), whole)
+    assert not folder.exists()
+
+
+def _port(url): return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+@pytest.mark.redis
+def test_redis_killed_and_restarted_mid_run_is_survived(tmp_path):
+    "redis-server is killed mid-run and restarted 0.5 s later: store writes are retried, the run completes unchanged."
+    import threading, redis
+    from conftest import start_redis
+    from rapo_nb.store import RedisStateStore
+    proc, url = start_redis(tmp_path)
+    cfg = load_config("quick", overrides={"runtime.store": "redis", "runtime.redis_url": url})
+    convs = generate_conversations(16, 3, cfg)
+    store = RedisStateStore(url, timeout_s=0.5)
+    orch = Orchestrator(cfg, "rapo", 3, store=store)
+    box = {}
+    def blip():
+        watcher = redis.Redis.from_url(url)
+        while int(watcher.hget("rapo:v1:state:bank", "__version__") or 0) < 10: time.sleep(0.01)
+        box["killed_at_tick"] = orch.ticks
+        proc.kill(); proc.wait(timeout=10)
+        time.sleep(0.5)
+        box["proc"] = start_redis(tmp_path, port=_port(url))[0]
+    t = threading.Thread(target=blip, daemon=True); t.start()
+    try:
+        turns, conv_df = orch.run(convs, pace_s=0.01)
+        t.join(timeout=30)
+        assert "proc" in box and box["killed_at_tick"] < orch.ticks            # the blip fell inside the run
+        ver, arrays = store.get("bank")                                          # the restarted server has the last state
+        assert ver >= 1 and np.array_equal(arrays["P"], orch.bank.P.numpy())
+    finally:
+        box.get("proc", proc).kill()
+    _same_outcomes((turns, conv_df), Orchestrator(load_config("quick"), "rapo", 3).run(convs))
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_redis_that_stays_down_stops_the_run_with_a_clear_error_and_a_resumable_checkpoint(tmp_path):
+    "Bounded retries, then exit 1 naming the URL and the checkpoint; with Redis back, the rerun resumes the same run."
+    from conftest import start_redis
+    proc, url = start_redis(tmp_path)
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    common = ["--n-conversations", "24", "--seed", "4", "--segment-conversations", "8", "--checkpoint-every", "1"]
+    redis_args = ["--store", "redis", "--redis-url", url, "--set", "runtime.store_retries=3",
+                  "--set", "runtime.store_backoff_s=0.05"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(PY + ["--out", str(out), *common, *redis_args, "--pace-s", "0.02"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not checkpoint_paths(out / "checkpoints") and p.poll() is None: time.sleep(0.05)
+        assert p.poll() is None, "finished before Redis could be stopped: " + p.stderr.read()[-2000:]
+        proc.kill(); proc.wait(timeout=10)
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None: p.kill()
+    err = p.stderr.read()
+    assert rc == 1, (rc, err[-2000:])
+    assert f"Redis at {url} is unreachable after 4 attempts" in err and "rerun with the same arguments to resume" in err
+    assert "Traceback" not in err and not (out / "conversations.csv").exists()
+    proc, _ = start_redis(tmp_path, port=_port(url))
+    try:
+        r = subprocess.run(PY + ["--out", str(out), *common, *redis_args], capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        proc.kill(); proc.wait(timeout=10)
+    assert r.returncode == 0 and "resumed_from=0 " not in r.stdout and "resumed_from=" in r.stdout, (r.stdout, r.stderr[-2000:])
+    from rapo_nb.runtime import orchestrator_main
+    assert orchestrator_main(["--out", str(whole), *common]) == 0                           # uninterrupted, memory store
+    for name, cols in (("conversations", OUTCOME_CONV), ("turns", OUTCOME_TURN)):
+        pd.testing.assert_frame_equal(pd.read_csv(out / f"{name}.csv")[cols], pd.read_csv(whole / f"{name}.csv")[cols])
+
+
+def test_the_same_run_in_two_processes_does_not_share_a_default_folder(tmp_path):
+    "While another live process holds a run's default folder, this process runs without checkpoints and leaves it be."
+    import rapo_nb.runtime as R
+    convs = CONVS[:4]
+    folder = R.default_checkpoint_dir(Orchestrator(CFG, "rapo", 1), convs)
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a');"
+                               " fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(folder / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (folder / "marker").write_text("theirs")
+        turns, conv_df = run_conversations(convs, "rapo", CFG, seed=1)
+        assert len(conv_df) == 4 and (folder / "marker").exists() and not checkpoint_paths(folder)
+    finally:
+        holder.kill(); holder.wait(timeout=10)

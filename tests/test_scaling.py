@@ -159,13 +159,22 @@ def test_scaling_claims_verdicts_are_computed():
                             saving_rss=[0.0, 0.3]))
     succ = pd.DataFrame(dict(agents=[10, 100], success_simulated=[0.9, 0.8], overhead_share=[0.05, 0.2]))
     c = sc.scaling_claims(sw, sc.fit_memory_law(sw.agents, sw.rss_delta_mb / 1e3), dom, opt, succ).set_index("claim")
-    assert c.loc["§4.5 optimisations save ≈ 40 % memory", "verdict"] == "reproduced"
+    # the §4.5 saving is set by our active_share: not comparable, the ±10-point comparison kept in the note
+    assert c.loc["§4.5 optimisations save ≈ 40 % memory", "verdict"] == "not comparable"
+    assert "of the paper's: True" in c.loc["§4.5 optimisations save ≈ 40 % memory", "note"]
     assert c.loc["coordination overhead < 10 % up to 500 agents", "verdict"] == "differs"
     assert c.loc["consensus dominates beyond 500 agents", "verdict"] == "reproduced"
     assert c.loc["success at 1,000 agents", "verdict"] == "not measured"
     opt.loc[1, "saving_accounted"] = 0.05
     c2 = sc.scaling_claims(sw, sc.fit_memory_law(sw.agents, sw.rss_delta_mb / 1e3), dom, opt, succ).set_index("claim")
-    assert c2.loc["§4.5 optimisations save ≈ 40 % memory", "verdict"] == "differs"
+    assert "of the paper's: False" in c2.loc["§4.5 optimisations save ≈ 40 % memory", "note"]
+    assert c.loc["memory dominated by coordination metadata (60× agent state)", "verdict"] == "not measured"  # no bank_mb
+    comm = sc.communication_table([10, 100, 1000, 10_000], load_config("quick"))
+    c3 = sc.scaling_claims(sw.assign(bank_mb=0.1), sc.fit_memory_law(sw.agents, sw.rss_delta_mb / 1e3), dom, opt, succ, comm)
+    c3 = c3.set_index("claim")
+    assert c3.loc["communication O(n²) when all agents interact, O(n log n) typical", "verdict"] == "implemented as specified"
+    assert c3.loc["memory dominated by coordination metadata (60× agent state)", "verdict"] == "differs"  # 400×: (40.1 − 0.1) MB / 0.1 MB
+    assert set(c3.kind) == {"conformance", "result"}
 
 
 # --- the peer side-by-side (fake conversations, so this file does not need the synthetic benchmark) ------------

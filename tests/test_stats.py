@@ -1,4 +1,5 @@
 """rapo_nb.stats checked against scipy and by hand: Welch t/p, Bonferroni, Cohen's d, bootstrap CIs, Table 3, bands."""
+import itertools
 import math
 import numpy as np
 import pandas as pd
@@ -6,7 +7,10 @@ import pytest
 import scipy.stats
 from rapo_nb.config import load_config
 from rapo_nb.stats import (welch_test, bonferroni, cohens_d, binary_d_bound, bootstrap_ci, bootstrap_coverage,
-                           compare_systems, table3, transition_groups, gains_by_transitions, per_seed_table, SYSTEMS)
+                           compare_systems, table3, transition_groups, gains_by_transitions, per_seed_table, SYSTEMS,
+                           BASELINES, hinge_fit, knee_test, table3_by_handoffs, MAP_AXES, advantage_table,
+                           region_condition, run_advantage_map, map_systems)
+from rapo_nb.evaluation import breakpoint_fit
 
 
 @pytest.mark.parametrize("n1,n2,s2", [(30, 30, 1.0), (30, 30, 3.0), (12, 80, 0.5), (200, 50, 2.0)])
@@ -132,3 +136,86 @@ def test_transition_bands_by_hand():
     assert g.groupby(counts).nunique().max() == 1          # tied counts never split across groups
     assert g[counts == 0].iloc[0].endswith("(0-0)")
     with pytest.raises(ValueError, match="kind"): transition_groups(counts, "decile")
+
+
+def _planted(gain_at, n=300, seed=0):
+    "Conversations at 0–20 handoffs: baselines succeed with 0.3, RAPO with 0.3 + gain_at(h)."
+    rng = np.random.default_rng(seed)
+    return pd.concat([pd.DataFrame(dict(system=s, n_handoffs=h, task_success=(rng.random(n) < p).astype(int)))
+                      for h in range(21) for s, p in [("rapo", 0.3 + gain_at(h))] + [(b, 0.3) for b in BASELINES]],
+                     ignore_index=True)
+
+
+@pytest.mark.parametrize("knee", [6, 10, 14])
+def test_knee_recovers_a_planted_breakpoint_and_its_ci_covers_it(knee):
+    k = knee_test(_planted(lambda h: 0.3 - 0.05 * max(0, h - knee), seed=knee), n_resamples=400, seed=1)
+    assert k["breakpoint_low"] <= knee <= k["breakpoint_high"]
+    assert abs(k["breakpoint"] - knee) <= 1.5
+    assert k["two_segments"] and k["slope_change_high"] < 0
+    assert k["breakpoint_high"] - k["breakpoint_low"] <= 6
+
+
+def test_knee_finds_none_on_a_straight_line_and_hinge_matches_breakpoint_fit():
+    assert not knee_test(_planted(lambda h: 0.3 - 0.01 * h, seed=3), n_resamples=400, seed=1)["two_segments"]
+    x = np.arange(15.0)
+    y = 2 - 0.05 * x + 0.2 * np.maximum(x - 4, 0) + np.random.default_rng(0).normal(0, 0.1, x.size)
+    h, b = hinge_fit(x, y, candidates=np.unique(x)[1:-1]), breakpoint_fit(x, y)
+    assert h["breakpoint"] == b["breakpoint"] and math.isclose(h["sse"], b["sse"], rel_tol=1e-9)
+    with pytest.raises(ValueError, match="binary"):
+        knee_test(_planted(lambda h: 0.1).assign(task_success=0.5))
+
+
+def test_table3_conditional_equals_table3_on_the_subset():
+    cfg = load_config("quick")
+    rng = np.random.default_rng(0)
+    df = pd.concat([pd.DataFrame(dict(system=s, n_handoffs=h, task_success=rng.random(200) < p))
+                    for s in SYSTEMS for h, p in ((0, 0.8), (3, 0.4 if s == "rapo" else 0.1))], ignore_index=True)
+    t = table3_by_handoffs(df, cfg, n_resamples=200)
+    sub = table3(df[df.n_handoffs >= 1], cfg, n_resamples=200)
+    np.testing.assert_allclose(t["mean_diff (≥1 handoff)"], sub.mean_diff)
+    assert (t["mean_diff (≥1 handoff)"] > t.mean_diff).all()
+
+
+def _map_rows(rates, n=400, cell=(1.0, 1.0, 0.0), seed=0):
+    "Per-conversation rows of one map cell: {(router, policy): success rate}, two seeds, one handoff each."
+    rng = np.random.default_rng(seed)
+    return pd.concat([pd.DataFrame(dict(router=r, context_policy=pol, seed=np.arange(n) % 2, n_handoffs=1,
+                                        task_success=(rng.random(n) < p).astype(int)))
+                      for (r, pol), p in rates.items()], ignore_index=True).assign(**dict(zip(MAP_AXES, cell)))
+
+
+def test_map_best_baseline_is_taken_per_context_policy_and_never_the_oracle():
+    df = _map_rows({("rapo", "summary"): 0.7, ("similarity", "summary"): 0.55, ("sequential", "summary"): 0.2,
+                    ("rapo", "last_turn"): 0.4, ("sequential", "last_turn"): 0.6, ("similarity", "full_history"): 0.95,
+                    ("oracle", "summary"): 1.0})
+    t = advantage_table(df, n_resamples=300).query("versus == 'best'").set_index("context_policy")
+    assert t.loc["summary", "baseline"] == "similarity" and t.loc["last_turn", "baseline"] == "sequential"
+    assert "full_history" not in t.index  # no RAPO with that policy: nothing to compare
+    assert t.loc["summary", "holds"] and not t.loc["last_turn", "holds"]
+    assert math.isclose(t.loc["summary", "diff"], t.loc["summary", "rate_ours"] - t.loc["summary", "rate_base"])
+
+
+def test_condition_string_is_derived_from_the_grid():
+    def grid(ra, sv, rule):
+        g = pd.DataFrame(list(itertools.product(ra, sv, (0.0,))), columns=list(MAP_AXES))
+        return g.assign(holds=rule(g))
+    rule = lambda g: (g.reception_alignment >= 0.5) & (g.skill_visible_share >= 0.5)
+    a = region_condition(grid((0, 0.5, 1), (0, 0.5, 1), rule))["condition"]
+    b = region_condition(grid((0, 0.75, 1), (0, 0.5, 1), rule))["condition"]
+    assert "reception_alignment ≥ 0.5 and skill_visible_share ≥ 0.5 (exactly" in a
+    assert "reception_alignment ≥ 0.75 and skill_visible_share ≥ 0.5 (exactly" in b and a != b
+    c = region_condition(grid((0, 0.5, 1), (0, 0.5, 1), lambda g: g.skill_visible_share <= 0))["condition"]
+    assert "holds when skill_visible_share ≤ 0 (exactly" in c
+    assert "no cell" in region_condition(grid((0, 1), (0, 1), lambda g: g.reception_alignment > 5))["condition"]
+
+
+def test_advantage_map_runs_the_same_in_parallel_as_in_one_process():
+    cfg = load_config("quick", overrides={"sweep.n_conversations": 5, "sweep.reception_alignment": (0.0,),
+                                          "sweep.skill_visible_share": (1.0,), "sweep.speed_skill_tradeoff": (0.0,),
+                                          "sweep.seeds": (0, 1)})
+    one = run_advantage_map(cfg, n_workers=1, progress=False)
+    two = run_advantage_map(cfg, n_workers=2, progress=False)
+    pd.testing.assert_frame_equal(one, two)
+    assert set(one.context_policy) == {cfg.sweep.context_policy}
+    assert sorted(one.router.unique()) == sorted(s.router for s in map_systems(cfg.sweep.context_policy))
+    assert one.groupby(["seed", "router"]).size().eq(5).all() and (one.reception_alignment == 0.0).all()

@@ -1,5 +1,6 @@
 """State store (§4.1): the memory store and a real redis-server: versions, compare-and-set, atomic updates, clear errors."""
 import threading, time
+import redis
 import numpy as np
 import pytest
 from rapo_nb.store import (MemoryStateStore, RedisStateStore, StoreUnavailable, VersionConflict, connect_redis, decode_array,
@@ -72,3 +73,42 @@ def test_make_store_from_config(redis_url):
     assert isinstance(make_store(load_config("quick")), MemoryStateStore)
     cfg = load_config("quick", overrides={"runtime.store": "redis", "runtime.redis_url": redis_url})
     assert isinstance(make_store(cfg), RedisStateStore)
+
+
+def test_retries_back_off_and_then_name_the_url():
+    "Bounded retries: waits double up to the cap; after the last one a StoreUnavailable names the URL (no password)."
+    from rapo_nb.store import call_with_retries
+    waits, calls = [], []
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3: raise redis.exceptions.ConnectionError("Connection refused")
+        return "ok"
+    assert call_with_retries(flaky, "bank write", "redis://u:secret@h:1/0", 5, 0.1, 0.15, sleep=waits.append) == "ok"
+    assert waits == [0.1, 0.15] and len(calls) == 3
+    waits.clear()
+    def down(): raise redis.exceptions.ConnectionError("Connection refused")
+    with pytest.raises(StoreUnavailable) as e:
+        call_with_retries(down, "bank write", "redis://u:secret@h:1/0", 3, 0.1, 1.0, sleep=waits.append)
+    assert waits == [0.1, 0.2, 0.4] and "redis://h:1/0" in str(e.value) and "secret" not in str(e.value)
+    assert "bank write" in str(e.value) and "4 attempts" in str(e.value)
+    with pytest.raises(ValueError, match="wrong"):                       # not a connection error: not retried
+        call_with_retries(lambda: (_ for _ in ()).throw(ValueError("wrong")), "x", "redis://h:1/0", 3, 0.1, 1.0,
+                          sleep=waits.append)
+
+
+@pytest.mark.redis
+def test_redis_store_reconnects_after_a_restart(tmp_path):
+    "A store write fails while redis-server is down and succeeds on the same client once it is back (no new store)."
+    from conftest import start_redis
+    proc, url = start_redis(tmp_path)
+    store = RedisStateStore(url, timeout_s=0.5)
+    store.put("k", {"x": np.arange(3)})
+    proc.kill(); proc.wait(timeout=10)
+    with pytest.raises((redis.exceptions.ConnectionError, OSError)): store.put("k", {"x": np.arange(4)})
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    proc, _ = start_redis(tmp_path, port=port)
+    try:
+        assert store.put("k", {"x": np.arange(5)}) == 1                 # a fresh server: version starts again
+        assert store.get("k")[1]["x"].tolist() == [0, 1, 2, 3, 4]
+    finally:
+        proc.kill(); proc.wait(timeout=10)

@@ -230,3 +230,29 @@ def test_generator_reads_its_constants_from_the_config():
     assert turns(load_config("full", synthetic__length_dispersion=1000.0)).var() < turns(base).var()
     flat = S.generate_conversations(30, 0, load_config("full", synthetic__side_slack=0))
     assert S.jsonl_sha256(flat) != S.jsonl_sha256(S.generate_conversations(30, 0, base))
+
+
+def test_jsonl_invalid_utf8_names_file_and_line_in_both_modes(tmp_path, bench):
+    "Issue 22: a line that is not UTF-8 is a bad line like any other (file:line), also under errors='collect'."
+    lines = [S.conversation_to_json(c).encode() for c in bench[:5]]
+    lines[3] = lines[3].replace(b'"facts":', b'"f\xff\xfeacts":')
+    p = tmp_path / "latin.jsonl"; p.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(S.JsonlError) as ei:
+        S.load_jsonl(p)
+    assert ei.value.line == 4 and f"{p}:4:" in str(ei.value) and "UTF-8" in str(ei.value)
+    assert [c.id for c in ei.value.conversations] == [c.id for c in bench[:3]]
+    got = S.load_jsonl(p, errors="collect")
+    assert [c.id for c in got] == [bench[i].id for i in (0, 1, 2, 4)] and [x.line for x in got.errors] == [4]
+
+
+def test_jsonl_duplicate_conversation_id_names_the_second_line(tmp_path, bench):
+    "Issue 22: two records with one id would make a run drop or double a conversation; the second is refused."
+    lines = [S.conversation_to_json(c) for c in bench[:4]]
+    lines.insert(3, "")                                   # a blank line still counts in the line numbers
+    lines.append(lines[1])                                # line 6 repeats the id of line 2
+    p = tmp_path / "dup.jsonl"; p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(S.JsonlError) as ei:
+        S.load_jsonl(p)
+    assert ei.value.line == 6 and f"{p}:6: id:" in str(ei.value) and "line 2" in str(ei.value)
+    got = S.load_jsonl(p, errors="collect")
+    assert [c.id for c in got] == [c.id for c in bench[:4]] and [x.line for x in got.errors] == [6]

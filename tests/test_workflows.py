@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from rapo_nb.config import load_config, SEED003_CLAIMS
+from rapo_nb.config import load_config, SEED003_CLAIMS, CLAIM_COLUMNS
 from rapo_nb.workflows import (DOMAINS, STAGES, SYSTEMS, ExecutorPool, UnplannableGoal, WorkflowPlan,
                                break_deadlocks, capability_replacement, check_results, execute_subtask, find_deadlocks,
                                generate_goals, metrics_table, plan_goal, plans_to_batch, queue_rank, route, run_workflows,
@@ -258,11 +258,15 @@ def test_claims_verdicts_are_computed():
                                  completion_rate=[ma, ma - 0.01, rb, sa], error_recovery_efficiency=[0.87, 0.8, 0.5, 0.7],
                                  planning_latency_s=[7.0, 7.0, 0.0, 10.0], deadlocks_per_workflow=[0.1, 0.2, 0.0, 0.0]))
     same = workflow_claims(overall(0.91, 0.79, 0.84)).set_index("claim")
-    assert (same.verdict == "reproduced").all()
+    # levels set by our cfg.workflows are not comparable (the ±tol comparison is in the note); the ordering is a result
+    assert same.loc["completion ordering", "verdict"] == "reproduced"
+    assert (same.drop("completion ordering").verdict == "not comparable").all()
+    assert same.drop(["completion ordering", "communication loops occasionally deadlock (no arbiter)"]).note.str.contains(
+        ": True").all()
     swapped = workflow_claims(overall(0.70, 0.95, 0.84)).set_index("claim")
     assert swapped.loc["completion ordering", "verdict"] == "differs"
-    assert swapped.loc["task completion rate, rule_based", "verdict"] == "differs"
-    assert list(same.reset_index().columns) == ["claim", "section", "paper", "ours", "verdict", "note"]
+    assert ": False" in swapped.loc["task completion rate, rule_based", "note"]
+    assert list(same.reset_index().columns) == CLAIM_COLUMNS
     assert same.note.str.contains("simulated").all()
 
 
@@ -287,9 +291,10 @@ def test_simulation_constants_are_config_fields():
         plans_to_batch([plan_goal(g) for g in generate_goals("devops", 30, seed=0)], max_items=1)
     o = pd.DataFrame(dict(system=["multi_agent", "rule_based", "single_agent"], completion_rate=[0.98, 0.79, 0.84],
                           error_recovery_efficiency=[0.87, 0.5, 0.7], planning_latency_s=[7.0, 0.0, 10.0]))
-    rate = lambda df: df.set_index("claim").loc["task completion rate, multi_agent", "verdict"]
-    assert rate(workflow_claims(o)) == "differs"                      # 0.98 vs 0.91: outside the default 0.05
-    assert rate(workflow_claims(o, tol=0.05)) == "differs" and rate(workflow_claims(o, tol=0.1)) == "reproduced"
+    # the level is not comparable (set by cfg.workflows); the tolerance still decides the comparison in the note
+    rate = lambda df: df.set_index("claim").loc["task completion rate, multi_agent", "note"]
+    assert "±0.05: False" in rate(workflow_claims(o))                 # 0.98 vs 0.91: outside the default 0.05
+    assert "±0.05: False" in rate(workflow_claims(o, tol=0.05)) and "±0.1: True" in rate(workflow_claims(o, tol=0.1))
     # a simulated world with perfect executors and no clarifications completes everything without failures
     perfect_cfg = load_config("quick", workflows__skill_specialist=(1.0, 1.0), workflows__skill_other=(1.0, 1.0),
                               workflows__p_clarify=0.0, workflows__n_workflows=10, workflows__failure_rates=(0.0,))
