@@ -289,21 +289,23 @@ class SimulatedAgentPool:
         A turn's success probability is `turn_skill` (equal to this when cfg.simulation.skill_visible_share = 1)."""
         return self.true_skill[np.asarray(agents), np.asarray(tasks), np.asarray(modalities)]
 
-    def turn_skill(self, turn: Turn) -> np.ndarray:
-        "Every agent's hidden success probability on `turn` (`turn_success_probability`; the oracle ceiling reads it)."
-        sim = self.cfg.simulation
-        visible = self.true_skill[:, turn.task, turn.modality]
-        if sim.skill_visible_share == 1.0:
-            return visible.copy()
-        kind, difficulty = turn_latent(turn, sim.latent_kinds, sim.latent_difficulty_sd, self.seed)
-        return turn_success_probability(
-            visible,
-            self.cell_mean[turn.task, turn.modality],
-            self.affinity[:, kind],
-            difficulty,
-            sim.skill_visible_share,
-            sim.skill_range,
-        )
+# %% ../nbs/06_agents.ipynb #d9c47236
+@patch
+def turn_skill(self: SimulatedAgentPool, turn: Turn) -> np.ndarray:
+    "Every agent's hidden success probability on `turn` (`turn_success_probability`; the oracle ceiling reads it)."
+    sim = self.cfg.simulation
+    visible = self.true_skill[:, turn.task, turn.modality]
+    if sim.skill_visible_share == 1.0:
+        return visible.copy()
+    kind, difficulty = turn_latent(turn, sim.latent_kinds, sim.latent_difficulty_sd, self.seed)
+    return turn_success_probability(
+        visible,
+        self.cell_mean[turn.task, turn.modality],
+        self.affinity[:, kind],
+        difficulty,
+        sim.skill_visible_share,
+        sim.skill_range,
+    )
 
 # %% ../nbs/06_agents.ipynb #aeabfe13
 @patch
@@ -443,7 +445,7 @@ SYSTEM_PROMPT = (
     "Answer the user's last message; mention the entities it focuses on and restate relevant facts."
 )
 
-
+# %% ../nbs/06_agents.ipynb #dd438b30
 class OpenAIChatAgent:
     "An `Agent` backed by an OpenAI-compatible chat-completions server (httpx; timeouts; bounded retries with backoff)."
 
@@ -505,100 +507,116 @@ class OpenAIChatAgent:
             "temperature": self.temperature,
         }
 
-    def _parse(self, resp: httpx.Response, attempt: int) -> str:
-        "Text of a 2xx chat-completions answer, or LLMBadResponse."
-        try:
-            data = resp.json()
-        except ValueError:
-            raise LLMBadResponse(
-                f"{self.url}: malformed JSON in the response body: {resp.text[:80]!r}", attempt
-            ) from None
-        try:
-            content = data["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise LLMBadResponse(
-                f"{self.url}: JSON without choices[0].message.content: {str(data)[:80]}", attempt
-            ) from None
-        if not isinstance(content, str):
-            raise LLMBadResponse(
-                f"{self.url}: choices[0].message.content is {type(content).__name__}, not a string", attempt
-            )
-        return content
-
-    def _classify(self, exc: Exception | None, resp: httpx.Response | None, attempt: int) -> LLMError:
-        "Map an httpx exception or a bad status to our error classes."
-        if isinstance(exc, httpx.TimeoutException):
-            return LLMTimeout(f"{self.url}: no answer within {self.timeout} s ({type(exc).__name__})", attempt)
-        if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.NetworkError)):
-            return LLMConnectionError(f"{self.url}: connection failed ({type(exc).__name__}: {exc})", attempt)
-        if exc is not None:
-            return LLMError(f"{self.url}: {type(exc).__name__}: {exc}", attempt)
-        return LLMHTTPError(f"{self.url}: HTTP {resp.status_code}: {resp.text[:80]!r}", resp.status_code, attempt)
-
-    @staticmethod
-    def _retryable(err: LLMError) -> bool:
-        return isinstance(err, (LLMTimeout, LLMConnectionError)) or (
-            isinstance(err, LLMHTTPError) and (err.status >= 500 or err.status == 429)
+# %% ../nbs/06_agents.ipynb #059777c8
+@patch
+def _parse(self: OpenAIChatAgent, resp: httpx.Response, attempt: int) -> str:
+    "Text of a 2xx chat-completions answer, or LLMBadResponse."
+    try:
+        data = resp.json()
+    except ValueError:
+        raise LLMBadResponse(f"{self.url}: malformed JSON in the response body: {resp.text[:80]!r}", attempt) from None
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise LLMBadResponse(
+            f"{self.url}: JSON without choices[0].message.content: {str(data)[:80]}", attempt
+        ) from None
+    if not isinstance(content, str):
+        raise LLMBadResponse(
+            f"{self.url}: choices[0].message.content is {type(content).__name__}, not a string", attempt
         )
+    return content
 
-    def complete(self, messages: list[dict]) -> str:
-        "POST the messages; return the reply text or raise an LLMError after at most 1 + retries attempts."
-        payload = self._payload(messages)
-        with httpx.Client(timeout=self.timeout) as client:
-            for attempt in range(1, self.retries + 2):
-                resp, exc = None, None
-                try:
-                    resp = client.post(self.url, json=payload, headers=self._headers())
-                except httpx.HTTPError as e:
-                    exc = e
-                if exc is None and 200 <= resp.status_code < 300:
-                    return self._parse(resp, attempt)
-                time.sleep(self._backoff_or_raise(exc, resp, attempt))
 
-    def _backoff_or_raise(self, exc, resp, attempt: int) -> float:
-        """After a failed attempt: raise the classified error if it is final, else return the backoff (s) before the
-        next try."""
-        err = self._classify(exc, resp, attempt)
-        if not self._retryable(err) or attempt > self.retries:
-            if attempt > 1:
-                err.args = (f"{err.args[0]} (after {attempt} attempts)",)
-            raise err
-        return self.backoff_s * 2 ** (attempt - 1)
+@patch
+def _classify(self: OpenAIChatAgent, exc: Exception | None, resp: httpx.Response | None, attempt: int) -> LLMError:
+    "Map an httpx exception or a bad status to our error classes."
+    if isinstance(exc, httpx.TimeoutException):
+        return LLMTimeout(f"{self.url}: no answer within {self.timeout} s ({type(exc).__name__})", attempt)
+    if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.NetworkError)):
+        return LLMConnectionError(f"{self.url}: connection failed ({type(exc).__name__}: {exc})", attempt)
+    if exc is not None:
+        return LLMError(f"{self.url}: {type(exc).__name__}: {exc}", attempt)
+    return LLMHTTPError(f"{self.url}: HTTP {resp.status_code}: {resp.text[:80]!r}", resp.status_code, attempt)
 
-    async def acomplete(self, messages: list[dict]) -> str:
-        "Async `complete` (httpx.AsyncClient), same errors and retries."
-        payload = self._payload(messages)
-        async with httpx.AsyncClient(timeout=self.timeout) as client:
-            for attempt in range(1, self.retries + 2):
-                resp, exc = None, None
-                try:
-                    resp = await client.post(self.url, json=payload, headers=self._headers())
-                except httpx.HTTPError as e:
-                    exc = e
-                if exc is None and 200 <= resp.status_code < 300:
-                    return self._parse(resp, attempt)
-                await asyncio.sleep(self._backoff_or_raise(exc, resp, attempt))
 
-    def _to_response(self, text: str | None, err: LLMError | None, t0: float, turn: Turn) -> AgentResponse:
-        lat = time.perf_counter() - t0
-        if err is not None:
-            return AgentResponse(
-                "", lat, "timeout" if isinstance(err, LLMTimeout) else "error", False, False, error=str(err)
-            )
-        return AgentResponse(text, lat, "ok", turn_passes(turn_focus(turn), text), False)
+@patch
+def _retryable(self: OpenAIChatAgent, err: LLMError) -> bool:
+    "Worth another try: timeouts, connection failures, HTTP 5xx and 429."
+    return isinstance(err, (LLMTimeout, LLMConnectionError)) or (
+        isinstance(err, LLMHTTPError) and (err.status >= 500 or err.status == 429)
+    )
 
-    def respond(self, history: list[str], context: str, turn: Turn) -> AgentResponse:
-        "Ask the model; errors become outcome 'timeout'/'error' with the message in `.error` (history untouched)."
-        t0 = time.perf_counter()
-        try:
-            return self._to_response(self.complete(self.messages(list(history), context, turn)), None, t0, turn)
-        except LLMError as e:
-            return self._to_response(None, e, t0, turn)
+# %% ../nbs/06_agents.ipynb #4efcd907
+@patch
+def complete(self: OpenAIChatAgent, messages: list[dict]) -> str:
+    "POST the messages; return the reply text or raise an LLMError after at most 1 + retries attempts."
+    payload = self._payload(messages)
+    with httpx.Client(timeout=self.timeout) as client:
+        for attempt in range(1, self.retries + 2):
+            resp, exc = None, None
+            try:
+                resp = client.post(self.url, json=payload, headers=self._headers())
+            except httpx.HTTPError as e:
+                exc = e
+            if exc is None and 200 <= resp.status_code < 300:
+                return self._parse(resp, attempt)
+            time.sleep(self._backoff_or_raise(exc, resp, attempt))
 
-    async def arespond(self, history: list[str], context: str, turn: Turn) -> AgentResponse:
-        "Async `respond`."
-        t0 = time.perf_counter()
-        try:
-            return self._to_response(await self.acomplete(self.messages(list(history), context, turn)), None, t0, turn)
-        except LLMError as e:
-            return self._to_response(None, e, t0, turn)
+
+@patch
+def _backoff_or_raise(self: OpenAIChatAgent, exc, resp, attempt: int) -> float:
+    """After a failed attempt: raise the classified error if it is final, else return the backoff (s) before the
+    next try."""
+    err = self._classify(exc, resp, attempt)
+    if not self._retryable(err) or attempt > self.retries:
+        if attempt > 1:
+            err.args = (f"{err.args[0]} (after {attempt} attempts)",)
+        raise err
+    return self.backoff_s * 2 ** (attempt - 1)
+
+
+@patch
+async def acomplete(self: OpenAIChatAgent, messages: list[dict]) -> str:
+    "Async `complete` (httpx.AsyncClient), same errors and retries."
+    payload = self._payload(messages)
+    async with httpx.AsyncClient(timeout=self.timeout) as client:
+        for attempt in range(1, self.retries + 2):
+            resp, exc = None, None
+            try:
+                resp = await client.post(self.url, json=payload, headers=self._headers())
+            except httpx.HTTPError as e:
+                exc = e
+            if exc is None and 200 <= resp.status_code < 300:
+                return self._parse(resp, attempt)
+            await asyncio.sleep(self._backoff_or_raise(exc, resp, attempt))
+
+# %% ../nbs/06_agents.ipynb #e3497c3f
+@patch
+def _to_response(self: OpenAIChatAgent, text: str | None, err: LLMError | None, t0: float, turn: Turn) -> AgentResponse:
+    lat = time.perf_counter() - t0
+    if err is not None:
+        return AgentResponse(
+            "", lat, "timeout" if isinstance(err, LLMTimeout) else "error", False, False, error=str(err)
+        )
+    return AgentResponse(text, lat, "ok", turn_passes(turn_focus(turn), text), False)
+
+
+@patch
+def respond(self: OpenAIChatAgent, history: list[str], context: str, turn: Turn) -> AgentResponse:
+    "Ask the model; errors become outcome 'timeout'/'error' with the message in `.error` (history untouched)."
+    t0 = time.perf_counter()
+    try:
+        return self._to_response(self.complete(self.messages(list(history), context, turn)), None, t0, turn)
+    except LLMError as e:
+        return self._to_response(None, e, t0, turn)
+
+
+@patch
+async def arespond(self: OpenAIChatAgent, history: list[str], context: str, turn: Turn) -> AgentResponse:
+    "Async `respond`."
+    t0 = time.perf_counter()
+    try:
+        return self._to_response(await self.acomplete(self.messages(list(history), context, turn)), None, t0, turn)
+    except LLMError as e:
+        return self._to_response(None, e, t0, turn)

@@ -14,6 +14,7 @@ from fastcore.basics import patch
 from numba import njit
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .config import Config, RoutingConfig, load_config, get_device
 from .state import NumpyViews
 
@@ -852,43 +853,93 @@ class LeastLoadedRouter:
 
 # %% ../nbs/04_routing.ipynb #570c6fa9
 class SimilarityRouter:
-    """Baseline Yao et al. + similarity matching: argmax cosine(query, P_a); without a query vector, the agent whose M
-    profile is most concentrated on (τ, μ)."""
+    """Baseline Yao et al. + similarity matching. With `text_dim`: argmax_a (q − q̄) · T_a, the encoded turn text q
+    against each agent's text profile T_a (`observe`: texts it did better or worse than average on). Without:
+    argmax cosine(query, P_a), or with no query the agent whose M profile is most concentrated on (τ, μ)."""
 
     name = "similarity"
 
-    def __init__(self, cfg=None):
-        pass
+    def __init__(self, cfg=None, text_dim: int | None = None):
+        self.eta = cfg.state.capability_eta if cfg is not None else 0.1
+        self.rc = _routing_cfg(cfg) if cfg is not None else None
+        if text_dim is not None and (isinstance(text_dim, bool) or not isinstance(text_dim, int) or text_dim < 1):
+            raise ValueError(f"text_dim: expected an integer ≥ 1, got {text_dim!r}")
+        self.text_dim = text_dim
+        self.profile: torch.Tensor | None = None  # T [N, text_dim], sized by the first select
+        self.q_mean = torch.zeros(text_dim or 0)  # q̄: EMA of the texts seen (their shared words cancel)
+        self.o_mean = 0.5  # ō: EMA of the outcomes seen
 
     def select(
         self, task, modality, bank, load: AgentLoad, query_vec=None, allow_unassigned: bool = False
     ) -> torch.Tensor:
         task, modality = _check_request(task, modality, bank)
         _check_bank_load(bank, load)
-        N, m, l = bank.M.shape
         elig = bank.alive & load.alive
-        if query_vec is not None:
-            q = torch.as_tensor(query_vec, device=bank.M.device).float()
-            if q.ndim != 2 or q.shape != (task.numel(), bank.P.shape[1]):
-                raise ValueError(
-                    f"query_vec: expected shape [{task.numel()}, {bank.P.shape[1]}] (B, p), got {tuple(q.shape)}"
-                )
-            sim = F.normalize(q, dim=1) @ F.normalize(bank.P.float(), dim=1).T
-        else:  # per distinct (τ, μ) key, then broadcast to the requests
-            if task.numel() == 0:
-                return task.clone()
-            uniq, inv = torch.unique(task * l + modality, return_inverse=True)
-            norms = bank.M.reshape(N, m * l).float().norm(dim=1).clamp_min(1e-12)
-            sim = (bank.M.reshape(N, m * l)[:, uniq].float() / norms[:, None]).T
-            best = sim.masked_fill(~elig[None, :], float("-inf")).argmax(1)
-            out = torch.where(elig[best], best, NO_AGENT)[inv]
-            return _no_agent(out, self.name, allow_unassigned)
+        if self.text_dim is not None:
+            return self._select_text(task, bank, load, query_vec, elig, allow_unassigned)
+        if query_vec is None:
+            return self._select_concentrated(task, modality, bank, elig, allow_unassigned)
+        q = torch.as_tensor(query_vec, device=bank.M.device).float()
+        if q.ndim != 2 or q.shape != (task.numel(), bank.P.shape[1]):
+            raise ValueError(
+                f"query_vec: expected shape [{task.numel()}, {bank.P.shape[1]}] (B, p), got {tuple(q.shape)}"
+            )
+        sim = F.normalize(q, dim=1) @ F.normalize(bank.P.float(), dim=1).T
         sim = sim.masked_fill(~elig[None, :], float("-inf"))
         out = sim.argmax(1) if sim.shape[0] else task.clone()
         out = torch.where(elig[out], out, NO_AGENT) if out.numel() else out
         return _no_agent(out, self.name, allow_unassigned)
 
+# %% ../nbs/04_routing.ipynb #de000677
+@patch
+def _select_concentrated(self: SimilarityRouter, task, modality, bank, elig, allow_unassigned) -> torch.Tensor:
+    "No query: the agent whose M_a / ‖M_a‖ puts the most weight on (τ, μ) (per distinct key, then broadcast)."
+    N, m, l = bank.M.shape
+    if task.numel() == 0:
+        return task.clone()
+    uniq, inv = torch.unique(task * l + modality, return_inverse=True)
+    norms = bank.M.reshape(N, m * l).float().norm(dim=1).clamp_min(1e-12)
+    sim = (bank.M.reshape(N, m * l)[:, uniq].float() / norms[:, None]).T
+    best = sim.masked_fill(~elig[None, :], float("-inf")).argmax(1)
+    out = torch.where(elig[best], best, NO_AGENT)[inv]
+    return _no_agent(out, self.name, allow_unassigned)
 
+
+@patch
+def _select_text(self: SimilarityRouter, task, bank, load, query_vec, elig, allow_unassigned) -> torch.Tensor:
+    "argmax_a (q − q̄) · T_a over alive agents; ties (e.g. before any outcome) → the least loaded, then the lowest id."
+    B, N = task.numel(), bank.M.shape[0]
+    if query_vec is None or tuple(torch.as_tensor(query_vec).shape) != (B, self.text_dim):
+        raise ValueError(f"query_vec: expected the [{B}, {self.text_dim}] encoded turn texts")
+    if self.profile is None or self.profile.shape[0] != N:
+        self.profile = torch.zeros(N, self.text_dim, device=bank.M.device)
+    if B == 0 or not bool(elig.any()):
+        return _no_agent(torch.full_like(task, NO_AGENT), self.name, allow_unassigned)
+    q = torch.as_tensor(query_vec, device=bank.M.device).float() - self.q_mean.to(bank.M.device)
+    score = q @ self.profile.T
+    score = score.masked_fill(~elig[None, :], float("-inf"))
+    tied = score >= score.max(1, keepdim=True).values - 1e-6
+    L = load_factor(load.active, load.pending, load.utilisation, self.rc) if self.rc else torch.zeros(N)
+    return L.to(score.device)[None, :].expand(B, N).masked_fill(~tied, float("inf")).argmin(1)
+
+
+@patch
+def observe(self: SimilarityRouter, agents, query_vec, outcomes) -> None:
+    "T_a ← (1 − η)·T_a + η·(o − ō)·(q − q̄) per answered turn (agent a, encoded text q, outcome o); η: M's rate."
+    agents = torch.as_tensor(agents, dtype=torch.long)
+    q = torch.as_tensor(query_vec).float()
+    o = torch.as_tensor(outcomes).float()
+    if q.ndim != 2 or q.shape != (agents.numel(), self.text_dim) or o.shape != agents.shape:
+        raise ValueError(f"observe: expected agents [B], query_vec [B, {self.text_dim}], outcomes [B]")
+    if self.profile is None or int(agents.max()) >= self.profile.shape[0]:
+        raise ValueError("observe: select() sizes the profiles first (agent ids beyond the known agents)")
+    self.q_mean = self.q_mean.to(self.profile.device)
+    for a, qa, oa in zip(agents.tolist(), q.to(self.profile.device), o.tolist()):  # in order, as M's EMA
+        self.profile[a] = (1 - self.eta) * self.profile[a] + self.eta * (oa - self.o_mean) * (qa - self.q_mean)
+        self.q_mean = (1 - self.eta) * self.q_mean + self.eta * qa
+        self.o_mean = (1 - self.eta) * self.o_mean + self.eta * oa
+
+# %% ../nbs/04_routing.ipynb #31873c96
 class RandomRouter:
     "Reference: a uniformly random alive agent (seeded)."
 
@@ -948,7 +999,7 @@ def make_router(name: str, cfg, seed: int = 0, **kw) -> Router:
     if name == "least_loaded":
         return LeastLoadedRouter(cfg, **kw)
     if name == "similarity":
-        return SimilarityRouter(cfg)
+        return SimilarityRouter(cfg, **kw)
     if name == "random":
         return RandomRouter(seed)
     if name == "oracle":

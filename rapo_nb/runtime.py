@@ -142,7 +142,11 @@ def _build(self: Orchestrator, pool=None) -> None:
     self.text_encoder = HashedTextEncoder.from_config(cfg)
     self.context_model = SlidingWindowContext.from_config(cfg, seed=seed).to(self.device).eval()
     self.pool = pool if pool is not None else SimulatedAgentPool(self.n, cfg, seed, failure_rate=self.failure_rate)
-    self.router = make_router("random" if self.ablation["random_routing"] else self.spec.router, cfg, seed)
+    router = "random" if self.ablation["random_routing"] else self.spec.router
+    # the similarity router matches the turn's encoded text against its agents' text profiles
+    kw = dict(text_dim=self.text_encoder.dim) if router == "similarity" else {}
+    self.router = make_router(router, cfg, seed, **kw)
+    self._queries: dict[int, np.ndarray] = {}  # id(turn record) → its encoded text, until the outcome is absorbed
     self.use_consensus = self.spec.consensus and not self.ablation["no_consensus"]
     self.engine = None
     if self.use_consensus:
@@ -222,6 +226,8 @@ def _state_update(self: Orchestrator) -> list[dict]:
         self.bank.update_capability(ag.long(), ta.long(), mo.long(), oc.float())
     if self.absorb and self.update_context:
         self._update_context()
+    if self.absorb and self._queries:
+        self._observe()
     self.absorb = []
     util = utilisation_share(torch.tensor([r.count for r in self.resources], dtype=torch.float32), self.cfg)
     self.bank.alive = torch.from_numpy(self.alive.copy()).to(self.device)
@@ -297,7 +303,7 @@ def _route(self: Orchestrator) -> list[dict]:
     if normal:
         task = torch.tensor([r["turn"].task for r in normal], dtype=torch.long, device=self.device)
         mod = torch.tensor([r["turn"].modality for r in normal], dtype=torch.long, device=self.device)
-        query = self._query([r["turn"] for r in normal])
+        query = self._query(normal)
         picked = self.router.select(task, mod, self.bank, load, query_vec=query, allow_unassigned=True)
         if self.transition_model is not None:
             ok = picked >= 0
@@ -317,7 +323,7 @@ def _route(self: Orchestrator) -> list[dict]:
                             torch.tensor([r["turn"].modality], device=self.device),
                             self.bank,
                             load,
-                            query_vec=self._query([r["turn"]]),
+                            query_vec=self._query([r]),
                             allow_unassigned=True,
                         )[0]
                     )
@@ -339,12 +345,27 @@ def _route(self: Orchestrator) -> list[dict]:
     return served
 
 
+# %% ../nbs/11_runtime.ipynb #b7c8d9e0f1a2
 @patch
-def _query(self: Orchestrator, turns: list):
-    "The router's query for these turns: the oracle ceiling's [B, N] simulated success probabilities, else None."
+def _query(self: Orchestrator, reqs: list[dict]):
+    """The router's query for these requests: the encoded turn texts for similarity (kept until their outcome
+    reaches the router), the oracle ceiling's [B, N] simulated success probabilities, else None."""
+    if self.router.name == "similarity":
+        q = self.text_encoder.encode([r["turn"].text for r in reqs])
+        self._queries.update((id(r["record"]), row) for r, row in zip(reqs, q))
+        return torch.from_numpy(q)
     if self.router.name == "oracle":
-        return torch.from_numpy(np.stack([self.pool.turn_skill(t) for t in turns])).float()
+        return torch.from_numpy(np.stack([self.pool.turn_skill(r["turn"]) for r in reqs])).float()
     return None
+
+
+@patch
+def _observe(self: Orchestrator) -> None:
+    "Outcomes absorbed this tick, passed to a router that learns from them (similarity: its text profiles)."
+    seen = [(a[0], self._queries.pop(id(a[4]), None), a[3]) for a in self.absorb]
+    seen = [s for s in seen if s[1] is not None]
+    if seen and hasattr(self.router, "observe"):
+        self.router.observe([s[0] for s in seen], np.stack([s[1] for s in seen]), [s[2] for s in seen])
 
 # %% ../nbs/11_runtime.ipynb #29a2a8f3
 @patch

@@ -14,7 +14,7 @@ from .agents import full_history, last_k, summary
 
 # %% auto #0
 __all__ = ['SYSTEM_SPECS', 'ABLATIONS', 'SYSTEMS', 'SYSTEM_LABELS', 'ERROR_TYPES', 'PROMPT_STYLES', 'FACTORS', 'CEILING_ROUTERS',
-           'TURN_COLUMNS', 'CONV_COLUMNS', 'SystemSpec', 'factor_spec', 'resolve_system', 'prompt_header',
+           'TURN_COLUMNS', 'CONV_COLUMNS', 'NULL_WORLD', 'SystemSpec', 'factor_spec', 'resolve_system', 'prompt_header',
            'handed_context', 'reception_from_cosine', 'reception_probability', 'drop_facts', 'check_ablation',
            'classify_failure']
 
@@ -170,6 +170,13 @@ def drop_facts(context: str, facts: list[str], keep: np.ndarray) -> tuple[str, l
             context = context.replace(f, "")
             lost.append(f)
     return context, lost
+
+# %% ../nbs/09_systems.ipynb #acb6f969
+NULL_WORLD: dict = dict(
+    simulation__reception_alignment=0.0,  # reception does not depend on P: consensus has no lever
+    simulation__skill_visible_share=0.0,  # every agent equally skilled in expectation on every visible (τ, μ)
+    simulation__reception_floor=1.0,  # an agent switch loses nothing at reception: switching less is no lever
+)
 
 # %% ../nbs/09_systems.ipynb #3b229c2a
 def check_ablation(ablation: dict | None) -> dict:

@@ -152,30 +152,16 @@ def export_cells() -> list[tuple[str, int, str, int]]:
 
 # Export cells over MAX_EXPORT_LINES not split yet, by (notebook, first name): each with its reason. Shrink it.
 LONG_CELLS_NOT_YET_SPLIT = {
-    ("00_config", "ConsensusConfig"): "config dataclasses with their field docs: 00_config is not in this wave's set",
+    ("00_config", "ConsensusConfig"): "a config dataclass: one cf(...) field per constant with its doc; splitting a "
+    "section across cells would scatter it",
+    ("00_config", "SimulationConfig"): "as above (the simulated world's assumptions, one field each)",
     ("00_config", "WorkflowConfig"): "as above",
     ("00_config", "RouteLLMConfig"): "as above",
-    ("00_config", "_check_value"): "as above (validation helpers)",
-    ("02_consensus", "step"): "02_consensus belongs to the conv helper this wave",
-    ("03_convergence", "transpose_matvec"): "03_convergence belongs to the conv helper this wave",
-    ("05_synthetic", "SchemaError"): "05_synthetic's JSONL/loader cell: the faults helper's this wave",
-    ("06_agents", "turn_focus"): "06_agents belongs to the world helper this wave",
-    ("06_agents", "LLMError"): "as above",
-    ("08_checkpoints", "CheckpointError"): "08_checkpoints belongs to the faults helper this wave",
-    ("11_runtime", "Orchestrator"): "the faults helper splits Orchestrator.__init__ this wave",
-    ("11_runtime", "_conversation"): "the faults helper splits _conversation this wave",
-    ("13_evaluation", "rouge_tokens"): "13_evaluation belongs to the factorial helper this wave",
-    ("13_evaluation", "_history_reference"): "as above",
-    ("13_evaluation", "toy_frames"): "as above",
-    ("13_evaluation", "table1"): "as above",
-    ("13_evaluation", "_run_job"): "as above",
-    ("14_statistics", "compare_systems"): "14_statistics belongs to the sweep helper this wave",
-    ("16_fast_paths", "_emit_gather"): "16_fast_paths belongs to the conv helper this wave (kernel code)",
-    ("16_fast_paths", "_lane_sum"): "as above",
-    ("17_scaling", "scaling_claims"): "builds the claims table: the verdicts helper owns it this wave",
-    ("18_workflows", "workflow_claims"): "builds the claims table: the verdicts helper owns it this wave",
-    ("21_report", "present_notebooks"): "21_report belongs to the verdicts helper this wave",
+    ("00_config", "paper_spec"): "a data table: the paper's constants keyed by the config field that implements each",
+    ("21_report", "present_notebooks"): "not split this session (the report's artifact list)",
     ("21_report", "_md"): "as above",
+    ("17_scaling", "scaling_claims"): "builds the claims table (not split this session)",
+    ("18_workflows", "workflow_claims"): "builds the claims table (not split this session)",
 }
 
 

@@ -191,11 +191,7 @@ def _writers() -> list[Path]:
 
 # Claims cells owned by other helpers of this wave (LAYOUT.md), converted on their branches; an entry here is an
 # expected failure that reports itself (xfail, not skip) — delete it once that notebook uses claim_row.
-PENDING = {
-    "03_convergence": "owned by the conv branch",
-    "13_evaluation": "owned by the factorial branch",
-    "14_statistics": "owned by the sweep branch",
-}
+PENDING: dict[str, str] = {}  # notebooks whose claims cells are not converted yet (none left)
 
 
 def _pending(p: Path):

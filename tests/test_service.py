@@ -242,11 +242,13 @@ def test_a_killed_instance_goals_are_finished_by_the_other_exactly_once(redis_ur
         status = wait_all_terminal(r, ids, timeout_s=60)  # no restart: B alone must finish everything
         for gid in ids:
             assert_ran_once(r, gid)
-        for gid in orphans:  # each orphan was taken over once, by B, keeping what A had recorded (not re-run)
-            assert int(r.hget(goal_key(gid), "runs")) == 2 and r.hget(goal_key(gid), "owner").decode() == b_id
+        # each orphan was taken over by B, keeping what A had recorded (not re-run). On a starved machine B's own
+        # 1.5 s lease can lapse too and B re-claims its goal (runs 3): still every step once, none of A's re-run.
+        for gid in orphans:
+            assert int(r.hget(goal_key(gid), "runs")) >= 2 and r.hget(goal_key(gid), "owner").decode() == b_id
             after = {k.decode(): json.loads(v) for k, v in r.hgetall(steps_key(gid)).items()}
             assert all(after[k] == rec and rec["run"] == 1 for k, rec in kept[gid].items())
-            assert all(rec["run"] == 2 for k, rec in after.items() if k not in kept[gid])
+            assert all(rec["run"] >= 2 for k, rec in after.items() if k not in kept[gid])
         assert sum(len(v) for v in kept.values()) > 0
         assert Counter(status.values())["done"] > 0
     finally:
