@@ -43,7 +43,7 @@ from rapo_nb.systems import (
 __all__ = ['RECEPTION_STREAM', 'SERVE_STREAM', 'CHECKPOINT_KIND', 'ENGINE_COUNTERS', 'BOOKKEEPING_FIELDS', 'RuntimeMetrics',
            'Orchestrator', 'conversation_key', 'turn_rng', 'engine_state', 'load_engine_state', 'config_identity',
            'conversations_identity', 'first_difference', 'router_state', 'load_router_state', 'default_checkpoint_dir',
-           'run_conversations', 'write_failure_log', 'orchestrator_main', 'LiveOrchestrator']
+           'run_conversations', 'write_failure_log', 'orchestrator_main', 'LiveOrchestrator', 'RedisOrchestrator']
 
 # %% ../nbs/11_runtime.ipynb #16c9f3cc
 class RuntimeMetrics:
@@ -1323,3 +1323,93 @@ async def arun(self: LiveOrchestrator, conversations: list, agents: list) -> tup
     await loop
     self._final_update()
     return self.frames([c.id for c in conversations])
+
+# %% ../nbs/11_runtime.ipynb #27a7d0bc
+import sys
+from .workers import RedisDispatcher, RedisAgentPool, pool_fingerprint
+from .store import connect_redis
+
+
+class RedisOrchestrator(Orchestrator):
+    """`Orchestrator` whose every turn is answered by `rapo-agent` worker processes over Redis Streams.
+
+    `redis_url` (default: config runtime.redis_url) or `client`; `simulated_workers`: the workers run the simulated pool
+    (seeded as this run's; False for live agents); `wait_s`: the longest wait for one answer; `startup_s`: how long
+    `run` waits for every agent to have a worker (after it, agents without one are routed around)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        system="rapo",
+        seed: int = 0,
+        *,
+        redis_url: str | None = None,
+        client=None,
+        prefix: str = "rapo:v1",
+        simulated_workers: bool = True,
+        wait_s: float = 60.0,
+        startup_s: float = 30.0,
+        **kwargs,
+    ):
+        super().__init__(cfg, system, seed, **kwargs)
+        url = redis_url or cfg.runtime.redis_url
+        client = client if client is not None else connect_redis(url, cfg.runtime.redis_timeout_s)
+        self.dispatcher = RedisDispatcher(client, self.n, prefix=prefix, metrics=self.metrics)
+        fp = pool_fingerprint(self.n, cfg, self.seed, self.failure_rate)
+        truth = self.pool if simulated_workers else None
+        self.pool = RedisAgentPool(
+            self.dispatcher, truth, f"{self.spec.name}:{self.seed}", fp, wait_s, on_dead=self._workers_lost
+        )
+        self.workers_down: set[int] = set()  # agents routed around because none of their workers beats
+        self.startup_s = float(startup_s)
+
+    def _workers_lost(self, agent: int) -> int:
+        "All workers of `agent` are gone: route around it and any agent without a worker; its replacement (§4.4)."
+        self.alive[agent] = False
+        self.workers_down.add(agent)
+        self._refresh_workers()
+        rep = int(replacement_for(agent, self.bank, self.load()))
+        self.replacements += 1
+        if self.metrics:
+            self.metrics.replacements.inc()
+        return rep
+
+    def _refresh_workers(self) -> None:
+        "Agents whose workers stopped beating are routed around; those back are routed to again."
+        up = self.dispatcher.alive()
+        for a in np.flatnonzero(~up & self.alive):
+            self.alive[a] = False
+            self.workers_down.add(int(a))
+        for a in [a for a in self.workers_down if up[a]]:
+            self.alive[a] = True
+            self.workers_down.discard(a)
+
+# %% ../nbs/11_runtime.ipynb #1362f865
+@patch
+def _tick(self: RedisOrchestrator) -> None:
+    "Each tick starts from the workers' heartbeats (`_refresh_workers`)."
+    self._refresh_workers()
+    Orchestrator._tick(self)
+
+
+@patch
+def _low_skill(self: RedisOrchestrator, agent: int, turn) -> bool:
+    "Live agents behind Redis: their true skill is unknown (never counted as an agent-selection error)."
+    return self.pool.simulated and Orchestrator._low_skill(self, agent, turn)
+
+
+@patch
+def run(self: RedisOrchestrator, conversations: list, pace_s: float = 0.0):
+    "As `Orchestrator.run`; the run's `attrs` add the dispatch counts."
+    self.pool.conv_of = {id(t): c.id for c in conversations for t in c.turns}
+    t0 = time.monotonic()
+    while not self.dispatcher.alive().all() and time.monotonic() - t0 < self.startup_s:
+        time.sleep(0.1)  # workers start in seconds (they import torch)
+    turns, convs = Orchestrator.run(self, conversations, pace_s)
+    convs.attrs["run"] |= dict(
+        dispatched=self.pool.dispatched,
+        duplicates_ignored=self.dispatcher.duplicates,
+        moved_turns=len(self.pool.moved),
+        workers_down=sorted(self.workers_down),
+    )
+    return turns, convs

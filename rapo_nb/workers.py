@@ -6,8 +6,8 @@ Docs: https://rapo-nb.github.io/rapo_nb/workers.html.md"""
 
 # %% ../nbs/10_workers.ipynb #d7c80bb4
 from __future__ import annotations
-import argparse, hashlib, json, logging, os, signal, socket, sys, threading, time
-from typing import Callable
+import argparse, dataclasses, hashlib, json, logging, os, signal, socket, sys, threading, time
+from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import redis
@@ -15,15 +15,17 @@ from fastcore.basics import patch
 from .config import Config, load_config
 from .routing import replacement_for
 from .synthetic import Turn
-from .agents import SimulatedAgentPool
+from .agents import SimulatedAgentPool, AgentResponse, OpenAIChatAgent
 from .store import connect_redis, StoreUnavailable
 
 log = logging.getLogger("rapo_nb.workers")
 
 # %% auto #0
-__all__ = ['log', 'GROUP', 'TASK_FIELDS', 'RESULT_FIELDS', 'OUTCOMES', 'ORCH_GROUP', 'MalformedMessage', 'parse_task',
-           'parse_result', 'agent_stream', 'results_stream', 'rejected_stream', 'heartbeat_key', 'ensure_group',
-           'simulated_handler', 'AgentWorker', 'agent_main', 'RedisDispatcher', 'recover_dead_agents']
+__all__ = ['log', 'GROUP', 'TASK_FIELDS', 'RESULT_FIELDS', 'OUTCOMES', 'RNG_KINDS', 'PUBLISH_LUA', 'ORCH_GROUP', 'SUBMIT_LUA',
+           'MalformedMessage', 'parse_task', 'parse_result', 'agent_stream', 'results_stream', 'rejected_stream',
+           'heartbeat_key', 'consumer_key', 'answers_key', 'ensure_group', 'turn_payload', 'turn_of', 'rng_to_json',
+           'rng_from_json', 'pool_fingerprint', 'simulated_handler', 'agent_handler', 'AgentWorker', 'parse_agents',
+           'agent_main', 'RedisDispatcher', 'recover_dead_agents', 'NoWorker', 'RedisAgentPool']
 
 # %% ../nbs/10_workers.ipynb #0d480102
 GROUP = "rapo-agents"
@@ -42,6 +44,11 @@ def _text(fields: dict, name: str) -> str:
     if v is None:
         raise MalformedMessage(f"{name}: missing")
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _opt(fields: dict, name: str, default: str = "") -> str:
+    "Optional field `name` as str (`default` if absent)."
+    return _text(fields, name) if (name.encode() in fields or name in fields) else default
 
 
 def _int(fields: dict, name: str) -> int:
@@ -96,7 +103,7 @@ def parse_task(fields: dict) -> dict:
 
 # %% ../nbs/10_workers.ipynb #9c8a89e9
 def parse_result(fields: dict) -> dict:
-    "Validate a result entry written by a worker."
+    "Validate a result entry written by a worker (optional: `worker`, `replaced_from`, `rng` = the advanced stream)."
     r = dict(
         task_id=_text(fields, "task_id"),
         conv_id=_text(fields, "conv_id"),
@@ -117,11 +124,12 @@ def parse_result(fields: dict) -> dict:
         raise MalformedMessage("latency_s: expected a number") from None
     if not np.isfinite(r["latency_s"]) or r["latency_s"] < 0:
         raise MalformedMessage(f"latency_s: expected a finite number ≥ 0, got {r['latency_s']}")
-    r["worker"] = (
-        fields.get(b"worker", b"").decode()
-        if isinstance(fields.get(b"worker", b""), bytes)
-        else str(fields.get("worker", ""))
-    )
+    r["worker"] = _opt(fields, "worker")
+    r["replaced_from"] = int(_opt(fields, "replaced_from", "-1"))
+    try:
+        r["rng"] = json.loads(_opt(fields, "rng", "null"))
+    except json.JSONDecodeError:
+        raise MalformedMessage("rng: not JSON") from None
     return r
 
 # %% ../nbs/10_workers.ipynb #23661914
@@ -138,7 +146,18 @@ def rejected_stream(prefix: str) -> str:
 
 
 def heartbeat_key(prefix: str, agent: int) -> str:
+    "Set (with a time to live) by every worker hosting `agent`: the agent is alive while one of them beats."
     return f"{prefix}:alive:{int(agent)}"
+
+
+def consumer_key(prefix: str, agent: int, consumer: str) -> str:
+    "One worker's own heartbeat for `agent`: only entries of a consumer whose key expired may be re-claimed."
+    return f"{prefix}:alive:{int(agent)}:{consumer}"
+
+
+def answers_key(prefix: str) -> str:
+    "Hash task_id → the first answer (JSON): a second answer to a turn id is never published."
+    return f"{prefix}:answers"
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str = GROUP) -> None:
@@ -150,178 +169,376 @@ def ensure_group(client: redis.Redis, stream: str, group: str = GROUP) -> None:
             raise
 
 # %% ../nbs/10_workers.ipynb #34739aec
-def simulated_handler(n_agents: int, cfg: Config, seed: int = 0) -> Callable[[dict], dict]:
-    "A task handler answering as `agents.SimulatedAgentPool` agent `task['agent']` (deterministic per task id)."
-    pool = SimulatedAgentPool(n_agents, cfg, seed)
+RNG_KINDS = ("PCG64", "PCG64DXSM")  # bit generators whose state is plain integers (JSON-safe)
+
+
+def turn_payload(turn: Turn) -> dict:
+    "A `Turn` as the JSON object of a task's payload."
+    return {k: getattr(turn, k) for k in ("index", "fsm_state", "speaker", "text", "specialist", "task", "modality")}
+
+
+def turn_of(task: dict) -> Turn:
+    t = task["payload"]["turn"]
+    return Turn(t["index"], t["fsm_state"], t["speaker"], t["text"], t["specialist"], t["task"], t["modality"])
+
+
+def rng_to_json(rng: np.random.Generator) -> dict:
+    "The exact state of `rng` (sent with a turn, so any worker draws the same numbers the in-process run draws)."
+    st = rng.bit_generator.state
+    if st["bit_generator"] not in RNG_KINDS:
+        raise ValueError(f"rng: {st['bit_generator']} cannot travel with a task (use one of {RNG_KINDS})")
+    return st
+
+
+def rng_from_json(state) -> np.random.Generator:
+    "A generator in `state` (MalformedMessage if it is not a state `rng_to_json` writes)."
+    kind = state.get("bit_generator") if isinstance(state, dict) else None
+    if kind not in RNG_KINDS:
+        raise MalformedMessage(f"payload.rng: expected a {' or '.join(RNG_KINDS)} state, got {str(state)[:60]!r}")
+    bg = getattr(np.random, kind)()
+    try:
+        bg.state = state
+    except (TypeError, ValueError, KeyError) as e:
+        raise MalformedMessage(f"payload.rng: {e}") from None
+    return np.random.Generator(bg)
+
+
+def pool_fingerprint(n_agents: int, cfg: Config, seed: int, failure_rate: float = 0.0) -> str:
+    "What a simulated pool answers from (size, seed, failure rate, the config sections it reads), hashed."
+    parts = [int(n_agents), int(seed), float(failure_rate)]
+    parts += [dataclasses.asdict(getattr(cfg, s)) for s in ("simulation", "state", "synthetic")]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+# %% ../nbs/10_workers.ipynb #9652fb65
+def simulated_handler(n_agents: int, cfg: Config, seed: int = 0, failure_rate: float = 0.0) -> Callable[[dict], dict]:
+    """A task handler answering as `agents.SimulatedAgentPool` agent `task['agent']`.
+
+    Random numbers: the stream the orchestrator sent (`payload.rng`, returned advanced), else one keyed by the task id.
+    A task from an orchestrator whose simulated pool differs (`payload.pool`) is rejected, never answered wrongly."""
+    pool = SimulatedAgentPool(n_agents, cfg, seed, failure_rate=failure_rate)
+    mine = pool_fingerprint(n_agents, cfg, seed, failure_rate)
 
     def handle(task: dict) -> dict:
         if task["agent"] >= n_agents:
             raise MalformedMessage(f"agent: {task['agent']} ≥ n_agents {n_agents}")
-        t = task["payload"]["turn"]
-        turn = Turn(t["index"], t["fsm_state"], t["speaker"], t["text"], t["specialist"], t["task"], t["modality"])
-        rng = np.random.default_rng([seed, int(hashlib.sha256(task["task_id"].encode()).hexdigest()[:12], 16)])
-        r = pool.respond(task["agent"], task["payload"]["history"], task["payload"]["context"], turn, rng)
+        p = task["payload"]
+        if p.get("pool", mine) != mine:
+            raise MalformedMessage(
+                f"payload.pool: the orchestrator's simulated pool {p['pool']} is not this worker's {mine}"
+            )
+        if "rng" in p:
+            rng = rng_from_json(p["rng"])
+        else:
+            rng = np.random.default_rng([seed, int(hashlib.sha256(task["task_id"].encode()).hexdigest()[:12], 16)])
+        r = pool.respond(task["agent"], p["history"], p["context"], turn_of(task), rng)
+        out = dict(text=r.text, outcome=r.outcome, success=bool(r.success), latency_s=float(r.latency_s))
+        return out | ({"rng": rng.bit_generator.state} if "rng" in p else {})
+
+    return handle
+
+
+def agent_handler(agents: Mapping[int, object]) -> Callable[[dict], dict]:
+    "A task handler for any `agents.Agent` (e.g. `OpenAIChatAgent`): agent id → object with `respond`."
+
+    def handle(task: dict) -> dict:
+        a = agents.get(task["agent"])
+        if a is None:
+            raise MalformedMessage(f"agent: {task['agent']} is not hosted here (hosted: {sorted(agents)})")
+        r = a.respond(list(task["payload"]["history"]), task["payload"]["context"], turn_of(task))
         return dict(text=r.text, outcome=r.outcome, success=bool(r.success), latency_s=float(r.latency_s))
 
     return handle
 
 # %% ../nbs/10_workers.ipynb #6f92eb88
+# publish an answer only while this worker owns the entry, and only the first answer to a turn id (atomic)
+PUBLISH_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3])
+if #p == 0 then return -1 end
+local first = redis.call('HSETNX', KEYS[3], ARGV[4], ARGV[5])
+if first == 1 then redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6)) end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return first
+"""
+
+
 class AgentWorker:
-    "The `rapo-agent` loop for one agent id: re-claim → read → answer+ack in one transaction; heartbeat thread."
+    """The `rapo-agent` loop for one or more agent ids: re-claim orphaned entries → read → answer; heartbeat thread.
+
+    Exactly once: the answer is published and acknowledged by one Lua script, only while this worker still owns the
+    entry (else it is discarded: another worker took it over) and only if the turn id has no answer yet."""
 
     def __init__(
         self,
         client: redis.Redis,
-        agent: int,
+        agent: int | Sequence[int],
         handler: Callable[[dict], dict],
         prefix: str = "rapo:v1",
         consumer: str | None = None,
-        claim_idle_ms: int = 1000,
+        claim_idle_ms: int | None = None,
         block_ms: int = 100,
         heartbeat_ms: int = 200,
+        heartbeat_ttl_ms: int | None = None,
+        batch: int = 8,
         sleep_scale: float = 0.0,
+        retry_s: float = 30.0,
     ):
-        if not isinstance(agent, int) or agent < 0:
-            raise ValueError(f"agent: expected an integer ≥ 0, got {agent!r}")
-        self.client, self.agent, self.handler, self.prefix = client, agent, handler, prefix
-        self.stream = agent_stream(prefix, agent)
+        agents = list(agent) if isinstance(agent, (list, tuple, range)) else [agent]
+        for a in agents:
+            if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or a < 0:
+                raise ValueError(f"agent: expected an integer ≥ 0, got {a!r}")
+        if not agents:
+            raise ValueError("agent: expected at least one agent id")
+        if not (isinstance(heartbeat_ms, int) and heartbeat_ms > 0 and isinstance(batch, int) and batch > 0):
+            raise ValueError(f"heartbeat_ms, batch: expected integers > 0, got {heartbeat_ms!r}, {batch!r}")
+        self.client, self.handler, self.prefix = client, handler, prefix
+        self.agents = [int(a) for a in agents]
+        self.agent, self.stream = self.agents[0], agent_stream(prefix, self.agents[0])
+        self.streams = {agent_stream(prefix, a): a for a in self.agents}
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.claim_idle_ms, self.block_ms, self.heartbeat_ms, self.sleep_scale = (
-            claim_idle_ms,
-            block_ms,
-            heartbeat_ms,
-            sleep_scale,
-        )
-        self.processed = self.rejected = self.reclaimed = 0
-        self._stop = threading.Event()
-        ensure_group(client, self.stream)
+        self.heartbeat_ms, self.ttl_ms = heartbeat_ms, heartbeat_ttl_ms or 3 * heartbeat_ms
+        self.claim_idle_ms = heartbeat_ms if claim_idle_ms is None else claim_idle_ms
+        self.block_ms, self.batch, self.sleep_scale, self.retry_s = block_ms, batch, sleep_scale, float(retry_s)
+        self.processed = self.rejected = self.reclaimed = self.discarded = self.duplicates = 0
+        self._stop, self._checked = threading.Event(), 0.0
+        self._publish = client.register_script(PUBLISH_LUA)
+        for s in self.streams:
+            ensure_group(client, s)
 
-    def _beat(self):
-        while not self._stop.is_set():
-            try:
-                self.client.set(heartbeat_key(self.prefix, self.agent), self.consumer, px=3 * self.heartbeat_ms)
-            except redis.RedisError as e:
+# %% ../nbs/10_workers.ipynb #01b9287d
+@patch
+def beat(self: AgentWorker) -> None:
+    "Refresh the agent keys and this worker's own keys (time to live `ttl_ms`)."
+    pipe = self.client.pipeline(transaction=False)
+    for a in self.agents:
+        pipe.set(heartbeat_key(self.prefix, a), self.consumer, px=self.ttl_ms)
+        pipe.set(consumer_key(self.prefix, a, self.consumer), 1, px=self.ttl_ms)
+    pipe.execute()
+
+
+@patch
+def _beat(self: AgentWorker):
+    failed = False
+    while not self._stop.wait(self.heartbeat_ms / 1000):
+        try:
+            self.beat()
+            failed = False
+        except redis.RedisError as e:
+            if not failed:  # once per outage, not once per beat
                 log.warning("heartbeat failed: %s", e)
-            self._stop.wait(self.heartbeat_ms / 1000)
+            failed = True
 
-    def stop(self) -> None:
-        self._stop.set()
+
+@patch
+def stop(self: AgentWorker) -> None:
+    self._stop.set()
 
 # %% ../nbs/10_workers.ipynb #2e2b328e
 @patch
-def handle(self: AgentWorker, entry_id: bytes, fields: dict) -> None:
-    "Answer one entry (or reject it), then append the answer and XACK atomically."
+def handle(self: AgentWorker, stream: str, entry_id, fields: dict) -> int:
+    "Answer one entry of `stream` (or reject it). Returns 1 published, 0 already answered, −1 no longer ours."
+    agent = self.streams[stream]
+    if not self.client.xpending_range(stream, GROUP, entry_id, entry_id, 1, consumername=self.consumer):
+        self.discarded += 1  # taken over while it waited in our batch (e.g. we were paused): not ours to answer
+        return -1
     try:
         task = parse_task(fields)
-        if task["agent"] != self.agent and task["replaced_from"] < 0:
-            raise MalformedMessage(f"agent: entry for agent {task['agent']} on stream of agent {self.agent}")
+        if task["agent"] != agent:
+            raise MalformedMessage(f"agent: entry for agent {task['agent']} on the stream of agent {agent}")
         out = self.handler(task)
     except MalformedMessage as e:
-        log.warning("agent %d rejected entry %s: %s", self.agent, entry_id, e)
+        log.warning("agent %d rejected entry %s: %s", agent, entry_id, e)
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(
-            rejected_stream(self.prefix),
-            {"stream": self.stream, "entry": entry_id, "reason": str(e), "by": self.consumer},
-        )
-        pipe.xack(self.stream, GROUP, entry_id)
+        tid = _opt(fields, "task_id")
+        rej = {"stream": stream, "entry": entry_id, "task_id": tid, "reason": str(e), "by": self.consumer}
+        pipe.xadd(rejected_stream(self.prefix), rej)
+        pipe.xack(stream, GROUP, entry_id)
         pipe.execute()
         self.rejected += 1
-        return
+        return 0
     if self.sleep_scale > 0 and self._stop.wait(out["latency_s"] * self.sleep_scale):
-        return  # stopped mid-answer: entry stays pending
-    pipe = self.client.pipeline(transaction=True)
-    pipe.xadd(
-        results_stream(self.prefix),
-        {
-            "task_id": task["task_id"],
-            "conv_id": task["conv_id"],
-            "turn": task["turn"],
-            "agent": self.agent,
-            "text": out["text"],
-            "outcome": out["outcome"],
-            "success": int(bool(out["success"])),
-            "latency_s": repr(float(out["latency_s"])),
-            "worker": self.consumer,
-        },
-    )
-    pipe.xack(self.stream, GROUP, entry_id)
-    pipe.execute()
-    self.processed += 1
+        return -1  # stopped mid-answer: the entry stays pending, a sibling re-claims it
+    res = dict(task_id=task["task_id"], conv_id=task["conv_id"], turn=task["turn"], agent=agent, text=out["text"])
+    res |= dict(outcome=out["outcome"], success=int(bool(out["success"])), latency_s=repr(float(out["latency_s"])))
+    res |= dict(worker=self.consumer, replaced_from=task["replaced_from"])
+    if "rng" in out:
+        res["rng"] = json.dumps(out["rng"])
+    flat = [x for kv in res.items() for x in kv]
+    keys = [stream, results_stream(self.prefix), answers_key(self.prefix)]
+    got = int(self._publish(keys=keys, args=[GROUP, entry_id, self.consumer, task["task_id"], json.dumps(res), *flat]))
+    if got < 0:
+        self.discarded += 1
+        log.warning(
+            "agent %d: entry %s was taken over by another worker; this late answer is discarded", agent, entry_id
+        )
+    elif got == 0:
+        self.duplicates += 1
+    else:
+        self.processed += 1
+    return got
 
 # %% ../nbs/10_workers.ipynb #ad61df78
 @patch
-def step(self: AgentWorker) -> int:
-    "One loop iteration: re-claim idle pending entries, else read new ones; returns entries handled."
-    claimed = self.client.xautoclaim(
-        self.stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=64
-    )
-    entries = [(i, f) for i, f in claimed[1] if f]
-    self.reclaimed += len(entries)
-    if not entries:
-        got = self.client.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=64, block=self.block_ms)
-        entries = [(i, f) for _, es in (got or []) for i, f in es]
-    for i, f in entries:
-        if self._stop.is_set():
-            break
-        self.handle(i, f)
-    return len(entries)
+def claim_orphans(self: AgentWorker) -> list[tuple]:
+    "XCLAIM entries pending under consumers whose own heartbeat expired; returns [(stream, id, fields)]."
+    out = []
+    for s, a in self.streams.items():
+        for c in self.client.xpending(s, GROUP)["consumers"]:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if name == self.consumer or self.client.exists(consumer_key(self.prefix, a, name)):
+                continue  # our own, or a live worker's batch
+            ids = [p["message_id"] for p in self.client.xpending_range(s, GROUP, "-", "+", 256, consumername=name)]
+            if ids:  # min idle: of two workers claiming at once, one gets each entry
+                out += [(s, i, f) for i, f in self.client.xclaim(s, GROUP, self.consumer, self.claim_idle_ms, ids) if f]
+    self.reclaimed += len(out)
+    return out
 
 
 @patch
+def step(self: AgentWorker) -> int:
+    "One loop iteration: orphans (checked once per heartbeat), else new entries; returns entries handled."
+    entries, now = [], time.monotonic()
+    if now - self._checked >= self.heartbeat_ms / 1000:
+        self._checked = now
+        entries = self.claim_orphans()
+    if not entries:
+        got = self.client.xreadgroup(
+            GROUP, self.consumer, {s: ">" for s in self.streams}, count=self.batch, block=self.block_ms
+        )
+        entries = [(s.decode() if isinstance(s, bytes) else s, i, f) for s, es in (got or []) for i, f in es]
+    for s, i, f in entries:
+        if self._stop.is_set():
+            break
+        self.handle(s, i, f)
+    return len(entries)
+
+# %% ../nbs/10_workers.ipynb #e89c4a55
+@patch
 def run(self: AgentWorker, max_messages: int | None = None, idle_exit_s: float | None = None) -> None:
-    "Loop until stopped, `max_messages` handled, or `idle_exit_s` without work."
+    """Loop until stopped, `max_messages` handled, or `idle_exit_s` without work (a clean stop frees its entries).
+    Redis unreachable: retried with backoff for `retry_s`, then `StoreUnavailable` (the work waits in Redis)."""
     beat = threading.Thread(target=self._beat, daemon=True)
-    beat.start()
-    last = time.monotonic()
+    last, failing, k = time.monotonic(), None, 0
     try:
+        self._guarded(self.beat)
+        beat.start()
         while not self._stop.is_set():
-            if self.step():
-                last = time.monotonic()
+            try:
+                if self.step():
+                    last = time.monotonic()
+                failing, k = None, 0
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                failing, k = failing or time.monotonic(), k + 1
+                if time.monotonic() - failing > self.retry_s:
+                    raise StoreUnavailable(f"Redis unreachable for {self.retry_s} s (retried {k} times): {e}") from None
+                log.warning("Redis unreachable (%s); retry %d in %.1f s", e, k, min(0.1 * 2**k, 2.0))
+                self._stop.wait(min(0.1 * 2**k, 2.0))
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                for s in self.streams:  # Redis restarted without its data: the groups come back, empty
+                    ensure_group(self.client, s)
             if max_messages is not None and self.processed + self.rejected >= max_messages:
                 break
             if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
                 break
     finally:
         self._stop.set()
-        beat.join(timeout=2)
+        if beat.is_alive():
+            beat.join(timeout=2)
+        try:
+            self.client.delete(*[consumer_key(self.prefix, a, self.consumer) for a in self.agents])
+        except redis.RedisError:
+            pass
+
+
+@patch
+def _guarded(self: AgentWorker, fn) -> None:
+    "Call `fn`, retrying while Redis is unreachable for up to `retry_s`."
+    t0 = time.monotonic()
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if time.monotonic() - t0 > self.retry_s:
+                raise StoreUnavailable(f"Redis unreachable for {self.retry_s} s: {e}") from None
+            self._stop.wait(0.2)
 
 # %% ../nbs/10_workers.ipynb #3d3ae8b3
-def agent_main(argv: list[str] | None = None) -> int:
-    "Console script `rapo-agent`: serve one simulated agent from a Redis Stream (see `AgentWorker`)."
-    p = argparse.ArgumentParser(
-        prog="rapo-agent", description="A RAPO agent worker: consumes its Redis Stream through a consumer group."
-    )
+def parse_agents(spec: str, n: int) -> list[int]:
+    "Agent ids from `3`, `0-11` or `0,2,5-7`; ValueError naming --agent if one is not in [0, n)."
+    out = []
+    for part in str(spec).split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            out += range(int(lo), int(hi or lo) + 1)
+        except ValueError:
+            raise ValueError(f"--agent: expected ids like 3, 0-11 or 0,2,5-7; got {spec!r}") from None
+    bad = [a for a in out if not 0 <= a < n]
+    if bad or not out:
+        raise ValueError(f"--agent: {bad or spec} is not in [0, {n})")
+    return sorted(set(out))
+
+# %% ../nbs/10_workers.ipynb #6a5805ba
+def _agent_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rapo-agent", description="RAPO agent worker: consumes agent streams of Redis.")
     p.add_argument(
         "--redis-url",
         default=os.environ.get("RAPO_REDIS_URL"),
-        help="redis://host:port/db (default: $RAPO_REDIS_URL, else config runtime.redis_url)",
+        help="redis://[user:password@]host:port/db or rediss:// (TLS); default $RAPO_REDIS_URL, else config",
     )
-    p.add_argument("--agent", type=int, required=True, help="agent id this worker plays")
+    p.add_argument("--agent", required=True, help="agent id(s) this worker plays: 3, 0-11 or 0,2,5-7")
     p.add_argument(
-        "--n-agents", type=int, default=None, help="size of the simulated pool (default: config evaluation.n_agents)"
+        "--backend",
+        choices=("simulated", "openai"),
+        default="simulated",
+        help="simulated: agents.SimulatedAgentPool; openai: OpenAIChatAgent ($RAPO_LLM_BASE_URL, _MODEL)",
     )
+    p.add_argument("--n-agents", type=int, default=None, help="size of the pool (default: config evaluation.n_agents)")
     p.add_argument("--profile", default="quick")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (as the run's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--failure-rate", type=float, default=0.0, help="simulated pool: injected failures (as the run's)")
     p.add_argument("--prefix", default="rapo:v1")
-    p.add_argument("--consumer", default=None)
-    p.add_argument("--claim-idle-ms", type=int, default=1000)
+    p.add_argument("--consumer", default=None, help="consumer name (default: host-pid)")
+    p.add_argument("--claim-idle-ms", type=int, default=None)
     p.add_argument("--block-ms", type=int, default=100)
     p.add_argument("--heartbeat-ms", type=int, default=200)
-    p.add_argument(
-        "--sleep-scale", type=float, default=0.0, help="sleep latency_s × this per answer (emulates service time)"
-    )
+    p.add_argument("--heartbeat-ttl-ms", type=int, default=None, help="default 3 × heartbeat")
+    p.add_argument("--batch", type=int, default=8, help="entries read at once per stream")
+    p.add_argument("--sleep-scale", type=float, default=0.0, help="sleep latency_s × this per answer (service time)")
+    p.add_argument("--redis-retry-s", type=float, default=30.0, help="how long Redis may be unreachable before exit 3")
     p.add_argument("--max-messages", type=int, default=None)
     p.add_argument("--idle-exit-s", type=float, default=None)
     p.add_argument(
-        "--timeout-s", type=float, default=None, help="Redis connect timeout (default: config runtime.redis_timeout_s)"
+        "--timeout-s", type=float, default=None, help="Redis timeout (default: config runtime.redis_timeout_s)"
     )
+    return p
+
+
+def _value(s: str):
+    "A --set value: JSON if it parses (numbers, lists, true/false), else the string."
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+# %% ../nbs/10_workers.ipynb #62682802
+def agent_main(argv: list[str] | None = None) -> int:
+    "Console script `rapo-agent`: serve one or more agents from their Redis Streams (see `AgentWorker`)."
+    p = _agent_parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"rapo-agent[{a.agent}] %(levelname)s %(message)s")
-    cfg = load_config(a.profile, seed=a.seed)
-    url = a.redis_url or cfg.runtime.redis_url
-    n = a.n_agents or cfg.evaluation.n_agents
-    if not 0 <= a.agent < n:
-        p.error(f"--agent: {a.agent} is not in [0, {n})")
+    over = {k: _value(v) for k, _, v in (s.partition("=") for s in a.set)}
+    cfg = load_config(a.profile, overrides=over, seed=a.seed)
+    url, n = a.redis_url or cfg.runtime.redis_url, a.n_agents or cfg.evaluation.n_agents
+    try:
+        agents = parse_agents(a.agent, n)
+    except ValueError as e:
+        p.error(str(e))
+    if a.backend == "simulated":
+        handler = simulated_handler(n, cfg, a.seed, a.failure_rate)
+    else:
+        handler = agent_handler({i: OpenAIChatAgent() for i in agents})
     try:
         client = connect_redis(url, a.timeout_s or cfg.runtime.redis_timeout_s)
     except StoreUnavailable as e:
@@ -329,27 +546,50 @@ def agent_main(argv: list[str] | None = None) -> int:
         return 2
     w = AgentWorker(
         client,
-        a.agent,
-        simulated_handler(n, cfg, a.seed),
-        prefix=a.prefix,
-        consumer=a.consumer,
-        claim_idle_ms=a.claim_idle_ms,
-        block_ms=a.block_ms,
-        heartbeat_ms=a.heartbeat_ms,
-        sleep_scale=a.sleep_scale,
+        agents,
+        handler,
+        a.prefix,
+        a.consumer,
+        a.claim_idle_ms,
+        a.block_ms,
+        a.heartbeat_ms,
+        a.heartbeat_ttl_ms,
+        a.batch,
+        a.sleep_scale,
+        a.redis_retry_s,
     )
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
-    log.info("serving %s as consumer %s of group %s", w.stream, w.consumer, GROUP)
-    w.run(max_messages=a.max_messages, idle_exit_s=a.idle_exit_s)
-    log.info("stopped: %d answered, %d rejected, %d re-claimed", w.processed, w.rejected, w.reclaimed)
+    log.info("serving agents %s as consumer %s of group %s", agents, w.consumer, GROUP)
+    try:
+        w.run(max_messages=a.max_messages, idle_exit_s=a.idle_exit_s)
+    except StoreUnavailable as e:
+        print(
+            f"rapo-agent: {e} ({url.split('@')[-1]}); its unanswered turns wait in Redis for another worker",
+            file=sys.stderr,
+        )
+        return 3
+    log.info(
+        "stopped: %d answered, %d rejected, %d re-claimed, %d discarded",
+        w.processed,
+        w.rejected,
+        w.reclaimed,
+        w.discarded,
+    )
     return 0
 
 # %% ../nbs/10_workers.ipynb #5ead3029
 ORCH_GROUP = "rapo-orchestrator"
+# a turn id answered already: hand back its answer instead of queueing it again (a resumed orchestrator re-asks)
+SUBMIT_LUA = """
+local r = redis.call('HGET', KEYS[2], ARGV[1])
+if r then return {1, r} end
+return {0, redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))}
+"""
 
 
 class RedisDispatcher:
-    """Orchestrator side of the streams: send tasks, read answers (rejecting malformed ones), re-claim dead work.
+    """Orchestrator side of the streams: send tasks, read answers (malformed ones rejected, a second answer to a
+    turn id ignored), re-claim dead work.
 
     `metrics`: optional `runtime.RuntimeMetrics` (its `rejected` and `replacements` counters are incremented)."""
 
@@ -364,27 +604,31 @@ class RedisDispatcher:
         if not isinstance(n_agents, int) or n_agents < 1:
             raise ValueError(f"n_agents: expected an integer ≥ 1, got {n_agents!r}")
         self.client, self.n, self.prefix, self.consumer, self.metrics = client, n_agents, prefix, consumer, metrics
-        self.rejected = 0
+        self.rejected = self.duplicates = 0
+        self.seen: set[str] = set()  # turn ids whose answer was delivered
+        self._ready: list[dict] = []  # answers found at submit time
+        self._submit = client.register_script(SUBMIT_LUA)
         for a in range(n_agents):
             ensure_group(client, agent_stream(prefix, a))
         ensure_group(client, results_stream(prefix), ORCH_GROUP)
 
     def submit(
         self, agent: int, task_id: str, conv_id: str, turn: int, payload: dict, replaced_from: int = -1
-    ) -> bytes:
-        "Append a task to agent `agent`'s stream."
+    ) -> bytes | None:
+        "Append a task to agent `agent`'s stream; None if the turn id has an answer already (then `poll` returns it)."
         if not 0 <= int(agent) < self.n:
             raise ValueError(f"agent: {agent} is not in [0, {self.n})")
-        f = {
-            "task_id": task_id,
-            "conv_id": conv_id,
-            "turn": int(turn),
-            "agent": int(agent),
-            "payload": json.dumps(payload),
-        }
+        f = dict(task_id=task_id, conv_id=conv_id, turn=int(turn), agent=int(agent), payload=json.dumps(payload))
         if replaced_from >= 0:
             f["replaced_from"] = int(replaced_from)
-        return self.client.xadd(agent_stream(self.prefix, agent), f)
+        kind, value = self._submit(
+            keys=[agent_stream(self.prefix, agent), answers_key(self.prefix)],
+            args=[task_id, *[x for kv in f.items() for x in kv]],
+        )
+        if int(kind) == 1:
+            self._ready.append(parse_result(json.loads(value)))
+            return None
+        return value
 
     def _reject(self, stream: str, entry_id, reason: str) -> None:
         log.warning("rejected entry %s of %s: %s", entry_id, stream, reason)
@@ -398,25 +642,33 @@ class RedisDispatcher:
 # %% ../nbs/10_workers.ipynb #0b925187
 @patch
 def poll(self: RedisDispatcher, block_ms: int = 50, count: int = 512) -> list[dict]:
-    "Valid answers that arrived (each acknowledged); malformed ones are logged, copied to `rejected`, dropped."
+    "New valid answers (acknowledged; each turn id once); malformed ones are logged, copied to `rejected`, dropped."
     rs = results_stream(self.prefix)
-    got = self.client.xreadgroup(ORCH_GROUP, self.consumer, {rs: ">"}, count=count, block=block_ms)
-    out, ids = [], []
+    ready, self._ready = self._ready, []
+    got = self.client.xreadgroup(ORCH_GROUP, self.consumer, {rs: ">"}, count=count, block=None if ready else block_ms)
+    ids = []
     for _, entries in got or []:
         for i, f in entries:
             ids.append(i)
             try:
-                out.append(parse_result(f))
+                ready.append(parse_result(f))
             except MalformedMessage as e:
                 self._reject(rs, i, str(e))
     if ids:
         self.client.xack(rs, ORCH_GROUP, *ids)
+    out = []
+    for r in ready:
+        if r["task_id"] in self.seen:
+            self.duplicates += 1
+            continue
+        self.seen.add(r["task_id"])
+        out.append(r)
     return out
 
 
 @patch
 def alive(self: RedisDispatcher) -> np.ndarray:
-    "bool [n]: agents whose worker heartbeat key exists."
+    "bool [n]: agents with a live worker (a heartbeat key that has not expired)."
     pipe = self.client.pipeline(transaction=False)
     for a in range(self.n):
         pipe.exists(heartbeat_key(self.prefix, a))
@@ -478,3 +730,101 @@ def recover_dead_agents(dispatcher: RedisDispatcher, bank, load) -> list[dict]:
         if dispatcher.metrics:
             dispatcher.metrics.replacements.inc()
     return moved
+
+# %% ../nbs/10_workers.ipynb #8795ebf3
+class NoWorker(RuntimeError):
+    "No worker answered a turn in time, or an agent has no worker and nobody can replace it."
+
+
+class RedisAgentPool:
+    """Agents answering in `rapo-agent` workers: `respond(agent, history, context, turn, rng)` sends the turn to the
+    agent's stream and waits for its answer. `truth`: the simulated pool the workers run, seeded identically (its hidden
+    skills serve the analysis only, as in-process); None for live agents. `on_dead(agent) -> replacement agent`."""
+
+    def __init__(
+        self,
+        dispatcher: RedisDispatcher,
+        truth=None,
+        run_key: str = "run",
+        fingerprint: str | None = None,
+        wait_s: float = 60.0,
+        check_s: float = 0.25,
+        on_dead: Callable[[int], int] | None = None,
+    ):
+        if not (wait_s > 0 and check_s > 0):
+            raise ValueError(f"wait_s, check_s: expected > 0, got {wait_s!r}, {check_s!r}")
+        self.dispatcher, self.truth, self.run_key, self.fingerprint = dispatcher, truth, run_key, fingerprint
+        self.simulated, self.wait_s, self.check_s, self.on_dead = truth is not None, wait_s, check_s, on_dead
+        self.conv_of: dict[int, str] = {}  # id(turn) → conversation id (the orchestrator fills it)
+        self.dispatched = self.stale = 0
+        self.moved: list[dict] = []
+
+    def __getattr__(self, name: str):
+        truth = self.__dict__.get("truth")
+        if truth is None or name.startswith("__"):
+            raise AttributeError(f"{name}: agents behind Redis have no simulated {name}")
+        return getattr(truth, name)
+
+    def task_id(self, agent: int, conv_id: str, payload: dict) -> str:
+        "The turn's id: run, conversation, turn, agent and a digest of everything asked."
+        digest = hashlib.sha256(json.dumps([agent, payload], sort_keys=True).encode()).hexdigest()[:16]
+        return f"{self.run_key}:{conv_id}:{payload['turn']['index']}:{agent}:{digest}"
+
+    def respond(self, agent: int, history, context: str, turn: Turn, rng: np.random.Generator) -> AgentResponse:
+        "Dispatch the turn to agent `agent`'s workers and wait for the answer (the random stream comes back advanced)."
+        payload = dict(history=list(history), context=context, turn=turn_payload(turn))
+        if self.simulated:
+            payload |= dict(rng=rng_to_json(rng), pool=self.fingerprint)
+        conv_id = self.conv_of.get(id(turn), "")
+        tid = self.task_id(int(agent), conv_id, payload)
+        self.dispatcher.submit(int(agent), tid, conv_id, int(turn.index), payload)
+        self.dispatched += 1
+        r = self._wait(tid, int(agent))
+        if self.simulated and r["rng"] is not None:
+            rng.bit_generator.state = r["rng"]
+        return AgentResponse(r["text"], r["latency_s"], r["outcome"], r["success"], self.simulated)
+
+# %% ../nbs/10_workers.ipynb #bf007584
+@patch
+def _wait(self: RedisAgentPool, tid: str, agent: int) -> dict:
+    """Poll answers until turn `tid`'s arrives; move the agent's work to a replacement when all its workers are gone;
+    raise `NoWorker` naming the reason if a worker rejected the turn."""
+    t0 = last = time.monotonic()
+    current = agent
+    while True:
+        for r in self.dispatcher.poll(block_ms=20):
+            if r["task_id"] == tid:
+                return r
+            self.stale += 1  # an answer nobody waits for any more (e.g. asked by an orchestrator before a restart)
+        now = time.monotonic()
+        if now - last >= self.check_s:
+            last = now
+            if not self.dispatcher.client.exists(heartbeat_key(self.dispatcher.prefix, current)):
+                current = self._move(current)
+            self._check_rejected(tid)
+        if now - t0 > self.wait_s:
+            raise NoWorker(
+                f"turn {tid}: no answer from agent {current}'s workers within {self.wait_s} s "
+                f"(Redis {self.dispatcher.client.connection_pool.connection_kwargs.get('host')})"
+            )
+
+
+@patch
+def _move(self: RedisAgentPool, dead: int) -> int:
+    "Every worker of `dead` is gone: re-send its pending and unread entries to `on_dead(dead)` (§4.4)."
+    if self.on_dead is None:
+        raise NoWorker(f"agent {dead}: no rapo-agent worker has a live heartbeat, and no replacement rule was given")
+    rep = int(self.on_dead(dead))
+    for t in self.dispatcher.reclaim(dead):
+        self.dispatcher.submit(rep, t["task_id"], t["conv_id"], t["turn"], t["payload"], replaced_from=dead)
+        self.moved.append(dict(task_id=t["task_id"], failed=dead, replacement=rep))
+    log.warning("agent %d has no live worker: its turns go to agent %d", dead, rep)
+    return rep
+
+
+@patch
+def _check_rejected(self: RedisAgentPool, tid: str) -> None:
+    "NoWorker if a worker rejected turn `tid` (read from the newest entries of the rejected stream)."
+    for _, f in self.dispatcher.client.xrevrange(rejected_stream(self.dispatcher.prefix), count=50):
+        if f.get(b"task_id", b"").decode() == tid:
+            raise NoWorker(f"turn {tid}: rejected by worker {f[b'by'].decode()}: {f[b'reason'].decode()}")
