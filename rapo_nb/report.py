@@ -180,6 +180,7 @@ HEADLINE_TABLES = [
 ]
 
 
+# %% ../nbs/21_report.ipynb #c0ffee000022
 def present_notebooks(nbs: Path | None = None) -> list[str]:
     "Stems of the numbered notebooks in this checkout."
     return [p.stem for p in numbered_notebooks(nbs)]
@@ -272,6 +273,7 @@ def build_report(profile: str, figdir: Path | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
+# %% ../nbs/21_report.ipynb #c0ffee000021
 def write_report(profile: str, figdir: Path | None = None) -> Path:
     "Check the named artifacts, then write figures/REPORT.md; return its path."
     figdir = Path(figdir or figures_dir())

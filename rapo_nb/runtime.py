@@ -1157,7 +1157,7 @@ def _orchestrator_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     p.add_argument(
-        "--system", default="rapo", type=_system_arg, help="a paper system name or a factor name router/policy/c0|1/h0|1"
+        "--system", default="rapo", type=_system_arg, help="a paper system or a factor name router/policy/c0|1/h0|1"
     )
     p.add_argument("--n-conversations", type=int, default=40)
     p.add_argument("--n-agents", type=int, default=None)
