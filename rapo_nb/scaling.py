@@ -990,6 +990,23 @@ def _saving_claim(opt: pd.DataFrame) -> dict:
     )
 
 
+def _communication_claim(comm: pd.DataFrame) -> dict:
+    "The §5.4 communication row: growth exponents of messages per tick of the graphs we build (conformance)."
+    e_full, lo, hi = _growth(comm, "complete")
+    e_sparse = _growth(comm, "sparse")[0]
+    e_nlogn = math.log(hi * math.log(hi) / (lo * math.log(lo))) / math.log(hi / lo)
+    return claim_row(
+        "communication O(n²) when all agents interact, O(n log n) typical",
+        "§5.4",
+        f"{PAPER_CLAIMS['communication_worst']} worst case, {PAPER_CLAIMS['communication_typical']} typical",
+        f"messages per tick grow as n^{e_full:.2f} (complete graph) and n^{e_sparse:.2f} (our sparse graph of "
+        f"fixed degree) from {lo:,} to {hi:,} agents; n log n would be n^{e_nlogn:.2f}",
+        kind="conformance",
+        ok=abs(e_full - 2) <= 0.05 and e_sparse <= e_nlogn + 0.01,
+        note="message counts of the graphs we build (formulas checked against make_topology above), not "
+        "measured network traffic: a property of our design, so conformance",
+    )
+
 # %% ../nbs/17_scaling.ipynb #a1b2c3d4e5f6
 def _memory_claims(rows: list, s: pd.DataFrame, fit_rss: dict, opt: pd.DataFrame) -> None:
     "The memory rows of `scaling_claims` (§4.5, §5.4, §6), appended to `rows`."
@@ -1044,20 +1061,9 @@ def _memory_claims(rows: list, s: pd.DataFrame, fit_rss: dict, opt: pd.DataFrame
     )
     rows.append(_saving_claim(opt))
 
-
 # %% ../nbs/17_scaling.ipynb #480ea670
-def scaling_claims(
-    sweep: pd.DataFrame,
-    fit_rss: dict,
-    dominance: pd.DataFrame,
-    opt: pd.DataFrame,
-    success: pd.DataFrame,
-    comm: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    "The §4.5/§5.4/§6 claims next to our measurements, with verdicts from `claim_row` (a checked claims table)."
-    rows = []
-    s = sweep.set_index(sweep.agents.astype(int))
-    _memory_claims(rows, s, fit_rss, opt)
+def _speed_claims(rows: list, s: pd.DataFrame, success: pd.DataFrame, dominance: pd.DataFrame) -> None:
+    "The time rows of `scaling_claims` (§5.4: near-linear tick, overhead share, where consensus dominates)."
     small = s[s.index <= 500]
     if len(small) >= 2:
         lo, hi = small.index.min(), small.index.max()
@@ -1101,23 +1107,23 @@ def scaling_claims(
             note="share of the tick spent in the consensus step > 50 %",
         )
     )
+
+# %% ../nbs/17_scaling.ipynb #c0ffee000018
+def scaling_claims(
+    sweep: pd.DataFrame,
+    fit_rss: dict,
+    dominance: pd.DataFrame,
+    opt: pd.DataFrame,
+    success: pd.DataFrame,
+    comm: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    "The §4.5/§5.4/§6 claims next to our measurements, with verdicts from `claim_row` (a checked claims table)."
+    rows = []
+    s = sweep.set_index(sweep.agents.astype(int))
+    _memory_claims(rows, s, fit_rss, opt)
+    _speed_claims(rows, s, success, dominance)
     if comm is not None:
-        e_full, lo, hi = _growth(comm, "complete")
-        e_sparse = _growth(comm, "sparse")[0]
-        e_nlogn = math.log(hi * math.log(hi) / (lo * math.log(lo))) / math.log(hi / lo)
-        rows.append(
-            claim_row(
-                "communication O(n²) when all agents interact, O(n log n) typical",
-                "§5.4",
-                f"{PAPER_CLAIMS['communication_worst']} worst case, {PAPER_CLAIMS['communication_typical']} typical",
-                f"messages per tick grow as n^{e_full:.2f} (complete graph) and n^{e_sparse:.2f} (our sparse graph of "
-                f"fixed degree) from {lo:,} to {hi:,} agents; n log n would be n^{e_nlogn:.2f}",
-                kind="conformance",
-                ok=abs(e_full - 2) <= 0.05 and e_sparse <= e_nlogn + 0.01,
-                note="message counts of the graphs we build (formulas checked against make_topology above), not "
-                "measured network traffic: a property of our design, so conformance",
-            )
-        )
+        rows.append(_communication_claim(comm))
     if len(success) and 1000 in success.agents.values:
         v = float(success.set_index("agents").loc[1000, "success_simulated"])
         ours, ok = f"{v:.3f} (simulated)", bool(abs(v - PAPER_TABLE2[1000]["success"]) <= 0.05)

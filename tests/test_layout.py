@@ -159,7 +159,6 @@ LONG_CELLS_NOT_YET_SPLIT = {
     ("00_config", "RouteLLMConfig"): "as above",
     ("00_config", "paper_spec"): "a data table: the paper's constants keyed by the config field that implements each",
     ("21_report", "REPORT_ARTIFACTS"): "a data table: the figures and tables each notebook must leave for the report",
-    ("17_scaling", "scaling_claims"): "builds the claims table (not split this session)",
     ("18_workflows", "workflow_claims"): "builds the claims table (not split this session)",
 }
 
