@@ -12,11 +12,11 @@ import numpy as np
 import torch
 import redis
 from fastcore.basics import patch
-from .config import Config, load_config
+from .config import Config, RuntimeConfig, load_config
 from .routing import replacement_for
 from .synthetic import Turn
 from .agents import SimulatedAgentPool, AgentResponse, OpenAIChatAgent
-from .store import connect_redis, StoreUnavailable
+from .store import connect_redis, StoreUnavailable, TRANSIENT_ERRORS, call_with_retries
 
 log = logging.getLogger("rapo_nb.workers")
 
@@ -739,7 +739,11 @@ class NoWorker(RuntimeError):
 class RedisAgentPool:
     """Agents answering in `rapo-agent` workers: `respond(agent, history, context, turn, rng)` sends the turn to the
     agent's stream and waits for its answer. `truth`: the simulated pool the workers run, seeded identically (its hidden
-    skills serve the analysis only, as in-process); None for live agents. `on_dead(agent) -> replacement agent`."""
+    skills serve the analysis only, as in-process); None for live agents. `on_dead(agent) -> replacement agent`.
+
+    A Redis blip: every call is retried (`retries`, `backoff_s`, `backoff_max_s`; default the config's
+    runtime.store_*), then the groups are re-created and the awaited turn re-sent; heartbeats are not judged for
+    `rejoin_s` after it (the workers reconnect). Redis down past the budget: `StoreUnavailable` naming its URL."""
 
     def __init__(
         self,
@@ -750,14 +754,27 @@ class RedisAgentPool:
         wait_s: float = 60.0,
         check_s: float = 0.25,
         on_dead: Callable[[int], int] | None = None,
+        retries: int | None = None,
+        backoff_s: float | None = None,
+        backoff_max_s: float | None = None,
+        rejoin_s: float = 5.0,
     ):
-        if not (wait_s > 0 and check_s > 0):
-            raise ValueError(f"wait_s, check_s: expected > 0, got {wait_s!r}, {check_s!r}")
+        if not (wait_s > 0 and check_s > 0 and rejoin_s >= 0):
+            raise ValueError(
+                f"wait_s, check_s, rejoin_s: expected > 0, > 0, ≥ 0; got {wait_s!r}, {check_s!r}, {rejoin_s!r}"
+            )
+        rt = RuntimeConfig()
+        self.retries = rt.store_retries if retries is None else int(retries)
+        self.backoff_s = rt.store_backoff_s if backoff_s is None else float(backoff_s)
+        self.backoff_max_s = rt.store_backoff_max_s if backoff_max_s is None else float(backoff_max_s)
         self.dispatcher, self.truth, self.run_key, self.fingerprint = dispatcher, truth, run_key, fingerprint
         self.simulated, self.wait_s, self.check_s, self.on_dead = truth is not None, wait_s, check_s, on_dead
+        self.rejoin_s = float(rejoin_s)
         self.conv_of: dict[int, str] = {}  # id(turn) → conversation id (the orchestrator fills it)
-        self.dispatched = self.stale = 0
+        self.dispatched = self.stale = self.blips = self.resubmitted = 0
         self.moved: list[dict] = []
+        self._asking: tuple | None = None  # (conv_id, turn index, payload) of the turn being waited for
+        self._lost = False  # a Redis call failed: the server may have restarted without its data
 
     def __getattr__(self, name: str):
         truth = self.__dict__.get("truth")
@@ -777,35 +794,95 @@ class RedisAgentPool:
             payload |= dict(rng=rng_to_json(rng), pool=self.fingerprint)
         conv_id = self.conv_of.get(id(turn), "")
         tid = self.task_id(int(agent), conv_id, payload)
-        self.dispatcher.submit(int(agent), tid, conv_id, int(turn.index), payload)
+        self._asking = (conv_id, int(turn.index), payload)
+        self._redis(lambda: self.dispatcher.submit(int(agent), tid, conv_id, int(turn.index), payload), f"send {tid}")
         self.dispatched += 1
         r = self._wait(tid, int(agent))
         if self.simulated and r["rng"] is not None:
             rng.bit_generator.state = r["rng"]
         return AgentResponse(r["text"], r["latency_s"], r["outcome"], r["success"], self.simulated)
 
+# %% ../nbs/10_workers.ipynb #b11b0001
+@patch
+def url(self: RedisAgentPool) -> str:
+    "The dispatcher's Redis as a URL without user or password (for messages)."
+    kw = self.dispatcher.client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}"
+    tls = "SSL" in self.dispatcher.client.connection_pool.connection_class.__name__
+    return f"{'rediss' if tls else 'redis'}://{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+@patch
+def _redis(self: RedisAgentPool, fn: Callable, what: str):
+    "`fn()`, retried after connection errors (`store.call_with_retries`); a retry marks Redis as possibly restarted."
+    tries = []
+
+    def attempt():
+        tries.append(1)
+        return fn()
+
+    out = call_with_retries(attempt, what, self.url(), self.retries, self.backoff_s, self.backoff_max_s)
+    if len(tries) > 1:
+        self.blips += 1
+        self._lost = True
+        log.warning("Redis at %s answered again after %d attempts (%s)", self.url(), len(tries), what)
+    return out
+
+
+@patch
+def _rejoin(self: RedisAgentPool, tid: str, agent: int, current: int) -> None:
+    """After a blip: re-create the consumer groups (a server restarted without data lost them) and re-send turn `tid`.
+    Exactly once: its answer, if stored, comes back at once (SUBMIT_LUA); a second entry is answered but never published
+    twice (PUBLISH_LUA's HSETNX on the turn id); the dispatcher delivers each turn id once."""
+    d = self.dispatcher
+    conv_id, turn, payload = self._asking
+
+    def groups():
+        for a in range(d.n):
+            ensure_group(d.client, agent_stream(d.prefix, a))
+        ensure_group(d.client, results_stream(d.prefix), ORCH_GROUP)
+
+    while self._lost:
+        self._lost = False
+        self._redis(groups, "re-create the consumer groups")
+        rf = agent if current != agent else -1
+        self._redis(lambda: d.submit(current, tid, conv_id, turn, payload, replaced_from=rf), f"re-send {tid}")
+        self.resubmitted += 1
+        log.warning("Redis came back: turn %s re-sent to agent %d", tid, current)
+
 # %% ../nbs/10_workers.ipynb #bf007584
 @patch
 def _wait(self: RedisAgentPool, tid: str, agent: int) -> dict:
     """Poll answers until turn `tid`'s arrives; move the agent's work to a replacement when all its workers are gone;
-    raise `NoWorker` naming the reason if a worker rejected the turn."""
+    raise `NoWorker` naming the reason if a worker rejected the turn. After a Redis blip: `_rejoin`, the wait restarts."""
     t0 = last = time.monotonic()
-    current = agent
+    current, quiet_until = agent, 0.0
     while True:
-        for r in self.dispatcher.poll(block_ms=20):
-            if r["task_id"] == tid:
-                return r
-            self.stale += 1  # an answer nobody waits for any more (e.g. asked by an orchestrator before a restart)
-        now = time.monotonic()
-        if now - last >= self.check_s:
-            last = now
-            if not self.dispatcher.client.exists(heartbeat_key(self.dispatcher.prefix, current)):
-                current = self._move(current)
-            self._check_rejected(tid)
+        if self._lost:
+            self._rejoin(tid, agent, current)
+            t0 = quiet_until = time.monotonic()
+            quiet_until += self.rejoin_s  # the workers reconnect and beat again before an agent is judged dead
+        try:
+            for r in self._redis(lambda: self.dispatcher.poll(block_ms=20), "poll answers"):
+                if r["task_id"] == tid:
+                    return r
+                self.stale += 1  # an answer nobody waits for any more (e.g. asked by an orchestrator before a restart)
+            now = time.monotonic()
+            if now - last >= self.check_s:
+                last = now
+                hb = heartbeat_key(self.dispatcher.prefix, current)
+                if now >= quiet_until and not self._redis(lambda: self.dispatcher.client.exists(hb), "heartbeat"):
+                    current = self._move(current)
+                self._check_rejected(tid)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            self._lost = True  # Redis restarted without data between two calls: no error, but no groups
+            continue
         if now - t0 > self.wait_s:
             raise NoWorker(
-                f"turn {tid}: no answer from agent {current}'s workers within {self.wait_s} s "
-                f"(Redis {self.dispatcher.client.connection_pool.connection_kwargs.get('host')})"
+                f"turn {tid}: no answer from agent {current}'s workers within {self.wait_s} s ({self.url()})"
             )
 
 
@@ -815,8 +892,10 @@ def _move(self: RedisAgentPool, dead: int) -> int:
     if self.on_dead is None:
         raise NoWorker(f"agent {dead}: no rapo-agent worker has a live heartbeat, and no replacement rule was given")
     rep = int(self.on_dead(dead))
-    for t in self.dispatcher.reclaim(dead):
-        self.dispatcher.submit(rep, t["task_id"], t["conv_id"], t["turn"], t["payload"], replaced_from=dead)
+    d = self.dispatcher
+    for t in self._redis(lambda: d.reclaim(dead), f"re-claim agent {dead}'s turns"):
+        args = (rep, t["task_id"], t["conv_id"], t["turn"], t["payload"])
+        self._redis(lambda: d.submit(*args, replaced_from=dead), f"move {t['task_id']}")
         self.moved.append(dict(task_id=t["task_id"], failed=dead, replacement=rep))
     log.warning("agent %d has no live worker: its turns go to agent %d", dead, rep)
     return rep
@@ -825,6 +904,7 @@ def _move(self: RedisAgentPool, dead: int) -> int:
 @patch
 def _check_rejected(self: RedisAgentPool, tid: str) -> None:
     "NoWorker if a worker rejected turn `tid` (read from the newest entries of the rejected stream)."
-    for _, f in self.dispatcher.client.xrevrange(rejected_stream(self.dispatcher.prefix), count=50):
+    rs = rejected_stream(self.dispatcher.prefix)
+    for _, f in self._redis(lambda: self.dispatcher.client.xrevrange(rs, count=50), "read rejections"):
         if f.get(b"task_id", b"").decode() == tid:
             raise NoWorker(f"turn {tid}: rejected by worker {f[b'by'].decode()}: {f[b'reason'].decode()}")

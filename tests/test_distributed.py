@@ -312,3 +312,73 @@ def test_worker_rides_out_a_redis_restart_then_gives_up_naming_the_address(tmp_p
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture
+def blip_run(tmp_path, reference):
+    """Redis (no persistence) and two `rapo-agent` workers hosting every agent; `kill()` SIGKILLs redis-server once 20
+    turns are answered, `restart()` starts it again, empty, on the same port. Everything stopped by pid afterwards."""
+    from conftest import start_redis
+    state = {}
+    state["redis"], url = start_redis(tmp_path)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    procs = [subprocess.Popen(AGENT + ["--redis-url", url, "--agent", f"0-{N - 1}", "--consumer", c, "--block-ms", "20",
+                                       "--heartbeat-ms", "100", "--failure-rate", "0.05", "--sleep-scale", "1",
+                                       "--redis-retry-s", "40"], stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / f"{c}.log", "w")) for c in ("w0", "w1")]
+
+    def kill_when_busy(down_s):  # runs in a thread: kill Redis mid-run; restart it after down_s (None: never)
+        client = connect_redis(url)
+        _wait(lambda: client.xlen(results_stream("rapo:v1")) >= 20, what="20 answers")
+        state["redis"].kill()
+        state["redis"].wait(timeout=10)
+        state["killed_at"] = time.monotonic()
+        if down_s is not None:
+            time.sleep(down_s)
+            state["redis"], _ = start_redis(tmp_path, port=port)
+            state["restarted"] = True
+
+    state.update(url=url, port=port, kill_when_busy=kill_when_busy)
+    yield state
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+    if state["redis"].poll() is None:
+        state["redis"].kill()
+        state["redis"].wait(timeout=10)
+
+
+def test_orchestrator_rides_out_a_redis_restart_that_lost_every_stream(blip_run, reference):
+    "redis-server SIGKILLed mid-run, back 1 s later without data: the awaited turn is re-sent; same outcomes, once each."
+    from rapo_nb.runtime import RedisOrchestrator
+    convs, ref = reference
+    orch = RedisOrchestrator(CFG, "rapo", 0, redis_url=blip_run["url"], failure_rate=0.05, wait_s=30)
+    th = threading.Thread(target=blip_run["kill_when_busy"], args=(1.0,), daemon=True)
+    th.start()
+    got = orch.run(convs)
+    th.join(timeout=10)
+    assert blip_run.get("restarted"), "Redis was not killed and restarted mid-run"
+    _same_outcomes(ref, got)
+    assert orch.pool.resubmitted >= 1 and orch.dispatcher.duplicates == 0
+    answers = _answers(connect_redis(blip_run["url"]))  # the restarted server's results stream: each turn once
+    assert answers and max(answers.values()) == 1
+
+
+def test_orchestrator_gives_up_naming_the_redis_url_when_redis_stays_down(blip_run, reference):
+    "redis-server SIGKILLed mid-run and not restarted: `StoreUnavailable` naming the address, within the retry budget."
+    from rapo_nb.runtime import RedisOrchestrator
+    from rapo_nb.store import StoreUnavailable
+    convs, _ = reference
+    orch = RedisOrchestrator(CFG, "rapo", 0, redis_url=blip_run["url"], failure_rate=0.05, wait_s=30)
+    th = threading.Thread(target=blip_run["kill_when_busy"], args=(None,), daemon=True)
+    th.start()
+    with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{blip_run['port']}"):
+        orch.run(convs)
+    th.join(timeout=10)
+    assert time.monotonic() - blip_run["killed_at"] < 20  # the budget (cfg.runtime.store_*: ~6 s), not wait_s
