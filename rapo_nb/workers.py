@@ -607,6 +607,7 @@ class RedisDispatcher:
         self.rejected = self.duplicates = 0
         self.seen: set[str] = set()  # turn ids whose answer was delivered
         self._ready: list[dict] = []  # answers found at submit time
+        self.guard: Callable | None = None  # wraps `alive`'s read (a `RedisAgentPool` sets it: retries after a blip)
         self._submit = client.register_script(SUBMIT_LUA)
         for a in range(n_agents):
             ensure_group(client, agent_stream(prefix, a))
@@ -668,11 +669,15 @@ def poll(self: RedisDispatcher, block_ms: int = 50, count: int = 512) -> list[di
 
 @patch
 def alive(self: RedisDispatcher) -> np.ndarray:
-    "bool [n]: agents with a live worker (a heartbeat key that has not expired)."
-    pipe = self.client.pipeline(transaction=False)
-    for a in range(self.n):
-        pipe.exists(heartbeat_key(self.prefix, a))
-    return np.array(pipe.execute(), dtype=bool)
+    "bool [n]: agents with a live worker (a heartbeat key that has not expired); read through `guard` if set."
+
+    def read():
+        pipe = self.client.pipeline(transaction=False)
+        for a in range(self.n):
+            pipe.exists(heartbeat_key(self.prefix, a))
+        return np.array(pipe.execute(), dtype=bool)
+
+    return read() if getattr(self, "guard", None) is None else self.guard(read)
 
 
 @patch
@@ -775,6 +780,9 @@ class RedisAgentPool:
         self.moved: list[dict] = []
         self._asking: tuple | None = None  # (conv_id, turn index, payload) of the turn being waited for
         self._lost = False  # a Redis call failed: the server may have restarted without its data
+        self._quiet_until, self._up = 0.0, None  # no agent judged dead before then; heartbeats seen before the blip
+        if dispatcher is not None:
+            dispatcher.guard = self._heartbeats  # the orchestrator's own heartbeat reads ride out a blip too
 
     def __getattr__(self, name: str):
         truth = self.__dict__.get("truth")
@@ -825,7 +833,7 @@ def _redis(self: RedisAgentPool, fn: Callable, what: str):
     out = call_with_retries(attempt, what, self.url(), self.retries, self.backoff_s, self.backoff_max_s)
     if len(tries) > 1:
         self.blips += 1
-        self._lost = True
+        self._lost, self._quiet_until = True, time.monotonic() + self.rejoin_s
         log.warning("Redis at %s answered again after %d attempts (%s)", self.url(), len(tries), what)
     return out
 
@@ -850,6 +858,17 @@ def _rejoin(self: RedisAgentPool, tid: str, agent: int, current: int) -> None:
         self._redis(lambda: d.submit(current, tid, conv_id, turn, payload, replaced_from=rf), f"re-send {tid}")
         self.resubmitted += 1
         log.warning("Redis came back: turn %s re-sent to agent %d", tid, current)
+    self._quiet_until = time.monotonic() + self.rejoin_s
+
+
+@patch
+def _heartbeats(self: RedisAgentPool, read: Callable) -> np.ndarray:
+    "The dispatcher's `alive` read, retried; for `rejoin_s` after a blip an agent alive before it still counts alive."
+    up = self._redis(read, "read heartbeats")
+    if time.monotonic() < self._quiet_until and self._up is not None:
+        return up | self._up  # the workers are reconnecting: their heartbeat keys died with the server
+    self._up = up
+    return up
 
 # %% ../nbs/10_workers.ipynb #bf007584
 @patch
@@ -857,12 +876,11 @@ def _wait(self: RedisAgentPool, tid: str, agent: int) -> dict:
     """Poll answers until turn `tid`'s arrives; move the agent's work to a replacement when all its workers are gone;
     raise `NoWorker` naming the reason if a worker rejected the turn. After a Redis blip: `_rejoin`, the wait restarts."""
     t0 = last = time.monotonic()
-    current, quiet_until = agent, 0.0
+    current = agent
     while True:
         if self._lost:
             self._rejoin(tid, agent, current)
-            t0 = quiet_until = time.monotonic()
-            quiet_until += self.rejoin_s  # the workers reconnect and beat again before an agent is judged dead
+            t0 = time.monotonic()  # the wait restarts; no agent is judged dead before `_quiet_until`
         try:
             for r in self._redis(lambda: self.dispatcher.poll(block_ms=20), "poll answers"):
                 if r["task_id"] == tid:
@@ -872,7 +890,7 @@ def _wait(self: RedisAgentPool, tid: str, agent: int) -> dict:
             if now - last >= self.check_s:
                 last = now
                 hb = heartbeat_key(self.dispatcher.prefix, current)
-                if now >= quiet_until and not self._redis(lambda: self.dispatcher.client.exists(hb), "heartbeat"):
+                if now >= self._quiet_until and not self._redis(lambda: self.dispatcher.client.exists(hb), "heartbeat"):
                     current = self._move(current)
                 self._check_rejected(tid)
         except redis.ResponseError as e:

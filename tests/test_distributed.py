@@ -314,31 +314,38 @@ def test_worker_rides_out_a_redis_restart_then_gives_up_naming_the_address(tmp_p
             proc.wait(timeout=10)
 
 
+
 @pytest.fixture
-def blip_run(tmp_path, reference):
-    """Redis (no persistence) and two `rapo-agent` workers hosting every agent; `kill()` SIGKILLs redis-server once 20
-    turns are answered, `restart()` starts it again, empty, on the same port. Everything stopped by pid afterwards."""
+def blip_run(request, tmp_path):
+    """Redis (param: with an append-only file, else none) and two `rapo-agent` workers hosting every agent; `kill()`
+    SIGKILLs redis-server, `restart(after_s)` starts it again on the same port in a thread. Stopped by pid afterwards."""
     from conftest import start_redis
+    persist = getattr(request, "param", False)
     state = {}
-    state["redis"], url = start_redis(tmp_path)
+    state["redis"], url = start_redis(tmp_path, persist=persist)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     procs = [subprocess.Popen(AGENT + ["--redis-url", url, "--agent", f"0-{N - 1}", "--consumer", c, "--block-ms", "20",
                                        "--heartbeat-ms", "100", "--failure-rate", "0.05", "--sleep-scale", "1",
                                        "--redis-retry-s", "40"], stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / f"{c}.log", "w")) for c in ("w0", "w1")]
+    client = connect_redis(url)
 
-    def kill_when_busy(down_s):  # runs in a thread: kill Redis mid-run; restart it after down_s (None: never)
-        client = connect_redis(url)
-        _wait(lambda: client.xlen(results_stream("rapo:v1")) >= 20, what="20 answers")
+    def kill():
         state["redis"].kill()
         state["redis"].wait(timeout=10)
         state["killed_at"] = time.monotonic()
-        if down_s is not None:
-            time.sleep(down_s)
-            state["redis"], _ = start_redis(tmp_path, port=port)
-            state["restarted"] = True
 
-    state.update(url=url, port=port, kill_when_busy=kill_when_busy)
+    def restart(after_s):
+        def later():
+            time.sleep(after_s)
+            state["redis"], _ = start_redis(tmp_path, port=port, persist=persist)
+            state["restarted"] = True
+        threading.Thread(target=later, daemon=True).start()
+
+    def busy():  # 20 turns answered: the run is well under way
+        return "killed_at" not in state and client.xlen(results_stream("rapo:v1")) >= 20
+
+    state.update(url=url, port=port, kill=kill, restart=restart, busy=busy)
     yield state
     for p in procs:
         if p.poll() is None:
@@ -354,20 +361,47 @@ def blip_run(tmp_path, reference):
         state["redis"].wait(timeout=10)
 
 
-def test_orchestrator_rides_out_a_redis_restart_that_lost_every_stream(blip_run, reference):
-    "redis-server SIGKILLed mid-run, back 1 s later without data: the awaited turn is re-sent; same outcomes, once each."
+def _kill_in_thread(blip_run, restart_after_s):
+    "Kill Redis from a thread at whatever the orchestrator is doing once 20 turns are answered."
+    def go():
+        _wait(blip_run["busy"], what="20 answers")
+        blip_run["kill"]()
+        if restart_after_s is not None:
+            blip_run["restart"](restart_after_s)
+    threading.Thread(target=go, daemon=True).start()
+
+
+def _kill_at_a_tick(blip_run, orch):
+    "Kill Redis inside the control loop, just before its heartbeat read (the orchestrator is not waiting on a turn)."
+    def tick():
+        if blip_run["busy"]():
+            blip_run["kill"]()
+            blip_run["restart"](1.0)
+        type(orch)._tick(orch)
+    orch._tick = tick
+
+
+@pytest.mark.parametrize("blip_run, where", [(False, "thread"), (True, "tick")], indirect=["blip_run"],
+                         ids=["restart-empty-at-any-moment", "restart-from-aof-at-a-control-tick"])
+def test_orchestrator_rides_out_a_redis_restart(blip_run, where, reference):
+    """redis-server SIGKILLed mid-run, back 1 s later (empty, or from its append-only file): the awaited turn is re-sent
+    (idempotent by turn id); the outcomes equal the in-process run's and every turn is published once."""
     from rapo_nb.runtime import RedisOrchestrator
     convs, ref = reference
     orch = RedisOrchestrator(CFG, "rapo", 0, redis_url=blip_run["url"], failure_rate=0.05, wait_s=30)
-    th = threading.Thread(target=blip_run["kill_when_busy"], args=(1.0,), daemon=True)
-    th.start()
+    if where == "tick":
+        _kill_at_a_tick(blip_run, orch)
+    else:
+        _kill_in_thread(blip_run, 1.0)
     got = orch.run(convs)
-    th.join(timeout=10)
-    assert blip_run.get("restarted"), "Redis was not killed and restarted mid-run"
+    _wait(lambda: "restarted" in blip_run, timeout=10, what="the restart")
+    assert orch.pool.resubmitted >= 1, "the run did not meet the outage"
     _same_outcomes(ref, got)
-    assert orch.pool.resubmitted >= 1 and orch.dispatcher.duplicates == 0
+    assert orch.dispatcher.duplicates == 0 and not orch.workers_down
     answers = _answers(connect_redis(blip_run["url"]))  # the restarted server's results stream: each turn once
     assert answers and max(answers.values()) == 1
+    if where == "tick":  # the server kept its data: every dispatched turn is there, answered once
+        assert len(answers) == orch.pool.dispatched
 
 
 def test_orchestrator_gives_up_naming_the_redis_url_when_redis_stays_down(blip_run, reference):
@@ -376,9 +410,7 @@ def test_orchestrator_gives_up_naming_the_redis_url_when_redis_stays_down(blip_r
     from rapo_nb.store import StoreUnavailable
     convs, _ = reference
     orch = RedisOrchestrator(CFG, "rapo", 0, redis_url=blip_run["url"], failure_rate=0.05, wait_s=30)
-    th = threading.Thread(target=blip_run["kill_when_busy"], args=(None,), daemon=True)
-    th.start()
+    _kill_in_thread(blip_run, None)
     with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{blip_run['port']}"):
         orch.run(convs)
-    th.join(timeout=10)
     assert time.monotonic() - blip_run["killed_at"] < 20  # the budget (cfg.runtime.store_*: ~6 s), not wait_s
