@@ -762,7 +762,7 @@ class RedisAgentPool:
         retries: int | None = None,
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
-        rejoin_s: float = 5.0,
+        rejoin_s: float = 10.0,
     ):
         if not (wait_s > 0 and check_s > 0 and rejoin_s >= 0):
             raise ValueError(
