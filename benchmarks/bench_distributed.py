@@ -17,35 +17,10 @@ from __future__ import annotations
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 import pandas as pd
+from _loopback_redis import free_port, start_redis  # benchmarks/: the script's own folder is on sys.path
 
 HERE = Path(__file__).resolve()
 AGENT = [sys.executable, "-c", "import sys; from rapo_nb.workers import agent_main; sys.exit(agent_main(sys.argv[1:]))"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(tmpdir: str) -> tuple[subprocess.Popen, str]:
-    "Start redis-server on a free loopback port; return (process, url)."
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server not installed (apt-get install redis-server): the benchmark needs it")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", tmpdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-    c = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(200):
-        try:
-            if c.ping():
-                return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.02)
-    proc.kill()
-    raise SystemExit(f"redis-server did not answer on 127.0.0.1:{port}")
 
 
 def orchestrator_child(a) -> int:

@@ -17,36 +17,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import redis
+from _loopback_redis import free_port, start_redis  # benchmarks/: the script's own folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = (
     "Deploy the api and web services to staging: build them, run the tests, and roll back on failure.",
     "Process the invoice, contract and receipt received this week: classify, extract and validate them.",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(tmpdir: str) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server not installed (apt-get install redis-server)")
-    port = free_port()
-    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmpdir]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    c = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(200):
-        try:
-            if c.ping():
-                return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.02)
-    proc.kill()
-    raise SystemExit(f"redis-server did not answer on 127.0.0.1:{port}")
 
 
 def start_services(url: str, n: int, tmpdir: str, flags: tuple = ()) -> list[tuple[subprocess.Popen, str]]:
