@@ -593,14 +593,7 @@ class RedisDispatcher:
 
     `metrics`: optional `runtime.RuntimeMetrics` (its `rejected` and `replacements` counters are incremented)."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        n_agents: int,
-        prefix: str = "rapo:v1",
-        consumer: str = "orchestrator",
-        metrics=None,
-    ):
+    def __init__(self, client: redis.Redis, n_agents: int, prefix="rapo:v1", consumer="orchestrator", metrics=None):
         if not isinstance(n_agents, int) or n_agents < 1:
             raise ValueError(f"n_agents: expected an integer ≥ 1, got {n_agents!r}")
         self.client, self.n, self.prefix, self.consumer, self.metrics = client, n_agents, prefix, consumer, metrics
@@ -790,25 +783,31 @@ class RedisAgentPool:
             raise AttributeError(f"{name}: agents behind Redis have no simulated {name}")
         return getattr(truth, name)
 
-    def task_id(self, agent: int, conv_id: str, payload: dict) -> str:
-        "The turn's id: run, conversation, turn, agent and a digest of everything asked."
-        digest = hashlib.sha256(json.dumps([agent, payload], sort_keys=True).encode()).hexdigest()[:16]
-        return f"{self.run_key}:{conv_id}:{payload['turn']['index']}:{agent}:{digest}"
+# %% ../nbs/10_workers.ipynb #c0ffee000010
+@patch
+def task_id(self: RedisAgentPool, agent: int, conv_id: str, payload: dict) -> str:
+    "The turn's id: run, conversation, turn, agent and a digest of everything asked."
+    digest = hashlib.sha256(json.dumps([agent, payload], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{self.run_key}:{conv_id}:{payload['turn']['index']}:{agent}:{digest}"
 
-    def respond(self, agent: int, history, context: str, turn: Turn, rng: np.random.Generator) -> AgentResponse:
-        "Dispatch the turn to agent `agent`'s workers and wait for the answer (the random stream comes back advanced)."
-        payload = dict(history=list(history), context=context, turn=turn_payload(turn))
-        if self.simulated:
-            payload |= dict(rng=rng_to_json(rng), pool=self.fingerprint)
-        conv_id = self.conv_of.get(id(turn), "")
-        tid = self.task_id(int(agent), conv_id, payload)
-        self._asking = (conv_id, int(turn.index), payload)
-        self._redis(lambda: self.dispatcher.submit(int(agent), tid, conv_id, int(turn.index), payload), f"send {tid}")
-        self.dispatched += 1
-        r = self._wait(tid, int(agent))
-        if self.simulated and r["rng"] is not None:
-            rng.bit_generator.state = r["rng"]
-        return AgentResponse(r["text"], r["latency_s"], r["outcome"], r["success"], self.simulated)
+
+@patch
+def respond(
+    self: RedisAgentPool, agent: int, history, context: str, turn: Turn, rng: np.random.Generator
+) -> AgentResponse:
+    "Dispatch the turn to agent `agent`'s workers and wait for the answer (the random stream comes back advanced)."
+    payload = dict(history=list(history), context=context, turn=turn_payload(turn))
+    if self.simulated:
+        payload |= dict(rng=rng_to_json(rng), pool=self.fingerprint)
+    conv_id = self.conv_of.get(id(turn), "")
+    tid = self.task_id(int(agent), conv_id, payload)
+    self._asking = (conv_id, int(turn.index), payload)
+    self._redis(lambda: self.dispatcher.submit(int(agent), tid, conv_id, int(turn.index), payload), f"send {tid}")
+    self.dispatched += 1
+    r = self._wait(tid, int(agent))
+    if self.simulated and r["rng"] is not None:
+        rng.bit_generator.state = r["rng"]
+    return AgentResponse(r["text"], r["latency_s"], r["outcome"], r["success"], self.simulated)
 
 # %% ../nbs/10_workers.ipynb #b11b0001
 @patch
@@ -874,7 +873,8 @@ def _heartbeats(self: RedisAgentPool, read: Callable) -> np.ndarray:
 @patch
 def _wait(self: RedisAgentPool, tid: str, agent: int) -> dict:
     """Poll answers until turn `tid`'s arrives; move the agent's work to a replacement when all its workers are gone;
-    raise `NoWorker` naming the reason if a worker rejected the turn. After a Redis blip: `_rejoin`, the wait restarts."""
+    raise `NoWorker` naming the reason if a worker rejected the turn. After a Redis blip: `_rejoin`, the wait
+    restarts."""
     t0 = last = time.monotonic()
     current = agent
     while True:
