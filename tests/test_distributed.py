@@ -35,6 +35,11 @@ def spawn(redis_url, tmp_path):
         return p
 
     yield start
+    _stop(procs)
+
+
+def _stop(procs) -> None:
+    "Stop worker processes by pid: SIGCONT a paused one, terminate, then kill what does not exit in 15 s."
     for p in procs:
         if p.poll() is None:
             os.kill(p.pid, signal.SIGCONT)
@@ -347,15 +352,7 @@ def blip_run(request, tmp_path):
 
     state.update(url=url, port=port, kill=kill, restart=restart, busy=busy)
     yield state
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=10)
+    _stop(procs)
     if state["redis"].poll() is None:
         state["redis"].kill()
         state["redis"].wait(timeout=10)
